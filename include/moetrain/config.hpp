@@ -1,0 +1,135 @@
+// Run configuration: the typed form of a JSON config file.
+//
+// Every field has a default and a one-line description (see config_schema()). A config file may
+// set any subset of fields; unknown keys, wrong types and impossible values are rejected with a
+// ConfigError that names the file, the JSON path and the expected form.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace moetrain {
+
+enum class RouterType { SoftmaxTopK, SigmoidBias };
+
+struct MoeConfig {
+  int n_experts = 8;
+  int top_k = 2;
+  int expert_ff = 512;
+  int n_shared_experts = 0;
+  int shared_ff = 512;
+  RouterType router = RouterType::SoftmaxTopK;
+  double route_scale = 1.0;
+  double aux_loss_coef = 0.01;
+  double z_loss_coef = 0.0;
+  double bias_update_rate = 1e-3;
+};
+
+struct ModelConfig {
+  int vocab_size = 4096;
+  int d_model = 256;
+  int n_layers = 4;
+  int n_heads = 4;
+  int n_kv_heads = 4;
+  int head_dim = 0;  // 0: d_model / n_heads (resolved by validation)
+  int seq_len = 256;
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-6;
+  double init_std = 0.02;
+  bool tie_embeddings = false;
+  int dense_layers = 1;
+  int dense_ff = 1024;
+  MoeConfig moe;
+};
+
+struct DataConfig {
+  std::string train_pattern = "data/brown/train_*.bin";
+  std::string val_pattern = "data/brown/val_*.bin";
+  std::string tokenizer = "data/brown/tokenizer.json";
+  int batch_size = 8;  // sequences per micro-batch per rank
+  bool shuffle = true;
+};
+
+struct OptimConfig {
+  std::string name = "muonclip";  // adamw | muon | muonclip
+  double lr = 3e-3;
+  double weight_decay = 0.1;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double momentum = 0.95;
+  bool nesterov = true;
+  int ns_steps = 5;
+  std::string muon_scale = "match_rms_adamw";  // match_rms_adamw | original
+  double qk_clip_tau = 100.0;
+  double qk_clip_alpha = 0.5;
+  double grad_clip = 1.0;  // 0 disables
+  std::string schedule = "cosine";  // cosine | wsd | constant
+  int warmup_steps = 20;
+  double min_lr_ratio = 0.1;
+  double decay_fraction = 0.2;  // wsd: share of steps spent decaying
+};
+
+struct TrainConfig {
+  int steps = 200;
+  int grad_accum = 1;
+  std::uint64_t seed = 1234;
+  int eval_interval = 50;
+  int eval_batches = 8;
+  int log_interval = 1;
+  int checkpoint_interval = 100;
+  int keep_checkpoints = 2;
+  std::string out_dir = "runs/default";
+  std::string backend = "auto";  // auto | cpu | cuda
+};
+
+struct Config {
+  ModelConfig model;
+  DataConfig data;
+  OptimConfig optim;
+  TrainConfig train;
+};
+
+// A config problem: `what()` names the source (file or flag), the JSON path and the expected form.
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// One entry of the schema: used for parsing, validation, defaults and documentation alike.
+struct ConfigField {
+  std::string path;         // e.g. "model.moe.top_k"
+  std::string type;         // "integer", "number", "boolean", "string", or "one of a|b|c"
+  nlohmann::json default_value;
+  std::string description;  // one line
+};
+
+// Every field, in document order.
+const std::vector<ConfigField>& config_schema();
+
+// Defaults as a JSON document (a valid config file).
+nlohmann::json default_config_json();
+
+// Parses `j` (any subset of fields) over the defaults and validates; `source` names the origin
+// (file name) in error messages.
+Config config_from_json(const nlohmann::json& j, const std::string& source);
+
+// Reads and parses a JSON file; errors name the file.
+Config load_config(const std::string& path);
+
+// Applies "a.b.c=value" overrides (value parsed as JSON, else taken as a string) to `j`.
+void apply_override(nlohmann::json& j, const std::string& assignment);
+
+// The full, resolved config (head_dim filled in) as JSON.
+nlohmann::json config_to_json(const Config& c);
+
+// Derived quantities.
+inline int kv_dim(const ModelConfig& m) { return m.n_kv_heads * m.head_dim; }
+inline int q_dim(const ModelConfig& m) { return m.n_heads * m.head_dim; }
+inline bool is_moe_layer(const ModelConfig& m, int layer) { return layer >= m.dense_layers; }
+
+}  // namespace moetrain

@@ -1,0 +1,31 @@
+// Fused softmax cross-entropy: per-token loss, and dlogits written over the logits.
+#include <algorithm>
+#include <cmath>
+
+#include "backend/cpu/ops.hpp"
+
+namespace moetrain::cpu {
+
+template <typename T>
+void cross_entropy(T* losses, T* logits, const int32_t* targets, int n, int vocab, T grad_scale) {
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < n; ++i) {
+    T* row = logits + std::size_t(i) * vocab;
+    const T mx = *std::max_element(row, row + vocab);
+    double sum = 0;
+    for (int v = 0; v < vocab; ++v) sum += std::exp(double(row[v] - mx));
+    const double lse = double(mx) + std::log(sum);
+    const int y = targets[i];
+    losses[i] = T(lse - double(row[y]));
+    if (grad_scale != T(0)) {
+      const T inv = T(1.0 / sum);
+      for (int v = 0; v < vocab; ++v) row[v] = std::exp(row[v] - mx) * inv * grad_scale;
+      row[y] -= grad_scale;
+    }
+  }
+}
+
+template void cross_entropy<float>(float*, float*, const int32_t*, int, int, float);
+template void cross_entropy<double>(double*, double*, const int32_t*, int, int, double);
+
+}  // namespace moetrain::cpu

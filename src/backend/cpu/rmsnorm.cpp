@@ -1,0 +1,64 @@
+// RMSNorm: y = x / sqrt(mean(x^2) + eps) * g, statistics accumulated in double.
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+#include "backend/cpu/ops.hpp"
+
+namespace moetrain::cpu {
+
+template <typename T>
+void rmsnorm_forward(T* out, T* rstd, const T* x, const T* gain, int n, int d, double eps) {
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < n; ++i) {
+    const T* xi = x + std::size_t(i) * d;
+    double ss = 0;
+    for (int c = 0; c < d; ++c) ss += double(xi[c]) * xi[c];
+    const T r = T(1.0 / std::sqrt(ss / d + eps));
+    rstd[i] = r;
+    T* yi = out + std::size_t(i) * d;
+    for (int c = 0; c < d; ++c) yi[c] = xi[c] * r * gain[c];
+  }
+}
+
+// With xhat = x * rstd and gh = dy * g: dx = rstd * (gh - xhat * mean(gh * xhat)),
+// dg = sum over rows of dy * xhat. The dg partial sums are per thread and added in thread order,
+// so the result is deterministic for a fixed thread count.
+template <typename T>
+void rmsnorm_backward(T* dx, T* dgain, const T* dout, const T* x, const T* gain, const T* rstd,
+                      int n, int d) {
+  const int nt = omp_get_max_threads();
+  std::vector<T> partial(std::size_t(nt) * d, T(0));
+#pragma omp parallel
+  {
+    T* dg = partial.data() + std::size_t(omp_get_thread_num()) * d;
+#pragma omp for schedule(static)
+    for (int i = 0; i < n; ++i) {
+      const T* xi = x + std::size_t(i) * d;
+      const T* dyi = dout + std::size_t(i) * d;
+      const T r = rstd[i];
+      double dot = 0;
+      for (int c = 0; c < d; ++c) dot += double(dyi[c]) * gain[c] * xi[c] * r;
+      const T m = T(dot / d);
+      T* dxi = dx + std::size_t(i) * d;
+      for (int c = 0; c < d; ++c) {
+        const T xhat = xi[c] * r;
+        dxi[c] += r * (dyi[c] * gain[c] - xhat * m);
+        dg[c] += dyi[c] * xhat;
+      }
+    }
+  }
+  for (int t = 0; t < nt; ++t)
+    for (int c = 0; c < d; ++c) dgain[c] += partial[std::size_t(t) * d + c];
+}
+
+template void rmsnorm_forward<float>(float*, float*, const float*, const float*, int, int, double);
+template void rmsnorm_forward<double>(double*, double*, const double*, const double*, int, int,
+                                      double);
+template void rmsnorm_backward<float>(float*, float*, const float*, const float*, const float*,
+                                      const float*, int, int);
+template void rmsnorm_backward<double>(double*, double*, const double*, const double*,
+                                       const double*, const double*, int, int);
+
+}  // namespace moetrain::cpu

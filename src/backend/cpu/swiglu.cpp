@@ -1,0 +1,43 @@
+// SwiGLU activation on the fused expert hidden h = [w1 x | w3 x]: out = silu(h1) * h3.
+#include <cmath>
+
+#include "backend/cpu/ops.hpp"
+
+namespace moetrain::cpu {
+
+template <typename T>
+void swiglu_forward(T* out, const T* h, int rows, int ff) {
+#pragma omp parallel for schedule(static)
+  for (int r = 0; r < rows; ++r) {
+    const T* a = h + std::size_t(r) * 2 * ff;
+    const T* b = a + ff;
+    T* o = out + std::size_t(r) * ff;
+    for (int i = 0; i < ff; ++i) o[i] = a[i] / (T(1) + std::exp(-a[i])) * b[i];
+  }
+}
+
+// silu'(a) = sig(a) * (1 + a * (1 - sig(a)))
+template <typename T>
+void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff) {
+#pragma omp parallel for schedule(static)
+  for (int r = 0; r < rows; ++r) {
+    const T* a = h + std::size_t(r) * 2 * ff;
+    const T* b = a + ff;
+    const T* g = dout + std::size_t(r) * ff;
+    T* da = dh + std::size_t(r) * 2 * ff;
+    T* db = da + ff;
+    for (int i = 0; i < ff; ++i) {
+      const T sig = T(1) / (T(1) + std::exp(-a[i]));
+      const T silu = a[i] * sig;
+      db[i] = g[i] * silu;
+      da[i] = g[i] * b[i] * sig * (T(1) + a[i] * (T(1) - sig));
+    }
+  }
+}
+
+template void swiglu_forward<float>(float*, const float*, int, int);
+template void swiglu_forward<double>(double*, const double*, int, int);
+template void swiglu_backward<float>(float*, const float*, const float*, int, int);
+template void swiglu_backward<double>(double*, const double*, const double*, int, int);
+
+}  // namespace moetrain::cpu

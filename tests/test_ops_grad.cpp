@@ -1,0 +1,300 @@
+// Finite-difference gradient checks, in double, of every CPU backend op: each op's backward must
+// be the derivative of its forward. The scalar checked is sum(out * R) for a random R (plus the
+// op's own losses where it has them).
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "gradcheck.hpp"
+#include "moetrain/cpu_backend.hpp"
+
+using namespace moetrain;
+using namespace moetrain::test;
+
+namespace {
+constexpr double kTol = 1e-6;
+}
+
+TEST_CASE("embedding backward is the derivative of the lookup (repeated tokens)", "[grad][ops]") {
+  CpuBackend<double> be;
+  const int n = 9, d = 5, V = 4;
+  std::vector<std::int32_t> tok = {0, 3, 3, 1, 0, 3, 2, 2, 3};
+  auto table = random_vector(std::size_t(V) * d, 1);
+  auto R = random_vector(std::size_t(n) * d, 2);
+  std::vector<double> out(std::size_t(n) * d), dtable(table.size(), 0.0);
+  auto loss = [&] {
+    be.embedding_forward(out.data(), tok.data(), table.data(), n, d);
+    return dot(out, R);
+  };
+  be.embedding_backward(dtable.data(), R.data(), tok.data(), n, d);
+  CHECK(fd_relative_error(loss, table.data(), dtable, all_indices(table.size())) < kTol);
+}
+
+TEST_CASE("rmsnorm backward matches finite differences", "[grad][ops]") {
+  CpuBackend<double> be;
+  const int n = 6, d = 7;
+  auto x = random_vector(std::size_t(n) * d, 3);
+  auto g = random_vector(std::size_t(d), 4);
+  auto R = random_vector(std::size_t(n) * d, 5);
+  std::vector<double> out(x.size()), rstd(static_cast<std::size_t>(n));
+  auto loss = [&] {
+    be.rmsnorm_forward(out.data(), rstd.data(), x.data(), g.data(), n, d, 1e-6);
+    return dot(out, R);
+  };
+  loss();
+  std::vector<double> dx(x.size(), 0.0), dg(g.size(), 0.0);
+  be.rmsnorm_backward(dx.data(), dg.data(), R.data(), x.data(), g.data(), rstd.data(), n, d);
+  CHECK(fd_relative_error(loss, x.data(), dx, all_indices(x.size())) < kTol);
+  CHECK(fd_relative_error(loss, g.data(), dg, all_indices(g.size())) < kTol);
+}
+
+TEST_CASE("rope backward is the transpose of the rotation", "[grad][ops]") {
+  CpuBackend<double> be;
+  const int seq = 5, rows = 10, heads = 3, hd = 6, ld = heads * hd + 4;  // ld > heads*hd: strided
+  std::vector<double> cs(std::size_t(seq) * hd / 2), sn(cs.size());
+  for (int p = 0; p < seq; ++p)
+    for (int i = 0; i < hd / 2; ++i) {
+      const double a = p * std::pow(10000.0, -2.0 * i / hd);
+      cs[std::size_t(p * hd / 2 + i)] = std::cos(a);
+      sn[std::size_t(p * hd / 2 + i)] = std::sin(a);
+    }
+  auto x = random_vector(std::size_t(rows) * ld, 6);
+  auto R = random_vector(x.size(), 7);
+  auto loss = [&] {
+    auto y = x;
+    be.rope_forward(y.data(), ld, rows, seq, heads, hd, cs.data(), sn.data());
+    return dot(y, R);
+  };
+  auto dx = R;
+  be.rope_backward(dx.data(), ld, rows, seq, heads, hd, cs.data(), sn.data());
+  CHECK(fd_relative_error(loss, x.data(), dx, all_indices(x.size())) < kTol);
+  // The rotation preserves norms per pair, so it is orthogonal: backward(forward(x)) == x.
+  auto y = x;
+  be.rope_forward(y.data(), ld, rows, seq, heads, hd, cs.data(), sn.data());
+  be.rope_backward(y.data(), ld, rows, seq, heads, hd, cs.data(), sn.data());
+  for (std::size_t i = 0; i < x.size(); ++i) CHECK(y[i] == Approx(x[i]).margin(1e-12));
+}
+
+TEST_CASE("attention backward matches finite differences (MHA and GQA)", "[grad][ops]") {
+  CpuBackend<double> be;
+  for (auto [H, Hkv] : {std::pair{2, 2}, std::pair{4, 2}, std::pair{4, 1}}) {
+    const AttentionShape s{2, 5, H, Hkv, 4};
+    auto qkv = random_vector(std::size_t(s.rows()) * s.qkv_width(), 8);
+    auto R = random_vector(std::size_t(s.rows()) * s.out_width(), 9);
+    std::vector<double> out(R.size()), saved(be.attention_saved_elems(s)), smax(static_cast<std::size_t>(H));
+    auto loss = [&] {
+      be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
+      return dot(out, R);
+    };
+    loss();
+    std::vector<double> dqkv(qkv.size(), std::numeric_limits<double>::quiet_NaN());
+    be.attention_backward(dqkv.data(), R.data(), qkv.data(), saved.data(), s);
+    INFO("H=" << H << " Hkv=" << Hkv);
+    CHECK(fd_relative_error(loss, qkv.data(), dqkv, all_indices(qkv.size())) < kTol);
+  }
+}
+
+TEST_CASE("attention records S_max equal to a brute-force maximum", "[ops][smax]") {
+  CpuBackend<float> be;
+  const AttentionShape s{3, 7, 4, 2, 8};
+  auto q64 = random_vector(std::size_t(s.rows()) * s.qkv_width(), 10, 2.0);
+  std::vector<float> qkv(q64.begin(), q64.end());
+  std::vector<float> out(std::size_t(s.rows()) * s.out_width()), saved(be.attention_saved_elems(s)),
+      smax(std::size_t(s.n_heads));
+  be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
+  const int ld = s.qkv_width(), hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
+  for (int h = 0; h < s.n_heads; ++h) {
+    double best = -1e300;
+    for (int b = 0; b < s.batch; ++b)
+      for (int i = 0; i < s.seq; ++i)
+        for (int j = 0; j <= i; ++j) {
+          double dotp = 0;
+          for (int c = 0; c < hd; ++c)
+            dotp += double(qkv[std::size_t((b * s.seq + i) * ld + h * hd + c)]) *
+                    qkv[std::size_t((b * s.seq + j) * ld + (s.n_heads + h / group) * hd + c)];
+          best = std::max(best, dotp / std::sqrt(double(hd)));
+        }
+    CHECK(double(smax[std::size_t(h)]) == Approx(best).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("swiglu backward matches finite differences", "[grad][ops]") {
+  CpuBackend<double> be;
+  const int rows = 4, ff = 6;
+  auto h = random_vector(std::size_t(rows) * 2 * ff, 11, 2.0);
+  auto R = random_vector(std::size_t(rows) * ff, 12);
+  std::vector<double> out(R.size()), dh(h.size());
+  auto loss = [&] {
+    be.swiglu_forward(out.data(), h.data(), rows, ff);
+    return dot(out, R);
+  };
+  be.swiglu_backward(dh.data(), R.data(), h.data(), rows, ff);
+  CHECK(fd_relative_error(loss, h.data(), dh, all_indices(h.size())) < kTol);
+}
+
+TEST_CASE("cross-entropy writes the scaled gradient of the summed loss", "[grad][ops]") {
+  CpuBackend<double> be;
+  const int n = 5, V = 11;
+  const double scale = 0.37;
+  auto logits = random_vector(std::size_t(n) * V, 13, 3.0);
+  std::vector<std::int32_t> tgt = {0, 10, 3, 3, 7};
+  std::vector<double> losses(static_cast<std::size_t>(n));
+  auto loss = [&] {
+    auto l = logits;
+    be.cross_entropy(losses.data(), l.data(), tgt.data(), n, V, 0.0);
+    double s = 0;
+    for (double v : losses) s += v;
+    return scale * s;
+  };
+  auto grad = logits;
+  be.cross_entropy(losses.data(), grad.data(), tgt.data(), n, V, scale);
+  CHECK(fd_relative_error(loss, logits.data(), grad, all_indices(logits.size())) < kTol);
+  // Forward value against a direct evaluation.
+  for (int i = 0; i < n; ++i) {
+    double z = 0;
+    for (int v = 0; v < V; ++v) z += std::exp(logits[std::size_t(i * V + v)]);
+    CHECK(losses[std::size_t(i)] == Approx(std::log(z) - logits[std::size_t(i * V + tgt[std::size_t(i)])]));
+  }
+}
+
+TEST_CASE("router backward matches finite differences (both routers, aux and z losses)",
+          "[grad][ops][router]") {
+  CpuBackend<double> be;
+  const int N = 7, E = 6, K = 2;
+  for (RouterType type : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
+    for (auto [aux, zc] : {std::pair{0.0, 0.0}, std::pair{0.3, 0.0}, std::pair{0.0, 0.2},
+                           std::pair{0.1, 0.05}}) {
+      const RouterShape s{N, E, K, type, type == RouterType::SigmoidBias ? 2.5 : 1.0};
+      auto logits = random_vector(std::size_t(N) * E, 14, 1.5);
+      auto bias = random_vector(std::size_t(E), 15, 0.3);
+      auto R = random_vector(std::size_t(N) * K, 16);
+      std::vector<double> scores(logits.size()), gates(std::size_t(N) * K), stats(3);
+      std::vector<std::int32_t> topk(std::size_t(N) * K), counts(static_cast<std::size_t>(E));
+      auto loss = [&] {
+        be.router_forward(scores.data(), topk.data(), gates.data(), counts.data(), stats.data(),
+                          logits.data(), bias.data(), s);
+        return dot(gates, R) + aux * stats[0] + zc * stats[1];
+      };
+      loss();
+      const auto topk0 = topk;
+      std::vector<double> dl(logits.size());
+      be.router_backward(dl.data(), R.data(), logits.data(), scores.data(), topk.data(),
+                         gates.data(), counts.data(), s, aux, zc, 1.0);
+      INFO("router " << int(type) << " aux " << aux << " z " << zc);
+      CHECK(fd_relative_error(loss, logits.data(), dl, all_indices(logits.size())) < kTol);
+      loss();
+      CHECK(topk == topk0);  // the check stayed away from top-k ties
+    }
+  }
+}
+
+TEST_CASE("router forward: selection, gates, aux and z against a direct evaluation",
+          "[ops][router]") {
+  CpuBackend<double> be;
+  const int N = 9, E = 5, K = 3;
+  for (RouterType type : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
+    const double rscale = type == RouterType::SigmoidBias ? 1.7 : 1.0;
+    const RouterShape s{N, E, K, type, rscale};
+    auto logits = random_vector(std::size_t(N) * E, 17, 2.0);
+    auto bias = random_vector(std::size_t(E), 18, 0.5);
+    std::vector<double> scores(logits.size()), gates(std::size_t(N) * K), stats(3);
+    std::vector<std::int32_t> topk(std::size_t(N) * K), counts(static_cast<std::size_t>(E));
+    be.router_forward(scores.data(), topk.data(), gates.data(), counts.data(), stats.data(),
+                      logits.data(), bias.data(), s);
+    std::vector<double> P(std::size_t(E), 0.0), f(std::size_t(E), 0.0);
+    double z = 0;
+    for (int t = 0; t < N; ++t) {
+      const double* l = &logits[std::size_t(t * E)];
+      double se = 0;
+      for (int e = 0; e < E; ++e) se += std::exp(l[e]);
+      z += std::log(se) * std::log(se);
+      std::vector<double> sc(static_cast<std::size_t>(E)), key(static_cast<std::size_t>(E));
+      double ssum = 0;
+      for (int e = 0; e < E; ++e) {
+        sc[std::size_t(e)] = type == RouterType::SoftmaxTopK ? std::exp(l[e]) / se : 1 / (1 + std::exp(-l[e]));
+        key[std::size_t(e)] = sc[std::size_t(e)] + (type == RouterType::SigmoidBias ? bias[std::size_t(e)] : 0);
+        ssum += sc[std::size_t(e)];
+      }
+      for (int e = 0; e < E; ++e) P[std::size_t(e)] += sc[std::size_t(e)] / ssum / N;
+      std::vector<int> order(static_cast<std::size_t>(E));
+      for (int e = 0; e < E; ++e) order[std::size_t(e)] = e;
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int a, int b) { return key[std::size_t(a)] > key[std::size_t(b)]; });
+      double chosen = 0;
+      for (int j = 0; j < K; ++j) chosen += sc[std::size_t(order[std::size_t(j)])];
+      for (int j = 0; j < K; ++j) {
+        const int e = order[std::size_t(j)];
+        CHECK(topk[std::size_t(t * K + j)] == e);
+        CHECK(gates[std::size_t(t * K + j)] == Approx(rscale * sc[std::size_t(e)] / chosen));
+        f[std::size_t(e)] += 1.0 / (N * K);
+      }
+    }
+    double aux = 0;
+    for (int e = 0; e < E; ++e) {
+      aux += E * f[std::size_t(e)] * P[std::size_t(e)];
+      CHECK(counts[std::size_t(e)] == int(std::lround(f[std::size_t(e)] * N * K)));
+    }
+    CHECK(stats[0] == Approx(aux));
+    CHECK(stats[1] == Approx(z / N));
+  }
+}
+
+TEST_CASE("router top-k ties go to the lower expert index", "[ops][router]") {
+  CpuBackend<float> be;
+  const int N = 3, E = 6, K = 2;
+  // Token 0: all equal. Token 1: experts 2, 4 and 5 tie for the top. Token 2: 1 and 3 tie second.
+  std::vector<float> logits = {0, 0, 0, 0, 0, 0,  0, 0, 1, 0, 1, 1,  0, 1, 2, 1, 0, 0};
+  for (RouterType type : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
+    std::vector<float> scores(logits.size()), gates(std::size_t(N) * K), stats(3);
+    std::vector<std::int32_t> topk(std::size_t(N) * K), counts(static_cast<std::size_t>(E));
+    be.router_forward(scores.data(), topk.data(), gates.data(), counts.data(), stats.data(),
+                      logits.data(), nullptr, RouterShape{N, E, K, type, 1.0});
+    CHECK(topk == std::vector<std::int32_t>{0, 1, 2, 4, 2, 1});
+  }
+}
+
+TEST_CASE("MoE permute / unpermute backward match finite differences", "[grad][ops][moe]") {
+  CpuBackend<double> be;
+  const int N = 6, d = 3, E = 4, K = 2;
+  std::vector<std::int32_t> topk = {1, 3, 0, 1, 3, 2, 1, 0, 2, 3, 3, 1};
+  std::vector<std::int32_t> counts(std::size_t(E), 0);
+  for (auto e : topk) ++counts[std::size_t(e)];
+  auto x = random_vector(std::size_t(N) * d, 19);
+  std::vector<double> xg(std::size_t(N) * K * d);
+  std::vector<std::int32_t> pos(std::size_t(N) * K), offsets(std::size_t(E) + 1);
+  be.moe_permute(xg.data(), pos.data(), offsets.data(), x.data(), topk.data(), counts.data(), N,
+                 d, E, K);
+  // Grouped by expert, in token order within each expert.
+  for (int e = 0; e < E; ++e) CHECK(offsets[std::size_t(e) + 1] - offsets[std::size_t(e)] == counts[std::size_t(e)]);
+  for (int a = 0; a < N * K; ++a) {
+    const int e = topk[std::size_t(a)];
+    CHECK(pos[std::size_t(a)] >= offsets[std::size_t(e)]);
+    CHECK(pos[std::size_t(a)] < offsets[std::size_t(e) + 1]);
+    for (int c = 0; c < d; ++c) CHECK(xg[std::size_t(pos[std::size_t(a)] * d + c)] == x[std::size_t(a / K * d + c)]);
+  }
+  auto R1 = random_vector(xg.size(), 20);
+  auto loss_p = [&] {
+    be.moe_permute(xg.data(), pos.data(), offsets.data(), x.data(), topk.data(), counts.data(), N,
+                   d, E, K);
+    return dot(xg, R1);
+  };
+  std::vector<double> dx(x.size(), 0.0);
+  be.moe_permute_backward(dx.data(), R1.data(), pos.data(), N, d, K);
+  CHECK(fd_relative_error(loss_p, x.data(), dx, all_indices(x.size())) < kTol);
+
+  auto yg = random_vector(xg.size(), 21);
+  auto gates = random_vector(std::size_t(N) * K, 22);
+  auto R2 = random_vector(x.size(), 23);
+  std::vector<double> y(x.size());
+  auto loss_u = [&] {
+    be.moe_unpermute(y.data(), yg.data(), gates.data(), pos.data(), N, d, K);
+    return dot(y, R2);
+  };
+  std::vector<double> dyg(yg.size()), dgates(gates.size());
+  be.moe_unpermute_backward(dyg.data(), dgates.data(), R2.data(), yg.data(), gates.data(),
+                            pos.data(), N, d, K);
+  CHECK(fd_relative_error(loss_u, yg.data(), dyg, all_indices(yg.size())) < kTol);
+  CHECK(fd_relative_error(loss_u, gates.data(), dgates, all_indices(gates.size())) < kTol);
+}
