@@ -50,7 +50,8 @@ inline std::vector<std::size_t> all_indices(std::size_t n) {
 }
 
 // Up to `count` distinct indices in [0, n), deterministic in the seed.
-inline std::vector<std::size_t> sample_indices(std::size_t n, std::size_t count, std::uint64_t seed) {
+inline std::vector<std::size_t> sample_indices(std::size_t n, std::size_t count,
+                                               std::uint64_t seed) {
   if (count >= n) return all_indices(n);
   Rng rng(seed);
   std::vector<std::size_t> v;

@@ -116,7 +116,8 @@ TEST_CASE("aux and z losses enter the objective with their coefficients", "[mode
     int total = 0;
     for (int c : s.load[std::size_t(l)]) total += c;
     CHECK(total == model.tokens() * cfg.moe.top_k);
-    expect += cfg.moe.aux_loss_coef * s.aux[std::size_t(l)] + cfg.moe.z_loss_coef * s.z[std::size_t(l)];
+    expect +=
+        cfg.moe.aux_loss_coef * s.aux[std::size_t(l)] + cfg.moe.z_loss_coef * s.z[std::size_t(l)];
   }
   CHECK(s.objective == Approx(expect).epsilon(1e-12));
   CHECK(s.load[0].empty());  // the dense layer has no router

@@ -83,7 +83,8 @@ TEST_CASE("attention backward matches finite differences (MHA and GQA)", "[grad]
     const AttentionShape s{2, 5, H, Hkv, 4};
     auto qkv = random_vector(std::size_t(s.rows()) * s.qkv_width(), 8);
     auto R = random_vector(std::size_t(s.rows()) * s.out_width(), 9);
-    std::vector<double> out(R.size()), saved(be.attention_saved_elems(s)), smax(static_cast<std::size_t>(H));
+    std::vector<double> out(R.size()), saved(be.attention_saved_elems(s)),
+        smax(static_cast<std::size_t>(H));
     auto loss = [&] {
       be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
       return dot(out, R);
@@ -155,8 +156,22 @@ TEST_CASE("cross-entropy writes the scaled gradient of the summed loss", "[grad]
   for (int i = 0; i < n; ++i) {
     double z = 0;
     for (int v = 0; v < V; ++v) z += std::exp(logits[std::size_t(i * V + v)]);
-    CHECK(losses[std::size_t(i)] == Approx(std::log(z) - logits[std::size_t(i * V + tgt[std::size_t(i)])]));
+    CHECK(losses[std::size_t(i)] ==
+          Approx(std::log(z) - logits[std::size_t(i * V + tgt[std::size_t(i)])]));
   }
+}
+
+TEST_CASE("cross-entropy: a negative target is padding with no loss and no gradient", "[ops]") {
+  CpuBackend<float> be;
+  const int n = 3, V = 5;
+  std::vector<float> logits = {1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 5, 1, 1, 1, 1};
+  std::vector<std::int32_t> tgt = {2, -1, 0};
+  std::vector<float> losses(3, -7.f);
+  be.cross_entropy(losses.data(), logits.data(), tgt.data(), n, V, 1.f);
+  CHECK(losses[1] == 0.f);
+  for (int v = 0; v < V; ++v) CHECK(logits[std::size_t(V + v)] == 0.f);
+  CHECK(losses[0] > 0.f);
+  CHECK(losses[2] > 0.f);
 }
 
 TEST_CASE("router backward matches finite differences (both routers, aux and z losses)",
@@ -164,8 +179,8 @@ TEST_CASE("router backward matches finite differences (both routers, aux and z l
   CpuBackend<double> be;
   const int N = 7, E = 6, K = 2;
   for (RouterType type : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
-    for (auto [aux, zc] : {std::pair{0.0, 0.0}, std::pair{0.3, 0.0}, std::pair{0.0, 0.2},
-                           std::pair{0.1, 0.05}}) {
+    for (auto [aux, zc] :
+         {std::pair{0.0, 0.0}, std::pair{0.3, 0.0}, std::pair{0.0, 0.2}, std::pair{0.1, 0.05}}) {
       const RouterShape s{N, E, K, type, type == RouterType::SigmoidBias ? 2.5 : 1.0};
       auto logits = random_vector(std::size_t(N) * E, 14, 1.5);
       auto bias = random_vector(std::size_t(E), 15, 0.3);
@@ -213,8 +228,10 @@ TEST_CASE("router forward: selection, gates, aux and z against a direct evaluati
       std::vector<double> sc(static_cast<std::size_t>(E)), key(static_cast<std::size_t>(E));
       double ssum = 0;
       for (int e = 0; e < E; ++e) {
-        sc[std::size_t(e)] = type == RouterType::SoftmaxTopK ? std::exp(l[e]) / se : 1 / (1 + std::exp(-l[e]));
-        key[std::size_t(e)] = sc[std::size_t(e)] + (type == RouterType::SigmoidBias ? bias[std::size_t(e)] : 0);
+        sc[std::size_t(e)] =
+            type == RouterType::SoftmaxTopK ? std::exp(l[e]) / se : 1 / (1 + std::exp(-l[e]));
+        key[std::size_t(e)] =
+            sc[std::size_t(e)] + (type == RouterType::SigmoidBias ? bias[std::size_t(e)] : 0);
         ssum += sc[std::size_t(e)];
       }
       for (int e = 0; e < E; ++e) P[std::size_t(e)] += sc[std::size_t(e)] / ssum / N;
@@ -245,7 +262,7 @@ TEST_CASE("router top-k ties go to the lower expert index", "[ops][router]") {
   CpuBackend<float> be;
   const int N = 3, E = 6, K = 2;
   // Token 0: all equal. Token 1: experts 2, 4 and 5 tie for the top. Token 2: 1 and 3 tie second.
-  std::vector<float> logits = {0, 0, 0, 0, 0, 0,  0, 0, 1, 0, 1, 1,  0, 1, 2, 1, 0, 0};
+  std::vector<float> logits = {0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1, 2, 1, 0, 0};
   for (RouterType type : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
     std::vector<float> scores(logits.size()), gates(std::size_t(N) * K), stats(3);
     std::vector<std::int32_t> topk(std::size_t(N) * K), counts(static_cast<std::size_t>(E));
@@ -264,15 +281,17 @@ TEST_CASE("MoE permute / unpermute backward match finite differences", "[grad][o
   auto x = random_vector(std::size_t(N) * d, 19);
   std::vector<double> xg(std::size_t(N) * K * d);
   std::vector<std::int32_t> pos(std::size_t(N) * K), offsets(std::size_t(E) + 1);
-  be.moe_permute(xg.data(), pos.data(), offsets.data(), x.data(), topk.data(), counts.data(), N,
-                 d, E, K);
+  be.moe_permute(xg.data(), pos.data(), offsets.data(), x.data(), topk.data(), counts.data(), N, d,
+                 E, K);
   // Grouped by expert, in token order within each expert.
-  for (int e = 0; e < E; ++e) CHECK(offsets[std::size_t(e) + 1] - offsets[std::size_t(e)] == counts[std::size_t(e)]);
+  for (int e = 0; e < E; ++e)
+    CHECK(offsets[std::size_t(e) + 1] - offsets[std::size_t(e)] == counts[std::size_t(e)]);
   for (int a = 0; a < N * K; ++a) {
     const int e = topk[std::size_t(a)];
     CHECK(pos[std::size_t(a)] >= offsets[std::size_t(e)]);
     CHECK(pos[std::size_t(a)] < offsets[std::size_t(e) + 1]);
-    for (int c = 0; c < d; ++c) CHECK(xg[std::size_t(pos[std::size_t(a)] * d + c)] == x[std::size_t(a / K * d + c)]);
+    for (int c = 0; c < d; ++c)
+      CHECK(xg[std::size_t(pos[std::size_t(a)] * d + c)] == x[std::size_t(a / K * d + c)]);
   }
   auto R1 = random_vector(xg.size(), 20);
   auto loss_p = [&] {

@@ -88,8 +88,8 @@ class Backend {
   virtual void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff) = 0;
 
   // ---- softmax cross-entropy ----------------------------------------------------------------
-  // losses[i] = logsumexp(logits_i) - logits_i[target_i]. When `grad_scale` != 0 the logits are
-  // overwritten by d(grad_scale * sum_i losses[i]) / dlogits.
+  // losses[i] = logsumexp(logits_i) - logits_i[target_i] (0 for a negative target: padding).
+  // When `grad_scale` != 0 the logits are overwritten by d(grad_scale * sum_i losses[i]) / dlogits.
   virtual void cross_entropy(T* losses, T* logits, const int32_t* targets, int n, int vocab,
                              T grad_scale) = 0;
 

@@ -33,8 +33,7 @@ class CpuBackend final : public Backend<T> {
   void rope_backward(T* dx, int ld, int rows, int seq, int n_heads, int head_dim, const T* cos,
                      const T* sin) override;
   std::size_t attention_saved_elems(const AttentionShape& s) const override;
-  void attention_forward(T* out, T* saved, T* smax, const T* qkv,
-                         const AttentionShape& s) override;
+  void attention_forward(T* out, T* saved, T* smax, const T* qkv, const AttentionShape& s) override;
   void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* saved,
                           const AttentionShape& s) override;
   void swiglu_forward(T* out, const T* h, int rows, int ff) override;

@@ -20,10 +20,12 @@ namespace moetrain {
 // layers are zero / empty.
 struct ForwardStats {
   double objective = 0;  // ce + sum aux_coef * aux + sum z_coef * z
-  double ce = 0;         // mean cross-entropy over the B*T targets
-  std::vector<double> aux, z, entropy;           // per layer: L_aux, L_z, mean router entropy
-  std::vector<std::vector<std::int32_t>> load;   // per layer: assignments per expert
-  std::vector<std::vector<double>> smax;         // per layer, per query head: max q.k/sqrt(hd)
+  double ce = 0;         // mean cross-entropy over the valid (non-negative) targets
+  double ce_sum = 0;     // their sum, and their number (for averaging across batches/ranks)
+  std::int64_t ce_tokens = 0;
+  std::vector<double> aux, z, entropy;          // per layer: L_aux, L_z, mean router entropy
+  std::vector<std::vector<std::int32_t>> load;  // per layer: assignments per expert
+  std::vector<std::vector<double>> smax;        // per layer, per query head: max q.k/sqrt(hd)
 };
 
 template <typename T>
@@ -52,7 +54,8 @@ class Model {
   void init_weights(std::uint64_t seed);
   void zero_grads();
 
-  // Forward only (evaluation). tokens, targets: host arrays of tokens() ids.
+  // Forward only (evaluation). tokens, targets: host arrays of tokens() ids; a negative target
+  // is padding and carries no loss.
   const ForwardStats& forward(const std::int32_t* tokens, const std::int32_t* targets);
   // Forward, then backward of grad_scale * objective, accumulated into grads().
   const ForwardStats& forward_backward(const std::int32_t* tokens, const std::int32_t* targets,
@@ -69,7 +72,8 @@ class Model {
   void swiglu_forward(const SwiGluOffsets& w, const T* x, int rows, T* h, T* act, T* out);
   void swiglu_backward(const SwiGluOffsets& w, const T* x, int rows, const T* h, const T* act,
                        const T* dout, T* dx, bool accumulate_dx);
-  void collect_stats(double ce_sum);
+  void collect_stats(double ce_sum, std::int64_t ce_tokens);
+  static std::int64_t count_valid(const std::int32_t* targets, int n);
 
   ModelConfig cfg_;
   Backend<T>& be_;

@@ -15,7 +15,19 @@
 
 namespace moetrain {
 
-enum class ParamRole { Embedding, Norm, AttnQ, AttnK, AttnV, AttnO, FfnW1, FfnW3, FfnW2, Router, LmHead };
+enum class ParamRole {
+  Embedding,
+  Norm,
+  AttnQ,
+  AttnK,
+  AttnV,
+  AttnO,
+  FfnW1,
+  FfnW3,
+  FfnW2,
+  Router,
+  LmHead
+};
 
 // Whether a role belongs to the Muon group (2D hidden weights) or the AdamW group.
 bool is_hidden_matrix(ParamRole role);
@@ -26,8 +38,8 @@ struct ParamTensor {
   std::size_t offset = 0;
   std::size_t numel = 0;
   ParamRole role = ParamRole::Norm;
-  int layer = -1;        // -1 for embed, final norm, lm_head
-  double init_std = 0;   // 0: constant one (norm gains)
+  int layer = -1;       // -1 for embed, final norm, lm_head
+  double init_std = 0;  // 0: constant one (norm gains)
 };
 
 // Offsets of a SwiGLU block: w1 and w3 fused as [2 ff, d], then w2 [d, ff].

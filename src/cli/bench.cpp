@@ -2,6 +2,7 @@
 // model FLOPs utilisation against the sgemm peak of this machine, measured in the same run.
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "moetrain/cpu_backend.hpp"
 #include "moetrain/flops.hpp"
 #include "moetrain/model.hpp"
+#include "moetrain/profiling_backend.hpp"
 #include "moetrain/rng.hpp"
 
 namespace moetrain::cli {
@@ -25,6 +27,7 @@ struct BenchOptions {
   int warmup = 1;
   int peak_size = 2048;
   bool json = false;
+  bool profile = false;
 };
 
 using Clock = std::chrono::steady_clock;
@@ -65,7 +68,10 @@ void run_bench(const BenchOptions& o) {
   const double peak = sgemm_peak_gflops(be, o.peak_size);
 
   const int B = cfg.data.batch_size, T = m.seq_len, N = B * T;
-  Model<float> model(m, be, B);
+  // The profiler wraps the backend only when asked, so plain runs time the bare backend.
+  auto profiler = std::make_unique<ProfilingBackend<float>>(be);
+  Backend<float>& run_be = o.profile ? *profiler : static_cast<Backend<float>&>(be);
+  Model<float> model(m, run_be, B);
   model.init_weights(cfg.train.seed);
   Rng rng(cfg.train.seed + 1);
   std::vector<std::int32_t> tokens(std::size_t(N) + 1);
@@ -75,6 +81,7 @@ void run_bench(const BenchOptions& o) {
     model.zero_grads();
     model.forward_backward(tokens.data(), tokens.data() + 1, 1.0);
   }
+  profiler->reset();
   double total = 0, best = 1e30;
   double loss = 0;
   for (int i = 0; i < o.steps; ++i) {
@@ -91,38 +98,54 @@ void run_bench(const BenchOptions& o) {
   const double gflops = f.training() * tok_s / 1e9;
   const double mfu = gflops / peak;
 
-  std::size_t active = 0, total_params = model.layout().total();
-  (void)active;
+  const std::size_t total_params = model.layout().total();
   if (o.json) {
-    nlohmann::json r = {{"config", o.config},         {"tokens_per_step", N},
-                        {"params", total_params},     {"step_seconds_mean", mean},
-                        {"step_seconds_best", best},  {"tokens_per_second", tok_s},
+    nlohmann::json r = {{"config", o.config},
+                        {"tokens_per_step", N},
+                        {"params", total_params},
+                        {"step_seconds_mean", mean},
+                        {"step_seconds_best", best},
+                        {"tokens_per_second", tok_s},
                         {"flops_per_token", f.training()},
-                        {"achieved_gflops", gflops},  {"sgemm_peak_gflops", peak},
-                        {"mfu", mfu},                 {"loss", loss}};
+                        {"achieved_gflops", gflops},
+                        {"sgemm_peak_gflops", peak},
+                        {"mfu", mfu},
+                        {"loss", loss}};
     std::printf("%s\n", r.dump(2).c_str());
     return;
   }
   std::printf("moetrain bench: %s  (backend %s)\n", o.config.c_str(), be.name());
-  std::printf("  model      d=%d layers=%d heads=%d/%d hd=%d seq=%d vocab=%d experts=%d top-%d "
-              "ff=%d dense_layers=%d shared=%d\n",
-              m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.seq_len,
-              m.vocab_size, m.moe.n_experts, m.moe.top_k, m.moe.expert_ff, m.dense_layers,
-              m.moe.n_shared_experts);
+  std::printf(
+      "  model      d=%d layers=%d heads=%d/%d hd=%d seq=%d vocab=%d experts=%d top-%d "
+      "ff=%d dense_layers=%d shared=%d\n",
+      m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.seq_len, m.vocab_size,
+      m.moe.n_experts, m.moe.top_k, m.moe.expert_ff, m.dense_layers, m.moe.n_shared_experts);
   std::printf("  params     %.2fM total\n", double(total_params) / 1e6);
-  std::printf("  FLOPs/token forward %.2fM = attn proj %.2fM + attn core %.2fM + ffn %.2fM + "
-              "router %.3fM + lm_head %.2fM; training = 3x forward = %.2fM\n",
-              f.forward() / 1e6, f.attn_proj / 1e6, f.attn_core / 1e6, f.ffn / 1e6,
-              f.router / 1e6, f.lm_head / 1e6, f.training() / 1e6);
-  std::printf("             (2 per multiply-add of each matmul a token passes, k routed experts, "
-              "causal attention; lookups, norms, activations not counted)\n");
-  std::printf("  step       %d tokens (batch %d x seq %d): mean %.1f ms, best %.1f ms over %d "
-              "steps (+%d warm-up)\n",
-              N, B, T, mean * 1e3, best * 1e3, o.steps, o.warmup);
+  std::printf(
+      "  FLOPs/token forward %.2fM = attn proj %.2fM + attn core %.2fM + ffn %.2fM + "
+      "router %.3fM + lm_head %.2fM; training = 3x forward = %.2fM\n",
+      f.forward() / 1e6, f.attn_proj / 1e6, f.attn_core / 1e6, f.ffn / 1e6, f.router / 1e6,
+      f.lm_head / 1e6, f.training() / 1e6);
+  std::printf(
+      "             (2 per multiply-add of each matmul a token passes, k routed experts, "
+      "causal attention; lookups, norms, activations not counted)\n");
+  std::printf(
+      "  step       %d tokens (batch %d x seq %d): mean %.1f ms, best %.1f ms over %d "
+      "steps (+%d warm-up)\n",
+      N, B, T, mean * 1e3, best * 1e3, o.steps, o.warmup);
   std::printf("  throughput %.0f tokens/s, %.1f GFLOP/s\n", tok_s, gflops);
   std::printf("  sgemm peak %.1f GFLOP/s (cblas_sgemm %dx%dx%d, best of 3, same run)\n", peak,
               o.peak_size, o.peak_size, o.peak_size);
   std::printf("  MFU        %.1f%% of the measured sgemm peak\n", 100 * mfu);
+  if (!o.profile) return;
+  std::printf(
+      "  per-op time per step (backend calls; GEMMs inside attention count as attention):\n");
+  for (const auto& [op, p] : profiler->profile()) {
+    std::printf("    %-24s %8.2f ms %5.1f%%", op.c_str(), p.seconds / o.steps * 1e3,
+                100 * p.seconds / total);
+    if (p.flops > 0) std::printf("  %6.1f GFLOP/s", p.flops / p.seconds / 1e9);
+    std::printf("\n");
+  }
 }
 
 }  // namespace
@@ -137,6 +160,7 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--peak-size", opts->peak_size, "Size n of the n x n x n sgemm peak probe")
       ->check(CLI::Range(64, 8192));
   cmd->add_flag("--json", opts->json, "Print the results as JSON");
+  cmd->add_flag("--profile", opts->profile, "Also print the time per backend op");
   cmd->callback([opts] { run_bench(*opts); });
 }
 

@@ -190,8 +190,7 @@ void Model<T>::swiglu_backward(const SwiGluOffsets& w, const T* x, int rows, con
 }
 
 template <typename T>
-void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt,
-                           double ce_grad_scale) {
+void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, double ce_grad_scale) {
   const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size, hd = cfg_.head_dim;
   const int E = cfg_.moe.n_experts, K = cfg_.moe.top_k;
   const std::size_t Nd = std::size_t(N) * d;
@@ -233,8 +232,8 @@ void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt,
     for (int e = 0; e < E; ++e) {
       const std::size_t r0 = std::size_t(a.host_offsets[std::size_t(e)]);
       const int rows = a.host_offsets[std::size_t(e) + 1] - int(r0);
-      linear_forward(be_, a.hg + r0 * 2 * ff, a.xg + r0 * d, params_ + w.experts[std::size_t(e)].w13,
-                     rows, d, 2 * ff);
+      linear_forward(be_, a.hg + r0 * 2 * ff, a.xg + r0 * d,
+                     params_ + w.experts[std::size_t(e)].w13, rows, d, 2 * ff);
     }
     be_.swiglu_forward(a.actg, a.hg, N * K, ff);
     for (int e = 0; e < E; ++e) {
@@ -249,8 +248,8 @@ void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt,
       swiglu_forward(w.shared[s], a.an2, N, a.sh[s], a.sact[s], out);
   }
 
-  be_.rmsnorm_forward(final_norm_, final_rstd_, resid_.back(), params_ + layout_.final_norm(), N,
-                      d, cfg_.norm_eps);
+  be_.rmsnorm_forward(final_norm_, final_rstd_, resid_.back(), params_ + layout_.final_norm(), N, d,
+                      cfg_.norm_eps);
   linear_forward(be_, logits_, final_norm_, params_ + layout_.lm_head(), N, d, V);
   if (!tgt) return;
   be_.upload(targets_, tgt, std::size_t(N) * sizeof(std::int32_t));
@@ -258,26 +257,37 @@ void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt,
   be_.download(host_losses_.data(), losses_, std::size_t(N) * sizeof(T));
   double ce_sum = 0;
   for (T v : host_losses_) ce_sum += double(v);
-  collect_stats(ce_sum);
+  collect_stats(ce_sum, count_valid(tgt, N));
 }
 
 template <typename T>
-void Model<T>::collect_stats(double ce_sum) {
+std::int64_t Model<T>::count_valid(const std::int32_t* targets, int n) {
+  std::int64_t v = 0;
+  for (int i = 0; i < n; ++i) v += targets[i] >= 0;
+  return v;
+}
+
+template <typename T>
+void Model<T>::collect_stats(double ce_sum, std::int64_t ce_tokens) {
   const int E = cfg_.moe.n_experts;
-  stats_.ce = ce_sum / tokens();
+  stats_.ce_sum = ce_sum;
+  stats_.ce_tokens = ce_tokens;
+  stats_.ce = ce_tokens > 0 ? ce_sum / double(ce_tokens) : 0.0;
   stats_.objective = stats_.ce;
   std::vector<T> buf(std::size_t(std::max(cfg_.n_heads, 3)));
   for (int l = 0; l < cfg_.n_layers; ++l) {
     const std::size_t li = std::size_t(l);
     LayerActs& a = acts_[li];
     be_.download(buf.data(), a.smax, std::size_t(cfg_.n_heads) * sizeof(T));
-    for (int h = 0; h < cfg_.n_heads; ++h) stats_.smax[li][std::size_t(h)] = double(buf[std::size_t(h)]);
+    for (int h = 0; h < cfg_.n_heads; ++h)
+      stats_.smax[li][std::size_t(h)] = double(buf[std::size_t(h)]);
     if (!is_moe_layer(cfg_, l)) continue;
     be_.download(buf.data(), a.router_stats, 3 * sizeof(T));
     stats_.aux[li] = double(buf[0]);
     stats_.z[li] = double(buf[1]);
     stats_.entropy[li] = double(buf[2]);
-    stats_.objective += cfg_.moe.aux_loss_coef * stats_.aux[li] + cfg_.moe.z_loss_coef * stats_.z[li];
+    stats_.objective +=
+        cfg_.moe.aux_loss_coef * stats_.aux[li] + cfg_.moe.z_loss_coef * stats_.z[li];
     stats_.load[li].resize(std::size_t(E));
     be_.download(stats_.load[li].data(), a.counts, std::size_t(E) * sizeof(std::int32_t));
   }
@@ -362,7 +372,9 @@ const ForwardStats& Model<T>::forward_backward(const std::int32_t* tok, const st
                                                double grad_scale) {
   if (!tgt) throw std::invalid_argument("Model::forward_backward: targets required");
   if (grad_scale == 0) throw std::invalid_argument("Model::forward_backward: grad_scale is 0");
-  run_forward(tok, tgt, grad_scale / tokens());
+  const std::int64_t valid = count_valid(tgt, tokens());
+  if (valid == 0) throw std::invalid_argument("Model::forward_backward: every target is padding");
+  run_forward(tok, tgt, grad_scale / double(valid));
   run_backward(grad_scale);
   return stats_;
 }

@@ -75,8 +75,9 @@ ParamLayout::ParamLayout(const ModelConfig& c) {
     layers_.push_back(std::move(lo));
   }
   final_norm_ = add("norm.weight", {d}, ParamRole::Norm, -1, 0);
-  lm_head_ = c.tie_embeddings ? embed_
-                              : add("lm_head.weight", {c.vocab_size, d}, ParamRole::LmHead, -1, std);
+  lm_head_ = c.tie_embeddings
+                 ? embed_
+                 : add("lm_head.weight", {c.vocab_size, d}, ParamRole::LmHead, -1, std);
 }
 
 const ParamTensor& ParamLayout::find(const std::string& name) const {

@@ -27,6 +27,7 @@ void attention_forward(T* out, T* probs, T* smax, const T* qkv, const AttentionS
   const int tasks = s.batch * s.n_heads;
   std::vector<T> head_max(std::size_t(tasks), -std::numeric_limits<T>::infinity());
 
+  SingleThreadedBlas blas_per_task;
 #pragma omp parallel for schedule(static)
   for (int task = 0; task < tasks; ++task) {
     const int b = task / s.n_heads, h = task % s.n_heads, g = h / group;
@@ -72,6 +73,7 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs,
   const T scale = T(1.0 / std::sqrt(double(hd)));
   const int tasks = s.batch * s.n_kv_heads;
 
+  SingleThreadedBlas blas_per_task;
 #pragma omp parallel
   {
     std::vector<T> dP(std::size_t(Tq) * Tq);
@@ -111,8 +113,7 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs,
   }
 }
 
-template void attention_forward<float>(float*, float*, float*, const float*,
-                                       const AttentionShape&);
+template void attention_forward<float>(float*, float*, float*, const float*, const AttentionShape&);
 template void attention_forward<double>(double*, double*, double*, const double*,
                                         const AttentionShape&);
 template void attention_backward<float>(float*, const float*, const float*, const float*,

@@ -56,8 +56,7 @@ void CpuBackend<T>::add_inplace(T* x, const T* y, std::size_t n) {
   cpu::add_inplace(x, y, n);
 }
 template <typename T>
-void CpuBackend<T>::embedding_forward(T* out, const int32_t* tokens, const T* table, int n,
-                                      int d) {
+void CpuBackend<T>::embedding_forward(T* out, const int32_t* tokens, const T* table, int n, int d) {
   cpu::embedding_forward(out, tokens, table, n, d);
 }
 template <typename T>
@@ -132,13 +131,13 @@ void CpuBackend<T>::moe_permute(T* xg, int32_t* pos, int32_t* offsets, const T* 
   cpu::moe_permute(xg, pos, offsets, x, topk, counts, tokens, d, n_experts, k);
 }
 template <typename T>
-void CpuBackend<T>::moe_permute_backward(T* dx, const T* dxg, const int32_t* pos, int tokens,
-                                         int d, int k) {
+void CpuBackend<T>::moe_permute_backward(T* dx, const T* dxg, const int32_t* pos, int tokens, int d,
+                                         int k) {
   cpu::moe_permute_backward(dx, dxg, pos, tokens, d, k);
 }
 template <typename T>
-void CpuBackend<T>::moe_unpermute(T* y, const T* yg, const T* gates, const int32_t* pos,
-                                  int tokens, int d, int k) {
+void CpuBackend<T>::moe_unpermute(T* y, const T* yg, const T* gates, const int32_t* pos, int tokens,
+                                  int d, int k) {
   cpu::moe_unpermute(y, yg, gates, pos, tokens, d, k);
 }
 template <typename T>

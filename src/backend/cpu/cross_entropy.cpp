@@ -1,4 +1,5 @@
-// Fused softmax cross-entropy: per-token loss, and dlogits written over the logits.
+// Fused softmax cross-entropy: per-token loss, and dlogits written over the logits. A negative
+// target marks padding (evaluation's last batch): zero loss and zero gradient.
 #include <algorithm>
 #include <cmath>
 
@@ -11,11 +12,16 @@ void cross_entropy(T* losses, T* logits, const int32_t* targets, int n, int voca
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < n; ++i) {
     T* row = logits + std::size_t(i) * vocab;
+    const int y = targets[i];
+    if (y < 0) {  // padding: no loss, no gradient
+      losses[i] = T(0);
+      if (grad_scale != T(0)) std::fill_n(row, vocab, T(0));
+      continue;
+    }
     const T mx = *std::max_element(row, row + vocab);
     double sum = 0;
     for (int v = 0; v < vocab; ++v) sum += std::exp(double(row[v] - mx));
     const double lse = double(mx) + std::log(sum);
-    const int y = targets[i];
     losses[i] = T(lse - double(row[y]));
     if (grad_scale != T(0)) {
       const T inv = T(1.0 / sum);

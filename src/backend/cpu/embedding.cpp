@@ -10,7 +10,8 @@ namespace moetrain::cpu {
 template <typename T>
 void embedding_forward(T* out, const int32_t* tokens, const T* table, int n, int d) {
 #pragma omp parallel for schedule(static)
-  for (int i = 0; i < n; ++i) std::copy_n(table + std::size_t(tokens[i]) * d, d, out + std::size_t(i) * d);
+  for (int i = 0; i < n; ++i)
+    std::copy_n(table + std::size_t(tokens[i]) * d, d, out + std::size_t(i) * d);
 }
 
 // Repeated tokens add into the same row. Each thread owns a slice of the columns and walks the

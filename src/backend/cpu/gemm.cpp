@@ -1,5 +1,5 @@
-// GEMM through OpenBLAS (row-major). Inside an OpenMP parallel region the OpenMP flavour of
-// OpenBLAS runs single-threaded, so callers may parallelise over independent GEMMs.
+// GEMM through OpenBLAS (row-major). Large GEMMs use OpenBLAS's own (OpenMP) threads; callers
+// that parallelise over many small GEMMs hold a SingleThreadedBlas.
 #include <cblas.h>
 
 #include "backend/cpu/ops.hpp"
@@ -7,8 +7,17 @@
 namespace moetrain::cpu {
 
 namespace {
-CBLAS_TRANSPOSE tr(bool t) { return t ? CblasTrans : CblasNoTrans; }
+CBLAS_TRANSPOSE tr(bool t) {
+  return t ? CblasTrans : CblasNoTrans;
+}
 }  // namespace
+
+SingleThreadedBlas::SingleThreadedBlas() : saved_(openblas_get_num_threads()) {
+  openblas_set_num_threads(1);
+}
+SingleThreadedBlas::~SingleThreadedBlas() {
+  openblas_set_num_threads(saved_);
+}
 
 template <>
 void gemm<float>(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,

@@ -10,6 +10,19 @@
 
 namespace moetrain::cpu {
 
+// While alive, OpenBLAS runs each call on the calling thread. Needed around OpenMP regions that
+// call gemm from several threads: OpenBLAS's own threading inside them is many times slower.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas();
+  ~SingleThreadedBlas();
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int saved_;
+};
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda, const T* B,
           int ldb, T beta, T* C, int ldc);

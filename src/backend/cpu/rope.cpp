@@ -41,7 +41,6 @@ void rope_backward(T* dx, int ld, int rows, int seq, int n_heads, int head_dim, 
 template void rope_forward<float>(float*, int, int, int, int, int, const float*, const float*);
 template void rope_forward<double>(double*, int, int, int, int, int, const double*, const double*);
 template void rope_backward<float>(float*, int, int, int, int, int, const float*, const float*);
-template void rope_backward<double>(double*, int, int, int, int, int, const double*,
-                                    const double*);
+template void rope_backward<double>(double*, int, int, int, int, int, const double*, const double*);
 
 }  // namespace moetrain::cpu
