@@ -54,10 +54,18 @@ struct DataConfig {
   bool shuffle = true;
 };
 
+// Settings of one parameter group (DESIGN §4): the Muon group (2D hidden weights) or the AdamW
+// group (embeddings, lm_head, norm gains, routers). RMSNorm gains never decay.
+struct GroupConfig {
+  double lr_scale = 1.0;  // the group's lr = optim.lr * lr_scale
+  double weight_decay = 0.1;
+};
+
 struct OptimConfig {
   std::string name = "muonclip";  // adamw | muon | muonclip
   double lr = 3e-3;
-  double weight_decay = 0.1;
+  GroupConfig muon_group;
+  GroupConfig adamw_group;
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
@@ -67,7 +75,7 @@ struct OptimConfig {
   std::string muon_scale = "match_rms_adamw";  // match_rms_adamw | original
   double qk_clip_tau = 100.0;
   double qk_clip_alpha = 0.5;
-  double grad_clip = 1.0;  // 0 disables
+  double grad_clip = 1.0;           // 0 disables
   std::string schedule = "cosine";  // cosine | wsd | constant
   int warmup_steps = 20;
   double min_lr_ratio = 0.1;
@@ -79,12 +87,13 @@ struct TrainConfig {
   int grad_accum = 1;
   std::uint64_t seed = 1234;
   int eval_interval = 50;
-  int eval_batches = 8;
+  int eval_batches = 0;  // 0: the whole val split
   int log_interval = 1;
   int checkpoint_interval = 100;
   int keep_checkpoints = 2;
   std::string out_dir = "runs/default";
   std::string backend = "auto";  // auto | cpu | cuda
+  double spike_std = 3.0;        // a loss above its running mean by this many running stds
 };
 
 struct Config {
@@ -102,10 +111,12 @@ class ConfigError : public std::runtime_error {
 
 // One entry of the schema: used for parsing, validation, defaults and documentation alike.
 struct ConfigField {
-  std::string path;         // e.g. "model.moe.top_k"
-  std::string type;         // "integer", "number", "boolean", "string", or "one of a|b|c"
+  std::string path;  // e.g. "model.moe.top_k"
+  std::string type;  // "integer", "number", "boolean", "string", or "one of a|b|c"
   nlohmann::json default_value;
   std::string description;  // one line
+  // The accepted range, e.g. ">= 1", "in [0, 1)", "non-empty"; empty when the type says it all.
+  std::string constraint;
 };
 
 // Every field, in document order.
@@ -121,15 +132,31 @@ Config config_from_json(const nlohmann::json& j, const std::string& source);
 // Reads and parses a JSON file; errors name the file.
 Config load_config(const std::string& path);
 
+// Reads the file, applies the overrides in order, then parses and validates. Prefer this to
+// overriding config_to_json(load_config(path)), where head_dim is already resolved.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides);
+
+// Reads a JSON file without validating its fields (the top level must be an object); errors
+// name the file, and for syntax errors the byte position.
+nlohmann::json read_config_json(const std::string& path);
+
 // Applies "a.b.c=value" overrides (value parsed as JSON, else taken as a string) to `j`.
+// The path must be a schema field and the value must fit the field's type and range (errors
+// name `--set`); for string fields a value that parses as another JSON type is taken as text.
 void apply_override(nlohmann::json& j, const std::string& assignment);
 
 // The full, resolved config (head_dim filled in) as JSON.
 nlohmann::json config_to_json(const Config& c);
 
 // Derived quantities.
-inline int kv_dim(const ModelConfig& m) { return m.n_kv_heads * m.head_dim; }
-inline int q_dim(const ModelConfig& m) { return m.n_heads * m.head_dim; }
-inline bool is_moe_layer(const ModelConfig& m, int layer) { return layer >= m.dense_layers; }
+inline int kv_dim(const ModelConfig& m) {
+  return m.n_kv_heads * m.head_dim;
+}
+inline int q_dim(const ModelConfig& m) {
+  return m.n_heads * m.head_dim;
+}
+inline bool is_moe_layer(const ModelConfig& m, int layer) {
+  return layer >= m.dense_layers;
+}
 
 }  // namespace moetrain

@@ -1,0 +1,90 @@
+// `moetrain config`: prints the documented defaults, or validates a config file and prints the
+// resolved config.
+
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.hpp"
+#include "moetrain/config.hpp"
+
+namespace moetrain::cli {
+namespace {
+
+struct ConfigOptions {
+  bool defaults = false;
+  bool json = false;
+  std::string check;
+  std::vector<std::string> overrides;
+};
+
+// "integer >= 1", "number in [0, 1)", "non-empty string", "boolean".
+std::string type_column(const ConfigField& f) {
+  if (f.constraint.empty()) return f.type;
+  const char c = f.constraint[0];
+  const bool relation = c == '<' || c == '>' || f.constraint.rfind("in ", 0) == 0;
+  return relation ? f.type + " " + f.constraint : f.constraint + " " + f.type;
+}
+
+void print_defaults_table() {
+  const auto& schema = config_schema();
+  std::size_t wp = 4, wt = 4, wd = 7;  // the header widths
+  for (const auto& f : schema) {
+    wp = std::max(wp, f.path.size());
+    wt = std::max(wt, type_column(f).size());
+    wd = std::max(wd, f.default_value.dump().size());
+  }
+  const auto row = [&](const std::string& path, const std::string& type, const std::string& def,
+                       const std::string& desc) {
+    std::printf("%-*s  %-*s  %-*s  %s\n", int(wp), path.c_str(), int(wt), type.c_str(), int(wd),
+                def.c_str(), desc.c_str());
+  };
+  row("PATH", "TYPE", "DEFAULT", "DESCRIPTION");
+  for (const auto& f : schema) row(f.path, type_column(f), f.default_value.dump(), f.description);
+}
+
+void run_config(const ConfigOptions& o) {
+  if (o.defaults && !o.check.empty()) {
+    throw CLI::ValidationError("config", "--defaults and --check cannot be combined");
+  }
+  if (!o.defaults && o.check.empty()) {
+    throw CLI::ValidationError("config", "give one of --defaults or --check FILE");
+  }
+  if (o.defaults) {
+    if (o.json) {
+      std::printf("%s\n", default_config_json().dump(2).c_str());
+    } else {
+      print_defaults_table();
+    }
+    return;
+  }
+  const Config cfg = load_config(o.check, o.overrides);
+  std::printf("%s: ok\n%s\n", o.check.c_str(), config_to_json(cfg).dump(2).c_str());
+}
+
+}  // namespace
+
+void add_config_command(CLI::App& app) {
+  auto opts = std::make_shared<ConfigOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "config", "Print the config defaults, or validate a config file and print it resolved");
+  CLI::Option* defaults = cmd->add_flag(
+      "--defaults", opts->defaults, "Print every config field: path, type, default, description");
+  cmd->add_flag("--json", opts->json, "With --defaults: print the defaults as a JSON config file")
+      ->needs(defaults);
+  CLI::Option* check = cmd->add_option("--check", opts->check,
+                                       "Validate a JSON config file and print the resolved config")
+                           ->type_name("FILE");
+  cmd->add_option("--set", opts->overrides,
+                  "With --check: override a field before validation (repeatable)")
+      ->type_name("KEY=VALUE")
+      ->needs(check);
+  defaults->excludes(check);
+  cmd->callback([opts] { run_config(*opts); });
+}
+
+}  // namespace moetrain::cli

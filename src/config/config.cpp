@@ -1,0 +1,625 @@
+// Config schema, parsing and validation.
+//
+// Every field is declared once, in the table of fields(): its JSON path (which is also the C++
+// member path), its kind and accepted range, and a one-line description. That table drives
+// parsing, the defaults document, config_to_json, --set overrides and the documentation.
+
+#include "moetrain/config.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <type_traits>
+#include <utility>
+
+namespace moetrain {
+namespace {
+
+using nlohmann::json;
+
+// ---- Accepted ranges ------------------------------------------------------------------------
+
+struct Range {
+  std::optional<double> lo, hi;
+  bool lo_open = false, hi_open = false;
+};
+
+Range at_least(double lo) {
+  return Range{lo, std::nullopt, false, false};
+}
+Range above(double lo) {
+  return Range{lo, std::nullopt, true, false};
+}
+Range closed(double lo, double hi) {
+  return Range{lo, hi, false, false};
+}
+Range half_open(double lo, double hi) {
+  return Range{lo, hi, false, true};
+}
+
+std::string format_number(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
+bool in_range(double x, const Range& r) {
+  if (r.lo && (r.lo_open ? !(x > *r.lo) : !(x >= *r.lo))) return false;
+  if (r.hi && (r.hi_open ? !(x < *r.hi) : !(x <= *r.hi))) return false;
+  return true;
+}
+
+std::string describe(const Range& r) {
+  if (r.lo && r.hi) {
+    return std::string("in ") + (r.lo_open ? "(" : "[") + format_number(*r.lo) + ", " +
+           format_number(*r.hi) + (r.hi_open ? ")" : "]");
+  }
+  if (r.lo) return (r.lo_open ? "> " : ">= ") + format_number(*r.lo);
+  if (r.hi) return (r.hi_open ? "< " : "<= ") + format_number(*r.hi);
+  return "";
+}
+
+std::string with_constraint(std::string form, const std::string& constraint) {
+  if (!constraint.empty()) form += " " + constraint;
+  return form;
+}
+
+// A JSON value for an error message: compact, and cut short when long.
+std::string show(const json& v) {
+  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  constexpr std::size_t kMax = 80;
+  if (s.size() > kMax) {
+    std::size_t cut = kMax - 3;
+    while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;  // UTF-8
+    s = s.substr(0, cut) + "...";
+  }
+  return s;
+}
+
+[[noreturn]] void fail(const std::string& source, const std::string& path,
+                       const std::string& expected, const std::string& got) {
+  throw ConfigError(source + ": " + path + ": expected " + expected + ", got " + got);
+}
+
+// An integral JSON value as int64, if it is one and fits.
+std::optional<std::int64_t> as_int64(const json& v) {
+  if (v.is_number_unsigned()) {
+    const auto u = v.get<std::uint64_t>();
+    if (u > static_cast<std::uint64_t>(INT64_MAX)) return std::nullopt;
+    return static_cast<std::int64_t>(u);
+  }
+  if (v.is_number_integer()) return v.get<std::int64_t>();
+  return std::nullopt;
+}
+
+// ---- Field descriptors ----------------------------------------------------------------------
+
+struct Field {
+  std::string path;
+  std::string type;        // schema type text
+  std::string constraint;  // schema constraint text
+  std::string description;
+  bool is_text = false;  // string or enum field (for --set)
+  // The expected form if `v` is not acceptable, else nullopt.
+  std::function<std::optional<std::string>(const json& v)> check;
+  std::function<json(const Config&)> get;
+  std::function<void(Config&, const json&)> set;  // `v` has passed check()
+};
+
+template <class Access>
+using MemberOf = std::remove_reference_t<decltype(std::declval<Access>()(std::declval<Config&>()))>;
+
+template <class Access>
+Field integer(const char* path, Access access, Range range, const char* description) {
+  using T = MemberOf<Access>;
+  static_assert(std::is_same_v<T, int> || std::is_same_v<T, std::uint64_t>);
+  Field f;
+  f.path = path;
+  f.type = "integer";
+  f.constraint = describe(range);
+  f.description = description;
+  const std::string form = with_constraint("an integer", f.constraint);
+  f.check = [range, form](const json& v) -> std::optional<std::string> {
+    if (!v.is_number_integer()) return form;
+    if constexpr (std::is_same_v<T, std::uint64_t>) {
+      // Non-negative literals parse as unsigned; a signed one here is negative unless it was
+      // built in code (json(0)).
+      if (!v.is_number_unsigned() && !(as_int64(v) && *as_int64(v) >= 0)) return form;
+      return in_range(double(v.get<std::uint64_t>()), range) ? std::nullopt
+                                                             : std::optional<std::string>(form);
+    } else {
+      const auto x = as_int64(v);
+      if (!x || *x > INT_MAX) return form + " (at most " + std::to_string(INT_MAX) + ")";
+      if (*x < INT_MIN || !in_range(double(*x), range)) return form;
+      return std::nullopt;
+    }
+  };
+  f.get = [access](const Config& c) { return json(access(c)); };
+  f.set = [access](Config& c, const json& v) { access(c) = v.get<T>(); };
+  return f;
+}
+
+template <class Access>
+Field number(const char* path, Access access, Range range, const char* description) {
+  static_assert(std::is_same_v<MemberOf<Access>, double>);
+  Field f;
+  f.path = path;
+  f.type = "number";
+  f.constraint = describe(range);
+  f.description = description;
+  const std::string form = with_constraint("a number", f.constraint);
+  f.check = [range, form](const json& v) -> std::optional<std::string> {
+    if (!v.is_number()) return form;
+    const double x = v.get<double>();
+    if (!std::isfinite(x) || !in_range(x, range)) return form;
+    return std::nullopt;
+  };
+  f.get = [access](const Config& c) { return json(access(c)); };
+  f.set = [access](Config& c, const json& v) { access(c) = v.get<double>(); };
+  return f;
+}
+
+template <class Access>
+Field boolean(const char* path, Access access, const char* description) {
+  static_assert(std::is_same_v<MemberOf<Access>, bool>);
+  Field f;
+  f.path = path;
+  f.type = "boolean";
+  f.description = description;
+  f.check = [](const json& v) -> std::optional<std::string> {
+    if (!v.is_boolean()) return "true or false";
+    return std::nullopt;
+  };
+  f.get = [access](const Config& c) { return json(access(c)); };
+  f.set = [access](Config& c, const json& v) { access(c) = v.get<bool>(); };
+  return f;
+}
+
+// A non-empty string (file paths and globs).
+template <class Access>
+Field path_string(const char* path, Access access, const char* description) {
+  static_assert(std::is_same_v<MemberOf<Access>, std::string>);
+  Field f;
+  f.path = path;
+  f.type = "string";
+  f.constraint = "non-empty";
+  f.description = description;
+  f.is_text = true;
+  f.check = [](const json& v) -> std::optional<std::string> {
+    if (!v.is_string() || v.get_ref<const std::string&>().empty()) return "a non-empty string";
+    return std::nullopt;
+  };
+  f.get = [access](const Config& c) { return json(access(c)); };
+  f.set = [access](Config& c, const json& v) { access(c) = v.get<std::string>(); };
+  return f;
+}
+
+// One of a fixed set of names, stored as a string or as an enum whose enumerators are declared
+// in the order of `choices`.
+template <class Access>
+Field one_of(const char* path, Access access, std::vector<std::string> choices,
+             const char* description) {
+  using T = MemberOf<Access>;
+  static_assert(std::is_same_v<T, std::string> || std::is_enum_v<T>);
+  Field f;
+  f.path = path;
+  f.description = description;
+  f.is_text = true;
+  std::string bar, quoted;
+  for (const auto& s : choices) {
+    bar += (bar.empty() ? "" : "|") + s;
+    quoted += (quoted.empty() ? "" : ", ") + ("\"" + s + "\"");
+  }
+  f.type = "one of " + bar;
+  const std::string form = "one of " + quoted;
+  f.check = [choices, form](const json& v) -> std::optional<std::string> {
+    if (v.is_string()) {
+      for (const auto& s : choices) {
+        if (s == v.get_ref<const std::string&>()) return std::nullopt;
+      }
+    }
+    return form;
+  };
+  f.get = [access, choices](const Config& c) {
+    const T& value = access(c);
+    if constexpr (std::is_enum_v<T>) {
+      return json(choices.at(static_cast<std::size_t>(value)));
+    } else {
+      return json(value);
+    }
+  };
+  f.set = [access, choices](Config& c, const json& v) {
+    const auto& s = v.get_ref<const std::string&>();
+    if constexpr (std::is_enum_v<T>) {
+      for (std::size_t i = 0; i < choices.size(); ++i) {
+        if (choices[i] == s) access(c) = static_cast<T>(i);
+      }
+    } else {
+      access(c) = s;
+    }
+  };
+  return f;
+}
+
+// The JSON path and the member it names, written once.
+#define MOETRAIN_FIELD(member)    \
+#member, [](auto& c) -> auto& { \
+    return c.member;              \
+  }
+
+const std::vector<Field>& fields() {
+  static const std::vector<Field> table = [] {
+    std::vector<Field> t;
+    // model
+    t.push_back(integer(MOETRAIN_FIELD(model.vocab_size), at_least(1),
+                        "Vocabulary size (rows of the embedding and of lm_head)"));
+    t.push_back(
+        integer(MOETRAIN_FIELD(model.d_model), at_least(1), "Width of the residual stream"));
+    t.push_back(integer(MOETRAIN_FIELD(model.n_layers), at_least(1), "Transformer layers"));
+    t.push_back(integer(MOETRAIN_FIELD(model.n_heads), at_least(1), "Attention query heads"));
+    t.push_back(integer(MOETRAIN_FIELD(model.n_kv_heads), at_least(1),
+                        "Key/value heads (GQA); must divide model.n_heads"));
+    t.push_back(
+        integer(MOETRAIN_FIELD(model.head_dim), at_least(0),
+                "Dimension of each head, even (RoPE); 0 means model.d_model / model.n_heads"));
+    t.push_back(
+        integer(MOETRAIN_FIELD(model.seq_len), at_least(1), "Tokens per training sequence"));
+    t.push_back(number(MOETRAIN_FIELD(model.rope_theta), above(0), "RoPE base frequency (theta)"));
+    t.push_back(number(MOETRAIN_FIELD(model.norm_eps), above(0), "RMSNorm epsilon"));
+    t.push_back(number(MOETRAIN_FIELD(model.init_std), above(0),
+                       "Std of the normal init (o_proj and w2: divided by sqrt(2 * n_layers))"));
+    t.push_back(boolean(MOETRAIN_FIELD(model.tie_embeddings), "Share the embedding with lm_head"));
+    t.push_back(integer(MOETRAIN_FIELD(model.dense_layers), at_least(0),
+                        "Leading layers with a dense SwiGLU FFN instead of MoE"));
+    t.push_back(integer(MOETRAIN_FIELD(model.dense_ff), at_least(1),
+                        "Hidden width of the dense SwiGLU FFN"));
+    // model.moe
+    t.push_back(
+        integer(MOETRAIN_FIELD(model.moe.n_experts), at_least(1), "Routed experts per MoE layer"));
+    t.push_back(integer(MOETRAIN_FIELD(model.moe.top_k), at_least(1),
+                        "Experts per token; at most model.moe.n_experts"));
+    t.push_back(integer(MOETRAIN_FIELD(model.moe.expert_ff), at_least(1),
+                        "Hidden width of each routed SwiGLU expert"));
+    t.push_back(integer(MOETRAIN_FIELD(model.moe.n_shared_experts), at_least(0),
+                        "Shared experts applied to every token (0: none)"));
+    t.push_back(integer(MOETRAIN_FIELD(model.moe.shared_ff), at_least(1),
+                        "Hidden width of each shared expert"));
+    t.push_back(one_of(MOETRAIN_FIELD(model.moe.router), {"softmax_topk", "sigmoid_bias"},
+                       "Router: softmax then top-k (Mixtral), or sigmoid + balancing bias "
+                       "(DeepSeek-V3)"));
+    t.push_back(number(MOETRAIN_FIELD(model.moe.route_scale), above(0),
+                       "Scale of the routing weights (sigmoid_bias router)"));
+    t.push_back(number(MOETRAIN_FIELD(model.moe.aux_loss_coef), at_least(0),
+                       "Load-balancing loss coefficient per MoE layer (0 disables)"));
+    t.push_back(number(MOETRAIN_FIELD(model.moe.z_loss_coef), at_least(0),
+                       "Router z-loss coefficient per MoE layer (0 disables)"));
+    t.push_back(number(MOETRAIN_FIELD(model.moe.bias_update_rate), at_least(0),
+                       "Expert-bias update rate per step (sigmoid_bias router)"));
+    // data
+    t.push_back(path_string(MOETRAIN_FIELD(data.train_pattern), "Glob of the training shards"));
+    t.push_back(path_string(MOETRAIN_FIELD(data.val_pattern), "Glob of the validation shards"));
+    t.push_back(path_string(MOETRAIN_FIELD(data.tokenizer), "Tokenizer JSON file"));
+    t.push_back(integer(MOETRAIN_FIELD(data.batch_size), at_least(1),
+                        "Sequences per micro-batch per rank"));
+    t.push_back(boolean(MOETRAIN_FIELD(data.shuffle), "Shuffle the order of training sequences"));
+    // optim
+    t.push_back(one_of(MOETRAIN_FIELD(optim.name), {"adamw", "muon", "muonclip"},
+                       "Optimizer of the 2D hidden weights (the rest always uses AdamW)"));
+    t.push_back(number(MOETRAIN_FIELD(optim.lr), above(0), "Peak learning rate"));
+    t.push_back(number(MOETRAIN_FIELD(optim.muon_group.lr_scale), above(0),
+                       "Muon group (2D hidden weights): learning-rate multiplier"));
+    t.push_back(number(MOETRAIN_FIELD(optim.muon_group.weight_decay), at_least(0),
+                       "Muon group: decoupled weight decay"));
+    t.push_back(
+        number(MOETRAIN_FIELD(optim.adamw_group.lr_scale), above(0),
+               "AdamW group (embeddings, lm_head, norms, routers): learning-rate multiplier"));
+    t.push_back(number(MOETRAIN_FIELD(optim.adamw_group.weight_decay), at_least(0),
+                       "AdamW group: decoupled weight decay (RMSNorm gains: none)"));
+    t.push_back(number(MOETRAIN_FIELD(optim.beta1), half_open(0, 1), "AdamW beta1"));
+    t.push_back(number(MOETRAIN_FIELD(optim.beta2), half_open(0, 1), "AdamW beta2"));
+    t.push_back(number(MOETRAIN_FIELD(optim.eps), above(0), "AdamW epsilon"));
+    t.push_back(number(MOETRAIN_FIELD(optim.momentum), half_open(0, 1), "Muon momentum"));
+    t.push_back(boolean(MOETRAIN_FIELD(optim.nesterov), "Muon: Nesterov momentum"));
+    t.push_back(
+        integer(MOETRAIN_FIELD(optim.ns_steps), at_least(1), "Muon: Newton-Schulz iterations"));
+    t.push_back(one_of(MOETRAIN_FIELD(optim.muon_scale), {"match_rms_adamw", "original"},
+                       "Muon scale: 0.2*sqrt(max(A,B)) (AdamW-like RMS) or sqrt(max(1,A/B))"));
+    t.push_back(number(MOETRAIN_FIELD(optim.qk_clip_tau), above(0),
+                       "MuonClip: attention-logit threshold tau of QK-clip"));
+    t.push_back(number(MOETRAIN_FIELD(optim.qk_clip_alpha), closed(0, 1),
+                       "MuonClip: share of the clip applied to q (the rest to k)"));
+    t.push_back(number(MOETRAIN_FIELD(optim.grad_clip), at_least(0),
+                       "Global gradient-norm clip (0 disables)"));
+    t.push_back(one_of(MOETRAIN_FIELD(optim.schedule), {"cosine", "wsd", "constant"},
+                       "LR schedule after warmup: cosine, warmup-stable-decay or constant"));
+    t.push_back(integer(MOETRAIN_FIELD(optim.warmup_steps), at_least(0),
+                        "Linear warmup steps; at most train.steps"));
+    t.push_back(number(MOETRAIN_FIELD(optim.min_lr_ratio), closed(0, 1),
+                       "Final LR as a fraction of optim.lr (cosine, wsd)"));
+    t.push_back(number(MOETRAIN_FIELD(optim.decay_fraction), closed(0, 1),
+                       "wsd: share of the steps spent decaying"));
+    // train
+    t.push_back(integer(MOETRAIN_FIELD(train.steps), at_least(1), "Optimizer steps"));
+    t.push_back(integer(MOETRAIN_FIELD(train.grad_accum), at_least(1),
+                        "Micro-batches accumulated per optimizer step"));
+    t.push_back(integer(MOETRAIN_FIELD(train.seed), at_least(0),
+                        "Seed of the weight init and the data order"));
+    t.push_back(integer(MOETRAIN_FIELD(train.eval_interval), at_least(0),
+                        "Steps between evaluations (0 disables)"));
+    t.push_back(integer(MOETRAIN_FIELD(train.eval_batches), at_least(0),
+                        "Micro-batches per evaluation (0: the whole val split)"));
+    t.push_back(
+        integer(MOETRAIN_FIELD(train.log_interval), at_least(1), "Steps between log lines"));
+    t.push_back(integer(MOETRAIN_FIELD(train.checkpoint_interval), at_least(0),
+                        "Steps between checkpoints (0 disables)"));
+    t.push_back(integer(MOETRAIN_FIELD(train.keep_checkpoints), at_least(1),
+                        "Checkpoints kept on disk (older ones are deleted)"));
+    t.push_back(
+        path_string(MOETRAIN_FIELD(train.out_dir), "Directory of logs, metrics and checkpoints"));
+    t.push_back(one_of(MOETRAIN_FIELD(train.backend), {"auto", "cpu", "cuda"},
+                       "Compute backend; auto: cuda when a GPU is present, else cpu"));
+    t.push_back(number(MOETRAIN_FIELD(train.spike_std), above(0),
+                       "Loss-spike counter: a loss above its running mean by this many stds"));
+    return t;
+  }();
+  return table;
+}
+
+#undef MOETRAIN_FIELD
+
+// ---- The tree of sections, derived from the field paths -------------------------------------
+
+struct Tree {
+  std::map<std::string, std::size_t> field_index;            // path -> index in fields()
+  std::set<std::string> sections;                            // "" is the top level
+  std::map<std::string, std::vector<std::string>> children;  // section -> keys, in table order
+};
+
+std::string join_path(const std::string& prefix, const std::string& key) {
+  return prefix.empty() ? key : prefix + "." + key;
+}
+
+const Tree& tree() {
+  static const Tree t = [] {
+    Tree r;
+    r.sections.insert("");
+    const auto& fs = fields();
+    for (std::size_t i = 0; i < fs.size(); ++i) {
+      r.field_index[fs[i].path] = i;
+      std::string prefix;
+      std::size_t start = 0;
+      for (;;) {
+        const std::size_t dot = fs[i].path.find('.', start);
+        const std::string key = fs[i].path.substr(start, dot - start);
+        auto& keys = r.children[prefix];
+        if (std::find(keys.begin(), keys.end(), key) == keys.end()) keys.push_back(key);
+        if (dot == std::string::npos) break;
+        prefix = join_path(prefix, key);
+        r.sections.insert(prefix);
+        start = dot + 1;
+      }
+    }
+    return r;
+  }();
+  return t;
+}
+
+const Field* find_field(const std::string& path) {
+  const auto& t = tree();
+  const auto it = t.field_index.find(path);
+  return it == t.field_index.end() ? nullptr : &fields()[it->second];
+}
+
+std::string join(const std::vector<std::string>& items, const char* sep) {
+  std::string s;
+  for (const auto& x : items) s += (s.empty() ? "" : sep) + x;
+  return s;
+}
+
+std::string where(const std::string& path) {
+  return path.empty() ? "top level" : path;
+}
+
+void parse_section(const json& obj, const std::string& prefix, const std::string& source,
+                   Config& c) {
+  const auto& t = tree();
+  if (!obj.is_object()) fail(source, where(prefix), "an object", show(obj));
+  const auto& keys = t.children.at(prefix);
+  for (const auto& [key, value] : obj.items()) {
+    const std::string path = join_path(prefix, key);
+    if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
+      throw ConfigError(source + ": " + path +
+                        ": unknown key (known keys here: " + join(keys, ", ") + ")");
+    }
+    if (t.sections.count(path)) {
+      parse_section(value, path, source, c);
+      continue;
+    }
+    const Field& f = *find_field(path);
+    if (auto expected = f.check(value)) fail(source, path, *expected, show(value));
+    f.set(c, value);
+  }
+}
+
+// Rules that involve more than one field; resolves head_dim.
+void validate_and_resolve(Config& c, const std::string& source) {
+  ModelConfig& m = c.model;
+  const auto num = [](auto x) { return std::to_string(x); };
+  if (m.n_heads % m.n_kv_heads != 0) {
+    fail(source, "model.n_kv_heads", "a divisor of model.n_heads (= " + num(m.n_heads) + ")",
+         num(m.n_kv_heads));
+  }
+  if (m.head_dim == 0) {
+    if (m.d_model % m.n_heads != 0) {
+      fail(source, "model.d_model",
+           "a multiple of model.n_heads (= " + num(m.n_heads) +
+               ") because model.head_dim is 0 (= model.d_model / model.n_heads)",
+           num(m.d_model) + "; set model.head_dim explicitly or change one of them");
+    }
+    const int resolved = m.d_model / m.n_heads;
+    if (resolved % 2 != 0) {
+      fail(source, "model.head_dim", "an even integer (RoPE rotates pairs of dimensions)",
+           "0, which resolves to model.d_model / model.n_heads = " + num(m.d_model) + " / " +
+               num(m.n_heads) + " = " + num(resolved));
+    }
+    m.head_dim = resolved;
+  } else if (m.head_dim % 2 != 0) {
+    fail(source, "model.head_dim", "an even integer (RoPE rotates pairs of dimensions)",
+         num(m.head_dim));
+  }
+  if (m.moe.top_k > m.moe.n_experts) {
+    fail(source, "model.moe.top_k",
+         "an integer <= model.moe.n_experts (= " + num(m.moe.n_experts) + ")", num(m.moe.top_k));
+  }
+  if (m.dense_layers > m.n_layers) {
+    fail(source, "model.dense_layers", "an integer <= model.n_layers (= " + num(m.n_layers) + ")",
+         num(m.dense_layers));
+  }
+  if (c.optim.warmup_steps > c.train.steps) {
+    fail(source, "optim.warmup_steps", "an integer <= train.steps (= " + num(c.train.steps) + ")",
+         num(c.optim.warmup_steps));
+  }
+}
+
+json to_json(const Config& c) {
+  json j = json::object();
+  for (const auto& f : fields()) {
+    std::string pointer = "/" + f.path;
+    std::replace(pointer.begin(), pointer.end(), '.', '/');
+    j[json::json_pointer(pointer)] = f.get(c);
+  }
+  return j;
+}
+
+std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t");
+  if (b == std::string::npos) return "";
+  const auto e = s.find_last_not_of(" \t");
+  return s.substr(b, e - b + 1);
+}
+
+}  // namespace
+
+const std::vector<ConfigField>& config_schema() {
+  static const std::vector<ConfigField> schema = [] {
+    const Config defaults;
+    std::vector<ConfigField> s;
+    for (const auto& f : fields()) {
+      s.push_back(ConfigField{f.path, f.type, f.get(defaults), f.description, f.constraint});
+    }
+    return s;
+  }();
+  return schema;
+}
+
+json default_config_json() {
+  return to_json(Config{});
+}
+
+json config_to_json(const Config& c) {
+  return to_json(c);
+}
+
+Config config_from_json(const json& j, const std::string& source) {
+  Config c;
+  parse_section(j, "", source, c);
+  validate_and_resolve(c, source);
+  return c;
+}
+
+json read_config_json(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(path, ec))
+    throw ConfigError(path + ": cannot read config file: is a directory");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw ConfigError(path + ": cannot read config file: " + std::strerror(errno));
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) throw ConfigError(path + ": cannot read config file: " + std::strerror(errno));
+  const std::string text = ss.str();
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    // e.what() is "[json.exception.parse_error.N] parse error at line L, column C: <detail>".
+    std::string detail = e.what();
+    const auto p = detail.find("parse error");
+    if (p != std::string::npos) detail = detail.substr(p + std::strlen("parse error"));
+    std::string location;
+    std::size_t line = 0, column = 0;
+    int consumed = 0;
+    if (std::sscanf(detail.c_str(), " at line %zu, column %zu: %n", &line, &column, &consumed) ==
+            2 &&
+        consumed > 0) {
+      location = ", line " + std::to_string(line) + ", column " + std::to_string(column);
+      detail = detail.substr(std::size_t(consumed));
+    } else {
+      detail = trim(detail);
+      if (detail.rfind(": ", 0) == 0) detail = detail.substr(2);
+    }
+    throw ConfigError(path + ": invalid JSON at byte " + std::to_string(e.byte) + location + ": " +
+                      detail);
+  }
+  if (!j.is_object()) fail(path, "top level", "an object", show(j));
+  return j;
+}
+
+Config load_config(const std::string& path) {
+  return config_from_json(read_config_json(path), path);
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  json j = read_config_json(path);
+  for (const auto& o : overrides) apply_override(j, o);
+  return config_from_json(j, overrides.empty() ? path : path + " (with --set overrides)");
+}
+
+void apply_override(json& j, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  const std::string path = eq == std::string::npos ? "" : trim(assignment.substr(0, eq));
+  if (path.empty()) {
+    throw ConfigError("--set: expected key=value (e.g. model.d_model=128), got " +
+                      show(json(assignment)));
+  }
+  const Field* f = find_field(path);
+  if (!f) {
+    throw ConfigError("--set " + path +
+                      ": unknown config field (`moetrain config --defaults` lists them)");
+  }
+  const std::string text = assignment.substr(eq + 1);
+  json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded() || (f->is_text && !value.is_string())) value = text;
+  if (auto expected = f->check(value)) fail("--set", path, *expected, show(value));
+
+  if (j.is_null()) j = json::object();
+  json* node = &j;
+  std::string prefix;
+  std::size_t start = 0;
+  for (std::size_t dot; (dot = path.find('.', start)) != std::string::npos; start = dot + 1) {
+    if (!node->is_object()) {
+      fail("--set " + path, where(prefix), "an object in the config", show(*node));
+    }
+    const std::string key = path.substr(start, dot - start);
+    prefix = join_path(prefix, key);
+    node = &(*node)[key];
+    if (node->is_null()) *node = json::object();
+  }
+  if (!node->is_object())
+    fail("--set " + path, where(prefix), "an object in the config", show(*node));
+  (*node)[path.substr(start)] = std::move(value);
+}
+
+}  // namespace moetrain
