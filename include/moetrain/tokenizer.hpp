@@ -78,6 +78,7 @@ class Tokenizer {
 
  private:
   struct Cache;
+  static constexpr std::size_t kShortChunk = 32;  // apply_merges: scan below, heap above
 
   void encode_chunk(std::string_view chunk, std::vector<std::uint32_t>& out) const;
   void apply_merges(std::vector<std::uint32_t>& ids) const;

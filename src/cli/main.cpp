@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   moetrain::cli::add_config_command(app);
   moetrain::cli::add_bench_command(app);
+  moetrain::cli::add_prepare_data_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
