@@ -49,9 +49,33 @@ class Backend {
   virtual void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,
                     const T* B, int ldb, T beta, T* C, int ldc) = 0;
 
+  // C_i = alpha * op(A_i) op(B_i) + beta * C_i for i < batch, X_i = X + i * stride_x.
+  virtual void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A,
+                            int lda, std::size_t stride_a, const T* B, int ldb,
+                            std::size_t stride_b, T beta, T* C, int ldc, std::size_t stride_c,
+                            int batch) = 0;
+
   // ---- elementwise --------------------------------------------------------------------------
   virtual void add(T* out, const T* a, const T* b, std::size_t n) = 0;  // out = a + b
   virtual void add_inplace(T* x, const T* y, std::size_t n) = 0;        // x += y
+
+  // ---- reductions and optimizer steps (fp32 or wider accumulation, deterministic) -----------
+  virtual double sum_squares(const T* x, std::size_t n) = 0;
+  virtual void scale(T* x, std::size_t n, double s) = 0;
+  // y = a * x + b * y
+  virtual void axpby(T* y, const T* x, std::size_t n, double a, double b) = 0;
+  // out_i = in_i^T for `batch` row-major [rows, cols] matrices.
+  virtual void transpose_batched(T* out, const T* in, int batch, int rows, int cols) = 0;
+  // X_i /= (||X_i||_F + eps) for `batch` contiguous matrices of `elems` elements.
+  virtual void frobenius_normalize(T* x, int batch, std::size_t elems, double eps) = 0;
+  // AdamW (bias-corrected, decoupled decay). Returns sum of (m_hat / (sqrt(v_hat) + eps))^2.
+  virtual double adamw_update(T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,
+                              double beta2, double eps, double weight_decay, std::int64_t t) = 0;
+  // M = mu * M + G; U = G + mu * M (Nesterov) or M.
+  virtual void muon_momentum(T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov) = 0;
+  // W -= lr * (s * O + wd * W). Returns sum of (s * O)^2.
+  virtual double muon_update(T* W, const T* O, std::size_t n, double lr, double s,
+                             double weight_decay) = 0;
 
   // ---- embedding ----------------------------------------------------------------------------
   virtual void embedding_forward(T* out, const int32_t* tokens, const T* table, int n, int d) = 0;

@@ -20,6 +20,19 @@ class CpuBackend final : public Backend<T> {
 
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,
             const T* B, int ldb, T beta, T* C, int ldc) override;
+  void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,
+                    std::size_t stride_a, const T* B, int ldb, std::size_t stride_b, T beta, T* C,
+                    int ldc, std::size_t stride_c, int batch) override;
+  double sum_squares(const T* x, std::size_t n) override;
+  void scale(T* x, std::size_t n, double s) override;
+  void axpby(T* y, const T* x, std::size_t n, double a, double b) override;
+  void transpose_batched(T* out, const T* in, int batch, int rows, int cols) override;
+  void frobenius_normalize(T* x, int batch, std::size_t elems, double eps) override;
+  double adamw_update(T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, std::int64_t t) override;
+  void muon_momentum(T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov) override;
+  double muon_update(T* W, const T* O, std::size_t n, double lr, double s,
+                     double weight_decay) override;
   void add(T* out, const T* a, const T* b, std::size_t n) override;
   void add_inplace(T* x, const T* y, std::size_t n) override;
   void embedding_forward(T* out, const int32_t* tokens, const T* table, int n, int d) override;

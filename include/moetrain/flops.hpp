@@ -5,6 +5,7 @@
 // Embedding lookups, norms, activations and softmaxes are not counted.
 #pragma once
 
+#include "moetrain/backend.hpp"
 #include "moetrain/config.hpp"
 
 namespace moetrain {
@@ -20,5 +21,9 @@ struct FlopCount {
 };
 
 FlopCount flops_per_token(const ModelConfig& cfg);
+
+// The machine's GEMM peak, measured: best of 3 timed n x n x n GEMMs through `backend` (after one
+// untimed warm-up), in GFLOP/s. The denominator of MFU.
+double measure_gemm_peak_gflops(Backend<float>& backend, int n = 2048);
 
 }  // namespace moetrain

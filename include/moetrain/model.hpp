@@ -50,6 +50,10 @@ class Model {
   // parameter: it steers selection only).
   T* expert_bias() { return expert_bias_; }
 
+  // The sigmoid_bias router's load balancing (DeepSeek-V3), after each optimizer step:
+  // b_e += rate * sign(mean load - load_e), per MoE layer, loads counted over the global batch.
+  void update_expert_bias(const std::vector<std::vector<std::int64_t>>& loads, double rate);
+
   // Normal(0, std) weights per ParamLayout, gains 1; deterministic in `seed`.
   void init_weights(std::uint64_t seed);
   void zero_grads();

@@ -45,6 +45,57 @@ void ProfilingBackend<T>::gemm(bool trans_a, bool trans_b, int M, int N, int K, 
 }
 
 template <typename T>
+void ProfilingBackend<T>::gemm_batched(bool ta, bool tb, int M, int N, int K, T alpha, const T* A,
+                                       int lda, std::size_t sa, const T* B, int ldb, std::size_t sb,
+                                       T beta, T* C, int ldc, std::size_t sc, int batch) {
+  Timer t(*this, "gemm_batched", 2.0 * M * N * K * batch);
+  inner_.gemm_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+}
+template <typename T>
+double ProfilingBackend<T>::sum_squares(const T* x, std::size_t n) {
+  Timer t(*this, "sum_squares");
+  return inner_.sum_squares(x, n);
+}
+template <typename T>
+void ProfilingBackend<T>::scale(T* x, std::size_t n, double s) {
+  Timer t(*this, "scale");
+  inner_.scale(x, n, s);
+}
+template <typename T>
+void ProfilingBackend<T>::axpby(T* y, const T* x, std::size_t n, double a, double b) {
+  Timer t(*this, "axpby");
+  inner_.axpby(y, x, n, a, b);
+}
+template <typename T>
+void ProfilingBackend<T>::transpose_batched(T* out, const T* in, int batch, int rows, int cols) {
+  Timer t(*this, "transpose_batched");
+  inner_.transpose_batched(out, in, batch, rows, cols);
+}
+template <typename T>
+void ProfilingBackend<T>::frobenius_normalize(T* x, int batch, std::size_t elems, double eps) {
+  Timer t(*this, "frobenius_normalize");
+  inner_.frobenius_normalize(x, batch, elems, eps);
+}
+template <typename T>
+double ProfilingBackend<T>::adamw_update(T* p, const T* g, T* m, T* v, std::size_t n, double lr,
+                                         double beta1, double beta2, double eps,
+                                         double weight_decay, std::int64_t t) {
+  Timer timer(*this, "adamw_update");
+  return inner_.adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, t);
+}
+template <typename T>
+void ProfilingBackend<T>::muon_momentum(T* M, T* U, const T* G, std::size_t n, double mu,
+                                        bool nesterov) {
+  Timer t(*this, "muon_momentum");
+  inner_.muon_momentum(M, U, G, n, mu, nesterov);
+}
+template <typename T>
+double ProfilingBackend<T>::muon_update(T* W, const T* O, std::size_t n, double lr, double s,
+                                        double weight_decay) {
+  Timer t(*this, "muon_update");
+  return inner_.muon_update(W, O, n, lr, s, weight_decay);
+}
+template <typename T>
 void ProfilingBackend<T>::add(T* out, const T* a, const T* b, std::size_t n) {
   Timer t(*this, "add");
   inner_.add(out, a, b, n);

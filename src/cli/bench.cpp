@@ -13,6 +13,7 @@
 #include "moetrain/cpu_backend.hpp"
 #include "moetrain/flops.hpp"
 #include "moetrain/model.hpp"
+#include "moetrain/optimizer.hpp"
 #include "moetrain/profiling_backend.hpp"
 #include "moetrain/rng.hpp"
 
@@ -35,37 +36,12 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// Best of a few runs of one large square sgemm through the backend the model uses.
-double sgemm_peak_gflops(Backend<float>& be, int n) {
-  const std::size_t elems = std::size_t(n) * n;
-  DeviceBuffer<float, float> a(be, elems), b(be, elems), c(be, elems);
-  std::vector<float> host(elems);
-  Rng rng(7);
-  for (auto& v : host) v = float(rng.uniform() - 0.5);
-  be.upload(a.get(), host.data(), elems * sizeof(float));
-  be.upload(b.get(), host.data(), elems * sizeof(float));
-  double best = 1e30;
-  for (int rep = 0; rep < 4; ++rep) {
-    const auto t0 = Clock::now();
-    be.gemm(false, true, n, n, n, 1.f, a.get(), n, b.get(), n, 0.f, c.get(), n);
-    const double s = seconds_since(t0);
-    if (rep > 0 && s < best) best = s;  // the first run warms caches and thread pools
-  }
-  return 2.0 * n * double(n) * n / best / 1e9;
-}
-
 void run_bench(const BenchOptions& o) {
-  nlohmann::json j;
-  {
-    const Config base = load_config(o.config);
-    j = config_to_json(base);
-  }
-  for (const auto& s : o.overrides) apply_override(j, s);
-  const Config cfg = config_from_json(j, o.config);
+  const Config cfg = load_config(o.config, o.overrides);
   const ModelConfig& m = cfg.model;
 
   CpuBackend<float> be;
-  const double peak = sgemm_peak_gflops(be, o.peak_size);
+  const double peak = measure_gemm_peak_gflops(be, o.peak_size);
 
   const int B = cfg.data.batch_size, T = m.seq_len, N = B * T;
   // The profiler wraps the backend only when asked, so plain runs time the bare backend.
@@ -93,6 +69,22 @@ void run_bench(const BenchOptions& o) {
     best = std::min(best, s);
   }
   const double mean = total / o.steps;
+
+  // One optimizer step (Muon's Newton-Schulz included) per train.grad_accum micro-batches.
+  Optimizer<float> opt(cfg, model.layout(), run_be);
+  std::vector<std::vector<double>> smax = model.stats().smax;
+  std::vector<float> grads(model.layout().total());
+  run_be.download(grads.data(), model.grads(), grads.size() * sizeof(float));
+  double opt_total = 0;
+  for (int i = 0; i < o.steps + 1; ++i) {
+    run_be.upload(model.grads(), grads.data(), grads.size() * sizeof(float));
+    const auto t0 = Clock::now();
+    opt.step(model.params(), model.grads(), cfg.optim.lr, smax);
+    if (i > 0) opt_total += seconds_since(t0);  // the first step warms up
+  }
+  const double opt_s = opt_total / o.steps;
+  const double step_s = mean * cfg.train.grad_accum + opt_s;
+  const double opt_share = opt_s / step_s;
   const FlopCount f = flops_per_token(m);
   const double tok_s = N / mean;
   const double gflops = f.training() * tok_s / 1e9;
@@ -110,6 +102,10 @@ void run_bench(const BenchOptions& o) {
                         {"achieved_gflops", gflops},
                         {"sgemm_peak_gflops", peak},
                         {"mfu", mfu},
+                        {"optimizer", cfg.optim.name},
+                        {"optimizer_seconds", opt_s},
+                        {"grad_accum", cfg.train.grad_accum},
+                        {"optimizer_share", opt_share},
                         {"loss", loss}};
     std::printf("%s\n", r.dump(2).c_str());
     return;
@@ -137,6 +133,11 @@ void run_bench(const BenchOptions& o) {
   std::printf("  sgemm peak %.1f GFLOP/s (cblas_sgemm %dx%dx%d, best of 3, same run)\n", peak,
               o.peak_size, o.peak_size, o.peak_size);
   std::printf("  MFU        %.1f%% of the measured sgemm peak\n", 100 * mfu);
+  std::printf(
+      "  optimizer  %s step %.1f ms; with train.grad_accum=%d (%d tokens per step) it is "
+      "%.1f%% of the step (%.2f s fwd+bwd + %.2f s optimizer)\n",
+      cfg.optim.name.c_str(), opt_s * 1e3, cfg.train.grad_accum, N * cfg.train.grad_accum,
+      100 * opt_share, mean * cfg.train.grad_accum, opt_s);
   if (!o.profile) return;
   std::printf(
       "  per-op time per step (backend calls; GEMMs inside attention count as attention):\n");

@@ -11,6 +11,9 @@ int main(int argc, char** argv) {
   moetrain::cli::add_config_command(app);
   moetrain::cli::add_bench_command(app);
   moetrain::cli::add_prepare_data_command(app);
+  moetrain::cli::add_train_command(app);
+  moetrain::cli::add_eval_command(app);
+  moetrain::cli::add_sample_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,5 +1,10 @@
 #include "moetrain/flops.hpp"
 
+#include <chrono>
+#include <vector>
+
+#include "moetrain/rng.hpp"
+
 namespace moetrain {
 
 FlopCount flops_per_token(const ModelConfig& c) {
@@ -18,6 +23,25 @@ FlopCount flops_per_token(const ModelConfig& c) {
   }
   f.lm_head = 2 * d * c.vocab_size;
   return f;
+}
+
+double measure_gemm_peak_gflops(Backend<float>& be, int n) {
+  using Clock = std::chrono::steady_clock;
+  const std::size_t elems = std::size_t(n) * n;
+  DeviceBuffer<float, float> a(be, elems), b(be, elems), c(be, elems);
+  std::vector<float> host(elems);
+  Rng rng(7);
+  for (auto& v : host) v = float(rng.uniform() - 0.5);
+  be.upload(a.get(), host.data(), elems * sizeof(float));
+  be.upload(b.get(), host.data(), elems * sizeof(float));
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {
+    const auto t0 = Clock::now();
+    be.gemm(false, true, n, n, n, 1.f, a.get(), n, b.get(), n, 0.f, c.get(), n);
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (rep > 0) best = std::min(best, s);
+  }
+  return 2.0 * n * double(n) * n / best / 1e9;
 }
 
 }  // namespace moetrain

@@ -166,6 +166,27 @@ void Model<T>::init_weights(std::uint64_t seed) {
 }
 
 template <typename T>
+void Model<T>::update_expert_bias(const std::vector<std::vector<std::int64_t>>& loads,
+                                  double rate) {
+  const int E = cfg_.moe.n_experts;
+  std::vector<T> bias(std::size_t(cfg_.n_layers) * E);
+  be_.download(bias.data(), expert_bias_, bias.size() * sizeof(T));
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    const auto& load = loads[std::size_t(l)];
+    if (!is_moe_layer(cfg_, l) || load.empty()) continue;
+    double mean = 0;
+    for (auto c : load) mean += double(c);
+    mean /= E;
+    for (int e = 0; e < E; ++e) {
+      const double diff = mean - double(load[std::size_t(e)]);
+      const double sign = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
+      bias[std::size_t(l) * E + e] += T(rate * sign);
+    }
+  }
+  be_.upload(expert_bias_, bias.data(), bias.size() * sizeof(T));
+}
+
+template <typename T>
 void Model<T>::zero_grads() {
   be_.zero(grads_, layout_.total() * sizeof(T));
 }

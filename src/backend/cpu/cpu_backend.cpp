@@ -48,6 +48,47 @@ void CpuBackend<T>::gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T
   cpu::gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 template <typename T>
+void CpuBackend<T>::gemm_batched(bool ta, bool tb, int M, int N, int K, T alpha, const T* A,
+                                 int lda, std::size_t sa, const T* B, int ldb, std::size_t sb,
+                                 T beta, T* C, int ldc, std::size_t sc, int batch) {
+  cpu::gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+}
+template <typename T>
+double CpuBackend<T>::sum_squares(const T* x, std::size_t n) {
+  return cpu::sum_squares(x, n);
+}
+template <typename T>
+void CpuBackend<T>::scale(T* x, std::size_t n, double s) {
+  cpu::scale(x, n, s);
+}
+template <typename T>
+void CpuBackend<T>::axpby(T* y, const T* x, std::size_t n, double a, double b) {
+  cpu::axpby(y, x, n, a, b);
+}
+template <typename T>
+void CpuBackend<T>::transpose_batched(T* out, const T* in, int batch, int rows, int cols) {
+  cpu::transpose_batched(out, in, batch, rows, cols);
+}
+template <typename T>
+void CpuBackend<T>::frobenius_normalize(T* x, int batch, std::size_t elems, double eps) {
+  cpu::frobenius_normalize(x, batch, elems, eps);
+}
+template <typename T>
+double CpuBackend<T>::adamw_update(T* p, const T* g, T* m, T* v, std::size_t n, double lr,
+                                   double beta1, double beta2, double eps, double weight_decay,
+                                   std::int64_t t) {
+  return cpu::adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, t);
+}
+template <typename T>
+void CpuBackend<T>::muon_momentum(T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov) {
+  cpu::muon_momentum(M, U, G, n, mu, nesterov);
+}
+template <typename T>
+double CpuBackend<T>::muon_update(T* W, const T* O, std::size_t n, double lr, double s,
+                                  double weight_decay) {
+  return cpu::muon_update(W, O, n, lr, s, weight_decay);
+}
+template <typename T>
 void CpuBackend<T>::add(T* out, const T* a, const T* b, std::size_t n) {
   cpu::add(out, a, b, n);
 }

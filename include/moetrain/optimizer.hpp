@@ -1,0 +1,56 @@
+// The optimizers of DESIGN §4 over the model's flat parameter buffer:
+//   adamw    : every parameter with AdamW;
+//   muon     : the Muon group (2D hidden weights: q/k/v/o, dense, expert and shared-expert
+//   w1/w2/w3,
+//              each matrix orthogonalised on its own) with Muon, the rest (embeddings, lm_head,
+//              norm gains, routers) with AdamW;
+//   muonclip : muon, then per-head QK-clip from the step's recorded S_max.
+// Global gradient-norm clipping happens first, over all parameters.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moetrain/backend.hpp"
+#include "moetrain/config.hpp"
+#include "moetrain/param_layout.hpp"
+#include "moetrain/safetensors.hpp"
+
+namespace moetrain {
+
+struct OptimizerStats {
+  double grad_norm = 0;         // global L2 norm before clipping
+  double update_rms_muon = 0;   // RMS of s*O over the Muon group (0 without one)
+  double update_rms_adamw = 0;  // RMS of m_hat / (sqrt(v_hat) + eps) over the AdamW group
+  int clipped_heads = 0;        // query heads whose S_max exceeded tau (muonclip)
+};
+
+template <typename T>
+class Optimizer {
+ public:
+  Optimizer(const Config& cfg, const ParamLayout& layout, Backend<T>& backend);
+  ~Optimizer();
+  Optimizer(const Optimizer&) = delete;
+  Optimizer& operator=(const Optimizer&) = delete;
+
+  // One update of `params` from `grads` (the averaged gradient of the step; clipped in place).
+  // `lr` is this step's base learning rate; `smax` is [layer][query head] of this step.
+  OptimizerStats step(T* params, T* grads, double lr, const std::vector<std::vector<double>>& smax);
+
+  std::int64_t step_count() const { return t_; }
+  // Optimizer state as host tensors (for checkpoints), and back.
+  TensorMap state() const;
+  void load_state(const TensorMap& state, const std::string& source);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::int64_t t_ = 0;
+};
+
+extern template class Optimizer<float>;
+extern template class Optimizer<double>;
+
+}  // namespace moetrain

@@ -1,0 +1,134 @@
+// The elementwise and reduction steps of AdamW and Muon. Reductions accumulate in double over
+// fixed per-thread ranges, added in thread order: deterministic for a fixed thread count.
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+#include "backend/cpu/ops.hpp"
+
+namespace moetrain::cpu {
+
+namespace {
+// Below this many elements a loop runs on one thread: a parallel region costs more than the work,
+// and far more when another process shares the cores.
+constexpr std::size_t kParallelMin = std::size_t(1) << 18;
+
+// Sum over i < n of f(i), parallel over fixed ranges, deterministic for a given n.
+template <typename F>
+double reduce_sum(std::size_t n, F f) {
+  if (n < kParallelMin) {
+    double s = 0;
+    for (std::size_t i = 0; i < n; ++i) s += f(i);
+    return s;
+  }
+  const int nt = omp_get_max_threads();
+  std::vector<double> part(std::size_t(nt), 0.0);
+#pragma omp parallel
+  {
+    const int id = omp_get_thread_num(), k = omp_get_num_threads();
+    const std::size_t b = n * std::size_t(id) / std::size_t(k);
+    const std::size_t e = n * std::size_t(id + 1) / std::size_t(k);
+    double s = 0;
+    for (std::size_t i = b; i < e; ++i) s += f(i);
+    part[std::size_t(id)] = s;
+  }
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
+}
+}  // namespace
+
+template <typename T>
+double sum_squares(const T* x, std::size_t n) {
+  return reduce_sum(n, [x](std::size_t i) { return double(x[i]) * double(x[i]); });
+}
+
+template <typename T>
+void scale(T* x, std::size_t n, double s) {
+  const T f = T(s);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (std::size_t i = 0; i < n; ++i) x[i] *= f;
+}
+
+template <typename T>
+void axpby(T* y, const T* x, std::size_t n, double a, double b) {
+  const T fa = T(a), fb = T(b);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (std::size_t i = 0; i < n; ++i) y[i] = fa * x[i] + fb * y[i];
+}
+
+template <typename T>
+void transpose_batched(T* out, const T* in, int batch, int rows, int cols) {
+  const std::size_t elems = std::size_t(rows) * cols;
+#pragma omp parallel for collapse(2) \
+    schedule(static) if (elems * std::size_t(batch) >= kParallelMin)
+  for (int b = 0; b < batch; ++b)
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c)
+        out[b * elems + std::size_t(c) * rows + r] = in[b * elems + std::size_t(r) * cols + c];
+}
+
+// One matrix per thread at a time; each norm is a serial sum, so the result is deterministic.
+template <typename T>
+void frobenius_normalize(T* x, int batch, std::size_t elems, double eps) {
+#pragma omp parallel for schedule(static) if (batch > 1)
+  for (int b = 0; b < batch; ++b) {
+    T* xb = x + std::size_t(b) * elems;
+    double ss = 0;
+    for (std::size_t i = 0; i < elems; ++i) ss += double(xb[i]) * xb[i];
+    const T f = T(1.0 / (std::sqrt(ss) + eps));
+    for (std::size_t i = 0; i < elems; ++i) xb[i] *= f;
+  }
+}
+
+template <typename T>
+double adamw_update(T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, std::int64_t t) {
+  const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
+  return reduce_sum(n, [&](std::size_t i) {
+    const double gi = g[i];
+    const double mi = beta1 * m[i] + (1 - beta1) * gi;
+    const double vi = beta2 * v[i] + (1 - beta2) * gi * gi;
+    m[i] = T(mi);
+    v[i] = T(vi);
+    const double u = (mi / bc1) / (std::sqrt(vi / bc2) + eps);
+    p[i] = T(p[i] - lr * (u + weight_decay * p[i]));
+    return u * u;
+  });
+}
+
+template <typename T>
+void muon_momentum(T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov) {
+  const T fmu = T(mu);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (std::size_t i = 0; i < n; ++i) {
+    M[i] = fmu * M[i] + G[i];
+    U[i] = nesterov ? G[i] + fmu * M[i] : M[i];
+  }
+}
+
+template <typename T>
+double muon_update(T* W, const T* O, std::size_t n, double lr, double s, double weight_decay) {
+  return reduce_sum(n, [&](std::size_t i) {
+    const double u = s * O[i];
+    W[i] = T(W[i] - lr * (u + weight_decay * W[i]));
+    return u * u;
+  });
+}
+
+#define MOETRAIN_INSTANTIATE(T)                                                              \
+  template double sum_squares<T>(const T*, std::size_t);                                     \
+  template void scale<T>(T*, std::size_t, double);                                           \
+  template void axpby<T>(T*, const T*, std::size_t, double, double);                         \
+  template void transpose_batched<T>(T*, const T*, int, int, int);                           \
+  template void frobenius_normalize<T>(T*, int, std::size_t, double);                        \
+  template double adamw_update<T>(T*, const T*, T*, T*, std::size_t, double, double, double, \
+                                  double, double, std::int64_t);                             \
+  template void muon_momentum<T>(T*, T*, const T*, std::size_t, double, bool);               \
+  template double muon_update<T>(T*, const T*, std::size_t, double, double, double);
+MOETRAIN_INSTANTIATE(float)
+MOETRAIN_INSTANTIATE(double)
+#undef MOETRAIN_INSTANTIATE
+
+}  // namespace moetrain::cpu

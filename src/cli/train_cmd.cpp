@@ -1,0 +1,44 @@
+// `moetrain train`: runs training from a JSON config (see moetrain::run_training).
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cli/commands.hpp"
+#include "cli/common.hpp"
+#include "moetrain/trainer.hpp"
+
+namespace moetrain::cli {
+
+namespace {
+struct TrainCliOptions {
+  std::string config;
+  std::vector<std::string> sets;
+  bool resume = false;
+  std::string resume_from;
+  std::int64_t stop_at = -1;
+};
+}  // namespace
+
+void add_train_command(CLI::App& app) {
+  auto o = std::make_shared<TrainCliOptions>();
+  CLI::App* cmd = app.add_subcommand("train", "Train a model from a JSON config");
+  cmd->add_option("--config", o->config, "JSON config file")->required();
+  cmd->add_option("--set", o->sets, "Override a config field: key=value (repeatable)");
+  cmd->add_flag("--resume", o->resume, "Continue from the newest checkpoint of train.out_dir");
+  cmd->add_option("--resume-from", o->resume_from, "Continue from this checkpoint directory");
+  cmd->add_option("--stop-at", o->stop_at,
+                  "Stop after this many completed steps, with a checkpoint (resume later)")
+      ->check(CLI::PositiveNumber);
+  cmd->callback([o] {
+    const Config cfg = load_config_with_overrides(o->config, o->sets);
+    TrainOptions opts;
+    opts.resume = !o->resume_from.empty() ? o->resume_from : (o->resume ? "latest" : "");
+    opts.stop_at = o->stop_at;
+    install_stop_signal_handlers();
+    LocalComm comm;
+    const int rc = run_training(cfg, comm, opts);
+    if (rc != 0) throw CLI::RuntimeError(rc);
+  });
+}
+
+}  // namespace moetrain::cli

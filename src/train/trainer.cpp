@@ -1,0 +1,463 @@
+#include "moetrain/trainer.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <memory>
+#include <stdexcept>
+
+#include <spdlog/spdlog.h>
+
+#include "io/atomic_file.hpp"
+#include "moetrain/checkpoint.hpp"
+#include "moetrain/cpu_backend.hpp"
+#include "moetrain/data_loader.hpp"
+#include "moetrain/flops.hpp"
+#include "moetrain/lr_schedule.hpp"
+#include "moetrain/metrics.hpp"
+#include "moetrain/model.hpp"
+#include "moetrain/optimizer.hpp"
+
+namespace fs = std::filesystem;
+
+namespace moetrain {
+
+namespace {
+
+std::atomic<bool> g_stop_requested{false};
+extern "C" void on_stop_signal(int) {
+  g_stop_requested.store(true);
+}
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string format_duration(double s) {
+  const long t = long(std::max(0.0, s));
+  char buf[32];
+  if (t >= 3600)
+    std::snprintf(buf, sizeof(buf), "%ldh%02ldm", t / 3600, (t / 60) % 60);
+  else
+    std::snprintf(buf, sizeof(buf), "%ldm%02lds", t / 60, t % 60);
+  return buf;
+}
+
+// JSON paths (a.b.c) whose values differ between two configs, restricted to `roots`.
+void diff_paths(const nlohmann::json& a, const nlohmann::json& b, const std::string& prefix,
+                std::vector<std::string>& out) {
+  if (a.is_object() && b.is_object()) {
+    for (const auto& [k, v] : a.items())
+      diff_paths(v, b.contains(k) ? b.at(k) : nlohmann::json(), prefix + "." + k, out);
+    for (const auto& [k, v] : b.items())
+      if (!a.contains(k)) out.push_back(prefix + "." + k);
+    return;
+  }
+  if (a != b) out.push_back(prefix);
+}
+
+struct StepResult {
+  double objective = 0, ce = 0;
+  std::vector<double> aux, z, entropy;
+  std::vector<std::vector<double>> smax;
+  std::vector<std::vector<std::int64_t>> load;
+  OptimizerStats opt;
+  double data_s = 0, compute_s = 0, comm_s = 0, optimizer_s = 0;
+};
+
+class Trainer {
+ public:
+  Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts);
+  int run();
+
+ private:
+  Backend<float>& select_backend();
+  StepResult train_step(double lr);
+  double evaluate();
+  void save_checkpoint();
+  void resume(const std::string& path);
+  void log_step(const StepResult& r, double lr, double step_s, bool spike);
+
+  Config cfg_;
+  Communicator& comm_;
+  TrainOptions opts_;
+  CpuBackend<float> cpu_;
+  Backend<float>& be_;
+  std::unique_ptr<Model<float>> model_;
+  std::unique_ptr<Optimizer<float>> opt_;
+  std::unique_ptr<DataLoader> train_;
+  std::unique_ptr<EvalLoader> val_;
+  std::unique_ptr<MetricsLog> metrics_;
+  SpikeDetector spikes_;
+  std::int64_t step_ = 0, tokens_seen_ = 0;
+  double peak_gflops_ = 0;
+  FlopCount flops_;
+  std::string out_dir_;
+  Clock::time_point started_;
+  std::int64_t first_step_ = 0;
+  bool leader() const { return comm_.rank() == 0; }
+  std::int64_t global_tokens_per_step() const {
+    return std::int64_t(cfg_.data.batch_size) * cfg_.model.seq_len * cfg_.train.grad_accum *
+           comm_.world();
+  }
+};
+
+Backend<float>& Trainer::select_backend() {
+  const std::string& b = cfg_.train.backend;
+  if (b == "cuda")
+    throw ConfigError(
+        "train.backend: 'cuda' was requested, but this build of moetrain has no CUDA backend "
+        "(use \"auto\" or \"cpu\")");
+  if (b == "auto" && leader()) spdlog::info("backend: auto -> cpu (no CUDA backend in this build)");
+  return cpu_;
+}
+
+Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts)
+    : cfg_(cfg),
+      comm_(comm),
+      opts_(opts),
+      be_(select_backend()),
+      spikes_(cfg.train.spike_std),
+      out_dir_(cfg.train.out_dir) {
+  const ModelConfig& m = cfg_.model;
+  const bool fresh = opts_.resume.empty();
+  if (fresh && leader() &&
+      (!list_checkpoints(out_dir_).empty() || fs::exists(fs::path(out_dir_) / "metrics.jsonl")))
+    throw std::runtime_error("train.out_dir '" + out_dir_ +
+                             "' already holds a run (metrics.jsonl or checkpoints): continue it "
+                             "with --resume, or choose another train.out_dir");
+
+  model_ = std::make_unique<Model<float>>(m, be_, cfg_.data.batch_size);
+  model_->init_weights(cfg_.train.seed);
+  opt_ = std::make_unique<Optimizer<float>>(cfg_, model_->layout(), be_);
+  train_ = std::make_unique<DataLoader>(
+      match_shards(cfg_.data.train_pattern, "data.train_pattern"), std::uint32_t(m.vocab_size),
+      cfg_.data.batch_size, m.seq_len, comm_.rank(), comm_.world(), cfg_.data.shuffle,
+      cfg_.train.seed, "data.train_pattern '" + cfg_.data.train_pattern + "'");
+  if (cfg_.train.eval_interval > 0)
+    val_ = std::make_unique<EvalLoader>(match_shards(cfg_.data.val_pattern, "data.val_pattern"),
+                                        std::uint32_t(m.vocab_size), cfg_.data.batch_size,
+                                        m.seq_len, comm_.rank(), comm_.world(),
+                                        "data.val_pattern '" + cfg_.data.val_pattern + "'");
+
+  if (!fresh) {
+    std::string path = opts_.resume;
+    if (path == "latest") {
+      const auto latest = latest_checkpoint(out_dir_);
+      if (!latest)
+        throw std::runtime_error("--resume: no checkpoint in '" + checkpoints_root(out_dir_) + "'");
+      path = *latest;
+    }
+    resume(path);
+  }
+  // Everything is loaded: from here on files are written.
+  if (leader()) {
+    fs::create_directories(out_dir_);
+    write_text_atomically((fs::path(out_dir_) / "config.json").string(),
+                          config_to_json(cfg_).dump(2) + "\n");
+    if (fs::exists(cfg_.data.tokenizer))
+      fs::copy_file(cfg_.data.tokenizer, fs::path(out_dir_) / "tokenizer.json",
+                    fs::copy_options::overwrite_existing);
+    metrics_ = std::make_unique<MetricsLog>((fs::path(out_dir_) / "metrics.jsonl").string(),
+                                            fresh ? -1 : step_);
+  }
+  flops_ = flops_per_token(m);
+  peak_gflops_ = measure_gemm_peak_gflops(cpu_);
+  if (leader())
+    spdlog::info(
+        "model: {:.2f}M parameters, {:.1f} MFLOP/token (training); {} ranks x {} "
+        "micro-batches x {} x {} = {} tokens per step; gemm peak {:.1f} GFLOP/s",
+        double(model_->layout().total()) / 1e6, flops_.training() / 1e6, comm_.world(),
+        cfg_.train.grad_accum, cfg_.data.batch_size, m.seq_len, global_tokens_per_step(),
+        peak_gflops_);
+}
+
+void Trainer::resume(const std::string& path) {
+  const std::string state_path = (fs::path(path) / "trainer_state.json").string();
+  const nlohmann::json st = read_json_file(state_path);
+  if (!st.is_object() || st.value("format", "") != "moetrain-checkpoint")
+    throw std::runtime_error(state_path + ": not a moetrain trainer state");
+  try {
+    std::vector<std::string> diffs;
+    const nlohmann::json now = config_to_json(cfg_), then = st.at("config");
+    for (const char* root : {"model", "data"}) diff_paths(then.at(root), now.at(root), root, diffs);
+    for (const char* key : {"name"})
+      diff_paths(then.at("optim").at(key), now.at("optim").at(key), std::string("optim.") + key,
+                 diffs);
+    for (const char* key : {"grad_accum", "seed"})
+      diff_paths(then.at("train").at(key), now.at("train").at(key), std::string("train.") + key,
+                 diffs);
+    if (!diffs.empty()) {
+      std::string list;
+      for (const auto& d : diffs) list += (list.empty() ? "" : ", ") + d;
+      throw std::runtime_error(state_path + ": the checkpoint was made with a different config (" +
+                               list + " differ); resume with the same settings");
+    }
+    const int world = st.at("world_size").get<int>();
+    if (world != comm_.world())
+      throw std::runtime_error(state_path + ": saved by " + std::to_string(world) +
+                               " rank(s), resumed on " + std::to_string(comm_.world()) +
+                               "; resume on the same number of ranks");
+    tensors_to_weights(load_safetensors((fs::path(path) / "model.safetensors").string()), *model_,
+                       (fs::path(path) / "model.safetensors").string());
+    const std::string opt_path =
+        (fs::path(path) / ("optimizer_rank" + std::to_string(comm_.rank()) + ".safetensors"))
+            .string();
+    opt_->load_state(load_safetensors(opt_path), opt_path);
+    train_->restore(st.at("loader"));
+    write_expert_bias(*model_, st.at("expert_bias").get<std::vector<std::vector<double>>>(),
+                      state_path);
+    spikes_.restore(st.at("spike"));
+    step_ = st.at("step").get<std::int64_t>();
+    tokens_seen_ = st.at("tokens_seen").get<std::int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(state_path + ": malformed trainer state (" + e.what() + ")");
+  }
+  if (leader()) spdlog::info("resumed from {} at step {}", path, step_);
+}
+
+StepResult Trainer::train_step(double lr) {
+  const ModelConfig& m = cfg_.model;
+  const int L = m.n_layers, E = m.moe.n_experts, H = m.n_heads, ga = cfg_.train.grad_accum;
+  StepResult r;
+  r.aux.assign(std::size_t(L), 0);
+  r.z.assign(std::size_t(L), 0);
+  r.entropy.assign(std::size_t(L), 0);
+  r.smax.assign(std::size_t(L), std::vector<double>(std::size_t(H), -1e300));
+  r.load.assign(std::size_t(L), std::vector<std::int64_t>(std::size_t(E), 0));
+
+  model_->zero_grads();
+  Batch batch;
+  for (int micro = 0; micro < ga; ++micro) {
+    auto t0 = Clock::now();
+    train_->next(batch);
+    r.data_s += since(t0);
+    t0 = Clock::now();
+    const ForwardStats& st =
+        model_->forward_backward(batch.inputs.data(), batch.targets.data(), 1.0 / ga);
+    r.compute_s += since(t0);
+    if (!std::isfinite(st.objective))
+      throw std::runtime_error("non-finite loss (" + std::to_string(st.objective) + ") at step " +
+                               std::to_string(step_ + 1) + ", micro-batch " +
+                               std::to_string(micro) + " on rank " + std::to_string(comm_.rank()) +
+                               "; stopping");
+    r.objective += st.objective / ga;
+    r.ce += st.ce / ga;
+    for (std::size_t l = 0; l < std::size_t(L); ++l) {
+      r.aux[l] += st.aux[l] / ga;
+      r.z[l] += st.z[l] / ga;
+      r.entropy[l] += st.entropy[l] / ga;
+      for (std::size_t h = 0; h < std::size_t(H); ++h)
+        r.smax[l][h] = std::max(r.smax[l][h], st.smax[l][h]);
+      for (std::size_t e = 0; e < st.load[l].size(); ++e) r.load[l][e] += st.load[l][e];
+    }
+  }
+
+  // Average over ranks: gradients and losses (sum / world), S_max (max), loads (sum).
+  auto t0 = Clock::now();
+  const int world = comm_.world();
+  if (world > 1) {
+    comm_.all_reduce(model_->grads(), model_->layout().total(), ReduceOp::Sum);
+    be_.scale(model_->grads(), model_->layout().total(), 1.0 / world);
+    std::vector<double> scalars = {r.objective, r.ce};
+    for (std::size_t l = 0; l < std::size_t(L); ++l) {
+      scalars.push_back(r.aux[l]);
+      scalars.push_back(r.z[l]);
+      scalars.push_back(r.entropy[l]);
+    }
+    comm_.all_reduce(scalars.data(), scalars.size(), ReduceOp::Sum);
+    for (auto& s : scalars) s /= world;
+    r.objective = scalars[0];
+    r.ce = scalars[1];
+    for (std::size_t l = 0; l < std::size_t(L); ++l) {
+      r.aux[l] = scalars[2 + 3 * l];
+      r.z[l] = scalars[3 + 3 * l];
+      r.entropy[l] = scalars[4 + 3 * l];
+      comm_.all_reduce(r.smax[l].data(), r.smax[l].size(), ReduceOp::Max);
+      comm_.all_reduce(r.load[l].data(), r.load[l].size(), ReduceOp::Sum);
+    }
+  }
+  r.comm_s = since(t0);
+
+  t0 = Clock::now();
+  r.opt = opt_->step(model_->params(), model_->grads(), lr, r.smax);
+  if (m.moe.router == RouterType::SigmoidBias && m.moe.bias_update_rate > 0)
+    model_->update_expert_bias(r.load, m.moe.bias_update_rate);
+  r.optimizer_s = since(t0);
+  return r;
+}
+
+double Trainer::evaluate() {
+  val_->reset();
+  Batch batch;
+  double sums[2] = {0, 0};  // loss sum, valid targets
+  std::int64_t batches = 0;
+  while ((cfg_.train.eval_batches == 0 || batches < cfg_.train.eval_batches) && val_->next(batch)) {
+    ++batches;
+    if (batch.valid_targets() == 0) continue;
+    const ForwardStats& st = model_->forward(batch.inputs.data(), batch.targets.data());
+    sums[0] += st.ce_sum;
+    sums[1] += double(st.ce_tokens);
+  }
+  comm_.all_reduce(sums, 2, ReduceOp::Sum);
+  return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+}
+
+void Trainer::save_checkpoint() {
+  std::string tmp;
+  if (leader()) tmp = begin_checkpoint(out_dir_, step_);
+  comm_.barrier();
+  tmp = checkpoint_path(out_dir_, step_) + ".tmp";
+  save_safetensors(
+      (fs::path(tmp) / ("optimizer_rank" + std::to_string(comm_.rank()) + ".safetensors")).string(),
+      opt_->state());
+  if (leader()) {
+    save_safetensors((fs::path(tmp) / "model.safetensors").string(), weights_to_tensors(*model_),
+                     {{"format", "pt"}, {"step", std::to_string(step_)}});
+    nlohmann::json st = {{"format", "moetrain-checkpoint"},
+                         {"version", 1},
+                         {"step", step_},
+                         {"tokens_seen", tokens_seen_},
+                         {"world_size", comm_.world()},
+                         {"loader", train_->state()},
+                         {"expert_bias", read_expert_bias(*model_)},
+                         {"spike", spikes_.state()},
+                         {"config", config_to_json(cfg_)}};
+    write_text_atomically((fs::path(tmp) / "trainer_state.json").string(), st.dump(2) + "\n");
+    if (fs::exists(cfg_.data.tokenizer))
+      fs::copy_file(cfg_.data.tokenizer, fs::path(tmp) / "tokenizer.json",
+                    fs::copy_options::overwrite_existing);
+  }
+  comm_.barrier();
+  if (leader()) {
+    const std::string done = commit_checkpoint(out_dir_, step_, cfg_.train.keep_checkpoints);
+    spdlog::info("checkpoint {}", done);
+  }
+  comm_.barrier();
+}
+
+void Trainer::log_step(const StepResult& r, double lr, double step_s, bool spike) {
+  const ModelConfig& m = cfg_.model;
+  const double tok_s = double(global_tokens_per_step()) / step_s;
+  const double mfu = flops_.training() * tok_s / 1e9 / peak_gflops_ / comm_.world();
+  nlohmann::json smax_max = nlohmann::json::array(), imbalance = nlohmann::json::array(),
+                 entropy = nlohmann::json::array(), aux = nlohmann::json::array(),
+                 z = nlohmann::json::array();
+  double aux_total = 0, z_total = 0, smax_all = -1e300;
+  for (int l = 0; l < m.n_layers; ++l) {
+    const std::size_t li = std::size_t(l);
+    const double layer_max = *std::max_element(r.smax[li].begin(), r.smax[li].end());
+    smax_max.push_back(layer_max);
+    smax_all = std::max(smax_all, layer_max);
+    if (!is_moe_layer(m, l)) {
+      for (auto* a : {&imbalance, &entropy, &aux, &z}) a->push_back(nullptr);
+      continue;
+    }
+    double total = 0, mx = 0;
+    for (auto c : r.load[li]) {
+      total += double(c);
+      mx = std::max(mx, double(c));
+    }
+    imbalance.push_back(total > 0 ? mx / (total / m.moe.n_experts) : 0.0);
+    entropy.push_back(r.entropy[li]);
+    aux.push_back(r.aux[li]);
+    z.push_back(r.z[li]);
+    aux_total += r.aux[li];
+    z_total += r.z[li];
+  }
+  nlohmann::json rec = {
+      {"step", step_},
+      {"tokens", tokens_seen_},
+      {"loss", r.objective},
+      {"ce", r.ce},
+      {"aux_loss", aux_total},
+      {"z_loss", z_total},
+      {"aux_loss_layers", aux},
+      {"z_loss_layers", z},
+      {"lr", lr},
+      {"grad_norm", r.opt.grad_norm},
+      {"tokens_per_s", tok_s},
+      {"mfu", mfu},
+      {"update_rms", {{"muon", r.opt.update_rms_muon}, {"adamw", r.opt.update_rms_adamw}}},
+      {"smax_max", smax_max},
+      {"clipped_heads", r.opt.clipped_heads},
+      {"imbalance", imbalance},
+      {"router_entropy", entropy},
+      {"loss_spikes", spikes_.spikes()},
+      {"spike", spike},
+      {"step_ms", step_s * 1e3},
+      {"data_ms", r.data_s * 1e3},
+      {"fwd_bwd_ms", r.compute_s * 1e3},
+      {"comm_ms", r.comm_s * 1e3},
+      {"optimizer_ms", r.optimizer_s * 1e3}};
+  metrics_->write(rec);
+  if (step_ % cfg_.train.log_interval == 0 || step_ == cfg_.train.steps) {
+    const double elapsed = since(started_);
+    const double eta = elapsed / double(step_ - first_step_) * double(cfg_.train.steps - step_);
+    spdlog::info(
+        "step {}/{} | loss {:.4f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}% | "
+        "S_max {:.1f} | clipped {} | ETA {}",
+        step_, cfg_.train.steps, r.objective, lr, tok_s, 100 * mfu, smax_all, r.opt.clipped_heads,
+        format_duration(eta));
+  }
+}
+
+int Trainer::run() {
+  started_ = Clock::now();
+  first_step_ = step_;
+  while (step_ < cfg_.train.steps) {
+    const double lr = lr_at(cfg_.optim, int(step_), cfg_.train.steps);
+    const auto t0 = Clock::now();
+    const StepResult r = train_step(lr);
+    const double step_s = since(t0);
+    ++step_;
+    tokens_seen_ += global_tokens_per_step();
+    const bool spike = spikes_.observe(r.objective);
+    if (leader()) log_step(r, lr, step_s, spike);
+
+    if (val_ && cfg_.train.eval_interval > 0 &&
+        (step_ % cfg_.train.eval_interval == 0 || step_ == cfg_.train.steps)) {
+      const double v = evaluate();
+      if (leader()) {
+        metrics_->write(
+            {{"step", step_}, {"tokens", tokens_seen_}, {"val_loss", v}, {"val_ppl", std::exp(v)}});
+        spdlog::info("eval step {}: val loss {:.4f}, perplexity {:.2f}", step_, v, std::exp(v));
+      }
+    }
+
+    int stop = g_stop_requested.load() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at);
+    comm_.all_reduce(&stop, 1, ReduceOp::Max);
+    const bool due =
+        cfg_.train.checkpoint_interval > 0 && step_ % cfg_.train.checkpoint_interval == 0;
+    if (due || stop || step_ == cfg_.train.steps) save_checkpoint();
+    if (stop) {
+      if (leader())
+        spdlog::info("stopped after step {} (checkpoint written); continue with --resume", step_);
+      return 0;
+    }
+  }
+  if (leader())
+    spdlog::info("done: {} steps, {} tokens; metrics in {}, checkpoints in {}", step_, tokens_seen_,
+                 (fs::path(out_dir_) / "metrics.jsonl").string(), checkpoints_root(out_dir_));
+  return 0;
+}
+
+}  // namespace
+
+void install_stop_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+int run_training(const Config& cfg, Communicator& comm, const TrainOptions& opts) {
+  Trainer t(cfg, comm, opts);
+  return t.run();
+}
+
+}  // namespace moetrain
