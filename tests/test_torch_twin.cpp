@@ -1,0 +1,383 @@
+// moetrain against its PyTorch twin (scripts/torch_reference.py, DESIGN §8): for small configs,
+// the forward statistics, every gradient and every parameter after one step of each optimizer
+// (adamw, muon, muonclip with QK-clip active on some heads) must match the twin, which computes
+// from the same fp32 weights in float64 with torch autograd.
+//
+// The twin needs Debian's /usr/bin/python3 with python3-torch and python3-numpy; without them the
+// test fails (it never skips).
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <stdexcept>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moetrain/config.hpp"
+#include "moetrain/cpu_backend.hpp"
+#include "moetrain/model.hpp"
+#include "moetrain/optimizer.hpp"
+#include "moetrain/rng.hpp"
+#include "moetrain/safetensors.hpp"
+
+using namespace moetrain;
+
+namespace {
+
+namespace fs = std::filesystem;
+
+const char* const kPython = "/usr/bin/python3";
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "moetrain_twin_XXXXXX").string();
+    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed for " + tmpl);
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  fs::path path_;
+};
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Runs a shell command with stdout+stderr to `log`; returns the exit status (-1: not run).
+int run_logged(const std::string& cmd, const std::string& log) {
+  const int rc = std::system((cmd + " > " + quote(log) + " 2>&1").c_str());
+  if (rc == -1) return -1;
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+void require_torch(const TempDir& dir) {
+  if (!fs::exists(kPython))
+    FAIL("the PyTorch twin needs " << kPython << " (Debian's python3 with python3-torch and "
+                                   << "python3-numpy), which does not exist");
+  const std::string log = dir.file("import.log");
+  if (run_logged(std::string(kPython) + " -c 'import torch, numpy'", log) != 0)
+    FAIL(kPython << " cannot import torch and numpy: install Debian's python3-torch and "
+                 << "python3-numpy (apt-get install python3-torch python3-numpy).\n"
+                 << slurp(log));
+}
+
+double norm2(const std::vector<double>& a) {
+  double s = 0;
+  for (double x : a) s += x * x;
+  return std::sqrt(s);
+}
+
+// ||a - ref|| / ||ref||; 0 when both are zero, infinity when only ref is.
+double rel_err(const std::vector<double>& a, const std::vector<double>& ref) {
+  double num = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) num += (a[i] - ref[i]) * (a[i] - ref[i]);
+  const double den = norm2(ref);
+  if (den == 0) return num == 0 ? 0.0 : INFINITY;
+  return std::sqrt(num) / den;
+}
+
+struct Variant {
+  const char* name;
+  RouterType router;
+  int heads, kv_heads, shared, dense_layers;
+  double route_scale;
+  bool expert_bias;
+  bool custom_groups;  // non-default per-group lr scales and weight decays
+};
+
+Config make_config(const Variant& v) {
+  Config c;
+  ModelConfig& m = c.model;
+  m.vocab_size = 61;
+  m.d_model = 32;
+  m.n_layers = 3;
+  m.n_heads = v.heads;
+  m.n_kv_heads = v.kv_heads;
+  m.head_dim = 8;
+  m.seq_len = 12;
+  m.dense_layers = v.dense_layers;
+  m.dense_ff = 40;
+  m.init_std = 0.1;
+  m.moe.n_experts = 4;
+  m.moe.top_k = 2;
+  m.moe.expert_ff = 24;
+  m.moe.n_shared_experts = v.shared;
+  m.moe.shared_ff = 20;
+  m.moe.router = v.router;
+  m.moe.route_scale = v.route_scale;
+  m.moe.aux_loss_coef = 0.03;
+  m.moe.z_loss_coef = 0.002;
+  c.optim.grad_clip = 1.0;
+  if (v.custom_groups) {
+    c.optim.muon_group.lr_scale = 0.7;
+    c.optim.muon_group.weight_decay = 0.05;
+    c.optim.adamw_group.lr_scale = 1.5;
+    c.optim.adamw_group.weight_decay = 0.2;
+  }
+  c.data.batch_size = 3;
+  return c;
+}
+
+template <typename T>
+std::vector<double> to_double(const std::vector<T>& v, std::size_t off, std::size_t n) {
+  return std::vector<double>(v.begin() + std::ptrdiff_t(off), v.begin() + std::ptrdiff_t(off + n));
+}
+
+const std::vector<double>& tensor(const std::map<std::string, std::vector<double>>& out,
+                                  const std::string& name) {
+  const auto it = out.find(name);
+  if (it == out.end()) {
+    FAIL("the twin's output lacks " << name);
+    throw std::runtime_error("unreachable");
+  }
+  return it->second;
+}
+
+struct MaxErrors {
+  double stats = 0, grad = 0;
+  std::map<std::string, std::pair<double, double>> optim;  // name -> (parameter, update) error
+};
+
+MaxErrors run_variant(const Variant& v) {
+  TempDir dir;
+  require_torch(dir);
+
+  Config cfg = make_config(v);
+  {  // validate and resolve like a config file would be
+    cfg = config_from_json(config_to_json(cfg), "test_torch_twin");
+  }
+  const ModelConfig& mc = cfg.model;
+  const int B = cfg.data.batch_size, L = mc.n_layers, E = mc.moe.n_experts, H = mc.n_heads;
+  // A step that moves the weights by about 1-3% (AdamW's first step is about lr * sign(g)), so
+  // the parameter check (1e-5 of the weights) and the update check (1e-3 of the update) are
+  // both meaningful.
+  const double lr = 1e-3;
+
+  CpuBackend<float> be;
+  Model<float> model(mc, be, B);
+  model.init_weights(2024);
+  const ParamLayout& layout = model.layout();
+  const std::size_t P = layout.total();
+
+  std::vector<float> bias(std::size_t(L) * E, 0.0f);
+  if (v.expert_bias) {
+    Rng r(77);
+    for (auto& b : bias) b = float(0.05 * r.normal());
+  }
+  be.upload(model.expert_bias(), bias.data(), bias.size() * sizeof(float));
+
+  Rng rng(31);
+  std::vector<std::int32_t> tok(std::size_t(model.tokens())), tgt(tok.size());
+  for (auto& t : tok) t = std::int32_t(rng.below(std::uint64_t(mc.vocab_size)));
+  for (auto& t : tgt) t = std::int32_t(rng.below(std::uint64_t(mc.vocab_size)));
+  tgt[3] = -1;  // padding: excluded from the CE mean
+  tgt[tgt.size() - 2] = -100;
+
+  model.zero_grads();
+  const ForwardStats stats = model.forward_backward(tok.data(), tgt.data(), 1.0);
+  std::vector<float> p0(P), g0(P);
+  be.download(p0.data(), model.params(), P * sizeof(float));
+  be.download(g0.data(), model.grads(), P * sizeof(float));
+
+  // QK-clip threshold: in the widest gap near the middle of the recorded S_max values, so that
+  // some heads are clipped and some are not, with a margin far above float rounding.
+  std::vector<double> all;
+  for (const auto& row : stats.smax) all.insert(all.end(), row.begin(), row.end());
+  std::sort(all.begin(), all.end());
+  REQUIRE(all.size() == std::size_t(L) * H);
+  double tau = 0, best_gap = 0;
+  for (std::size_t i = all.size() / 4; i < all.size() * 3 / 4; ++i) {
+    const double gap = (all[i + 1] - all[i]) / std::abs(all[i + 1]);
+    if (gap > best_gap) best_gap = gap, tau = 0.5 * (all[i] + all[i + 1]);
+  }
+  INFO("S_max range [" << all.front() << ", " << all.back() << "], tau " << tau);
+  REQUIRE(tau > 0);
+  REQUIRE(best_gap > 1e-3);
+  cfg.optim.qk_clip_tau = tau;
+
+  // Inputs of the twin.
+  {
+    std::ofstream(dir.file("config.json")) << config_to_json(cfg).dump(2);
+    TensorMap w;
+    for (const ParamTensor& t : layout.tensors())
+      w[t.name] = HostTensor::f32(t.shape, p0.data() + t.offset);
+    save_safetensors(dir.file("weights.safetensors"), w);
+    TensorMap b;
+    b["tokens"] = HostTensor::i32({B, mc.seq_len}, tok.data());
+    b["targets"] = HostTensor::i32({B, mc.seq_len}, tgt.data());
+    b["expert_bias"] = HostTensor::f32({L, E}, bias.data());
+    save_safetensors(dir.file("batch.safetensors"), b);
+  }
+  const std::string script = std::string(MOETRAIN_SOURCE_DIR) + "/scripts/torch_reference.py";
+  std::ostringstream cmd;
+  cmd.precision(17);
+  cmd << kPython << " " << quote(script) << " --config " << quote(dir.file("config.json"))
+      << " --weights " << quote(dir.file("weights.safetensors")) << " --batch "
+      << quote(dir.file("batch.safetensors")) << " --lr " << lr << " --out "
+      << quote(dir.file("twin.safetensors"));
+  const int rc = run_logged(cmd.str(), dir.file("twin.log"));
+  INFO("twin command: " << cmd.str() << "\ntwin output:\n" << slurp(dir.file("twin.log")));
+  REQUIRE(rc == 0);
+
+  std::map<std::string, std::vector<double>> out;
+  std::map<std::string, std::vector<std::int64_t>> out_int;
+  for (const auto& [name, t] : load_safetensors(dir.file("twin.safetensors"))) {
+    if (t.dtype == "I64" || t.dtype == "I32")
+      out_int[name] = t.to_i64();
+    else
+      out[name] = t.to_f64();
+  }
+
+  MaxErrors mx;
+  auto stat_check = [&](const std::string& what, double got, double ref, double tol) {
+    const double err = std::abs(got - ref) / std::max(std::abs(ref), 1e-3);
+    mx.stats = std::max(mx.stats, err);
+    INFO(what << ": moetrain " << got << ", twin " << ref);
+    CHECK(err <= tol);
+  };
+
+  // Forward statistics.
+  stat_check("objective", stats.objective, tensor(out, "objective")[0], 1e-5);
+  stat_check("ce", stats.ce, tensor(out, "ce")[0], 1e-5);
+  const auto& aux = tensor(out, "aux");
+  const auto& z = tensor(out, "z");
+  const auto& smax = tensor(out, "smax");
+  REQUIRE(out_int.count("load"));
+  const auto& load = out_int["load"];
+  REQUIRE(load.size() == std::size_t(L) * E);
+  for (int l = 0; l < L; ++l) {
+    const std::size_t li = std::size_t(l);
+    stat_check("aux[" + std::to_string(l) + "]", stats.aux[li], aux[li], 1e-5);
+    stat_check("z[" + std::to_string(l) + "]", stats.z[li], z[li], 1e-5);
+    for (int h = 0; h < H; ++h)
+      stat_check("smax[" + std::to_string(l) + "][" + std::to_string(h) + "]",
+                 stats.smax[li][std::size_t(h)], smax[li * H + std::size_t(h)], 1e-4);
+    std::vector<std::int64_t> want(load.begin() + std::ptrdiff_t(li * E),
+                                   load.begin() + std::ptrdiff_t((li + 1) * E));
+    std::vector<std::int64_t> got(std::size_t(E), 0);
+    for (std::size_t e = 0; e < stats.load[li].size(); ++e) got[e] = stats.load[li][e];
+    INFO("load of layer " << l);
+    CHECK(got == want);
+  }
+
+  // Gradients.
+  for (const ParamTensor& t : layout.tensors()) {
+    const auto& ref = tensor(out, "grad." + t.name);
+    REQUIRE(ref.size() == t.numel);
+    const double err = rel_err(to_double(g0, t.offset, t.numel), ref);
+    mx.grad = std::max(mx.grad, err);
+    INFO("grad." << t.name << " relative error " << err << " (twin norm " << norm2(ref) << ")");
+    CHECK(err <= 1e-4);
+  }
+
+  // One step of each optimizer from fresh state.
+  std::map<std::string, std::vector<float>> after;
+  for (const char* name : {"adamw", "muon", "muonclip"}) {
+    INFO("optimizer " << name);
+    Config oc = cfg;
+    oc.optim.name = name;
+    float* params = static_cast<float*>(be.alloc_bytes(P * sizeof(float)));
+    float* grads = static_cast<float*>(be.alloc_bytes(P * sizeof(float)));
+    be.upload(params, p0.data(), P * sizeof(float));
+    be.upload(grads, g0.data(), P * sizeof(float));
+    OptimizerStats os;
+    {
+      Optimizer<float> opt(oc, layout, be);
+      os = opt.step(params, grads, lr, stats.smax);
+    }
+    std::vector<float> p1(P);
+    be.download(p1.data(), params, P * sizeof(float));
+    be.free_bytes(params);
+    be.free_bytes(grads);
+    stat_check("grad_norm", os.grad_norm, tensor(out, "grad_norm")[0], 1e-5);
+    if (std::string(name) == "muonclip") {
+      int expect_clipped = 0;
+      for (double s : all) expect_clipped += s > tau;
+      CHECK(os.clipped_heads == expect_clipped);
+    }
+
+    for (const ParamTensor& t : layout.tensors()) {
+      const auto& ref = tensor(out, std::string(name) + "." + t.name);
+      REQUIRE(ref.size() == t.numel);
+      const auto before = to_double(p0, t.offset, t.numel);
+      const auto got = to_double(p1, t.offset, t.numel);
+      const double perr = rel_err(got, ref);
+      std::vector<double> du(t.numel), dr(t.numel);
+      for (std::size_t i = 0; i < t.numel; ++i) du[i] = got[i] - before[i], dr[i] = ref[i] - before[i];
+      const double uerr = rel_err(du, dr);
+      auto& [mp, mu] = mx.optim[name];
+      mp = std::max(mp, perr);
+      mu = std::max(mu, uerr);
+      INFO(name << "." << t.name << ": parameter error " << perr << ", update error " << uerr
+                << " (twin update norm " << norm2(dr) << ")");
+      CHECK(perr <= 1e-5);
+      CHECK(uerr <= 1e-3);
+    }
+    after[name] = std::move(p1);
+  }
+
+  // QK-clip acted on the layers with a head above tau, and only there, in the twin and here.
+  int clipped_layers = 0, unclipped_layers = 0;
+  for (int l = 0; l < L; ++l) {
+    const bool clipped = *std::max_element(stats.smax[std::size_t(l)].begin(),
+                                           stats.smax[std::size_t(l)].end()) > tau;
+    (clipped ? clipped_layers : unclipped_layers)++;
+    for (const char* proj : {"q_proj", "k_proj", "v_proj"}) {
+      const std::string n = "layers." + std::to_string(l) + ".attn." + proj + ".weight";
+      const ParamTensor& t = layout.find(n);
+      const bool twin_differs = tensor(out, "muon." + n) != tensor(out, "muonclip." + n);
+      const bool ours_differs =
+          !std::equal(after["muon"].begin() + std::ptrdiff_t(t.offset),
+                      after["muon"].begin() + std::ptrdiff_t(t.offset + t.numel),
+                      after["muonclip"].begin() + std::ptrdiff_t(t.offset));
+      const bool expect = clipped && std::string(proj) != "v_proj";
+      INFO(n << ": clipped layer " << clipped);
+      CHECK(twin_differs == expect);
+      CHECK(ours_differs == expect);
+    }
+  }
+  CHECK(clipped_layers > 0);
+  std::printf("torch twin [%s]: tau %.4g, %d/%d layers clipped; max errors: stats %.2e, grad %.2e",
+              v.name, tau, clipped_layers, L, mx.stats, mx.grad);
+  for (const auto& [name, e] : mx.optim)
+    std::printf(", %s param %.2e update %.2e", name.c_str(), e.first, e.second);
+  std::printf("\n");
+  return mx;
+}
+
+}  // namespace
+
+TEST_CASE("moetrain matches its PyTorch twin: softmax_topk, MHA, a dense layer", "[twin]") {
+  run_variant({"softmax_topk MHA dense", RouterType::SoftmaxTopK, 4, 4, 0, 1, 1.0, false, false});
+}
+
+TEST_CASE(
+    "moetrain matches its PyTorch twin: sigmoid_bias, GQA, shared expert, expert bias, groups",
+    "[twin]") {
+  run_variant({"sigmoid_bias GQA shared bias", RouterType::SigmoidBias, 4, 2, 1, 0, 2.5, true, true});
+}

@@ -1,0 +1,234 @@
+// End-to-end tests of `moetrain train / eval / sample` through the built binary: metrics and
+// checkpoints, bit-for-bit resume, graceful stop on SIGINT, non-finite losses, and the errors for
+// checkpoints and configs that cannot be resumed.
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+
+#include <chrono>
+#include <thread>
+
+#include "cli_fixture.hpp"
+
+using namespace moetrain::test;
+
+namespace {
+
+std::string train_cmd(const std::string& out_dir, const std::string& extra) {
+  // A one-step warm-up lets tests shorten runs freely (optim.warmup_steps <= train.steps).
+  return binary() + " train" + ci_args(out_dir) + " --set optim.warmup_steps=1 " + extra;
+}
+
+std::vector<nlohmann::json> step_lines(const fs::path& run) {
+  std::vector<nlohmann::json> out;
+  for (auto& j : read_jsonl(run / "metrics.jsonl"))
+    if (j.contains("loss")) out.push_back(j);
+  return out;
+}
+
+std::vector<std::string> checkpoint_names(const fs::path& run) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(run / "checkpoints"))
+    names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+TEST_CASE("train: metrics, evaluations and checkpoints of a short run", "[train][cli]") {
+  TempDir tmp("train_basic");
+  const fs::path run = tmp.path / "run";
+  const auto r = train_cmd(run.string(),
+                           "--set train.steps=6 --set train.checkpoint_interval=2 "
+                           "--set train.keep_checkpoints=2 --set train.eval_interval=3 "
+                           "--set train.eval_batches=2");
+  const auto res = run_command(r);
+  INFO(res.output);
+  REQUIRE(res.exit_code == 0);
+  CHECK(res.output.find("step 6/6") != std::string::npos);
+
+  const auto steps = step_lines(run);
+  REQUIRE(steps.size() == 6);
+  for (const char* key :
+       {"loss", "ce", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "update_rms",
+        "smax_max", "clipped_heads", "imbalance", "router_entropy", "loss_spikes", "optimizer_ms"})
+    CHECK(steps[0].contains(key));
+  CHECK(steps[0]["smax_max"].size() == 2);    // one per layer
+  CHECK(steps[0]["imbalance"][0].is_null());  // layer 0 is dense
+  CHECK(steps[0]["imbalance"][1].get<double>() >= 1.0);
+  CHECK(steps[5]["tokens"].get<long>() == 6 * 4 * 64);
+  CHECK(steps[5]["loss"].get<double>() < steps[0]["loss"].get<double>());
+
+  int evals = 0;
+  for (auto& j : read_jsonl(run / "metrics.jsonl"))
+    if (j.contains("val_loss")) {
+      ++evals;
+      CHECK(std::isfinite(j["val_loss"].get<double>()));
+    }
+  CHECK(evals == 2);
+  // Checkpoints every 2 steps, the newest 2 kept.
+  CHECK(checkpoint_names(run) == std::vector<std::string>{"step_00000004", "step_00000006"});
+  for (const char* f :
+       {"model.safetensors", "optimizer_rank0.safetensors", "trainer_state.json", "tokenizer.json"})
+    CHECK(fs::exists(run / "checkpoints" / "step_00000006" / f));
+  CHECK(fs::exists(run / "config.json"));
+
+  // eval and sample on the last checkpoint.
+  const std::string ck = (run / "checkpoints" / "step_00000006").string();
+  const auto ev = run_command(binary() + " eval --checkpoint " + ck);
+  INFO(ev.output);
+  CHECK(ev.exit_code == 0);
+  CHECK(ev.output.find("val loss") != std::string::npos);
+  const auto sm = run_command(binary() + " sample --checkpoint " + ck +
+                              " --prompt 'The model' --max-tokens 12");
+  INFO(sm.output);
+  CHECK(sm.exit_code == 0);
+  CHECK(sm.output.rfind("The model", 0) == 0);
+
+  // A fresh run into a directory that already holds one is refused; nothing is touched.
+  const std::string before = read_file(run / "metrics.jsonl");
+  const auto again = run_command(train_cmd(run.string(), "--set train.steps=6"));
+  CHECK(again.exit_code != 0);
+  CHECK(again.output.find("already holds a run") != std::string::npos);
+  CHECK(read_file(run / "metrics.jsonl") == before);
+}
+
+TEST_CASE("train: --resume continues bit-for-bit", "[train][cli][resume]") {
+  TempDir tmp("train_resume");
+  const std::string common =
+      "--set train.steps=7 --set train.checkpoint_interval=0 --set train.eval_interval=0";
+  const fs::path a = tmp.path / "a", b = tmp.path / "b";
+  REQUIRE(run_command(train_cmd(a.string(), common)).exit_code == 0);
+  const auto stop = run_command(train_cmd(b.string(), common + " --stop-at 3"));
+  INFO(stop.output);
+  REQUIRE(stop.exit_code == 0);
+  CHECK(checkpoint_names(b) == std::vector<std::string>{"step_00000003"});
+  const auto cont = run_command(train_cmd(b.string(), common + " --resume"));
+  INFO(cont.output);
+  REQUIRE(cont.exit_code == 0);
+
+  const auto la = step_lines(a), lb = step_lines(b);
+  REQUIRE(la.size() == 7);
+  REQUIRE(lb.size() == 7);
+  for (std::size_t i = 0; i < 7; ++i) {
+    INFO("step " << i + 1);
+    CHECK(la[i]["loss"].dump() == lb[i]["loss"].dump());  // exact, as printed with 17 digits
+    CHECK(la[i]["grad_norm"].dump() == lb[i]["grad_norm"].dump());
+  }
+  CHECK(read_file(a / "checkpoints" / "step_00000007" / "model.safetensors") ==
+        read_file(b / "checkpoints" / "step_00000007" / "model.safetensors"));
+}
+
+TEST_CASE("train: SIGINT writes a checkpoint and exits 0", "[train][cli][signal]") {
+  TempDir tmp("train_sigint");
+  const fs::path run = tmp.path / "run";
+  const std::string cmd =
+      train_cmd(run.string(), "--set train.steps=100000 --set train.eval_interval=0");
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::execl("/bin/sh", "sh", "-c",
+            ("exec " + cmd + " > " + (tmp.path / "log").string() + " 2>&1").c_str(),
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Wait for the first steps, then interrupt.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < deadline &&
+         (!fs::exists(run / "metrics.jsonl") || step_lines(run).size() < 2))
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ::kill(pid, SIGINT);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  INFO(read_file(tmp.path / "log"));
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  const auto names = checkpoint_names(run);
+  REQUIRE(names.size() == 1);
+  const auto st =
+      nlohmann::json::parse(read_file(run / "checkpoints" / names[0] / "trainer_state.json"));
+  CHECK(st["step"].get<std::size_t>() == step_lines(run).size());
+}
+
+TEST_CASE("train: a non-finite loss stops the run and leaves the last checkpoint intact",
+          "[train][cli][errors]") {
+  TempDir tmp("train_nan");
+  const fs::path run = tmp.path / "run";
+  REQUIRE(run_command(train_cmd(run.string(),
+                                "--set train.steps=4 --set optim.warmup_steps=2 --set train.checkpoint_interval=2 "
+                                "--set train.eval_interval=0"))
+              .exit_code == 0);
+  const fs::path last = run / "checkpoints" / "step_00000004";
+  const std::string weights = read_file(last / "model.safetensors");
+  // An absurd learning rate blows the weights up within a step or two.
+  const auto res = run_command(train_cmd(run.string(),
+                                         "--set train.steps=10 --set optim.lr=1e30 "
+                                         "--set optim.grad_clip=0 --set train.eval_interval=0 "
+                                         "--set train.checkpoint_interval=0 --resume"));
+  INFO(res.output);
+  CHECK(res.exit_code != 0);
+  CHECK(res.output.find("non-finite") != std::string::npos);
+  CHECK(read_file(last / "model.safetensors") == weights);
+  CHECK(checkpoint_names(run) == std::vector<std::string>{"step_00000002", "step_00000004"});
+  const auto ev = run_command(binary() + " eval --checkpoint " + last.string());
+  INFO(ev.output);
+  CHECK(ev.exit_code == 0);
+}
+
+TEST_CASE("train: unusable checkpoints and configs are refused with clear errors",
+          "[train][cli][errors]") {
+  TempDir tmp("train_bad_resume");
+  const fs::path run = tmp.path / "run";
+  REQUIRE(run_command(train_cmd(run.string(), "--set train.steps=2 --set optim.warmup_steps=1 --set train.eval_interval=0"))
+              .exit_code == 0);
+  const fs::path ck = run / "checkpoints" / "step_00000002";
+
+  SECTION("a different model config") {
+    const auto r =
+        run_command(train_cmd(run.string(), "--set train.steps=4 --set model.d_model=32 --resume"));
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find("different config") != std::string::npos);
+    CHECK(r.output.find("model.d_model") != std::string::npos);
+  }
+  SECTION("a truncated model file") {
+    const fs::path copy = tmp.path / "copy";
+    fs::copy(ck, copy, fs::copy_options::recursive);
+    const auto size = fs::file_size(copy / "model.safetensors");
+    fs::resize_file(copy / "model.safetensors", size / 2);
+    const auto r =
+        run_command(train_cmd(run.string(), "--set train.steps=4 --resume-from " + copy.string()));
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find((copy / "model.safetensors").string()) != std::string::npos);
+    CHECK(r.output.find("truncated") != std::string::npos);
+  }
+  SECTION("a corrupt trainer state") {
+    const fs::path copy = tmp.path / "copy2";
+    fs::copy(ck, copy, fs::copy_options::recursive);
+    std::ofstream(copy / "trainer_state.json")
+        << "{\"format\": \"moetrain-checkpoint\", \"step\": ";
+    const auto r =
+        run_command(train_cmd(run.string(), "--set train.steps=4 --resume-from " + copy.string()));
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find((copy / "trainer_state.json").string()) != std::string::npos);
+  }
+  SECTION("--resume with no checkpoint") {
+    const auto r = run_command(train_cmd((tmp.path / "empty").string(), "--resume"));
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find("no checkpoint") != std::string::npos);
+  }
+  SECTION("training data that does not exist") {
+    const auto r = run_command(train_cmd((tmp.path / "x").string(),
+                                         "--set 'data.train_pattern=/nonexistent/train_*.bin'"));
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find("data.train_pattern") != std::string::npos);
+    CHECK(!fs::exists(tmp.path / "x" / "metrics.jsonl"));
+  }
+  // None of the failed attempts touched the run.
+  CHECK(checkpoint_names(run) == std::vector<std::string>{"step_00000002"});
+}
