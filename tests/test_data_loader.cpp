@@ -72,7 +72,7 @@ TEST_CASE("loader: windows tile the shards, ranks read disjoint parts of each gl
   }
 }
 
-TEST_CASE("loader: an epoch visits each window at most once; shuffling is seeded per epoch",
+TEST_CASE("loader: an epoch visits each window at most once, shuffling is seeded per epoch",
           "[data][loader]") {
   Shards sh({8 * 12 + 1, 8 * 9 + 1, 8 * 5 + 1}, "epochs");  // 26 windows
   auto epoch_ids = [&](std::uint64_t seed, bool shuffle, int epochs) {

@@ -94,6 +94,7 @@ struct TrainConfig {
   std::string out_dir = "runs/default";
   std::string backend = "auto";  // auto | cpu | cuda
   double spike_std = 3.0;        // a loss above its running mean by this many running stds
+  int watchdog_seconds = 600;    // exit if a step or evaluation makes no progress this long
 };
 
 struct Config {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "moetrain/backend.hpp"
+#include "moetrain/communicator.hpp"
 #include "moetrain/config.hpp"
 #include "moetrain/param_layout.hpp"
 #include "moetrain/safetensors.hpp"
@@ -30,16 +31,29 @@ struct OptimizerStats {
 template <typename T>
 class Optimizer {
  public:
+  // Single process.
   Optimizer(const Config& cfg, const ParamLayout& layout, Backend<T>& backend);
+  // Data parallel with ZeRO-1 over `comm` (nullptr: single process). Each rank passes its own
+  // unreduced gradients; the optimizer averages them.
+  Optimizer(const Config& cfg, const ParamLayout& layout, Backend<T>& backend, Communicator* comm);
   ~Optimizer();
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
 
-  // One update of `params` from `grads` (the averaged gradient of the step; clipped in place).
-  // `lr` is this step's base learning rate; `smax` is [layer][query head] of this step.
-  OptimizerStats step(T* params, T* grads, double lr, const std::vector<std::vector<double>>& smax);
+  // One update of `params` from this rank's gradients `grads` (averaged over ranks, clipped and
+  // applied here; `grads` itself is not modified). `lr` is this step's base learning rate;
+  // `smax` is [layer][query head] of this step, already reduced (max) over ranks.
+  OptimizerStats step(T* params, const T* grads, double lr,
+                      const std::vector<std::vector<double>>& smax);
 
   std::int64_t step_count() const { return t_; }
+  // Bytes of optimizer state this rank holds (AdamW m, v shard; momentum of owned matrices).
+  std::size_t state_bytes() const;
+  // The Muon matrices this rank owns (and orthogonalises each step).
+  int owned_matrices() const;
+  std::vector<std::string> owned_matrix_names() const;
+  // Matrices this rank ran Newton-Schulz on during the last step.
+  int orthogonalised_last_step() const;
   // Optimizer state as host tensors (for checkpoints), and back.
   TensorMap state() const;
   void load_state(const TensorMap& state, const std::string& source);

@@ -35,8 +35,8 @@ void add_train_command(CLI::App& app) {
     opts.resume = !o->resume_from.empty() ? o->resume_from : (o->resume ? "latest" : "");
     opts.stop_at = o->stop_at;
     install_stop_signal_handlers();
-    LocalComm comm;
-    const int rc = run_training(cfg, comm, opts);
+    const auto comm = make_communicator();
+    const int rc = run_training(cfg, *comm, opts);
     if (rc != 0) throw CLI::RuntimeError(rc);
   });
 }

@@ -370,6 +370,9 @@ const std::vector<Field>& fields() {
                        "Compute backend; auto: cuda when a GPU is present, else cpu"));
     t.push_back(number(MOETRAIN_FIELD(train.spike_std), above(0),
                        "Loss-spike counter: a loss above its running mean by this many stds"));
+    t.push_back(integer(MOETRAIN_FIELD(train.watchdog_seconds), at_least(0),
+                        "Exit when a step makes no progress this long (a peer rank died or hung); "
+                        "0 disables"));
     return t;
   }();
   return table;

@@ -1,12 +1,16 @@
 #include "moetrain/trainer.hpp"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -66,6 +70,44 @@ struct StepResult {
   std::vector<std::vector<std::int64_t>> load;
   OptimizerStats opt;
   double data_s = 0, compute_s = 0, comm_s = 0, optimizer_s = 0;
+  std::uint64_t comm_bytes = 0;  // sent by this rank during the step (ring-algorithm count)
+};
+
+// Ends the process when the training loop stops making progress: a collective waiting forever on
+// a rank that died or hung. mpirun then takes the rest of the job down.
+class Watchdog {
+ public:
+  Watchdog(int seconds, int rank) : seconds_(seconds), rank_(rank) {
+    if (seconds_ <= 0) return;
+    beat();
+    thread_ = std::thread([this] { watch(); });
+  }
+  ~Watchdog() {
+    done_.store(true);
+    if (thread_.joinable()) thread_.join();
+  }
+  void beat() { last_.store(Clock::now().time_since_epoch().count()); }
+
+ private:
+  void watch() {
+    while (!done_.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      const auto last = Clock::time_point(Clock::duration(last_.load()));
+      const double idle = since(last);
+      if (idle > seconds_) {
+        std::fprintf(stderr,
+                     "error: rank %d: no progress for %.0f s (train.watchdog_seconds = %d): a peer "
+                     "rank has probably died or hung; exiting\n",
+                     rank_, idle, seconds_);
+        std::fflush(stderr);
+        std::_Exit(3);
+      }
+    }
+  }
+  int seconds_, rank_;
+  std::atomic<Clock::rep> last_{0};
+  std::atomic<bool> done_{false};
+  std::thread thread_;
 };
 
 class Trainer {
@@ -80,6 +122,7 @@ class Trainer {
   void save_checkpoint();
   void resume(const std::string& path);
   void log_step(const StepResult& r, double lr, double step_s, bool spike);
+  void write_shard_report();
 
   Config cfg_;
   Communicator& comm_;
@@ -97,6 +140,7 @@ class Trainer {
   FlopCount flops_;
   std::string out_dir_;
   Clock::time_point started_;
+  std::unique_ptr<Watchdog> watchdog_;
   std::int64_t first_step_ = 0;
   bool leader() const { return comm_.rank() == 0; }
   std::int64_t global_tokens_per_step() const {
@@ -132,7 +176,7 @@ Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts
 
   model_ = std::make_unique<Model<float>>(m, be_, cfg_.data.batch_size);
   model_->init_weights(cfg_.train.seed);
-  opt_ = std::make_unique<Optimizer<float>>(cfg_, model_->layout(), be_);
+  opt_ = std::make_unique<Optimizer<float>>(cfg_, model_->layout(), be_, &comm_);
   train_ = std::make_unique<DataLoader>(
       match_shards(cfg_.data.train_pattern, "data.train_pattern"), std::uint32_t(m.vocab_size),
       cfg_.data.batch_size, m.seq_len, comm_.rank(), comm_.world(), cfg_.data.shuffle,
@@ -256,37 +300,38 @@ StepResult Trainer::train_step(double lr) {
     }
   }
 
-  // Average over ranks: gradients and losses (sum / world), S_max (max), loads (sum).
+  // Average the logged losses over ranks (sum / world); S_max (max) and expert loads (sum) feed
+  // QK-clip and the bias update. Gradients are averaged inside the optimizer (ZeRO-1).
   auto t0 = Clock::now();
+  const std::uint64_t stats_bytes0 = comm_.bytes_moved();
   const int world = comm_.world();
-  if (world > 1) {
-    comm_.all_reduce(model_->grads(), model_->layout().total(), ReduceOp::Sum);
-    be_.scale(model_->grads(), model_->layout().total(), 1.0 / world);
-    std::vector<double> scalars = {r.objective, r.ce};
-    for (std::size_t l = 0; l < std::size_t(L); ++l) {
-      scalars.push_back(r.aux[l]);
-      scalars.push_back(r.z[l]);
-      scalars.push_back(r.entropy[l]);
-    }
-    comm_.all_reduce(scalars.data(), scalars.size(), ReduceOp::Sum);
-    for (auto& s : scalars) s /= world;
-    r.objective = scalars[0];
-    r.ce = scalars[1];
-    for (std::size_t l = 0; l < std::size_t(L); ++l) {
-      r.aux[l] = scalars[2 + 3 * l];
-      r.z[l] = scalars[3 + 3 * l];
-      r.entropy[l] = scalars[4 + 3 * l];
-      comm_.all_reduce(r.smax[l].data(), r.smax[l].size(), ReduceOp::Max);
-      comm_.all_reduce(r.load[l].data(), r.load[l].size(), ReduceOp::Sum);
-    }
+  std::vector<double> scalars = {r.objective, r.ce};
+  for (std::size_t l = 0; l < std::size_t(L); ++l) {
+    scalars.push_back(r.aux[l]);
+    scalars.push_back(r.z[l]);
+    scalars.push_back(r.entropy[l]);
+  }
+  comm_.all_reduce(scalars.data(), scalars.size(), ReduceOp::Sum);
+  for (auto& x : scalars) x /= world;
+  r.objective = scalars[0];
+  r.ce = scalars[1];
+  for (std::size_t l = 0; l < std::size_t(L); ++l) {
+    r.aux[l] = scalars[2 + 3 * l];
+    r.z[l] = scalars[3 + 3 * l];
+    r.entropy[l] = scalars[4 + 3 * l];
+    comm_.all_reduce(r.smax[l].data(), r.smax[l].size(), ReduceOp::Max);
+    comm_.all_reduce(r.load[l].data(), r.load[l].size(), ReduceOp::Sum);
   }
   r.comm_s = since(t0);
+  const std::uint64_t comm_bytes_stats = comm_.bytes_moved() - stats_bytes0;
 
   t0 = Clock::now();
+  const std::uint64_t bytes0 = comm_.bytes_moved();
   r.opt = opt_->step(model_->params(), model_->grads(), lr, r.smax);
   if (m.moe.router == RouterType::SigmoidBias && m.moe.bias_update_rate > 0)
     model_->update_expert_bias(r.load, m.moe.bias_update_rate);
   r.optimizer_s = since(t0);
+  r.comm_bytes = comm_.bytes_moved() - bytes0 + comm_bytes_stats;
   return r;
 }
 
@@ -405,22 +450,41 @@ void Trainer::log_step(const StepResult& r, double lr, double step_s, bool spike
   }
 }
 
+// <out_dir>/zero1_rank<R>.json: how ZeRO-1 split the optimizer across ranks (after a step).
+void Trainer::write_shard_report() {
+  const nlohmann::json rep = {{"rank", comm_.rank()},
+                              {"world", comm_.world()},
+                              {"pid", ::getpid()},
+                              {"optimizer", cfg_.optim.name},
+                              {"optimizer_state_bytes", opt_->state_bytes()},
+                              {"owned_muon_matrices", opt_->owned_matrix_names()},
+                              {"orthogonalised_last_step", opt_->orthogonalised_last_step()}};
+  write_text_atomically(
+      (fs::path(out_dir_) / ("zero1_rank" + std::to_string(comm_.rank()) + ".json")).string(),
+      rep.dump(2) + "\n");
+}
+
 int Trainer::run() {
   started_ = Clock::now();
+  watchdog_ = std::make_unique<Watchdog>(cfg_.train.watchdog_seconds, comm_.rank());
   first_step_ = step_;
   while (step_ < cfg_.train.steps) {
     const double lr = lr_at(cfg_.optim, int(step_), cfg_.train.steps);
     const auto t0 = Clock::now();
+    watchdog_->beat();
     const StepResult r = train_step(lr);
+    watchdog_->beat();
     const double step_s = since(t0);
     ++step_;
     tokens_seen_ += global_tokens_per_step();
     const bool spike = spikes_.observe(r.objective);
+    if (step_ == first_step_ + 1) write_shard_report();
     if (leader()) log_step(r, lr, step_s, spike);
 
     if (val_ && cfg_.train.eval_interval > 0 &&
         (step_ % cfg_.train.eval_interval == 0 || step_ == cfg_.train.steps)) {
       const double v = evaluate();
+      watchdog_->beat();
       if (leader()) {
         metrics_->write(
             {{"step", step_}, {"tokens", tokens_seen_}, {"val_loss", v}, {"val_ppl", std::exp(v)}});
@@ -433,6 +497,7 @@ int Trainer::run() {
     const bool due =
         cfg_.train.checkpoint_interval > 0 && step_ % cfg_.train.checkpoint_interval == 0;
     if (due || stop || step_ == cfg_.train.steps) save_checkpoint();
+    watchdog_->beat();
     if (stop) {
       if (leader())
         spdlog::info("stopped after step {} (checkpoint written); continue with --resume", step_);

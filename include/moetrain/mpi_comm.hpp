@@ -1,0 +1,30 @@
+// MpiComm: the Communicator over MPI_COMM_WORLD for CPU buffers (OpenMPI; launched with
+// `mpirun -np N moetrain ...` or srun). MPI errors are returned, not fatal, and rethrown as
+// std::runtime_error naming the rank and the collective.
+#pragma once
+
+#include "moetrain/communicator.hpp"
+
+namespace moetrain {
+
+class MpiComm final : public Communicator {
+ public:
+  MpiComm();  // initialises MPI if needed
+  ~MpiComm() override;
+  int rank() const override { return rank_; }
+  int world() const override { return world_; }
+  const char* name() const override { return "mpi"; }
+  void all_reduce(void* data, std::size_t count, DType type, ReduceOp op) override;
+  void reduce_scatter(const void* send, void* recv, std::size_t count, DType type,
+                      ReduceOp op) override;
+  void all_gather(const void* send, void* recv, std::size_t count, DType type) override;
+  void broadcast(void* data, std::size_t bytes, int root) override;
+  void barrier() override;
+  [[noreturn]] void abort(int code) override;
+
+ private:
+  int rank_ = 0, world_ = 1;
+  bool owns_init_ = false;
+};
+
+}  // namespace moetrain
