@@ -199,6 +199,15 @@ TEST_CASE("router backward matches finite differences (both routers, aux and z l
                          gates.data(), counts.data(), s, aux, zc, 1.0);
       INFO("router " << int(type) << " aux " << aux << " z " << zc);
       CHECK(fd_relative_error(loss, logits.data(), dl, all_indices(logits.size())) < kTol);
+      // With a loss scale g the incoming gate gradients are already g * R; the result must be
+      // the gradient of g * loss (the scale applied once, not twice).
+      const double g = 0.37;
+      std::vector<double> gR(R.size());
+      for (std::size_t i = 0; i < R.size(); ++i) gR[i] = g * R[i];
+      be.router_backward(dl.data(), gR.data(), logits.data(), scores.data(), topk.data(),
+                         gates.data(), counts.data(), s, aux, zc, g);
+      auto scaled_loss = [&] { return g * loss(); };
+      CHECK(fd_relative_error(scaled_loss, logits.data(), dl, all_indices(logits.size())) < kTol);
       loss();
       CHECK(topk == topk0);  // the check stayed away from top-k ties
     }

@@ -124,8 +124,9 @@ class Backend {
   // stats = {L_aux, L_z, mean router entropy}.
   virtual void router_forward(T* scores, int32_t* topk, T* gates, int32_t* counts, T* stats,
                               const T* logits, const T* bias, const RouterShape& s) = 0;
-  // dlogits = d(objective)/dlogits from the gate-weight gradients and the aux and z losses
-  // (scaled by aux_coef, z_coef, then everything by grad_scale).
+  // dlogits = d(objective)/dlogits from the gate-weight gradients `dgates` (which already carry
+  // the caller's grad_scale, coming from the loss) plus grad_scale * (aux_coef * dL_aux +
+  // z_coef * dL_z).
   virtual void router_backward(T* dlogits, const T* dgates, const T* logits, const T* scores,
                                const int32_t* topk, const T* gates, const int32_t* counts,
                                const RouterShape& s, double aux_coef, double z_coef,

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <map>
 #include <stdexcept>
+#include <tuple>
 
 namespace moetrain {
 
@@ -300,6 +301,11 @@ OptimizerStats Optimizer<T>::step(T* params, const T* grads, double lr,
   const int world = comm.world(), rank = comm.rank();
   const std::size_t shard0 = s.shard * std::size_t(rank);
   OptimizerStats st;
+  if (s.use_clip && (smax.size() != std::size_t(s.cfg.model.n_layers) ||
+                     std::any_of(smax.begin(), smax.end(), [&](const std::vector<double>& h) {
+                       return h.size() != std::size_t(s.cfg.model.n_heads);
+                     })))
+    throw std::invalid_argument("Optimizer::step: smax must be [n_layers][n_heads] for QK-clip");
 
   // 1. Pack gradients: the AdamW group into one flat vector, each Muon matrix into its owner's
   //    partition; reduce-scatter both and average over ranks.
@@ -414,38 +420,49 @@ TensorMap Optimizer<T>::state() const {
 template <typename T>
 void Optimizer<T>::load_state(const TensorMap& st, const std::string& source) {
   Impl& s = *impl_;
-  auto find = [&](const std::string& name) -> const HostTensor& {
+  // Everything is checked before anything is loaded, so a bad file leaves the state as it was.
+  auto find = [&](const std::string& name, bool floating) -> const HostTensor& {
     const auto it = st.find(name);
     if (it == st.end())
       throw std::runtime_error(source + ": optimizer state lacks '" + name +
                                "' (saved with another optimizer, model or number of ranks?)");
+    const std::string& dt = it->second.dtype;
+    const bool ok = floating ? (dt == "F32" || dt == "F64") : (dt == "I32" || dt == "I64");
+    if (!ok)
+      throw std::runtime_error(source + ": optimizer state '" + name + "' has dtype " + dt +
+                               (floating ? ", expected F32 or F64" : ", expected I32 or I64"));
     return it->second;
   };
-  const auto wr = find("world_rank").to_i64();
+  const auto wr = find("world_rank", false).to_i64();
   if (wr.size() != 2 || wr[0] != s.comm->world() || wr[1] != s.comm->rank())
     throw std::runtime_error(
         source + ": optimizer shard of rank " + (wr.size() == 2 ? std::to_string(wr[1]) : "?") +
         " of " + (wr.size() == 2 ? std::to_string(wr[0]) : "?") + " ranks, loaded by rank " +
         std::to_string(s.comm->rank()) + " of " + std::to_string(s.comm->world()));
-  auto get = [&](const std::string& name, T* dst, std::size_t n) {
-    const HostTensor& t = find(name);
+  const auto step = find("step", false).to_i64();
+  if (step.size() != 1) throw std::runtime_error(source + ": optimizer state 'step' malformed");
+
+  std::vector<std::tuple<const HostTensor*, T*, std::size_t>> loads;
+  auto plan = [&](const std::string& name, T* dst, std::size_t n) {
+    const HostTensor& t = find(name, true);
     if (t.numel() != n)
       throw std::runtime_error(source + ": optimizer state '" + name + "' has " +
                                std::to_string(t.numel()) + " elements, expected " +
                                std::to_string(n));
-    const std::vector<double> v = t.to_f64();
-    std::vector<T> host(v.begin(), v.end());
-    s.be.upload(dst, host.data(), n * sizeof(T));
+    loads.emplace_back(&t, dst, n);
   };
-  get("adamw.m", s.m, s.shard);
-  get("adamw.v", s.v, s.shard);
+  plan("adamw.m", s.m, s.shard);
+  plan("adamw.v", s.v, s.shard);
   for (const MuonGroup& g : s.own_groups)
     for (std::size_t i : g.mats) {
       const MuonMatrix& mt = s.muon[i];
-      get("muon.momentum." + mt.name, s.momentum + mt.slot, std::size_t(mt.rows) * mt.cols);
+      plan("muon.momentum." + mt.name, s.momentum + mt.slot, std::size_t(mt.rows) * mt.cols);
     }
-  const auto step = find("step").to_i64();
-  if (step.size() != 1) throw std::runtime_error(source + ": optimizer state 'step' malformed");
+  for (const auto& [t, dst, n] : loads) {
+    const std::vector<double> v = t->to_f64();
+    std::vector<T> host(v.begin(), v.end());
+    if (n) s.be.upload(dst, host.data(), n * sizeof(T));
+  }
   t_ = step[0];
 }
 

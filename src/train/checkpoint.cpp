@@ -70,6 +70,9 @@ void tensors_to_weights(const TensorMap& tensors, Model<T>& model, const std::st
       throw std::runtime_error(source + ": tensor '" + t.name + "' has shape " +
                                nlohmann::json(it->second.shape).dump() + ", the model expects " +
                                nlohmann::json(t.shape).dump());
+    if (it->second.dtype != "F32" && it->second.dtype != "F64")
+      throw std::runtime_error(source + ": tensor '" + t.name + "' has dtype " + it->second.dtype +
+                               ", expected F32 or F64");
     const std::vector<double> v = it->second.to_f64();
     std::copy(v.begin(), v.end(), host.begin() + std::ptrdiff_t(t.offset));
   }

@@ -132,17 +132,17 @@ void router_backward(T* dlogits, const T* dgates, const T* logits, const T* scor
         // Gates are the softmax of the chosen logits: dl_j = w_j (dw_j - sum_i w_i dw_i).
         // Aux: softmax backward of c.
         for (int e = 0; e < E; ++e) dl[e] = T(grad_scale * q[e] * (c[e] - qc));
-        for (int j = 0; j < K; ++j) dl[sel[j]] += T(grad_scale * w[j] * (dw[j] - wdw));
+        for (int j = 0; j < K; ++j) dl[sel[j]] += T(w[j] * (dw[j] - wdw));
       } else {
         // w_j = r s_j / Z, Z = sum of chosen s: ds_j = (r dw_j - sum_i w_i dw_i) / Z.
         double z = 0, zall = 0;
         for (int j = 0; j < K; ++j) z += sc[sel[j]];
         for (int e = 0; e < E; ++e) zall += sc[e];
         for (int j = 0; j < K; ++j) dsc[sel[j]] += (s.route_scale * dw[j] - wdw) / z;
-        for (int e = 0; e < E; ++e) dsc[e] += (c[e] - qc) / zall;  // q = s / sum(s)
+        for (int e = 0; e < E; ++e) dsc[e] += grad_scale * (c[e] - qc) / zall;  // q = s / sum(s)
         for (int e = 0; e < E; ++e) {
           const double se = sc[e];
-          dl[e] = T(grad_scale * dsc[e] * se * (1.0 - se));
+          dl[e] = T(dsc[e] * se * (1.0 - se));
         }
       }
       if (z_coef != 0) {
