@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# The one test command: set-up (apt + build), then every test through CTest.
+# The one test command: set-up (apt + build), then every test through CTest — the main build's, and
+# the SIMT simulator build's (kernels/ compiled as C++ with AddressSanitizer, no nvcc; DESIGN §6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh "$@"
-cd "${MOETRAIN_BUILD_DIR:-build}"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} ctest --output-on-failure
+build_dir=${MOETRAIN_BUILD_DIR:-build}
+simt_dir=${MOETRAIN_SIMT_BUILD_DIR:-build-simt}
+threads=${OMP_NUM_THREADS:-$(nproc)}
+
+cmake -S . -B "$simt_dir" -DCMAKE_BUILD_TYPE=Release "$@" -DMOETRAIN_SIMT=ON -DMOETRAIN_CUDA=OFF
+cmake --build "$simt_dir" --target moetrain_simt_tests -j "$(nproc)"
+
+status=0
+(cd "$build_dir" && OMP_NUM_THREADS=$threads ctest --output-on-failure) || status=1
+(cd "$simt_dir" && OMP_NUM_THREADS=$threads ctest -L simt --output-on-failure) || status=1
+exit $status

@@ -1,0 +1,808 @@
+// tests/simt/simt.hpp — the SIMT simulator: runs the CUDA kernels of kernels/ on the CPU.
+//
+// kernels/*.cu are compiled by g++ as ordinary C++ with this header force-included (the SIMT build,
+// CMake option MOETRAIN_SIMT=ON); the same files are compiled by nvcc in the CUDA build. Kernels
+// include "common.cuh" and launch through moetrain::kernels::launch(), never with <<<>>>.
+//
+// How a launch runs
+//   Blocks run one after another on the calling thread. The threads of a block run as fibers
+//   (cooperative user-space threads with their own stacks, switched by a few instructions). A thread
+//   runs until it reaches __syncthreads() or a warp collective (__shfl_*_sync, __ballot_sync,
+//   __any_sync, __all_sync, __syncwarp, __reduce_*_sync), then the schedule picks the next thread:
+//     Schedule::forward()     rounds over the ready threads in ascending linear thread index,
+//     Schedule::reverse()     the same in descending order,
+//     Schedule::random(seed)  any ready thread, drawn at random at every switch (deterministic in seed).
+//   Blocks run in ascending order (forward), descending (reverse) or shuffled (random). A kernel
+//   that misses a __syncthreads reads data that are not written yet under at least one of these
+//   orders. Set the schedule with simt::set_schedule() (or the environment variable
+//   MOETRAIN_SIMT_SCHEDULE=forward|reverse|random:SEED) and run kernel tests under
+//   simt::standard_schedules().
+//
+// Memory
+//   * __shared__ variables are `static thread_local`: the fibers of a block share them (they run on
+//     one OS thread) and blocks run one at a time. Before every block all of them — in fact the whole
+//     static TLS block of the executable on the launching thread, saved before and restored after the
+//     launch — and the dynamic shared memory are filled with 0xFF bytes (NaN as float/bf16, -1 as int),
+//     so a kernel that relies on stale or unwritten shared memory fails. AddressSanitizer does not
+//     guard static __shared__ arrays; the dynamic shared memory (dynamic_smem<T>()) is a heap buffer
+//     of exactly smem_bytes, so ASan catches out-of-bounds accesses there.
+//   * cudaMalloc returns heap memory (256-byte aligned) filled with 0xFF bytes (NaN): outputs a kernel
+//     forgot to write show up as NaN. cudaFree checks the pointer. All copies and memsets are
+//     synchronous; streams and events are no-ops (events record host time).
+//   * Atomics go through std::atomic_ref (the simulator is single-threaded, so they are exact).
+//   * extern __shared__ arrays are not supported: use dynamic_smem<T>() from common.cuh.
+//
+// Checks (each throws simt::Error, a std::runtime_error, naming the kernel, block and thread)
+//   * a thread waits at __syncthreads while another thread of the block has exited (or exits while
+//     others wait), or threads of a block call different barrier kinds;
+//   * a warp collective whose mask names a lane that does not exist or has exited; lanes calling
+//     different collectives (or widths) with the same mask; a calling lane missing from its own
+//     mask; a shuffle reading a lane outside the mask; a width that is not a power of two in
+//     [1, 32]. Collectives with different, overlapping masks may be pending at once (legal since
+//     Volta: lanes 0-15 may reach a full-warp __syncwarp while lanes 16-31 still shuffle among
+//     themselves); lanes that end up waiting for each other are reported as a deadlock;
+//   * a block in which no thread can make progress (deadlock), with the state of every waiting warp;
+//   * an invalid launch configuration (zero or too large dims, more than 1024 threads, dynamic shared
+//     memory above 163 KiB, the sm_80 limit), a launch from inside a kernel.
+//   After an error the simulator resets its fibers; later launches work normally.
+//
+// Differences from a GPU, by design: no preemption between synchronisation points (a data race
+// between two threads of a block that never synchronise gives one of the possible results, not
+// garbage); fast-math intrinsics (__expf, __fdividef, ...) are the exact libm functions; bf16
+// arithmetic rounds through fp32; __activemask() returns the lanes that have not exited; no
+// cooperative groups, no named barriers, no dynamic parallelism, no __noinline__ (it clashes with
+// libstdc++).
+//
+// Requirements: x86-64 (hand-written context switch) or any POSIX target via ucontext; no LTO
+// (thread indices are plain globals updated at the opaque synchronisation calls); libstdc++ and
+// libasan linked dynamically (the default), since the executable's TLS block is overwritten during
+// a launch.
+#pragma once
+
+#ifndef MOETRAIN_SIMT
+#define MOETRAIN_SIMT 1
+#endif
+
+#include <atomic>
+#include <cmath>
+#include <math.h>  // libstdc++'s: puts the float overloads (exp(float), ...) in the global namespace, as CUDA does
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ------------------------------------------------------------------------------------------------
+// Qualifiers
+// ------------------------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __constant__
+#define __managed__
+#define __grid_constant__
+#define __shared__ static thread_local
+#define __forceinline__ __inline__ __attribute__((always_inline))
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+// __restrict__ is a GCC keyword already. __noinline__ is deliberately not defined (libstdc++ uses
+// __attribute__((__noinline__))).
+
+// ------------------------------------------------------------------------------------------------
+// Vector types (CUDA's alignments) and make_* functions
+// ------------------------------------------------------------------------------------------------
+#define SIMT_VEC1(T, N, A)                                       \
+  struct __attribute__((aligned(A))) N { T x; };                 \
+  inline constexpr N make_##N(T x) { return N{x}; }
+#define SIMT_VEC2(T, N, A)                                       \
+  struct __attribute__((aligned(A))) N { T x, y; };              \
+  inline constexpr N make_##N(T x, T y) { return N{x, y}; }
+#define SIMT_VEC3(T, N, A)                                       \
+  struct __attribute__((aligned(A))) N { T x, y, z; };           \
+  inline constexpr N make_##N(T x, T y, T z) { return N{x, y, z}; }
+#define SIMT_VEC4(T, N, A)                                       \
+  struct __attribute__((aligned(A))) N { T x, y, z, w; };        \
+  inline constexpr N make_##N(T x, T y, T z, T w) { return N{x, y, z, w}; }
+
+SIMT_VEC1(signed char, char1, 1)
+SIMT_VEC2(signed char, char2, 2)
+SIMT_VEC3(signed char, char3, 1)
+SIMT_VEC4(signed char, char4, 4)
+SIMT_VEC1(unsigned char, uchar1, 1)
+SIMT_VEC2(unsigned char, uchar2, 2)
+SIMT_VEC3(unsigned char, uchar3, 1)
+SIMT_VEC4(unsigned char, uchar4, 4)
+SIMT_VEC1(short, short1, 2)
+SIMT_VEC2(short, short2, 4)
+SIMT_VEC3(short, short3, 2)
+SIMT_VEC4(short, short4, 8)
+SIMT_VEC1(unsigned short, ushort1, 2)
+SIMT_VEC2(unsigned short, ushort2, 4)
+SIMT_VEC3(unsigned short, ushort3, 2)
+SIMT_VEC4(unsigned short, ushort4, 8)
+SIMT_VEC1(int, int1, 4)
+SIMT_VEC2(int, int2, 8)
+SIMT_VEC3(int, int3, 4)
+SIMT_VEC4(int, int4, 16)
+SIMT_VEC1(unsigned int, uint1, 4)
+SIMT_VEC2(unsigned int, uint2, 8)
+SIMT_VEC3(unsigned int, uint3, 4)
+SIMT_VEC4(unsigned int, uint4, 16)
+SIMT_VEC1(long long, longlong1, 8)
+SIMT_VEC2(long long, longlong2, 16)
+SIMT_VEC1(unsigned long long, ulonglong1, 8)
+SIMT_VEC2(unsigned long long, ulonglong2, 16)
+SIMT_VEC1(float, float1, 4)
+SIMT_VEC2(float, float2, 8)
+SIMT_VEC3(float, float3, 4)
+SIMT_VEC4(float, float4, 16)
+SIMT_VEC1(double, double1, 8)
+SIMT_VEC2(double, double2, 16)
+SIMT_VEC3(double, double3, 8)
+#undef SIMT_VEC1
+#undef SIMT_VEC2
+#undef SIMT_VEC3
+#undef SIMT_VEC4
+
+struct dim3 {
+  unsigned int x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+  constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+  constexpr operator uint3() const { return uint3{x, y, z}; }
+};
+
+// ------------------------------------------------------------------------------------------------
+// bf16 (cuda_bf16.h subset): storage type, conversions (round-to-nearest-even), a few intrinsics
+// ------------------------------------------------------------------------------------------------
+struct __nv_bfloat16_raw {
+  unsigned short x;
+};
+
+namespace simt::detail {
+inline unsigned int f2u(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float u2f(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+// fp32 -> bf16 bits, round to nearest even; NaN -> canonical 0x7FFF (as cvt.rn.bf16.f32).
+inline unsigned short f2bf_rn(float f) {
+  unsigned int u = f2u(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<unsigned short>(u >> 16);
+}
+// fp64 -> bf16 bits with a single rounding: round to odd into fp32, then to nearest even.
+inline unsigned short d2bf_rn(double d) {
+  float f = static_cast<float>(d);
+  if (std::isfinite(d) && static_cast<double>(f) != d) {
+    if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
+    f = u2f(f2u(f) | 1u);
+  }
+  return f2bf_rn(f);
+}
+inline unsigned short f2bf_rz(float f) {
+  unsigned int u = f2u(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  return static_cast<unsigned short>(u >> 16);
+}
+}  // namespace simt::detail
+
+struct __nv_bfloat16 {
+  unsigned short __x;
+  __nv_bfloat16() = default;
+  constexpr __nv_bfloat16(const __nv_bfloat16_raw& r) : __x(r.x) {}
+  __nv_bfloat16(float f) : __x(simt::detail::f2bf_rn(f)) {}  // implicit, as in cuda_bf16.h
+  __nv_bfloat16(double f) : __x(simt::detail::d2bf_rn(f)) {}
+  __nv_bfloat16(short v) : __x(simt::detail::d2bf_rn(v)) {}
+  __nv_bfloat16(unsigned short v) : __x(simt::detail::d2bf_rn(v)) {}
+  __nv_bfloat16(int v) : __x(simt::detail::d2bf_rn(v)) {}
+  __nv_bfloat16(unsigned int v) : __x(simt::detail::d2bf_rn(v)) {}
+  __nv_bfloat16(long v) : __x(simt::detail::d2bf_rn(static_cast<double>(v))) {}
+  __nv_bfloat16(unsigned long v) : __x(simt::detail::d2bf_rn(static_cast<double>(v))) {}
+  __nv_bfloat16(long long v) : __x(simt::detail::d2bf_rn(static_cast<double>(v))) {}
+  __nv_bfloat16(unsigned long long v) : __x(simt::detail::d2bf_rn(static_cast<double>(v))) {}
+  operator float() const { return simt::detail::u2f(static_cast<unsigned int>(__x) << 16); }
+  operator __nv_bfloat16_raw() const { return __nv_bfloat16_raw{__x}; }
+};
+typedef __nv_bfloat16 nv_bfloat16;
+
+struct __attribute__((aligned(4))) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+typedef __nv_bfloat162 nv_bfloat162;
+
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16_raw{u}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
+inline float __bfloat162float(__nv_bfloat16 h) { return static_cast<float>(h); }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16_raw{simt::detail::f2bf_rn(f)}; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16_raw{simt::detail::f2bf_rn(f)}; }
+inline __nv_bfloat16 __float2bfloat16_rz(float f) { return __nv_bfloat16_raw{simt::detail::f2bf_rz(f)}; }
+inline __nv_bfloat16 __double2bfloat16(double d) { return __nv_bfloat16_raw{simt::detail::d2bf_rn(d)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
+inline __nv_bfloat162 __float2bfloat162_rn(float a) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(a)}; }
+inline __nv_bfloat162 __float22bfloat162_rn(float2 f) { return {__float2bfloat16_rn(f.x), __float2bfloat16_rn(f.y)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 h) { return float2{float(h.x), float(h.y)}; }
+inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) { return {a, b}; }
+inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 a) { return {a, a}; }
+inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 h) { return h.x; }
+inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 h) { return h.y; }
+inline float __low2float(__nv_bfloat162 h) { return float(h.x); }
+inline float __high2float(__nv_bfloat162 h) { return float(h.y); }
+inline bool __hisnan(__nv_bfloat16 h) { return (h.__x & 0x7fffu) > 0x7f80u; }
+inline int __hisinf(__nv_bfloat16 h) { return (h.__x & 0x7fffu) == 0x7f80u ? ((h.__x & 0x8000u) ? -1 : 1) : 0; }
+// Arithmetic rounds the fp32 result once more to bf16 (sm_80 rounds once; differs only in rare
+// double-rounding cases: kernels should accumulate in fp32 anyway).
+inline __nv_bfloat16 __hadd(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(float(a) + float(b)); }
+inline __nv_bfloat16 __hsub(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(float(a) - float(b)); }
+inline __nv_bfloat16 __hmul(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(float(a) * float(b)); }
+inline __nv_bfloat16 __hdiv(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(float(a) / float(b)); }
+inline __nv_bfloat16 __hfma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
+  return __float2bfloat16_rn(std::fma(float(a), float(b), float(c)));
+}
+inline __nv_bfloat16 __hneg(__nv_bfloat16 a) { return __ushort_as_bfloat16(static_cast<unsigned short>(a.__x ^ 0x8000u)); }
+inline __nv_bfloat16 __habs(__nv_bfloat16 a) { return __ushort_as_bfloat16(static_cast<unsigned short>(a.__x & 0x7fffu)); }
+inline __nv_bfloat16 __hmax(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(std::fmax(float(a), float(b))); }
+inline __nv_bfloat16 __hmin(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(std::fmin(float(a), float(b))); }
+inline __nv_bfloat162 __hadd2(__nv_bfloat162 a, __nv_bfloat162 b) { return {__hadd(a.x, b.x), __hadd(a.y, b.y)}; }
+inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) { return {__hmul(a.x, b.x), __hmul(a.y, b.y)}; }
+inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
+  return {__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)};
+}
+inline __nv_bfloat162 operator+(const __nv_bfloat162& a, const __nv_bfloat162& b) { return __hadd2(a, b); }
+inline __nv_bfloat162 operator*(const __nv_bfloat162& a, const __nv_bfloat162& b) { return __hmul2(a, b); }
+inline __nv_bfloat16 operator+(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hadd(a, b); }
+inline __nv_bfloat16 operator-(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hsub(a, b); }
+inline __nv_bfloat16 operator*(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hmul(a, b); }
+inline __nv_bfloat16 operator/(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hdiv(a, b); }
+inline __nv_bfloat16 operator-(const __nv_bfloat16& a) { return __hneg(a); }
+inline __nv_bfloat16& operator+=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hadd(a, b); }
+inline __nv_bfloat16& operator-=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hsub(a, b); }
+inline __nv_bfloat16& operator*=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hmul(a, b); }
+inline __nv_bfloat16& operator/=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hdiv(a, b); }
+inline bool operator==(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) == float(b); }
+inline bool operator!=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) != float(b); }
+inline bool operator<(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) < float(b); }
+inline bool operator>(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) > float(b); }
+inline bool operator<=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) <= float(b); }
+inline bool operator>=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) >= float(b); }
+
+// ------------------------------------------------------------------------------------------------
+// Math functions and bit intrinsics of the device library (exact host versions)
+// ------------------------------------------------------------------------------------------------
+
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float rcbrtf(float x) { return 1.0f / std::cbrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __exp10f(float x) { return std::pow(10.0f, x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __log2f(float x) { return std::log2(x); }
+inline float __log10f(float x) { return std::log10(x); }
+inline float __powf(float x, float y) { return std::pow(x, y); }
+inline float __sinf(float x) { return std::sin(x); }
+inline float __cosf(float x) { return std::cos(x); }
+inline float __tanf(float x) { return std::tan(x); }
+inline void __sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std::cos(x); }
+inline void sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std::cos(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fsqrt_rn(float x) { return std::sqrt(x); }
+inline float __frsqrt_rn(float x) { return 1.0f / std::sqrt(x); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+inline float __saturatef(float x) { return x != x ? 0.0f : (x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x)); }
+inline float exp10f(float x) { return std::pow(10.0f, x); }
+inline int __float2int_rn(float x) { return static_cast<int>(std::nearbyint(x)); }
+inline int __float2int_rz(float x) { return static_cast<int>(x); }
+inline int __float2int_rd(float x) { return static_cast<int>(std::floor(x)); }
+inline int __float2int_ru(float x) { return static_cast<int>(std::ceil(x)); }
+inline unsigned int __float2uint_rn(float x) { return static_cast<unsigned int>(std::nearbyint(x)); }
+inline unsigned int __float2uint_rz(float x) { return static_cast<unsigned int>(x); }
+inline float __int2float_rn(int x) { return static_cast<float>(x); }
+inline float __uint2float_rn(unsigned int x) { return static_cast<float>(x); }
+inline int __float_as_int(float x) { return static_cast<int>(simt::detail::f2u(x)); }
+inline unsigned int __float_as_uint(float x) { return simt::detail::f2u(x); }
+inline float __int_as_float(int x) { return simt::detail::u2f(static_cast<unsigned int>(x)); }
+inline float __uint_as_float(unsigned int x) { return simt::detail::u2f(x); }
+inline long long __double_as_longlong(double x) {
+  long long r;
+  std::memcpy(&r, &x, sizeof r);
+  return r;
+}
+inline double __longlong_as_double(long long x) {
+  double r;
+  std::memcpy(&r, &x, sizeof r);
+  return r;
+}
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned int>(x)); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline unsigned int __brev(unsigned int x) {
+  x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+  x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+  x = ((x >> 4) & 0x0f0f0f0fu) | ((x & 0x0f0f0f0fu) << 4);
+  return __builtin_bswap32(x);
+}
+inline int __mul24(int a, int b) { return a * b; }
+inline unsigned int __umul24(unsigned int a, unsigned int b) { return a * b; }
+inline int __mulhi(int a, int b) { return static_cast<int>((static_cast<long long>(a) * b) >> 32); }
+inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+  return static_cast<unsigned int>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
+}
+inline unsigned int __funnelshift_l(unsigned int lo, unsigned int hi, unsigned int s) {
+  s &= 31u;
+  return s == 0 ? hi : (hi << s) | (lo >> (32 - s));
+}
+inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, unsigned int s) {
+  s &= 31u;
+  return s == 0 ? lo : (lo >> s) | (hi << (32 - s));
+}
+
+// min/max overloads of the CUDA math library (mixed signedness goes unsigned, as in CUDA).
+#define SIMT_MINMAX(R, A, B)                                      \
+  inline R min(A a, B b) { return static_cast<R>(a) < static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); } \
+  inline R max(A a, B b) { return static_cast<R>(a) > static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); }
+SIMT_MINMAX(int, int, int)
+SIMT_MINMAX(unsigned int, unsigned int, unsigned int)
+SIMT_MINMAX(unsigned int, int, unsigned int)
+SIMT_MINMAX(unsigned int, unsigned int, int)
+SIMT_MINMAX(long, long, long)
+SIMT_MINMAX(unsigned long, unsigned long, unsigned long)
+SIMT_MINMAX(long long, long long, long long)
+SIMT_MINMAX(unsigned long long, unsigned long long, unsigned long long)
+#undef SIMT_MINMAX
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+inline double min(double a, double b) { return std::fmin(a, b); }
+inline double max(double a, double b) { return std::fmax(a, b); }
+
+// Cache-hinted loads/stores: plain accesses.
+template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline T __ldca(const T* p) { return *p; }
+template <typename T> inline T __ldcs(const T* p) { return *p; }
+template <typename T> inline T __ldlu(const T* p) { return *p; }
+template <typename T> inline T __ldcv(const T* p) { return *p; }
+template <typename T> inline void __stwb(T* p, T v) { *p = v; }
+template <typename T> inline void __stcg(T* p, T v) { *p = v; }
+template <typename T> inline void __stcs(T* p, T v) { *p = v; }
+template <typename T> inline void __stwt(T* p, T v) { *p = v; }
+
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned int) {}
+long long clock64();  // nanoseconds of a steady clock (clock() is libc's)
+
+// ------------------------------------------------------------------------------------------------
+// CUDA runtime API subset (synchronous; streams and events are no-ops)
+// ------------------------------------------------------------------------------------------------
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorInitializationError = 3,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidSymbol = 13,
+  cudaErrorInvalidDevicePointer = 17,
+  cudaErrorInvalidMemcpyDirection = 21,
+  cudaErrorNoDevice = 100,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorInvalidResourceHandle = 400,
+  cudaErrorNotReady = 600,
+  cudaErrorLaunchFailure = 719,
+  cudaErrorNotSupported = 801,
+  cudaErrorUnknown = 999,
+};
+typedef cudaError_t cudaError;
+
+enum cudaMemcpyKind : int {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+  cudaMemcpyDefault = 4,
+};
+
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+};
+
+struct CUstream_st;
+struct CUevent_st;
+typedef CUstream_st* cudaStream_t;
+typedef CUevent_st* cudaEvent_t;
+
+inline constexpr unsigned int cudaStreamDefault = 0x00;
+inline constexpr unsigned int cudaStreamNonBlocking = 0x01;
+inline constexpr unsigned int cudaEventDefault = 0x00;
+inline constexpr unsigned int cudaEventBlockingSync = 0x01;
+inline constexpr unsigned int cudaEventDisableTiming = 0x02;
+inline constexpr unsigned int cudaHostAllocDefault = 0x00;
+
+struct cudaDeviceProp {
+  char name[256];
+  size_t totalGlobalMem;
+  size_t sharedMemPerBlock;
+  size_t sharedMemPerBlockOptin;
+  size_t sharedMemPerMultiprocessor;
+  int regsPerBlock;
+  int warpSize;
+  int maxThreadsPerBlock;
+  int maxThreadsDim[3];
+  int maxGridSize[3];
+  int maxThreadsPerMultiProcessor;
+  int multiProcessorCount;
+  int l2CacheSize;
+  int major;
+  int minor;
+};
+
+const char* cudaGetErrorString(cudaError_t error);
+const char* cudaGetErrorName(cudaError_t error);
+cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
+cudaError_t cudaMalloc(void** ptr, size_t bytes);
+template <typename T> inline cudaError_t cudaMalloc(T** ptr, size_t bytes) {
+  return cudaMalloc(reinterpret_cast<void**>(ptr), bytes);
+}
+cudaError_t cudaFree(void* ptr);
+cudaError_t cudaMallocHost(void** ptr, size_t bytes);
+template <typename T> inline cudaError_t cudaMallocHost(T** ptr, size_t bytes) {
+  return cudaMallocHost(reinterpret_cast<void**>(ptr), bytes);
+}
+cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int flags);
+cudaError_t cudaFreeHost(void* ptr);
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind);
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t stream = nullptr);
+cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                         size_t height, cudaMemcpyKind kind);
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                              size_t height, cudaMemcpyKind kind, cudaStream_t stream = nullptr);
+cudaError_t cudaMemset(void* dst, int value, size_t bytes);
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream = nullptr);
+template <typename T>
+inline cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t bytes, size_t offset = 0,
+                                      cudaMemcpyKind kind = cudaMemcpyHostToDevice) {
+  if (offset + bytes > sizeof(T)) return cudaErrorInvalidValue;
+  return cudaMemcpy(reinterpret_cast<unsigned char*>(&symbol) + offset, src, bytes, kind);
+}
+template <typename T>
+inline cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t bytes, size_t offset = 0,
+                                        cudaMemcpyKind kind = cudaMemcpyDeviceToHost) {
+  if (offset + bytes > sizeof(T)) return cudaErrorInvalidValue;
+  return cudaMemcpy(dst, reinterpret_cast<const unsigned char*>(&symbol) + offset, bytes, kind);
+}
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
+cudaError_t cudaStreamCreate(cudaStream_t* stream);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags);
+cudaError_t cudaStreamDestroy(cudaStream_t stream);
+cudaError_t cudaStreamSynchronize(cudaStream_t stream);
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags = 0);
+cudaError_t cudaEventCreate(cudaEvent_t* event);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags);
+cudaError_t cudaEventDestroy(cudaEvent_t event);
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = nullptr);
+cudaError_t cudaEventSynchronize(cudaEvent_t event);
+cudaError_t cudaEventQuery(cudaEvent_t event);
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end);
+cudaError_t cudaDeviceSynchronize();
+cudaError_t cudaDeviceReset();
+cudaError_t cudaGetDeviceCount(int* count);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
+template <typename T> inline cudaError_t cudaFuncSetAttribute(T* func, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The simulator's own API
+// ------------------------------------------------------------------------------------------------
+namespace simt {
+
+// Every error the simulator detects (deadlock, divergent collective, bad launch, ...).
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The order in which ready threads (and blocks) run.
+class Schedule {
+ public:
+  enum class Kind { Forward, Reverse, Random };
+  static Schedule forward() { return Schedule(Kind::Forward, 0); }
+  static Schedule reverse() { return Schedule(Kind::Reverse, 0); }
+  static Schedule random(std::uint64_t seed) { return Schedule(Kind::Random, seed); }
+  Kind kind() const { return kind_; }
+  std::uint64_t seed() const { return seed_; }
+  std::string name() const;  // "forward", "reverse", "random(7)"
+  // Parses "forward", "reverse", "random" (seed 0) or "random:SEED"; throws simt::Error otherwise.
+  static Schedule parse(const std::string& text);
+
+ private:
+  Schedule(Kind kind, std::uint64_t seed) : kind_(kind), seed_(seed) {}
+  Kind kind_;
+  std::uint64_t seed_;
+};
+
+// The schedule used by every later launch (process-wide; the initial one is forward, or the value
+// of the environment variable MOETRAIN_SIMT_SCHEDULE). A random schedule's generator is re-seeded
+// by each set_schedule, so a test is reproducible.
+void set_schedule(const Schedule& schedule);
+Schedule schedule();
+// forward, reverse, random(1), random(2): what kernel tests loop over.
+std::vector<Schedule> standard_schedules();
+
+// Sets a schedule for a scope and restores the previous one.
+class ScopedSchedule {
+ public:
+  explicit ScopedSchedule(const Schedule& s) : previous_(schedule()) { set_schedule(s); }
+  ~ScopedSchedule() { set_schedule(previous_); }
+  ScopedSchedule(const ScopedSchedule&) = delete;
+  ScopedSchedule& operator=(const ScopedSchedule&) = delete;
+
+ private:
+  Schedule previous_;
+};
+
+struct Stats {
+  std::uint64_t launches = 0;
+  std::uint64_t blocks = 0;
+  std::uint64_t threads = 0;   // thread instances run
+  std::uint64_t switches = 0;  // fiber context switches
+};
+Stats stats();
+void reset_stats();
+
+// Largest dynamic shared memory a launch may ask for (sm_80: 163 KiB per block).
+inline constexpr std::size_t kMaxDynamicSmem = 163 * 1024;
+
+namespace detail {
+// Built-in variables of the running thread/block (plain globals: one launch at a time; threadIdx is
+// rewritten at every fiber switch, and switches happen only inside the out-of-line functions below).
+extern uint3 g_thread_idx;
+extern uint3 g_block_idx;
+extern uint3 g_block_dim;
+extern uint3 g_grid_dim;
+extern unsigned char* g_dynamic_smem;
+
+enum class Op : std::uint8_t {
+  ShflIdx,
+  ShflUp,
+  ShflDown,
+  ShflXor,
+  Ballot,
+  Any,
+  All,
+  SyncWarp,
+  ReduceAdd,
+  ReduceMinU,
+  ReduceMaxU,
+  ReduceMinI,
+  ReduceMaxI,
+  ReduceAnd,
+  ReduceOr,
+  ReduceXor,
+};
+// Blocks the calling thread until every lane of `mask` calls the same collective; returns this
+// lane's result (the 64-bit pattern of the value read, or the ballot/reduction).
+std::uint64_t warp_collective(Op op, unsigned int mask, std::uint64_t value, int arg, int width);
+enum class Barrier : std::uint8_t { Sync, Count, And, Or };
+int block_barrier(Barrier kind, int predicate);
+unsigned int active_mask();
+
+template <typename T> inline T shfl(Op op, unsigned int mask, T var, int arg, int width) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffle of an unsupported type");
+  std::uint64_t in = 0;
+  std::memcpy(&in, &var, sizeof(T));
+  const std::uint64_t out = warp_collective(op, mask, in, arg, width);
+  T r;
+  std::memcpy(&r, &out, sizeof(T));
+  return r;
+}
+
+struct LaunchDesc {
+  const void* kernel;  // for messages
+  dim3 grid;
+  dim3 block;
+  std::size_t smem_bytes;
+  void (*invoke)(void* ctx);  // runs the kernel body for the current thread
+  void* ctx;
+};
+void run_launch(const LaunchDesc& desc);
+}  // namespace detail
+
+// Runs kernel<<<grid, block, smem_bytes, stream>>>(args...) to completion on the calling thread.
+// Arguments are converted to the kernel's parameter types once; every thread gets a copy.
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_bytes, cudaStream_t stream,
+            Args&&... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args), "simt::launch: wrong number of kernel arguments");
+  (void)stream;
+  using Params = std::tuple<std::decay_t<KArgs>...>;
+  struct Ctx {
+    void (*kernel)(KArgs...);
+    Params params;
+  };
+  Ctx ctx{kernel, Params(std::forward<Args>(args)...)};
+  detail::LaunchDesc desc{reinterpret_cast<const void*>(kernel), grid, block, smem_bytes,
+                          [](void* c) {
+                            Ctx* x = static_cast<Ctx*>(c);
+                            std::apply(x->kernel, x->params);
+                          },
+                          &ctx};
+  detail::run_launch(desc);
+}
+
+// The dynamic shared memory of the running launch (common.cuh's dynamic_smem<T>() uses it).
+inline void* dynamic_smem() { return detail::g_dynamic_smem; }
+
+}  // namespace simt
+
+// ------------------------------------------------------------------------------------------------
+// Built-in variables
+// ------------------------------------------------------------------------------------------------
+#define threadIdx (static_cast<const uint3&>(::simt::detail::g_thread_idx))
+#define blockIdx (static_cast<const uint3&>(::simt::detail::g_block_idx))
+#define blockDim (static_cast<const uint3&>(::simt::detail::g_block_dim))
+#define gridDim (static_cast<const uint3&>(::simt::detail::g_grid_dim))
+inline constexpr int warpSize = 32;
+
+// ------------------------------------------------------------------------------------------------
+// Barriers and warp collectives
+// ------------------------------------------------------------------------------------------------
+inline void __syncthreads() { simt::detail::block_barrier(simt::detail::Barrier::Sync, 1); }
+inline int __syncthreads_count(int p) { return simt::detail::block_barrier(simt::detail::Barrier::Count, p); }
+inline int __syncthreads_and(int p) { return simt::detail::block_barrier(simt::detail::Barrier::And, p); }
+inline int __syncthreads_or(int p) { return simt::detail::block_barrier(simt::detail::Barrier::Or, p); }
+inline void __syncwarp(unsigned int mask = 0xffffffffu) {
+  simt::detail::warp_collective(simt::detail::Op::SyncWarp, mask, 0, 0, 32);
+}
+inline unsigned int __activemask() { return simt::detail::active_mask(); }
+
+#define SIMT_SHFL_OVERLOADS(T)                                                                         \
+  inline T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSize) {                 \
+    return simt::detail::shfl(simt::detail::Op::ShflIdx, mask, var, src_lane, width);                  \
+  }                                                                                                    \
+  inline T __shfl_up_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {        \
+    return simt::detail::shfl(simt::detail::Op::ShflUp, mask, var, static_cast<int>(delta), width);    \
+  }                                                                                                    \
+  inline T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {      \
+    return simt::detail::shfl(simt::detail::Op::ShflDown, mask, var, static_cast<int>(delta), width);  \
+  }                                                                                                    \
+  inline T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = warpSize) {            \
+    return simt::detail::shfl(simt::detail::Op::ShflXor, mask, var, lane_mask, width);                 \
+  }
+SIMT_SHFL_OVERLOADS(int)
+SIMT_SHFL_OVERLOADS(unsigned int)
+SIMT_SHFL_OVERLOADS(long)
+SIMT_SHFL_OVERLOADS(unsigned long)
+SIMT_SHFL_OVERLOADS(long long)
+SIMT_SHFL_OVERLOADS(unsigned long long)
+SIMT_SHFL_OVERLOADS(float)
+SIMT_SHFL_OVERLOADS(double)
+SIMT_SHFL_OVERLOADS(__nv_bfloat16)
+SIMT_SHFL_OVERLOADS(__nv_bfloat162)
+#undef SIMT_SHFL_OVERLOADS
+
+inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
+  return static_cast<unsigned int>(
+      simt::detail::warp_collective(simt::detail::Op::Ballot, mask, predicate != 0, 0, 32));
+}
+inline int __any_sync(unsigned int mask, int predicate) {
+  return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::Any, mask, predicate != 0, 0, 32));
+}
+inline int __all_sync(unsigned int mask, int predicate) {
+  return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::All, mask, predicate != 0, 0, 32));
+}
+inline unsigned int __reduce_add_sync(unsigned int mask, unsigned int v) {
+  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceAdd, mask, v, 0, 32));
+}
+inline int __reduce_add_sync(unsigned int mask, int v) {
+  return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::ReduceAdd, mask,
+                                                        static_cast<unsigned int>(v), 0, 32));
+}
+inline unsigned int __reduce_min_sync(unsigned int mask, unsigned int v) {
+  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceMinU, mask, v, 0, 32));
+}
+inline unsigned int __reduce_max_sync(unsigned int mask, unsigned int v) {
+  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceMaxU, mask, v, 0, 32));
+}
+inline int __reduce_min_sync(unsigned int mask, int v) {
+  return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::ReduceMinI, mask,
+                                                        static_cast<unsigned int>(v), 0, 32));
+}
+inline int __reduce_max_sync(unsigned int mask, int v) {
+  return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::ReduceMaxI, mask,
+                                                        static_cast<unsigned int>(v), 0, 32));
+}
+inline unsigned int __reduce_and_sync(unsigned int mask, unsigned int v) {
+  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceAnd, mask, v, 0, 32));
+}
+inline unsigned int __reduce_or_sync(unsigned int mask, unsigned int v) {
+  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceOr, mask, v, 0, 32));
+}
+inline unsigned int __reduce_xor_sync(unsigned int mask, unsigned int v) {
+  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceXor, mask, v, 0, 32));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Atomics (std::atomic_ref; also valid on __shared__ memory)
+// ------------------------------------------------------------------------------------------------
+namespace simt::detail {
+template <typename T> inline std::atomic_ref<T> aref(T* p) { return std::atomic_ref<T>(*p); }
+template <typename T, typename F> inline T atomic_update(T* p, F f) {
+  std::atomic_ref<T> a(*p);
+  T old = a.load(std::memory_order_relaxed);
+  while (!a.compare_exchange_weak(old, f(old), std::memory_order_relaxed)) {
+  }
+  return old;
+}
+}  // namespace simt::detail
+
+#define SIMT_ATOMIC_INT(T)                                                                            \
+  inline T atomicAdd(T* p, T v) { return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed); } \
+  inline T atomicSub(T* p, T v) { return simt::detail::aref(p).fetch_sub(v, std::memory_order_relaxed); } \
+  inline T atomicAnd(T* p, T v) { return simt::detail::aref(p).fetch_and(v, std::memory_order_relaxed); } \
+  inline T atomicOr(T* p, T v) { return simt::detail::aref(p).fetch_or(v, std::memory_order_relaxed); }   \
+  inline T atomicXor(T* p, T v) { return simt::detail::aref(p).fetch_xor(v, std::memory_order_relaxed); } \
+  inline T atomicExch(T* p, T v) { return simt::detail::aref(p).exchange(v, std::memory_order_relaxed); } \
+  inline T atomicMax(T* p, T v) { return simt::detail::atomic_update(p, [v](T o) { return o > v ? o : v; }); } \
+  inline T atomicMin(T* p, T v) { return simt::detail::atomic_update(p, [v](T o) { return o < v ? o : v; }); } \
+  inline T atomicCAS(T* p, T compare, T v) {                                                          \
+    simt::detail::aref(p).compare_exchange_strong(compare, v, std::memory_order_relaxed);             \
+    return compare;                                                                                   \
+  }
+SIMT_ATOMIC_INT(int)
+SIMT_ATOMIC_INT(unsigned int)
+SIMT_ATOMIC_INT(unsigned long long)
+SIMT_ATOMIC_INT(long long)
+#undef SIMT_ATOMIC_INT
+inline unsigned short atomicCAS(unsigned short* p, unsigned short compare, unsigned short v) {
+  simt::detail::aref(p).compare_exchange_strong(compare, v, std::memory_order_relaxed);
+  return compare;
+}
+inline float atomicAdd(float* p, float v) { return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed); }
+inline double atomicAdd(double* p, double v) { return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed); }
+inline float atomicExch(float* p, float v) { return simt::detail::aref(p).exchange(v, std::memory_order_relaxed); }
+inline unsigned int atomicInc(unsigned int* p, unsigned int limit) {
+  return simt::detail::atomic_update(p, [limit](unsigned int o) { return o >= limit ? 0u : o + 1u; });
+}
+inline unsigned int atomicDec(unsigned int* p, unsigned int limit) {
+  return simt::detail::atomic_update(p, [limit](unsigned int o) { return (o == 0u || o > limit) ? limit : o - 1u; });
+}
+inline __nv_bfloat16 atomicAdd(__nv_bfloat16* p, __nv_bfloat16 v) {
+  unsigned short* bits = &p->__x;
+  const unsigned short old = simt::detail::atomic_update(bits, [v](unsigned short o) {
+    return __bfloat16_as_ushort(__hadd(__ushort_as_bfloat16(o), v));
+  });
+  return __ushort_as_bfloat16(old);
+}
+inline __nv_bfloat162 atomicAdd(__nv_bfloat162* p, __nv_bfloat162 v) {
+  return {atomicAdd(&p->x, v.x), atomicAdd(&p->y, v.y)};
+}
