@@ -1,0 +1,472 @@
+// tests/simt/test_optimizer.cpp — kernels/optimizer.cu in the SIMT simulator against the
+// CPU backend: AdamW, sum of squares (grad norm), Muon momentum and update, Frobenius
+// normalisation and QK-clip row scaling, fp32 within 1e-5 and bf16 within 2e-2 (relative L2), no
+// NaN in any output, reductions bit-identical under every schedule; stochastic rounding of the bf16
+// weight copies is unbiased (mean of many roundings within a few standard errors) and always one of
+// the two neighbouring bf16 values.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "moetrain/cpu_backend.hpp"
+#include "optimizer.cuh"
+
+namespace {
+
+namespace mk = moetrain::kernels;
+using bf16 = __nv_bfloat16;
+
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(size_t count) : n(count) { MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T))); }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void upload(const std::vector<T>& host) {
+    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
+  std::vector<T> download() const {
+    std::vector<T> host(n);
+    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+  T get() const {
+    T v;
+    MOETRAIN_CUDA_CHECK(cudaMemcpy(&v, ptr, sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
+  REQUIRE(out.size() == ref.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double d = double(out[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+double rel_error(double out, double ref) { return std::fabs(out - ref) / std::max(1e-300, std::fabs(ref)); }
+
+bool has_nan(const std::vector<float>& v) {
+  for (float x : v)
+    if (std::isnan(x)) return true;
+  return false;
+}
+
+std::vector<float> randn(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = normal(rng);
+  return v;
+}
+
+template <typename T>
+std::vector<T> to_storage(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = v[i];
+    } else {
+      out[i] = mk::float_to_bf16(v[i]);
+    }
+  }
+  return out;
+}
+template <typename T>
+std::vector<float> to_float(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = v[i];
+    } else {
+      out[i] = mk::bf16_to_float(v[i]);
+    }
+  }
+  return out;
+}
+template <typename T>
+constexpr double tol_of() {
+  return std::is_same_v<T, float> ? 1e-5 : 2e-2;
+}
+
+// The two bf16 values around x (equal when x is a bf16 value).
+void bf16_neighbours(float x, uint16_t& lo, uint16_t& hi) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  lo = static_cast<uint16_t>(u >> 16);  // truncation toward zero
+  hi = (u & 0xffffu) ? static_cast<uint16_t>(lo + 1) : lo;
+}
+// Number of elements of `copy` that are not one of the two bf16 neighbours of `master`.
+size_t count_not_neighbour(const std::vector<bf16>& copy, const std::vector<float>& master) {
+  size_t bad = 0;
+  for (size_t i = 0; i < copy.size(); ++i) {
+    uint16_t lo, hi;
+    bf16_neighbours(master[i], lo, hi);
+    const uint16_t b = mk::bf16_bits(copy[i]);
+    if (b != lo && b != hi) ++bad;
+  }
+  return bad;
+}
+
+const std::vector<simt::Schedule>& schedules() {
+  static const std::vector<simt::Schedule> s{simt::Schedule::forward(), simt::Schedule::reverse(), simt::Schedule::random(5)};
+  return s;
+}
+
+double g_max_err_f32 = 0, g_max_err_bf16 = 0;
+void record(double err, bool bf16_out) {
+  double& g = bf16_out ? g_max_err_bf16 : g_max_err_f32;
+  g = std::max(g, err);
+}
+
+// ---- AdamW ----------------------------------------------------------------------------------------
+template <typename TW>
+void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
+  constexpr bool kBf16W = std::is_same_v<TW, bf16>;
+  std::mt19937 rng(seed);
+  const auto w_s = to_storage<TW>(randn(n, rng, 0.05f));
+  const auto w0 = to_float(w_s);
+  const auto g = randn(n, rng, 0.01f);
+  const auto m0 = randn(n, rng, 0.003f);
+  auto v0 = randn(n, rng, 1e-4f);
+  for (auto& x : v0) x = x * x;
+  const double lr = 3e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1;
+  const int64_t t = 7;
+
+  moetrain::CpuBackend<float> be;
+  std::vector<float> r_w = w0, r_m = m0, r_v = v0, r_g = g;
+  be.scale(r_g.data(), n, grad_scale);  // what the CPU optimizer does before the update
+  const double r_sq = be.adamw_update(r_w.data(), r_g.data(), r_m.data(), r_v.data(), n, lr, b1, b2, eps, wd, t);
+
+  DeviceBuffer<TW> d_w(w_s);
+  DeviceBuffer<bf16> d_copy(n);
+  DeviceBuffer<float> d_g(g), d_m(m0), d_v(v0);
+  DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems()), d_sq(1);
+  const auto params = mk::adamw_params(lr, b1, b2, eps, wd, t);
+  double first_sq = -1;
+  for (const simt::Schedule& s : schedules()) {
+    simt::ScopedSchedule scope(s);
+    INFO("adamw " << (kBf16W ? "bf16" : "fp32") << " weights, n " << n << ", schedule " << s.name());
+    d_w.upload(w_s);
+    d_m.upload(m0);
+    d_v.upload(v0);
+    d_copy.poison();
+    d_sq.poison();
+    d_ws.poison();
+    mk::adamw_update(d_w.ptr, with_copy ? d_copy.ptr : nullptr, d_g.ptr, grad_scale, d_m.ptr, d_v.ptr, n, params, 1234, 17,
+                     d_ws.ptr, d_sq.ptr, false, nullptr);
+    const auto w = to_float(d_w.download()), m = d_m.download(), v = d_v.download();
+    const double sq = d_sq.get();
+    REQUIRE_FALSE(has_nan(w));
+    REQUIRE_FALSE(has_nan(m));
+    REQUIRE_FALSE(has_nan(v));
+    REQUIRE(std::isfinite(sq));
+    const double ew = rel_error(w, r_w), em = rel_error(m, r_m), ev = rel_error(v, r_v), esq = rel_error(sq, r_sq);
+    INFO("errors: w " << ew << " m " << em << " v " << ev << " sumsq " << esq);
+    CHECK(ew <= tol_of<TW>());
+    CHECK(em <= 1e-5);
+    CHECK(ev <= 1e-5);
+    CHECK(esq <= 1e-5);
+    record(ew, kBf16W);
+    record(std::max({em, ev, esq}), false);
+    if (with_copy) {
+      const auto copy = d_copy.download();
+      CHECK(count_not_neighbour(copy, w) == 0);
+      const double ec = rel_error(to_float(copy), r_w);
+      CHECK(ec <= 2e-2);
+      record(ec, true);
+    }
+    if (first_sq < 0) first_sq = sq;
+    CHECK(std::memcmp(&first_sq, &sq, sizeof sq) == 0);
+  }
+}
+
+// ---- sum of squares -------------------------------------------------------------------------------
+template <typename T>
+void check_sum_squares(size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  const auto x_s = to_storage<T>(randn(n, rng, 0.3f));
+  const auto x = to_float(x_s);
+  moetrain::CpuBackend<float> be;
+  const double ref = be.sum_squares(x.data(), n);
+  DeviceBuffer<T> d_x(x_s);
+  DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems()), d_out(1);
+  double first = -1;
+  for (const simt::Schedule& s : schedules()) {
+    simt::ScopedSchedule scope(s);
+    INFO("sum_squares n " << n << ", schedule " << s.name());
+    d_out.poison();
+    mk::sum_squares(d_x.ptr, n, d_ws.ptr, d_out.ptr, false, nullptr);
+    const double v = d_out.get();
+    CHECK(rel_error(v, ref) <= 1e-12);
+    record(rel_error(v, ref), false);
+    mk::sum_squares(d_x.ptr, n, d_ws.ptr, d_out.ptr, true, nullptr);  // accumulate: twice the sum
+    CHECK(rel_error(d_out.get(), 2 * ref) <= 1e-12);
+    if (first < 0) first = v;
+    CHECK(std::memcmp(&first, &v, sizeof v) == 0);
+  }
+}
+
+// ---- Muon -----------------------------------------------------------------------------------------
+template <typename TU>
+void check_muon_momentum(size_t n, unsigned seed, bool nesterov, float grad_scale) {
+  std::mt19937 rng(seed);
+  const auto M0 = randn(n, rng), G = randn(n, rng);
+  const float mu = 0.95f;
+  moetrain::CpuBackend<float> be;
+  std::vector<float> r_M = M0, r_U(n), r_G = G;
+  be.scale(r_G.data(), n, grad_scale);
+  be.muon_momentum(r_M.data(), r_U.data(), r_G.data(), n, mu, nesterov);
+  DeviceBuffer<float> d_M(M0), d_G(G);
+  DeviceBuffer<TU> d_U(n);
+  for (const simt::Schedule& s : schedules()) {
+    simt::ScopedSchedule scope(s);
+    INFO("muon_momentum nesterov " << nesterov << ", schedule " << s.name());
+    d_M.upload(M0);
+    d_U.poison();
+    mk::muon_momentum(d_M.ptr, d_U.ptr, d_G.ptr, grad_scale, n, mu, nesterov, nullptr);
+    const auto M = d_M.download();
+    const auto U = to_float(d_U.download());
+    REQUIRE_FALSE(has_nan(M));
+    REQUIRE_FALSE(has_nan(U));
+    const double eM = rel_error(M, r_M), eU = rel_error(U, r_U);
+    CHECK(eM <= 1e-5);
+    CHECK(eU <= tol_of<TU>());
+    record(eM, false);
+    record(eU, !std::is_same_v<TU, float>);
+  }
+}
+
+template <typename TW, typename TO>
+void check_muon_update(size_t n, unsigned seed, bool with_copy) {
+  constexpr bool kBf16W = std::is_same_v<TW, bf16>;
+  std::mt19937 rng(seed);
+  const auto w_s = to_storage<TW>(randn(n, rng, 0.05f));
+  const auto o_s = to_storage<TO>(randn(n, rng, 0.03f));
+  const auto w0 = to_float(w_s), O = to_float(o_s);
+  const float lr = 0.02f, s = 0.2f * std::sqrt(96.0f), wd = 0.1f;
+  moetrain::CpuBackend<float> be;
+  std::vector<float> r_w = w0;
+  const double r_sq = be.muon_update(r_w.data(), O.data(), n, lr, s, wd);
+  DeviceBuffer<TW> d_w(w_s);
+  DeviceBuffer<TO> d_O(o_s);
+  DeviceBuffer<bf16> d_copy(n);
+  DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems()), d_sq(1);
+  double first_sq = -1;
+  for (const simt::Schedule& sch : schedules()) {
+    simt::ScopedSchedule scope(sch);
+    INFO("muon_update W " << (kBf16W ? "bf16" : "fp32") << " O " << (std::is_same_v<TO, float> ? "fp32" : "bf16")
+                          << ", schedule " << sch.name());
+    d_w.upload(w_s);
+    d_copy.poison();
+    d_sq.poison();
+    mk::muon_update(d_w.ptr, with_copy ? d_copy.ptr : nullptr, d_O.ptr, n, lr, s, wd, 99, 0, d_ws.ptr, d_sq.ptr, false,
+                    nullptr);
+    const auto w = to_float(d_w.download());
+    const double sq = d_sq.get();
+    REQUIRE_FALSE(has_nan(w));
+    const double ew = rel_error(w, r_w), esq = rel_error(sq, r_sq);
+    INFO("errors: w " << ew << " sumsq " << esq);
+    CHECK(ew <= tol_of<TW>());
+    CHECK(esq <= 1e-5);
+    record(ew, kBf16W);
+    record(esq, false);
+    if (with_copy) {
+      const auto copy = d_copy.download();
+      CHECK(count_not_neighbour(copy, w) == 0);
+    }
+    if (first_sq < 0) first_sq = sq;
+    CHECK(std::memcmp(&first_sq, &sq, sizeof sq) == 0);
+  }
+}
+
+template <typename TIn, typename TOut>
+void check_frobenius(int batch, size_t elems, unsigned seed, bool in_place) {
+  std::mt19937 rng(seed);
+  std::vector<float> x = randn(size_t(batch) * elems, rng, 0.7f);
+  for (size_t i = 0; i < elems; ++i) x[i] *= 30.0f;  // matrices of different norms
+  const auto in_s = to_storage<TIn>(x);
+  const auto xin = to_float(in_s);
+  moetrain::CpuBackend<float> be;
+  std::vector<float> ref = xin;
+  be.frobenius_normalize(ref.data(), batch, elems, 1e-7);
+  DeviceBuffer<TIn> d_in(in_s);
+  DeviceBuffer<TOut> d_out(size_t(batch) * elems);
+  DeviceBuffer<double> d_ws(mk::frobenius_workspace_elems(batch, elems));
+  for (const simt::Schedule& s : schedules()) {
+    simt::ScopedSchedule scope(s);
+    INFO("frobenius batch " << batch << " elems " << elems << " in place " << in_place << ", schedule " << s.name());
+    d_ws.poison();
+    std::vector<float> out;
+    if constexpr (std::is_same_v<TIn, TOut>) {
+      if (in_place) {
+        d_in.upload(in_s);
+        mk::frobenius_normalize(d_in.ptr, d_in.ptr, batch, elems, 1e-7, d_ws.ptr, nullptr);
+        out = to_float(d_in.download());
+      }
+    }
+    if (!in_place) {
+      d_out.poison();
+      mk::frobenius_normalize(d_out.ptr, d_in.ptr, batch, elems, 1e-7, d_ws.ptr, nullptr);
+      out = to_float(d_out.download());
+    }
+    REQUIRE_FALSE(has_nan(out));
+    const double e = rel_error(out, ref);
+    CHECK(e <= tol_of<TOut>());
+    record(e, !std::is_same_v<TOut, float>);
+  }
+}
+
+template <typename TW>
+void check_scale_row_blocks(unsigned seed, bool with_copy) {
+  constexpr bool kBf16W = std::is_same_v<TW, bf16>;
+  const int heads = 5, head_dim = 6, d_model = 43;
+  const size_t block = size_t(head_dim) * d_model, n = block * heads;
+  std::mt19937 rng(seed);
+  const auto w_s = to_storage<TW>(randn(n, rng, 0.05f));
+  const auto w0 = to_float(w_s);
+  const std::vector<float> factors{1.0f, 0.5f, 0.8123f, 1.0f, 0.0371f};
+  moetrain::CpuBackend<float> be;
+  std::vector<float> ref = w0;
+  for (int h = 0; h < heads; ++h)
+    if (factors[h] != 1.0f) be.scale(ref.data() + size_t(h) * block, block, factors[h]);
+  const std::vector<bf16> copy0(n, mk::bf16_from_bits(0x3f80));  // 1.0: must stay in unclipped heads
+  DeviceBuffer<TW> d_w(w_s);
+  DeviceBuffer<bf16> d_copy(copy0);
+  DeviceBuffer<float> d_f(factors);
+  for (const simt::Schedule& s : schedules()) {
+    simt::ScopedSchedule scope(s);
+    INFO("scale_row_blocks " << (kBf16W ? "bf16" : "fp32") << ", schedule " << s.name());
+    d_w.upload(w_s);
+    d_copy.upload(copy0);
+    mk::scale_row_blocks(d_w.ptr, with_copy ? d_copy.ptr : nullptr, heads, block, d_f.ptr, nullptr);
+    const auto w = to_float(d_w.download());
+    REQUIRE_FALSE(has_nan(w));
+    const double e = rel_error(w, ref);
+    CHECK(e <= tol_of<TW>());
+    record(e, kBf16W);
+    for (int h : {0, 3})  // unclipped heads: bit for bit untouched
+      CHECK(std::memcmp(w.data() + h * block, w0.data() + h * block, block * sizeof(float)) == 0);
+    if (with_copy) {
+      const auto copy = d_copy.download();
+      size_t bad = 0;
+      for (size_t i = 0; i < n; ++i) {
+        const int h = int(i / block);
+        const uint16_t want = factors[h] == 1.0f ? 0x3f80 : mk::bf16_bits(mk::float_to_bf16(w[i]));
+        if (mk::bf16_bits(copy[i]) != want) ++bad;
+      }
+      CHECK(bad == 0);
+    }
+    // The single-block form on head 2 only, from the original weights.
+    d_w.upload(w_s);
+    mk::scale_rows(d_w.ptr + 2 * block, static_cast<bf16*>(nullptr), block, factors[2], nullptr);
+    const auto w2 = to_float(d_w.download());
+    CHECK(rel_error(std::vector<float>(w2.begin() + 2 * block, w2.begin() + 3 * block),
+                    std::vector<float>(ref.begin() + 2 * block, ref.begin() + 3 * block)) <= tol_of<TW>());
+    CHECK(std::memcmp(w2.data(), w0.data(), 2 * block * sizeof(float)) == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("optimizer kernels: AdamW matches the CPU backend", "[simt][kernels]") {
+  check_adamw<float>(10007, 1, true, 1.0f);
+  check_adamw<float>(333, 2, false, 0.3125f);  // a clip coefficient / world averaging folded in
+  check_adamw<bf16>(4099, 3, false, 0.77f);
+}
+
+TEST_CASE("optimizer kernels: sum of squares (grad norm) is exact and deterministic", "[simt][kernels]") {
+  check_sum_squares<float>(1, 4);
+  check_sum_squares<float>(100003, 5);
+  check_sum_squares<bf16>(12345, 6);
+}
+
+TEST_CASE("optimizer kernels: Muon momentum, update and Frobenius normalisation", "[simt][kernels]") {
+  check_muon_momentum<float>(5003, 7, true, 1.0f);
+  check_muon_momentum<float>(777, 8, false, 0.4f);
+  check_muon_momentum<bf16>(5003, 9, true, 0.93f);
+  check_muon_update<float, float>(6007, 10, true);
+  check_muon_update<float, bf16>(3001, 11, false);
+  check_muon_update<bf16, bf16>(3001, 12, false);
+  check_frobenius<float, float>(3, 9001, 13, false);
+  check_frobenius<float, float>(4, 555, 14, true);
+  check_frobenius<float, bf16>(2, 70001, 15, false);  // more than one chunk per matrix
+  check_frobenius<bf16, bf16>(3, 1000, 16, true);
+}
+
+TEST_CASE("optimizer kernels: QK-clip row scaling", "[simt][kernels]") {
+  check_scale_row_blocks<float>(17, true);
+  check_scale_row_blocks<float>(18, false);
+  check_scale_row_blocks<bf16>(19, false);
+  if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
+    std::printf("optimizer kernels: max relative error fp32 %.3g, bf16 %.3g\n", g_max_err_f32, g_max_err_bf16);
+}
+
+TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased", "[simt][kernels]") {
+  // lr = 0: the weights stay exactly x and every copy is one stochastic rounding of x.
+  const size_t n = 20000;
+  for (const float frac : {0.3f, 0.9f}) {
+    for (const float sign : {1.0f, -1.0f}) {
+      const float ulp = std::ldexp(1.0f, -7);  // bf16 spacing in [1, 2)
+      const float x = sign * (1.0f + 5 * ulp + frac * ulp);
+      uint16_t lo, hi;
+      bf16_neighbours(x, lo, hi);
+      std::vector<float> w0(n, x), zeros(n, 0.0f);
+      DeviceBuffer<float> d_w(w0), d_g(zeros), d_m(zeros), d_v(zeros), d_O(zeros);
+      DeviceBuffer<bf16> d_copy(n);
+      DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems());
+      for (int which = 0; which < 2; ++which) {
+        INFO("x " << x << (which == 0 ? " adamw" : " muon_update"));
+        d_copy.poison();
+        if (which == 0)
+          mk::adamw_update(d_w.ptr, d_copy.ptr, d_g.ptr, 1.0f, d_m.ptr, d_v.ptr, n, mk::adamw_params(0.0, 0.9, 0.95, 1e-8, 0.1, 1),
+                           42 + which, 1000, d_ws.ptr, nullptr, false, nullptr);
+        else
+          mk::muon_update(d_w.ptr, d_copy.ptr, d_O.ptr, n, 0.0f, 1.0f, 0.1f, 4242, 0, d_ws.ptr, nullptr, false, nullptr);
+        const auto w = d_w.download();
+        const auto copy = d_copy.download();
+        REQUIRE(std::memcmp(w.data(), w0.data(), n * sizeof(float)) == 0);
+        size_t ups = 0, others = 0;
+        double mean = 0;
+        for (const bf16 c : copy) {
+          const uint16_t b = mk::bf16_bits(c);
+          if (b == hi) ++ups;
+          else if (b != lo) ++others;
+          mean += mk::bf16_to_float(c);
+        }
+        mean /= double(n);
+        CHECK(others == 0);
+        const double se = ulp * std::sqrt(double(frac) * (1 - frac) / double(n));
+        INFO("mean " << mean << " expected " << x << " standard error " << se << " round-ups " << ups);
+        CHECK(std::fabs(mean - double(x)) <= 4 * se);
+        CHECK(std::fabs(double(ups) / n - frac) <= 4 * std::sqrt(double(frac) * (1 - frac) / n));
+      }
+    }
+  }
+  // bf16 weights that are already bf16 values do not drift under a zero update.
+  std::mt19937 rng(20);
+  const auto w_s = to_storage<bf16>(randn(3000, rng));
+  const std::vector<float> zeros(3000, 0.0f);
+  DeviceBuffer<bf16> d_w(w_s);
+  DeviceBuffer<float> d_O(zeros);
+  DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems());
+  mk::muon_update(d_w.ptr, static_cast<bf16*>(nullptr), d_O.ptr, 3000, 0.0f, 1.0f, 0.0f, 5, 0, d_ws.ptr, nullptr, false,
+                  nullptr);
+  const auto w = d_w.download();
+  CHECK(std::memcmp(w.data(), w_s.data(), 3000 * sizeof(bf16)) == 0);
+}

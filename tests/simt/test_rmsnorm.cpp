@@ -1,0 +1,215 @@
+// tests/simt/test_rmsnorm.cpp — kernels/rmsnorm.cu in the SIMT simulator against the CPU backend, in
+// fp32 and bf16: the fused residual add (in place and out of place) and RMSNorm forward (x, y, rstd),
+// and the backward (dx accumulated into a residual gradient, dgain through per-block partials), on
+// NaN-poisoned outputs and workspace, under several schedules, with more rows than the grid covers,
+// and widths that change the backward's warps per block (including more than 48 KiB of partials).
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+#include "moetrain/cpu_backend.hpp"
+#include "rmsnorm.cuh"
+
+namespace {
+
+namespace mk = moetrain::kernels;
+using bf16 = __nv_bfloat16;
+
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(size_t count) : n(count) {
+    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
+  }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void upload(const std::vector<T>& host) {
+    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
+  std::vector<T> download() const {
+    std::vector<T> host(n);
+    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+};
+
+double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
+  REQUIRE(out.size() == ref.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double d = double(out[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+bool has_nan(const std::vector<float>& v) {
+  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
+}
+
+template <typename T>
+std::vector<T> to_storage(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = v[i];
+    } else {
+      out[i] = mk::float_to_bf16(v[i]);
+    }
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<float> to_float(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = v[i];
+    } else {
+      out[i] = mk::bf16_to_float(v[i]);
+    }
+  }
+  return out;
+}
+
+// The values a T buffer can hold: inputs are rounded before the reference sees them.
+template <typename T>
+std::vector<float> representable(const std::vector<float>& v) {
+  return to_float(to_storage<T>(v));
+}
+
+std::vector<float> random_floats(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = normal(rng);
+  return v;
+}
+
+// forward, reverse, random(1), random(2)
+std::vector<simt::Schedule> test_schedules() { return simt::standard_schedules(); }
+
+struct Case {
+  int n, d;
+  bool branch;    // fused residual add
+  bool in_place;  // x_out == x_in
+  int max_blocks;
+};
+
+double g_max_err[2] = {0, 0};  // over every output, fp32 / bf16
+
+template <typename T>
+void run_case(const Case& c, unsigned seed) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  const double tol = kF32 ? 1e-5 : 2e-2;
+  const int n = c.n, d = c.d;
+  const float eps = 1e-6f;
+  std::mt19937 rng(seed);
+  const std::vector<float> x_in = representable<T>(random_floats(size_t(n) * d, rng));
+  const std::vector<float> branch = representable<T>(random_floats(size_t(n) * d, rng));
+  std::vector<float> gain = random_floats(d, rng);
+  for (auto& g : gain) g = 1.0f + 0.2f * g;
+  gain = representable<T>(gain);
+  const std::vector<float> dy = representable<T>(random_floats(size_t(n) * d, rng));
+  const std::vector<float> dx0 = representable<T>(random_floats(size_t(n) * d, rng));
+  const std::vector<float> dgain0 = representable<T>(random_floats(d, rng));
+
+  // CPU reference: the residual sum as stored (rounded to T), then RMSNorm.
+  moetrain::CpuBackend<float> be;
+  std::vector<float> r_x = x_in;
+  if (c.branch) {
+    for (size_t i = 0; i < r_x.size(); ++i) r_x[i] = x_in[i] + branch[i];
+    r_x = representable<T>(r_x);
+  }
+  std::vector<float> r_y(size_t(n) * d), r_rstd(n);
+  be.rmsnorm_forward(r_y.data(), r_rstd.data(), r_x.data(), gain.data(), n, d, eps);
+  std::vector<float> r_dx = dx0, r_dgain = dgain0;
+  be.rmsnorm_backward(r_dx.data(), r_dgain.data(), dy.data(), r_x.data(), gain.data(), r_rstd.data(), n, d);
+
+  DeviceBuffer<T> d_x_in(to_storage<T>(x_in)), d_branch(to_storage<T>(branch)), d_gain(to_storage<T>(gain));
+  DeviceBuffer<T> d_x_out(size_t(n) * d), d_y(size_t(n) * d), d_dx(size_t(n) * d), d_dgain(static_cast<size_t>(d));
+  DeviceBuffer<T> d_x(to_storage<T>(r_x)), d_dy(to_storage<T>(dy));
+  DeviceBuffer<float> d_rstd(static_cast<size_t>(n)), d_ref_rstd(r_rstd);
+  DeviceBuffer<unsigned char> d_ws(mk::rmsnorm_backward_workspace_bytes(n, d, c.max_blocks));
+  for (const simt::Schedule& s : test_schedules()) {
+    simt::ScopedSchedule scope(s);
+    INFO("n " << n << " d " << d << (c.branch ? (c.in_place ? " branch in place" : " branch") : "")
+              << " max_blocks " << c.max_blocks << " " << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
+    d_y.poison();
+    d_rstd.poison();
+    d_ws.poison();
+    d_x_out.poison();
+    d_x_in.upload(to_storage<T>(x_in));
+    T* x_out = !c.branch ? nullptr : c.in_place ? d_x_in.ptr : d_x_out.ptr;
+    mk::rmsnorm_forward(d_y.ptr, d_rstd.ptr, x_out, d_x_in.ptr, c.branch ? d_branch.ptr : nullptr, d_gain.ptr, n,
+                        d, eps, nullptr, c.max_blocks);
+    // The backward on the reference forward's x and rstd, so it is tested on its own.
+    d_dx.upload(to_storage<T>(dx0));
+    d_dgain.upload(to_storage<T>(dgain0));
+    mk::rmsnorm_backward(d_dx.ptr, d_dgain.ptr, d_dy.ptr, d_x.ptr, d_gain.ptr, d_ref_rstd.ptr, n, d, d_ws.ptr,
+                         nullptr, c.max_blocks);
+
+    const auto y = to_float(d_y.download()), dx = to_float(d_dx.download()), dgain = to_float(d_dgain.download());
+    const auto rstd = d_rstd.download();
+    REQUIRE_FALSE(has_nan(y));
+    REQUIRE_FALSE(has_nan(rstd));
+    REQUIRE_FALSE(has_nan(dx));
+    REQUIRE_FALSE(has_nan(dgain));
+    if (c.branch) {
+      const auto x = to_float((c.in_place ? d_x_in : d_x_out).download());
+      REQUIRE_FALSE(has_nan(x));
+      CHECK(x == r_x);  // one rounding of the same sum: exact
+    } else {
+      const auto untouched = to_float(d_x_out.download());
+      CHECK(std::all_of(untouched.begin(), untouched.end(), [](float v) { return std::isnan(v); }));
+    }
+    const double e_y = rel_error(y, r_y), e_rstd = rel_error(rstd, r_rstd);
+    const double e_dx = rel_error(dx, r_dx), e_dgain = rel_error(dgain, r_dgain);
+    INFO("errors: y " << e_y << " rstd " << e_rstd << " dx " << e_dx << " dgain " << e_dgain);
+    CHECK(e_y <= tol);
+    CHECK(e_rstd <= 1e-5);  // fp32 statistics of the same (rounded) x
+    CHECK(e_dx <= tol);
+    CHECK(e_dgain <= tol);
+    double& m = g_max_err[kF32 ? 0 : 1];
+    m = std::max({m, e_y, e_rstd, e_dx, e_dgain});
+  }
+}
+
+}  // namespace
+
+TEST_CASE("rmsnorm kernels: fused residual forward and backward match the CPU backend", "[simt][kernels]") {
+  g_max_err[0] = g_max_err[1] = 0;
+  const Case cases[] = {
+      {1, 1, false, false, 0},      // tiny
+      {37, 100, true, true, 0},     // fp32 packs, bf16 scalar; in-place residual update
+      {50, 264, true, false, 2},    // packs in both; 2 blocks walk 50 rows
+      {19, 72, false, false, 1},    // no residual; one block
+      {6, 3000, true, false, 0},    // 4 warps per backward block
+      {3, 12500, false, false, 0},  // 1 warp, 50 KiB of partials (shared-memory opt-in)
+  };
+  unsigned seed = 1;
+  for (const Case& c : cases) {
+    run_case<float>(c, seed);
+    run_case<bf16>(c, seed);
+    ++seed;
+  }
+  if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
+    std::printf("rmsnorm kernels: max relative error fp32 %.3g, bf16 %.3g\n", g_max_err[0], g_max_err[1]);
+}
+
+TEST_CASE("rmsnorm kernels: too wide rows are rejected", "[simt][kernels]") {
+  CHECK_THROWS_AS(mk::rmsnorm_backward_workspace_bytes(4, 100000), std::invalid_argument);
+}
