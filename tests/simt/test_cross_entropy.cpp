@@ -1,8 +1,8 @@
-// tests/simt/test_cross_entropy.cpp — kernels/cross_entropy.cu in the SIMT simulator against the CPU
-// backend, with fp32 and bf16 logits: per-token losses (fp32) and dlogits written over the logits,
-// padding targets (loss 0, zero row), grad_scale 0 (logits untouched), logits far from 0 (the max
-// subtraction matters), vocab sizes that take the scalar and the 16-byte-pack paths, more rows than
-// the grid covers, several schedules, NaN-poisoned losses.
+// tests/simt/test_cross_entropy.cpp — kernels/cross_entropy.cu in the SIMT simulator against the
+// CPU backend, with fp32 and bf16 logits: per-token losses (fp32) and dlogits written over the
+// logits, padding targets (loss 0, zero row), grad_scale 0 (logits untouched), logits far from 0
+// (the max subtraction matters), vocab sizes that take the scalar and the 16-byte-pack paths, more
+// rows than the grid covers, several schedules, NaN-poisoned losses.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -16,91 +16,12 @@
 #include <vector>
 
 #include "cross_entropy.cuh"
+#include "kernel_test_util.hpp"
 #include "moetrain/cpu_backend.hpp"
 
 namespace {
 
-namespace mk = moetrain::kernels;
-using bf16 = __nv_bfloat16;
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-};
-
-double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-bool has_nan(const std::vector<float>& v) {
-  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
-}
-
-template <typename T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::float_to_bf16(v[i]);
-    }
-  }
-  return out;
-}
-
-template <typename T>
-std::vector<float> to_float(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::bf16_to_float(v[i]);
-    }
-  }
-  return out;
-}
-
-// The values a T buffer can hold: inputs are rounded before the reference sees them.
-template <typename T>
-std::vector<float> representable(const std::vector<float>& v) {
-  return to_float(to_storage<T>(v));
-}
-
-std::vector<float> random_floats(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
-// forward, reverse, random(1), random(2)
-std::vector<simt::Schedule> test_schedules() { return simt::standard_schedules(); }
+using namespace kernel_test;
 
 struct Case {
   int n, vocab;
@@ -134,12 +55,12 @@ void run_case(const Case& c, unsigned seed) {
   DeviceBuffer<float> d_losses(size_t(c.n));
   for (const simt::Schedule& s : test_schedules()) {
     simt::ScopedSchedule scope(s);
-    INFO("n " << c.n << " vocab " << c.vocab << " grad_scale " << c.grad_scale << " max_blocks " << c.max_blocks
-              << " " << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
+    INFO("n " << c.n << " vocab " << c.vocab << " grad_scale " << c.grad_scale << " max_blocks "
+              << c.max_blocks << " " << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
     d_logits.upload(to_storage<T>(logits));
     d_losses.poison();
-    mk::cross_entropy(d_losses.ptr, d_logits.ptr, d_targets.ptr, c.n, c.vocab, c.grad_scale, nullptr,
-                      c.max_blocks);
+    mk::cross_entropy(d_losses.ptr, d_logits.ptr, d_targets.ptr, c.n, c.vocab, c.grad_scale,
+                      nullptr, c.max_blocks);
     const auto losses = d_losses.download();
     const auto dlogits = to_float(d_logits.download());
     REQUIRE_FALSE(has_nan(losses));
@@ -151,7 +72,8 @@ void run_case(const Case& c, unsigned seed) {
         for (int v = 0; v < c.vocab; ++v) REQUIRE(dlogits[size_t(i) * c.vocab + v] == 0.0f);
     }
     if (c.grad_scale == 0.0f) CHECK(dlogits == logits);  // no gradient asked: untouched
-    // Losses are fp32 outputs computed from the same (rounded) logits: fp32 tolerance in both builds.
+    // Losses are fp32 outputs computed from the same (rounded) logits: fp32 tolerance in both
+    // builds.
     const double e_l = rel_error(losses, r_losses), e_g = rel_error(dlogits, r_dlogits);
     INFO("errors: losses " << e_l << " dlogits " << e_g);
     CHECK(e_l <= 1e-5);
@@ -167,11 +89,11 @@ void run_case(const Case& c, unsigned seed) {
 TEST_CASE("cross_entropy kernel: losses and dlogits match the CPU backend", "[simt][kernels]") {
   for (auto& row : g_max_err) row[0] = row[1] = 0;
   const Case cases[] = {
-      {1, 1, 1.0f, 0, 0.0f, 1.0f, 0},          // tiny: loss 0, gradient 0
-      {7, 999, 0.37f, 2, 20.0f, 3.0f, 0},      // scalar path; padding; large offset
+      {1, 1, 1.0f, 0, 0.0f, 1.0f, 0},            // tiny: loss 0, gradient 0
+      {7, 999, 0.37f, 2, 20.0f, 3.0f, 0},        // scalar path; padding; large offset
       {40, 1000, 1.0f / 40, 3, -5.0f, 2.0f, 3},  // packs in both; 3 blocks walk 40 rows
-      {3, 5000, 0.5f, 0, 0.0f, 4.0f, 0},       // wide rows: many packs per thread
-      {9, 777, 0.0f, 1, 1.0f, 1.0f, 2},        // losses only
+      {3, 5000, 0.5f, 0, 0.0f, 4.0f, 0},         // wide rows: many packs per thread
+      {9, 777, 0.0f, 1, 1.0f, 1.0f, 2},          // losses only
   };
   unsigned seed = 1;
   for (const Case& c : cases) {
@@ -180,11 +102,14 @@ TEST_CASE("cross_entropy kernel: losses and dlogits match the CPU backend", "[si
     ++seed;
   }
   if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
-    std::printf("cross_entropy kernel: max relative error losses fp32 %.3g bf16 %.3g, dlogits fp32 %.3g bf16 %.3g\n",
-                g_max_err[0][0], g_max_err[1][0], g_max_err[0][1], g_max_err[1][1]);
+    std::printf(
+        "cross_entropy kernel: max relative error losses fp32 %.3g bf16 %.3g, dlogits fp32 %.3g "
+        "bf16 %.3g\n",
+        g_max_err[0][0], g_max_err[1][0], g_max_err[0][1], g_max_err[1][1]);
 }
 
-TEST_CASE("cross_entropy kernel: an out-of-range target gives NaN, not a wild read", "[simt][kernels]") {
+TEST_CASE("cross_entropy kernel: an out-of-range target gives NaN, not a wild read",
+          "[simt][kernels]") {
   const int vocab = 40;
   DeviceBuffer<float> logits(std::vector<float>(2 * vocab, 0.5f)), losses(2);
   DeviceBuffer<int32_t> targets(std::vector<int32_t>{3, vocab});

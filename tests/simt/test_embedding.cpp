@@ -1,8 +1,8 @@
-// tests/simt/test_embedding.cpp — kernels/embedding.cu in the SIMT simulator against the CPU backend,
-// in fp32 and bf16: the lookup exactly (a copy), the backward within tolerance (fp32: bit-for-bit, the
-// same summation order as the CPU), on NaN-poisoned outputs and workspace, under several schedules,
-// with repeated tokens, negative (padding) tokens, more rows than the grid covers, and sort sizes that
-// need the global bitonic steps (more than 2048 tokens).
+// tests/simt/test_embedding.cpp — kernels/embedding.cu in the SIMT simulator against the CPU
+// backend, in fp32 and bf16: the lookup exactly (a copy), the backward within tolerance (fp32:
+// bit-for-bit, the same summation order as the CPU), on NaN-poisoned outputs and workspace, under
+// several schedules, with repeated tokens, negative (padding) tokens, more rows than the grid
+// covers, and sort sizes that need the global bitonic steps (more than 2048 tokens).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -16,91 +16,12 @@
 #include <vector>
 
 #include "embedding.cuh"
+#include "kernel_test_util.hpp"
 #include "moetrain/cpu_backend.hpp"
 
 namespace {
 
-namespace mk = moetrain::kernels;
-using bf16 = __nv_bfloat16;
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-};
-
-double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-bool has_nan(const std::vector<float>& v) {
-  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
-}
-
-template <typename T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::float_to_bf16(v[i]);
-    }
-  }
-  return out;
-}
-
-template <typename T>
-std::vector<float> to_float(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::bf16_to_float(v[i]);
-    }
-  }
-  return out;
-}
-
-// The values a T buffer can hold: inputs are rounded before the reference sees them.
-template <typename T>
-std::vector<float> representable(const std::vector<float>& v) {
-  return to_float(to_storage<T>(v));
-}
-
-std::vector<float> random_floats(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
-// forward, reverse, random(1), random(2)
-std::vector<simt::Schedule> test_schedules() { return simt::standard_schedules(); }
+using namespace kernel_test;
 
 struct Case {
   int n, d, vocab;
@@ -138,9 +59,11 @@ void run_case(const Case& c, unsigned seed) {
   for (int i = 0; i < n; ++i) {
     if (tokens[i] < 0) continue;
     valid_tokens.push_back(tokens[i]);
-    valid_dout.insert(valid_dout.end(), dout.begin() + ptrdiff_t(i) * d, dout.begin() + ptrdiff_t(i + 1) * d);
+    valid_dout.insert(valid_dout.end(), dout.begin() + ptrdiff_t(i) * d,
+                      dout.begin() + ptrdiff_t(i + 1) * d);
   }
-  be.embedding_backward(r_dtable.data(), valid_dout.data(), valid_tokens.data(), int(valid_tokens.size()), d);
+  be.embedding_backward(r_dtable.data(), valid_dout.data(), valid_tokens.data(),
+                        int(valid_tokens.size()), d);
 
   DeviceBuffer<int32_t> d_tokens(tokens);
   DeviceBuffer<T> d_table(to_storage<T>(table)), d_dout(to_storage<T>(dout));
@@ -154,7 +77,8 @@ void run_case(const Case& c, unsigned seed) {
     d_ws.poison();
     d_dtable.upload(to_storage<T>(dtable0));
     mk::embedding_forward(d_out.ptr, d_tokens.ptr, d_table.ptr, n, d, nullptr, c.max_blocks);
-    mk::embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, n, d, d_ws.ptr, nullptr, c.max_blocks);
+    mk::embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, n, d, d_ws.ptr, nullptr,
+                           c.max_blocks);
     const auto out = to_float(d_out.download()), dtable = to_float(d_dtable.download());
     REQUIRE_FALSE(has_nan(out));
     REQUIRE_FALSE(has_nan(dtable));
@@ -185,8 +109,8 @@ TEST_CASE("embedding kernels: forward and backward match the CPU backend", "[sim
     ++seed;
   }
   if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
-    std::printf("embedding kernels: max backward relative error fp32 %.3g, bf16 %.3g\n", g_max_err[0],
-                g_max_err[1]);
+    std::printf("embedding kernels: max backward relative error fp32 %.3g, bf16 %.3g\n",
+                g_max_err[0], g_max_err[1]);
 }
 
 TEST_CASE("embedding kernels: empty input is a no-op", "[simt][kernels]") {

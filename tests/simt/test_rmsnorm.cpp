@@ -1,8 +1,9 @@
-// tests/simt/test_rmsnorm.cpp — kernels/rmsnorm.cu in the SIMT simulator against the CPU backend, in
-// fp32 and bf16: the fused residual add (in place and out of place) and RMSNorm forward (x, y, rstd),
-// and the backward (dx accumulated into a residual gradient, dgain through per-block partials), on
-// NaN-poisoned outputs and workspace, under several schedules, with more rows than the grid covers,
-// and widths that change the backward's warps per block (including more than 48 KiB of partials).
+// tests/simt/test_rmsnorm.cpp — kernels/rmsnorm.cu in the SIMT simulator against the CPU backend,
+// in fp32 and bf16: the fused residual add (in place and out of place) and RMSNorm forward (x, y,
+// rstd), and the backward (dx accumulated into a residual gradient, dgain through per-block
+// partials), on NaN-poisoned outputs and workspace, under several schedules, with more rows than
+// the grid covers, and widths that change the backward's warps per block (including more than 48
+// KiB of partials).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -15,92 +16,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernel_test_util.hpp"
 #include "moetrain/cpu_backend.hpp"
 #include "rmsnorm.cuh"
 
 namespace {
 
-namespace mk = moetrain::kernels;
-using bf16 = __nv_bfloat16;
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-};
-
-double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-bool has_nan(const std::vector<float>& v) {
-  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
-}
-
-template <typename T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::float_to_bf16(v[i]);
-    }
-  }
-  return out;
-}
-
-template <typename T>
-std::vector<float> to_float(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::bf16_to_float(v[i]);
-    }
-  }
-  return out;
-}
-
-// The values a T buffer can hold: inputs are rounded before the reference sees them.
-template <typename T>
-std::vector<float> representable(const std::vector<float>& v) {
-  return to_float(to_storage<T>(v));
-}
-
-std::vector<float> random_floats(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
-// forward, reverse, random(1), random(2)
-std::vector<simt::Schedule> test_schedules() { return simt::standard_schedules(); }
+using namespace kernel_test;
 
 struct Case {
   int n, d;
@@ -137,32 +59,37 @@ void run_case(const Case& c, unsigned seed) {
   std::vector<float> r_y(size_t(n) * d), r_rstd(n);
   be.rmsnorm_forward(r_y.data(), r_rstd.data(), r_x.data(), gain.data(), n, d, eps);
   std::vector<float> r_dx = dx0, r_dgain = dgain0;
-  be.rmsnorm_backward(r_dx.data(), r_dgain.data(), dy.data(), r_x.data(), gain.data(), r_rstd.data(), n, d);
+  be.rmsnorm_backward(r_dx.data(), r_dgain.data(), dy.data(), r_x.data(), gain.data(),
+                      r_rstd.data(), n, d);
 
-  DeviceBuffer<T> d_x_in(to_storage<T>(x_in)), d_branch(to_storage<T>(branch)), d_gain(to_storage<T>(gain));
-  DeviceBuffer<T> d_x_out(size_t(n) * d), d_y(size_t(n) * d), d_dx(size_t(n) * d), d_dgain(static_cast<size_t>(d));
+  DeviceBuffer<T> d_x_in(to_storage<T>(x_in)), d_branch(to_storage<T>(branch)),
+      d_gain(to_storage<T>(gain));
+  DeviceBuffer<T> d_x_out(size_t(n) * d), d_y(size_t(n) * d), d_dx(size_t(n) * d),
+      d_dgain(static_cast<size_t>(d));
   DeviceBuffer<T> d_x(to_storage<T>(r_x)), d_dy(to_storage<T>(dy));
   DeviceBuffer<float> d_rstd(static_cast<size_t>(n)), d_ref_rstd(r_rstd);
   DeviceBuffer<unsigned char> d_ws(mk::rmsnorm_backward_workspace_bytes(n, d, c.max_blocks));
   for (const simt::Schedule& s : test_schedules()) {
     simt::ScopedSchedule scope(s);
     INFO("n " << n << " d " << d << (c.branch ? (c.in_place ? " branch in place" : " branch") : "")
-              << " max_blocks " << c.max_blocks << " " << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
+              << " max_blocks " << c.max_blocks << " " << (kF32 ? "fp32" : "bf16") << " schedule "
+              << s.name());
     d_y.poison();
     d_rstd.poison();
     d_ws.poison();
     d_x_out.poison();
     d_x_in.upload(to_storage<T>(x_in));
     T* x_out = !c.branch ? nullptr : c.in_place ? d_x_in.ptr : d_x_out.ptr;
-    mk::rmsnorm_forward(d_y.ptr, d_rstd.ptr, x_out, d_x_in.ptr, c.branch ? d_branch.ptr : nullptr, d_gain.ptr, n,
-                        d, eps, nullptr, c.max_blocks);
+    mk::rmsnorm_forward(d_y.ptr, d_rstd.ptr, x_out, d_x_in.ptr, c.branch ? d_branch.ptr : nullptr,
+                        d_gain.ptr, n, d, eps, nullptr, c.max_blocks);
     // The backward on the reference forward's x and rstd, so it is tested on its own.
     d_dx.upload(to_storage<T>(dx0));
     d_dgain.upload(to_storage<T>(dgain0));
-    mk::rmsnorm_backward(d_dx.ptr, d_dgain.ptr, d_dy.ptr, d_x.ptr, d_gain.ptr, d_ref_rstd.ptr, n, d, d_ws.ptr,
-                         nullptr, c.max_blocks);
+    mk::rmsnorm_backward(d_dx.ptr, d_dgain.ptr, d_dy.ptr, d_x.ptr, d_gain.ptr, d_ref_rstd.ptr, n, d,
+                         d_ws.ptr, nullptr, c.max_blocks);
 
-    const auto y = to_float(d_y.download()), dx = to_float(d_dx.download()), dgain = to_float(d_dgain.download());
+    const auto y = to_float(d_y.download()), dx = to_float(d_dx.download()),
+               dgain = to_float(d_dgain.download());
     const auto rstd = d_rstd.download();
     REQUIRE_FALSE(has_nan(y));
     REQUIRE_FALSE(has_nan(rstd));
@@ -190,7 +117,8 @@ void run_case(const Case& c, unsigned seed) {
 
 }  // namespace
 
-TEST_CASE("rmsnorm kernels: fused residual forward and backward match the CPU backend", "[simt][kernels]") {
+TEST_CASE("rmsnorm kernels: fused residual forward and backward match the CPU backend",
+          "[simt][kernels]") {
   g_max_err[0] = g_max_err[1] = 0;
   const Case cases[] = {
       {1, 1, false, false, 0},      // tiny
@@ -207,7 +135,8 @@ TEST_CASE("rmsnorm kernels: fused residual forward and backward match the CPU ba
     ++seed;
   }
   if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
-    std::printf("rmsnorm kernels: max relative error fp32 %.3g, bf16 %.3g\n", g_max_err[0], g_max_err[1]);
+    std::printf("rmsnorm kernels: max relative error fp32 %.3g, bf16 %.3g\n", g_max_err[0],
+                g_max_err[1]);
 }
 
 TEST_CASE("rmsnorm kernels: too wide rows are rejected", "[simt][kernels]") {

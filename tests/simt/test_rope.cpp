@@ -1,8 +1,8 @@
 // tests/simt/test_rope.cpp — kernels/rope.cu in the SIMT simulator against the CPU backend: forward
-// and backward (inverse rotation) in place, for x in fp32 with fp32 tables, and x in bf16 with bf16 or
-// fp32 tables; rows with a leading dimension wider than the rotated heads (the rest must stay as it
-// was), odd half dimensions (scalar path), 16-byte packs, more rows than the grid covers, several
-// schedules.
+// and backward (inverse rotation) in place, for x in fp32 with fp32 tables, and x in bf16 with bf16
+// or fp32 tables; rows with a leading dimension wider than the rotated heads (the rest must stay as
+// it was), odd half dimensions (scalar path), 16-byte packs, more rows than the grid covers,
+// several schedules.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -15,92 +15,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernel_test_util.hpp"
 #include "moetrain/cpu_backend.hpp"
 #include "rope.cuh"
 
 namespace {
 
-namespace mk = moetrain::kernels;
-using bf16 = __nv_bfloat16;
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-};
-
-double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-bool has_nan(const std::vector<float>& v) {
-  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
-}
-
-template <typename T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::float_to_bf16(v[i]);
-    }
-  }
-  return out;
-}
-
-template <typename T>
-std::vector<float> to_float(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::bf16_to_float(v[i]);
-    }
-  }
-  return out;
-}
-
-// The values a T buffer can hold: inputs are rounded before the reference sees them.
-template <typename T>
-std::vector<float> representable(const std::vector<float>& v) {
-  return to_float(to_storage<T>(v));
-}
-
-std::vector<float> random_floats(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
-// forward, reverse, random(1), random(2)
-std::vector<simt::Schedule> test_schedules() { return simt::standard_schedules(); }
+using namespace kernel_test;
 
 struct Case {
   int rows, seq, n_heads, head_dim, ld, max_blocks;
@@ -131,21 +52,24 @@ void run_case(const Case& c, unsigned seed) {
 
   moetrain::CpuBackend<float> be;
   std::vector<float> r_x = x, r_dx = dx;
-  be.rope_forward(r_x.data(), c.ld, c.rows, c.seq, c.n_heads, c.head_dim, cos_t.data(), sin_t.data());
-  be.rope_backward(r_dx.data(), c.ld, c.rows, c.seq, c.n_heads, c.head_dim, cos_t.data(), sin_t.data());
+  be.rope_forward(r_x.data(), c.ld, c.rows, c.seq, c.n_heads, c.head_dim, cos_t.data(),
+                  sin_t.data());
+  be.rope_backward(r_dx.data(), c.ld, c.rows, c.seq, c.n_heads, c.head_dim, cos_t.data(),
+                   sin_t.data());
 
   DeviceBuffer<TC> d_cos(to_storage<TC>(cos_t)), d_sin(to_storage<TC>(sin_t));
   DeviceBuffer<T> d_x(elems), d_dx(elems);
   for (const simt::Schedule& s : test_schedules()) {
     simt::ScopedSchedule scope(s);
-    INFO("rows " << c.rows << " seq " << c.seq << " heads " << c.n_heads << " hd " << c.head_dim << " ld " << c.ld
-                 << " max_blocks " << c.max_blocks << " slot " << kSlot << " schedule " << s.name());
+    INFO("rows " << c.rows << " seq " << c.seq << " heads " << c.n_heads << " hd " << c.head_dim
+                 << " ld " << c.ld << " max_blocks " << c.max_blocks << " slot " << kSlot
+                 << " schedule " << s.name());
     d_x.upload(to_storage<T>(x));
     d_dx.upload(to_storage<T>(dx));
-    mk::rope_forward(d_x.ptr, c.ld, c.rows, c.seq, c.n_heads, c.head_dim, d_cos.ptr, d_sin.ptr, nullptr,
-                     c.max_blocks);
-    mk::rope_backward(d_dx.ptr, c.ld, c.rows, c.seq, c.n_heads, c.head_dim, d_cos.ptr, d_sin.ptr, nullptr,
-                      c.max_blocks);
+    mk::rope_forward(d_x.ptr, c.ld, c.rows, c.seq, c.n_heads, c.head_dim, d_cos.ptr, d_sin.ptr,
+                     nullptr, c.max_blocks);
+    mk::rope_backward(d_dx.ptr, c.ld, c.rows, c.seq, c.n_heads, c.head_dim, d_cos.ptr, d_sin.ptr,
+                      nullptr, c.max_blocks);
     const auto ox = to_float(d_x.download()), odx = to_float(d_dx.download());
     REQUIRE_FALSE(has_nan(ox));
     REQUIRE_FALSE(has_nan(odx));
@@ -186,10 +110,10 @@ void round_trip(unsigned seed) {
 TEST_CASE("rope kernels: forward and backward match the CPU backend", "[simt][kernels]") {
   for (auto& e : g_max_err) e = 0;
   const Case cases[] = {
-      {1, 1, 1, 2, 2, 0},          // tiny
-      {37, 5, 3, 10, 37, 0},       // half 5: scalar; odd leading dimension with 7 extra columns
-      {70, 16, 4, 16, 72, 2},      // half 8: packs in fp32 and bf16; 2 row blocks walk 70 rows
-      {9, 9, 5, 64, 5 * 64, 0},    // a real head size: several packs per head
+      {1, 1, 1, 2, 2, 0},        // tiny
+      {37, 5, 3, 10, 37, 0},     // half 5: scalar; odd leading dimension with 7 extra columns
+      {70, 16, 4, 16, 72, 2},    // half 8: packs in fp32 and bf16; 2 row blocks walk 70 rows
+      {9, 9, 5, 64, 5 * 64, 0},  // a real head size: several packs per head
       {45, 11, 3, 128, 3 * 128 + 8, 1},  // hd 128, one row block
   };
   unsigned seed = 1;
@@ -201,13 +125,18 @@ TEST_CASE("rope kernels: forward and backward match the CPU backend", "[simt][ke
   }
   round_trip(99);
   if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
-    std::printf("rope kernels: max relative error fp32 %.3g, bf16 (bf16 tables) %.3g, bf16 (fp32 tables) %.3g\n",
-                g_max_err[0], g_max_err[1], g_max_err[2]);
+    std::printf(
+        "rope kernels: max relative error fp32 %.3g, bf16 (bf16 tables) %.3g, bf16 (fp32 tables) "
+        "%.3g\n",
+        g_max_err[0], g_max_err[1], g_max_err[2]);
 }
 
 TEST_CASE("rope kernels: bad shapes are rejected", "[simt][kernels]") {
   DeviceBuffer<float> f(64);
-  CHECK_THROWS_AS(mk::rope_forward(f.ptr, 8, 1, 1, 1, 7, f.ptr, f.ptr), std::invalid_argument);   // odd hd
-  CHECK_THROWS_AS(mk::rope_forward(f.ptr, 8, 1, 1, 2, 8, f.ptr, f.ptr), std::invalid_argument);   // ld < 16
-  CHECK_THROWS_AS(mk::rope_backward(f.ptr, 8, 1, 0, 1, 8, f.ptr, f.ptr), std::invalid_argument);  // seq 0
+  CHECK_THROWS_AS(mk::rope_forward(f.ptr, 8, 1, 1, 1, 7, f.ptr, f.ptr),
+                  std::invalid_argument);  // odd hd
+  CHECK_THROWS_AS(mk::rope_forward(f.ptr, 8, 1, 1, 2, 8, f.ptr, f.ptr),
+                  std::invalid_argument);  // ld < 16
+  CHECK_THROWS_AS(mk::rope_backward(f.ptr, 8, 1, 0, 1, 8, f.ptr, f.ptr),
+                  std::invalid_argument);  // seq 0
 }

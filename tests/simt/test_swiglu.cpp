@@ -1,7 +1,7 @@
 // tests/simt/test_swiglu.cpp — kernels/swiglu.cu in the SIMT simulator against the CPU backend, in
-// fp32 and bf16: forward and backward on NaN-poisoned outputs, in-place backward (dh over h), widths
-// that take the scalar and the 16-byte-pack paths, several column blocks per row, several rows per
-// block, more rows than the grid covers, several schedules.
+// fp32 and bf16: forward and backward on NaN-poisoned outputs, in-place backward (dh over h),
+// widths that take the scalar and the 16-byte-pack paths, several column blocks per row, several
+// rows per block, more rows than the grid covers, several schedules.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -14,92 +14,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernel_test_util.hpp"
 #include "moetrain/cpu_backend.hpp"
 #include "swiglu.cuh"
 
 namespace {
 
-namespace mk = moetrain::kernels;
-using bf16 = __nv_bfloat16;
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-};
-
-double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-bool has_nan(const std::vector<float>& v) {
-  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
-}
-
-template <typename T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::float_to_bf16(v[i]);
-    }
-  }
-  return out;
-}
-
-template <typename T>
-std::vector<float> to_float(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::bf16_to_float(v[i]);
-    }
-  }
-  return out;
-}
-
-// The values a T buffer can hold: inputs are rounded before the reference sees them.
-template <typename T>
-std::vector<float> representable(const std::vector<float>& v) {
-  return to_float(to_storage<T>(v));
-}
-
-std::vector<float> random_floats(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
-// forward, reverse, random(1), random(2)
-std::vector<simt::Schedule> test_schedules() { return simt::standard_schedules(); }
+using namespace kernel_test;
 
 struct Case {
   int rows, ff;
@@ -124,11 +45,12 @@ void run_case(const Case& c, unsigned seed) {
   be.swiglu_forward(r_out.data(), h.data(), c.rows, c.ff);
   be.swiglu_backward(r_dh.data(), dout.data(), h.data(), c.rows, c.ff);
 
-  DeviceBuffer<T> d_h(h.size()), d_dout(to_storage<T>(dout)), d_out(r_out.size()), d_dh(r_dh.size());
+  DeviceBuffer<T> d_h(h.size()), d_dout(to_storage<T>(dout)), d_out(r_out.size()),
+      d_dh(r_dh.size());
   for (const simt::Schedule& s : test_schedules()) {
     simt::ScopedSchedule scope(s);
-    INFO("rows " << c.rows << " ff " << c.ff << (c.in_place ? " in place" : "") << " max_blocks " << c.max_blocks
-                 << " " << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
+    INFO("rows " << c.rows << " ff " << c.ff << (c.in_place ? " in place" : "") << " max_blocks "
+                 << c.max_blocks << " " << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
     d_h.upload(to_storage<T>(h));
     d_out.poison();
     d_dh.poison();
@@ -165,5 +87,6 @@ TEST_CASE("swiglu kernels: forward and backward match the CPU backend", "[simt][
     ++seed;
   }
   if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
-    std::printf("swiglu kernels: max relative error fp32 %.3g, bf16 %.3g\n", g_max_err[0], g_max_err[1]);
+    std::printf("swiglu kernels: max relative error fp32 %.3g, bf16 %.3g\n", g_max_err[0],
+                g_max_err[1]);
 }

@@ -1,0 +1,101 @@
+// Helpers shared by the kernel tests that compare a kernel in the simulator with the CPU backend:
+// device buffers, storage-type conversions (fp32 / bf16), relative error and NaN checks.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "common.cuh"
+
+namespace kernel_test {
+
+namespace mk = moetrain::kernels;
+using bf16 = __nv_bfloat16;
+
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(size_t count) : n(count) {
+    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
+  }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void upload(const std::vector<T>& host) {
+    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
+  std::vector<T> download() const {
+    std::vector<T> host(n);
+    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+};
+
+inline double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
+  REQUIRE(out.size() == ref.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double d = double(out[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+inline bool has_nan(const std::vector<float>& v) {
+  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
+}
+
+template <typename T>
+std::vector<T> to_storage(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = v[i];
+    } else {
+      out[i] = mk::float_to_bf16(v[i]);
+    }
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<float> to_float(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = v[i];
+    } else {
+      out[i] = mk::bf16_to_float(v[i]);
+    }
+  }
+  return out;
+}
+
+// The values a T buffer can hold: inputs are rounded before the reference sees them.
+template <typename T>
+std::vector<float> representable(const std::vector<float>& v) {
+  return to_float(to_storage<T>(v));
+}
+
+inline std::vector<float> random_floats(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = normal(rng);
+  return v;
+}
+
+// forward, reverse, random(1), random(2)
+inline std::vector<simt::Schedule> test_schedules() {
+  return simt::standard_schedules();
+}
+
+}  // namespace kernel_test
