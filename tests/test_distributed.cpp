@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "cli_fixture.hpp"
@@ -95,6 +96,27 @@ TEST_CASE("2 ranks with batch B/2 match 1 rank with batch B after 5 steps of eac
           int(all.size()));
     CHECK(z1["orthogonalised_last_step"].get<int>() == int(all.size()));
     if (std::string(opt) != "adamw") CHECK(!m0.empty());
+    // Bytes per step against the ZeRO-1 lower bound (a reduce-scatter of the fp32 gradients and
+    // an all-gather of the weights, each (N-1)/N * 4 * P bytes for N = 2): padding to equal
+    // shards and the scalar all-reduces (loss, S_max, expert loads) add only a little.
+    double params = 0;
+    for (const auto& [name, t] : a) params += double(t.to_f64().size());
+    const double bound = 2.0 * 0.5 * 4.0 * params;
+    auto last_bytes = [](const fs::path& run) {
+      double bytes = -1;
+      std::istringstream lines(read_file(run / "metrics.jsonl"));
+      for (std::string line; std::getline(lines, line);) {
+        const auto rec = nlohmann::json::parse(line);
+        if (rec.contains("comm_bytes")) bytes = rec["comm_bytes"].get<double>();
+      }
+      return bytes;
+    };
+    CHECK(last_bytes(one) == 0);
+    const double sent = last_bytes(two);
+    INFO("bytes per step " << sent << ", lower bound " << bound);
+    CHECK(sent >= bound);
+    CHECK(sent <= 1.05 * bound);
+
     const double single = z1["optimizer_state_bytes"].get<double>();
     for (const auto* z : {&z20, &z21}) {
       const double ratio = (*z)["optimizer_state_bytes"].get<double>() / single;

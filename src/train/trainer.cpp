@@ -437,6 +437,7 @@ void Trainer::log_step(const StepResult& r, double lr, double step_s, bool spike
       {"data_ms", r.data_s * 1e3},
       {"fwd_bwd_ms", r.compute_s * 1e3},
       {"comm_ms", r.comm_s * 1e3},
+      {"comm_bytes", r.comm_bytes},
       {"optimizer_ms", r.optimizer_s * 1e3}};
   metrics_->write(rec);
   if (step_ % cfg_.train.log_interval == 0 || step_ == cfg_.train.steps) {
