@@ -127,7 +127,7 @@ TEST_CASE("2 ranks with batch B/2 match 1 rank with batch B after 5 steps of eac
   }
 }
 
-TEST_CASE("2 ranks: resume is bit-for-bit; another world size is refused",
+TEST_CASE("2 ranks: resume is bit-for-bit and another world size is refused",
           "[mpi][distributed][resume]") {
   TempDir tmp("mpi_resume");
   const std::string common =
@@ -164,7 +164,7 @@ TEST_CASE("2 ranks: resume is bit-for-bit; another world size is refused",
 }
 
 TEST_CASE(
-    "a rank killed with SIGKILL ends the job non-zero, naming the rank; the last "
+    "a rank killed with SIGKILL ends the job non-zero naming the rank and the last "
     "checkpoint stays loadable",
     "[mpi][distributed][faults]") {
   TempDir tmp("mpi_kill");

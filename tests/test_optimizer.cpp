@@ -390,7 +390,7 @@ TEST_CASE("Muon: momentum is M = mu M + G, the update uses G + mu M or M", "[opt
   CHECK(std::memcmp(dp.download().data(), p.data(), n * sizeof(double)) == 0);
 }
 
-TEST_CASE("Muon: NS5 output has singular values in about [0.6, 1.25]", "[optim]") {
+TEST_CASE("Muon: NS5 output has singular values in about 0.6 to 1.25", "[optim]") {
   // With lr 1, no decay and no momentum, W_old - W_new = s * O exactly for every Muon matrix.
   Config cfg = optim_config("muon");
   cfg.optim.momentum = 0;
