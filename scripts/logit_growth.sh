@@ -11,38 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-configs=(configs/logit_growth_muon.json configs/logit_growth_muonclip.json)
-out_pattern='^runs/logit_growth_[A-Za-z0-9_.-]+$'  # the only directories this script deletes
-report=runs/logit_growth.png
-
-start=$SECONDS
-scripts/setup.sh
-binary=${MOETRAIN_BUILD_DIR:-build}/moetrain
-if [ ! -f data/brown/train_000000.bin ] || [ ! -f data/brown/val_000000.bin ] ||
-   [ ! -f data/brown/tokenizer.json ]; then
-  scripts/get_corpus.sh
-fi
-
-run_dirs=()
-for cfg in "${configs[@]}"; do
-  # The resolved out_dir (after any --set overrides), as the trainer will see it.
-  out=$("$binary" config --check "$cfg" "$@" |
-        /usr/bin/python3 -c 'import json, sys; s = sys.stdin.read()
-print(json.loads(s[s.index("{"):])["train"]["out_dir"])')
-  if [[ ! "$out" =~ $out_pattern ]]; then
-    echo "logit_growth: $cfg: train.out_dir '$out' is not a runs/logit_growth_* directory;" \
-         "refusing to replace it" >&2
-    exit 1
-  fi
-  rm -rf -- "$out"
-  echo "logit_growth: training $cfg -> $out"
-  t0=$SECONDS
-  "$binary" train --config "$cfg" "$@"
-  echo "logit_growth: $cfg took $((SECONDS - t0)) s"
-  run_dirs+=("$out")
-done
-
-scripts/compare_runs.py "${run_dirs[@]}" -o "$report"
+source scripts/train_pair.sh
+train_pair logit_growth logit_growth_ runs/logit_growth.png \
+  configs/logit_growth_muon.json configs/logit_growth_muonclip.json "$@"
+run_dirs=("${RUN_DIRS[@]}")
 
 # The claim, from the metrics: S_max = max over layers of smax_max, per step.
 claim=0
@@ -84,5 +56,4 @@ print("logit_growth: claim " + ("holds" if ok else "does NOT hold") +
       "(median of the second half <= 1.15 tau, max <= 1.5 tau)")
 sys.exit(0 if ok else 1)
 PY
-echo "logit_growth: report in $report (runs: ${run_dirs[*]}); wall time $((SECONDS - start)) s"
 exit "$claim"

@@ -11,36 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-configs=(configs/brown_adamw.json configs/brown_muonclip.json)
-out_pattern='^runs/brown_[A-Za-z0-9_.-]+$'  # the only directories this script deletes
-report=runs/muon_vs_adamw.png
-
-start=$SECONDS
-scripts/setup.sh
-binary=${MOETRAIN_BUILD_DIR:-build}/moetrain
-if [ ! -f data/brown/train_000000.bin ] || [ ! -f data/brown/val_000000.bin ] ||
-   [ ! -f data/brown/tokenizer.json ]; then
-  scripts/get_corpus.sh
-fi
-
-run_dirs=()
-for cfg in "${configs[@]}"; do
-  # The resolved out_dir (after any --set overrides), as the trainer will see it.
-  out=$("$binary" config --check "$cfg" "$@" |
-        /usr/bin/python3 -c 'import json, sys; s = sys.stdin.read()
-print(json.loads(s[s.index("{"):])["train"]["out_dir"])')
-  if [[ ! "$out" =~ $out_pattern ]]; then
-    echo "muon_vs_adamw: $cfg: train.out_dir '$out' is not a runs/brown_* directory; refusing to" \
-         "replace it" >&2
-    exit 1
-  fi
-  rm -rf -- "$out"
-  echo "muon_vs_adamw: training $cfg -> $out"
-  t0=$SECONDS
-  "$binary" train --config "$cfg" "$@"
-  echo "muon_vs_adamw: $cfg took $((SECONDS - t0)) s"
-  run_dirs+=("$out")
-done
-
-scripts/compare_runs.py "${run_dirs[@]}" -o "$report"
-echo "muon_vs_adamw: report in $report (runs: ${run_dirs[*]}); wall time $((SECONDS - start)) s"
+source scripts/train_pair.sh
+train_pair muon_vs_adamw brown_ runs/muon_vs_adamw.png \
+  configs/brown_adamw.json configs/brown_muonclip.json "$@"
