@@ -174,6 +174,7 @@ TEST_CASE("config: the schema documents every field once, with its default", "[c
   CHECK(type_of("optim.muon_scale") == "one of match_rms_adamw|original");
   CHECK(type_of("optim.schedule") == "one of cosine|wsd|constant");
   CHECK(type_of("train.backend") == "one of auto|cpu|cuda");
+  CHECK(type_of("train.precision") == "one of bf16|fp32");
   CHECK(type_of("model.d_model") == "integer");
   CHECK(type_of("optim.lr") == "number");
   CHECK(type_of("data.shuffle") == "boolean");
@@ -205,7 +206,7 @@ TEST_CASE("config: config_to_json -> config_from_json round trip", "[config]") {
                 "decay_fraction": 1.0},
       "train": {"steps": 7, "grad_accum": 2, "seed": 18446744073709551615, "eval_interval": 0,
                 "eval_batches": 1, "log_interval": 5, "checkpoint_interval": 0,
-                "keep_checkpoints": 1, "out_dir": "runs/x", "backend": "cpu", "spike_std": 2.5, "watchdog_seconds": 30}})");
+                "keep_checkpoints": 1, "out_dir": "runs/x", "backend": "cpu", "precision": "fp32", "spike_std": 2.5, "watchdog_seconds": 30}})");
     const Config c = config_from_json(j, "all.json");
     CHECK(c.model.moe.router == moetrain::RouterType::SigmoidBias);
     CHECK(c.model.head_dim == 32);
@@ -292,6 +293,8 @@ TEST_CASE("config: wrong JSON types are rejected", "[config]") {
           rejection("optim.schedule", "linear", R"(one of "cosine", "wsd", "constant")"));
     CHECK(error_from(with("train.backend", "gpu")) ==
           rejection("train.backend", "gpu", R"(one of "auto", "cpu", "cuda")"));
+    CHECK(error_from(with("train.precision", "fp16")) ==
+          rejection("train.precision", "fp16", R"(one of "bf16", "fp32")"));
     CHECK(config_from_json(with("model.moe.router", "sigmoid_bias"), "t").model.moe.router ==
           moetrain::RouterType::SigmoidBias);
   }

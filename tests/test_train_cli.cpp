@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "cli_fixture.hpp"
+#include "moetrain/cuda_backend.hpp"
 
 using namespace moetrain::test;
 
@@ -155,10 +156,13 @@ TEST_CASE("train: a non-finite loss stops the run and leaves the last checkpoint
           "[train][cli][errors]") {
   TempDir tmp("train_nan");
   const fs::path run = tmp.path / "run";
-  REQUIRE(run_command(train_cmd(run.string(),
-                                "--set train.steps=4 --set optim.warmup_steps=2 --set train.checkpoint_interval=2 "
-                                "--set train.eval_interval=0"))
-              .exit_code == 0);
+  REQUIRE(
+      run_command(
+          train_cmd(
+              run.string(),
+              "--set train.steps=4 --set optim.warmup_steps=2 --set train.checkpoint_interval=2 "
+              "--set train.eval_interval=0"))
+          .exit_code == 0);
   const fs::path last = run / "checkpoints" / "step_00000004";
   const std::string weights = read_file(last / "model.safetensors");
   // An absurd learning rate blows the weights up within a step or two.
@@ -180,8 +184,11 @@ TEST_CASE("train: unusable checkpoints and configs are refused with clear errors
           "[train][cli][errors]") {
   TempDir tmp("train_bad_resume");
   const fs::path run = tmp.path / "run";
-  REQUIRE(run_command(train_cmd(run.string(), "--set train.steps=2 --set optim.warmup_steps=1 --set train.eval_interval=0"))
-              .exit_code == 0);
+  REQUIRE(
+      run_command(
+          train_cmd(run.string(),
+                    "--set train.steps=2 --set optim.warmup_steps=1 --set train.eval_interval=0"))
+          .exit_code == 0);
   const fs::path ck = run / "checkpoints" / "step_00000002";
 
   SECTION("a different model config") {
@@ -231,4 +238,41 @@ TEST_CASE("train: unusable checkpoints and configs are refused with clear errors
   }
   // None of the failed attempts touched the run.
   CHECK(checkpoint_names(run) == std::vector<std::string>{"step_00000002"});
+}
+
+TEST_CASE("train: backend auto falls back to the CPU with one log line and cuda needs a GPU",
+          "[train][cli]") {
+  const moetrain::CudaDevices gpus = moetrain::probe_cuda_devices();
+  TempDir tmp("train_backend");
+  const std::string one_step = "--set train.steps=1 --set train.eval_interval=0 ";
+  if (gpus.count > 0) {  // on a GPU machine, auto picks it
+    const auto r = run_command(train_cmd((tmp.path / "gpu").string(), one_step));
+    INFO(r.output);
+    CHECK(r.exit_code == 0);
+    CHECK(r.output.find("backend: auto -> cuda") != std::string::npos);
+    return;
+  }
+
+  const auto cuda =
+      run_command(train_cmd((tmp.path / "cuda").string(), one_step + "--set train.backend=cuda"));
+  INFO(cuda.output);
+  CHECK(cuda.exit_code != 0);
+  CHECK(cuda.output.find("train.backend: 'cuda' was requested, but no usable GPU was found (" +
+                         gpus.error + ")") != std::string::npos);
+  CHECK_FALSE(fs::exists(tmp.path / "cuda" / "metrics.jsonl"));
+
+  const auto fallback =
+      run_command(train_cmd((tmp.path / "auto").string(), one_step + "--set train.backend=auto"));
+  INFO(fallback.output);
+  REQUIRE(fallback.exit_code == 0);
+  const std::string line = "backend: auto -> cpu (no usable GPU: " + gpus.error + ")";
+  const auto first = fallback.output.find(line);
+  CHECK(first != std::string::npos);
+  CHECK(fallback.output.find(line, first + 1) == std::string::npos);  // once
+
+  const auto cpu =
+      run_command(train_cmd((tmp.path / "cpu").string(), one_step + "--set train.backend=cpu"));
+  INFO(cpu.output);
+  REQUIRE(cpu.exit_code == 0);
+  CHECK(cpu.output.find("backend: auto") == std::string::npos);
 }

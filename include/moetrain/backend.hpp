@@ -43,6 +43,9 @@ class Backend {
   virtual void download(void* host_dst, const void* src, std::size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, std::size_t bytes) = 0;
   virtual void zero(void* dst, std::size_t bytes) = 0;
+  // Names the buffer of the model's weights, so a mixed-precision backend can keep a
+  // low-precision copy of them for its GEMMs (and know when a write makes that copy stale).
+  virtual void set_weights(const T* /*weights*/, std::size_t /*count*/) {}
 
   // ---- dense linear algebra -----------------------------------------------------------------
   // Row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.

@@ -92,9 +92,10 @@ struct TrainConfig {
   int checkpoint_interval = 100;
   int keep_checkpoints = 2;
   std::string out_dir = "runs/default";
-  std::string backend = "auto";  // auto | cpu | cuda
-  double spike_std = 3.0;        // a loss above its running mean by this many running stds
-  int watchdog_seconds = 600;    // exit if a step or evaluation makes no progress this long
+  std::string backend = "auto";    // auto | cpu | cuda
+  std::string precision = "bf16";  // bf16 | fp32: GEMM operands on the cuda backend
+  double spike_std = 3.0;          // a loss above its running mean by this many running stds
+  int watchdog_seconds = 600;      // exit if a step or evaluation makes no progress this long
 };
 
 struct Config {

@@ -32,6 +32,9 @@ class ProfilingBackend final : public Backend<T> {
   void download(void* host_dst, const void* src, std::size_t bytes) override;
   void copy(void* dst, const void* src, std::size_t bytes) override;
   void zero(void* dst, std::size_t bytes) override;
+  void set_weights(const T* weights, std::size_t count) override {
+    inner_.set_weights(weights, count);
+  }
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,
             const T* B, int ldb, T beta, T* C, int ldc) override;
   void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,

@@ -10,12 +10,12 @@
 
 #include "cli/commands.hpp"
 #include "moetrain/config.hpp"
-#include "moetrain/cpu_backend.hpp"
 #include "moetrain/flops.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
 #include "moetrain/profiling_backend.hpp"
 #include "moetrain/rng.hpp"
+#include "moetrain/select_backend.hpp"
 
 namespace moetrain::cli {
 
@@ -40,7 +40,8 @@ void run_bench(const BenchOptions& o) {
   const Config cfg = load_config(o.config, o.overrides);
   const ModelConfig& m = cfg.model;
 
-  CpuBackend<float> be;
+  const auto backend = select_backend(cfg, true);
+  Backend<float>& be = *backend;
   const double peak = measure_gemm_peak_gflops(be, o.peak_size);
 
   const int B = cfg.data.batch_size, T = m.seq_len, N = B * T;

@@ -9,6 +9,7 @@
 #include "cli/commands.hpp"
 #include "cli/common.hpp"
 #include "moetrain/rng.hpp"
+#include "moetrain/select_backend.hpp"
 #include "moetrain/tokenizer.hpp"
 
 namespace fs = std::filesystem;
@@ -74,8 +75,9 @@ void add_sample_command(CLI::App& app) {
     if (tok.vocab_size() > std::uint32_t(cfg.model.vocab_size))
       throw std::runtime_error(tok_path + ": tokenizer has " + std::to_string(tok.vocab_size()) +
                                " tokens, the model only " + std::to_string(cfg.model.vocab_size));
-    CpuBackend<float> be;
-    auto model = load_checkpoint_model(o->checkpoint, cfg, be, 1);
+    // Quiet: the sampled text is this command's whole output.
+    const auto be = select_backend(cfg, false);
+    auto model = load_checkpoint_model(o->checkpoint, cfg, *be, 1);
     const int T = cfg.model.seq_len, V = cfg.model.vocab_size;
     std::vector<std::uint32_t> ids = {tok.eot_id()};  // documents start after an end-of-text
     tok.encode_append(o->prompt, ids);
@@ -90,7 +92,7 @@ void add_sample_command(CLI::App& app) {
       for (int t = 0; t < len; ++t)
         window[std::size_t(t)] = std::int32_t(ids[start + std::size_t(t)]);
       const float* logits = model->forward_logits(window.data());
-      be.download(row.data(), logits + std::size_t(len - 1) * V, std::size_t(V) * sizeof(float));
+      be->download(row.data(), logits + std::size_t(len - 1) * V, std::size_t(V) * sizeof(float));
       // Only ids the tokenizer can decode.
       const std::uint32_t next =
           draw(row.data(), int(tok.vocab_size()), o->temperature, o->top_k, rng);

@@ -5,6 +5,8 @@
 
 #include "cli/commands.hpp"
 #include "cli/common.hpp"
+#include "moetrain/cuda_backend.hpp"
+#include "moetrain/nccl_comm.hpp"
 #include "moetrain/trainer.hpp"
 
 namespace moetrain::cli {
@@ -35,7 +37,9 @@ void add_train_command(CLI::App& app) {
     opts.resume = !o->resume_from.empty() ? o->resume_from : (o->resume ? "latest" : "");
     opts.stop_at = o->stop_at;
     install_stop_signal_handlers();
-    const auto comm = make_communicator();
+    // GPU buffers travel over NCCL, host buffers over MPI.
+    const bool gpu = cfg.train.backend != "cpu" && probe_cuda_devices().count > 0;
+    const auto comm = gpu ? make_nccl_communicator() : make_communicator();
     const int rc = run_training(cfg, *comm, opts);
     if (rc != 0) throw CLI::RuntimeError(rc);
   });

@@ -5,10 +5,12 @@
 
 namespace moetrain {
 
-void LocalComm::copy(const void* src, void* dst, std::size_t bytes) {
+void LocalComm::host_copy(const void* src, void* dst, std::size_t bytes) {
   if (src != dst && bytes) std::memmove(dst, src, bytes);
 }
 
-void LocalComm::abort(int code) { std::exit(code); }
+void LocalComm::abort(int code) {
+  std::exit(code);
+}
 
 }  // namespace moetrain

@@ -368,6 +368,9 @@ const std::vector<Field>& fields() {
         path_string(MOETRAIN_FIELD(train.out_dir), "Directory of logs, metrics and checkpoints"));
     t.push_back(one_of(MOETRAIN_FIELD(train.backend), {"auto", "cpu", "cuda"},
                        "Compute backend; auto: cuda when a GPU is present, else cpu"));
+    t.push_back(one_of(MOETRAIN_FIELD(train.precision), {"bf16", "fp32"},
+                       "GEMM operands on the cuda backend (fp32 master weights and accumulation "
+                       "either way); the cpu backend computes in fp32"));
     t.push_back(number(MOETRAIN_FIELD(train.spike_std), above(0),
                        "Loss-spike counter: a loss above its running mean by this many stds"));
     t.push_back(integer(MOETRAIN_FIELD(train.watchdog_seconds), at_least(0),

@@ -51,6 +51,7 @@ Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
   const std::size_t NK = N * std::size_t(K);
 
   params_ = static_cast<T*>(be_.alloc_bytes(layout_.total() * sizeof(T)));
+  be_.set_weights(params_, layout_.total());
   grads_ = static_cast<T*>(be_.alloc_bytes(layout_.total() * sizeof(T)));
   expert_bias_ = static_cast<T*>(be_.alloc_bytes(std::size_t(L) * E * sizeof(T)));
 

@@ -16,13 +16,13 @@
 
 #include "io/atomic_file.hpp"
 #include "moetrain/checkpoint.hpp"
-#include "moetrain/cpu_backend.hpp"
 #include "moetrain/data_loader.hpp"
 #include "moetrain/flops.hpp"
 #include "moetrain/lr_schedule.hpp"
 #include "moetrain/metrics.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
+#include "moetrain/select_backend.hpp"
 
 namespace fs = std::filesystem;
 
@@ -116,7 +116,6 @@ class Trainer {
   int run();
 
  private:
-  Backend<float>& select_backend();
   StepResult train_step(double lr);
   double evaluate();
   void save_checkpoint();
@@ -127,7 +126,7 @@ class Trainer {
   Config cfg_;
   Communicator& comm_;
   TrainOptions opts_;
-  CpuBackend<float> cpu_;
+  std::unique_ptr<Backend<float>> backend_;
   Backend<float>& be_;
   std::unique_ptr<Model<float>> model_;
   std::unique_ptr<Optimizer<float>> opt_;
@@ -149,21 +148,12 @@ class Trainer {
   }
 };
 
-Backend<float>& Trainer::select_backend() {
-  const std::string& b = cfg_.train.backend;
-  if (b == "cuda")
-    throw ConfigError(
-        "train.backend: 'cuda' was requested, but this build of moetrain has no CUDA backend "
-        "(use \"auto\" or \"cpu\")");
-  if (b == "auto" && leader()) spdlog::info("backend: auto -> cpu (no CUDA backend in this build)");
-  return cpu_;
-}
-
 Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts)
     : cfg_(cfg),
       comm_(comm),
       opts_(opts),
-      be_(select_backend()),
+      backend_(select_backend(cfg_, comm.rank() == 0)),
+      be_(*backend_),
       spikes_(cfg.train.spike_std),
       out_dir_(cfg.train.out_dir) {
   const ModelConfig& m = cfg_.model;
@@ -209,7 +199,7 @@ Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts
                                             fresh ? -1 : step_);
   }
   flops_ = flops_per_token(m);
-  peak_gflops_ = measure_gemm_peak_gflops(cpu_);
+  peak_gflops_ = measure_gemm_peak_gflops(be_);
   if (leader())
     spdlog::info(
         "model: {:.2f}M parameters, {:.1f} MFLOP/token (training); {} ranks x {} "

@@ -1,0 +1,316 @@
+// CudaBackend: memory, the stream, and every op that is one kernel launch (GEMMs in gemm.cpp,
+// attention in attention.cpp). Kernels take their workspaces from grow-only scratch buffers.
+#include "backend/cuda/cuda_backend.hpp"
+
+#include <algorithm>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "cross_entropy.cuh"
+#include "elementwise.cuh"
+#include "embedding.cuh"
+#include "moe_permute.cuh"
+#include "optimizer.cuh"
+#include "rmsnorm.cuh"
+#include "rope.cuh"
+#include "router.cuh"
+#include "swiglu.cuh"
+
+namespace moetrain {
+
+namespace {
+
+constexpr int kSums = 4;
+
+kernels::RouterDims router_dims(const RouterShape& s) {
+  kernels::RouterDims d;
+  d.tokens = s.tokens;
+  d.n_experts = s.n_experts;
+  d.top_k = s.top_k;
+  d.sigmoid = s.type == RouterType::SigmoidBias;
+  d.route_scale = s.route_scale;
+  return d;
+}
+
+}  // namespace
+
+bool cuda_backend_built() {
+  return true;
+}
+
+CudaDevices probe_cuda_devices() {
+  CudaDevices out;
+  int count = 0;
+  const cudaError_t rc = cudaGetDeviceCount(&count);
+  if (rc != cudaSuccess) {
+    cudaGetLastError();  // the runtime keeps the error sticky otherwise
+    out.error = std::string("cudaGetDeviceCount: ") + cudaGetErrorName(rc) + " (" +
+                cudaGetErrorString(rc) + ")";
+    return out;
+  }
+  if (count == 0) {
+    out.error = "cudaGetDeviceCount: 0 devices";
+    return out;
+  }
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) out.name = prop.name;
+  out.count = count;
+  return out;
+}
+
+std::unique_ptr<Backend<float>> make_cuda_backend(const CudaBackendOptions& options) {
+  return std::make_unique<CudaBackend>(options);
+}
+
+void CudaBackend::synchronize() {
+  MOETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void* CudaBackend::scratch(Scratch& s, std::size_t bytes) {
+  if (bytes <= s.bytes) return s.ptr;
+  if (s.ptr) {
+    synchronize();  // earlier launches may still read the old buffer
+    MOETRAIN_CUDA_CHECK(cudaFree(s.ptr));
+    s.ptr = nullptr;
+    s.bytes = 0;
+  }
+  const std::size_t grown = std::max(bytes, std::size_t(1) << 20);
+  MOETRAIN_CUDA_CHECK(cudaMalloc(&s.ptr, grown));
+  s.bytes = grown;
+  return s.ptr;
+}
+
+double CudaBackend::read_sum(int index) {
+  double v = 0;
+  MOETRAIN_CUDA_CHECK(
+      cudaMemcpyAsync(&v, sums_ + index, sizeof v, cudaMemcpyDeviceToHost, stream_));
+  synchronize();
+  return v;
+}
+
+void CudaBackend::wrote(const void* dst, std::size_t bytes) {
+  if (!weights_ || !bytes) return;
+  const auto* lo = static_cast<const char*>(dst);
+  const auto* w = reinterpret_cast<const char*>(weights_);
+  if (lo < w + weight_count_ * sizeof(float) && w < lo + bytes) weight_copy_stale_ = true;
+}
+
+// ---- memory ---------------------------------------------------------------------------------
+
+void* CudaBackend::alloc_bytes(std::size_t bytes) {
+  void* p = nullptr;
+  const std::size_t rounded = std::max<std::size_t>((bytes + 63) / 64 * 64, 64);
+  MOETRAIN_CUDA_CHECK(cudaMalloc(&p, rounded));  // 256-byte aligned
+  MOETRAIN_CUDA_CHECK(cudaMemsetAsync(p, 0, rounded, stream_));
+  return p;
+}
+
+void CudaBackend::free_bytes(void* p) {
+  if (!p) return;
+  synchronize();
+  if (p == weights_) {
+    weights_ = nullptr;
+    weight_count_ = 0;
+  }
+  MOETRAIN_CUDA_CHECK(cudaFree(p));
+}
+
+void CudaBackend::upload(void* dst, const void* src, std::size_t bytes) {
+  if (!bytes) return;
+  // Pageable host memory: the copy must finish before the caller may reuse `src`.
+  MOETRAIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+  synchronize();
+  wrote(dst, bytes);
+}
+
+void CudaBackend::download(void* dst, const void* src, std::size_t bytes) {
+  if (!bytes) return;
+  MOETRAIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+  synchronize();
+}
+
+void CudaBackend::copy(void* dst, const void* src, std::size_t bytes) {
+  if (!bytes || dst == src) return;
+  const auto* d = static_cast<const char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  if (d < s + bytes && s < d + bytes) {
+    // cudaMemcpy does not allow overlap: go through scratch (the CPU backend's memmove).
+    void* tmp = scratch(op_scratch_, bytes);
+    MOETRAIN_CUDA_CHECK(cudaMemcpyAsync(tmp, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+    src = tmp;
+  }
+  MOETRAIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  wrote(dst, bytes);
+}
+
+void CudaBackend::zero(void* dst, std::size_t bytes) {
+  if (!bytes) return;
+  MOETRAIN_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream_));
+  wrote(dst, bytes);
+}
+
+// ---- elementwise and optimizer steps --------------------------------------------------------
+
+void CudaBackend::add(float* out, const float* a, const float* b, std::size_t n) {
+  kernels::add(out, a, b, n, stream_);
+  wrote(out, n * sizeof(float));
+}
+
+void CudaBackend::add_inplace(float* x, const float* y, std::size_t n) {
+  kernels::add_inplace(x, y, n, stream_);
+  wrote(x, n * sizeof(float));
+}
+
+double CudaBackend::sum_squares(const float* x, std::size_t n) {
+  if (!n) return 0;
+  auto* ws = static_cast<double*>(
+      scratch(op_scratch_, kernels::optimizer_workspace_elems() * sizeof(double)));
+  kernels::sum_squares(x, n, ws, sums_, false, stream_);
+  return read_sum(0);
+}
+
+void CudaBackend::scale(float* x, std::size_t n, double s) {
+  kernels::scale(x, n, float(s), stream_);
+  wrote(x, n * sizeof(float));
+}
+
+void CudaBackend::axpby(float* y, const float* x, std::size_t n, double a, double b) {
+  kernels::axpby(y, x, n, float(a), float(b), stream_);
+  wrote(y, n * sizeof(float));
+}
+
+void CudaBackend::transpose_batched(float* out, const float* in, int batch, int rows, int cols) {
+  kernels::transpose_batched(out, in, batch, rows, cols, stream_);
+  wrote(out, std::size_t(batch) * rows * cols * sizeof(float));
+}
+
+void CudaBackend::frobenius_normalize(float* x, int batch, std::size_t elems, double eps) {
+  if (!batch || !elems) return;
+  auto* ws = static_cast<double*>(
+      scratch(op_scratch_, kernels::frobenius_workspace_elems(batch, elems) * sizeof(double)));
+  kernels::frobenius_normalize<float, float>(x, x, batch, elems, eps, ws, stream_);
+  wrote(x, std::size_t(batch) * elems * sizeof(float));
+}
+
+double CudaBackend::adamw_update(float* p, const float* g, float* m, float* v, std::size_t n,
+                                 double lr, double beta1, double beta2, double eps,
+                                 double weight_decay, std::int64_t t) {
+  if (!n) return 0;
+  auto* ws = static_cast<double*>(
+      scratch(op_scratch_, kernels::optimizer_workspace_elems() * sizeof(double)));
+  const auto params = kernels::adamw_params(lr, beta1, beta2, eps, weight_decay, t);
+  // fp32 masters only: the bf16 copy is rewritten as a whole when a GEMM next reads it.
+  kernels::adamw_update<float>(p, nullptr, g, 1.0f, m, v, n, params, seed_, 0, ws, sums_, false,
+                               stream_);
+  wrote(p, n * sizeof(float));
+  return read_sum(0);
+}
+
+void CudaBackend::muon_momentum(float* M, float* U, const float* G, std::size_t n, double mu,
+                                bool nesterov) {
+  kernels::muon_momentum<float>(M, U, G, 1.0f, n, float(mu), nesterov, stream_);
+  wrote(M, n * sizeof(float));
+  wrote(U, n * sizeof(float));
+}
+
+double CudaBackend::muon_update(float* W, const float* O, std::size_t n, double lr, double s,
+                                double weight_decay) {
+  if (!n) return 0;
+  auto* ws = static_cast<double*>(
+      scratch(op_scratch_, kernels::optimizer_workspace_elems() * sizeof(double)));
+  kernels::muon_update<float, float>(W, nullptr, O, n, float(lr), float(s), float(weight_decay),
+                                     seed_, 0, ws, sums_, false, stream_);
+  wrote(W, n * sizeof(float));
+  return read_sum(0);
+}
+
+// ---- embedding, norms, RoPE, SwiGLU, cross-entropy -----------------------------------------
+
+void CudaBackend::embedding_forward(float* out, const int32_t* tokens, const float* table, int n,
+                                    int d) {
+  kernels::embedding_forward(out, tokens, table, n, d, stream_);
+}
+
+void CudaBackend::embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int n,
+                                     int d) {
+  void* ws = scratch(op_scratch_, kernels::embedding_backward_workspace_bytes(n));
+  kernels::embedding_backward(dtable, dout, tokens, n, d, ws, stream_);
+}
+
+void CudaBackend::rmsnorm_forward(float* out, float* rstd, const float* x, const float* gain, int n,
+                                  int d, double eps) {
+  kernels::rmsnorm_forward<float>(out, rstd, nullptr, x, nullptr, gain, n, d, float(eps), stream_);
+}
+
+void CudaBackend::rmsnorm_backward(float* dx, float* dgain, const float* dout, const float* x,
+                                   const float* gain, const float* rstd, int n, int d) {
+  void* ws = scratch(op_scratch_, kernels::rmsnorm_backward_workspace_bytes(n, d));
+  kernels::rmsnorm_backward(dx, dgain, dout, x, gain, rstd, n, d, ws, stream_);
+}
+
+void CudaBackend::rope_forward(float* x, int ld, int rows, int seq, int n_heads, int head_dim,
+                               const float* cos, const float* sin) {
+  kernels::rope_forward(x, ld, rows, seq, n_heads, head_dim, cos, sin, stream_);
+}
+
+void CudaBackend::rope_backward(float* dx, int ld, int rows, int seq, int n_heads, int head_dim,
+                                const float* cos, const float* sin) {
+  kernels::rope_backward(dx, ld, rows, seq, n_heads, head_dim, cos, sin, stream_);
+}
+
+void CudaBackend::swiglu_forward(float* out, const float* h, int rows, int ff) {
+  kernels::swiglu_forward(out, h, rows, ff, stream_);
+}
+
+void CudaBackend::swiglu_backward(float* dh, const float* dout, const float* h, int rows, int ff) {
+  kernels::swiglu_backward(dh, dout, h, rows, ff, stream_);
+}
+
+void CudaBackend::cross_entropy(float* losses, float* logits, const int32_t* targets, int n,
+                                int vocab, float grad_scale) {
+  kernels::cross_entropy(losses, logits, targets, n, vocab, grad_scale, stream_);
+}
+
+// ---- MoE ------------------------------------------------------------------------------------
+
+void CudaBackend::router_forward(float* scores, int32_t* topk, float* gates, int32_t* counts,
+                                 float* stats, const float* logits, const float* bias,
+                                 const RouterShape& s) {
+  void* ws = scratch(op_scratch_, kernels::router_forward_workspace_bytes(s.tokens, s.n_experts));
+  kernels::router_forward(scores, topk, gates, counts, stats, logits, bias, router_dims(s), ws,
+                          stream_);
+}
+
+void CudaBackend::router_backward(float* dlogits, const float* dgates, const float* logits,
+                                  const float* scores, const int32_t* topk, const float* gates,
+                                  const int32_t* counts, const RouterShape& s, double aux_coef,
+                                  double z_coef, double grad_scale) {
+  kernels::router_backward(dlogits, dgates, logits, scores, topk, gates, counts, router_dims(s),
+                           aux_coef, z_coef, grad_scale, stream_);
+}
+
+void CudaBackend::moe_permute(float* xg, int32_t* pos, int32_t* offsets, const float* x,
+                              const int32_t* topk, const int32_t* counts, int tokens, int d,
+                              int n_experts, int k) {
+  void* ws = scratch(op_scratch_, kernels::moe_permute_workspace_bytes(tokens, n_experts, k));
+  kernels::moe_permute(xg, pos, offsets, x, topk, counts, tokens, d, n_experts, k, ws, stream_);
+}
+
+void CudaBackend::moe_permute_backward(float* dx, const float* dxg, const int32_t* pos, int tokens,
+                                       int d, int k) {
+  kernels::moe_permute_backward(dx, dxg, pos, tokens, d, k, stream_);
+}
+
+void CudaBackend::moe_unpermute(float* y, const float* yg, const float* gates, const int32_t* pos,
+                                int tokens, int d, int k) {
+  kernels::moe_unpermute(y, yg, gates, pos, tokens, d, k, stream_);
+}
+
+void CudaBackend::moe_unpermute_backward(float* dyg, float* dgates, const float* dy,
+                                         const float* yg, const float* gates, const int32_t* pos,
+                                         int tokens, int d, int k) {
+  kernels::moe_unpermute_backward(dyg, dgates, dy, yg, gates, pos, tokens, d, k, stream_);
+}
+
+}  // namespace moetrain

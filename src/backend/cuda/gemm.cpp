@@ -1,0 +1,217 @@
+// CudaBackend's GEMMs and its bf16 weight copy, and the backend's construction (the cuBLASLt
+// handle lives with the GEMM).
+//
+// Row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T, so cuBLASLt gets B as its
+// first operand and A as its second, each with the transpose flag its row-major storage implies.
+// In bf16 mode both operands are bf16 and the accumulation fp32 (CUBLAS_COMPUTE_32F); C stays fp32.
+// In the simulator build the same operand preparation runs (kernels in the simulator), and the
+// product itself runs on the CPU backend in fp32 on the widened bf16 values: the numbers a tensor
+// core would see, summed in fp32.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "backend/cuda/cuda_backend.hpp"
+#include "elementwise.cuh"
+
+#if defined(MOETRAIN_SIMT)
+#include "moetrain/cpu_backend.hpp"
+#else
+#include <cublasLt.h>
+#endif
+
+namespace moetrain {
+
+namespace {
+
+constexpr std::size_t kBlasWorkspaceBytes = std::size_t(32) << 20;
+
+#if !defined(MOETRAIN_SIMT)
+void check_blas(cublasStatus_t status, const char* what) {
+  if (status == CUBLAS_STATUS_SUCCESS) return;
+  throw std::runtime_error(std::string("cuBLASLt ") + what +
+                           " failed: " + cublasLtGetStatusName(status) + " (" +
+                           cublasLtGetStatusString(status) + ")");
+}
+
+// The descriptors of one call, destroyed on every path out.
+struct LtCall {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtCall() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    for (auto* l : {a, b, c})
+      if (l) cublasLtMatrixLayoutDestroy(l);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+void set_batch(cublasLtMatrixLayout_t layout, int batch, std::size_t stride) {
+  if (batch <= 1) return;
+  const std::int32_t count = batch;
+  const std::int64_t offset = std::int64_t(stride);
+  check_blas(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                              sizeof count),
+             "batch count");
+  check_blas(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                              &offset, sizeof offset),
+             "batch stride");
+}
+#endif
+
+}  // namespace
+
+CudaBackend::CudaBackend(const CudaBackendOptions& options)
+    : bf16_(options.bf16), seed_(options.seed) {
+  if (options.device >= 0) MOETRAIN_CUDA_CHECK(cudaSetDevice(options.device));
+  MOETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  MOETRAIN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sums_), 4 * sizeof(double)));
+#if !defined(MOETRAIN_SIMT)
+  cublasLtHandle_t handle = nullptr;
+  check_blas(cublasLtCreate(&handle), "create");
+  blas_ = handle;
+  scratch(blas_workspace_, kBlasWorkspaceBytes);
+#endif
+}
+
+CudaBackend::~CudaBackend() {
+  cudaStreamSynchronize(stream_);
+#if !defined(MOETRAIN_SIMT)
+  if (blas_) cublasLtDestroy(static_cast<cublasLtHandle_t>(blas_));
+#endif
+  for (Scratch* s :
+       {&blas_workspace_, &op_scratch_, &gemm_a_, &gemm_b_, &sim_a_, &sim_b_, &attention_})
+    if (s->ptr) cudaFree(s->ptr);
+  if (weight_copy_) cudaFree(weight_copy_);
+  if (sums_) cudaFree(sums_);
+  cudaStreamDestroy(stream_);
+}
+
+void CudaBackend::set_weights(const float* weights, std::size_t count) {
+  weights_ = weights;
+  weight_count_ = count;
+  if (weight_copy_) {
+    synchronize();
+    MOETRAIN_CUDA_CHECK(cudaFree(weight_copy_));
+    weight_copy_ = nullptr;
+  }
+  if (bf16_ && count)
+    MOETRAIN_CUDA_CHECK(
+        cudaMalloc(reinterpret_cast<void**>(&weight_copy_), count * sizeof(__nv_bfloat16)));
+  weight_copy_stale_ = true;
+}
+
+const __nv_bfloat16* CudaBackend::weight_copy() {
+  if (!weight_copy_) return nullptr;
+  if (weight_copy_stale_) {
+    // A fresh stream of random bits per rewrite (deterministic from the seed), so rounding
+    // errors do not repeat from step to step.
+    const std::uint64_t seed = seed_ ^ (0x9e3779b97f4a7c15ull * ++weight_copy_version_);
+    kernels::convert_to_bf16_stochastic(weight_copy_, weights_, weight_count_, seed, stream_);
+    weight_copy_stale_ = false;
+  }
+  return weight_copy_;
+}
+
+const void* CudaBackend::gemm_operand(const float* X, bool trans, int rows, int cols, int ld,
+                                      std::size_t stride, int batch, Scratch& buf) {
+  if (!bf16_) return X;
+  // Stored shape of the operand (row-major): op(X) is rows x cols.
+  const int srows = trans ? cols : rows, scols = trans ? rows : cols;
+  if (weights_ && X >= weights_ && X < weights_ + weight_count_)
+    return weight_copy() + (X - weights_);
+  // Activations: rounded to nearest into a packed buffer with the caller's ld and stride kept,
+  // so the GEMM call is the same as for the fp32 data.
+  const std::size_t span = std::size_t(batch - 1) * stride + std::size_t(srows - 1) * ld + scols;
+  auto* out = static_cast<__nv_bfloat16*>(scratch(buf, span * sizeof(__nv_bfloat16)));
+  if (batch == 1 || stride == std::size_t(srows) * std::size_t(ld)) {
+    kernels::convert_to_bf16(out, ld, X, ld, srows * batch, scols, stream_);
+  } else {
+    for (int i = 0; i < batch; ++i)
+      kernels::convert_to_bf16(out + std::size_t(i) * stride, ld, X + std::size_t(i) * stride, ld,
+                               srows, scols, stream_);
+  }
+  return out;
+}
+
+void CudaBackend::gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
+                       const float* B, int ldb, float beta, float* C, int ldc) {
+  gemm_impl(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+}
+
+void CudaBackend::gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A,
+                               int lda, std::size_t sa, const float* B, int ldb, std::size_t sb,
+                               float beta, float* C, int ldc, std::size_t sc, int batch) {
+  gemm_impl(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+}
+
+void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, const float* A,
+                            int lda, std::size_t sa, const float* B, int ldb, std::size_t sb,
+                            float beta, float* C, int ldc, std::size_t sc, int batch) {
+  if (M <= 0 || N <= 0 || batch <= 0) return;
+  wrote(C, (std::size_t(batch - 1) * sc + std::size_t(M - 1) * ldc + N) * sizeof(float));
+  if (K <= 0) {  // an empty sum: C = beta * C
+    for (int i = 0; i < batch; ++i)
+      for (int r = 0; r < M; ++r)
+        kernels::scale(C + i * sc + std::size_t(r) * ldc, N, beta, stream_);
+    return;
+  }
+  const void* a = gemm_operand(A, ta, M, K, lda, sa, batch, gemm_a_);
+  const void* b = gemm_operand(B, tb, K, N, ldb, sb, batch, gemm_b_);
+#if defined(MOETRAIN_SIMT)
+  // Widen the operands the GPU would read back to fp32 and multiply on the CPU.
+  auto widen = [&](const void* x, bool trans, int rows, int cols, int ld, std::size_t stride,
+                   Scratch& buf) -> const float* {
+    if (!bf16_) return static_cast<const float*>(x);
+    const int srows = trans ? cols : rows, scols = trans ? rows : cols;
+    const std::size_t span = std::size_t(batch - 1) * stride + std::size_t(srows - 1) * ld + scols;
+    auto* out = static_cast<float*>(scratch(buf, span * sizeof(float)));
+    kernels::convert_from_bf16(out, static_cast<const __nv_bfloat16*>(x), span, stream_);
+    return out;
+  };
+  const float* fa = widen(a, ta, M, K, lda, sa, sim_a_);
+  const float* fb = widen(b, tb, K, N, ldb, sb, sim_b_);
+  CpuBackend<float> cpu;
+  cpu.gemm_batched(ta, tb, M, N, K, alpha, fa, lda, sa, fb, ldb, sb, beta, C, ldc, sc, batch);
+#else
+  const cudaDataType_t in_type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
+  LtCall call;
+  check_blas(cublasLtMatmulDescCreate(&call.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+  const cublasOperation_t op_first = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_second = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  check_blas(cublasLtMatmulDescSetAttribute(call.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first,
+                                            sizeof op_first),
+             "transa");
+  check_blas(cublasLtMatmulDescSetAttribute(call.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second,
+                                            sizeof op_second),
+             "transb");
+  // Column-major views: B is [N x K] (or [K x N] stored, transposed), A is [K x M] (or [M x K]).
+  check_blas(cublasLtMatrixLayoutCreate(&call.a, in_type, tb ? K : N, tb ? N : K, ldb), "layout");
+  check_blas(cublasLtMatrixLayoutCreate(&call.b, in_type, ta ? M : K, ta ? K : M, lda), "layout");
+  check_blas(cublasLtMatrixLayoutCreate(&call.c, CUDA_R_32F, N, M, ldc), "layout");
+  set_batch(call.a, batch, sb);
+  set_batch(call.b, batch, sa);
+  set_batch(call.c, batch, sc);
+  check_blas(cublasLtMatmulPreferenceCreate(&call.pref), "preference");
+  const std::uint64_t ws_bytes = blas_workspace_.bytes;
+  check_blas(cublasLtMatmulPreferenceSetAttribute(
+                 call.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes),
+             "workspace size");
+  auto* handle = static_cast<cublasLtHandle_t>(blas_);
+  cublasLtMatmulHeuristicResult_t heuristic{};
+  int found = 0;
+  check_blas(cublasLtMatmulAlgoGetHeuristic(handle, call.desc, call.a, call.b, call.c, call.c,
+                                            call.pref, 1, &heuristic, &found),
+             "heuristic");
+  if (found == 0)
+    throw std::runtime_error("cuBLASLt has no algorithm for a " + std::to_string(M) + "x" +
+                             std::to_string(N) + "x" + std::to_string(K) + " GEMM");
+  check_blas(
+      cublasLtMatmul(handle, call.desc, &alpha, b, call.a, a, call.b, &beta, C, call.c, C, call.c,
+                     &heuristic.algo, blas_workspace_.ptr, blas_workspace_.bytes, stream_),
+      "matmul");
+#endif
+}
+
+}  // namespace moetrain

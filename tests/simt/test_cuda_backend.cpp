@@ -1,0 +1,257 @@
+// The CUDA backend as a whole, in the simulator: training steps (forward, backward, optimizer
+// update, expert-bias update) of a small MoE on CudaBackend against the same steps on
+// CpuBackend<float>. fp32 GEMMs must agree to fp32 rounding; bf16 GEMMs (bf16 operands, fp32
+// accumulation, bf16 weight copy with stochastic rounding) to bf16 tolerance. Plus the bf16 weight
+// copy itself: stochastic rounding brackets, determinism, refresh after every write.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_backend.hpp"
+#include "kernel_test_util.hpp"
+#include "moetrain/cpu_backend.hpp"
+#include "moetrain/model.hpp"
+#include "moetrain/optimizer.hpp"
+
+namespace {
+
+using moetrain::Backend;
+using moetrain::Config;
+using moetrain::CpuBackend;
+using moetrain::CudaBackend;
+using moetrain::CudaBackendOptions;
+using moetrain::RouterType;
+
+Config small_config(RouterType router, const std::string& optimizer) {
+  Config c;
+  auto& m = c.model;
+  m.vocab_size = 37;
+  m.d_model = 32;
+  m.n_layers = 2;
+  m.n_heads = 4;
+  m.n_kv_heads = 2;
+  m.head_dim = 8;
+  m.seq_len = 8;
+  m.dense_layers = 1;
+  m.dense_ff = 24;
+  m.init_std = 0.2;
+  m.moe.n_experts = 4;
+  m.moe.top_k = 2;
+  m.moe.expert_ff = 16;
+  m.moe.n_shared_experts = 1;
+  m.moe.shared_ff = 8;
+  m.moe.router = router;
+  m.moe.route_scale = router == RouterType::SigmoidBias ? 2.0 : 1.0;
+  m.moe.aux_loss_coef = 0.01;
+  m.moe.z_loss_coef = 0.001;
+  c.optim.name = optimizer;
+  c.optim.lr = 0.02;
+  c.optim.qk_clip_tau = 0.5;  // low enough that heads are clipped
+  return c;
+}
+
+struct Trace {
+  std::vector<double> losses;
+  std::vector<float> first_grads, params;
+  int clipped = 0;
+};
+
+// `steps` training steps as the trainer takes them, on one backend.
+Trace train(Backend<float>& be, const Config& cfg, int steps) {
+  constexpr int kBatch = 2;
+  moetrain::Model<float> model(cfg.model, be, kBatch);
+  model.init_weights(5);
+  moetrain::Optimizer<float> opt(cfg, model.layout(), be);
+  std::mt19937 rng(9);
+  const std::size_t n = std::size_t(kBatch) * cfg.model.seq_len;
+  const std::size_t P = model.layout().total();
+  Trace t;
+  for (int s = 0; s < steps; ++s) {
+    std::vector<std::int32_t> tok(n), tgt(n);
+    for (auto* v : {&tok, &tgt})
+      for (auto& x : *v) x = std::int32_t(rng() % std::uint32_t(cfg.model.vocab_size));
+    tgt[3] = -1;  // padding
+    model.zero_grads();
+    const moetrain::ForwardStats& st = model.forward_backward(tok.data(), tgt.data(), 1.0);
+    t.losses.push_back(st.objective);
+    if (s == 0) {
+      t.first_grads.resize(P);
+      be.download(t.first_grads.data(), model.grads(), P * sizeof(float));
+    }
+    std::vector<std::vector<std::int64_t>> load;
+    for (const auto& l : st.load) load.emplace_back(l.begin(), l.end());
+    const auto smax = st.smax;
+    t.clipped += opt.step(model.params(), model.grads(), cfg.optim.lr, smax).clipped_heads;
+    if (cfg.model.moe.router == RouterType::SigmoidBias)
+      model.update_expert_bias(load, cfg.model.moe.bias_update_rate);
+  }
+  t.params.resize(P);
+  be.download(t.params.data(), model.params(), P * sizeof(float));
+  return t;
+}
+
+void compare(const Trace& gpu, const Trace& cpu, double tol) {
+  REQUIRE(gpu.losses.size() == cpu.losses.size());
+  for (std::size_t i = 0; i < cpu.losses.size(); ++i) {
+    INFO("step " << i << ": cuda " << gpu.losses[i] << ", cpu " << cpu.losses[i]);
+    CHECK(std::isfinite(gpu.losses[i]));
+    CHECK(std::abs(gpu.losses[i] - cpu.losses[i]) <= tol * std::abs(cpu.losses[i]));
+  }
+  CHECK_FALSE(kernel_test::has_nan(gpu.first_grads));
+  const double g = kernel_test::rel_error(gpu.first_grads, cpu.first_grads);
+  const double p = kernel_test::rel_error(gpu.params, cpu.params);
+  INFO("gradients " << g << ", parameters " << p);
+  UNSCOPED_INFO("relative error: gradients " << g << ", parameters " << p);
+  CHECK(g <= tol);
+  CHECK(p <= tol);
+}
+
+}  // namespace
+
+TEST_CASE("cuda backend: training steps match the CPU backend (fp32 GEMMs)", "[cuda_backend]") {
+  for (const RouterType router : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
+    for (const char* optimizer : {"adamw", "muonclip"}) {
+      INFO((router == RouterType::SoftmaxTopK ? "softmax_topk " : "sigmoid_bias ") << optimizer);
+      const Config cfg = small_config(router, optimizer);
+      CpuBackend<float> cpu;
+      CudaBackendOptions o;
+      o.bf16 = false;
+      CudaBackend gpu(o);
+      const Trace ref = train(cpu, cfg, 3);
+      const Trace got = train(gpu, cfg, 3);
+      compare(got, ref, 1e-5);
+      CHECK(got.clipped == ref.clipped);
+      if (std::string(optimizer) == "muonclip") CHECK(ref.clipped > 0);
+    }
+  }
+}
+
+TEST_CASE("cuda backend: bf16 GEMMs stay within bf16 tolerance of the CPU backend",
+          "[cuda_backend]") {
+  const Config cfg = small_config(RouterType::SoftmaxTopK, "muonclip");
+  CpuBackend<float> cpu;
+  CudaBackendOptions o;
+  o.bf16 = true;
+  o.seed = 3;
+  CudaBackend gpu(o);
+  const Trace ref = train(cpu, cfg, 3);
+  const Trace got = train(gpu, cfg, 3);
+  compare(got, ref, 2e-2);
+  // ...and the bf16 rounding is really there: not the fp32 numbers.
+  CHECK(kernel_test::rel_error(got.first_grads, ref.first_grads) > 1e-6);
+
+  // Same seed, same run: bit-identical.
+  CudaBackend again(o);
+  const Trace twice = train(again, cfg, 3);
+  CHECK(twice.losses == got.losses);
+  CHECK(std::memcmp(twice.params.data(), got.params.data(), got.params.size() * 4) == 0);
+}
+
+TEST_CASE("cuda backend: the bf16 weight copy is stochastically rounded and follows every write",
+          "[cuda_backend]") {
+  const std::size_t n = 4096;
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> w(n);
+  for (auto& x : w) x = normal(rng);
+
+  auto copy_of = [&](CudaBackend& be) {
+    std::vector<__nv_bfloat16> out(n);
+    be.download(out.data(), be.weight_copy(), n * sizeof(__nv_bfloat16));
+    return out;
+  };
+  // Each copy element is one of the two bf16 values around the master (truncation, or one ulp
+  // up), so the copy is the master within one bf16 ulp, both directions occurring.
+  auto check_brackets = [&](const std::vector<__nv_bfloat16>& c, const std::vector<float>& m) {
+    int up = 0, down = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint32_t bits = moetrain::kernels::float_bits(m[i]);
+      const std::uint16_t lo = std::uint16_t(bits >> 16), got = moetrain::kernels::bf16_bits(c[i]);
+      if ((bits & 0xffffu) == 0) {
+        CHECK(got == lo);
+        continue;
+      }
+      CHECK((got == lo || got == std::uint16_t(lo + 1)));
+      (got == lo ? down : up)++;
+    }
+    CHECK(up > int(n) / 8);
+    CHECK(down > int(n) / 8);
+  };
+
+  CudaBackendOptions o;
+  o.bf16 = true;
+  o.seed = 11;
+  CudaBackend be(o);
+  auto* dev = static_cast<float*>(be.alloc_bytes(n * sizeof(float)));
+  be.set_weights(dev, n);
+  be.upload(dev, w.data(), n * sizeof(float));
+  const auto first = copy_of(be);
+  check_brackets(first, w);
+
+  // Unchanged masters: the same copy (no needless rewrite).
+  CHECK(std::memcmp(copy_of(be).data(), first.data(), n * 2) == 0);
+
+  // A write through any op (here the optimizer's scale, as QK-clip does) makes it follow.
+  be.scale(dev + 100, 200, 0.5);
+  for (std::size_t i = 100; i < 300; ++i) w[i] *= 0.5f;
+  const auto second = copy_of(be);
+  check_brackets(second, w);
+
+  // Another seed rounds differently; the same seed identically.
+  CudaBackendOptions o2 = o;
+  o2.seed = 12;
+  CudaBackend other(o2), same(o);
+  std::vector<float*> device_of;
+  for (CudaBackend* b : {&other, &same}) {
+    auto* d = static_cast<float*>(b->alloc_bytes(n * sizeof(float)));
+    device_of.push_back(d);
+    b->set_weights(d, n);
+    b->upload(d, w.data(), n * sizeof(float));
+    b->weight_copy();
+    b->scale(d, 1, 1.0);  // the second rewrite, as for `second`
+  }
+  std::vector<__nv_bfloat16> a(n), s(n);
+  other.download(a.data(), other.weight_copy(), n * 2);
+  same.download(s.data(), same.weight_copy(), n * 2);
+  CHECK(std::memcmp(a.data(), second.data(), n * 2) != 0);
+  CHECK(std::memcmp(s.data(), second.data(), n * 2) == 0);
+  be.free_bytes(dev);
+  other.free_bytes(device_of[0]);
+  same.free_bytes(device_of[1]);
+}
+
+TEST_CASE("cuda backend: GEMM layouts (transposes, leading dimensions, batches, beta)",
+          "[cuda_backend]") {
+  std::mt19937 rng(2);
+  CpuBackend<float> cpu;
+  const int M = 5, N = 7, K = 3, batch = 3, pad = 2;
+  for (const bool bf16 : {false, true})
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true}) {
+        INFO("bf16 " << bf16 << " ta " << ta << " tb " << tb);
+        CudaBackendOptions o;
+        o.bf16 = bf16;
+        CudaBackend gpu(o);
+        const int lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+        const std::size_t sa = std::size_t(ta ? K : M) * lda + 1,
+                          sb = std::size_t(tb ? N : K) * ldb;
+        const std::size_t sc = std::size_t(M) * ldc + 3;
+        const auto A = kernel_test::random_floats(sa * batch, rng);
+        const auto B = kernel_test::random_floats(sb * batch, rng);
+        const auto C0 = kernel_test::random_floats(sc * batch, rng);
+        std::vector<float> ref = C0;
+        cpu.gemm_batched(ta, tb, M, N, K, 0.7f, A.data(), lda, sa, B.data(), ldb, sb, 0.3f,
+                         ref.data(), ldc, sc, batch);
+        kernel_test::DeviceBuffer<float> dA(A), dB(B), dC(C0);
+        gpu.gemm_batched(ta, tb, M, N, K, 0.7f, dA.ptr, lda, sa, dB.ptr, ldb, sb, 0.3f, dC.ptr, ldc,
+                         sc, batch);
+        gpu.synchronize();
+        const double err = kernel_test::rel_error(dC.download(), ref);
+        CHECK(err <= (bf16 ? 1e-2 : 1e-6));
+        if (bf16) CHECK(err > 1e-6);  // the operands really were rounded
+      }
+}
