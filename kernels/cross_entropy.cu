@@ -7,51 +7,13 @@
 // so no thread has overwritten it yet. Pass 2 (when grad_scale != 0) re-reads the row — 64 KiB in
 // bf16 at vocab 32768, still in L2 — and writes grad_scale * (softmax - onehot) over it.
 #include "cross_entropy.cuh"
+#include "pack.cuh"
 
 namespace moetrain::kernels {
 namespace cross_entropy_detail {
 
 constexpr int kMaxThreads = 1024;
 constexpr int kDefaultMaxBlocks = 32768;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return bf16_to_float(v);
-  }
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return float_to_bf16(v);
-  }
-}
-template <typename T, int N>
-__device__ __forceinline__ void load(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = to_float(pk.v[k]);
-}
-template <typename T, int N>
-__device__ __forceinline__ void store(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
-
-inline bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kMaxThreads)

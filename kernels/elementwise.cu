@@ -6,6 +6,7 @@
 // apply<V>(i) handles elements [i, i + V). The transpose goes through a 32x32 shared tile so that
 // both the read of a row of `in` and the write of a row of `out` are coalesced.
 #include "elementwise.cuh"
+#include "pack.cuh"
 
 #include <algorithm>
 
@@ -16,45 +17,6 @@ constexpr int kThreads = 256;
 constexpr std::size_t kMaxBlocks = 65536;  // beyond that the grid-stride loops take over
 constexpr unsigned kMaxGridYZ = 65535;     // CUDA's limit on grid.y and grid.z
 constexpr int kTile = 32, kTileRows = 8;   // transpose: a 32x32 tile, 32x8 threads
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return bf16_to_float(v);
-  }
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return float_to_bf16(v);
-  }
-}
-template <typename T, int N>
-__device__ __forceinline__ void load(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = to_float(pk.v[k]);
-}
-template <typename T, int N>
-__device__ __forceinline__ void store(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
-
-inline bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 // ---- 1D ops -------------------------------------------------------------------------------------
 // out = a x + b y. With a = b = 1 it is exactly x + y (even when contracted to an fma). No

@@ -9,6 +9,7 @@
 //           the dout rows in fp32 onto the old dtable row, then write the row once. No atomics at
 //           all; every dtable row is written by exactly one warp.
 #include "embedding.cuh"
+#include "pack.cuh"
 
 namespace moetrain::kernels {
 namespace embedding_detail {
@@ -18,31 +19,6 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kDefaultMaxBlocks = 4096;        // grid-stride beyond this
 constexpr unsigned kSortTile = 2048;           // keys sorted per block in shared memory (16 KiB)
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return bf16_to_float(v);
-  }
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return float_to_bf16(v);
-  }
-}
-
-inline bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 // ---- forward ------------------------------------------------------------------------------------
 template <typename T, int V>

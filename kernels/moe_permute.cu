@@ -14,6 +14,7 @@
 // fp32 accumulation in slot order (so the fp32 build matches the CPU sums bit for bit), and warp
 // butterflies for the dgates dot products (deterministic, no float atomics anywhere).
 #include "moe_permute.cuh"
+#include "pack.cuh"
 
 #include <algorithm>
 #include <stdexcept>
@@ -39,40 +40,6 @@ void check_sizes(const char* op, int tokens, int d, int k, int n_experts) {
                                 ", d " + std::to_string(d) + ", k " + std::to_string(k) + ", n_experts " +
                                 std::to_string(n_experts) + ")");
 }
-
-// ---- element access ----------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ float to_f32(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else {
-    return bf16_to_float(x);
-  }
-}
-template <typename T>
-__device__ __forceinline__ T from_f32(float x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else {
-    return float_to_bf16(x);
-  }
-}
-
-// V consecutive elements, loaded and stored as one access (16 bytes when V = 16 / sizeof(T)).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
-  *reinterpret_cast<Pack<T, V>*>(p) = v;
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 // Inclusive warp scan of v (every lane calls).
 __device__ __forceinline__ int warp_inclusive_scan(int v, unsigned lane) {
@@ -199,14 +166,14 @@ __global__ void __launch_bounds__(kRowThreads)
     Pack<T, V> out = load_pack<T, V>(o + c);
     float acc[V];
 #pragma unroll
-    for (int v = 0; v < V; ++v) acc[v] = to_f32(out.v[v]);
+    for (int v = 0; v < V; ++v) acc[v] = to_float(out.v[v]);
     for (int j = 0; j < k; ++j) {
       const Pack<T, V> g = load_pack<T, V>(dxg + static_cast<std::size_t>(p[j]) * d + c);
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[v] += to_f32(g.v[v]);
+      for (int v = 0; v < V; ++v) acc[v] += to_float(g.v[v]);
     }
 #pragma unroll
-    for (int v = 0; v < V; ++v) out.v[v] = from_f32<T>(acc[v]);
+    for (int v = 0; v < V; ++v) out.v[v] = from_float<T>(acc[v]);
     store_pack<T, V>(o + c, out);
   }
 }
@@ -229,11 +196,11 @@ __global__ void __launch_bounds__(kRowThreads)
       const float wj = w[j];
       const Pack<T, V> g = load_pack<T, V>(yg + static_cast<std::size_t>(p[j]) * d + c);
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[v] += wj * to_f32(g.v[v]);
+      for (int v = 0; v < V; ++v) acc[v] += wj * to_float(g.v[v]);
     }
     Pack<T, V> out;
 #pragma unroll
-    for (int v = 0; v < V; ++v) out.v[v] = from_f32<T>(acc[v]);
+    for (int v = 0; v < V; ++v) out.v[v] = from_float<T>(acc[v]);
     store_pack<T, V>(o + c, out);
   }
 }
@@ -258,9 +225,9 @@ __global__ void __launch_bounds__(kRowThreads)
       Pack<T, V> out;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const float gf = to_f32(gv.v[v]);
-        out.v[v] = from_f32<T>(wj * gf);
-        dot += gf * to_f32(yv.v[v]);
+        const float gf = to_float(gv.v[v]);
+        out.v[v] = from_float<T>(wj * gf);
+        dot += gf * to_float(yv.v[v]);
       }
       store_pack<T, V>(dyg + row + c, out);
     }
@@ -276,7 +243,7 @@ template <typename T>
 bool can_vectorize(int d, std::initializer_list<const void*> ptrs) {
   if ((static_cast<std::size_t>(d) * sizeof(T)) % 16 != 0) return false;
   for (const void* p : ptrs)
-    if (!aligned16(p)) return false;
+    if (!aligned(p, 16)) return false;
   return true;
 }
 

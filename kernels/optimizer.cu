@@ -7,6 +7,7 @@
 // of n only (at most kReduceMaxBlocks blocks), and reduce_finalize_kernel adds the partials in block
 // order: the same inputs give the same bits on every GPU and every run.
 #include "optimizer.cuh"
+#include "pack.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -30,15 +31,6 @@ constexpr int kScaleMaxChunks = 256;
 int grid_for(std::size_t n) {
   const std::size_t b = (n + std::size_t(kThreads) * kItemsPerThread - 1) / (std::size_t(kThreads) * kItemsPerThread);
   return static_cast<int>(std::clamp<std::size_t>(b, 1, kReduceMaxBlocks));
-}
-
-template <typename T>
-__device__ __forceinline__ float to_f32(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else {
-    return bf16_to_float(x);
-  }
 }
 
 // Stores an updated weight: fp32 master (+ optional stochastically rounded bf16 copy), or a bf16
@@ -101,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
     m[i] = mi;
     v[i] = vi;
     const float u = (mi / p.bias_correction1) / (sqrtf(vi / p.bias_correction2) + p.eps);
-    const float wi = to_f32(w[i]);
+    const float wi = to_float(w[i]);
     store_weight(w, w_copy, i, wi - p.lr * (u + p.weight_decay * wi), seed, rng_offset);
     sq += static_cast<double>(u) * u;
   }
@@ -121,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const std::size_t i = base + u * stride;
-      xv[u] = i < n ? to_f32(x[i]) : 0.0f;
+      xv[u] = i < n ? to_float(x[i]) : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) sq += static_cast<double>(xv[u]) * xv[u];
@@ -156,8 +148,8 @@ __global__ void __launch_bounds__(kThreads)
   double sq = 0.0;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float u = s * to_f32(O[i]);
-    const float wi = to_f32(w[i]);
+    const float u = s * to_float(O[i]);
+    const float wi = to_float(w[i]);
     store_weight(w, w_copy, i, wi - lr * (u + weight_decay * wi), seed, rng_offset);
     sq += static_cast<double>(u) * u;
   }
@@ -177,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const std::size_t i = base + u * kThreads;
-      xv[u] = i < end ? to_f32(x[i]) : 0.0f;
+      xv[u] = i < end ? to_float(x[i]) : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) sq += static_cast<double>(xv[u]) * xv[u];
@@ -201,7 +193,7 @@ __global__ void __launch_bounds__(kThreads)
   const std::size_t chunk = (elems + gridDim.x - 1) / gridDim.x;
   const std::size_t begin = chunk * blockIdx.x, end = min(elems, begin + chunk);
   for (std::size_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const float y = to_f32(in[base + i]) * f;
+    const float y = to_float(in[base + i]) * f;
     if constexpr (std::is_same_v<TOut, float>) {
       out[base + i] = y;
     } else {
@@ -224,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
   const std::size_t base = static_cast<std::size_t>(blockIdx.y) * block_elems;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * kThreads;
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * kThreads + threadIdx.x; i < block_elems; i += stride)
-    store_weight_rn(w, w_copy, base + i, to_f32(w[base + i]) * f);
+    store_weight_rn(w, w_copy, base + i, to_float(w[base + i]) * f);
 }
 
 int scale_chunks(std::size_t elems) {

@@ -11,6 +11,7 @@
 //           At the end the block adds its warps' rows in warp order and writes one partial row per
 //           block; a second kernel adds those rows in block order into dgain.
 #include "rmsnorm.cuh"
+#include "pack.cuh"
 
 namespace moetrain::kernels {
 namespace rmsnorm_detail {
@@ -21,45 +22,6 @@ constexpr int kBackwardDefaultMaxBlocks = 264;  // 2 per H100 SM: the dgain part
 constexpr int kMaxWarpsBackward = 8;
 constexpr std::size_t kSmemBudget = 48 * 1024;  // backward partials per block, without opt-in
 constexpr std::size_t kSmemMax = 160 * 1024;    // with opt-in (sm_80 allows 163 KiB)
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return bf16_to_float(v);
-  }
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return float_to_bf16(v);
-  }
-}
-template <typename T, int N>
-__device__ __forceinline__ void load(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = to_float(pk.v[k]);
-}
-template <typename T, int N>
-__device__ __forceinline__ void store(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
-
-inline bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 inline unsigned grid_for(long long work_items, int per_block, int cap) {
   long long blocks = (work_items + per_block - 1) / per_block;

@@ -5,51 +5,13 @@
 // seq * hd/2 entries), rotates in fp32 and stores both packs back. 2D grid: x over the (head, pack)
 // items of a row, y over rows with a grid-stride loop. Pure streaming: read and write q and k once.
 #include "rope.cuh"
+#include "pack.cuh"
 
 namespace moetrain::kernels {
 namespace rope_detail {
 
 constexpr int kThreads = 256;
 constexpr int kDefaultMaxRowBlocks = 8192;  // grid.y cap (CUDA allows 65535)
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return bf16_to_float(v);
-  }
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return float_to_bf16(v);
-  }
-}
-template <typename T, int N>
-__device__ __forceinline__ void load(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = to_float(pk.v[k]);
-}
-template <typename T, int N>
-__device__ __forceinline__ void store(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
-
-inline bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 template <typename T, typename TC, int V>
 __global__ void __launch_bounds__(kThreads)

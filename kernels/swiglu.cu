@@ -5,51 +5,13 @@
 // (block rows cover several short rows at once), grid-stride over the rest. No index division.
 // Forward reads h once (2 ff per row) and writes out once (ff); backward reads h and dout, writes dh.
 #include "swiglu.cuh"
+#include "pack.cuh"
 
 namespace moetrain::kernels {
 namespace swiglu_detail {
 
 constexpr int kThreads = 256;
 constexpr int kDefaultMaxRowBlocks = 16384;  // grid.y cap (CUDA allows 65535)
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return bf16_to_float(v);
-  }
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return float_to_bf16(v);
-  }
-}
-template <typename T, int N>
-__device__ __forceinline__ void load(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = to_float(pk.v[k]);
-}
-template <typename T, int N>
-__device__ __forceinline__ void store(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
-
-inline bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 __device__ __forceinline__ float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 
