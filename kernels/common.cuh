@@ -8,38 +8,45 @@
 // MOETRAIN_CUDA_CHECK and the bf16 type, without the device parts.
 //
 // API (namespace moetrain::kernels unless noted)
-//   MOETRAIN_CUDA_CHECK(expr)            throws std::runtime_error "file:line: expr failed: name (text)"
+//   MOETRAIN_CUDA_CHECK(expr)            throws std::runtime_error "file:line: expr failed: name
+//   (text)"
 //                                        unless expr returns cudaSuccess.
 //   launch(kernel, grid, block, smem_bytes, stream, args...)
-//                                        the only way to launch a kernel. nvcc: kernel<<<...>>>(args...)
-//                                        then a cudaGetLastError check (a bad configuration throws),
-//                                        and opts in to more than 48 KiB of dynamic shared memory;
-//                                        SIMT: runs the whole grid before it returns (errors throw).
+//                                        the only way to launch a kernel. nvcc:
+//                                        kernel<<<...>>>(args...) then a cudaGetLastError check (a
+//                                        bad configuration throws), and opts in to more than 48 KiB
+//                                        of dynamic shared memory; SIMT: runs the whole grid before
+//                                        it returns (errors throw).
 //   ceil_div(a, b)                       host/device integer helper for grid sizes.
-//   dynamic_smem<T>()                    the launch's dynamic shared memory as T* (16-byte aligned).
+//   dynamic_smem<T>()                    the launch's dynamic shared memory as T* (16-byte
+//   aligned).
 //                                        Never declare `extern __shared__` arrays yourself.
 //   thread_rank(), block_threads(), lane_id(), warp_id()
 //                                        linear thread index in the block (x fastest), threads per
 //                                        block, index in the warp, warp index in the block.
 //   warp_sum(v), warp_max(v), warp_min(v)
-//                                        butterfly over the full warp (__shfl_xor_sync, offsets 16, 8,
-//                                        4, 2, 1); every lane gets the result. All 32 lanes must call.
+//                                        butterfly over the full warp (__shfl_xor_sync, offsets 16,
+//                                        8, 4, 2, 1); every lane gets the result. All 32 lanes must
+//                                        call.
 //   block_sum(v), block_max(v), block_min(v)
-//                                        every thread gets the reduction over the block: warp butterfly,
-//                                        one partial per warp in shared memory, then every warp reduces
-//                                        the partials (missing warps contribute the identity). Contains
-//                                        two __syncthreads: all threads of the block must call it; the
-//                                        block size must be a multiple of 32 (at most 1024). The order
-//                                        of the float additions is fixed, so results are deterministic.
+//                                        every thread gets the reduction over the block: warp
+//                                        butterfly, one partial per warp in shared memory, then
+//                                        every warp reduces the partials (missing warps contribute
+//                                        the identity). Contains two __syncthreads: all threads of
+//                                        the block must call it; the block size must be a multiple
+//                                        of 32 (at most 1024). The order of the float additions is
+//                                        fixed, so results are deterministic.
 //   bf16: float_to_bf16(x) (round to nearest even), bf16_to_float(h),
-//         float_to_bf16_stochastic(x, rand_bits) (adds the low 16 random bits below the bf16 ulp, then
-//         truncates: unbiased; NaN stays NaN, +-inf stays), bf16_bits(h), bf16_from_bits(u),
+//         float_to_bf16_stochastic(x, rand_bits) (adds the low 16 random bits below the bf16 ulp,
+//         then truncates: unbiased; NaN stays NaN, +-inf stays), bf16_bits(h), bf16_from_bits(u),
 //         float_bits(x), float_from_bits(u).
-//   random_u32(seed, index)              counter-based hash (splitmix64) for stochastic rounding and dropout.
+//   random_u32(seed, index)              counter-based hash (splitmix64) for stochastic rounding
+//   and dropout.
 //
-// Rules for kernels: plain CUDA C++ (no <<<>>>, no extern __shared__, no cooperative groups); inline
-// PTX only inside a __device__ function that has an `#if defined(MOETRAIN_SIMT)` implementation with
-// the same per-lane semantics; device functions defined in headers must be inline or __forceinline__.
+// Rules for kernels: plain CUDA C++ (no <<<>>>, no extern __shared__, no cooperative groups);
+// inline PTX only inside a __device__ function that has an `#if defined(MOETRAIN_SIMT)`
+// implementation with the same per-lane semantics; device functions defined in headers must be
+// inline or __forceinline__.
 #pragma once
 
 #include <cstddef>
@@ -60,18 +67,20 @@
 #include <cuda_runtime_api.h>
 #endif
 
-#define MOETRAIN_CUDA_CHECK(expr)                                                          \
-  do {                                                                                     \
-    const cudaError_t moetrain_cuda_status_ = (expr);                                      \
-    if (moetrain_cuda_status_ != cudaSuccess)                                              \
-      ::moetrain::kernels::cuda_fail(moetrain_cuda_status_, #expr, __FILE__, __LINE__);   \
+#define MOETRAIN_CUDA_CHECK(expr)                                                       \
+  do {                                                                                  \
+    const cudaError_t moetrain_cuda_status_ = (expr);                                   \
+    if (moetrain_cuda_status_ != cudaSuccess)                                           \
+      ::moetrain::kernels::cuda_fail(moetrain_cuda_status_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 namespace moetrain::kernels {
 
-[[noreturn]] inline void cuda_fail(cudaError_t status, const char* expr, const char* file, int line) {
-  throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + expr + " failed: " +
-                           cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + ")");
+[[noreturn]] inline void cuda_fail(cudaError_t status, const char* expr, const char* file,
+                                   int line) {
+  throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + expr +
+                           " failed: " + cudaGetErrorName(status) + " (" +
+                           cudaGetErrorString(status) + ")");
 }
 
 }  // namespace moetrain::kernels
@@ -101,7 +110,10 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem_bytes)));
   }
+  // clang-format would split the launch chevrons.
+  // clang-format off
   kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
   MOETRAIN_CUDA_CHECK(cudaGetLastError());
 #endif
 }
@@ -121,9 +133,15 @@ __device__ __forceinline__ T* dynamic_smem() {
 __device__ __forceinline__ unsigned thread_rank() {
   return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
-__device__ __forceinline__ unsigned block_threads() { return blockDim.x * blockDim.y * blockDim.z; }
-__device__ __forceinline__ unsigned lane_id() { return thread_rank() & 31u; }
-__device__ __forceinline__ unsigned warp_id() { return thread_rank() >> 5; }
+__device__ __forceinline__ unsigned block_threads() {
+  return blockDim.x * blockDim.y * blockDim.z;
+}
+__device__ __forceinline__ unsigned lane_id() {
+  return thread_rank() & 31u;
+}
+__device__ __forceinline__ unsigned warp_id() {
+  return thread_rank() >> 5;
+}
 
 // ---- reductions ---------------------------------------------------------------------------------
 struct SumOp {
@@ -231,17 +249,27 @@ __host__ __device__ __forceinline__ float float_from_bits(uint32_t u) {
   return x;
 #endif
 }
-__host__ __device__ __forceinline__ uint16_t bf16_bits(__nv_bfloat16 h) { return __bfloat16_as_ushort(h); }
-__host__ __device__ __forceinline__ __nv_bfloat16 bf16_from_bits(uint16_t u) { return __ushort_as_bfloat16(u); }
-__host__ __device__ __forceinline__ float bf16_to_float(__nv_bfloat16 h) { return __bfloat162float(h); }
-__host__ __device__ __forceinline__ __nv_bfloat16 float_to_bf16(float x) { return __float2bfloat16_rn(x); }
+__host__ __device__ __forceinline__ uint16_t bf16_bits(__nv_bfloat16 h) {
+  return __bfloat16_as_ushort(h);
+}
+__host__ __device__ __forceinline__ __nv_bfloat16 bf16_from_bits(uint16_t u) {
+  return __ushort_as_bfloat16(u);
+}
+__host__ __device__ __forceinline__ float bf16_to_float(__nv_bfloat16 h) {
+  return __bfloat162float(h);
+}
+__host__ __device__ __forceinline__ __nv_bfloat16 float_to_bf16(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // Stochastic rounding: rounds |x| up to the next bf16 with probability (dropped bits) / 2^16,
 // using the low 16 bits of rand_bits. Values beyond the largest bf16 may round to inf.
-__host__ __device__ __forceinline__ __nv_bfloat16 float_to_bf16_stochastic(float x, uint32_t rand_bits) {
+__host__ __device__ __forceinline__ __nv_bfloat16 float_to_bf16_stochastic(float x,
+                                                                           uint32_t rand_bits) {
   const uint32_t u = float_bits(x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_from_bits(0x7fffu);  // NaN
-  if ((u & 0x7fffffffu) == 0x7f800000u) return bf16_from_bits(static_cast<uint16_t>(u >> 16));  // inf
+  if ((u & 0x7fffffffu) == 0x7f800000u)
+    return bf16_from_bits(static_cast<uint16_t>(u >> 16));  // inf
   return bf16_from_bits(static_cast<uint16_t>((u + (rand_bits & 0xffffu)) >> 16));
 }
 

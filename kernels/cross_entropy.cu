@@ -2,10 +2,10 @@
 //
 // One block per row (grid-stride over rows). Pass 1 streams the row once in 16-byte packs; each
 // thread keeps an online (max, sum of exp(x - max)) over its packs (rescaling its sum only when a
-// pack raises its max); block_max then block_sum (common.cuh: fixed order, deterministic) combine the
-// threads' pairs into the row's logsumexp. The target logit is read before the reductions' barriers,
-// so no thread has overwritten it yet. Pass 2 (when grad_scale != 0) re-reads the row — 64 KiB in
-// bf16 at vocab 32768, still in L2 — and writes grad_scale * (softmax - onehot) over it.
+// pack raises its max); block_max then block_sum (common.cuh: fixed order, deterministic) combine
+// the threads' pairs into the row's logsumexp. The target logit is read before the reductions'
+// barriers, so no thread has overwritten it yet. Pass 2 (when grad_scale != 0) re-reads the row —
+// 64 KiB in bf16 at vocab 32768, still in L2 — and writes grad_scale * (softmax - onehot) over it.
 #include "cross_entropy.cuh"
 #include "pack.cuh"
 
@@ -17,8 +17,8 @@ constexpr int kDefaultMaxBlocks = 32768;
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
-    cross_entropy_kernel(float* __restrict__ losses, T* __restrict__ logits, const int32_t* __restrict__ targets,
-                         int n, int vocab, float grad_scale) {
+    cross_entropy_kernel(float* __restrict__ losses, T* __restrict__ logits,
+                         const int32_t* __restrict__ targets, int n, int vocab, float grad_scale) {
   const int packs = vocab / V;
   const int tid = static_cast<int>(thread_rank()), nt = static_cast<int>(block_threads());
   for (int row = static_cast<int>(blockIdx.x); row < n; row += static_cast<int>(gridDim.x)) {
@@ -72,8 +72,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 }  // namespace cross_entropy_detail
 
 template <typename T>
-void cross_entropy(float* losses, T* logits, const int32_t* targets, int n, int vocab, float grad_scale,
-                   cudaStream_t stream, int max_blocks) {
+void cross_entropy(float* losses, T* logits, const int32_t* targets, int n, int vocab,
+                   float grad_scale, cudaStream_t stream, int max_blocks) {
   using namespace cross_entropy_detail;
   if (n <= 0) return;
   if (vocab <= 0) throw std::invalid_argument("cross_entropy: vocab must be positive");
@@ -87,16 +87,17 @@ void cross_entropy(float* losses, T* logits, const int32_t* targets, int n, int 
   const long long cap = max_blocks > 0 ? max_blocks : kDefaultMaxBlocks;
   const dim3 grid(static_cast<unsigned>(n < cap ? n : cap));
   if (vec) {
-    launch(cross_entropy_kernel<T, kVec>, grid, dim3(threads), 0, stream, losses, logits, targets, n, vocab,
-           grad_scale);
+    launch(cross_entropy_kernel<T, kVec>, grid, dim3(threads), 0, stream, losses, logits, targets,
+           n, vocab, grad_scale);
   } else {
-    launch(cross_entropy_kernel<T, 1>, grid, dim3(threads), 0, stream, losses, logits, targets, n, vocab,
-           grad_scale);
+    launch(cross_entropy_kernel<T, 1>, grid, dim3(threads), 0, stream, losses, logits, targets, n,
+           vocab, grad_scale);
   }
 }
 
-template void cross_entropy<float>(float*, float*, const int32_t*, int, int, float, cudaStream_t, int);
-template void cross_entropy<__nv_bfloat16>(float*, __nv_bfloat16*, const int32_t*, int, int, float, cudaStream_t,
-                                           int);
+template void cross_entropy<float>(float*, float*, const int32_t*, int, int, float, cudaStream_t,
+                                   int);
+template void cross_entropy<__nv_bfloat16>(float*, __nv_bfloat16*, const int32_t*, int, int, float,
+                                           cudaStream_t, int);
 
 }  // namespace moetrain::kernels

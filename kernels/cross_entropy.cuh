@@ -1,9 +1,9 @@
-// kernels/cross_entropy.cuh — fused softmax cross-entropy with the logits' gradient written in place
-// (cross_entropy.cu).
+// kernels/cross_entropy.cuh — fused softmax cross-entropy with the logits' gradient written in
+// place (cross_entropy.cu).
 //
-// Host-side launcher in namespace moetrain::kernels, all pointers device pointers; T (the logits) is
-// float or __nv_bfloat16; the softmax statistics and the losses are fp32. `max_blocks` caps the grid
-// (0: the default); the kernel loops over the rows the grid does not cover.
+// Host-side launcher in namespace moetrain::kernels, all pointers device pointers; T (the logits)
+// is float or __nv_bfloat16; the softmax statistics and the losses are fp32. `max_blocks` caps the
+// grid (0: the default); the kernel loops over the rows the grid does not cover.
 //
 //   cross_entropy  for each of the n rows of `logits` [n, vocab]:
 //                    losses[i] = logsumexp(logits_i) - logits_i[targets[i]]
@@ -21,7 +21,7 @@
 namespace moetrain::kernels {
 
 template <typename T>
-void cross_entropy(float* losses, T* logits, const int32_t* targets, int n, int vocab, float grad_scale,
-                   cudaStream_t stream = nullptr, int max_blocks = 0);
+void cross_entropy(float* losses, T* logits, const int32_t* targets, int n, int vocab,
+                   float grad_scale, cudaStream_t stream = nullptr, int max_blocks = 0);
 
 }  // namespace moetrain::kernels

@@ -1,7 +1,8 @@
 // kernels/embedding.cu — token embedding lookup and its deterministic backward. See embedding.cuh.
 //
 // forward:  one warp per token row (grid-stride over rows), lanes copy 16-byte packs of the row
-//           (scalar elements when d or a pointer does not allow packs). Pure copy: n*d*2 bytes each way.
+//           (scalar elements when d or a pointer does not allow packs). Pure copy: n*d*2 bytes each
+//           way.
 // backward: keys[i] = token << 32 | i are unique, so any correct sort orders them the same way:
 //           (1) keys kernel, (2) bitonic sort: tiles of up to kSortTile keys sorted in shared
 //           memory, larger strides in global steps, (3) one warp per sorted position that starts a
@@ -14,11 +15,10 @@
 namespace moetrain::kernels {
 namespace embedding_detail {
 
-constexpr int kThreads = 256;                  // 8 warps, one row (or segment) each
+constexpr int kThreads = 256;  // 8 warps, one row (or segment) each
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kDefaultMaxBlocks = 4096;        // grid-stride beyond this
-constexpr unsigned kSortTile = 2048;           // keys sorted per block in shared memory (16 KiB)
-
+constexpr int kDefaultMaxBlocks = 4096;  // grid-stride beyond this
+constexpr unsigned kSortTile = 2048;     // keys sorted per block in shared memory (16 KiB)
 
 // ---- forward ------------------------------------------------------------------------------------
 template <typename T, int V>
@@ -44,7 +44,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- backward: sort keys --------------------------------------------------------------------------
+// ---- backward: sort keys
+// --------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads)
     embedding_keys_kernel(uint64_t* __restrict__ keys, const int32_t* __restrict__ tokens, int n,
                           unsigned count) {
@@ -84,8 +85,10 @@ __global__ void __launch_bounds__(kSortTile / 2)
 
 // One compare-exchange stride j >= tile of stage k, over the whole array.
 __global__ void __launch_bounds__(kThreads)
-    embedding_sort_global_kernel(uint64_t* __restrict__ keys, unsigned count, unsigned k, unsigned j) {
-  for (unsigned p = blockIdx.x * blockDim.x + threadIdx.x; p < count / 2; p += gridDim.x * blockDim.x) {
+    embedding_sort_global_kernel(uint64_t* __restrict__ keys, unsigned count, unsigned k,
+                                 unsigned j) {
+  for (unsigned p = blockIdx.x * blockDim.x + threadIdx.x; p < count / 2;
+       p += gridDim.x * blockDim.x) {
     const unsigned i = 2 * j * (p / j) + (p % j), l = i + j;
     const bool ascending = (i & k) == 0;
     const uint64_t a = keys[i], b = keys[l];
@@ -96,7 +99,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- backward: segment sums -----------------------------------------------------------------------
+// ---- backward: segment sums
+// -----------------------------------------------------------------------
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     embedding_backward_kernel(T* __restrict__ dtable, const T* __restrict__ dout,
@@ -107,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int p = static_cast<int>(blockIdx.x) * kWarps + static_cast<int>(warp_id()); p < n;
        p += static_cast<int>(gridDim.x) * kWarps) {
     const uint32_t tok = static_cast<uint32_t>(keys[p] >> 32);
-    if (static_cast<int32_t>(tok) < 0) continue;                          // padding token
+    if (static_cast<int32_t>(tok) < 0) continue;                             // padding token
     if (p > 0 && static_cast<uint32_t>(keys[p - 1] >> 32) == tok) continue;  // not a segment start
     P* row = reinterpret_cast<P*>(dtable + static_cast<std::size_t>(tok) * d);
     for (int c = lane; c < packs; c += kWarpSize) {
@@ -148,16 +152,18 @@ inline unsigned grid_for(long long work_items, int per_block, int max_blocks) {
 }  // namespace embedding_detail
 
 template <typename T>
-void embedding_forward(T* out, const int32_t* tokens, const T* table, int n, int d, cudaStream_t stream,
-                       int max_blocks) {
+void embedding_forward(T* out, const int32_t* tokens, const T* table, int n, int d,
+                       cudaStream_t stream, int max_blocks) {
   using namespace embedding_detail;
   if (n <= 0 || d <= 0) return;
   constexpr int kVec = 16 / sizeof(T);
   const dim3 grid(grid_for(n, kWarps, max_blocks));
   if (d % kVec == 0 && aligned(out, 16) && aligned(table, 16)) {
-    launch(embedding_forward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, out, tokens, table, n, d);
+    launch(embedding_forward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, out, tokens, table,
+           n, d);
   } else {
-    launch(embedding_forward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, out, tokens, table, n, d);
+    launch(embedding_forward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, out, tokens, table, n,
+           d);
   }
 }
 
@@ -166,40 +172,45 @@ std::size_t embedding_backward_workspace_bytes(int n) {
 }
 
 template <typename T>
-void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int n, int d, void* workspace,
-                        cudaStream_t stream, int max_blocks) {
+void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int n, int d,
+                        void* workspace, cudaStream_t stream, int max_blocks) {
   using namespace embedding_detail;
   if (n <= 0 || d <= 0) return;
   if (static_cast<long long>(n) > (1ll << 30))
     throw std::invalid_argument("embedding_backward: more than 2^30 tokens");
   uint64_t* keys = static_cast<uint64_t*>(workspace);
   const unsigned count = sort_count(n);
-  launch(embedding_keys_kernel, dim3(grid_for(count, kThreads, max_blocks)), dim3(kThreads), 0, stream, keys,
-         tokens, n, count);
+  launch(embedding_keys_kernel, dim3(grid_for(count, kThreads, max_blocks)), dim3(kThreads), 0,
+         stream, keys, tokens, n, count);
   const unsigned tile = count < kSortTile ? count : kSortTile;
-  launch(embedding_sort_tile_kernel, dim3(count / tile), dim3(tile / 2), 0, stream, keys, tile, 2u, tile);
+  launch(embedding_sort_tile_kernel, dim3(count / tile), dim3(tile / 2), 0, stream, keys, tile, 2u,
+         tile);
   for (unsigned k = 2 * tile; k <= count; k <<= 1) {
     for (unsigned j = k / 2; j >= tile; j >>= 1) {
-      launch(embedding_sort_global_kernel, dim3(grid_for(count / 2, kThreads, max_blocks)), dim3(kThreads), 0,
-             stream, keys, count, k, j);
+      launch(embedding_sort_global_kernel, dim3(grid_for(count / 2, kThreads, max_blocks)),
+             dim3(kThreads), 0, stream, keys, count, k, j);
     }
-    launch(embedding_sort_tile_kernel, dim3(count / tile), dim3(tile / 2), 0, stream, keys, tile, k, k);
+    launch(embedding_sort_tile_kernel, dim3(count / tile), dim3(tile / 2), 0, stream, keys, tile, k,
+           k);
   }
   constexpr int kVec = 16 / sizeof(T);
   const dim3 grid(grid_for(n, kWarps, max_blocks));
   if (d % kVec == 0 && aligned(dtable, 16) && aligned(dout, 16)) {
-    launch(embedding_backward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, dtable, dout, keys, n, d);
+    launch(embedding_backward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, dtable, dout, keys,
+           n, d);
   } else {
-    launch(embedding_backward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, dtable, dout, keys, n, d);
+    launch(embedding_backward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, dtable, dout, keys, n,
+           d);
   }
 }
 
-template void embedding_forward<float>(float*, const int32_t*, const float*, int, int, cudaStream_t, int);
-template void embedding_forward<__nv_bfloat16>(__nv_bfloat16*, const int32_t*, const __nv_bfloat16*, int, int,
-                                               cudaStream_t, int);
-template void embedding_backward<float>(float*, const float*, const int32_t*, int, int, void*, cudaStream_t,
-                                        int);
-template void embedding_backward<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*, const int32_t*, int, int,
-                                                void*, cudaStream_t, int);
+template void embedding_forward<float>(float*, const int32_t*, const float*, int, int, cudaStream_t,
+                                       int);
+template void embedding_forward<__nv_bfloat16>(__nv_bfloat16*, const int32_t*, const __nv_bfloat16*,
+                                               int, int, cudaStream_t, int);
+template void embedding_backward<float>(float*, const float*, const int32_t*, int, int, void*,
+                                        cudaStream_t, int);
+template void embedding_backward<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*,
+                                                const int32_t*, int, int, void*, cudaStream_t, int);
 
 }  // namespace moetrain::kernels

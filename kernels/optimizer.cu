@@ -4,8 +4,8 @@
 // Every kernel is a grid-stride loop over the elements with coalesced 4-byte (fp32) or 2-byte
 // (bf16) accesses, fp32 arithmetic, and — where a sum of squares is wanted — a per-thread double
 // accumulator, block_sum (fixed butterfly order) and one partial per block. The grid is a function
-// of n only (at most kReduceMaxBlocks blocks), and reduce_finalize_kernel adds the partials in block
-// order: the same inputs give the same bits on every GPU and every run.
+// of n only (at most kReduceMaxBlocks blocks), and reduce_finalize_kernel adds the partials in
+// block order: the same inputs give the same bits on every GPU and every run.
 #include "optimizer.cuh"
 #include "pack.cuh"
 
@@ -20,8 +20,8 @@ namespace moetrain::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kItemsPerThread = 4;     // elements per thread before the grid stops growing
-constexpr int kUnroll = 4;             // independent loads per thread in the pure-read reductions
+constexpr int kItemsPerThread = 4;  // elements per thread before the grid stops growing
+constexpr int kUnroll = 4;          // independent loads per thread in the pure-read reductions
 constexpr int kReduceMaxBlocks = 1024;
 constexpr int kFinalizeThreads = 1024;
 constexpr int kFrobChunkElems = kThreads * 16;
@@ -29,18 +29,21 @@ constexpr int kFrobMaxChunks = 64;
 constexpr int kScaleMaxChunks = 256;
 
 int grid_for(std::size_t n) {
-  const std::size_t b = (n + std::size_t(kThreads) * kItemsPerThread - 1) / (std::size_t(kThreads) * kItemsPerThread);
+  const std::size_t b =
+      (n + std::size_t(kThreads) * kItemsPerThread - 1) / (std::size_t(kThreads) * kItemsPerThread);
   return static_cast<int>(std::clamp<std::size_t>(b, 1, kReduceMaxBlocks));
 }
 
 // Stores an updated weight: fp32 master (+ optional stochastically rounded bf16 copy), or a bf16
 // weight rounded stochastically.
 template <typename TW>
-__device__ __forceinline__ void store_weight(TW* w, __nv_bfloat16* w_copy, std::size_t i, float value,
-                                             std::uint64_t seed, std::uint64_t rng_offset) {
+__device__ __forceinline__ void store_weight(TW* w, __nv_bfloat16* w_copy, std::size_t i,
+                                             float value, std::uint64_t seed,
+                                             std::uint64_t rng_offset) {
   if constexpr (std::is_same_v<TW, float>) {
     w[i] = value;
-    if (w_copy != nullptr) w_copy[i] = float_to_bf16_stochastic(value, random_u32(seed, rng_offset + i));
+    if (w_copy != nullptr)
+      w_copy[i] = float_to_bf16_stochastic(value, random_u32(seed, rng_offset + i));
   } else {
     w[i] = float_to_bf16_stochastic(value, random_u32(seed, rng_offset + i));
   }
@@ -48,7 +51,8 @@ __device__ __forceinline__ void store_weight(TW* w, __nv_bfloat16* w_copy, std::
 
 // Stores a value rounded to nearest (for scaling, where no accumulation of rounding bias happens).
 template <typename TW>
-__device__ __forceinline__ void store_weight_rn(TW* w, __nv_bfloat16* w_copy, std::size_t i, float value) {
+__device__ __forceinline__ void store_weight_rn(TW* w, __nv_bfloat16* w_copy, std::size_t i,
+                                                float value) {
   if constexpr (std::is_same_v<TW, float>) {
     w[i] = value;
     if (w_copy != nullptr) w_copy[i] = float_to_bf16(value);
@@ -64,7 +68,8 @@ __device__ __forceinline__ void write_partial(double* partials, double v) {
 
 // ---- reduction finalize ------------------------------------------------------------------------
 __global__ void __launch_bounds__(kFinalizeThreads)
-    reduce_finalize_kernel(double* __restrict__ out, const double* __restrict__ partials, int count, bool accumulate) {
+    reduce_finalize_kernel(double* __restrict__ out, const double* __restrict__ partials, int count,
+                           bool accumulate) {
   const int tid = static_cast<int>(thread_rank());
   double s = 0.0;
   for (int i = tid; i < count; i += kFinalizeThreads) s += partials[i];
@@ -72,21 +77,25 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (tid == 0) *out = (accumulate ? *out : 0.0) + s;
 }
 
-void finalize(double* out, const double* partials, int count, bool accumulate, cudaStream_t stream) {
+void finalize(double* out, const double* partials, int count, bool accumulate,
+              cudaStream_t stream) {
   if (out == nullptr) return;
-  launch(reduce_finalize_kernel, dim3(1), dim3(kFinalizeThreads), 0, stream, out, partials, count, accumulate);
+  launch(reduce_finalize_kernel, dim3(1), dim3(kFinalizeThreads), 0, stream, out, partials, count,
+         accumulate);
 }
 
 // ---- AdamW -------------------------------------------------------------------------------------
 template <typename TW>
 __global__ void __launch_bounds__(kThreads)
-    adamw_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy, const float* __restrict__ g,
-                 float* __restrict__ m, float* __restrict__ v, std::size_t n, float grad_scale, AdamWParams p,
-                 std::uint64_t seed, std::uint64_t rng_offset, double* __restrict__ partials) {
+    adamw_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy,
+                 const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                 std::size_t n, float grad_scale, AdamWParams p, std::uint64_t seed,
+                 std::uint64_t rng_offset, double* __restrict__ partials) {
   const float one_minus_b1 = 1.0f - p.beta1, one_minus_b2 = 1.0f - p.beta2;
   double sq = 0.0;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
     const float gi = g[i] * grad_scale;
     const float mi = p.beta1 * m[i] + one_minus_b1 * gi;
     const float vi = p.beta2 * v[i] + one_minus_b2 * gi * gi;
@@ -100,11 +109,13 @@ __global__ void __launch_bounds__(kThreads)
   write_partial(partials, sq);
 }
 
-// ---- sum of squares ------------------------------------------------------------------------------
+// ---- sum of squares
+// ------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     sum_squares_kernel(const T* __restrict__ x, std::size_t n, double* __restrict__ partials) {
-  // kUnroll independent loads per thread and iteration keep enough bytes in flight for a pure stream.
+  // kUnroll independent loads per thread and iteration keep enough bytes in flight for a pure
+  // stream.
   double sq = 0.0;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   for (std::size_t base = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; base < n;
@@ -121,13 +132,15 @@ __global__ void __launch_bounds__(kThreads)
   write_partial(partials, sq);
 }
 
-// ---- Muon ----------------------------------------------------------------------------------------
+// ---- Muon
+// ----------------------------------------------------------------------------------------
 template <typename TU>
 __global__ void __launch_bounds__(kThreads)
-    muon_momentum_kernel(float* __restrict__ M, TU* __restrict__ U, const float* __restrict__ G, std::size_t n,
-                         float grad_scale, float mu, bool nesterov) {
+    muon_momentum_kernel(float* __restrict__ M, TU* __restrict__ U, const float* __restrict__ G,
+                         std::size_t n, float grad_scale, float mu, bool nesterov) {
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
     const float gi = G[i] * grad_scale;
     const float mi = mu * M[i] + gi;
     M[i] = mi;
@@ -142,12 +155,14 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename TW, typename TO>
 __global__ void __launch_bounds__(kThreads)
-    muon_update_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy, const TO* __restrict__ O,
-                       std::size_t n, float lr, float s, float weight_decay, std::uint64_t seed,
-                       std::uint64_t rng_offset, double* __restrict__ partials) {
+    muon_update_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy,
+                       const TO* __restrict__ O, std::size_t n, float lr, float s,
+                       float weight_decay, std::uint64_t seed, std::uint64_t rng_offset,
+                       double* __restrict__ partials) {
   double sq = 0.0;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
     const float u = s * to_float(O[i]);
     const float wi = to_float(w[i]);
     store_weight(w, w_copy, i, wi - lr * (u + weight_decay * wi), seed, rng_offset);
@@ -156,10 +171,12 @@ __global__ void __launch_bounds__(kThreads)
   write_partial(partials, sq);
 }
 
-// ---- Frobenius normalisation: grid (chunks, batch) ---------------------------------------------------
+// ---- Frobenius normalisation: grid (chunks, batch)
+// ---------------------------------------------------
 template <typename TIn>
 __global__ void __launch_bounds__(kThreads)
-    frobenius_partial_kernel(const TIn* __restrict__ in, std::size_t elems, double* __restrict__ partials) {
+    frobenius_partial_kernel(const TIn* __restrict__ in, std::size_t elems,
+                             double* __restrict__ partials) {
   const TIn* x = in + static_cast<std::size_t>(blockIdx.y) * elems;
   const std::size_t chunk = (elems + gridDim.x - 1) / gridDim.x;
   const std::size_t begin = chunk * blockIdx.x, end = min(elems, begin + chunk);
@@ -175,16 +192,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kUnroll; ++u) sq += static_cast<double>(xv[u]) * xv[u];
   }
   sq = block_sum(sq);
-  if (threadIdx.x == 0) partials[static_cast<std::size_t>(blockIdx.y) * gridDim.x + blockIdx.x] = sq;
+  if (threadIdx.x == 0)
+    partials[static_cast<std::size_t>(blockIdx.y) * gridDim.x + blockIdx.x] = sq;
 }
 
 template <typename TIn, typename TOut>
 __global__ void __launch_bounds__(kThreads)
-    frobenius_scale_kernel(TOut* out, const TIn* in, std::size_t elems, double eps, const double* __restrict__ partials) {
+    frobenius_scale_kernel(TOut* out, const TIn* in, std::size_t elems, double eps,
+                           const double* __restrict__ partials) {
   __shared__ float factor;
   if (threadIdx.x == 0) {
     double ss = 0.0;
-    for (unsigned c = 0; c < gridDim.x; ++c) ss += partials[static_cast<std::size_t>(blockIdx.y) * gridDim.x + c];
+    for (unsigned c = 0; c < gridDim.x; ++c)
+      ss += partials[static_cast<std::size_t>(blockIdx.y) * gridDim.x + c];
     factor = static_cast<float>(1.0 / (sqrt(ss) + eps));
   }
   __syncthreads();
@@ -203,19 +223,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 int frobenius_chunks(std::size_t elems) {
-  return static_cast<int>(std::clamp<std::size_t>((elems + kFrobChunkElems - 1) / kFrobChunkElems, 1, kFrobMaxChunks));
+  return static_cast<int>(
+      std::clamp<std::size_t>((elems + kFrobChunkElems - 1) / kFrobChunkElems, 1, kFrobMaxChunks));
 }
 
-// ---- QK-clip row scaling: grid (chunks, row blocks) -------------------------------------------------
+// ---- QK-clip row scaling: grid (chunks, row blocks)
+// -------------------------------------------------
 template <typename TW>
 __global__ void __launch_bounds__(kThreads)
-    scale_row_blocks_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy, std::size_t block_elems,
-                            const float* __restrict__ factors, float factor) {
+    scale_row_blocks_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy,
+                            std::size_t block_elems, const float* __restrict__ factors,
+                            float factor) {
   const float f = factors != nullptr ? factors[blockIdx.y] : factor;
   if (f == 1.0f) return;  // uniform over the block: an unclipped head is not touched
   const std::size_t base = static_cast<std::size_t>(blockIdx.y) * block_elems;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * kThreads;
-  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * kThreads + threadIdx.x; i < block_elems; i += stride)
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * kThreads + threadIdx.x;
+       i < block_elems; i += stride)
     store_weight_rn(w, w_copy, base + i, to_float(w[base + i]) * f);
 }
 
@@ -226,10 +250,14 @@ int scale_chunks(std::size_t elems) {
 
 }  // namespace
 
-std::size_t optimizer_workspace_elems() { return kReduceMaxBlocks; }
+std::size_t optimizer_workspace_elems() {
+  return kReduceMaxBlocks;
+}
 
-AdamWParams adamw_params(double lr, double beta1, double beta2, double eps, double weight_decay, std::int64_t t) {
-  if (t < 1) throw std::invalid_argument("adamw_params: step t must be >= 1, got " + std::to_string(t));
+AdamWParams adamw_params(double lr, double beta1, double beta2, double eps, double weight_decay,
+                         std::int64_t t) {
+  if (t < 1)
+    throw std::invalid_argument("adamw_params: step t must be >= 1, got " + std::to_string(t));
   AdamWParams p;
   p.lr = static_cast<float>(lr);
   p.beta1 = static_cast<float>(beta1);
@@ -242,22 +270,25 @@ AdamWParams adamw_params(double lr, double beta1, double beta2, double eps, doub
 }
 
 template <typename TW>
-void adamw_update(TW* w, __nv_bfloat16* w_copy, const float* g, float grad_scale, float* m, float* v, std::size_t n,
-                  const AdamWParams& p, std::uint64_t seed, std::uint64_t rng_offset, double* workspace,
-                  double* out_sumsq, bool accumulate, cudaStream_t stream) {
+void adamw_update(TW* w, __nv_bfloat16* w_copy, const float* g, float grad_scale, float* m,
+                  float* v, std::size_t n, const AdamWParams& p, std::uint64_t seed,
+                  std::uint64_t rng_offset, double* workspace, double* out_sumsq, bool accumulate,
+                  cudaStream_t stream) {
   if (n == 0) {
-    if (out_sumsq != nullptr && !accumulate) MOETRAIN_CUDA_CHECK(cudaMemsetAsync(out_sumsq, 0, sizeof(double), stream));
+    if (out_sumsq != nullptr && !accumulate)
+      MOETRAIN_CUDA_CHECK(cudaMemsetAsync(out_sumsq, 0, sizeof(double), stream));
     return;
   }
   const int blocks = grid_for(n);
   double* partials = out_sumsq != nullptr ? workspace : nullptr;
-  launch(adamw_kernel<TW>, dim3(blocks), dim3(kThreads), 0, stream, w, w_copy, g, m, v, n, grad_scale, p, seed,
-         rng_offset, partials);
+  launch(adamw_kernel<TW>, dim3(blocks), dim3(kThreads), 0, stream, w, w_copy, g, m, v, n,
+         grad_scale, p, seed, rng_offset, partials);
   finalize(out_sumsq, workspace, blocks, accumulate, stream);
 }
 
 template <typename T>
-void sum_squares(const T* x, std::size_t n, double* workspace, double* out, bool accumulate, cudaStream_t stream) {
+void sum_squares(const T* x, std::size_t n, double* workspace, double* out, bool accumulate,
+                 cudaStream_t stream) {
   if (out == nullptr) return;
   if (n == 0) {
     if (!accumulate) MOETRAIN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), stream));
@@ -269,25 +300,26 @@ void sum_squares(const T* x, std::size_t n, double* workspace, double* out, bool
 }
 
 template <typename TU>
-void muon_momentum(float* M, TU* U, const float* G, float grad_scale, std::size_t n, float mu, bool nesterov,
-                   cudaStream_t stream) {
+void muon_momentum(float* M, TU* U, const float* G, float grad_scale, std::size_t n, float mu,
+                   bool nesterov, cudaStream_t stream) {
   if (n == 0) return;
-  launch(muon_momentum_kernel<TU>, dim3(grid_for(n)), dim3(kThreads), 0, stream, M, U, G, n, grad_scale, mu,
-         nesterov);
+  launch(muon_momentum_kernel<TU>, dim3(grid_for(n)), dim3(kThreads), 0, stream, M, U, G, n,
+         grad_scale, mu, nesterov);
 }
 
 template <typename TW, typename TO>
-void muon_update(TW* w, __nv_bfloat16* w_copy, const TO* O, std::size_t n, float lr, float s, float weight_decay,
-                 std::uint64_t seed, std::uint64_t rng_offset, double* workspace, double* out_sumsq, bool accumulate,
-                 cudaStream_t stream) {
+void muon_update(TW* w, __nv_bfloat16* w_copy, const TO* O, std::size_t n, float lr, float s,
+                 float weight_decay, std::uint64_t seed, std::uint64_t rng_offset,
+                 double* workspace, double* out_sumsq, bool accumulate, cudaStream_t stream) {
   if (n == 0) {
-    if (out_sumsq != nullptr && !accumulate) MOETRAIN_CUDA_CHECK(cudaMemsetAsync(out_sumsq, 0, sizeof(double), stream));
+    if (out_sumsq != nullptr && !accumulate)
+      MOETRAIN_CUDA_CHECK(cudaMemsetAsync(out_sumsq, 0, sizeof(double), stream));
     return;
   }
   const int blocks = grid_for(n);
   double* partials = out_sumsq != nullptr ? workspace : nullptr;
-  launch(muon_update_kernel<TW, TO>, dim3(blocks), dim3(kThreads), 0, stream, w, w_copy, O, n, lr, s, weight_decay,
-         seed, rng_offset, partials);
+  launch(muon_update_kernel<TW, TO>, dim3(blocks), dim3(kThreads), 0, stream, w, w_copy, O, n, lr,
+         s, weight_decay, seed, rng_offset, partials);
   finalize(out_sumsq, workspace, blocks, accumulate, stream);
 }
 
@@ -296,10 +328,11 @@ std::size_t frobenius_workspace_elems(int batch, std::size_t elems) {
 }
 
 template <typename TIn, typename TOut>
-void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems, double eps, double* workspace,
-                         cudaStream_t stream) {
+void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems, double eps,
+                         double* workspace, cudaStream_t stream) {
   if (batch <= 0 || elems == 0) return;
-  if (batch > 65535) throw std::invalid_argument("frobenius_normalize: batch " + std::to_string(batch) + " > 65535");
+  if (batch > 65535)
+    throw std::invalid_argument("frobenius_normalize: batch " + std::to_string(batch) + " > 65535");
   const dim3 grid(frobenius_chunks(elems), batch);
   launch(frobenius_partial_kernel<TIn>, grid, dim3(kThreads), 0, stream, in, elems, workspace);
   launch(frobenius_scale_kernel<TIn, TOut>, grid, dim3(kThreads), 0, stream, out, in, elems, eps,
@@ -307,53 +340,62 @@ void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems,
 }
 
 template <typename TW>
-void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t block_elems, const float* factors,
-                      cudaStream_t stream) {
+void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t block_elems,
+                      const float* factors, cudaStream_t stream) {
   if (row_blocks <= 0 || block_elems == 0) return;
   if (row_blocks > 65535)
-    throw std::invalid_argument("scale_row_blocks: row_blocks " + std::to_string(row_blocks) + " > 65535");
-  launch(scale_row_blocks_kernel<TW>, dim3(scale_chunks(block_elems), row_blocks), dim3(kThreads), 0, stream, w,
-         w_copy, block_elems, factors, 1.0f);
+    throw std::invalid_argument("scale_row_blocks: row_blocks " + std::to_string(row_blocks) +
+                                " > 65535");
+  launch(scale_row_blocks_kernel<TW>, dim3(scale_chunks(block_elems), row_blocks), dim3(kThreads),
+         0, stream, w, w_copy, block_elems, factors, 1.0f);
 }
 
 template <typename TW>
-void scale_rows(TW* w, __nv_bfloat16* w_copy, std::size_t elems, float factor, cudaStream_t stream) {
+void scale_rows(TW* w, __nv_bfloat16* w_copy, std::size_t elems, float factor,
+                cudaStream_t stream) {
   if (elems == 0) return;
-  launch(scale_row_blocks_kernel<TW>, dim3(scale_chunks(elems), 1), dim3(kThreads), 0, stream, w, w_copy, elems,
-         static_cast<const float*>(nullptr), factor);
+  launch(scale_row_blocks_kernel<TW>, dim3(scale_chunks(elems), 1), dim3(kThreads), 0, stream, w,
+         w_copy, elems, static_cast<const float*>(nullptr), factor);
 }
 
-// ---- instantiations --------------------------------------------------------------------------------
-template void adamw_update<float>(float*, __nv_bfloat16*, const float*, float, float*, float*, std::size_t,
-                                  const AdamWParams&, std::uint64_t, std::uint64_t, double*, double*, bool,
-                                  cudaStream_t);
-template void adamw_update<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, const float*, float, float*, float*,
-                                          std::size_t,
-                                          const AdamWParams&, std::uint64_t, std::uint64_t, double*, double*, bool,
+// ---- instantiations
+// --------------------------------------------------------------------------------
+template void adamw_update<float>(float*, __nv_bfloat16*, const float*, float, float*, float*,
+                                  std::size_t, const AdamWParams&, std::uint64_t, std::uint64_t,
+                                  double*, double*, bool, cudaStream_t);
+template void adamw_update<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, const float*, float,
+                                          float*, float*, std::size_t, const AdamWParams&,
+                                          std::uint64_t, std::uint64_t, double*, double*, bool,
                                           cudaStream_t);
 template void sum_squares<float>(const float*, std::size_t, double*, double*, bool, cudaStream_t);
-template void sum_squares<__nv_bfloat16>(const __nv_bfloat16*, std::size_t, double*, double*, bool, cudaStream_t);
-template void muon_momentum<float>(float*, float*, const float*, float, std::size_t, float, bool, cudaStream_t);
-template void muon_momentum<__nv_bfloat16>(float*, __nv_bfloat16*, const float*, float, std::size_t, float, bool,
-                                           cudaStream_t);
-#define MOETRAIN_MUON_UPDATE(TW, TO)                                                                             \
-  template void muon_update<TW, TO>(TW*, __nv_bfloat16*, const TO*, std::size_t, float, float, float,           \
-                                    std::uint64_t, std::uint64_t, double*, double*, bool, cudaStream_t);
+template void sum_squares<__nv_bfloat16>(const __nv_bfloat16*, std::size_t, double*, double*, bool,
+                                         cudaStream_t);
+template void muon_momentum<float>(float*, float*, const float*, float, std::size_t, float, bool,
+                                   cudaStream_t);
+template void muon_momentum<__nv_bfloat16>(float*, __nv_bfloat16*, const float*, float, std::size_t,
+                                           float, bool, cudaStream_t);
+#define MOETRAIN_MUON_UPDATE(TW, TO)                                                             \
+  template void muon_update<TW, TO>(TW*, __nv_bfloat16*, const TO*, std::size_t, float, float,   \
+                                    float, std::uint64_t, std::uint64_t, double*, double*, bool, \
+                                    cudaStream_t);
 MOETRAIN_MUON_UPDATE(float, float)
 MOETRAIN_MUON_UPDATE(float, __nv_bfloat16)
 MOETRAIN_MUON_UPDATE(__nv_bfloat16, float)
 MOETRAIN_MUON_UPDATE(__nv_bfloat16, __nv_bfloat16)
 #undef MOETRAIN_MUON_UPDATE
-#define MOETRAIN_FROBENIUS(TI, TO) \
-  template void frobenius_normalize<TI, TO>(TO*, const TI*, int, std::size_t, double, double*, cudaStream_t);
+#define MOETRAIN_FROBENIUS(TI, TO)                                                             \
+  template void frobenius_normalize<TI, TO>(TO*, const TI*, int, std::size_t, double, double*, \
+                                            cudaStream_t);
 MOETRAIN_FROBENIUS(float, float)
 MOETRAIN_FROBENIUS(float, __nv_bfloat16)
 MOETRAIN_FROBENIUS(__nv_bfloat16, __nv_bfloat16)
 #undef MOETRAIN_FROBENIUS
-template void scale_row_blocks<float>(float*, __nv_bfloat16*, int, std::size_t, const float*, cudaStream_t);
-template void scale_row_blocks<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, int, std::size_t, const float*,
-                                              cudaStream_t);
+template void scale_row_blocks<float>(float*, __nv_bfloat16*, int, std::size_t, const float*,
+                                      cudaStream_t);
+template void scale_row_blocks<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, int, std::size_t,
+                                              const float*, cudaStream_t);
 template void scale_rows<float>(float*, __nv_bfloat16*, std::size_t, float, cudaStream_t);
-template void scale_rows<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, std::size_t, float, cudaStream_t);
+template void scale_rows<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, std::size_t, float,
+                                        cudaStream_t);
 
 }  // namespace moetrain::kernels

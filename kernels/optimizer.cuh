@@ -1,13 +1,13 @@
-// kernels/optimizer.cuh — elementwise and reduction steps of AdamW, Muon and MuonClip (DESIGN §4) on
-// the GPU. Host-side launchers only; kernels in optimizer.cu. CPU references:
+// kernels/optimizer.cuh — elementwise and reduction steps of AdamW, Muon and MuonClip (DESIGN §4)
+// on the GPU. Host-side launchers only; kernels in optimizer.cu. CPU references:
 // src/backend/cpu/optimizer_ops.cpp (Backend::adamw_update, sum_squares, muon_momentum,
 // muon_update, frobenius_normalize, scale) and src/optim/optimizer.cpp (how they are used).
 //
 // Storage: gradients, AdamW moments and Muon momentum are fp32. Updated weights TW are either fp32
 // master weights (optionally mirrored into a bf16 copy, `w_copy`, may be null) or bf16 weights
 // updated in fp32 and stored back; every bf16 result of an update is rounded stochastically with
-// float_to_bf16_stochastic(x, random_u32(seed, rng_offset + i)) for element i, so the rounding of an
-// element does not depend on the launch configuration (pass the element's offset in the whole
+// float_to_bf16_stochastic(x, random_u32(seed, rng_offset + i)) for element i, so the rounding of
+// an element does not depend on the launch configuration (pass the element's offset in the whole
 // parameter buffer as rng_offset and a fresh seed per step).
 //
 // Reductions (returned sums of squares) are deterministic: each block of a grid that depends only
@@ -31,47 +31,50 @@ struct AdamWParams {
   float lr, beta1, beta2, eps, weight_decay;
   float bias_correction1, bias_correction2;  // 1 - beta^t
 };
-AdamWParams adamw_params(double lr, double beta1, double beta2, double eps, double weight_decay, std::int64_t t);
+AdamWParams adamw_params(double lr, double beta1, double beta2, double eps, double weight_decay,
+                         std::int64_t t);
 
 // With g = grad_scale * grad (grad_scale folds the 1/world averaging and the global-norm clip
 // coefficient into this pass, so no separate scaling pass over the gradients is needed; pass 1 for
 // none): m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; u = (m / bc1) / (sqrt(v / bc2) + eps);
 // w -= lr (u + wd w). out_sumsq (optional): sum of u^2.
 template <typename TW>
-void adamw_update(TW* w, __nv_bfloat16* w_copy, const float* grad, float grad_scale, float* m, float* v, std::size_t n,
-                  const AdamWParams& p, std::uint64_t seed, std::uint64_t rng_offset, double* workspace,
-                  double* out_sumsq, bool accumulate, cudaStream_t stream);
+void adamw_update(TW* w, __nv_bfloat16* w_copy, const float* grad, float grad_scale, float* m,
+                  float* v, std::size_t n, const AdamWParams& p, std::uint64_t seed,
+                  std::uint64_t rng_offset, double* workspace, double* out_sumsq, bool accumulate,
+                  cudaStream_t stream);
 
 // *out (+)= sum_i x_i^2, accumulated in double: the global gradient norm is sqrt of that.
 template <typename T>
-void sum_squares(const T* x, std::size_t n, double* workspace, double* out, bool accumulate, cudaStream_t stream);
+void sum_squares(const T* x, std::size_t n, double* workspace, double* out, bool accumulate,
+                 cudaStream_t stream);
 
-// With G = grad_scale * grad (as for AdamW): M = mu M + G; U = G + mu M (nesterov) or U = M (U fp32,
-// or bf16 rounded to nearest for a bf16 Newton-Schulz).
+// With G = grad_scale * grad (as for AdamW): M = mu M + G; U = G + mu M (nesterov) or U = M (U
+// fp32, or bf16 rounded to nearest for a bf16 Newton-Schulz).
 template <typename TU>
-void muon_momentum(float* M, TU* U, const float* grad, float grad_scale, std::size_t n, float mu, bool nesterov,
-                   cudaStream_t stream);
+void muon_momentum(float* M, TU* U, const float* grad, float grad_scale, std::size_t n, float mu,
+                   bool nesterov, cudaStream_t stream);
 
 // W -= lr (s O + wd W). out_sumsq (optional): sum of (s O)^2 (for the update RMS).
 template <typename TW, typename TO>
-void muon_update(TW* w, __nv_bfloat16* w_copy, const TO* O, std::size_t n, float lr, float s, float weight_decay,
-                 std::uint64_t seed, std::uint64_t rng_offset, double* workspace, double* out_sumsq, bool accumulate,
-                 cudaStream_t stream);
+void muon_update(TW* w, __nv_bfloat16* w_copy, const TO* O, std::size_t n, float lr, float s,
+                 float weight_decay, std::uint64_t seed, std::uint64_t rng_offset,
+                 double* workspace, double* out_sumsq, bool accumulate, cudaStream_t stream);
 
 // out_b = in_b / (||in_b||_F + eps) for `batch` contiguous matrices of `elems` elements (norm in
 // double, deterministic; out may alias in when TIn == TOut). bf16 outputs round to nearest.
 std::size_t frobenius_workspace_elems(int batch, std::size_t elems);
 template <typename TIn, typename TOut>
-void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems, double eps, double* workspace,
-                         cudaStream_t stream);
+void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems, double eps,
+                         double* workspace, cudaStream_t stream);
 
 // QK-clip row scaling: w[b * block_elems + i] *= factors[b] for b < row_blocks (a block is a
 // contiguous run of rows, e.g. the head_dim rows of one head of q_proj or k_proj, block_elems =
 // head_dim * d_model). factors is a device array; blocks whose factor is exactly 1 are not touched.
 // bf16 results (TW = bf16, or the copy of fp32 master weights) are rounded to nearest.
 template <typename TW>
-void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t block_elems, const float* factors,
-                      cudaStream_t stream);
+void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t block_elems,
+                      const float* factors, cudaStream_t stream);
 // One contiguous block of rows scaled by a host factor (the Backend::scale of the CPU reference).
 template <typename TW>
 void scale_rows(TW* w, __nv_bfloat16* w_copy, std::size_t elems, float factor, cudaStream_t stream);

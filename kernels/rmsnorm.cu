@@ -1,17 +1,17 @@
 // kernels/rmsnorm.cu — RMSNorm fused with the residual add. See rmsnorm.cuh.
 //
 // forward:  one warp per row (grid-stride over rows). Pass 1 reads x_in (+ branch, writing the sum
-//           to x_out) in 16-byte packs and accumulates sum(x^2) in fp32; a warp butterfly gives rstd;
-//           pass 2 re-reads the row (its own writes, L1/L2-resident) and writes y. DRAM traffic is the
-//           minimum: read x_in, branch, gain (cached); write x_out, y, rstd.
+//           to x_out) in 16-byte packs and accumulates sum(x^2) in fp32; a warp butterfly gives
+//           rstd; pass 2 re-reads the row (its own writes, L1/L2-resident) and writes y. DRAM
+//           traffic is the minimum: read x_in, branch, gain (cached); write x_out, y, rstd.
 // backward: one warp per row. Pass 1: sum(dy * g * x) (warp butterfly); pass 2: dx += ..., and each
 //           lane adds dy * xhat for the columns it owns into its warp's private fp32 row of dgain
 //           partials in shared memory, stored lane-fastest so the warp's accesses are free of bank
 //           conflicts (no two threads touch one element: no atomics, no races).
 //           At the end the block adds its warps' rows in warp order and writes one partial row per
 //           block; a second kernel adds those rows in block order into dgain.
-#include "rmsnorm.cuh"
 #include "pack.cuh"
+#include "rmsnorm.cuh"
 
 namespace moetrain::kernels {
 namespace rmsnorm_detail {
@@ -41,7 +41,8 @@ inline std::size_t partial_row_floats(int d, int vec) {
 // for the largest pack width, so the count does not depend on the pointers' alignment).
 inline int backward_warps(int d) {
   const std::size_t row_bytes = partial_row_floats(d, 8) * sizeof(float);
-  if (row_bytes > kSmemMax) throw std::invalid_argument("rmsnorm_backward: d too large for shared memory");
+  if (row_bytes > kSmemMax)
+    throw std::invalid_argument("rmsnorm_backward: d too large for shared memory");
   std::size_t w = kSmemBudget / row_bytes;
   if (w > kMaxWarpsBackward) w = kMaxWarpsBackward;
   if (w < 1) w = 1;
@@ -57,7 +58,8 @@ inline unsigned backward_blocks(int n, int d, int max_blocks) {
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     rmsnorm_forward_kernel(T* __restrict__ y, float* __restrict__ rstd, T* x_out, const T* x_in,
-                           const T* __restrict__ branch, const T* __restrict__ gain, int n, int d, float eps) {
+                           const T* __restrict__ branch, const T* __restrict__ gain, int n, int d,
+                           float eps) {
   const int packs = d / V, lane = static_cast<int>(lane_id());
   const int warps = static_cast<int>(block_threads()) / kWarpSize;
   for (int row = static_cast<int>(blockIdx.x) * warps + static_cast<int>(warp_id()); row < n;
@@ -71,7 +73,8 @@ __global__ void __launch_bounds__(kThreads)
         float b[V];
         load(branch + off + c * V, b);
 #pragma unroll
-        for (int k = 0; k < V; ++k) a[k] = to_float(from_float<T>(a[k] + b[k]));  // the stored value
+        for (int k = 0; k < V; ++k)
+          a[k] = to_float(from_float<T>(a[k] + b[k]));  // the stored value
         store(x_out + off + c * V, a);
       }
 #pragma unroll
@@ -93,20 +96,22 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward -----------------------------------------------------------------------------------
 template <typename T, int V>
-__global__ void __launch_bounds__(kMaxWarpsBackward * kWarpSize)
-    rmsnorm_backward_kernel(T* __restrict__ dx, float* __restrict__ partial, const T* __restrict__ dy,
-                            const T* __restrict__ x, const T* __restrict__ gain, const float* __restrict__ rstd,
-                            int n, int d) {
+__global__ void __launch_bounds__(kMaxWarpsBackward* kWarpSize)
+    rmsnorm_backward_kernel(T* __restrict__ dx, float* __restrict__ partial,
+                            const T* __restrict__ dy, const T* __restrict__ x,
+                            const T* __restrict__ gain, const float* __restrict__ rstd, int n,
+                            int d) {
   const int packs = d / V, lane = static_cast<int>(lane_id()), warp = static_cast<int>(warp_id());
   const int warps = static_cast<int>(block_threads()) / kWarpSize;
-  // This warp's dgain partials, lane-fastest: column k of the lane's j-th pack (pack lane + 32 j) at
-  // acc[(j * V + k) * 32] — consecutive lanes hit consecutive banks (no conflicts).
+  // This warp's dgain partials, lane-fastest: column k of the lane's j-th pack (pack lane + 32 j)
+  // at acc[(j * V + k) * 32] — consecutive lanes hit consecutive banks (no conflicts).
   const int rounds = (packs + kWarpSize - 1) / kWarpSize;
   const std::size_t row_floats = static_cast<std::size_t>(rounds) * V * kWarpSize;
   float* acc = dynamic_smem<float>() + warp * row_floats + lane;
   for (int j = 0; j < rounds * V; ++j) acc[j * kWarpSize] = 0.0f;
   const float inv_d = 1.0f / static_cast<float>(d);
-  for (int row = static_cast<int>(blockIdx.x) * warps + warp; row < n; row += static_cast<int>(gridDim.x) * warps) {
+  for (int row = static_cast<int>(blockIdx.x) * warps + warp; row < n;
+       row += static_cast<int>(gridDim.x) * warps) {
     const std::size_t off = static_cast<std::size_t>(row) * d;
     const float r = rstd[row];
     float dot = 0.0f;
@@ -136,9 +141,11 @@ __global__ void __launch_bounds__(kMaxWarpsBackward * kWarpSize)
   }
   __syncthreads();
   const float* rows = dynamic_smem<float>();
-  for (int col = static_cast<int>(thread_rank()); col < d; col += static_cast<int>(block_threads())) {
+  for (int col = static_cast<int>(thread_rank()); col < d;
+       col += static_cast<int>(block_threads())) {
     const int c = col / V, k = col - c * V;
-    const std::size_t slot = static_cast<std::size_t>((c / kWarpSize) * V + k) * kWarpSize + c % kWarpSize;
+    const std::size_t slot =
+        static_cast<std::size_t>((c / kWarpSize) * V + k) * kWarpSize + c % kWarpSize;
     float s = 0.0f;
     for (int w = 0; w < warps; ++w) s += rows[w * row_floats + slot];
     partial[static_cast<std::size_t>(blockIdx.x) * d + col] = s;
@@ -148,7 +155,8 @@ __global__ void __launch_bounds__(kMaxWarpsBackward * kWarpSize)
 // dgain[c] += sum over b < blocks of partial[b, c], in block order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    rmsnorm_dgain_kernel(T* __restrict__ dgain, const float* __restrict__ partial, int blocks, int d) {
+    rmsnorm_dgain_kernel(T* __restrict__ dgain, const float* __restrict__ partial, int blocks,
+                         int d) {
   for (int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); c < d;
        c += static_cast<int>(gridDim.x * blockDim.x)) {
     float s = 0.0f;
@@ -160,59 +168,63 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace rmsnorm_detail
 
 template <typename T>
-void rmsnorm_forward(T* y, float* rstd, T* x_out, const T* x_in, const T* branch, const T* gain, int n, int d,
-                     float eps, cudaStream_t stream, int max_blocks) {
+void rmsnorm_forward(T* y, float* rstd, T* x_out, const T* x_in, const T* branch, const T* gain,
+                     int n, int d, float eps, cudaStream_t stream, int max_blocks) {
   using namespace rmsnorm_detail;
   if (n <= 0 || d <= 0) return;
   constexpr int kVec = 16 / sizeof(T);
-  const dim3 grid(grid_for(n, kThreads / kWarpSize, max_blocks > 0 ? max_blocks : kDefaultMaxBlocks));
+  const dim3 grid(
+      grid_for(n, kThreads / kWarpSize, max_blocks > 0 ? max_blocks : kDefaultMaxBlocks));
   const bool vec = d % kVec == 0 && aligned(y, 16) && aligned(x_in, 16) && aligned(gain, 16) &&
                    (branch == nullptr || (aligned(branch, 16) && aligned(x_out, 16)));
   if (vec) {
-    launch(rmsnorm_forward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, y, rstd, x_out, x_in, branch, gain,
-           n, d, eps);
+    launch(rmsnorm_forward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, y, rstd, x_out, x_in,
+           branch, gain, n, d, eps);
   } else {
-    launch(rmsnorm_forward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, y, rstd, x_out, x_in, branch, gain, n,
-           d, eps);
+    launch(rmsnorm_forward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, y, rstd, x_out, x_in,
+           branch, gain, n, d, eps);
   }
 }
 
 std::size_t rmsnorm_backward_workspace_bytes(int n, int d, int max_blocks) {
   if (n <= 0 || d <= 0) return 0;
-  return static_cast<std::size_t>(rmsnorm_detail::backward_blocks(n, d, max_blocks)) * d * sizeof(float);
+  return static_cast<std::size_t>(rmsnorm_detail::backward_blocks(n, d, max_blocks)) * d *
+         sizeof(float);
 }
 
 template <typename T>
-void rmsnorm_backward(T* dx, T* dgain, const T* dy, const T* x, const T* gain, const float* rstd, int n, int d,
-                      void* workspace, cudaStream_t stream, int max_blocks) {
+void rmsnorm_backward(T* dx, T* dgain, const T* dy, const T* x, const T* gain, const float* rstd,
+                      int n, int d, void* workspace, cudaStream_t stream, int max_blocks) {
   using namespace rmsnorm_detail;
   if (n <= 0 || d <= 0) return;
   constexpr int kVec = 16 / sizeof(T);
   float* partial = static_cast<float*>(workspace);
   const int warps = backward_warps(d);
   const unsigned blocks = backward_blocks(n, d, max_blocks);
-  const bool vec = d % kVec == 0 && aligned(dx, 16) && aligned(dy, 16) && aligned(x, 16) && aligned(gain, 16);
+  const bool vec =
+      d % kVec == 0 && aligned(dx, 16) && aligned(dy, 16) && aligned(x, 16) && aligned(gain, 16);
   const std::size_t smem = warps * partial_row_floats(d, vec ? kVec : 1) * sizeof(float);
   if (vec) {
-    launch(rmsnorm_backward_kernel<T, kVec>, dim3(blocks), dim3(warps * kWarpSize), smem, stream, dx, partial, dy,
-           x, gain, rstd, n, d);
+    launch(rmsnorm_backward_kernel<T, kVec>, dim3(blocks), dim3(warps * kWarpSize), smem, stream,
+           dx, partial, dy, x, gain, rstd, n, d);
   } else {
-    launch(rmsnorm_backward_kernel<T, 1>, dim3(blocks), dim3(warps * kWarpSize), smem, stream, dx, partial, dy, x,
-           gain, rstd, n, d);
+    launch(rmsnorm_backward_kernel<T, 1>, dim3(blocks), dim3(warps * kWarpSize), smem, stream, dx,
+           partial, dy, x, gain, rstd, n, d);
   }
-  launch(rmsnorm_dgain_kernel<T>, dim3(grid_for(d, kThreads, kDefaultMaxBlocks)), dim3(kThreads), 0, stream, dgain,
-         partial, static_cast<int>(blocks), d);
+  launch(rmsnorm_dgain_kernel<T>, dim3(grid_for(d, kThreads, kDefaultMaxBlocks)), dim3(kThreads), 0,
+         stream, dgain, partial, static_cast<int>(blocks), d);
 }
 
-template void rmsnorm_forward<float>(float*, float*, float*, const float*, const float*, const float*, int, int,
-                                     float, cudaStream_t, int);
-template void rmsnorm_forward<__nv_bfloat16>(__nv_bfloat16*, float*, __nv_bfloat16*, const __nv_bfloat16*,
-                                             const __nv_bfloat16*, const __nv_bfloat16*, int, int, float,
-                                             cudaStream_t, int);
-template void rmsnorm_backward<float>(float*, float*, const float*, const float*, const float*, const float*, int,
-                                      int, void*, cudaStream_t, int);
+template void rmsnorm_forward<float>(float*, float*, float*, const float*, const float*,
+                                     const float*, int, int, float, cudaStream_t, int);
+template void rmsnorm_forward<__nv_bfloat16>(__nv_bfloat16*, float*, __nv_bfloat16*,
+                                             const __nv_bfloat16*, const __nv_bfloat16*,
+                                             const __nv_bfloat16*, int, int, float, cudaStream_t,
+                                             int);
+template void rmsnorm_backward<float>(float*, float*, const float*, const float*, const float*,
+                                      const float*, int, int, void*, cudaStream_t, int);
 template void rmsnorm_backward<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
-                                              const __nv_bfloat16*, const __nv_bfloat16*, const float*, int, int,
-                                              void*, cudaStream_t, int);
+                                              const __nv_bfloat16*, const __nv_bfloat16*,
+                                              const float*, int, int, void*, cudaStream_t, int);
 
 }  // namespace moetrain::kernels

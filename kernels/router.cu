@@ -3,7 +3,8 @@
 //
 // Forward: one warp per token. The lanes own experts e = lane + 32 i (i < ceil(E / 32) <= 32):
 //   1. logsumexp of the token's logits (warp max, warp sum of exp in double),
-//   2. scores (softmax p = exp(l - lse), or sigmoid), computed in double and stored as fp32 exactly as
+//   2. scores (softmax p = exp(l - lse), or sigmoid), computed in double and stored as fp32 exactly
+//   as
 //      the CPU reference rounds them, so top-k ids agree bit for bit,
 //   3. top-k by k rounds of a warp arg-max over the not yet taken experts, key = score (+ bias) in
 //      double; equal keys go to the lower expert index (the CPU's stable insertion order),
@@ -15,8 +16,9 @@
 // entropy and the counts. The grid depends only on the token count: the result is deterministic.
 //
 // Backward: one warp per token, dlogits overwritten; aux constants c_e = aux_coef E f_e / N in
-// shared memory per block; all per-token sums (sum_j w_j dw_j, sum_e q_e c_e, sum s, lse) in double.
-// dgates already carry the caller's loss scale: grad_scale multiplies the aux and z terms only.
+// shared memory per block; all per-token sums (sum_j w_j dw_j, sum_e q_e c_e, sum s, lse) in
+// double. dgates already carry the caller's loss scale: grad_scale multiplies the aux and z terms
+// only.
 #include "router.cuh"
 
 #include <algorithm>
@@ -49,27 +51,30 @@ std::size_t router_forward_smem_bytes(int E, int K) {
 void check_dims(const RouterDims& d) {
   if (d.tokens < 1 || d.n_experts < 1 || d.n_experts > kRouterMaxExperts || d.top_k < 1 ||
       d.top_k > d.n_experts)
-    throw std::invalid_argument("router kernels: need tokens >= 1 and 1 <= top_k <= n_experts <= " +
-                                std::to_string(kRouterMaxExperts) + " (tokens " + std::to_string(d.tokens) +
-                                ", n_experts " + std::to_string(d.n_experts) + ", top_k " +
-                                std::to_string(d.top_k) + ")");
+    throw std::invalid_argument(
+        "router kernels: need tokens >= 1 and 1 <= top_k <= n_experts <= " +
+        std::to_string(kRouterMaxExperts) + " (tokens " + std::to_string(d.tokens) +
+        ", n_experts " + std::to_string(d.n_experts) + ", top_k " + std::to_string(d.top_k) + ")");
 }
 
 // Log-sum-exp of one token's logits over the warp (every lane gets it): the max in fp32 (exact),
 // the sum of exponentials in double, as the CPU reference.
-__device__ __forceinline__ double warp_logsumexp(const float* __restrict__ l, int E, unsigned lane) {
+__device__ __forceinline__ double warp_logsumexp(const float* __restrict__ l, int E,
+                                                 unsigned lane) {
   float mx = -INFINITY;
   for (int e = static_cast<int>(lane); e < E; e += 32) mx = fmaxf(mx, l[e]);
   mx = warp_max(mx);
   double s = 0.0;
-  for (int e = static_cast<int>(lane); e < E; e += 32) s += exp(static_cast<double>(l[e]) - static_cast<double>(mx));
+  for (int e = static_cast<int>(lane); e < E; e += 32)
+    s += exp(static_cast<double>(l[e]) - static_cast<double>(mx));
   s = warp_sum(s);
   return static_cast<double>(mx) + log(s);
 }
 
 __global__ void __launch_bounds__(kRouterThreads)
-    router_forward_kernel(float* __restrict__ scores, int32_t* __restrict__ topk, float* __restrict__ gates,
-                          const float* __restrict__ logits, const float* __restrict__ bias, RouterDims dims,
+    router_forward_kernel(float* __restrict__ scores, int32_t* __restrict__ topk,
+                          float* __restrict__ gates, const float* __restrict__ logits,
+                          const float* __restrict__ bias, RouterDims dims,
                           double* __restrict__ part_acc, int32_t* __restrict__ part_counts) {
   const int E = dims.n_experts, K = dims.top_k, N = dims.tokens;
   const bool sigmoid = dims.sigmoid;
@@ -103,7 +108,8 @@ __global__ void __launch_bounds__(kRouterThreads)
     double zall = 0.0;
     for (int e = static_cast<int>(lane); e < E; e += 32) {
       const double le = l[e];
-      const float v = sigmoid ? static_cast<float>(1.0 / (1.0 + exp(-le))) : static_cast<float>(exp(le - lse));
+      const float v =
+          sigmoid ? static_cast<float>(1.0 / (1.0 + exp(-le))) : static_cast<float>(exp(le - lse));
       sc[e] = v;
       out_sc[e] = v;
       zall += v;
@@ -144,7 +150,8 @@ __global__ void __launch_bounds__(kRouterThreads)
     for (int j = static_cast<int>(lane); j < K; j += 32) {
       const int e = sel[j];
       topk[static_cast<std::size_t>(t) * K + j] = e;
-      gates[static_cast<std::size_t>(t) * K + j] = static_cast<float>(static_cast<double>(sc[e]) * gscale);
+      gates[static_cast<std::size_t>(t) * K + j] =
+          static_cast<float>(static_cast<double>(sc[e]) * gscale);
       atomicAdd(&scount[e], 1);
     }
 
@@ -172,13 +179,14 @@ __global__ void __launch_bounds__(kRouterThreads)
     for (int w = 0; w < kRouterWarps; ++w) v += acc_all[w * (E + 2) + i];
     part_acc[static_cast<std::size_t>(blockIdx.x) * (E + 2) + i] = v;
   }
-  for (int e = tid; e < E; e += nthreads) part_counts[static_cast<std::size_t>(blockIdx.x) * E + e] = scount[e];
+  for (int e = tid; e < E; e += nthreads)
+    part_counts[static_cast<std::size_t>(blockIdx.x) * E + e] = scount[e];
 }
 
 __global__ void __launch_bounds__(kRouterFinalizeThreads)
     router_finalize_kernel(int32_t* __restrict__ counts, float* __restrict__ stats,
-                           const double* __restrict__ part_acc, const int32_t* __restrict__ part_counts,
-                           int blocks, RouterDims dims) {
+                           const double* __restrict__ part_acc,
+                           const int32_t* __restrict__ part_counts, int blocks, RouterDims dims) {
   const int E = dims.n_experts, N = dims.tokens;
   const double assignments = static_cast<double>(N) * dims.top_k;
   const int tid = static_cast<int>(thread_rank()), nthreads = static_cast<int>(block_threads());
@@ -211,8 +219,8 @@ __global__ void __launch_bounds__(kRouterThreads)
     router_backward_kernel(float* __restrict__ dlogits, const float* __restrict__ dgates,
                            const float* __restrict__ logits, const float* __restrict__ scores,
                            const int32_t* __restrict__ topk, const float* __restrict__ gates,
-                           const int32_t* __restrict__ counts, RouterDims dims, double aux_coef, double z_coef,
-                           double grad_scale) {
+                           const int32_t* __restrict__ counts, RouterDims dims, double aux_coef,
+                           double z_coef, double grad_scale) {
   const int E = dims.n_experts, K = dims.top_k, N = dims.tokens;
   const bool sigmoid = dims.sigmoid;
   double* c = dynamic_smem<double>();  // dL_aux / dq_te, the same for every token
@@ -245,7 +253,8 @@ __global__ void __launch_bounds__(kRouterThreads)
       inv = 1.0 / zall;
     }
     double qc = 0.0;
-    for (int e = static_cast<int>(lane); e < E; e += 32) qc += static_cast<double>(sc[e]) * inv * c[e];
+    for (int e = static_cast<int>(lane); e < E; e += 32)
+      qc += static_cast<double>(sc[e]) * inv * c[e];
     qc = warp_sum(qc);
     const double lse = z_coef != 0.0 ? warp_logsumexp(l, E, lane) : 0.0;
 
@@ -270,7 +279,8 @@ __global__ void __launch_bounds__(kRouterThreads)
         out = static_cast<float>(dsc * se * (1.0 - se));
       }
       if (z_coef != 0.0)
-        out += static_cast<float>(grad_scale * z_coef * 2.0 * lse * exp(static_cast<double>(l[e]) - lse) / N);
+        out += static_cast<float>(grad_scale * z_coef * 2.0 * lse *
+                                  exp(static_cast<double>(l[e]) - lse) / N);
       dl[e] = out;
     }
   }
@@ -289,20 +299,26 @@ void router_forward(float* scores, int32_t* topk, float* gates, int32_t* counts,
   check_dims(dims);
   const int blocks = router_forward_blocks(dims.tokens);
   double* part_acc = static_cast<double*>(workspace);
-  int32_t* part_counts = reinterpret_cast<int32_t*>(part_acc + static_cast<std::size_t>(blocks) * (dims.n_experts + 2));
-  launch(router_forward_kernel, dim3(blocks), dim3(kRouterThreads), router_forward_smem_bytes(dims.n_experts, dims.top_k),
-         stream, scores, topk, gates, logits, bias, dims, part_acc, part_counts);
+  int32_t* part_counts = reinterpret_cast<int32_t*>(part_acc + static_cast<std::size_t>(blocks) *
+                                                                   (dims.n_experts + 2));
+  launch(router_forward_kernel, dim3(blocks), dim3(kRouterThreads),
+         router_forward_smem_bytes(dims.n_experts, dims.top_k), stream, scores, topk, gates, logits,
+         bias, dims, part_acc, part_counts);
   launch(router_finalize_kernel, dim3(1), dim3(kRouterFinalizeThreads), 0, stream, counts, stats,
-         static_cast<const double*>(part_acc), static_cast<const int32_t*>(part_counts), blocks, dims);
+         static_cast<const double*>(part_acc), static_cast<const int32_t*>(part_counts), blocks,
+         dims);
 }
 
 void router_backward(float* dlogits, const float* dgates, const float* logits, const float* scores,
-                     const int32_t* topk, const float* gates, const int32_t* counts, const RouterDims& dims,
-                     double aux_coef, double z_coef, double grad_scale, cudaStream_t stream) {
+                     const int32_t* topk, const float* gates, const int32_t* counts,
+                     const RouterDims& dims, double aux_coef, double z_coef, double grad_scale,
+                     cudaStream_t stream) {
   check_dims(dims);
-  const int blocks = std::min(ceil_div(dims.tokens, kRouterWarps * kRouterBackwardTokensPerWarp), 65535);
-  launch(router_backward_kernel, dim3(blocks), dim3(kRouterThreads), sizeof(double) * dims.n_experts, stream,
-         dlogits, dgates, logits, scores, topk, gates, counts, dims, aux_coef, z_coef, grad_scale);
+  const int blocks =
+      std::min(ceil_div(dims.tokens, kRouterWarps * kRouterBackwardTokensPerWarp), 65535);
+  launch(router_backward_kernel, dim3(blocks), dim3(kRouterThreads),
+         sizeof(double) * dims.n_experts, stream, dlogits, dgates, logits, scores, topk, gates,
+         counts, dims, aux_coef, z_coef, grad_scale);
 }
 
 }  // namespace moetrain::kernels

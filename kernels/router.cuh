@@ -14,8 +14,8 @@
 //                    (per-block partials in double, then one block adds them in block order).
 //                    `workspace` holds router_forward_workspace_bytes(tokens, E) bytes.
 //   router_backward  dlogits [tokens, E] (overwritten) = the gradient through the gates from dgates
-//                    (which already carry the caller's loss scale) + grad_scale * (aux_coef dL_aux +
-//                    z_coef dL_z); f_e = counts_e / (tokens k) is held constant.
+//                    (which already carry the caller's loss scale) + grad_scale * (aux_coef dL_aux
+//                    + z_coef dL_z); f_e = counts_e / (tokens k) is held constant.
 //
 // Limits: 1 <= top_k <= n_experts <= 1024 (checked: std::invalid_argument).
 #pragma once

@@ -3,9 +3,10 @@
 // Elementwise and bandwidth-bound: one thread per pack of V consecutive columns (16-byte packs when
 // ff and the pointers allow) of one row; 2D grid: x over the column packs of a row, y over rows
 // (block rows cover several short rows at once), grid-stride over the rest. No index division.
-// Forward reads h once (2 ff per row) and writes out once (ff); backward reads h and dout, writes dh.
-#include "swiglu.cuh"
+// Forward reads h once (2 ff per row) and writes out once (ff); backward reads h and dout, writes
+// dh.
 #include "pack.cuh"
+#include "swiglu.cuh"
 
 namespace moetrain::kernels {
 namespace swiglu_detail {
@@ -13,7 +14,9 @@ namespace swiglu_detail {
 constexpr int kThreads = 256;
 constexpr int kDefaultMaxRowBlocks = 16384;  // grid.y cap (CUDA allows 65535)
 
-__device__ __forceinline__ float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
+__device__ __forceinline__ float sigmoid(float a) {
+  return 1.0f / (1.0f + expf(-a));
+}
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -87,7 +90,8 @@ void swiglu_forward(T* out, const T* h, int rows, int ff, cudaStream_t stream, i
 }
 
 template <typename T>
-void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff, cudaStream_t stream, int max_blocks) {
+void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff, cudaStream_t stream,
+                     int max_blocks) {
   using namespace swiglu_detail;
   if (rows <= 0 || ff <= 0) return;
   constexpr int kVec = 16 / sizeof(T);
@@ -102,9 +106,11 @@ void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff, cudaStr
 }
 
 template void swiglu_forward<float>(float*, const float*, int, int, cudaStream_t, int);
-template void swiglu_forward<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*, int, int, cudaStream_t, int);
-template void swiglu_backward<float>(float*, const float*, const float*, int, int, cudaStream_t, int);
-template void swiglu_backward<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, int, int,
-                                             cudaStream_t, int);
+template void swiglu_forward<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*, int, int,
+                                            cudaStream_t, int);
+template void swiglu_backward<float>(float*, const float*, const float*, int, int, cudaStream_t,
+                                     int);
+template void swiglu_backward<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*,
+                                             const __nv_bfloat16*, int, int, cudaStream_t, int);
 
 }  // namespace moetrain::kernels

@@ -8,7 +8,8 @@
 //                    out = silu(h1) * h3, silu(a) = a / (1 + exp(-a)).
 //   swiglu_backward  dh [rows, 2 ff] from dout [rows, ff]:
 //                    dh1 = dout * h3 * sig(h1) * (1 + h1 * (1 - sig(h1))),  dh3 = dout * silu(h1).
-//                    dh may alias h (each element is read before it is written, by the same thread).
+//                    dh may alias h (each element is read before it is written, by the same
+//                    thread).
 #pragma once
 
 #include <cstddef>
@@ -19,10 +20,11 @@
 namespace moetrain::kernels {
 
 template <typename T>
-void swiglu_forward(T* out, const T* h, int rows, int ff, cudaStream_t stream = nullptr, int max_blocks = 0);
+void swiglu_forward(T* out, const T* h, int rows, int ff, cudaStream_t stream = nullptr,
+                    int max_blocks = 0);
 
 template <typename T>
-void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff, cudaStream_t stream = nullptr,
-                     int max_blocks = 0);
+void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff,
+                     cudaStream_t stream = nullptr, int max_blocks = 0);
 
 }  // namespace moetrain::kernels

@@ -10,13 +10,20 @@ int main() {
   using namespace moetrain::simt_test;
   // Taking the launchers' addresses makes the linker resolve them.
   const void* launchers[] = {
-      reinterpret_cast<const void*>(&tree_sum_f32),       reinterpret_cast<const void*>(&tree_sum_i32),
-      reinterpret_cast<const void*>(&block_reduce_f32),   reinterpret_cast<const void*>(&block_sum_i64),
-      reinterpret_cast<const void*>(&shuffles),           reinterpret_cast<const void*>(&vote),
-      reinterpret_cast<const void*>(&barrier_votes),      reinterpret_cast<const void*>(&atomics),
-      reinterpret_cast<const void*>(&reverse_vec),        reinterpret_cast<const void*>(&bf16_convert),
-      reinterpret_cast<const void*>(&write_even),         reinterpret_cast<const void*>(&stale_shared),
-      reinterpret_cast<const void*>(&sync_heavy),         reinterpret_cast<const void*>(&write_per_thread),
+      reinterpret_cast<const void*>(&tree_sum_f32),
+      reinterpret_cast<const void*>(&tree_sum_i32),
+      reinterpret_cast<const void*>(&block_reduce_f32),
+      reinterpret_cast<const void*>(&block_sum_i64),
+      reinterpret_cast<const void*>(&shuffles),
+      reinterpret_cast<const void*>(&vote),
+      reinterpret_cast<const void*>(&barrier_votes),
+      reinterpret_cast<const void*>(&atomics),
+      reinterpret_cast<const void*>(&reverse_vec),
+      reinterpret_cast<const void*>(&bf16_convert),
+      reinterpret_cast<const void*>(&write_even),
+      reinterpret_cast<const void*>(&stale_shared),
+      reinterpret_cast<const void*>(&sync_heavy),
+      reinterpret_cast<const void*>(&write_per_thread),
   };
   int devices = 0;
   const cudaError_t status = cudaGetDeviceCount(&devices);

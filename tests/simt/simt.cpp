@@ -48,7 +48,8 @@ unsigned char* g_dynamic_smem = nullptr;
 
 // ------------------------------------------------------------------------------------------------
 // Context switch. x86-64: saves the callee-saved registers on the old stack, swaps stack pointers.
-// A new context starts in simt_ctx_trampoline with the entry function in r13 and its argument in r12.
+// A new context starts in simt_ctx_trampoline with the entry function in r13 and its argument in
+// r12.
 // ------------------------------------------------------------------------------------------------
 #if !defined(SIMT_USE_UCONTEXT)
 extern "C" void simt_ctx_switch(void** save_sp, void* new_sp);
@@ -138,11 +139,11 @@ struct Fiber {
   unsigned lane = 0;
   unsigned warp = 0;
   State state = State::Ready;
-  Op op = Op::SyncWarp;        // collective it waits in (State::AtWarp)
-  std::uint64_t in = 0;        // collective: this lane's value
-  std::uint64_t out = 0;       // collective/barrier: this lane's result
-  int arg = 0;                 // collective: source lane / delta / lane mask
-  int pred = 0;                // barrier predicate
+  Op op = Op::SyncWarp;   // collective it waits in (State::AtWarp)
+  std::uint64_t in = 0;   // collective: this lane's value
+  std::uint64_t out = 0;  // collective/barrier: this lane's result
+  int arg = 0;            // collective: source lane / delta / lane mask
+  int pred = 0;           // barrier predicate
 };
 
 struct Pending {  // a warp collective some lanes wait in
@@ -189,9 +190,9 @@ struct Run {
   bool aborted = false;
 };
 
-Context g_main;                       // the launching thread's own context
-Context* g_switch_src = nullptr;      // the context that switched to the running one
-Fiber* g_cur = nullptr;               // running fiber (nullptr: the scheduler)
+Context g_main;                   // the launching thread's own context
+Context* g_switch_src = nullptr;  // the context that switched to the running one
+Fiber* g_cur = nullptr;           // running fiber (nullptr: the scheduler)
 std::vector<std::unique_ptr<Fiber>> g_fibers;
 Run g_run;
 std::atomic<bool> g_in_launch{false};  // with g_launch_owner: detects a launch from inside a kernel
@@ -269,32 +270,52 @@ std::string hex(unsigned v) {
 
 const char* op_name(Op op) {
   switch (op) {
-    case Op::ShflIdx: return "__shfl_sync";
-    case Op::ShflUp: return "__shfl_up_sync";
-    case Op::ShflDown: return "__shfl_down_sync";
-    case Op::ShflXor: return "__shfl_xor_sync";
-    case Op::Ballot: return "__ballot_sync";
-    case Op::Any: return "__any_sync";
-    case Op::All: return "__all_sync";
-    case Op::SyncWarp: return "__syncwarp";
-    case Op::ReduceAdd: return "__reduce_add_sync";
-    case Op::ReduceMinU: return "__reduce_min_sync(unsigned)";
-    case Op::ReduceMaxU: return "__reduce_max_sync(unsigned)";
-    case Op::ReduceMinI: return "__reduce_min_sync(int)";
-    case Op::ReduceMaxI: return "__reduce_max_sync(int)";
-    case Op::ReduceAnd: return "__reduce_and_sync";
-    case Op::ReduceOr: return "__reduce_or_sync";
-    case Op::ReduceXor: return "__reduce_xor_sync";
+    case Op::ShflIdx:
+      return "__shfl_sync";
+    case Op::ShflUp:
+      return "__shfl_up_sync";
+    case Op::ShflDown:
+      return "__shfl_down_sync";
+    case Op::ShflXor:
+      return "__shfl_xor_sync";
+    case Op::Ballot:
+      return "__ballot_sync";
+    case Op::Any:
+      return "__any_sync";
+    case Op::All:
+      return "__all_sync";
+    case Op::SyncWarp:
+      return "__syncwarp";
+    case Op::ReduceAdd:
+      return "__reduce_add_sync";
+    case Op::ReduceMinU:
+      return "__reduce_min_sync(unsigned)";
+    case Op::ReduceMaxU:
+      return "__reduce_max_sync(unsigned)";
+    case Op::ReduceMinI:
+      return "__reduce_min_sync(int)";
+    case Op::ReduceMaxI:
+      return "__reduce_max_sync(int)";
+    case Op::ReduceAnd:
+      return "__reduce_and_sync";
+    case Op::ReduceOr:
+      return "__reduce_or_sync";
+    case Op::ReduceXor:
+      return "__reduce_xor_sync";
   }
   return "?";
 }
 
 const char* barrier_name(Barrier b) {
   switch (b) {
-    case Barrier::Sync: return "__syncthreads";
-    case Barrier::Count: return "__syncthreads_count";
-    case Barrier::And: return "__syncthreads_and";
-    case Barrier::Or: return "__syncthreads_or";
+    case Barrier::Sync:
+      return "__syncthreads";
+    case Barrier::Count:
+      return "__syncthreads_count";
+    case Barrier::And:
+      return "__syncthreads_and";
+    case Barrier::Or:
+      return "__syncthreads_or";
   }
   return "?";
 }
@@ -314,7 +335,9 @@ std::string lanes_str(unsigned mask) {
   return os.str();
 }
 
-[[noreturn]] SIMT_COLD void fail(const std::string& msg) { throw simt::Error("simt: " + where() + ": " + msg); }
+[[noreturn]] SIMT_COLD void fail(const std::string& msg) {
+  throw simt::Error("simt: " + where() + ": " + msg);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Fiber switching
@@ -323,13 +346,15 @@ void fiber_entry(Fiber* self);
 
 #if defined(SIMT_USE_UCONTEXT)
 void ucontext_entry(unsigned lo, unsigned hi) {
-  fiber_entry(reinterpret_cast<Fiber*>(static_cast<std::uintptr_t>(lo) | (static_cast<std::uintptr_t>(hi) << 32)));
+  fiber_entry(reinterpret_cast<Fiber*>(static_cast<std::uintptr_t>(lo) |
+                                       (static_cast<std::uintptr_t>(hi) << 32)));
 }
 #endif
 
 void fiber_create(Fiber* f) {
   const size_t total = kStackSize + kGuardSize;
-  void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) throw simt::Error("simt: cannot map a fiber stack");
   mprotect(m, kGuardSize, PROT_NONE);
   f->map = m;
@@ -352,8 +377,8 @@ void fiber_init(Fiber* f) {
   f->ctx.uc.uc_stack.ss_size = f->ctx.stack_size;
   f->ctx.uc.uc_link = nullptr;
   const auto p = reinterpret_cast<std::uintptr_t>(f);
-  makecontext(&f->ctx.uc, reinterpret_cast<void (*)()>(&ucontext_entry), 2, static_cast<unsigned>(p),
-              static_cast<unsigned>(p >> 32));
+  makecontext(&f->ctx.uc, reinterpret_cast<void (*)()>(&ucontext_entry), 2,
+              static_cast<unsigned>(p), static_cast<unsigned>(p >> 32));
 #else
   void** sp = reinterpret_cast<void**>(lo + f->ctx.stack_size);  // 16-byte aligned (page aligned)
   *--sp = nullptr;                                               // padding
@@ -402,7 +427,9 @@ SIMT_HOT inline void switch_to(Context* from, Context* to) {
 // ------------------------------------------------------------------------------------------------
 // Scheduling
 // ------------------------------------------------------------------------------------------------
-SIMT_HOT inline Fiber* fiber_at(unsigned linear) { return g_run.fibers[linear]; }
+SIMT_HOT inline Fiber* fiber_at(unsigned linear) {
+  return g_run.fibers[linear];
+}
 
 SIMT_HOT inline void make_ready(unsigned linear) {
   if (g_run.kind == Schedule::Kind::Random) {
@@ -485,14 +512,15 @@ void thread_exit(Fiber* f) {
   Warp& w = r.warps[f->warp];
   w.exited |= 1u << f->lane;
   if (r.bar_count > 0) {
-    fail(thread_str(*f) + " exited while " + thread_str(*fiber_at(static_cast<unsigned>(r.first_at_barrier))) +
-         " waits at " + barrier_name(r.bar_kind) + ": every thread of the block must reach each barrier");
+    fail(thread_str(*f) + " exited while " +
+         thread_str(*fiber_at(static_cast<unsigned>(r.first_at_barrier))) + " waits at " +
+         barrier_name(r.bar_kind) + ": every thread of the block must reach each barrier");
   }
   for (int i = 0; i < w.npending; ++i) {
     const Pending& p = w.pending[i];
     if (p.mask >> f->lane & 1u) {
-      fail(thread_str(*f) + " exited while lanes " + lanes_str(p.arrived) + " of its warp wait for it in " +
-           op_name(p.op) + " (mask " + hex(p.mask) + ")");
+      fail(thread_str(*f) + " exited while lanes " + lanes_str(p.arrived) +
+           " of its warp wait for it in " + op_name(p.op) + " (mask " + hex(p.mask) + ")");
     }
   }
 }
@@ -531,7 +559,8 @@ void fiber_entry(Fiber* self) {
          " has exited: every thread of the block must reach each barrier");
   }
   fail(thread_str(*f) + " calls " + barrier_name(kind) + " while " +
-       thread_str(*fiber_at(static_cast<unsigned>(r.first_at_barrier))) + " waits at " + barrier_name(r.bar_kind));
+       thread_str(*fiber_at(static_cast<unsigned>(r.first_at_barrier))) + " waits at " +
+       barrier_name(r.bar_kind));
 }
 
 SIMT_HOT int barrier(Barrier kind, int predicate) {
@@ -550,7 +579,9 @@ SIMT_HOT int barrier(Barrier kind, int predicate) {
     if (kind != Barrier::Sync) {
       int count = 0;
       for (unsigned t = 0; t < r.nthreads; ++t) count += fiber_at(t)->pred;
-      result = kind == Barrier::Count ? count : kind == Barrier::And ? count == static_cast<int>(r.nthreads) : count > 0;
+      result = kind == Barrier::Count ? count
+               : kind == Barrier::And ? count == static_cast<int>(r.nthreads)
+                                      : count > 0;
     }
     for (unsigned t = 0; t < r.nthreads; ++t) {
       Fiber* g = fiber_at(t);
@@ -575,17 +606,29 @@ SIMT_HOT inline unsigned shfl_source(Op op, unsigned lane, int arg, int width) {
   int j = 0;
   bool valid = false;
   switch (op) {
-    case Op::ShflUp: j = static_cast<int>(lane) - static_cast<int>(b); valid = j >= max_lane; break;
-    case Op::ShflDown: j = static_cast<int>(lane + b); valid = j <= max_lane; break;
-    case Op::ShflXor: j = static_cast<int>(lane ^ b); valid = j <= max_lane; break;
-    default: j = min_lane | static_cast<int>(b & ~seg); valid = j <= max_lane; break;
+    case Op::ShflUp:
+      j = static_cast<int>(lane) - static_cast<int>(b);
+      valid = j >= max_lane;
+      break;
+    case Op::ShflDown:
+      j = static_cast<int>(lane + b);
+      valid = j <= max_lane;
+      break;
+    case Op::ShflXor:
+      j = static_cast<int>(lane ^ b);
+      valid = j <= max_lane;
+      break;
+    default:
+      j = min_lane | static_cast<int>(b & ~seg);
+      valid = j <= max_lane;
+      break;
   }
   return valid ? static_cast<unsigned>(j) : lane;
 }
 
 [[noreturn]] SIMT_COLD void bad_shuffle_source(const Fiber* f, Op op, unsigned src, unsigned mask) {
-  fail(thread_str(*f) + " reads lane " + std::to_string(src) + " in " + op_name(op) + " but the mask " + hex(mask) +
-       " does not name that lane");
+  fail(thread_str(*f) + " reads lane " + std::to_string(src) + " in " + op_name(op) +
+       " but the mask " + hex(mask) + " does not name that lane");
 }
 
 SIMT_HOT void complete(Warp& w, int index) {
@@ -620,7 +663,8 @@ SIMT_HOT void complete(Warp& w, int index) {
         if (lanes[l] && lanes[l]->in) bits |= 1u << l;
       all = p.op == Op::Ballot ? bits : p.op == Op::Any ? (bits != 0) : (bits == p.mask);
       break;
-    case Op::SyncWarp: break;
+    case Op::SyncWarp:
+      break;
     default: {
       bool first = true;
       std::uint32_t acc = 0;
@@ -633,19 +677,34 @@ SIMT_HOT void complete(Warp& w, int index) {
           continue;
         }
         switch (p.op) {
-          case Op::ReduceAdd: acc += v; break;
-          case Op::ReduceMinU: acc = std::min(acc, v); break;
-          case Op::ReduceMaxU: acc = std::max(acc, v); break;
+          case Op::ReduceAdd:
+            acc += v;
+            break;
+          case Op::ReduceMinU:
+            acc = std::min(acc, v);
+            break;
+          case Op::ReduceMaxU:
+            acc = std::max(acc, v);
+            break;
           case Op::ReduceMinI:
-            acc = static_cast<std::uint32_t>(std::min(static_cast<std::int32_t>(acc), static_cast<std::int32_t>(v)));
+            acc = static_cast<std::uint32_t>(
+                std::min(static_cast<std::int32_t>(acc), static_cast<std::int32_t>(v)));
             break;
           case Op::ReduceMaxI:
-            acc = static_cast<std::uint32_t>(std::max(static_cast<std::int32_t>(acc), static_cast<std::int32_t>(v)));
+            acc = static_cast<std::uint32_t>(
+                std::max(static_cast<std::int32_t>(acc), static_cast<std::int32_t>(v)));
             break;
-          case Op::ReduceAnd: acc &= v; break;
-          case Op::ReduceOr: acc |= v; break;
-          case Op::ReduceXor: acc ^= v; break;
-          default: break;
+          case Op::ReduceAnd:
+            acc &= v;
+            break;
+          case Op::ReduceOr:
+            acc |= v;
+            break;
+          case Op::ReduceXor:
+            acc ^= v;
+            break;
+          default:
+            break;
         }
       }
       all = acc;
@@ -664,7 +723,8 @@ SIMT_HOT void complete(Warp& w, int index) {
   const Run& r = g_run;
   const Warp& w = r.warps[f->warp];
   if (!(mask >> f->lane & 1u)) {
-    fail(thread_str(*f) + " calls " + op_name(op) + " with mask " + hex(mask) + " that does not name itself");
+    fail(thread_str(*f) + " calls " + op_name(op) + " with mask " + hex(mask) +
+         " that does not name itself");
   }
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
     fail(thread_str(*f) + " calls " + op_name(op) + " with width " + std::to_string(width) +
@@ -672,16 +732,18 @@ SIMT_HOT void complete(Warp& w, int index) {
   }
   if (mask & ~w.exists) {
     fail(thread_str(*f) + " calls " + op_name(op) + " with mask " + hex(mask) + " naming lanes " +
-         lanes_str(mask & ~w.exists) + " that do not exist (block of " + std::to_string(r.nthreads) + " threads)");
+         lanes_str(mask & ~w.exists) + " that do not exist (block of " +
+         std::to_string(r.nthreads) + " threads)");
   }
   fail(thread_str(*f) + " calls " + op_name(op) + " with mask " + hex(mask) + " naming lanes " +
        lanes_str(mask & w.exited) + " that have exited");
 }
 
 [[noreturn]] SIMT_COLD void divergent(const Fiber* f, Op op, int width, const Pending& p) {
-  fail(thread_str(*f) + " calls " + op_name(op) + " (width " + std::to_string(width) + ") while lanes " +
-       lanes_str(p.arrived) + " of its warp wait in " + op_name(p.op) + " (width " + std::to_string(p.width) +
-       ") with the same mask " + hex(p.mask) + ": divergent warp collectives");
+  fail(thread_str(*f) + " calls " + op_name(op) + " (width " + std::to_string(width) +
+       ") while lanes " + lanes_str(p.arrived) + " of its warp wait in " + op_name(p.op) +
+       " (width " + std::to_string(p.width) + ") with the same mask " + hex(p.mask) +
+       ": divergent warp collectives");
 }
 
 SIMT_HOT std::uint64_t collective(Op op, unsigned mask, std::uint64_t value, int arg, int width) {
@@ -699,7 +761,8 @@ SIMT_HOT std::uint64_t collective(Op op, unsigned mask, std::uint64_t value, int
   int index = -1;
   for (int i = 0; i < w.npending; ++i) {
     if (w.pending[i].mask == mask) {
-      if (w.pending[i].op != op || w.pending[i].width != width) divergent(f, op, width, w.pending[i]);
+      if (w.pending[i].op != op || w.pending[i].width != width)
+        divergent(f, op, width, w.pending[i]);
       index = i;
       break;
     }
@@ -772,7 +835,8 @@ void reset_fibers_after_error() {
 std::string deadlock_report() {
   Run& r = g_run;
   std::ostringstream os;
-  os << "deadlock: no thread can proceed (" << r.nthreads << " threads, " << r.n_exited << " exited";
+  os << "deadlock: no thread can proceed (" << r.nthreads << " threads, " << r.n_exited
+     << " exited";
   if (r.bar_count) os << ", " << r.bar_count << " waiting at " << barrier_name(r.bar_kind);
   os << ")";
   for (unsigned wi = 0; wi < r.nwarps; ++wi) {
@@ -780,16 +844,19 @@ std::string deadlock_report() {
     for (int i = 0; i < w.npending; ++i) {
       const Pending& p = w.pending[i];
       const unsigned missing = p.mask & ~p.arrived;
-      os << "; warp " << wi << ": lanes " << lanes_str(p.arrived) << " wait in " << op_name(p.op) << " (mask "
-         << hex(p.mask) << ") for lanes " << lanes_str(missing);
+      os << "; warp " << wi << ": lanes " << lanes_str(p.arrived) << " wait in " << op_name(p.op)
+         << " (mask " << hex(p.mask) << ") for lanes " << lanes_str(missing);
       unsigned at_bar = 0, elsewhere = 0;
       for (unsigned l = 0; l < 32; ++l) {
         if (!(missing >> l & 1u)) continue;
         const Fiber* f = fiber_at(wi * 32 + l);
-        if (f->state == State::AtBarrier) at_bar |= 1u << l;
-        else elsewhere |= 1u << l;
+        if (f->state == State::AtBarrier)
+          at_bar |= 1u << l;
+        else
+          elsewhere |= 1u << l;
       }
-      if (at_bar) os << " (lanes " << lanes_str(at_bar) << " wait at " << barrier_name(r.bar_kind) << ")";
+      if (at_bar)
+        os << " (lanes " << lanes_str(at_bar) << " wait at " << barrier_name(r.bar_kind) << ")";
       if (elsewhere) os << " (lanes " << lanes_str(elsewhere) << " wait in another collective)";
     }
   }
@@ -853,16 +920,18 @@ void run_block(const LaunchDesc& d, uint3 block, const TlsBlock& tls) {
 void validate(const LaunchDesc& d) {
   auto bad = [&](const std::string& msg) {
     g_last_error = cudaErrorInvalidConfiguration;
-    throw simt::Error("simt: launch of kernel '" + kernel_name(d.kernel) + "' with grid " + dim_str(d.grid) +
-                      ", block " + dim_str(d.block) + ", " + std::to_string(d.smem_bytes) +
-                      " bytes of dynamic shared memory: " + msg);
+    throw simt::Error("simt: launch of kernel '" + kernel_name(d.kernel) + "' with grid " +
+                      dim_str(d.grid) + ", block " + dim_str(d.block) + ", " +
+                      std::to_string(d.smem_bytes) + " bytes of dynamic shared memory: " + msg);
   };
   if (d.grid.x == 0 || d.grid.y == 0 || d.grid.z == 0) bad("empty grid");
   if (d.block.x == 0 || d.block.y == 0 || d.block.z == 0) bad("empty block");
   if (d.grid.x > 2147483647u || d.grid.y > 65535u || d.grid.z > 65535u) bad("grid too large");
-  if (static_cast<unsigned long long>(d.block.x) * d.block.y * d.block.z > 1024u) bad("more than 1024 threads per block");
+  if (static_cast<unsigned long long>(d.block.x) * d.block.y * d.block.z > 1024u)
+    bad("more than 1024 threads per block");
   if (d.block.x > 1024u || d.block.y > 1024u || d.block.z > 64u) bad("block dimension too large");
-  if (d.smem_bytes > simt::kMaxDynamicSmem) bad("more dynamic shared memory than sm_80 allows (163 KiB)");
+  if (d.smem_bytes > simt::kMaxDynamicSmem)
+    bad("more dynamic shared memory than sm_80 allows (163 KiB)");
 }
 
 // One permutation of the blocks: forward, reverse or shuffled.
@@ -871,7 +940,8 @@ std::vector<std::uint32_t> block_order(std::uint64_t nblocks, Schedule::Kind kin
   for (std::uint64_t i = 0; i < nblocks; ++i) order[i] = static_cast<std::uint32_t>(i);
   if (kind == Schedule::Kind::Reverse) std::reverse(order.begin(), order.end());
   if (kind == Schedule::Kind::Random) {
-    for (std::uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[random_below(static_cast<unsigned>(i))]);
+    for (std::uint64_t i = nblocks; i > 1; --i)
+      std::swap(order[i - 1], order[random_below(static_cast<unsigned>(i))]);
   }
   return order;
 }
@@ -879,7 +949,8 @@ std::vector<std::uint32_t> block_order(std::uint64_t nblocks, Schedule::Kind kin
 void init_schedule_from_env() {
   static std::once_flag once;
   std::call_once(once, [] {
-    if (const char* s = std::getenv("MOETRAIN_SIMT_SCHEDULE"); s && *s) simt::set_schedule(Schedule::parse(s));
+    if (const char* s = std::getenv("MOETRAIN_SIMT_SCHEDULE"); s && *s)
+      simt::set_schedule(Schedule::parse(s));
   });
 }
 
@@ -892,9 +963,12 @@ namespace simt {
 
 std::string Schedule::name() const {
   switch (kind_) {
-    case Kind::Forward: return "forward";
-    case Kind::Reverse: return "reverse";
-    case Kind::Random: return "random(" + std::to_string(seed_) + ")";
+    case Kind::Forward:
+      return "forward";
+    case Kind::Reverse:
+      return "reverse";
+    case Kind::Random:
+      return "random(" + std::to_string(seed_) + ")";
   }
   return "?";
 }
@@ -912,7 +986,8 @@ Schedule Schedule::parse(const std::string& text) {
     } catch (const std::exception&) {
     }
   }
-  throw Error("simt: bad schedule '" + text + "': expected forward, reverse, random or random:SEED");
+  throw Error("simt: bad schedule '" + text +
+              "': expected forward, reverse, random or random:SEED");
 }
 
 void set_schedule(const Schedule& s) {
@@ -947,7 +1022,9 @@ std::uint64_t warp_collective(Op op, unsigned int mask, std::uint64_t value, int
   return collective(op, mask, value, arg, width);
 }
 
-int block_barrier(Barrier kind, int predicate) { return barrier(kind, predicate); }
+int block_barrier(Barrier kind, int predicate) {
+  return barrier(kind, predicate);
+}
 
 unsigned int active_mask() {
   Fiber* f = g_cur;
@@ -1019,7 +1096,8 @@ void run_launch(const LaunchDesc& d) {
 }  // namespace simt
 
 long long clock64() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
@@ -1072,67 +1150,113 @@ cudaError_t release(std::unordered_map<void*, size_t>& table, void* ptr) {
 
 const char* cudaGetErrorName(cudaError_t e) {
   switch (e) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
-    case cudaErrorInitializationError: return "cudaErrorInitializationError";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    case cudaErrorInvalidSymbol: return "cudaErrorInvalidSymbol";
-    case cudaErrorInvalidDevicePointer: return "cudaErrorInvalidDevicePointer";
-    case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
-    case cudaErrorNoDevice: return "cudaErrorNoDevice";
-    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
-    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
-    case cudaErrorNotReady: return "cudaErrorNotReady";
-    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
-    case cudaErrorNotSupported: return "cudaErrorNotSupported";
-    case cudaErrorUnknown: return "cudaErrorUnknown";
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation:
+      return "cudaErrorMemoryAllocation";
+    case cudaErrorInitializationError:
+      return "cudaErrorInitializationError";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidSymbol:
+      return "cudaErrorInvalidSymbol";
+    case cudaErrorInvalidDevicePointer:
+      return "cudaErrorInvalidDevicePointer";
+    case cudaErrorInvalidMemcpyDirection:
+      return "cudaErrorInvalidMemcpyDirection";
+    case cudaErrorNoDevice:
+      return "cudaErrorNoDevice";
+    case cudaErrorInvalidDevice:
+      return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle:
+      return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady:
+      return "cudaErrorNotReady";
+    case cudaErrorLaunchFailure:
+      return "cudaErrorLaunchFailure";
+    case cudaErrorNotSupported:
+      return "cudaErrorNotSupported";
+    case cudaErrorUnknown:
+      return "cudaErrorUnknown";
   }
   return "cudaErrorUnknown";
 }
 
 const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    case cudaErrorInitializationError: return "initialization error";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorInvalidSymbol: return "invalid device symbol";
-    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
-    case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
-    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
-    case cudaErrorNotReady: return "device not ready";
-    case cudaErrorLaunchFailure: return "unspecified launch failure";
-    case cudaErrorNotSupported: return "operation not supported";
-    case cudaErrorUnknown: return "unknown error";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+    case cudaErrorInitializationError:
+      return "initialization error";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorInvalidSymbol:
+      return "invalid device symbol";
+    case cudaErrorInvalidDevicePointer:
+      return "invalid device pointer";
+    case cudaErrorInvalidMemcpyDirection:
+      return "invalid copy direction for memcpy";
+    case cudaErrorNoDevice:
+      return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle:
+      return "invalid resource handle";
+    case cudaErrorNotReady:
+      return "device not ready";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure";
+    case cudaErrorNotSupported:
+      return "operation not supported";
+    case cudaErrorUnknown:
+      return "unknown error";
   }
   return "unknown error";
 }
 
-cudaError_t cudaGetLastError() { return static_cast<cudaError_t>(g_last_error.exchange(cudaSuccess)); }
-cudaError_t cudaPeekAtLastError() { return static_cast<cudaError_t>(g_last_error.load()); }
+cudaError_t cudaGetLastError() {
+  return static_cast<cudaError_t>(g_last_error.exchange(cudaSuccess));
+}
+cudaError_t cudaPeekAtLastError() {
+  return static_cast<cudaError_t>(g_last_error.load());
+}
 
-cudaError_t cudaMalloc(void** ptr, size_t bytes) { return alloc(g_device_allocs, ptr, bytes); }
-cudaError_t cudaFree(void* ptr) { return release(g_device_allocs, ptr); }
-cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return alloc(g_host_allocs, ptr, bytes); }
-cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int) { return alloc(g_host_allocs, ptr, bytes); }
-cudaError_t cudaFreeHost(void* ptr) { return release(g_host_allocs, ptr); }
+cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  return alloc(g_device_allocs, ptr, bytes);
+}
+cudaError_t cudaFree(void* ptr) {
+  return release(g_device_allocs, ptr);
+}
+cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
+  return alloc(g_host_allocs, ptr, bytes);
+}
+cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int) {
+  return alloc(g_host_allocs, ptr, bytes);
+}
+cudaError_t cudaFreeHost(void* ptr) {
+  return release(g_host_allocs, ptr);
+}
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-  if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault) return set_error(cudaErrorInvalidMemcpyDirection);
+  if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault)
+    return set_error(cudaErrorInvalidMemcpyDirection);
   if (bytes == 0) return cudaSuccess;
   if (!dst || !src) return set_error(cudaErrorInvalidValue);
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t) {
   return cudaMemcpy(dst, src, bytes, kind);
 }
-cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
-                         cudaMemcpyKind kind) {
+cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                         size_t height, cudaMemcpyKind kind) {
   if (width > dpitch || width > spitch) return set_error(cudaErrorInvalidValue);
   for (size_t row = 0; row < height; ++row) {
     const cudaError_t e = cudaMemcpy(static_cast<char*>(dst) + row * dpitch,
@@ -1141,8 +1265,8 @@ cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitc
   }
   return cudaSuccess;
 }
-cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
-                              cudaMemcpyKind kind, cudaStream_t) {
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
+                              size_t width, size_t height, cudaMemcpyKind kind, cudaStream_t) {
   return cudaMemcpy2D(dst, dpitch, src, spitch, width, height, kind);
 }
 cudaError_t cudaMemset(void* dst, int value, size_t bytes) {
@@ -1151,15 +1275,20 @@ cudaError_t cudaMemset(void* dst, int value, size_t bytes) {
   std::memset(dst, value, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) { return cudaMemset(dst, value, bytes); }
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
+  return cudaMemset(dst, value, bytes);
+}
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
-  const long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  const long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES),
+             page = sysconf(_SC_PAGESIZE);
   if (total_bytes) *total_bytes = static_cast<size_t>(pages) * static_cast<size_t>(page);
   if (free_bytes) *free_bytes = static_cast<size_t>(avail) * static_cast<size_t>(page);
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
+cudaError_t cudaStreamCreate(cudaStream_t* s) {
+  return cudaStreamCreateWithFlags(s, cudaStreamDefault);
+}
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int) {
   if (!s) return set_error(cudaErrorInvalidValue);
   *s = new CUstream_st{0};
@@ -1169,9 +1298,15 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
   delete s;
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) { return cudaSuccess; }
-cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
+cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  return cudaSuccess;
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) {
+  return cudaSuccess;
+}
+cudaError_t cudaEventCreate(cudaEvent_t* e) {
+  return cudaEventCreateWithFlags(e, cudaEventDefault);
+}
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned int) {
   if (!e) return set_error(cudaErrorInvalidValue);
   *e = new CUevent_st{std::chrono::steady_clock::now(), false};
@@ -1190,21 +1325,29 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   return e ? cudaSuccess : set_error(cudaErrorInvalidResourceHandle);
 }
-cudaError_t cudaEventQuery(cudaEvent_t e) { return e ? cudaSuccess : set_error(cudaErrorInvalidResourceHandle); }
+cudaError_t cudaEventQuery(cudaEvent_t e) {
+  return e ? cudaSuccess : set_error(cudaErrorInvalidResourceHandle);
+}
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
   if (!ms || !start || !end) return set_error(cudaErrorInvalidValue);
   if (!start->recorded || !end->recorded) return set_error(cudaErrorInvalidResourceHandle);
   *ms = std::chrono::duration<float, std::milli>(end->t - start->t).count();
   return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
-cudaError_t cudaDeviceReset() { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() {
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceReset() {
+  return cudaSuccess;
+}
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return set_error(cudaErrorInvalidValue);
   *count = 1;
   return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : set_error(cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int device) {
+  return device == 0 ? cudaSuccess : set_error(cudaErrorInvalidDevice);
+}
 cudaError_t cudaGetDevice(int* device) {
   if (!device) return set_error(cudaErrorInvalidValue);
   *device = 0;

@@ -6,12 +6,14 @@
 //
 // How a launch runs
 //   Blocks run one after another on the calling thread. The threads of a block run as fibers
-//   (cooperative user-space threads with their own stacks, switched by a few instructions). A thread
-//   runs until it reaches __syncthreads() or a warp collective (__shfl_*_sync, __ballot_sync,
+//   (cooperative user-space threads with their own stacks, switched by a few instructions). A
+//   thread runs until it reaches __syncthreads() or a warp collective (__shfl_*_sync,
+//   __ballot_sync,
 //   __any_sync, __all_sync, __syncwarp, __reduce_*_sync), then the schedule picks the next thread:
 //     Schedule::forward()     rounds over the ready threads in ascending linear thread index,
 //     Schedule::reverse()     the same in descending order,
-//     Schedule::random(seed)  any ready thread, drawn at random at every switch (deterministic in seed).
+//     Schedule::random(seed)  any ready thread, drawn at random at every switch (deterministic in
+//     seed).
 //   Blocks run in ascending order (forward), descending (reverse) or shuffled (random). A kernel
 //   that misses a __syncthreads reads data that are not written yet under at least one of these
 //   orders. Set the schedule with simt::set_schedule() (or the environment variable
@@ -20,13 +22,15 @@
 //
 // Memory
 //   * __shared__ variables are `static thread_local`: the fibers of a block share them (they run on
-//     one OS thread) and blocks run one at a time. Before every block all of them — in fact the whole
-//     static TLS block of the executable on the launching thread, saved before and restored after the
-//     launch — and the dynamic shared memory are filled with 0xFF bytes (NaN as float/bf16, -1 as int),
-//     so a kernel that relies on stale or unwritten shared memory fails. AddressSanitizer does not
-//     guard static __shared__ arrays; the dynamic shared memory (dynamic_smem<T>()) is a heap buffer
-//     of exactly smem_bytes, so ASan catches out-of-bounds accesses there.
-//   * cudaMalloc returns heap memory (256-byte aligned) filled with 0xFF bytes (NaN): outputs a kernel
+//     one OS thread) and blocks run one at a time. Before every block all of them — in fact the
+//     whole static TLS block of the executable on the launching thread, saved before and restored
+//     after the launch — and the dynamic shared memory are filled with 0xFF bytes (NaN as
+//     float/bf16, -1 as int), so a kernel that relies on stale or unwritten shared memory fails.
+//     AddressSanitizer does not guard static __shared__ arrays; the dynamic shared memory
+//     (dynamic_smem<T>()) is a heap buffer of exactly smem_bytes, so ASan catches out-of-bounds
+//     accesses there.
+//   * cudaMalloc returns heap memory (256-byte aligned) filled with 0xFF bytes (NaN): outputs a
+//   kernel
 //     forgot to write show up as NaN. cudaFree checks the pointer. All copies and memsets are
 //     synchronous; streams and events are no-ops (events record host time).
 //   * Atomics go through std::atomic_ref (the simulator is single-threaded, so they are exact).
@@ -41,8 +45,10 @@
 //     [1, 32]. Collectives with different, overlapping masks may be pending at once (legal since
 //     Volta: lanes 0-15 may reach a full-warp __syncwarp while lanes 16-31 still shuffle among
 //     themselves); lanes that end up waiting for each other are reported as a deadlock;
-//   * a block in which no thread can make progress (deadlock), with the state of every waiting warp;
-//   * an invalid launch configuration (zero or too large dims, more than 1024 threads, dynamic shared
+//   * a block in which no thread can make progress (deadlock), with the state of every waiting
+//   warp;
+//   * an invalid launch configuration (zero or too large dims, more than 1024 threads, dynamic
+//   shared
 //     memory above 163 KiB, the sm_80 limit), a launch from inside a kernel.
 //   After an error the simulator resets its fibers; later launches work normally.
 //
@@ -63,9 +69,9 @@
 #define MOETRAIN_SIMT 1
 #endif
 
+#include <math.h>  // libstdc++'s: puts the float overloads (exp(float), ...) in the global namespace, as CUDA does
 #include <atomic>
 #include <cmath>
-#include <math.h>  // libstdc++'s: puts the float overloads (exp(float), ...) in the global namespace, as CUDA does
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -96,18 +102,34 @@
 // ------------------------------------------------------------------------------------------------
 // Vector types (CUDA's alignments) and make_* functions
 // ------------------------------------------------------------------------------------------------
-#define SIMT_VEC1(T, N, A)                                       \
-  struct __attribute__((aligned(A))) N { T x; };                 \
-  inline constexpr N make_##N(T x) { return N{x}; }
-#define SIMT_VEC2(T, N, A)                                       \
-  struct __attribute__((aligned(A))) N { T x, y; };              \
-  inline constexpr N make_##N(T x, T y) { return N{x, y}; }
-#define SIMT_VEC3(T, N, A)                                       \
-  struct __attribute__((aligned(A))) N { T x, y, z; };           \
-  inline constexpr N make_##N(T x, T y, T z) { return N{x, y, z}; }
-#define SIMT_VEC4(T, N, A)                                       \
-  struct __attribute__((aligned(A))) N { T x, y, z, w; };        \
-  inline constexpr N make_##N(T x, T y, T z, T w) { return N{x, y, z, w}; }
+#define SIMT_VEC1(T, N, A)               \
+  struct __attribute__((aligned(A))) N { \
+    T x;                                 \
+  };                                     \
+  inline constexpr N make_##N(T x) {     \
+    return N{x};                         \
+  }
+#define SIMT_VEC2(T, N, A)                \
+  struct __attribute__((aligned(A))) N {  \
+    T x, y;                               \
+  };                                      \
+  inline constexpr N make_##N(T x, T y) { \
+    return N{x, y};                       \
+  }
+#define SIMT_VEC3(T, N, A)                     \
+  struct __attribute__((aligned(A))) N {       \
+    T x, y, z;                                 \
+  };                                           \
+  inline constexpr N make_##N(T x, T y, T z) { \
+    return N{x, y, z};                         \
+  }
+#define SIMT_VEC4(T, N, A)                          \
+  struct __attribute__((aligned(A))) N {            \
+    T x, y, z, w;                                   \
+  };                                                \
+  inline constexpr N make_##N(T x, T y, T z, T w) { \
+    return N{x, y, z, w};                           \
+  }
 
 SIMT_VEC1(signed char, char1, 1)
 SIMT_VEC2(signed char, char2, 2)
@@ -151,7 +173,8 @@ SIMT_VEC3(double, double3, 8)
 
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
-  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1)
+      : x(vx), y(vy), z(vz) {}
   constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
   constexpr operator uint3() const { return uint3{x, y, z}; }
 };
@@ -221,105 +244,279 @@ struct __attribute__((aligned(4))) __nv_bfloat162 {
 };
 typedef __nv_bfloat162 nv_bfloat162;
 
-inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16_raw{u}; }
-inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
-inline float __bfloat162float(__nv_bfloat16 h) { return static_cast<float>(h); }
-inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16_raw{simt::detail::f2bf_rn(f)}; }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16_raw{simt::detail::f2bf_rn(f)}; }
-inline __nv_bfloat16 __float2bfloat16_rz(float f) { return __nv_bfloat16_raw{simt::detail::f2bf_rz(f)}; }
-inline __nv_bfloat16 __double2bfloat16(double d) { return __nv_bfloat16_raw{simt::detail::d2bf_rn(d)}; }
-inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
-inline __nv_bfloat162 __float2bfloat162_rn(float a) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(a)}; }
-inline __nv_bfloat162 __float22bfloat162_rn(float2 f) { return {__float2bfloat16_rn(f.x), __float2bfloat16_rn(f.y)}; }
-inline float2 __bfloat1622float2(__nv_bfloat162 h) { return float2{float(h.x), float(h.y)}; }
-inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) { return {a, b}; }
-inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 a) { return {a, a}; }
-inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 h) { return h.x; }
-inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 h) { return h.y; }
-inline float __low2float(__nv_bfloat162 h) { return float(h.x); }
-inline float __high2float(__nv_bfloat162 h) { return float(h.y); }
-inline bool __hisnan(__nv_bfloat16 h) { return (h.__x & 0x7fffu) > 0x7f80u; }
-inline int __hisinf(__nv_bfloat16 h) { return (h.__x & 0x7fffu) == 0x7f80u ? ((h.__x & 0x8000u) ? -1 : 1) : 0; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) {
+  return __nv_bfloat16_raw{u};
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) {
+  return h.__x;
+}
+inline float __bfloat162float(__nv_bfloat16 h) {
+  return static_cast<float>(h);
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  return __nv_bfloat16_raw{simt::detail::f2bf_rn(f)};
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  return __nv_bfloat16_raw{simt::detail::f2bf_rn(f)};
+}
+inline __nv_bfloat16 __float2bfloat16_rz(float f) {
+  return __nv_bfloat16_raw{simt::detail::f2bf_rz(f)};
+}
+inline __nv_bfloat16 __double2bfloat16(double d) {
+  return __nv_bfloat16_raw{simt::detail::d2bf_rn(d)};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+inline __nv_bfloat162 __float2bfloat162_rn(float a) {
+  return {__float2bfloat16_rn(a), __float2bfloat16_rn(a)};
+}
+inline __nv_bfloat162 __float22bfloat162_rn(float2 f) {
+  return {__float2bfloat16_rn(f.x), __float2bfloat16_rn(f.y)};
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 h) {
+  return float2{float(h.x), float(h.y)};
+}
+inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) {
+  return {a, b};
+}
+inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 a) {
+  return {a, a};
+}
+inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 h) {
+  return h.x;
+}
+inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 h) {
+  return h.y;
+}
+inline float __low2float(__nv_bfloat162 h) {
+  return float(h.x);
+}
+inline float __high2float(__nv_bfloat162 h) {
+  return float(h.y);
+}
+inline bool __hisnan(__nv_bfloat16 h) {
+  return (h.__x & 0x7fffu) > 0x7f80u;
+}
+inline int __hisinf(__nv_bfloat16 h) {
+  return (h.__x & 0x7fffu) == 0x7f80u ? ((h.__x & 0x8000u) ? -1 : 1) : 0;
+}
 // Arithmetic rounds the fp32 result once more to bf16 (sm_80 rounds once; differs only in rare
 // double-rounding cases: kernels should accumulate in fp32 anyway).
-inline __nv_bfloat16 __hadd(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(float(a) + float(b)); }
-inline __nv_bfloat16 __hsub(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(float(a) - float(b)); }
-inline __nv_bfloat16 __hmul(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(float(a) * float(b)); }
-inline __nv_bfloat16 __hdiv(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(float(a) / float(b)); }
+inline __nv_bfloat16 __hadd(__nv_bfloat16 a, __nv_bfloat16 b) {
+  return __float2bfloat16_rn(float(a) + float(b));
+}
+inline __nv_bfloat16 __hsub(__nv_bfloat16 a, __nv_bfloat16 b) {
+  return __float2bfloat16_rn(float(a) - float(b));
+}
+inline __nv_bfloat16 __hmul(__nv_bfloat16 a, __nv_bfloat16 b) {
+  return __float2bfloat16_rn(float(a) * float(b));
+}
+inline __nv_bfloat16 __hdiv(__nv_bfloat16 a, __nv_bfloat16 b) {
+  return __float2bfloat16_rn(float(a) / float(b));
+}
 inline __nv_bfloat16 __hfma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
   return __float2bfloat16_rn(std::fma(float(a), float(b), float(c)));
 }
-inline __nv_bfloat16 __hneg(__nv_bfloat16 a) { return __ushort_as_bfloat16(static_cast<unsigned short>(a.__x ^ 0x8000u)); }
-inline __nv_bfloat16 __habs(__nv_bfloat16 a) { return __ushort_as_bfloat16(static_cast<unsigned short>(a.__x & 0x7fffu)); }
-inline __nv_bfloat16 __hmax(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(std::fmax(float(a), float(b))); }
-inline __nv_bfloat16 __hmin(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(std::fmin(float(a), float(b))); }
-inline __nv_bfloat162 __hadd2(__nv_bfloat162 a, __nv_bfloat162 b) { return {__hadd(a.x, b.x), __hadd(a.y, b.y)}; }
-inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) { return {__hmul(a.x, b.x), __hmul(a.y, b.y)}; }
+inline __nv_bfloat16 __hneg(__nv_bfloat16 a) {
+  return __ushort_as_bfloat16(static_cast<unsigned short>(a.__x ^ 0x8000u));
+}
+inline __nv_bfloat16 __habs(__nv_bfloat16 a) {
+  return __ushort_as_bfloat16(static_cast<unsigned short>(a.__x & 0x7fffu));
+}
+inline __nv_bfloat16 __hmax(__nv_bfloat16 a, __nv_bfloat16 b) {
+  return __float2bfloat16_rn(std::fmax(float(a), float(b)));
+}
+inline __nv_bfloat16 __hmin(__nv_bfloat16 a, __nv_bfloat16 b) {
+  return __float2bfloat16_rn(std::fmin(float(a), float(b)));
+}
+inline __nv_bfloat162 __hadd2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {__hadd(a.x, b.x), __hadd(a.y, b.y)};
+}
+inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {__hmul(a.x, b.x), __hmul(a.y, b.y)};
+}
 inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
   return {__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)};
 }
-inline __nv_bfloat162 operator+(const __nv_bfloat162& a, const __nv_bfloat162& b) { return __hadd2(a, b); }
-inline __nv_bfloat162 operator*(const __nv_bfloat162& a, const __nv_bfloat162& b) { return __hmul2(a, b); }
-inline __nv_bfloat16 operator+(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hadd(a, b); }
-inline __nv_bfloat16 operator-(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hsub(a, b); }
-inline __nv_bfloat16 operator*(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hmul(a, b); }
-inline __nv_bfloat16 operator/(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hdiv(a, b); }
-inline __nv_bfloat16 operator-(const __nv_bfloat16& a) { return __hneg(a); }
-inline __nv_bfloat16& operator+=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hadd(a, b); }
-inline __nv_bfloat16& operator-=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hsub(a, b); }
-inline __nv_bfloat16& operator*=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hmul(a, b); }
-inline __nv_bfloat16& operator/=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hdiv(a, b); }
-inline bool operator==(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) == float(b); }
-inline bool operator!=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) != float(b); }
-inline bool operator<(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) < float(b); }
-inline bool operator>(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) > float(b); }
-inline bool operator<=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) <= float(b); }
-inline bool operator>=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) >= float(b); }
+inline __nv_bfloat162 operator+(const __nv_bfloat162& a, const __nv_bfloat162& b) {
+  return __hadd2(a, b);
+}
+inline __nv_bfloat162 operator*(const __nv_bfloat162& a, const __nv_bfloat162& b) {
+  return __hmul2(a, b);
+}
+inline __nv_bfloat16 operator+(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return __hadd(a, b);
+}
+inline __nv_bfloat16 operator-(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return __hsub(a, b);
+}
+inline __nv_bfloat16 operator*(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return __hmul(a, b);
+}
+inline __nv_bfloat16 operator/(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return __hdiv(a, b);
+}
+inline __nv_bfloat16 operator-(const __nv_bfloat16& a) {
+  return __hneg(a);
+}
+inline __nv_bfloat16& operator+=(__nv_bfloat16& a, const __nv_bfloat16& b) {
+  return a = __hadd(a, b);
+}
+inline __nv_bfloat16& operator-=(__nv_bfloat16& a, const __nv_bfloat16& b) {
+  return a = __hsub(a, b);
+}
+inline __nv_bfloat16& operator*=(__nv_bfloat16& a, const __nv_bfloat16& b) {
+  return a = __hmul(a, b);
+}
+inline __nv_bfloat16& operator/=(__nv_bfloat16& a, const __nv_bfloat16& b) {
+  return a = __hdiv(a, b);
+}
+inline bool operator==(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return float(a) == float(b);
+}
+inline bool operator!=(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return float(a) != float(b);
+}
+inline bool operator<(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return float(a) < float(b);
+}
+inline bool operator>(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return float(a) > float(b);
+}
+inline bool operator<=(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return float(a) <= float(b);
+}
+inline bool operator>=(const __nv_bfloat16& a, const __nv_bfloat16& b) {
+  return float(a) >= float(b);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Math functions and bit intrinsics of the device library (exact host versions)
 // ------------------------------------------------------------------------------------------------
 
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
-inline float rcbrtf(float x) { return 1.0f / std::cbrt(x); }
-inline float __expf(float x) { return std::exp(x); }
-inline float __exp10f(float x) { return std::pow(10.0f, x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __log2f(float x) { return std::log2(x); }
-inline float __log10f(float x) { return std::log10(x); }
-inline float __powf(float x, float y) { return std::pow(x, y); }
-inline float __sinf(float x) { return std::sin(x); }
-inline float __cosf(float x) { return std::cos(x); }
-inline float __tanf(float x) { return std::tan(x); }
-inline void __sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std::cos(x); }
-inline void sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std::cos(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __frcp_rn(float x) { return 1.0f / x; }
-inline float __fsqrt_rn(float x) { return std::sqrt(x); }
-inline float __frsqrt_rn(float x) { return 1.0f / std::sqrt(x); }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
-inline float __saturatef(float x) { return x != x ? 0.0f : (x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x)); }
-inline float exp10f(float x) { return std::pow(10.0f, x); }
-inline int __float2int_rn(float x) { return static_cast<int>(std::nearbyint(x)); }
-inline int __float2int_rz(float x) { return static_cast<int>(x); }
-inline int __float2int_rd(float x) { return static_cast<int>(std::floor(x)); }
-inline int __float2int_ru(float x) { return static_cast<int>(std::ceil(x)); }
-inline unsigned int __float2uint_rn(float x) { return static_cast<unsigned int>(std::nearbyint(x)); }
-inline unsigned int __float2uint_rz(float x) { return static_cast<unsigned int>(x); }
-inline float __int2float_rn(int x) { return static_cast<float>(x); }
-inline float __uint2float_rn(unsigned int x) { return static_cast<float>(x); }
-inline int __float_as_int(float x) { return static_cast<int>(simt::detail::f2u(x)); }
-inline unsigned int __float_as_uint(float x) { return simt::detail::f2u(x); }
-inline float __int_as_float(int x) { return simt::detail::u2f(static_cast<unsigned int>(x)); }
-inline float __uint_as_float(unsigned int x) { return simt::detail::u2f(x); }
+inline float rsqrtf(float x) {
+  return 1.0f / std::sqrt(x);
+}
+inline double rsqrt(double x) {
+  return 1.0 / std::sqrt(x);
+}
+inline float rcbrtf(float x) {
+  return 1.0f / std::cbrt(x);
+}
+inline float __expf(float x) {
+  return std::exp(x);
+}
+inline float __exp10f(float x) {
+  return std::pow(10.0f, x);
+}
+inline float __logf(float x) {
+  return std::log(x);
+}
+inline float __log2f(float x) {
+  return std::log2(x);
+}
+inline float __log10f(float x) {
+  return std::log10(x);
+}
+inline float __powf(float x, float y) {
+  return std::pow(x, y);
+}
+inline float __sinf(float x) {
+  return std::sin(x);
+}
+inline float __cosf(float x) {
+  return std::cos(x);
+}
+inline float __tanf(float x) {
+  return std::tan(x);
+}
+inline void __sincosf(float x, float* s, float* c) {
+  *s = std::sin(x);
+  *c = std::cos(x);
+}
+inline void sincosf(float x, float* s, float* c) {
+  *s = std::sin(x);
+  *c = std::cos(x);
+}
+inline float __fdividef(float a, float b) {
+  return a / b;
+}
+inline float __fdiv_rn(float a, float b) {
+  return a / b;
+}
+inline float __frcp_rn(float x) {
+  return 1.0f / x;
+}
+inline float __fsqrt_rn(float x) {
+  return std::sqrt(x);
+}
+inline float __frsqrt_rn(float x) {
+  return 1.0f / std::sqrt(x);
+}
+inline float __fadd_rn(float a, float b) {
+  return a + b;
+}
+inline float __fsub_rn(float a, float b) {
+  return a - b;
+}
+inline float __fmul_rn(float a, float b) {
+  return a * b;
+}
+inline float __fmaf_rn(float a, float b, float c) {
+  return std::fma(a, b, c);
+}
+inline double __dadd_rn(double a, double b) {
+  return a + b;
+}
+inline double __dmul_rn(double a, double b) {
+  return a * b;
+}
+inline double __fma_rn(double a, double b, double c) {
+  return std::fma(a, b, c);
+}
+inline float __saturatef(float x) {
+  return x != x ? 0.0f : (x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x));
+}
+inline float exp10f(float x) {
+  return std::pow(10.0f, x);
+}
+inline int __float2int_rn(float x) {
+  return static_cast<int>(std::nearbyint(x));
+}
+inline int __float2int_rz(float x) {
+  return static_cast<int>(x);
+}
+inline int __float2int_rd(float x) {
+  return static_cast<int>(std::floor(x));
+}
+inline int __float2int_ru(float x) {
+  return static_cast<int>(std::ceil(x));
+}
+inline unsigned int __float2uint_rn(float x) {
+  return static_cast<unsigned int>(std::nearbyint(x));
+}
+inline unsigned int __float2uint_rz(float x) {
+  return static_cast<unsigned int>(x);
+}
+inline float __int2float_rn(int x) {
+  return static_cast<float>(x);
+}
+inline float __uint2float_rn(unsigned int x) {
+  return static_cast<float>(x);
+}
+inline int __float_as_int(float x) {
+  return static_cast<int>(simt::detail::f2u(x));
+}
+inline unsigned int __float_as_uint(float x) {
+  return simt::detail::f2u(x);
+}
+inline float __int_as_float(int x) {
+  return simt::detail::u2f(static_cast<unsigned int>(x));
+}
+inline float __uint_as_float(unsigned int x) {
+  return simt::detail::u2f(x);
+}
 inline long long __double_as_longlong(double x) {
   long long r;
   std::memcpy(&r, &x, sizeof r);
@@ -330,21 +527,39 @@ inline double __longlong_as_double(long long x) {
   std::memcpy(&r, &x, sizeof r);
   return r;
 }
-inline int __popc(unsigned int x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
-inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned int>(x)); }
-inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
-inline int __ffs(int x) { return __builtin_ffs(x); }
-inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline int __popc(unsigned int x) {
+  return __builtin_popcount(x);
+}
+inline int __popcll(unsigned long long x) {
+  return __builtin_popcountll(x);
+}
+inline int __clz(int x) {
+  return x == 0 ? 32 : __builtin_clz(static_cast<unsigned int>(x));
+}
+inline int __clzll(long long x) {
+  return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x));
+}
+inline int __ffs(int x) {
+  return __builtin_ffs(x);
+}
+inline int __ffsll(long long x) {
+  return __builtin_ffsll(x);
+}
 inline unsigned int __brev(unsigned int x) {
   x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
   x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
   x = ((x >> 4) & 0x0f0f0f0fu) | ((x & 0x0f0f0f0fu) << 4);
   return __builtin_bswap32(x);
 }
-inline int __mul24(int a, int b) { return a * b; }
-inline unsigned int __umul24(unsigned int a, unsigned int b) { return a * b; }
-inline int __mulhi(int a, int b) { return static_cast<int>((static_cast<long long>(a) * b) >> 32); }
+inline int __mul24(int a, int b) {
+  return a * b;
+}
+inline unsigned int __umul24(unsigned int a, unsigned int b) {
+  return a * b;
+}
+inline int __mulhi(int a, int b) {
+  return static_cast<int>((static_cast<long long>(a) * b) >> 32);
+}
 inline unsigned int __umulhi(unsigned int a, unsigned int b) {
   return static_cast<unsigned int>((static_cast<unsigned long long>(a) * b) >> 32);
 }
@@ -361,9 +576,13 @@ inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, unsigned i
 }
 
 // min/max overloads of the CUDA math library (mixed signedness goes unsigned, as in CUDA).
-#define SIMT_MINMAX(R, A, B)                                      \
-  inline R min(A a, B b) { return static_cast<R>(a) < static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); } \
-  inline R max(A a, B b) { return static_cast<R>(a) > static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); }
+#define SIMT_MINMAX(R, A, B)                                                              \
+  inline R min(A a, B b) {                                                                \
+    return static_cast<R>(a) < static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); \
+  }                                                                                       \
+  inline R max(A a, B b) {                                                                \
+    return static_cast<R>(a) > static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); \
+  }
 SIMT_MINMAX(int, int, int)
 SIMT_MINMAX(unsigned int, unsigned int, unsigned int)
 SIMT_MINMAX(unsigned int, int, unsigned int)
@@ -373,26 +592,70 @@ SIMT_MINMAX(unsigned long, unsigned long, unsigned long)
 SIMT_MINMAX(long long, long long, long long)
 SIMT_MINMAX(unsigned long long, unsigned long long, unsigned long long)
 #undef SIMT_MINMAX
-inline float min(float a, float b) { return std::fmin(a, b); }
-inline float max(float a, float b) { return std::fmax(a, b); }
-inline double min(double a, double b) { return std::fmin(a, b); }
-inline double max(double a, double b) { return std::fmax(a, b); }
+inline float min(float a, float b) {
+  return std::fmin(a, b);
+}
+inline float max(float a, float b) {
+  return std::fmax(a, b);
+}
+inline double min(double a, double b) {
+  return std::fmin(a, b);
+}
+inline double max(double a, double b) {
+  return std::fmax(a, b);
+}
 
 // Cache-hinted loads/stores: plain accesses.
-template <typename T> inline T __ldg(const T* p) { return *p; }
-template <typename T> inline T __ldcg(const T* p) { return *p; }
-template <typename T> inline T __ldca(const T* p) { return *p; }
-template <typename T> inline T __ldcs(const T* p) { return *p; }
-template <typename T> inline T __ldlu(const T* p) { return *p; }
-template <typename T> inline T __ldcv(const T* p) { return *p; }
-template <typename T> inline void __stwb(T* p, T v) { *p = v; }
-template <typename T> inline void __stcg(T* p, T v) { *p = v; }
-template <typename T> inline void __stcs(T* p, T v) { *p = v; }
-template <typename T> inline void __stwt(T* p, T v) { *p = v; }
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldca(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldlu(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcv(const T* p) {
+  return *p;
+}
+template <typename T>
+inline void __stwb(T* p, T v) {
+  *p = v;
+}
+template <typename T>
+inline void __stcg(T* p, T v) {
+  *p = v;
+}
+template <typename T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
+template <typename T>
+inline void __stwt(T* p, T v) {
+  *p = v;
+}
 
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+inline void __threadfence_block() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+inline void __threadfence_system() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
 inline void __nanosleep(unsigned int) {}
 long long clock64();  // nanoseconds of a steady clock (clock() is libc's)
 
@@ -466,12 +729,14 @@ const char* cudaGetErrorName(cudaError_t error);
 cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
 cudaError_t cudaMalloc(void** ptr, size_t bytes);
-template <typename T> inline cudaError_t cudaMalloc(T** ptr, size_t bytes) {
+template <typename T>
+inline cudaError_t cudaMalloc(T** ptr, size_t bytes) {
   return cudaMalloc(reinterpret_cast<void**>(ptr), bytes);
 }
 cudaError_t cudaFree(void* ptr);
 cudaError_t cudaMallocHost(void** ptr, size_t bytes);
-template <typename T> inline cudaError_t cudaMallocHost(T** ptr, size_t bytes) {
+template <typename T>
+inline cudaError_t cudaMallocHost(T** ptr, size_t bytes) {
   return cudaMallocHost(reinterpret_cast<void**>(ptr), bytes);
 }
 cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int flags);
@@ -481,8 +746,9 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
                             cudaStream_t stream = nullptr);
 cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
                          size_t height, cudaMemcpyKind kind);
-cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
-                              size_t height, cudaMemcpyKind kind, cudaStream_t stream = nullptr);
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
+                              size_t width, size_t height, cudaMemcpyKind kind,
+                              cudaStream_t stream = nullptr);
 cudaError_t cudaMemset(void* dst, int value, size_t bytes);
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream = nullptr);
 template <typename T>
@@ -517,7 +783,8 @@ cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
-template <typename T> inline cudaError_t cudaFuncSetAttribute(T* func, cudaFuncAttribute attr, int value) {
+template <typename T>
+inline cudaError_t cudaFuncSetAttribute(T* func, cudaFuncAttribute attr, int value) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
 }
 
@@ -584,7 +851,8 @@ inline constexpr std::size_t kMaxDynamicSmem = 163 * 1024;
 
 namespace detail {
 // Built-in variables of the running thread/block (plain globals: one launch at a time; threadIdx is
-// rewritten at every fiber switch, and switches happen only inside the out-of-line functions below).
+// rewritten at every fiber switch, and switches happen only inside the out-of-line functions
+// below).
 extern uint3 g_thread_idx;
 extern uint3 g_block_idx;
 extern uint3 g_block_dim;
@@ -616,8 +884,10 @@ enum class Barrier : std::uint8_t { Sync, Count, And, Or };
 int block_barrier(Barrier kind, int predicate);
 unsigned int active_mask();
 
-template <typename T> inline T shfl(Op op, unsigned int mask, T var, int arg, int width) {
-  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffle of an unsupported type");
+template <typename T>
+inline T shfl(Op op, unsigned int mask, T var, int arg, int width) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
+                "shuffle of an unsupported type");
   std::uint64_t in = 0;
   std::memcpy(&in, &var, sizeof(T));
   const std::uint64_t out = warp_collective(op, mask, in, arg, width);
@@ -640,9 +910,10 @@ void run_launch(const LaunchDesc& desc);
 // Runs kernel<<<grid, block, smem_bytes, stream>>>(args...) to completion on the calling thread.
 // Arguments are converted to the kernel's parameter types once; every thread gets a copy.
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_bytes, cudaStream_t stream,
-            Args&&... args) {
-  static_assert(sizeof...(KArgs) == sizeof...(Args), "simt::launch: wrong number of kernel arguments");
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_bytes,
+            cudaStream_t stream, Args&&... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args),
+                "simt::launch: wrong number of kernel arguments");
   (void)stream;
   using Params = std::tuple<std::decay_t<KArgs>...>;
   struct Ctx {
@@ -650,7 +921,10 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_by
     Params params;
   };
   Ctx ctx{kernel, Params(std::forward<Args>(args)...)};
-  detail::LaunchDesc desc{reinterpret_cast<const void*>(kernel), grid, block, smem_bytes,
+  detail::LaunchDesc desc{reinterpret_cast<const void*>(kernel),
+                          grid,
+                          block,
+                          smem_bytes,
                           [](void* c) {
                             Ctx* x = static_cast<Ctx*>(c);
                             std::apply(x->kernel, x->params);
@@ -660,7 +934,9 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_by
 }
 
 // The dynamic shared memory of the running launch (common.cuh's dynamic_smem<T>() uses it).
-inline void* dynamic_smem() { return detail::g_dynamic_smem; }
+inline void* dynamic_smem() {
+  return detail::g_dynamic_smem;
+}
 
 }  // namespace simt
 
@@ -676,27 +952,39 @@ inline constexpr int warpSize = 32;
 // ------------------------------------------------------------------------------------------------
 // Barriers and warp collectives
 // ------------------------------------------------------------------------------------------------
-inline void __syncthreads() { simt::detail::block_barrier(simt::detail::Barrier::Sync, 1); }
-inline int __syncthreads_count(int p) { return simt::detail::block_barrier(simt::detail::Barrier::Count, p); }
-inline int __syncthreads_and(int p) { return simt::detail::block_barrier(simt::detail::Barrier::And, p); }
-inline int __syncthreads_or(int p) { return simt::detail::block_barrier(simt::detail::Barrier::Or, p); }
+inline void __syncthreads() {
+  simt::detail::block_barrier(simt::detail::Barrier::Sync, 1);
+}
+inline int __syncthreads_count(int p) {
+  return simt::detail::block_barrier(simt::detail::Barrier::Count, p);
+}
+inline int __syncthreads_and(int p) {
+  return simt::detail::block_barrier(simt::detail::Barrier::And, p);
+}
+inline int __syncthreads_or(int p) {
+  return simt::detail::block_barrier(simt::detail::Barrier::Or, p);
+}
 inline void __syncwarp(unsigned int mask = 0xffffffffu) {
   simt::detail::warp_collective(simt::detail::Op::SyncWarp, mask, 0, 0, 32);
 }
-inline unsigned int __activemask() { return simt::detail::active_mask(); }
+inline unsigned int __activemask() {
+  return simt::detail::active_mask();
+}
 
-#define SIMT_SHFL_OVERLOADS(T)                                                                         \
-  inline T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSize) {                 \
-    return simt::detail::shfl(simt::detail::Op::ShflIdx, mask, var, src_lane, width);                  \
-  }                                                                                                    \
-  inline T __shfl_up_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {        \
-    return simt::detail::shfl(simt::detail::Op::ShflUp, mask, var, static_cast<int>(delta), width);    \
-  }                                                                                                    \
-  inline T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {      \
-    return simt::detail::shfl(simt::detail::Op::ShflDown, mask, var, static_cast<int>(delta), width);  \
-  }                                                                                                    \
-  inline T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = warpSize) {            \
-    return simt::detail::shfl(simt::detail::Op::ShflXor, mask, var, lane_mask, width);                 \
+#define SIMT_SHFL_OVERLOADS(T)                                                                    \
+  inline T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSize) {            \
+    return simt::detail::shfl(simt::detail::Op::ShflIdx, mask, var, src_lane, width);             \
+  }                                                                                               \
+  inline T __shfl_up_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {   \
+    return simt::detail::shfl(simt::detail::Op::ShflUp, mask, var, static_cast<int>(delta),       \
+                              width);                                                             \
+  }                                                                                               \
+  inline T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) { \
+    return simt::detail::shfl(simt::detail::Op::ShflDown, mask, var, static_cast<int>(delta),     \
+                              width);                                                             \
+  }                                                                                               \
+  inline T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = warpSize) {       \
+    return simt::detail::shfl(simt::detail::Op::ShflXor, mask, var, lane_mask, width);            \
   }
 SIMT_SHFL_OVERLOADS(int)
 SIMT_SHFL_OVERLOADS(unsigned int)
@@ -715,23 +1003,28 @@ inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
       simt::detail::warp_collective(simt::detail::Op::Ballot, mask, predicate != 0, 0, 32));
 }
 inline int __any_sync(unsigned int mask, int predicate) {
-  return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::Any, mask, predicate != 0, 0, 32));
+  return static_cast<int>(
+      simt::detail::warp_collective(simt::detail::Op::Any, mask, predicate != 0, 0, 32));
 }
 inline int __all_sync(unsigned int mask, int predicate) {
-  return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::All, mask, predicate != 0, 0, 32));
+  return static_cast<int>(
+      simt::detail::warp_collective(simt::detail::Op::All, mask, predicate != 0, 0, 32));
 }
 inline unsigned int __reduce_add_sync(unsigned int mask, unsigned int v) {
-  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceAdd, mask, v, 0, 32));
+  return static_cast<unsigned int>(
+      simt::detail::warp_collective(simt::detail::Op::ReduceAdd, mask, v, 0, 32));
 }
 inline int __reduce_add_sync(unsigned int mask, int v) {
   return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::ReduceAdd, mask,
                                                         static_cast<unsigned int>(v), 0, 32));
 }
 inline unsigned int __reduce_min_sync(unsigned int mask, unsigned int v) {
-  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceMinU, mask, v, 0, 32));
+  return static_cast<unsigned int>(
+      simt::detail::warp_collective(simt::detail::Op::ReduceMinU, mask, v, 0, 32));
 }
 inline unsigned int __reduce_max_sync(unsigned int mask, unsigned int v) {
-  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceMaxU, mask, v, 0, 32));
+  return static_cast<unsigned int>(
+      simt::detail::warp_collective(simt::detail::Op::ReduceMaxU, mask, v, 0, 32));
 }
 inline int __reduce_min_sync(unsigned int mask, int v) {
   return static_cast<int>(simt::detail::warp_collective(simt::detail::Op::ReduceMinI, mask,
@@ -742,21 +1035,28 @@ inline int __reduce_max_sync(unsigned int mask, int v) {
                                                         static_cast<unsigned int>(v), 0, 32));
 }
 inline unsigned int __reduce_and_sync(unsigned int mask, unsigned int v) {
-  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceAnd, mask, v, 0, 32));
+  return static_cast<unsigned int>(
+      simt::detail::warp_collective(simt::detail::Op::ReduceAnd, mask, v, 0, 32));
 }
 inline unsigned int __reduce_or_sync(unsigned int mask, unsigned int v) {
-  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceOr, mask, v, 0, 32));
+  return static_cast<unsigned int>(
+      simt::detail::warp_collective(simt::detail::Op::ReduceOr, mask, v, 0, 32));
 }
 inline unsigned int __reduce_xor_sync(unsigned int mask, unsigned int v) {
-  return static_cast<unsigned int>(simt::detail::warp_collective(simt::detail::Op::ReduceXor, mask, v, 0, 32));
+  return static_cast<unsigned int>(
+      simt::detail::warp_collective(simt::detail::Op::ReduceXor, mask, v, 0, 32));
 }
 
 // ------------------------------------------------------------------------------------------------
 // Atomics (std::atomic_ref; also valid on __shared__ memory)
 // ------------------------------------------------------------------------------------------------
 namespace simt::detail {
-template <typename T> inline std::atomic_ref<T> aref(T* p) { return std::atomic_ref<T>(*p); }
-template <typename T, typename F> inline T atomic_update(T* p, F f) {
+template <typename T>
+inline std::atomic_ref<T> aref(T* p) {
+  return std::atomic_ref<T>(*p);
+}
+template <typename T, typename F>
+inline T atomic_update(T* p, F f) {
   std::atomic_ref<T> a(*p);
   T old = a.load(std::memory_order_relaxed);
   while (!a.compare_exchange_weak(old, f(old), std::memory_order_relaxed)) {
@@ -765,18 +1065,34 @@ template <typename T, typename F> inline T atomic_update(T* p, F f) {
 }
 }  // namespace simt::detail
 
-#define SIMT_ATOMIC_INT(T)                                                                            \
-  inline T atomicAdd(T* p, T v) { return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed); } \
-  inline T atomicSub(T* p, T v) { return simt::detail::aref(p).fetch_sub(v, std::memory_order_relaxed); } \
-  inline T atomicAnd(T* p, T v) { return simt::detail::aref(p).fetch_and(v, std::memory_order_relaxed); } \
-  inline T atomicOr(T* p, T v) { return simt::detail::aref(p).fetch_or(v, std::memory_order_relaxed); }   \
-  inline T atomicXor(T* p, T v) { return simt::detail::aref(p).fetch_xor(v, std::memory_order_relaxed); } \
-  inline T atomicExch(T* p, T v) { return simt::detail::aref(p).exchange(v, std::memory_order_relaxed); } \
-  inline T atomicMax(T* p, T v) { return simt::detail::atomic_update(p, [v](T o) { return o > v ? o : v; }); } \
-  inline T atomicMin(T* p, T v) { return simt::detail::atomic_update(p, [v](T o) { return o < v ? o : v; }); } \
-  inline T atomicCAS(T* p, T compare, T v) {                                                          \
-    simt::detail::aref(p).compare_exchange_strong(compare, v, std::memory_order_relaxed);             \
-    return compare;                                                                                   \
+#define SIMT_ATOMIC_INT(T)                                                                \
+  inline T atomicAdd(T* p, T v) {                                                         \
+    return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed);                 \
+  }                                                                                       \
+  inline T atomicSub(T* p, T v) {                                                         \
+    return simt::detail::aref(p).fetch_sub(v, std::memory_order_relaxed);                 \
+  }                                                                                       \
+  inline T atomicAnd(T* p, T v) {                                                         \
+    return simt::detail::aref(p).fetch_and(v, std::memory_order_relaxed);                 \
+  }                                                                                       \
+  inline T atomicOr(T* p, T v) {                                                          \
+    return simt::detail::aref(p).fetch_or(v, std::memory_order_relaxed);                  \
+  }                                                                                       \
+  inline T atomicXor(T* p, T v) {                                                         \
+    return simt::detail::aref(p).fetch_xor(v, std::memory_order_relaxed);                 \
+  }                                                                                       \
+  inline T atomicExch(T* p, T v) {                                                        \
+    return simt::detail::aref(p).exchange(v, std::memory_order_relaxed);                  \
+  }                                                                                       \
+  inline T atomicMax(T* p, T v) {                                                         \
+    return simt::detail::atomic_update(p, [v](T o) { return o > v ? o : v; });            \
+  }                                                                                       \
+  inline T atomicMin(T* p, T v) {                                                         \
+    return simt::detail::atomic_update(p, [v](T o) { return o < v ? o : v; });            \
+  }                                                                                       \
+  inline T atomicCAS(T* p, T compare, T v) {                                              \
+    simt::detail::aref(p).compare_exchange_strong(compare, v, std::memory_order_relaxed); \
+    return compare;                                                                       \
   }
 SIMT_ATOMIC_INT(int)
 SIMT_ATOMIC_INT(unsigned int)
@@ -787,14 +1103,22 @@ inline unsigned short atomicCAS(unsigned short* p, unsigned short compare, unsig
   simt::detail::aref(p).compare_exchange_strong(compare, v, std::memory_order_relaxed);
   return compare;
 }
-inline float atomicAdd(float* p, float v) { return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed); }
-inline double atomicAdd(double* p, double v) { return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed); }
-inline float atomicExch(float* p, float v) { return simt::detail::aref(p).exchange(v, std::memory_order_relaxed); }
+inline float atomicAdd(float* p, float v) {
+  return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed);
+}
+inline double atomicAdd(double* p, double v) {
+  return simt::detail::aref(p).fetch_add(v, std::memory_order_relaxed);
+}
+inline float atomicExch(float* p, float v) {
+  return simt::detail::aref(p).exchange(v, std::memory_order_relaxed);
+}
 inline unsigned int atomicInc(unsigned int* p, unsigned int limit) {
-  return simt::detail::atomic_update(p, [limit](unsigned int o) { return o >= limit ? 0u : o + 1u; });
+  return simt::detail::atomic_update(p,
+                                     [limit](unsigned int o) { return o >= limit ? 0u : o + 1u; });
 }
 inline unsigned int atomicDec(unsigned int* p, unsigned int limit) {
-  return simt::detail::atomic_update(p, [limit](unsigned int o) { return (o == 0u || o > limit) ? limit : o - 1u; });
+  return simt::detail::atomic_update(
+      p, [limit](unsigned int o) { return (o == 0u || o > limit) ? limit : o - 1u; });
 }
 inline __nv_bfloat16 atomicAdd(__nv_bfloat16* p, __nv_bfloat16 v) {
   unsigned short* bits = &p->__x;

@@ -34,7 +34,8 @@ static void tree_sum(const T* in, T* out, int blocks, bool sync_after_store, cud
     launch(tree_sum_kernel<T, false>, dim3(blocks), dim3(kTreeBlock), 0, stream, in, out);
   }
 }
-void tree_sum_f32(const float* in, float* out, int blocks, bool sync_after_store, cudaStream_t stream) {
+void tree_sum_f32(const float* in, float* out, int blocks, bool sync_after_store,
+                  cudaStream_t stream) {
   tree_sum(in, out, blocks, sync_after_store, stream);
 }
 void tree_sum_i32(const int* in, int* out, int blocks, bool sync_after_store, cudaStream_t stream) {
@@ -57,8 +58,8 @@ __global__ void block_reduce_f32_kernel(const float* __restrict__ in, float* __r
     maxs[blockIdx.x] = m;
   }
 }
-void block_reduce_f32(const float* in, float* sums, float* maxs, int n_per_block, int blocks, dim3 block,
-                      cudaStream_t stream) {
+void block_reduce_f32(const float* in, float* sums, float* maxs, int n_per_block, int blocks,
+                      dim3 block, cudaStream_t stream) {
   launch(block_reduce_f32_kernel, dim3(blocks), block, 0, stream, in, sums, maxs, n_per_block);
 }
 
@@ -78,8 +79,9 @@ void block_sum_i64(const long long* in, long long* sums, int n_per_block, int bl
 
 // ---- warp collectives ---------------------------------------------------------------------------
 __global__ void shuffle_kernel(const int* __restrict__ in, const int* __restrict__ args,
-                               const int* __restrict__ widths, int ncases, int* __restrict__ out_int,
-                               float* __restrict__ out_float, __nv_bfloat16* __restrict__ out_bf16,
+                               const int* __restrict__ widths, int ncases,
+                               int* __restrict__ out_int, float* __restrict__ out_float,
+                               __nv_bfloat16* __restrict__ out_bf16,
                                double* __restrict__ out_double) {
   const unsigned t = threadIdx.x, lane = t & 31u, n = blockDim.x;
   const int v = in[t];
@@ -98,10 +100,10 @@ __global__ void shuffle_kernel(const int* __restrict__ in, const int* __restrict
     out_double[o + 6 * n] = __shfl_down_sync(kFullMask, d, static_cast<unsigned>(a & 31), w);
   }
 }
-void shuffles(const int* in, const int* args, const int* widths, int ncases, int* out_int, float* out_float,
-              __nv_bfloat16* out_bf16, double* out_double, cudaStream_t stream) {
-  launch(shuffle_kernel, dim3(1), dim3(kShflThreads), 0, stream, in, args, widths, ncases, out_int, out_float,
-         out_bf16, out_double);
+void shuffles(const int* in, const int* args, const int* widths, int ncases, int* out_int,
+              float* out_float, __nv_bfloat16* out_bf16, double* out_double, cudaStream_t stream) {
+  launch(shuffle_kernel, dim3(1), dim3(kShflThreads), 0, stream, in, args, widths, ncases, out_int,
+         out_float, out_bf16, out_double);
 }
 
 __global__ void vote_kernel(const unsigned* __restrict__ values, const int* __restrict__ preds,
@@ -154,9 +156,9 @@ void barrier_votes(const int* preds, int threads, int* out, cudaStream_t stream)
 
 // ---- atomics ------------------------------------------------------------------------------------
 // ints[0] += t + 1 per thread; ints[1] = max over threads of (block * 1000 + t); ints[2] = min of
-// -(block * 1000 + t); ints[3] += 1 via an atomicCAS loop; ints[4] += per-block count of a __shared__
-// atomic counter; uints[0] += block; ull[0] += 2^33 per thread; floats[0] += 1.0f per thread;
-// uints[1] = atomicInc wrapping at 7 per thread.
+// -(block * 1000 + t); ints[3] += 1 via an atomicCAS loop; ints[4] += per-block count of a
+// __shared__ atomic counter; uints[0] += block; ull[0] += 2^33 per thread; floats[0] += 1.0f per
+// thread; uints[1] = atomicInc wrapping at 7 per thread.
 __global__ void atomics_kernel(int* ints, unsigned* uints, unsigned long long* ull, float* floats) {
   __shared__ int block_count;
   const int t = static_cast<int>(threadIdx.x), b = static_cast<int>(blockIdx.x);
@@ -179,8 +181,8 @@ __global__ void atomics_kernel(int* ints, unsigned* uints, unsigned long long* u
   __syncthreads();
   if (t == 0) atomicAdd(&ints[4], block_count);
 }
-void atomics(int blocks, int threads, int* ints, unsigned* uints, unsigned long long* ull, float* floats,
-             cudaStream_t stream) {
+void atomics(int blocks, int threads, int* ints, unsigned* uints, unsigned long long* ull,
+             float* floats, cudaStream_t stream) {
   launch(atomics_kernel, dim3(blocks), dim3(threads), 0, stream, ints, uints, ull, floats);
 }
 
@@ -198,14 +200,14 @@ __global__ void reverse_vec_kernel(const float4* __restrict__ in, float4* __rest
   out[base + t] = make_float4(v.w, v.z, v.y, v.x);
   out2[base + t] = make_int2(w.y, w.x);
 }
-void reverse_vec(const float4* in, float4* out, const int2* in2, int2* out2, int blocks, int threads,
-                 cudaStream_t stream) {
+void reverse_vec(const float4* in, float4* out, const int2* in2, int2* out2, int blocks,
+                 int threads, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(threads) * (sizeof(float4) + sizeof(int2));
   launch(reverse_vec_kernel, dim3(blocks), dim3(threads), smem, stream, in, out, in2, out2);
 }
 
-__global__ void bf16_convert_kernel(const float* __restrict__ x, const unsigned* __restrict__ rand, int n,
-                                    __nv_bfloat16* __restrict__ rn, float* __restrict__ back,
+__global__ void bf16_convert_kernel(const float* __restrict__ x, const unsigned* __restrict__ rand,
+                                    int n, __nv_bfloat16* __restrict__ rn, float* __restrict__ back,
                                     __nv_bfloat16* __restrict__ sr) {
   const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (i >= n) return;
@@ -214,9 +216,10 @@ __global__ void bf16_convert_kernel(const float* __restrict__ x, const unsigned*
   back[i] = kernels::bf16_to_float(h);
   sr[i] = kernels::float_to_bf16_stochastic(x[i], rand[i]);
 }
-void bf16_convert(const float* x, const unsigned* rand, int n, __nv_bfloat16* rn, float* back, __nv_bfloat16* sr,
-                  cudaStream_t stream) {
-  launch(bf16_convert_kernel, dim3(kernels::ceil_div(n, 128)), dim3(128), 0, stream, x, rand, n, rn, back, sr);
+void bf16_convert(const float* x, const unsigned* rand, int n, __nv_bfloat16* rn, float* back,
+                  __nv_bfloat16* sr, cudaStream_t stream) {
+  launch(bf16_convert_kernel, dim3(kernels::ceil_div(n, 128)), dim3(128), 0, stream, x, rand, n, rn,
+         back, sr);
 }
 
 // ---- poisoned memory ----------------------------------------------------------------------------
@@ -296,7 +299,9 @@ void launch_with(dim3 grid, dim3 block, size_t smem_bytes, int* out, cudaStream_
   launch(noop_kernel, grid, block, smem_bytes, stream, out);
 }
 
-__global__ void write_per_thread_kernel(float* out) { out[threadIdx.x] = static_cast<float>(threadIdx.x); }
+__global__ void write_per_thread_kernel(float* out) {
+  out[threadIdx.x] = static_cast<float>(threadIdx.x);
+}
 void write_per_thread(float* out, int threads, cudaStream_t stream) {
   launch(write_per_thread_kernel, dim3(1), dim3(threads), 0, stream, out);
 }

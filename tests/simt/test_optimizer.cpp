@@ -29,7 +29,9 @@ template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;
   size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) { MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T))); }
+  explicit DeviceBuffer(size_t count) : n(count) {
+    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
+  }
   explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
   ~DeviceBuffer() { cudaFree(ptr); }
   DeviceBuffer(const DeviceBuffer&) = delete;
@@ -60,7 +62,9 @@ double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
   }
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
-double rel_error(double out, double ref) { return std::fabs(out - ref) / std::max(1e-300, std::fabs(ref)); }
+double rel_error(double out, double ref) {
+  return std::fabs(out - ref) / std::max(1e-300, std::fabs(ref));
+}
 
 bool has_nan(const std::vector<float>& v) {
   for (float x : v)
@@ -124,7 +128,8 @@ size_t count_not_neighbour(const std::vector<bf16>& copy, const std::vector<floa
 }
 
 const std::vector<simt::Schedule>& schedules() {
-  static const std::vector<simt::Schedule> s{simt::Schedule::forward(), simt::Schedule::reverse(), simt::Schedule::random(5)};
+  static const std::vector<simt::Schedule> s{simt::Schedule::forward(), simt::Schedule::reverse(),
+                                             simt::Schedule::random(5)};
   return s;
 }
 
@@ -134,7 +139,8 @@ void record(double err, bool bf16_out) {
   g = std::max(g, err);
 }
 
-// ---- AdamW ----------------------------------------------------------------------------------------
+// ---- AdamW
+// ----------------------------------------------------------------------------------------
 template <typename TW>
 void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   constexpr bool kBf16W = std::is_same_v<TW, bf16>;
@@ -151,7 +157,8 @@ void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   moetrain::CpuBackend<float> be;
   std::vector<float> r_w = w0, r_m = m0, r_v = v0, r_g = g;
   be.scale(r_g.data(), n, grad_scale);  // what the CPU optimizer does before the update
-  const double r_sq = be.adamw_update(r_w.data(), r_g.data(), r_m.data(), r_v.data(), n, lr, b1, b2, eps, wd, t);
+  const double r_sq =
+      be.adamw_update(r_w.data(), r_g.data(), r_m.data(), r_v.data(), n, lr, b1, b2, eps, wd, t);
 
   DeviceBuffer<TW> d_w(w_s);
   DeviceBuffer<bf16> d_copy(n);
@@ -161,22 +168,24 @@ void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   double first_sq = -1;
   for (const simt::Schedule& s : schedules()) {
     simt::ScopedSchedule scope(s);
-    INFO("adamw " << (kBf16W ? "bf16" : "fp32") << " weights, n " << n << ", schedule " << s.name());
+    INFO("adamw " << (kBf16W ? "bf16" : "fp32") << " weights, n " << n << ", schedule "
+                  << s.name());
     d_w.upload(w_s);
     d_m.upload(m0);
     d_v.upload(v0);
     d_copy.poison();
     d_sq.poison();
     d_ws.poison();
-    mk::adamw_update(d_w.ptr, with_copy ? d_copy.ptr : nullptr, d_g.ptr, grad_scale, d_m.ptr, d_v.ptr, n, params, 1234, 17,
-                     d_ws.ptr, d_sq.ptr, false, nullptr);
+    mk::adamw_update(d_w.ptr, with_copy ? d_copy.ptr : nullptr, d_g.ptr, grad_scale, d_m.ptr,
+                     d_v.ptr, n, params, 1234, 17, d_ws.ptr, d_sq.ptr, false, nullptr);
     const auto w = to_float(d_w.download()), m = d_m.download(), v = d_v.download();
     const double sq = d_sq.get();
     REQUIRE_FALSE(has_nan(w));
     REQUIRE_FALSE(has_nan(m));
     REQUIRE_FALSE(has_nan(v));
     REQUIRE(std::isfinite(sq));
-    const double ew = rel_error(w, r_w), em = rel_error(m, r_m), ev = rel_error(v, r_v), esq = rel_error(sq, r_sq);
+    const double ew = rel_error(w, r_w), em = rel_error(m, r_m), ev = rel_error(v, r_v),
+                 esq = rel_error(sq, r_sq);
     INFO("errors: w " << ew << " m " << em << " v " << ev << " sumsq " << esq);
     CHECK(ew <= tol_of<TW>());
     CHECK(em <= 1e-5);
@@ -196,7 +205,8 @@ void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   }
 }
 
-// ---- sum of squares -------------------------------------------------------------------------------
+// ---- sum of squares
+// -------------------------------------------------------------------------------
 template <typename T>
 void check_sum_squares(size_t n, unsigned seed) {
   std::mt19937 rng(seed);
@@ -222,7 +232,8 @@ void check_sum_squares(size_t n, unsigned seed) {
   }
 }
 
-// ---- Muon -----------------------------------------------------------------------------------------
+// ---- Muon
+// -----------------------------------------------------------------------------------------
 template <typename TU>
 void check_muon_momentum(size_t n, unsigned seed, bool nesterov, float grad_scale) {
   std::mt19937 rng(seed);
@@ -270,13 +281,14 @@ void check_muon_update(size_t n, unsigned seed, bool with_copy) {
   double first_sq = -1;
   for (const simt::Schedule& sch : schedules()) {
     simt::ScopedSchedule scope(sch);
-    INFO("muon_update W " << (kBf16W ? "bf16" : "fp32") << " O " << (std::is_same_v<TO, float> ? "fp32" : "bf16")
-                          << ", schedule " << sch.name());
+    INFO("muon_update W " << (kBf16W ? "bf16" : "fp32") << " O "
+                          << (std::is_same_v<TO, float> ? "fp32" : "bf16") << ", schedule "
+                          << sch.name());
     d_w.upload(w_s);
     d_copy.poison();
     d_sq.poison();
-    mk::muon_update(d_w.ptr, with_copy ? d_copy.ptr : nullptr, d_O.ptr, n, lr, s, wd, 99, 0, d_ws.ptr, d_sq.ptr, false,
-                    nullptr);
+    mk::muon_update(d_w.ptr, with_copy ? d_copy.ptr : nullptr, d_O.ptr, n, lr, s, wd, 99, 0,
+                    d_ws.ptr, d_sq.ptr, false, nullptr);
     const auto w = to_float(d_w.download());
     const double sq = d_sq.get();
     REQUIRE_FALSE(has_nan(w));
@@ -310,7 +322,8 @@ void check_frobenius(int batch, size_t elems, unsigned seed, bool in_place) {
   DeviceBuffer<double> d_ws(mk::frobenius_workspace_elems(batch, elems));
   for (const simt::Schedule& s : schedules()) {
     simt::ScopedSchedule scope(s);
-    INFO("frobenius batch " << batch << " elems " << elems << " in place " << in_place << ", schedule " << s.name());
+    INFO("frobenius batch " << batch << " elems " << elems << " in place " << in_place
+                            << ", schedule " << s.name());
     d_ws.poison();
     std::vector<float> out;
     if constexpr (std::is_same_v<TIn, TOut>) {
@@ -345,7 +358,8 @@ void check_scale_row_blocks(unsigned seed, bool with_copy) {
   std::vector<float> ref = w0;
   for (int h = 0; h < heads; ++h)
     if (factors[h] != 1.0f) be.scale(ref.data() + size_t(h) * block, block, factors[h]);
-  const std::vector<bf16> copy0(n, mk::bf16_from_bits(0x3f80));  // 1.0: must stay in unclipped heads
+  const std::vector<bf16> copy0(n,
+                                mk::bf16_from_bits(0x3f80));  // 1.0: must stay in unclipped heads
   DeviceBuffer<TW> d_w(w_s);
   DeviceBuffer<bf16> d_copy(copy0);
   DeviceBuffer<float> d_f(factors);
@@ -377,7 +391,8 @@ void check_scale_row_blocks(unsigned seed, bool with_copy) {
     mk::scale_rows(d_w.ptr + 2 * block, static_cast<bf16*>(nullptr), block, factors[2], nullptr);
     const auto w2 = to_float(d_w.download());
     CHECK(rel_error(std::vector<float>(w2.begin() + 2 * block, w2.begin() + 3 * block),
-                    std::vector<float>(ref.begin() + 2 * block, ref.begin() + 3 * block)) <= tol_of<TW>());
+                    std::vector<float>(ref.begin() + 2 * block, ref.begin() + 3 * block)) <=
+          tol_of<TW>());
     CHECK(std::memcmp(w2.data(), w0.data(), 2 * block * sizeof(float)) == 0);
   }
 }
@@ -390,13 +405,15 @@ TEST_CASE("optimizer kernels: AdamW matches the CPU backend", "[simt][kernels]")
   check_adamw<bf16>(4099, 3, false, 0.77f);
 }
 
-TEST_CASE("optimizer kernels: sum of squares (grad norm) is exact and deterministic", "[simt][kernels]") {
+TEST_CASE("optimizer kernels: sum of squares (grad norm) is exact and deterministic",
+          "[simt][kernels]") {
   check_sum_squares<float>(1, 4);
   check_sum_squares<float>(100003, 5);
   check_sum_squares<bf16>(12345, 6);
 }
 
-TEST_CASE("optimizer kernels: Muon momentum, update and Frobenius normalisation", "[simt][kernels]") {
+TEST_CASE("optimizer kernels: Muon momentum, update and Frobenius normalisation",
+          "[simt][kernels]") {
   check_muon_momentum<float>(5003, 7, true, 1.0f);
   check_muon_momentum<float>(777, 8, false, 0.4f);
   check_muon_momentum<bf16>(5003, 9, true, 0.93f);
@@ -414,10 +431,12 @@ TEST_CASE("optimizer kernels: QK-clip row scaling", "[simt][kernels]") {
   check_scale_row_blocks<float>(18, false);
   check_scale_row_blocks<bf16>(19, false);
   if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
-    std::printf("optimizer kernels: max relative error fp32 %.3g, bf16 %.3g\n", g_max_err_f32, g_max_err_bf16);
+    std::printf("optimizer kernels: max relative error fp32 %.3g, bf16 %.3g\n", g_max_err_f32,
+                g_max_err_bf16);
 }
 
-TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased", "[simt][kernels]") {
+TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased",
+          "[simt][kernels]") {
   // lr = 0: the weights stay exactly x and every copy is one stochastic rounding of x.
   const size_t n = 20000;
   for (const float frac : {0.3f, 0.9f}) {
@@ -434,10 +453,12 @@ TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased",
         INFO("x " << x << (which == 0 ? " adamw" : " muon_update"));
         d_copy.poison();
         if (which == 0)
-          mk::adamw_update(d_w.ptr, d_copy.ptr, d_g.ptr, 1.0f, d_m.ptr, d_v.ptr, n, mk::adamw_params(0.0, 0.9, 0.95, 1e-8, 0.1, 1),
-                           42 + which, 1000, d_ws.ptr, nullptr, false, nullptr);
+          mk::adamw_update(d_w.ptr, d_copy.ptr, d_g.ptr, 1.0f, d_m.ptr, d_v.ptr, n,
+                           mk::adamw_params(0.0, 0.9, 0.95, 1e-8, 0.1, 1), 42 + which, 1000,
+                           d_ws.ptr, nullptr, false, nullptr);
         else
-          mk::muon_update(d_w.ptr, d_copy.ptr, d_O.ptr, n, 0.0f, 1.0f, 0.1f, 4242, 0, d_ws.ptr, nullptr, false, nullptr);
+          mk::muon_update(d_w.ptr, d_copy.ptr, d_O.ptr, n, 0.0f, 1.0f, 0.1f, 4242, 0, d_ws.ptr,
+                          nullptr, false, nullptr);
         const auto w = d_w.download();
         const auto copy = d_copy.download();
         REQUIRE(std::memcmp(w.data(), w0.data(), n * sizeof(float)) == 0);
@@ -445,14 +466,17 @@ TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased",
         double mean = 0;
         for (const bf16 c : copy) {
           const uint16_t b = mk::bf16_bits(c);
-          if (b == hi) ++ups;
-          else if (b != lo) ++others;
+          if (b == hi)
+            ++ups;
+          else if (b != lo)
+            ++others;
           mean += mk::bf16_to_float(c);
         }
         mean /= double(n);
         CHECK(others == 0);
         const double se = ulp * std::sqrt(double(frac) * (1 - frac) / double(n));
-        INFO("mean " << mean << " expected " << x << " standard error " << se << " round-ups " << ups);
+        INFO("mean " << mean << " expected " << x << " standard error " << se << " round-ups "
+                     << ups);
         CHECK(std::fabs(mean - double(x)) <= 4 * se);
         CHECK(std::fabs(double(ups) / n - frac) <= 4 * std::sqrt(double(frac) * (1 - frac) / n));
       }
@@ -465,8 +489,8 @@ TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased",
   DeviceBuffer<bf16> d_w(w_s);
   DeviceBuffer<float> d_O(zeros);
   DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems());
-  mk::muon_update(d_w.ptr, static_cast<bf16*>(nullptr), d_O.ptr, 3000, 0.0f, 1.0f, 0.0f, 5, 0, d_ws.ptr, nullptr, false,
-                  nullptr);
+  mk::muon_update(d_w.ptr, static_cast<bf16*>(nullptr), d_O.ptr, 3000, 0.0f, 1.0f, 0.0f, 5, 0,
+                  d_ws.ptr, nullptr, false, nullptr);
   const auto w = d_w.download();
   CHECK(std::memcmp(w.data(), w_s.data(), 3000 * sizeof(bf16)) == 0);
 }

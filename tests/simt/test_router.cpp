@@ -25,7 +25,9 @@ template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;
   size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) { MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T))); }
+  explicit DeviceBuffer(size_t count) : n(count) {
+    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
+  }
   explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
   ~DeviceBuffer() { cudaFree(ptr); }
   DeviceBuffer(const DeviceBuffer&) = delete;
@@ -84,21 +86,23 @@ void run_case(const Case& c, unsigned seed) {
   if (c.ties) {
     for (int e = 0; e < E; ++e) logits[e] = 0.5f;  // token 0: every expert tied
     if (N > 1)
-      for (int e = 0; e < E; ++e) logits[size_t(E) + e] = (e % 3 == 0) ? 2.0f : -2.0f;  // token 1: ties at the top
+      for (int e = 0; e < E; ++e)
+        logits[size_t(E) + e] = (e % 3 == 0) ? 2.0f : -2.0f;  // token 1: ties at the top
   }
 
   // CPU reference.
   moetrain::CpuBackend<float> be;
-  const moetrain::RouterShape shape{N, E, K, c.sigmoid ? moetrain::RouterType::SigmoidBias
-                                                       : moetrain::RouterType::SoftmaxTopK,
-                                    c.route_scale};
-  std::vector<float> r_scores(size_t(N) * E), r_gates(size_t(N) * K), r_stats(3), r_dlogits(size_t(N) * E);
+  const moetrain::RouterShape shape{
+      N, E, K, c.sigmoid ? moetrain::RouterType::SigmoidBias : moetrain::RouterType::SoftmaxTopK,
+      c.route_scale};
+  std::vector<float> r_scores(size_t(N) * E), r_gates(size_t(N) * K), r_stats(3),
+      r_dlogits(size_t(N) * E);
   std::vector<int32_t> r_topk(size_t(N) * K), r_counts(E);
-  be.router_forward(r_scores.data(), r_topk.data(), r_gates.data(), r_counts.data(), r_stats.data(), logits.data(),
-                    c.sigmoid ? bias.data() : nullptr, shape);
+  be.router_forward(r_scores.data(), r_topk.data(), r_gates.data(), r_counts.data(), r_stats.data(),
+                    logits.data(), c.sigmoid ? bias.data() : nullptr, shape);
   const double aux_coef = 0.01, z_coef = 1e-3, grad_scale = 0.37;
-  be.router_backward(r_dlogits.data(), dgates.data(), logits.data(), r_scores.data(), r_topk.data(), r_gates.data(),
-                     r_counts.data(), shape, aux_coef, z_coef, grad_scale);
+  be.router_backward(r_dlogits.data(), dgates.data(), logits.data(), r_scores.data(), r_topk.data(),
+                     r_gates.data(), r_counts.data(), shape, aux_coef, z_coef, grad_scale);
   if (c.ties) {
     // Token 0 (all equal): experts 0..K-1 in order.
     for (int j = 0; j < K; ++j) REQUIRE(r_topk[j] == j);
@@ -106,7 +110,8 @@ void run_case(const Case& c, unsigned seed) {
 
   const mk::RouterDims dims{N, E, K, c.sigmoid, c.route_scale};
   DeviceBuffer<float> d_logits(logits), d_bias(bias), d_dgates(dgates);
-  DeviceBuffer<float> d_scores(size_t(N) * E), d_gates(size_t(N) * K), d_stats(3), d_dlogits(size_t(N) * E);
+  DeviceBuffer<float> d_scores(size_t(N) * E), d_gates(size_t(N) * K), d_stats(3),
+      d_dlogits(size_t(N) * E);
   DeviceBuffer<int32_t> d_topk(size_t(N) * K), d_counts(E);
   DeviceBuffer<float> d_ref_scores(r_scores), d_ref_gates(r_gates);
   DeviceBuffer<int32_t> d_ref_topk(r_topk), d_ref_counts(r_counts);
@@ -120,11 +125,12 @@ void run_case(const Case& c, unsigned seed) {
     d_topk.poison();
     d_counts.poison();
     d_ws.poison();
-    mk::router_forward(d_scores.ptr, d_topk.ptr, d_gates.ptr, d_counts.ptr, d_stats.ptr, d_logits.ptr,
-                       c.sigmoid ? d_bias.ptr : nullptr, dims, d_ws.ptr, nullptr);
+    mk::router_forward(d_scores.ptr, d_topk.ptr, d_gates.ptr, d_counts.ptr, d_stats.ptr,
+                       d_logits.ptr, c.sigmoid ? d_bias.ptr : nullptr, dims, d_ws.ptr, nullptr);
     // Backward on the reference forward outputs, so it is tested on its own.
-    mk::router_backward(d_dlogits.ptr, d_dgates.ptr, d_logits.ptr, d_ref_scores.ptr, d_ref_topk.ptr, d_ref_gates.ptr,
-                        d_ref_counts.ptr, dims, aux_coef, z_coef, grad_scale, nullptr);
+    mk::router_backward(d_dlogits.ptr, d_dgates.ptr, d_logits.ptr, d_ref_scores.ptr, d_ref_topk.ptr,
+                        d_ref_gates.ptr, d_ref_counts.ptr, dims, aux_coef, z_coef, grad_scale,
+                        nullptr);
 
     const auto scores = d_scores.download(), gates = d_gates.download(), stats = d_stats.download(),
                dlogits = d_dlogits.download();
@@ -140,8 +146,10 @@ void run_case(const Case& c, unsigned seed) {
     const double e_dlogits = rel_error(dlogits, r_dlogits);
     double e_stats = 0;
     for (int i = 0; i < 3; ++i)
-      e_stats = std::max(e_stats, std::fabs(double(stats[i]) - r_stats[i]) / std::max(1e-30, std::fabs(double(r_stats[i]))));
-    INFO("errors: scores " << e_scores << " gates " << e_gates << " stats " << e_stats << " dlogits " << e_dlogits);
+      e_stats = std::max(e_stats, std::fabs(double(stats[i]) - r_stats[i]) /
+                                      std::max(1e-30, std::fabs(double(r_stats[i]))));
+    INFO("errors: scores " << e_scores << " gates " << e_gates << " stats " << e_stats
+                           << " dlogits " << e_dlogits);
     CHECK(e_scores <= 1e-5);
     CHECK(e_gates <= 1e-5);
     CHECK(e_stats <= 1e-5);
@@ -150,7 +158,8 @@ void run_case(const Case& c, unsigned seed) {
     if (first_stats.empty()) {
       first_stats = stats;
     } else {
-      CHECK(std::memcmp(first_stats.data(), stats.data(), 3 * sizeof(float)) == 0);  // deterministic
+      CHECK(std::memcmp(first_stats.data(), stats.data(), 3 * sizeof(float)) ==
+            0);  // deterministic
     }
   }
 }
@@ -171,16 +180,19 @@ TEST_CASE("router kernels: forward and backward match the CPU backend", "[simt][
   };
   unsigned seed = 100;
   for (const Case& c : cases) run_case(c, seed++);
-  if (std::getenv("MOETRAIN_KERNEL_ERRORS")) std::printf("router kernels: max relative error %.3g\n", g_max_err);
+  if (std::getenv("MOETRAIN_KERNEL_ERRORS"))
+    std::printf("router kernels: max relative error %.3g\n", g_max_err);
 }
 
 TEST_CASE("router kernels: bad sizes are rejected", "[simt][kernels]") {
   DeviceBuffer<float> f(64);
   DeviceBuffer<int32_t> i(64);
   const mk::RouterDims bad{4, 8, 9, false, 1.0};  // k > E
-  CHECK_THROWS_AS(mk::router_forward(f.ptr, i.ptr, f.ptr, i.ptr, f.ptr, f.ptr, nullptr, bad, f.ptr, nullptr),
-                  std::invalid_argument);
+  CHECK_THROWS_AS(
+      mk::router_forward(f.ptr, i.ptr, f.ptr, i.ptr, f.ptr, f.ptr, nullptr, bad, f.ptr, nullptr),
+      std::invalid_argument);
   const mk::RouterDims too_many{4, 2000, 2, false, 1.0};
-  CHECK_THROWS_AS(mk::router_backward(f.ptr, f.ptr, f.ptr, f.ptr, i.ptr, f.ptr, i.ptr, too_many, 0, 0, 1, nullptr),
+  CHECK_THROWS_AS(mk::router_backward(f.ptr, f.ptr, f.ptr, f.ptr, i.ptr, f.ptr, i.ptr, too_many, 0,
+                                      0, 1, nullptr),
                   std::invalid_argument);
 }

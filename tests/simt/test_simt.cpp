@@ -29,7 +29,9 @@ template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;
   size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) { MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, count * sizeof(T))); }
+  explicit DeviceBuffer(size_t count) : n(count) {
+    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, count * sizeof(T)));
+  }
   DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
   ~DeviceBuffer() { cudaFree(ptr); }
   DeviceBuffer(const DeviceBuffer&) = delete;
@@ -75,7 +77,8 @@ T butterfly(std::vector<T> v, Op op) {
     for (int l = 0; l < 32; ++l) next[l] = op(v[l], v[l ^ offset]);
     v = next;
   }
-  for (int l = 1; l < 32; ++l) REQUIRE(bits_of(static_cast<float>(v[l])) == bits_of(static_cast<float>(v[0])));
+  for (int l = 1; l < 32; ++l)
+    REQUIRE(bits_of(static_cast<float>(v[l])) == bits_of(static_cast<float>(v[0])));
   return v[0];
 }
 template <typename T, typename Op>
@@ -83,7 +86,8 @@ T block_reduce_reference(const std::vector<T>& per_thread, Op op, T identity) {
   const size_t nwarps = per_thread.size() / 32;
   std::vector<T> partials(32, identity);
   for (size_t w = 0; w < nwarps; ++w)
-    partials[w] = butterfly(std::vector<T>(per_thread.begin() + w * 32, per_thread.begin() + (w + 1) * 32), op);
+    partials[w] = butterfly(
+        std::vector<T>(per_thread.begin() + w * 32, per_thread.begin() + (w + 1) * 32), op);
   return butterfly(partials, op);
 }
 
@@ -142,7 +146,8 @@ TEST_CASE("simt: a missing __syncthreads gives a wrong result under some schedul
       long long expect = 0;
       for (int t = 0; t < st::kTreeBlock; ++t) expect += xi[b * st::kTreeBlock + t];
       if (oi[b] != expect) ++wrong_int, wrong = true;
-      if (bits_of(of[b]) != bits_of(tree_reference(&xf[b * st::kTreeBlock]))) ++wrong_float, wrong = true;
+      if (bits_of(of[b]) != bits_of(tree_reference(&xf[b * st::kTreeBlock])))
+        ++wrong_float, wrong = true;
     }
     if (wrong) caught_by.push_back(s.name());
   }
@@ -158,7 +163,8 @@ TEST_CASE("simt: block_sum and block_max of common.cuh are exact and ordered", "
   const int blocks = 3, n = 1000;
   const std::vector<float> x = random_floats(static_cast<size_t>(blocks) * n, 5, -4.0f, 3.0f);
   std::vector<long long> xl(x.size());
-  for (size_t i = 0; i < x.size(); ++i) xl[i] = static_cast<long long>(i * 2654435761u % 100003) - 50000;
+  for (size_t i = 0; i < x.size(); ++i)
+    xl[i] = static_cast<long long>(i * 2654435761u % 100003) - 50000;
   DeviceBuffer<float> din(x), sums(blocks), maxs(blocks);
   DeviceBuffer<long long> dinl(xl), suml(blocks);
   for (const dim3 block : {dim3(256), dim3(32), dim3(32, 4), dim3(64, 2, 2), dim3(1024)}) {
@@ -181,8 +187,10 @@ TEST_CASE("simt: block_sum and block_max of common.cuh are exact and ordered", "
             }
           }
           for (int i = 0; i < n; ++i) exact += xl[b * n + i];
-          const float ref_s = block_reduce_reference(ps, [](float a, float c) { return a + c; }, 0.0f);
-          const float ref_m = block_reduce_reference(pm, [](float a, float c) { return std::fmax(a, c); }, -INFINITY);
+          const float ref_s = block_reduce_reference(
+              ps, [](float a, float c) { return a + c; }, 0.0f);
+          const float ref_m = block_reduce_reference(
+              pm, [](float a, float c) { return std::fmax(a, c); }, -INFINITY);
           CHECK(bits_of(s[b]) == bits_of(ref_s));
           CHECK(m[b] == ref_m);
           CHECK(m[b] == *std::max_element(x.begin() + b * n, x.begin() + (b + 1) * n));
@@ -217,12 +225,14 @@ int ref_shfl_xor(const std::vector<int>& v, int t, int mask, int width) {
 TEST_CASE("simt: shuffles match a lane-by-lane reference", "[simt]") {
   const int n = st::kShflThreads;
   std::vector<int> in(n);
-  for (int t = 0; t < n; ++t) in[t] = 1000 + t * 37 % 101;  // (the bf16 copies round: compared as bf16)
+  for (int t = 0; t < n; ++t)
+    in[t] = 1000 + t * 37 % 101;  // (the bf16 copies round: compared as bf16)
   std::vector<int> args, widths;
   for (int w : {32, 16, 8, 4, 2, 1})
     for (int a : {0, 1, 2, 3, 5, 7, 8, 15, 16, 17, 31}) args.push_back(a), widths.push_back(w);
   const int ncases = static_cast<int>(args.size());
-  DeviceBuffer<int> din(in), dargs(args), dwidths(widths), oi(static_cast<size_t>(ncases) * st::kShflOps * n);
+  DeviceBuffer<int> din(in), dargs(args), dwidths(widths),
+      oi(static_cast<size_t>(ncases) * st::kShflOps * n);
   DeviceBuffer<float> of(oi.n);
   DeviceBuffer<__nv_bfloat16> ob(oi.n);
   DeviceBuffer<double> od(oi.n);
@@ -242,14 +252,17 @@ TEST_CASE("simt: shuffles match a lane-by-lane reference", "[simt]") {
         const int e_up = ref_shfl_up(in, t, a & 31, w);
         const int e_down = ref_shfl_down(in, t, a & 31, w);
         const int e_xor = ref_shfl_xor(in, t, a & 31, w);
-        const bool ok = ri[o] == e_idx && ri[o + n] == e_up && ri[o + 2 * n] == e_down && ri[o + 3 * n] == e_xor &&
+        const bool ok = ri[o] == e_idx && ri[o + n] == e_up && ri[o + 2 * n] == e_down &&
+                        ri[o + 3 * n] == e_xor &&
                         rf[o + 4 * n] == static_cast<float>(e_xor) * 0.5f &&
-                        mk::bf16_bits(rb[o + 5 * n]) == mk::bf16_bits(mk::float_to_bf16(static_cast<float>(e_idx))) &&
+                        mk::bf16_bits(rb[o + 5 * n]) ==
+                            mk::bf16_bits(mk::float_to_bf16(static_cast<float>(e_idx))) &&
                         rd[o + 6 * n] == static_cast<double>(e_down) * 0.25 + 1e10;
         if (!ok && ++mismatches <= 5) {
-          FAIL_CHECK("case arg " << a << " width " << w << " thread " << t << ": idx " << ri[o] << "/" << e_idx
-                                 << " up " << ri[o + n] << "/" << e_up << " down " << ri[o + 2 * n] << "/"
-                                 << e_down << " xor " << ri[o + 3 * n] << "/" << e_xor);
+          FAIL_CHECK("case arg " << a << " width " << w << " thread " << t << ": idx " << ri[o]
+                                 << "/" << e_idx << " up " << ri[o + n] << "/" << e_up << " down "
+                                 << ri[o + 2 * n] << "/" << e_down << " xor " << ri[o + 3 * n]
+                                 << "/" << e_xor);
         }
       }
     }
@@ -257,7 +270,8 @@ TEST_CASE("simt: shuffles match a lane-by-lane reference", "[simt]") {
   });
 }
 
-TEST_CASE("simt: ballot, any, all, reductions and half-warp collectives match a reference", "[simt]") {
+TEST_CASE("simt: ballot, any, all, reductions and half-warp collectives match a reference",
+          "[simt]") {
   const int n = st::kShflThreads;
   std::vector<unsigned> values(n);
   std::vector<int> preds(n);
@@ -273,12 +287,14 @@ TEST_CASE("simt: ballot, any, all, reductions and half-warp collectives match a 
     const auto r = out.download();
     for (int t = 0; t < n; ++t) {
       const int lane = t % 32, w0 = t - lane, h0 = w0 + (lane < 16 ? 0 : 16);
-      unsigned ballot = 0, half_ballot = 0, sum = 0, half_sum = 0, umin = ~0u, umax = 0, vand = ~0u, vor = 0, vxor = 0;
+      unsigned ballot = 0, half_ballot = 0, sum = 0, half_sum = 0, umin = ~0u, umax = 0, vand = ~0u,
+               vor = 0, vxor = 0;
       int imin = INT32_MAX, imax = INT32_MIN;
       for (int l = 0; l < 32; ++l) {
         const unsigned v = values[w0 + l];
         if (preds[w0 + l]) ballot |= 1u << l;
-        sum += v, umin = std::min(umin, v), umax = std::max(umax, v), vand &= v, vor |= v, vxor ^= v;
+        sum += v, umin = std::min(umin, v), umax = std::max(umax, v), vand &= v, vor |= v,
+                  vxor ^= v;
         imin = std::min(imin, static_cast<int>(v)), imax = std::max(imax, static_cast<int>(v));
       }
       for (int l = h0 - w0; l < h0 - w0 + 16; ++l) {
@@ -365,8 +381,10 @@ TEST_CASE("simt: vector types have CUDA's layout and dynamic shared memory works
   static_assert(sizeof(int4) == 16 && alignof(int4) == 16);
   static_assert(sizeof(int2) == 8 && alignof(int2) == 8);
   static_assert(sizeof(uint4) == 16 && alignof(double2) == 16);
-  static_assert(sizeof(__nv_bfloat16) == 2 && sizeof(__nv_bfloat162) == 4 && alignof(__nv_bfloat162) == 4);
-  static_assert(std::is_trivially_copyable_v<__nv_bfloat16> && std::is_trivially_default_constructible_v<float4>);
+  static_assert(sizeof(__nv_bfloat16) == 2 && sizeof(__nv_bfloat162) == 4 &&
+                alignof(__nv_bfloat162) == 4);
+  static_assert(std::is_trivially_copyable_v<__nv_bfloat16> &&
+                std::is_trivially_default_constructible_v<float4>);
   const int blocks = 3, threads = 64, n = blocks * threads;
   std::vector<float4> in(n);
   std::vector<int2> in2(n);
@@ -410,7 +428,10 @@ float from_bits(uint32_t u) {
 
 TEST_CASE("simt: bf16 round-to-nearest-even and stochastic rounding on boundary cases", "[simt]") {
   std::vector<float> x = {
-      0.0f, -0.0f, 1.0f, -1.0f,
+      0.0f,
+      -0.0f,
+      1.0f,
+      -1.0f,
       from_bits(0x3f808000u),  // 1 + 2^-8: exactly halfway, even below -> stays 0x3f80
       from_bits(0x3f818000u),  // halfway, odd below -> rounds up to 0x3f82
       from_bits(0x3f808001u),  // just above halfway -> up
@@ -419,18 +440,25 @@ TEST_CASE("simt: bf16 round-to-nearest-even and stochastic rounding on boundary 
       from_bits(0x7f7fffffu),  // largest float -> inf
       from_bits(0x7f7f7fffu),  // rounds down to the largest bf16
       from_bits(0x7f7f8000u),  // halfway above the largest bf16 (odd) -> inf
-      INFINITY, -INFINITY, NAN, from_bits(0xffc00001u),
+      INFINITY,
+      -INFINITY,
+      NAN,
+      from_bits(0xffc00001u),
       from_bits(0x00000001u),  // smallest subnormal -> 0
       from_bits(0x00008000u),  // subnormal halfway, even -> 0
       from_bits(0x00018000u),  // subnormal halfway, odd -> up
       from_bits(0x80018000u),
-      3.14159265f, 1e-30f, -65504.0f, 1.0e38f};
+      3.14159265f,
+      1e-30f,
+      -65504.0f,
+      1.0e38f};
   const size_t fixed = x.size();
   for (float v : random_floats(1000, 17, -1e3f, 1e3f)) x.push_back(v);
   const int n = static_cast<int>(x.size());
   std::vector<unsigned> rand(n);
   std::mt19937 rng(4);
-  for (int i = 0; i < n; ++i) rand[i] = i < static_cast<int>(fixed) ? (i % 2 ? 0xffffu : 0u) : static_cast<unsigned>(rng());
+  for (int i = 0; i < n; ++i)
+    rand[i] = i < static_cast<int>(fixed) ? (i % 2 ? 0xffffu : 0u) : static_cast<unsigned>(rng());
   DeviceBuffer<float> dx(x), back(n);
   DeviceBuffer<unsigned> dr(rand);
   DeviceBuffer<__nv_bfloat16> rn(n), sr(n);
@@ -448,7 +476,8 @@ TEST_CASE("simt: bf16 round-to-nearest-even and stochastic rounding on boundary 
       continue;
     }
     CHECK(bits_of(b[i]) == static_cast<uint32_t>(e) << 16);
-    // Stochastic: one of the two neighbours; rand 0 truncates; rand 0xffff rounds any inexact value up.
+    // Stochastic: one of the two neighbours; rand 0 truncates; rand 0xffff rounds any inexact value
+    // up.
     const uint32_t u = bits_of(x[i]);
     const uint16_t down = static_cast<uint16_t>(u >> 16);
     const uint16_t got = mk::bf16_bits(s[i]);
@@ -467,7 +496,8 @@ TEST_CASE("simt: bf16 round-to-nearest-even and stochastic rounding on boundary 
   const float v = from_bits(0x3f80c000u);  // 75% of the way from 0x3f80 to 0x3f81
   double mean = 0.0;
   const int trials = 20000;
-  for (int i = 0; i < trials; ++i) mean += mk::bf16_to_float(mk::float_to_bf16_stochastic(v, mk::random_u32(9, i)));
+  for (int i = 0; i < trials; ++i)
+    mean += mk::bf16_to_float(mk::float_to_bf16_stochastic(v, mk::random_u32(9, i)));
   mean /= trials;
   CHECK(std::fabs(mean - v) < 2e-4);
 }
@@ -482,8 +512,10 @@ TEST_CASE("simt: unwritten memory reads as NaN and stale shared memory does not 
   st::write_even(out.ptr, n);
   const auto o = out.download();
   for (int i = 0; i < n; ++i) {
-    if (i % 2 == 0) CHECK(o[i] == static_cast<float>(i));
-    else CHECK(std::isnan(o[i]));
+    if (i % 2 == 0)
+      CHECK(o[i] == static_cast<float>(i));
+    else
+      CHECK(std::isnan(o[i]));
   }
   host_tls_value = 4321;
   for_each_schedule([&] {
@@ -506,13 +538,14 @@ TEST_CASE("simt: deadlocks and divergent collectives throw clear errors", "[simt
     CHECK_THROWS_WITH(st::exit_before_barrier(out.ptr),
                       Contains("exit_before_barrier_kernel") && Contains("block (") &&
                           Contains("thread (5,0,0)") && Contains("__syncthreads"));
-    CHECK_THROWS_WITH(st::barrier_vs_shuffle(out.ptr), Contains("barrier_vs_shuffle_kernel") &&
-                                                           Contains("deadlock") && Contains("__shfl_xor_sync") &&
-                                                           Contains("wait at __syncthreads"));
-    CHECK_THROWS_WITH(st::divergent_collectives(out.ptr),
-                      Contains("divergent warp collectives") && Contains("__ballot_sync") &&
-                          Contains("__shfl_xor_sync"));
-    CHECK_THROWS_WITH(st::exit_before_shuffle(out.ptr), Contains("exited") && Contains("__shfl_xor_sync"));
+    CHECK_THROWS_WITH(st::barrier_vs_shuffle(out.ptr),
+                      Contains("barrier_vs_shuffle_kernel") && Contains("deadlock") &&
+                          Contains("__shfl_xor_sync") && Contains("wait at __syncthreads"));
+    CHECK_THROWS_WITH(st::divergent_collectives(out.ptr), Contains("divergent warp collectives") &&
+                                                              Contains("__ballot_sync") &&
+                                                              Contains("__shfl_xor_sync"));
+    CHECK_THROWS_WITH(st::exit_before_shuffle(out.ptr),
+                      Contains("exited") && Contains("__shfl_xor_sync"));
     CHECK_THROWS_WITH(st::partial_warp_sum(fin.ptr, fout.ptr), Contains("do not exist"));
     // The simulator recovers: a good kernel runs right after.
     DeviceBuffer<float> sums(2), maxs(2);
@@ -522,7 +555,8 @@ TEST_CASE("simt: deadlocks and divergent collectives throw clear errors", "[simt
   CHECK_THROWS_WITH(st::launch_with(dim3(1), dim3(1025), 0, out.ptr), Contains("1024 threads"));
   CHECK_THROWS_WITH(st::launch_with(dim3(1), dim3(1, 1, 65), 0, out.ptr), Contains("too large"));
   CHECK_THROWS_WITH(st::launch_with(dim3(0), dim3(32), 0, out.ptr), Contains("empty grid"));
-  CHECK_THROWS_WITH(st::launch_with(dim3(1), dim3(32), 200 * 1024, out.ptr), Contains("shared memory"));
+  CHECK_THROWS_WITH(st::launch_with(dim3(1), dim3(32), 200 * 1024, out.ptr),
+                    Contains("shared memory"));
   CHECK_THROWS_AS(st::launch_with(dim3(1), dim3(1025), 0, out.ptr), std::runtime_error);
   st::launch_with(dim3(2, 3, 4), dim3(4, 4, 4), 1024, out.ptr);
   CHECK(out.download()[0] == 1);
@@ -583,7 +617,8 @@ TEST_CASE("simt: AddressSanitizer catches an out-of-bounds global write in a ker
   close(pipefd[1]);
   std::string report;
   char buf[4096];
-  for (ssize_t got; (got = read(pipefd[0], buf, sizeof buf)) > 0;) report.append(buf, static_cast<size_t>(got));
+  for (ssize_t got; (got = read(pipefd[0], buf, sizeof buf)) > 0;)
+    report.append(buf, static_cast<size_t>(got));
   close(pipefd[0]);
   int status = 0;
   REQUIRE(waitpid(pid, &status, 0) == pid);
@@ -605,8 +640,10 @@ TEST_CASE("simt: switch rate", "[simt][.perf]") {
     st::sync_heavy(out.ptr, blocks, threads, iters);
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const simt::Stats stats = simt::stats();
-    std::printf("simt %-10s: %llu switches in %.3f s = %.1f M switches/s (%llu blocks, %llu threads)\n",
-                s.name().c_str(), static_cast<unsigned long long>(stats.switches), sec, stats.switches / sec / 1e6,
-                static_cast<unsigned long long>(stats.blocks), static_cast<unsigned long long>(stats.threads));
+    std::printf(
+        "simt %-10s: %llu switches in %.3f s = %.1f M switches/s (%llu blocks, %llu threads)\n",
+        s.name().c_str(), static_cast<unsigned long long>(stats.switches), sec,
+        stats.switches / sec / 1e6, static_cast<unsigned long long>(stats.blocks),
+        static_cast<unsigned long long>(stats.threads));
   }
 }
