@@ -2,19 +2,21 @@
 # Data-parallel scaling on this machine: the same global batch trained by 1 rank using every core
 # (OpenMP) and by N ranks (mpirun, one core each), tokens/s compared in the same run.
 # Usage: scripts/bench_data_parallel.sh [CONFIG=configs/tiny.json] [STEPS=8] [RANKS=$(nproc)]
+#                                       [--set path=value ...]   (given to both runs)
 # Needs data/brown (scripts/get_corpus.sh) for the default config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-configs/tiny.json}
 steps=${2:-8}
 ranks=${3:-$(nproc)}
+shift $(($# < 3 ? $# : 3))
 bin=${MOETRAIN_BUILD_DIR:-build}/moetrain
 global=$(/usr/bin/python3 -c "import json; print(json.load(open('$config'))['data']['batch_size'])")
 if (( global % ranks )); then echo "batch_size $global is not divisible by $ranks ranks" >&2; exit 1; fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 common=(--config "$config" --set train.steps="$steps" --set optim.warmup_steps=1
-        --set train.eval_interval=0 --set train.checkpoint_interval=0)
+        --set train.eval_interval=0 --set train.checkpoint_interval=0 "$@")
 
 OMP_NUM_THREADS=$(nproc) "$bin" train "${common[@]}" --set train.out_dir="$out/one" > "$out/one.log" 2>&1
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
