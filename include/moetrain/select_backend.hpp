@@ -10,6 +10,10 @@
 
 namespace moetrain {
 
+// Whether train.backend resolves to cuda here: not `cpu`, and a GPU is usable. (With `cuda` and no
+// GPU, select_backend throws.) The communicator follows the same answer: NCCL for GPU buffers.
+bool selects_cuda(const Config& cfg);
+
 // `log`: whether this process reports the choice (rank 0 of a job).
 std::unique_ptr<Backend<float>> select_backend(const Config& cfg, bool log);
 

@@ -9,6 +9,10 @@
 
 namespace moetrain {
 
+bool selects_cuda(const Config& cfg) {
+  return cfg.train.backend != "cpu" && probe_cuda_devices().count > 0;
+}
+
 std::unique_ptr<Backend<float>> select_backend(const Config& cfg, bool log) {
   const std::string& wanted = cfg.train.backend;
   if (wanted == "cpu") return std::make_unique<CpuBackend<float>>();

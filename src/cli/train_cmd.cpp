@@ -5,8 +5,8 @@
 
 #include "cli/commands.hpp"
 #include "cli/common.hpp"
-#include "moetrain/cuda_backend.hpp"
 #include "moetrain/nccl_comm.hpp"
+#include "moetrain/select_backend.hpp"
 #include "moetrain/trainer.hpp"
 
 namespace moetrain::cli {
@@ -38,8 +38,7 @@ void add_train_command(CLI::App& app) {
     opts.stop_at = o->stop_at;
     install_stop_signal_handlers();
     // GPU buffers travel over NCCL, host buffers over MPI.
-    const bool gpu = cfg.train.backend != "cpu" && probe_cuda_devices().count > 0;
-    const auto comm = gpu ? make_nccl_communicator() : make_communicator();
+    const auto comm = selects_cuda(cfg) ? make_nccl_communicator() : make_communicator();
     const int rc = run_training(cfg, *comm, opts);
     if (rc != 0) throw CLI::RuntimeError(rc);
   });
