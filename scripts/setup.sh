@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(build-essential cmake pkg-config
+packages=(build-essential cmake pkg-config ccache
           nlohmann-json3-dev libspdlog-dev libcli11-dev catch2
           libopenblas-openmp-dev libopenmpi-dev openmpi-bin
           python3-numpy python3-torch python3-matplotlib)
