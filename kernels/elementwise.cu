@@ -164,11 +164,6 @@ void linear(T* out, const T* x, const T* y, std::size_t n, float a, float b, cud
 }  // namespace elementwise_detail
 
 template <typename T>
-void add(T* out, const T* a, const T* b, std::size_t n, cudaStream_t stream) {
-  elementwise_detail::linear(out, a, b, n, 1.0f, 1.0f, stream);
-}
-
-template <typename T>
 void add_inplace(T* x, const T* y, std::size_t n, cudaStream_t stream) {
   elementwise_detail::linear(x, x, y, n, 1.0f, 1.0f, stream);
 }
@@ -227,7 +222,6 @@ void convert_from_bf16(float* out, const __nv_bfloat16* in, std::size_t n, cudaS
 }
 
 #define MOETRAIN_INSTANTIATE(T)                                                  \
-  template void add<T>(T*, const T*, const T*, std::size_t, cudaStream_t);       \
   template void add_inplace<T>(T*, const T*, std::size_t, cudaStream_t);         \
   template void scale<T>(T*, std::size_t, float, cudaStream_t);                  \
   template void axpby<T>(T*, const T*, std::size_t, float, float, cudaStream_t); \

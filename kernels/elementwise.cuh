@@ -1,11 +1,10 @@
 // kernels/elementwise.cuh — elementwise ops, batched transpose and precision conversions
-// (elementwise.cu). CPU references: src/backend/cpu/elementwise.cpp (add, add_inplace) and
+// (elementwise.cu). CPU references: src/backend/cpu/elementwise.cpp (add_inplace) and
 // optimizer_ops.cpp (scale, axpby, transpose_batched).
 //
 // Host-side launchers in namespace moetrain::kernels, all pointers device pointers; T is float or
 // __nv_bfloat16 (math in fp32, bf16 results rounded to nearest even). Empty sizes launch nothing.
 //
-//   add                  out = a + b; out may alias a or b.
 //   add_inplace          x += y.
 //   scale                x *= s.
 //   axpby                y = a x + b y.
@@ -26,9 +25,6 @@
 #include "common.cuh"
 
 namespace moetrain::kernels {
-
-template <typename T>
-void add(T* out, const T* a, const T* b, std::size_t n, cudaStream_t stream);
 
 template <typename T>
 void add_inplace(T* x, const T* y, std::size_t n, cudaStream_t stream);

@@ -44,8 +44,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- backward: sort keys
-// --------------------------------------------------------------------------
+// ---- backward: sort keys ------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads)
     embedding_keys_kernel(uint64_t* __restrict__ keys, const int32_t* __restrict__ tokens, int n,
                           unsigned count) {
@@ -99,8 +98,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- backward: segment sums
-// -----------------------------------------------------------------------
+// ---- backward: segment sums ---------------------------------------------------------------------
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     embedding_backward_kernel(T* __restrict__ dtable, const T* __restrict__ dout,

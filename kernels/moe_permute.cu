@@ -55,8 +55,7 @@ __device__ __forceinline__ int warp_inclusive_scan(int v, unsigned lane) {
   return v;
 }
 
-// ---- 1. per-chunk histogram
-// ----------------------------------------------------------------------
+// ---- 1. per-chunk histogram ---------------------------------------------------------------------
 __global__ void __launch_bounds__(kChunk)
     permute_count_kernel(int32_t* __restrict__ hist, const int32_t* __restrict__ topk,
                          int assignments, int n_experts, int chunks) {
@@ -71,8 +70,7 @@ __global__ void __launch_bounds__(kChunk)
     hist[static_cast<std::size_t>(e) * chunks + blockIdx.x] = h[e];
 }
 
-// ---- 2. offsets and per-chunk bases
-// ----------------------------------------------------------------
+// ---- 2. offsets and per-chunk bases -------------------------------------------------------------
 __global__ void __launch_bounds__(kScanThreads)
     permute_scan_kernel(int32_t* __restrict__ hist, int32_t* __restrict__ offsets,
                         const int32_t* __restrict__ counts, int n_experts, int chunks) {
@@ -113,8 +111,7 @@ __global__ void __launch_bounds__(kScanThreads)
   }
 }
 
-// ---- 3. stable ranks and the row gather
-// ------------------------------------------------------------
+// ---- 3. stable ranks and the row gather ---------------------------------------------------------
 template <typename T, int V>
 __global__ void __launch_bounds__(kChunk)
     permute_rank_gather_kernel(T* __restrict__ xg, int32_t* __restrict__ pos,
@@ -162,8 +159,7 @@ __global__ void __launch_bounds__(kChunk)
   }
 }
 
-// ---- backward of the permutation: dx[t] += sum_j dxg[pos[t k + j]]
-// --------------------------------
+// ---- backward of the permutation: dx[t] += sum_j dxg[pos[t k + j]] ------------------------------
 template <typename T, int V>
 __global__ void __launch_bounds__(kRowThreads)
     permute_backward_kernel(T* __restrict__ dx, const T* __restrict__ dxg,
@@ -188,8 +184,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// ---- combine: y[t] = sum_j gates[t, j] yg[pos[t k + j]]
-// ----------------------------------------------
+// ---- combine: y[t] = sum_j gates[t, j] yg[pos[t k + j]] -----------------------------------------
 template <typename T, int V>
 __global__ void __launch_bounds__(kRowThreads)
     unpermute_kernel(T* __restrict__ y, const T* __restrict__ yg, const float* __restrict__ gates,
@@ -216,8 +211,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// ---- combine backward: dyg[pos] = gate dy[t]; dgates[t, j] = dy[t] . yg[pos]
-// ------------------------
+// ---- combine backward: dyg[pos] = gate dy[t]; dgates[t, j] = dy[t] . yg[pos] --------------------
 template <typename T, int V>
 __global__ void __launch_bounds__(kRowThreads)
     unpermute_backward_kernel(T* __restrict__ dyg, float* __restrict__ dgates,

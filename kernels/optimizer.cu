@@ -109,8 +109,7 @@ __global__ void __launch_bounds__(kThreads)
   write_partial(partials, sq);
 }
 
-// ---- sum of squares
-// ------------------------------------------------------------------------------
+// ---- sum of squares -----------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     sum_squares_kernel(const T* __restrict__ x, std::size_t n, double* __restrict__ partials) {
@@ -132,8 +131,7 @@ __global__ void __launch_bounds__(kThreads)
   write_partial(partials, sq);
 }
 
-// ---- Muon
-// ----------------------------------------------------------------------------------------
+// ---- Muon ---------------------------------------------------------------------------------------
 template <typename TU>
 __global__ void __launch_bounds__(kThreads)
     muon_momentum_kernel(float* __restrict__ M, TU* __restrict__ U, const float* __restrict__ G,
@@ -171,8 +169,7 @@ __global__ void __launch_bounds__(kThreads)
   write_partial(partials, sq);
 }
 
-// ---- Frobenius normalisation: grid (chunks, batch)
-// ---------------------------------------------------
+// ---- Frobenius normalisation: grid (chunks, batch) ----------------------------------------------
 template <typename TIn>
 __global__ void __launch_bounds__(kThreads)
     frobenius_partial_kernel(const TIn* __restrict__ in, std::size_t elems,
@@ -227,14 +224,12 @@ int frobenius_chunks(std::size_t elems) {
       std::clamp<std::size_t>((elems + kFrobChunkElems - 1) / kFrobChunkElems, 1, kFrobMaxChunks));
 }
 
-// ---- QK-clip row scaling: grid (chunks, row blocks)
-// -------------------------------------------------
+// ---- QK-clip row scaling: grid (chunks, row blocks) ---------------------------------------------
 template <typename TW>
 __global__ void __launch_bounds__(kThreads)
     scale_row_blocks_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy,
-                            std::size_t block_elems, const float* __restrict__ factors,
-                            float factor) {
-  const float f = factors != nullptr ? factors[blockIdx.y] : factor;
+                            std::size_t block_elems, const float* __restrict__ factors) {
+  const float f = factors[blockIdx.y];
   if (f == 1.0f) return;  // uniform over the block: an unclipped head is not touched
   const std::size_t base = static_cast<std::size_t>(blockIdx.y) * block_elems;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * kThreads;
@@ -347,19 +342,11 @@ void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t 
     throw std::invalid_argument("scale_row_blocks: row_blocks " + std::to_string(row_blocks) +
                                 " > 65535");
   launch(scale_row_blocks_kernel<TW>, dim3(scale_chunks(block_elems), row_blocks), dim3(kThreads),
-         0, stream, w, w_copy, block_elems, factors, 1.0f);
+         0, stream, w, w_copy, block_elems, factors);
 }
 
-template <typename TW>
-void scale_rows(TW* w, __nv_bfloat16* w_copy, std::size_t elems, float factor,
-                cudaStream_t stream) {
-  if (elems == 0) return;
-  launch(scale_row_blocks_kernel<TW>, dim3(scale_chunks(elems), 1), dim3(kThreads), 0, stream, w,
-         w_copy, elems, static_cast<const float*>(nullptr), factor);
-}
 
-// ---- instantiations
-// --------------------------------------------------------------------------------
+// ---- instantiations -----------------------------------------------------------------------------
 template void adamw_update<float>(float*, __nv_bfloat16*, const float*, float, float*, float*,
                                   std::size_t, const AdamWParams&, std::uint64_t, std::uint64_t,
                                   double*, double*, bool, cudaStream_t);
@@ -394,8 +381,5 @@ template void scale_row_blocks<float>(float*, __nv_bfloat16*, int, std::size_t, 
                                       cudaStream_t);
 template void scale_row_blocks<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, int, std::size_t,
                                               const float*, cudaStream_t);
-template void scale_rows<float>(float*, __nv_bfloat16*, std::size_t, float, cudaStream_t);
-template void scale_rows<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, std::size_t, float,
-                                        cudaStream_t);
 
 }  // namespace moetrain::kernels

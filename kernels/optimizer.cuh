@@ -75,8 +75,5 @@ void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems,
 template <typename TW>
 void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t block_elems,
                       const float* factors, cudaStream_t stream);
-// One contiguous block of rows scaled by a host factor (the Backend::scale of the CPU reference).
-template <typename TW>
-void scale_rows(TW* w, __nv_bfloat16* w_copy, std::size_t elems, float factor, cudaStream_t stream);
 
 }  // namespace moetrain::kernels

@@ -17,6 +17,16 @@ inline std::vector<double> random_vector(std::size_t n, std::uint64_t seed, doub
   return v;
 }
 
+// A flat [layers * experts] vector as the rows Model::load_expert_bias_state takes.
+template <typename V>
+std::vector<std::vector<double>> expert_bias_rows(const std::vector<V>& flat, std::size_t layers) {
+  const std::size_t E = flat.size() / layers;
+  std::vector<std::vector<double>> rows(layers);
+  for (std::size_t l = 0; l < layers; ++l)
+    rows[l].assign(flat.begin() + std::ptrdiff_t(l * E), flat.begin() + std::ptrdiff_t((l + 1) * E));
+  return rows;
+}
+
 inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
   double s = 0;
   for (std::size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];

@@ -66,9 +66,9 @@ std::vector<T> download_params(Model<T>& m) {
 }
 
 template <typename T>
-std::vector<T> download_bias(Model<T>& m) {
-  std::vector<T> h(std::size_t(m.config().n_layers) * std::size_t(m.config().moe.n_experts));
-  m.backend().download(h.data(), m.expert_bias(), h.size() * sizeof(T));
+std::vector<double> download_bias(Model<T>& m) {
+  std::vector<double> h;
+  for (const auto& row : m.expert_bias_state()) h.insert(h.end(), row.begin(), row.end());
   return h;
 }
 
@@ -181,10 +181,11 @@ TEMPLATE_TEST_CASE("expert bias round trip and errors", "[io]", float, double) {
   std::vector<std::vector<double>> bias(L);
   for (std::size_t l = 0; l < L; ++l) bias[l] = random_vector(E, 10 + l, 0.1);
   write_expert_bias(m, bias, "state.json");
-  // The device buffer holds [n_layers][n_experts] in row-major order.
-  const std::vector<T> dev = download_bias(m);
+  bias[0].assign(E, 0.0);  // layer 0 is dense: it has no router, so no bias to load
+  // The routers' biases, [n_layers][n_experts] in row-major order.
+  const std::vector<double> dev = download_bias(m);
   for (std::size_t l = 0; l < L; ++l)
-    for (std::size_t e = 0; e < E; ++e) CHECK(dev[l * E + e] == T(bias[l][e]));
+    for (std::size_t e = 0; e < E; ++e) CHECK(dev[l * E + e] == double(T(bias[l][e])));
   const auto back = read_expert_bias(m);
   REQUIRE(back.size() == L);
   for (std::size_t l = 0; l < L; ++l) {
@@ -267,7 +268,7 @@ TEST_CASE("read_json_file errors name the file", "[io]") {
   REQUIRE_THROWS_WITH(read_json_file(bad), Catch::Contains(bad));
 }
 
-TEST_CASE("update_expert_bias: b_e += rate * sign(mean_load - load_e) on MoE layers",
+TEST_CASE("update_router_biases: b_e += rate * sign(mean_load - load_e) on MoE layers",
           "[io][model]") {
   ModelConfig cfg = ckpt_config();  // layer 0 dense, layers 1 and 2 MoE, 4 experts
   CpuBackend<double> be;
@@ -276,12 +277,13 @@ TEST_CASE("update_expert_bias: b_e += rate * sign(mean_load - load_e) on MoE lay
   std::vector<std::vector<double>> b0(L);
   for (std::size_t l = 0; l < L; ++l) b0[l] = random_vector(E, 20 + l, 0.05);
   write_expert_bias(m, b0, "test");
+  b0[0].assign(E, 0.0);  // layer 0 is dense: it has no router, so no bias to load
   const double rate = 1e-3;
-  // Layer 0 is dense: whatever load it is given, its biases stay. Layer 1: mean 3, loads above,
+  // Layer 0 is dense: whatever load it is given, its biases stay zero. Layer 1: mean 3, loads above,
   // below and at the mean. Layer 2: perfectly balanced, no change.
   const std::vector<std::vector<std::int64_t>> loads = {{9, 0, 0, 3}, {5, 1, 3, 3}, {2, 2, 2, 2}};
   const double sign1[4] = {-1, +1, 0, 0};
-  m.update_expert_bias(loads, rate);
+  m.update_router_biases(loads, rate);
   const auto b1 = read_expert_bias(m);
   for (std::size_t e = 0; e < E; ++e) {
     INFO("expert " << e);
@@ -290,7 +292,7 @@ TEST_CASE("update_expert_bias: b_e += rate * sign(mean_load - load_e) on MoE lay
     CHECK(b1[2][e] == b0[2][e]);
   }
   // A second update accumulates; a mean that is not an integer (7/4) leaves no expert at 0.
-  m.update_expert_bias({{}, {4, 0, 0, 3}, {1, 2, 3, 4}}, 0.5);
+  m.update_router_biases({{}, {4, 0, 0, 3}, {1, 2, 3, 4}}, 0.5);
   const auto b2 = read_expert_bias(m);
   const double sign2a[4] = {-1, +1, +1, -1}, sign2b[4] = {+1, +1, -1, -1};  // means 1.75, 2.5
   for (std::size_t e = 0; e < E; ++e) {

@@ -211,7 +211,7 @@ TEST_CASE("config: config_to_json -> config_from_json round trip", "[config]") {
     CHECK(c.model.moe.router == moetrain::RouterType::SigmoidBias);
     CHECK(c.model.head_dim == 32);
     CHECK(c.train.seed == 18446744073709551615ull);
-    CHECK(c.optim.name == "adamw");
+    CHECK(c.optim.name == moetrain::OptimizerName::AdamW);
     const json back = moetrain::config_to_json(c);
     CHECK(back == j);
     for (const auto& f : moetrain::config_schema()) {
@@ -503,7 +503,7 @@ TEST_CASE("config: load_config", "[config]") {
     const Config c = moetrain::load_config(path, {"model.d_model=64", "optim.name=adamw"});
     CHECK(c.model.d_model == 64);
     CHECK(c.model.head_dim == 16);  // resolved after the override
-    CHECK(c.optim.name == "adamw");
+    CHECK(c.optim.name == moetrain::OptimizerName::AdamW);
     CHECK_THAT(message_of([&] { moetrain::load_config(path, {"model.moe.top_k=9"}); }),
                StartsWith(path + " (with --set overrides): model.moe.top_k: expected an integer "
                                  "<= model.moe.n_experts (= 8), got 9"));

@@ -101,8 +101,8 @@ TEST_CASE("gradient accumulation: batch 2 equals two micro-batches of 1 at grad_
     full.init_weights(7);
     set_params(micro, params_of(full));
     const auto bias = random_vector(std::size_t(cfg.n_layers) * cfg.moe.n_experts, 8, 0.1);
-    be.upload(full.expert_bias(), bias.data(), bias.size() * sizeof(double));
-    be.upload(micro.expert_bias(), bias.data(), bias.size() * sizeof(double));
+    full.load_expert_bias_state(expert_bias_rows(bias, std::size_t(cfg.n_layers)), "test");
+    micro.load_expert_bias_state(expert_bias_rows(bias, std::size_t(cfg.n_layers)), "test");
 
     const auto tok = random_tokens(std::size_t(2 * T), cfg.vocab_size, 11);
     const auto tgt = random_tokens(std::size_t(2 * T), cfg.vocab_size, 12);

@@ -72,7 +72,7 @@ TEST_CASE("whole-model gradients match finite differences", "[grad][model]") {
     model.init_weights(42);
     // A non-zero expert bias so that selection differs from the plain scores.
     auto bias = random_vector(std::size_t(cfg.n_layers) * cfg.moe.n_experts, 5, 0.2);
-    be.upload(model.expert_bias(), bias.data(), bias.size() * sizeof(double));
+    model.load_expert_bias_state(expert_bias_rows(bias, std::size_t(cfg.n_layers)), "test");
 
     Rng rng(7);
     std::vector<std::int32_t> tok(std::size_t(model.tokens())), tgt(tok.size());

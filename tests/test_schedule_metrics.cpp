@@ -19,7 +19,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-OptimConfig schedule(const std::string& name, int warmup) {
+OptimConfig schedule(LrSchedule name, int warmup) {
   OptimConfig o;
   o.schedule = name;
   o.lr = 3e-3;
@@ -57,8 +57,8 @@ void write_text(const fs::path& p, const std::string& text) {
 }  // namespace
 
 TEST_CASE("lr schedules: linear warm-up lr * (s + 1) / warmup", "[schedule]") {
-  for (const char* name : {"constant", "cosine", "wsd"}) {
-    INFO(name);
+  for (const LrSchedule name : {LrSchedule::Constant, LrSchedule::Cosine, LrSchedule::Wsd}) {
+    INFO(to_string(name));
     const OptimConfig o = schedule(name, 10);
     for (int s = 0; s < 10; ++s)
       CHECK(lr_at(o, s, 100) == Approx(o.lr * (s + 1) / 10.0).epsilon(1e-14));
@@ -69,14 +69,14 @@ TEST_CASE("lr schedules: linear warm-up lr * (s + 1) / warmup", "[schedule]") {
 }
 
 TEST_CASE("lr schedules: constant stays at lr after warm-up", "[schedule]") {
-  const OptimConfig o = schedule("constant", 5);
+  const OptimConfig o = schedule(LrSchedule::Constant, 5);
   for (int s = 5; s < 50; ++s) CHECK(lr_at(o, s, 50) == o.lr);
 }
 
 TEST_CASE("lr schedules: cosine from lr to lr * min_lr_ratio", "[schedule]") {
   for (const int warmup : {0, 7}) {
     INFO("warmup " << warmup);
-    const OptimConfig o = schedule("cosine", warmup);
+    const OptimConfig o = schedule(LrSchedule::Cosine, warmup);
     const int total = warmup + 1 + 100;  // decay over 100 steps: exact half and quarter points
     const double floor = o.lr * o.min_lr_ratio;
     CHECK(lr_at(o, warmup, total) == Approx(o.lr).epsilon(1e-14));
@@ -105,7 +105,7 @@ TEST_CASE("lr schedules: wsd is stable, then linear to the floor over the last s
           "[schedule]") {
   for (const int total : {100, 57}) {
     INFO("total " << total);
-    const OptimConfig o = schedule("wsd", 10);
+    const OptimConfig o = schedule(LrSchedule::Wsd, 10);
     const double floor = o.lr * o.min_lr_ratio;
     const int decay = int(std::lround(o.decay_fraction * total));
     const int start = total - decay;

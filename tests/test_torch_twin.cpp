@@ -189,7 +189,11 @@ MaxErrors run_variant(const Variant& v) {
     Rng r(77);
     for (auto& b : bias) b = float(0.05 * r.normal());
   }
-  be.upload(model.expert_bias(), bias.data(), bias.size() * sizeof(float));
+  std::vector<std::vector<double>> bias_rows(static_cast<std::size_t>(L));
+  for (std::size_t l = 0; l < std::size_t(L); ++l)
+    bias_rows[l].assign(bias.begin() + std::ptrdiff_t(l * std::size_t(E)),
+                        bias.begin() + std::ptrdiff_t((l + 1) * std::size_t(E)));
+  model.load_expert_bias_state(bias_rows, "test");
 
   Rng rng(31);
   std::vector<std::int32_t> tok(std::size_t(model.tokens())), tgt(tok.size());
@@ -297,10 +301,12 @@ MaxErrors run_variant(const Variant& v) {
 
   // One step of each optimizer from fresh state.
   std::map<std::string, std::vector<float>> after;
-  for (const char* name : {"adamw", "muon", "muonclip"}) {
+  for (const OptimizerName id :
+       {OptimizerName::AdamW, OptimizerName::Muon, OptimizerName::MuonClip}) {
+    const std::string name = to_string(id);
     INFO("optimizer " << name);
     Config oc = cfg;
-    oc.optim.name = name;
+    oc.optim.name = id;
     float* params = static_cast<float*>(be.alloc_bytes(P * sizeof(float)));
     float* grads = static_cast<float*>(be.alloc_bytes(P * sizeof(float)));
     be.upload(params, p0.data(), P * sizeof(float));
@@ -315,7 +321,7 @@ MaxErrors run_variant(const Variant& v) {
     be.free_bytes(params);
     be.free_bytes(grads);
     stat_check("grad_norm", os.grad_norm, tensor(out, "grad_norm")[0], 1e-5);
-    if (std::string(name) == "muonclip") {
+    if (id == OptimizerName::MuonClip) {
       int expect_clipped = 0;
       for (double s : all) expect_clipped += s > tau;
       CHECK(os.clipped_heads == expect_clipped);

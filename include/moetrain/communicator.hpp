@@ -1,7 +1,13 @@
 // The Communicator: collectives over the ranks of a data-parallel job. LocalComm is the world of
 // one process (every collective is a copy or nothing); MpiComm (CPU buffers) and NcclComm (GPU
-// buffers) implement the same interface across processes. Buffers are device buffers of the
-// backend in use.
+// buffers) implement the same interface across processes. make_runtime (runtime.hpp) picks the
+// communicator together with the backend, so the two agree on where buffers live.
+//
+// Two kinds of arguments:
+//   - data: the `void*` / `V*` buffers of all_reduce, reduce_scatter, all_gather and broadcast are
+//     DEVICE buffers of the run's backend (host memory on the CPU backend, GPU memory on CUDA);
+//   - host scalars: reduce_host takes HOST arrays (losses, S_max, expert loads, optimizer
+//     statistics), all reduced in one collective, so a step batches them into one call.
 //
 // bytes_moved() counts what this rank sends under the ring algorithms (the bandwidth cost model
 // of NCCL and of large-message MPI): all-reduce 2(N-1)/N of the buffer, reduce-scatter and
@@ -10,7 +16,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <utility>
+#include <vector>
+
+#include "moetrain/backend.hpp"
 
 namespace moetrain {
 
@@ -52,8 +63,10 @@ class Communicator {
   virtual void all_gather(const void* send, void* recv, std::size_t count, DType type) = 0;
   virtual void broadcast(void* data, std::size_t bytes, int root) = 0;
   virtual void barrier() = 0;
-  // Ends every rank of the job now (after a fatal error on this one).
-  [[noreturn]] virtual void abort(int code) = 0;
+  // Host arrays: sums[i] becomes the sum over ranks, maxes[i] the maximum, in one collective.
+  // Every rank gets the same bits (the sums are taken in rank order on each rank).
+  virtual void reduce_host(double* sums, std::size_t n_sums, double* maxes,
+                           std::size_t n_maxes) = 0;
 
   std::uint64_t bytes_moved() const { return bytes_moved_; }
 
@@ -73,37 +86,45 @@ class Communicator {
 
  protected:
   static std::size_t type_size(DType t) { return (t == DType::F64 || t == DType::I64) ? 8 : 4; }
+  // reduce_host from every rank's [sums..., maxes...] gathered in rank order.
+  static void reduce_gathered(const std::vector<double>& gathered, int world, double* sums,
+                              std::size_t n_sums, double* maxes, std::size_t n_maxes);
   std::uint64_t bytes_moved_ = 0;
 };
 
 class LocalComm final : public Communicator {
  public:
-  // The one copy a world of one does (reduce-scatter and all-gather): host memmove by default; a
-  // GPU backend's world of one passes a device copy.
-  using CopyFn = void (*)(const void* src, void* dst, std::size_t bytes);
-  explicit LocalComm(CopyFn copy = host_copy) : copy_(copy) {}
+  // The one copy a world of one does (reduce-scatter and all-gather into another buffer): the
+  // backend's own copy, so it runs in order with the backend's work (on its stream on a GPU).
+  using CopyFn = std::function<void(void* dst, const void* src, std::size_t bytes)>;
+  explicit LocalComm(CopyFn copy) : copy_(std::move(copy)) {}
   int rank() const override { return 0; }
   int world() const override { return 1; }
   const char* name() const override { return "local"; }
   void all_reduce(void*, std::size_t, DType, ReduceOp) override {}
   void reduce_scatter(const void* send, void* recv, std::size_t count, DType type,
                       ReduceOp) override {
-    if (send != recv) copy_(send, recv, count * type_size(type));
+    if (send != recv) copy_(recv, send, count * type_size(type));
   }
   void all_gather(const void* send, void* recv, std::size_t count, DType type) override {
-    if (send != recv) copy_(send, recv, count * type_size(type));
+    if (send != recv) copy_(recv, send, count * type_size(type));
   }
   void broadcast(void*, std::size_t, int) override {}
   void barrier() override {}
-  [[noreturn]] void abort(int code) override;
+  void reduce_host(double*, std::size_t, double*, std::size_t) override {}
 
  private:
-  static void host_copy(const void* src, void* dst, std::size_t bytes);
   CopyFn copy_;
 };
 
-// The communicator of this process: MpiComm when launched by mpirun or srun (their environment
-// says so), else LocalComm.
-std::unique_ptr<Communicator> make_communicator();
+// A world of one over `backend`'s buffers.
+template <typename T>
+std::unique_ptr<LocalComm> make_local_comm(Backend<T>& backend) {
+  return std::make_unique<LocalComm>(
+      [&backend](void* dst, const void* src, std::size_t bytes) { backend.copy(dst, src, bytes); });
+}
+
+// Whether this process was started by mpirun or srun (their environment says so).
+bool launched_by_mpi();
 
 }  // namespace moetrain

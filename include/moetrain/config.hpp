@@ -12,9 +12,9 @@
 
 #include <nlohmann/json.hpp>
 
-namespace moetrain {
+#include "moetrain/op_shapes.hpp"
 
-enum class RouterType { SoftmaxTopK, SigmoidBias };
+namespace moetrain {
 
 struct MoeConfig {
   int n_experts = 8;
@@ -61,8 +61,17 @@ struct GroupConfig {
   double weight_decay = 0.1;
 };
 
+// Enumerators in the order of the schema's choices (src/config/config.cpp); to_string gives the
+// config spelling.
+enum class OptimizerName { AdamW, Muon, MuonClip };
+enum class MuonScale { MatchRmsAdamW, Original };
+enum class LrSchedule { Cosine, Wsd, Constant };
+const char* to_string(OptimizerName v);
+const char* to_string(MuonScale v);
+const char* to_string(LrSchedule v);
+
 struct OptimConfig {
-  std::string name = "muonclip";  // adamw | muon | muonclip
+  OptimizerName name = OptimizerName::MuonClip;
   double lr = 3e-3;
   GroupConfig muon_group;
   GroupConfig adamw_group;
@@ -72,11 +81,11 @@ struct OptimConfig {
   double momentum = 0.95;
   bool nesterov = true;
   int ns_steps = 5;
-  std::string muon_scale = "match_rms_adamw";  // match_rms_adamw | original
+  MuonScale muon_scale = MuonScale::MatchRmsAdamW;
   double qk_clip_tau = 100.0;
   double qk_clip_alpha = 0.5;
   double grad_clip = 1.0;           // 0 disables
-  std::string schedule = "cosine";  // cosine | wsd | constant
+  LrSchedule schedule = LrSchedule::Cosine;
   int warmup_steps = 20;
   double min_lr_ratio = 0.1;
   double decay_fraction = 0.2;  // wsd: share of steps spent decaying
@@ -151,12 +160,6 @@ void apply_override(nlohmann::json& j, const std::string& assignment);
 nlohmann::json config_to_json(const Config& c);
 
 // Derived quantities.
-inline int kv_dim(const ModelConfig& m) {
-  return m.n_kv_heads * m.head_dim;
-}
-inline int q_dim(const ModelConfig& m) {
-  return m.n_heads * m.head_dim;
-}
 inline bool is_moe_layer(const ModelConfig& m, int layer) {
   return layer >= m.dense_layers;
 }

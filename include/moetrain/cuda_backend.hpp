@@ -1,6 +1,6 @@
 // The CUDA backend, seen from plain C++: device detection and a factory. The class itself
 // (src/backend/cuda/) needs the CUDA headers; nothing here does, so the trainer and the CLI include
-// this in every build. In a build without the CUDA toolkit, cuda_backend_built() is false and
+// this in every build. In a build without the CUDA toolkit, probe_cuda_devices() finds none and
 // make_cuda_backend() throws.
 #pragma once
 
@@ -11,9 +11,6 @@
 #include "moetrain/backend.hpp"
 
 namespace moetrain {
-
-// Whether this binary contains the CUDA backend (the toolkit was found at build time).
-bool cuda_backend_built();
 
 struct CudaDevices {
   int count = 0;      // usable GPUs (0 when none, or when the driver/runtime refuses)

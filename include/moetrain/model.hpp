@@ -1,5 +1,7 @@
-// The MoE transformer (DESIGN §3): parameters in one buffer (see ParamLayout), activations in one
-// planned arena, forward and backward as sequences of Backend ops.
+// The MoE transformer (docs/design.md §3): parameters in one buffer (see ParamLayout), activations
+// in one planned arena, forward and backward as lists of layer steps (src/model/: the attention
+// block and head here, the SwiGLU FFN in ffn.cpp, the MoE layer's router, dispatcher and experts
+// in moe/).
 //
 //   x = embed[tokens]
 //   per layer: x += Attn(RMSNorm(x));  x += FFN(RMSNorm(x))   (dense SwiGLU, or MoE)
@@ -8,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "moetrain/backend.hpp"
@@ -24,7 +27,7 @@ struct ForwardStats {
   double ce_sum = 0;     // their sum, and their number (for averaging across batches/ranks)
   std::int64_t ce_tokens = 0;
   std::vector<double> aux, z, entropy;          // per layer: L_aux, L_z, mean router entropy
-  std::vector<std::vector<std::int32_t>> load;  // per layer: assignments per expert
+  std::vector<std::vector<std::int32_t>> load;  // per layer: assignments per expert (this batch)
   std::vector<std::vector<double>> smax;        // per layer, per query head: max q.k/sqrt(hd)
 };
 
@@ -46,13 +49,18 @@ class Model {
 
   T* params() { return params_; }
   T* grads() { return grads_; }
-  // Per-layer expert bias of the sigmoid_bias router ([n_layers][n_experts], a buffer, not a
-  // parameter: it steers selection only).
-  T* expert_bias() { return expert_bias_; }
 
-  // The sigmoid_bias router's load balancing (DeepSeek-V3), after each optimizer step:
-  // b_e += rate * sign(mean load - load_e), per MoE layer, loads counted over the global batch.
-  void update_expert_bias(const std::vector<std::vector<std::int64_t>>& loads, double rate);
+  // The routers' expert loads counted by forward_backward since the last take, per layer
+  // ([n_layers][n_experts]; empty for dense layers), and a fresh count.
+  std::vector<std::vector<std::int64_t>> take_router_loads();
+  // The sigmoid_bias routers' bias update with the loads summed over the global batch (see
+  // Router::update_bias); layers with empty loads are left as they are.
+  void update_router_biases(const std::vector<std::vector<std::int64_t>>& loads, double rate);
+  // The routers' expert biases as checkpoint state, [n_layers][n_experts] (zeros for dense
+  // layers), and back (errors name `source`).
+  std::vector<std::vector<double>> expert_bias_state() const;
+  void load_expert_bias_state(const std::vector<std::vector<double>>& bias,
+                              const std::string& source);
 
   // Normal(0, std) weights per ParamLayout, gains 1; deterministic in `seed`.
   void init_weights(std::uint64_t seed);
@@ -70,12 +78,11 @@ class Model {
   const ForwardStats& stats() const { return stats_; }
 
  private:
-  struct LayerActs;
+  struct Layer;
   void run_forward(const std::int32_t* tokens, const std::int32_t* targets, double ce_grad_scale);
   void run_backward(double grad_scale);
-  void swiglu_forward(const SwiGluOffsets& w, const T* x, int rows, T* h, T* act, T* out);
-  void swiglu_backward(const SwiGluOffsets& w, const T* x, int rows, const T* h, const T* act,
-                       const T* dout, T* dx, bool accumulate_dx);
+  void attention_forward(Layer& l, const T* x);
+  void attention_backward(Layer& l, const T* x);
   void collect_stats(double ce_sum, std::int64_t ce_tokens);
   static std::int64_t count_valid(const std::int32_t* targets, int n);
 
@@ -86,18 +93,27 @@ class Model {
   AttentionShape att_;
   T* params_ = nullptr;
   T* grads_ = nullptr;
-  T* expert_bias_ = nullptr;
   void* arena_ = nullptr;
+  std::vector<std::unique_ptr<Layer>> layers_;
 
-  // Activations (arena).
-  std::int32_t *tokens_ = nullptr, *targets_ = nullptr;
-  std::vector<T*> resid_;  // n_layers + 1 residual streams [N, d]
-  std::vector<LayerActs> acts_;
-  T *final_norm_ = nullptr, *final_rstd_ = nullptr, *logits_ = nullptr, *losses_ = nullptr;
-  T *rope_cos_ = nullptr, *rope_sin_ = nullptr, *tmp_ = nullptr;
-  // Backward scratch (arena), reused by every layer.
-  T *dres_ = nullptr, *dnorm_ = nullptr, *datt_ = nullptr, *dqkv_ = nullptr, *dh_ = nullptr,
-    *dact_ = nullptr, *dyg_ = nullptr, *dxg_ = nullptr, *dgates_ = nullptr, *drouter_ = nullptr;
+  // Activations in the arena (N = batch * seq tokens, d = d_model, V = vocab).
+  std::int32_t* tokens_ = nullptr;   // [N]
+  std::int32_t* targets_ = nullptr;  // [N]
+  std::vector<T*> resid_;            // n_layers + 1 residual streams, each [N, d]
+  T* final_norm_ = nullptr;          // [N, d]
+  T* final_rstd_ = nullptr;          // [N]
+  T* logits_ = nullptr;              // [N, V]; dlogits after a training forward
+  T* losses_ = nullptr;              // [N]
+  T* rope_cos_ = nullptr;            // [seq, head_dim / 2]
+  T* rope_sin_ = nullptr;            // [seq, head_dim / 2]
+  T* tmp_ = nullptr;                 // [N, d]  the MoE combine's scratch
+  // Backward scratch in the arena, reused by every layer.
+  T* dres_ = nullptr;   // [N, d]  gradient of the residual stream
+  T* dnorm_ = nullptr;  // [N, d]  gradient of a norm's output
+  T* datt_ = nullptr;   // [N, n_heads * head_dim]
+  T* dqkv_ = nullptr;   // [N, (n_heads + 2 n_kv_heads) * head_dim]
+  struct Scratch;  // the FFN and MoE blocks' backward scratch (model.cpp)
+  std::unique_ptr<Scratch> scratch_;
 
   ForwardStats stats_;
   std::vector<T> host_losses_;

@@ -5,7 +5,7 @@
 // Every collective runs on a stream NcclComm owns and has completed when the call returns, like
 // MpiComm, so the caller can read the result at once. Before enqueuing, it waits for all earlier
 // work on the device: the interface does not say which stream produced the buffers. Host pointers
-// are accepted too (the trainer all-reduces host scalars) and go through a device staging buffer.
+// are accepted too and go through a device staging buffer; host scalars use reduce_host (MPI).
 //
 // Errors throw std::runtime_error naming the rank; a rank without a GPU of its own fails at
 // construction, and so do its peers, rather than leaving them waiting in the bootstrap.
@@ -36,7 +36,8 @@ class NcclComm final : public Communicator {
   void all_gather(const void* send, void* recv, std::size_t count, DType type) override;
   void broadcast(void* data, std::size_t bytes, int root) override;
   void barrier() override;
-  [[noreturn]] void abort(int code) override;
+  // Host scalars travel over MPI, which launched the job anyway.
+  void reduce_host(double* sums, std::size_t n_sums, double* maxes, std::size_t n_maxes) override;
 
   // The CUDA device this rank drives; the backend must allocate its buffers on the same one.
   int device() const { return device_; }
@@ -51,8 +52,7 @@ class NcclComm final : public Communicator {
   int local_rank_ = 0;
 };
 
-// The communicator of a CUDA-backend process: NcclComm when launched by mpirun or srun (the same
-// environment test as make_communicator), else LocalComm, since one process has no peers.
-std::unique_ptr<Communicator> make_nccl_communicator();
+// A NcclComm for a job launched by mpirun or srun (an error in a build without the toolkit).
+std::unique_ptr<Communicator> make_nccl_comm();
 
 }  // namespace moetrain

@@ -1,11 +1,12 @@
-// The optimizers of DESIGN §4 over the model's flat parameter buffer:
+// The optimizer step (docs/design.md §4, §5) over the model's flat parameter buffer, by optim.name:
 //   adamw    : every parameter with AdamW;
-//   muon     : the Muon group (2D hidden weights: q/k/v/o, dense, expert and shared-expert
-//   w1/w2/w3,
-//              each matrix orthogonalised on its own) with Muon, the rest (embeddings, lm_head,
-//              norm gains, routers) with AdamW;
+//   muon     : the matrix group (2D hidden weights: q/k/v/o, dense, expert and shared-expert
+//              w1/w2/w3, each matrix orthogonalised on its own) with Muon; the rest (embeddings,
+//              lm_head, norm gains, routers) with AdamW;
 //   muonclip : muon, then per-head QK-clip from the step's recorded S_max.
-// Global gradient-norm clipping happens first, over all parameters.
+// Global gradient-norm clipping happens first, over all parameters. The work is split over the
+// ranks by ZeRO-1 (src/optim/zero1.hpp); the update rules are src/optim/adamw.cpp, muon.cpp and
+// qk_clip.cpp.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +24,7 @@ namespace moetrain {
 
 struct OptimizerStats {
   double grad_norm = 0;         // global L2 norm before clipping
-  double update_rms_muon = 0;   // RMS of s*O over the Muon group (0 without one)
+  double update_rms_muon = 0;   // RMS of s*O over the matrix group (0 without one)
   double update_rms_adamw = 0;  // RMS of m_hat / (sqrt(v_hat) + eps) over the AdamW group
   int clipped_heads = 0;        // query heads whose S_max exceeded tau (muonclip)
 };
@@ -31,11 +32,10 @@ struct OptimizerStats {
 template <typename T>
 class Optimizer {
  public:
-  // Single process.
-  Optimizer(const Config& cfg, const ParamLayout& layout, Backend<T>& backend);
-  // Data parallel with ZeRO-1 over `comm` (nullptr: single process). Each rank passes its own
-  // unreduced gradients; the optimizer averages them.
-  Optimizer(const Config& cfg, const ParamLayout& layout, Backend<T>& backend, Communicator* comm);
+  // Data parallel with ZeRO-1 over `comm`; nullptr: a world of one whose copies are `backend`'s.
+  // Each rank passes its own unreduced gradients; the optimizer averages them.
+  Optimizer(const Config& cfg, const ParamLayout& layout, Backend<T>& backend,
+            Communicator* comm = nullptr);
   ~Optimizer();
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
@@ -47,10 +47,9 @@ class Optimizer {
                       const std::vector<std::vector<double>>& smax);
 
   std::int64_t step_count() const { return t_; }
-  // Bytes of optimizer state this rank holds (AdamW m, v shard; momentum of owned matrices).
+  // Bytes of optimizer state this rank holds (AdamW m, v shard; the matrix optimizer's state).
   std::size_t state_bytes() const;
-  // The Muon matrices this rank owns (and orthogonalises each step).
-  int owned_matrices() const;
+  // The matrices this rank owns (and orthogonalises each step).
   std::vector<std::string> owned_matrix_names() const;
   // Matrices this rank ran Newton-Schulz on during the last step.
   int orthogonalised_last_step() const;

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "moetrain/communicator.hpp"
+#include "moetrain/runtime.hpp"
 #include "moetrain/config.hpp"
 
 namespace moetrain {
@@ -20,7 +20,7 @@ struct TrainOptions {
 // Runs training; returns the process exit code (0 on completion or graceful stop). Errors that
 // stop the run (non-finite loss, bad data, bad checkpoint) are thrown as std::runtime_error after
 // everything already written has been left intact.
-int run_training(const Config& cfg, Communicator& comm, const TrainOptions& opts);
+int run_training(const Config& cfg, Runtime& rt, const TrainOptions& opts);
 
 // Installs SIGINT/SIGTERM handlers that ask the running training loop to checkpoint and stop.
 void install_stop_signal_handlers();

@@ -6,10 +6,6 @@
 
 namespace moetrain {
 
-bool cuda_backend_built() {
-  return false;
-}
-
 CudaDevices probe_cuda_devices() {
   CudaDevices none;
   none.error = "this build of moetrain has no CUDA backend (built without the CUDA toolkit)";

@@ -15,7 +15,7 @@
 #include "moetrain/optimizer.hpp"
 #include "moetrain/profiling_backend.hpp"
 #include "moetrain/rng.hpp"
-#include "moetrain/select_backend.hpp"
+#include "moetrain/runtime.hpp"
 
 namespace moetrain::cli {
 
@@ -40,8 +40,8 @@ void run_bench(const BenchOptions& o) {
   const Config cfg = load_config(o.config, o.overrides);
   const ModelConfig& m = cfg.model;
 
-  const auto backend = select_backend(cfg, true);
-  Backend<float>& be = *backend;
+  const Runtime rt = make_runtime(cfg);
+  Backend<float>& be = *rt.backend;
   const double peak = measure_gemm_peak_gflops(be, o.peak_size);
 
   const int B = cfg.data.batch_size, T = m.seq_len, N = B * T;
@@ -103,7 +103,7 @@ void run_bench(const BenchOptions& o) {
                         {"achieved_gflops", gflops},
                         {"sgemm_peak_gflops", peak},
                         {"mfu", mfu},
-                        {"optimizer", cfg.optim.name},
+                        {"optimizer", to_string(cfg.optim.name)},
                         {"optimizer_seconds", opt_s},
                         {"grad_accum", cfg.train.grad_accum},
                         {"optimizer_share", opt_share},
@@ -137,7 +137,7 @@ void run_bench(const BenchOptions& o) {
   std::printf(
       "  optimizer  %s step %.1f ms; with train.grad_accum=%d (%d tokens per step) it is "
       "%.1f%% of the step (%.2f s fwd+bwd + %.2f s optimizer)\n",
-      cfg.optim.name.c_str(), opt_s * 1e3, cfg.train.grad_accum, N * cfg.train.grad_accum,
+      to_string(cfg.optim.name), opt_s * 1e3, cfg.train.grad_accum, N * cfg.train.grad_accum,
       100 * opt_share, mean * cfg.train.grad_accum, opt_s);
   if (!o.profile) return;
   std::printf(

@@ -6,7 +6,7 @@
 #include "cli/commands.hpp"
 #include "cli/common.hpp"
 #include "moetrain/data_loader.hpp"
-#include "moetrain/select_backend.hpp"
+#include "moetrain/runtime.hpp"
 
 namespace moetrain::cli {
 
@@ -21,8 +21,8 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--set", o->sets, "Override a config field, e.g. data.val_pattern=...");
   cmd->callback([o] {
     const Config cfg = checkpoint_config(o->checkpoint, o->sets);
-    const auto be = select_backend(cfg, true);
-    auto model = load_checkpoint_model(o->checkpoint, cfg, *be, cfg.data.batch_size);
+    const Runtime rt = make_runtime(cfg);
+    auto model = load_checkpoint_model(o->checkpoint, cfg, *rt.backend, cfg.data.batch_size);
     EvalLoader val(match_shards(cfg.data.val_pattern, "data.val_pattern"),
                    std::uint32_t(cfg.model.vocab_size), cfg.data.batch_size, cfg.model.seq_len, 0,
                    1, "data.val_pattern '" + cfg.data.val_pattern + "'");

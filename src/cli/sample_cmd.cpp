@@ -9,7 +9,7 @@
 #include "cli/commands.hpp"
 #include "cli/common.hpp"
 #include "moetrain/rng.hpp"
-#include "moetrain/select_backend.hpp"
+#include "moetrain/runtime.hpp"
 #include "moetrain/tokenizer.hpp"
 
 namespace fs = std::filesystem;
@@ -76,7 +76,8 @@ void add_sample_command(CLI::App& app) {
       throw std::runtime_error(tok_path + ": tokenizer has " + std::to_string(tok.vocab_size()) +
                                " tokens, the model only " + std::to_string(cfg.model.vocab_size));
     // Quiet: the sampled text is this command's whole output.
-    const auto be = select_backend(cfg, false);
+    const Runtime rt = make_runtime(cfg, /*quiet=*/true);
+    Backend<float>* be = rt.backend.get();
     auto model = load_checkpoint_model(o->checkpoint, cfg, *be, 1);
     const int T = cfg.model.seq_len, V = cfg.model.vocab_size;
     std::vector<std::uint32_t> ids = {tok.eot_id()};  // documents start after an end-of-text

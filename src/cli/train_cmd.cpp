@@ -5,8 +5,7 @@
 
 #include "cli/commands.hpp"
 #include "cli/common.hpp"
-#include "moetrain/nccl_comm.hpp"
-#include "moetrain/select_backend.hpp"
+#include "moetrain/runtime.hpp"
 #include "moetrain/trainer.hpp"
 
 namespace moetrain::cli {
@@ -37,9 +36,8 @@ void add_train_command(CLI::App& app) {
     opts.resume = !o->resume_from.empty() ? o->resume_from : (o->resume ? "latest" : "");
     opts.stop_at = o->stop_at;
     install_stop_signal_handlers();
-    // GPU buffers travel over NCCL, host buffers over MPI.
-    const auto comm = selects_cuda(cfg) ? make_nccl_communicator() : make_communicator();
-    const int rc = run_training(cfg, *comm, opts);
+    Runtime rt = make_runtime(cfg);
+    const int rc = run_training(cfg, rt, opts);
     if (rc != 0) throw CLI::RuntimeError(rc);
   });
 }

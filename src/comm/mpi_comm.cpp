@@ -1,5 +1,7 @@
 #include "moetrain/mpi_comm.hpp"
 
+#include <vector>
+
 #include <mpi.h>
 
 #include <climits>
@@ -90,15 +92,12 @@ void MpiComm::broadcast(void* data, std::size_t bytes, int root) {
 
 void MpiComm::barrier() { check(MPI_Barrier(MPI_COMM_WORLD), rank_, "barrier"); }
 
-void MpiComm::abort(int code) {
-  MPI_Abort(MPI_COMM_WORLD, code);
-  std::exit(code);
-}
-
-std::unique_ptr<Communicator> make_communicator() {
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
-    if (std::getenv(var)) return std::make_unique<MpiComm>();
-  return std::make_unique<LocalComm>();
+void MpiComm::reduce_host(double* sums, std::size_t n_sums, double* maxes, std::size_t n_maxes) {
+  std::vector<double> mine(sums, sums + n_sums);
+  mine.insert(mine.end(), maxes, maxes + n_maxes);
+  std::vector<double> all(mine.size() * std::size_t(world_));
+  all_gather(mine.data(), all.data(), mine.size(), DType::F64);
+  reduce_gathered(all, world_, sums, n_sums, maxes, n_maxes);
 }
 
 }  // namespace moetrain

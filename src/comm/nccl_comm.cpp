@@ -321,29 +321,14 @@ void NcclComm::barrier() {
   mpi_.barrier();
 }
 
-void NcclComm::abort(int code) {
-  // Abort, never destroy: peers may be stuck in a collective with this rank, and ncclCommDestroy
-  // would wait for them.
-  if (impl_ && impl_->comm) {
-    ncclCommAbort(impl_->comm);
-    impl_->comm = nullptr;
-  }
-  mpi_.abort(code);
+void NcclComm::reduce_host(double* sums, std::size_t n_sums, double* maxes, std::size_t n_maxes) {
+  const std::uint64_t before = mpi_.bytes_moved();
+  mpi_.reduce_host(sums, n_sums, maxes, n_maxes);
+  bytes_moved_ += mpi_.bytes_moved() - before;
 }
 
-std::unique_ptr<Communicator> make_nccl_communicator() {
-  // The launcher test of make_communicator (mpi_comm.cpp); keep the two lists alike.
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
-    if (std::getenv(var)) return std::make_unique<NcclComm>();
-  // A world of one still holds device buffers: its copies go through the CUDA runtime, after the
-  // backend's stream (non-blocking, so not ordered with this copy) has finished writing them.
-  return std::make_unique<LocalComm>([](const void* src, void* dst, std::size_t bytes) {
-    if (!bytes) return;
-    cudaError_t rc = cudaDeviceSynchronize();
-    if (rc == cudaSuccess) rc = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
-    if (rc != cudaSuccess)
-      throw std::runtime_error("CUDA copy of a world of one failed: " + cuda_text(rc));
-  });
+std::unique_ptr<Communicator> make_nccl_comm() {
+  return std::make_unique<NcclComm>();
 }
 
 }  // namespace moetrain

@@ -5,7 +5,7 @@
 
 namespace moetrain {
 
-std::unique_ptr<Communicator> make_nccl_communicator() {
+std::unique_ptr<Communicator> make_nccl_comm() {
   throw std::runtime_error(
       "this build of moetrain has no NCCL communicator (built without the "
       "CUDA toolkit)");

@@ -6,6 +6,7 @@
 
 #include "moetrain/config.hpp"
 
+#include <array>
 #include <algorithm>
 #include <cerrno>
 #include <climits>
@@ -251,6 +252,16 @@ Field one_of(const char* path, Access access, std::vector<std::string> choices,
   return f;
 }
 
+// The config spellings of the enums, in enumerator order (config.hpp).
+constexpr std::array<const char*, 3> kOptimizerNames = {"adamw", "muon", "muonclip"};
+constexpr std::array<const char*, 2> kMuonScales = {"match_rms_adamw", "original"};
+constexpr std::array<const char*, 3> kLrSchedules = {"cosine", "wsd", "constant"};
+
+template <std::size_t N>
+std::vector<std::string> spellings(const std::array<const char*, N>& names) {
+  return {names.begin(), names.end()};
+}
+
 // The JSON path and the member it names, written once.
 #define MOETRAIN_FIELD(member)    \
 #member, [](auto& c) -> auto& { \
@@ -313,7 +324,7 @@ const std::vector<Field>& fields() {
                         "Sequences per micro-batch per rank"));
     t.push_back(boolean(MOETRAIN_FIELD(data.shuffle), "Shuffle the order of training sequences"));
     // optim
-    t.push_back(one_of(MOETRAIN_FIELD(optim.name), {"adamw", "muon", "muonclip"},
+    t.push_back(one_of(MOETRAIN_FIELD(optim.name), spellings(kOptimizerNames),
                        "Optimizer of the 2D hidden weights (the rest always uses AdamW)"));
     t.push_back(number(MOETRAIN_FIELD(optim.lr), above(0), "Peak learning rate"));
     t.push_back(number(MOETRAIN_FIELD(optim.muon_group.lr_scale), above(0),
@@ -332,7 +343,7 @@ const std::vector<Field>& fields() {
     t.push_back(boolean(MOETRAIN_FIELD(optim.nesterov), "Muon: Nesterov momentum"));
     t.push_back(
         integer(MOETRAIN_FIELD(optim.ns_steps), at_least(1), "Muon: Newton-Schulz iterations"));
-    t.push_back(one_of(MOETRAIN_FIELD(optim.muon_scale), {"match_rms_adamw", "original"},
+    t.push_back(one_of(MOETRAIN_FIELD(optim.muon_scale), spellings(kMuonScales),
                        "Muon scale: 0.2*sqrt(max(A,B)) (AdamW-like RMS) or sqrt(max(1,A/B))"));
     t.push_back(number(MOETRAIN_FIELD(optim.qk_clip_tau), above(0),
                        "MuonClip: attention-logit threshold tau of QK-clip"));
@@ -340,7 +351,7 @@ const std::vector<Field>& fields() {
                        "MuonClip: share of the clip applied to q (the rest to k)"));
     t.push_back(number(MOETRAIN_FIELD(optim.grad_clip), at_least(0),
                        "Global gradient-norm clip (0 disables)"));
-    t.push_back(one_of(MOETRAIN_FIELD(optim.schedule), {"cosine", "wsd", "constant"},
+    t.push_back(one_of(MOETRAIN_FIELD(optim.schedule), spellings(kLrSchedules),
                        "LR schedule after warmup: cosine, warmup-stable-decay or constant"));
     t.push_back(integer(MOETRAIN_FIELD(optim.warmup_steps), at_least(0),
                         "Linear warmup steps; at most train.steps"));
@@ -515,6 +526,16 @@ std::string trim(const std::string& s) {
 }
 
 }  // namespace
+
+const char* to_string(OptimizerName v) {
+  return kOptimizerNames.at(static_cast<std::size_t>(v));
+}
+const char* to_string(MuonScale v) {
+  return kMuonScales.at(static_cast<std::size_t>(v));
+}
+const char* to_string(LrSchedule v) {
+  return kLrSchedules.at(static_cast<std::size_t>(v));
+}
 
 const std::vector<ConfigField>& config_schema() {
   static const std::vector<ConfigField> schema = [] {

@@ -4,66 +4,62 @@
 #include <stdexcept>
 
 #include "model/arena.hpp"
+#include "model/ffn.hpp"
+#include "model/linear.hpp"
+#include "model/moe/moe_layer.hpp"
 #include "moetrain/rng.hpp"
 
 namespace moetrain {
 
-namespace {
-
-// y[N,out] = x[N,in] W[out,in]^T (+ y when accumulate)
+// One transformer layer: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), FFN dense SwiGLU or MoE.
+// Shapes: N tokens, d = d_model, H query heads, Hkv kv heads, hd = head_dim.
 template <typename T>
-void linear_forward(Backend<T>& be, T* y, const T* x, const T* W, int N, int in, int out,
-                    bool accumulate = false) {
-  be.gemm(false, true, N, out, in, T(1), x, in, W, in, T(accumulate ? 1 : 0), y, out);
-}
+struct Model<T>::Layer {
+  int index = 0;
+  const LayerOffsets* w = nullptr;
+  T* an1 = nullptr;        // [N, d]  RMSNorm(x) into attention
+  T* rstd1 = nullptr;      // [N]
+  T* qkv = nullptr;        // [N, (H + 2 Hkv) hd]  q, k (both rotated) and v
+  T* att_saved = nullptr;  // [attention_saved_elems]  what the backend keeps for backward
+  T* att_out = nullptr;    // [N, H hd]
+  T* mid = nullptr;        // [N, d]  x + Attn(...): the residual between the two blocks
+  T* an2 = nullptr;        // [N, d]  RMSNorm(mid) into the FFN
+  T* rstd2 = nullptr;      // [N]
+  T* smax = nullptr;       // [H]  max logit per query head (QK-clip)
+  FfnActs<T> dense;                // dense layers
+  std::unique_ptr<MoeLayer<T>> moe;  // MoE layers
+};
 
-// dx[N,in] (+)= dy[N,out] W[out,in];  dW[out,in] += dy^T x
 template <typename T>
-void linear_backward(Backend<T>& be, T* dx, T* dW, const T* dy, const T* x, const T* W, int N,
-                     int in, int out, bool accumulate_dx) {
-  be.gemm(false, false, N, in, out, T(1), dy, out, W, in, T(accumulate_dx ? 1 : 0), dx, in);
-  be.gemm(true, false, out, in, N, T(1), dy, out, x, in, T(1), dW, in);
-}
-
-}  // namespace
-
-template <typename T>
-struct Model<T>::LayerActs {
-  T *an1 = nullptr, *rstd1 = nullptr, *qkv = nullptr, *att_saved = nullptr, *att_out = nullptr;
-  T *mid = nullptr, *an2 = nullptr, *rstd2 = nullptr, *smax = nullptr;
-  T *h = nullptr, *act = nullptr;  // dense SwiGLU
-  // MoE: router, grouped expert activations
-  T *rlogits = nullptr, *scores = nullptr, *gates = nullptr, *router_stats = nullptr;
-  T *xg = nullptr, *hg = nullptr, *actg = nullptr, *yg = nullptr;
-  std::int32_t *topk = nullptr, *counts = nullptr, *offsets = nullptr, *pos = nullptr;
-  std::vector<T*> sh, sact;                // shared experts
-  std::vector<std::int32_t> host_offsets;  // offsets on the host, to size the expert GEMMs
+struct Model<T>::Scratch {
+  FfnScratch<T> ffn;                     // the largest SwiGLU block's [rows, 2 ff], [rows, ff]
+  typename MoeLayer<T>::Scratch moe;     // the MoE layers' (its ffn member aliases ffn)
 };
 
 template <typename T>
 Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
-    : cfg_(cfg), be_(backend), batch_(batch), layout_(cfg) {
+    : cfg_(cfg), be_(backend), batch_(batch), layout_(cfg), scratch_(std::make_unique<Scratch>()) {
   if (cfg_.head_dim <= 0) throw std::invalid_argument("Model: head_dim must be resolved (> 0)");
   if (batch <= 0) throw std::invalid_argument("Model: batch must be >= 1");
   att_ = AttentionShape{batch, cfg_.seq_len, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim};
   const std::size_t N = std::size_t(tokens()), d = std::size_t(cfg_.d_model);
-  const int L = cfg_.n_layers, E = cfg_.moe.n_experts, K = cfg_.moe.top_k;
-  const std::size_t NK = N * std::size_t(K);
+  const std::size_t E = std::size_t(cfg_.moe.n_experts), NK = N * std::size_t(cfg_.moe.top_k);
 
   params_ = static_cast<T*>(be_.alloc_bytes(layout_.total() * sizeof(T)));
   be_.set_weights(params_, layout_.total());
   grads_ = static_cast<T*>(be_.alloc_bytes(layout_.total() * sizeof(T)));
-  expert_bias_ = static_cast<T*>(be_.alloc_bytes(std::size_t(L) * E * sizeof(T)));
 
   ArenaPlan plan;
   plan.request(tokens_, N);
   plan.request(targets_, N);
-  resid_.assign(std::size_t(L) + 1, nullptr);
+  resid_.assign(std::size_t(cfg_.n_layers) + 1, nullptr);
   for (auto& r : resid_) plan.request(r, N * d);
-  acts_.resize(std::size_t(L));
-  std::size_t max_h = 0, max_act = 0;  // sizes of the shared backward scratch
-  for (int l = 0; l < L; ++l) {
-    LayerActs& a = acts_[std::size_t(l)];
+  std::size_t ffn_rows_ff = 0;  // the largest rows * ff of a SwiGLU block: sizes its scratch
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    auto layer = std::make_unique<Layer>();
+    Layer& a = *layer;
+    a.index = l;
+    a.w = &layout_.layer(l);
     plan.request(a.an1, N * d);
     plan.request(a.rstd1, N);
     plan.request(a.qkv, N * std::size_t(att_.qkv_width()));
@@ -73,41 +69,17 @@ Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
     plan.request(a.an2, N * d);
     plan.request(a.rstd2, N);
     plan.request(a.smax, std::size_t(cfg_.n_heads));
-    if (!is_moe_layer(cfg_, l)) {
-      const std::size_t ff = std::size_t(cfg_.dense_ff);
-      plan.request(a.h, N * 2 * ff);
-      plan.request(a.act, N * ff);
-      max_h = std::max(max_h, N * 2 * ff);
-      max_act = std::max(max_act, N * ff);
+    if (!a.w->moe) {
+      a.dense.plan(plan, N, std::size_t(cfg_.dense_ff));
+      ffn_rows_ff = std::max(ffn_rows_ff, N * std::size_t(cfg_.dense_ff));
     } else {
-      const std::size_t ff = std::size_t(cfg_.moe.expert_ff);
-      plan.request(a.rlogits, N * E);
-      plan.request(a.scores, N * E);
-      plan.request(a.gates, NK);
-      plan.request(a.router_stats, 3);
-      plan.request(a.topk, NK);
-      plan.request(a.counts, std::size_t(E));
-      plan.request(a.offsets, std::size_t(E) + 1);
-      plan.request(a.pos, NK);
-      plan.request(a.xg, NK * d);
-      plan.request(a.hg, NK * 2 * ff);
-      plan.request(a.actg, NK * ff);
-      plan.request(a.yg, NK * d);
-      max_h = std::max(max_h, NK * 2 * ff);
-      max_act = std::max(max_act, NK * ff);
-      const std::size_t sff = std::size_t(cfg_.moe.shared_ff);
-      a.sh.assign(std::size_t(cfg_.moe.n_shared_experts), nullptr);
-      a.sact.assign(std::size_t(cfg_.moe.n_shared_experts), nullptr);
-      for (int s = 0; s < cfg_.moe.n_shared_experts; ++s) {
-        plan.request(a.sh[std::size_t(s)], N * 2 * sff);
-        plan.request(a.sact[std::size_t(s)], N * sff);
-      }
-      if (cfg_.moe.n_shared_experts > 0) {
-        max_h = std::max(max_h, N * 2 * sff);
-        max_act = std::max(max_act, N * sff);
-      }
-      a.host_offsets.assign(std::size_t(E) + 1, 0);
+      a.moe = std::make_unique<MoeLayer<T>>(cfg_, *a.w, be_, tokens());
+      a.moe->plan(plan);
+      ffn_rows_ff = std::max(ffn_rows_ff, NK * std::size_t(cfg_.moe.expert_ff));
+      if (cfg_.moe.n_shared_experts > 0)
+        ffn_rows_ff = std::max(ffn_rows_ff, N * std::size_t(cfg_.moe.shared_ff));
     }
+    layers_.push_back(std::move(layer));
   }
   plan.request(final_norm_, N * d);
   plan.request(final_rstd_, N);
@@ -120,38 +92,41 @@ Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
   plan.request(dnorm_, N * d);
   plan.request(datt_, N * std::size_t(att_.out_width()));
   plan.request(dqkv_, N * std::size_t(att_.qkv_width()));
-  plan.request(dh_, max_h);
-  plan.request(dact_, max_act);
-  plan.request(dyg_, NK * d);
-  plan.request(dxg_, NK * d);
-  plan.request(dgates_, NK);
-  plan.request(drouter_, N * E);
+  Scratch& s = *scratch_;
+  plan.request(s.ffn.dh, 2 * ffn_rows_ff);
+  plan.request(s.ffn.dact, ffn_rows_ff);
+  plan.request(s.moe.dyg, NK * d);
+  plan.request(s.moe.dxg, NK * d);
+  plan.request(s.moe.dgates, NK);
+  plan.request(s.moe.dlogits, N * E);
   arena_ = plan.commit(be_);
+  s.moe.ffn = s.ffn;
 
   // RoPE tables, computed in double on the host so every backend rotates by the same angles.
   const int half = cfg_.head_dim / 2;
-  std::vector<T> c(std::size_t(cfg_.seq_len) * half), s(c.size());
+  std::vector<T> c(std::size_t(cfg_.seq_len) * half), sn(c.size());
   for (int p = 0; p < cfg_.seq_len; ++p)
     for (int i = 0; i < half; ++i) {
       const double freq = std::pow(cfg_.rope_theta, -2.0 * i / cfg_.head_dim);
       c[std::size_t(p) * half + i] = T(std::cos(p * freq));
-      s[std::size_t(p) * half + i] = T(std::sin(p * freq));
+      sn[std::size_t(p) * half + i] = T(std::sin(p * freq));
     }
   be_.upload(rope_cos_, c.data(), c.size() * sizeof(T));
-  be_.upload(rope_sin_, s.data(), s.size() * sizeof(T));
+  be_.upload(rope_sin_, sn.data(), sn.size() * sizeof(T));
 
-  stats_.aux.assign(std::size_t(L), 0);
-  stats_.z.assign(std::size_t(L), 0);
-  stats_.entropy.assign(std::size_t(L), 0);
-  stats_.load.assign(std::size_t(L), {});
-  stats_.smax.assign(std::size_t(L), std::vector<double>(std::size_t(cfg_.n_heads), 0));
+  const std::size_t L = std::size_t(cfg_.n_layers);
+  stats_.aux.assign(L, 0);
+  stats_.z.assign(L, 0);
+  stats_.entropy.assign(L, 0);
+  stats_.load.assign(L, {});
+  stats_.smax.assign(L, std::vector<double>(std::size_t(cfg_.n_heads), 0));
   host_losses_.resize(N);
 }
 
 template <typename T>
 Model<T>::~Model() {
+  layers_.clear();  // the routers free their biases
   be_.free_bytes(arena_);
-  be_.free_bytes(expert_bias_);
   be_.free_bytes(grads_);
   be_.free_bytes(params_);
 }
@@ -167,24 +142,41 @@ void Model<T>::init_weights(std::uint64_t seed) {
 }
 
 template <typename T>
-void Model<T>::update_expert_bias(const std::vector<std::vector<std::int64_t>>& loads,
-                                  double rate) {
-  const int E = cfg_.moe.n_experts;
-  std::vector<T> bias(std::size_t(cfg_.n_layers) * E);
-  be_.download(bias.data(), expert_bias_, bias.size() * sizeof(T));
-  for (int l = 0; l < cfg_.n_layers; ++l) {
-    const auto& load = loads[std::size_t(l)];
-    if (!is_moe_layer(cfg_, l) || load.empty()) continue;
-    double mean = 0;
-    for (auto c : load) mean += double(c);
-    mean /= E;
-    for (int e = 0; e < E; ++e) {
-      const double diff = mean - double(load[std::size_t(e)]);
-      const double sign = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
-      bias[std::size_t(l) * E + e] += T(rate * sign);
-    }
-  }
-  be_.upload(expert_bias_, bias.data(), bias.size() * sizeof(T));
+std::vector<std::vector<std::int64_t>> Model<T>::take_router_loads() {
+  std::vector<std::vector<std::int64_t>> out(layers_.size());
+  for (std::size_t l = 0; l < layers_.size(); ++l)
+    if (layers_[l]->moe) out[l] = layers_[l]->moe->router().take_loads();
+  return out;
+}
+
+template <typename T>
+void Model<T>::update_router_biases(const std::vector<std::vector<std::int64_t>>& loads,
+                                    double rate) {
+  for (std::size_t l = 0; l < layers_.size() && l < loads.size(); ++l)
+    if (layers_[l]->moe && !loads[l].empty()) layers_[l]->moe->router().update_bias(loads[l], rate);
+}
+
+template <typename T>
+std::vector<std::vector<double>> Model<T>::expert_bias_state() const {
+  std::vector<std::vector<double>> out;
+  for (const auto& layer : layers_)
+    out.push_back(layer->moe ? layer->moe->router().bias_state()
+                             : std::vector<double>(std::size_t(cfg_.moe.n_experts), 0.0));
+  return out;
+}
+
+template <typename T>
+void Model<T>::load_expert_bias_state(const std::vector<std::vector<double>>& bias,
+                                      const std::string& source) {
+  if (bias.size() != layers_.size())
+    throw std::runtime_error(source + ": expert_bias has " + std::to_string(bias.size()) +
+                             " layers, expected " + std::to_string(layers_.size()));
+  for (const auto& row : bias)  // every row is checked before any is loaded
+    if (row.size() != std::size_t(cfg_.moe.n_experts))
+      throw std::runtime_error(source + ": expert_bias rows must have " +
+                               std::to_string(cfg_.moe.n_experts) + " entries");
+  for (std::size_t l = 0; l < layers_.size(); ++l)
+    if (layers_[l]->moe) layers_[l]->moe->router().load_bias_state(bias[l], source);
 }
 
 template <typename T>
@@ -192,82 +184,58 @@ void Model<T>::zero_grads() {
   be_.zero(grads_, layout_.total() * sizeof(T));
 }
 
-// h = x [w1; w3]^T, act = silu(h1) * h3, out += act w2^T
+// mid = x + o_proj(Attn(RoPE(qkv(RMSNorm(x)))))
 template <typename T>
-void Model<T>::swiglu_forward(const SwiGluOffsets& w, const T* x, int rows, T* h, T* act, T* out) {
-  const int d = cfg_.d_model;
-  linear_forward(be_, h, x, params_ + w.w13, rows, d, 2 * w.ff);
-  be_.swiglu_forward(act, h, rows, w.ff);
-  linear_forward(be_, out, act, params_ + w.w2, rows, w.ff, d, /*accumulate=*/true);
+void Model<T>::attention_forward(Layer& a, const T* x) {
+  const int N = tokens(), d = cfg_.d_model, hd = cfg_.head_dim;
+  const LayerOffsets& w = *a.w;
+  be_.rmsnorm_forward(a.an1, a.rstd1, x, params_ + w.attn_norm, N, d, cfg_.norm_eps);
+  linear_forward(be_, a.qkv, a.an1, params_ + w.qkv, N, d, att_.qkv_width());
+  be_.rope_forward(a.qkv, att_.qkv_width(), N, cfg_.seq_len, cfg_.n_heads, hd, rope_cos_,
+                   rope_sin_);
+  be_.rope_forward(a.qkv + std::size_t(cfg_.n_heads) * hd, att_.qkv_width(), N, cfg_.seq_len,
+                   cfg_.n_kv_heads, hd, rope_cos_, rope_sin_);
+  be_.attention_forward(a.att_out, a.att_saved, a.smax, a.qkv, att_);
+  be_.copy(a.mid, x, std::size_t(N) * d * sizeof(T));
+  linear_forward(be_, a.mid, a.att_out, params_ + w.o_proj, N, att_.out_width(), d, true);
 }
 
+// dres_ = d/d(mid) on entry; d/dx on exit (the residual path plus the attention branch).
 template <typename T>
-void Model<T>::swiglu_backward(const SwiGluOffsets& w, const T* x, int rows, const T* h,
-                               const T* act, const T* dout, T* dx, bool accumulate_dx) {
-  const int d = cfg_.d_model;
-  linear_backward(be_, dact_, grads_ + w.w2, dout, act, params_ + w.w2, rows, w.ff, d, false);
-  be_.swiglu_backward(dh_, dact_, h, rows, w.ff);
-  linear_backward(be_, dx, grads_ + w.w13, dh_, x, params_ + w.w13, rows, d, 2 * w.ff,
-                  accumulate_dx);
+void Model<T>::attention_backward(Layer& a, const T* x) {
+  const int N = tokens(), d = cfg_.d_model, hd = cfg_.head_dim;
+  const LayerOffsets& w = *a.w;
+  linear_backward(be_, datt_, grads_ + w.o_proj, dres_, a.att_out, params_ + w.o_proj, N,
+                  att_.out_width(), d, false);
+  be_.attention_backward(dqkv_, datt_, a.qkv, a.att_saved, att_);
+  be_.rope_backward(dqkv_, att_.qkv_width(), N, cfg_.seq_len, cfg_.n_heads, hd, rope_cos_,
+                    rope_sin_);
+  be_.rope_backward(dqkv_ + std::size_t(cfg_.n_heads) * hd, att_.qkv_width(), N, cfg_.seq_len,
+                    cfg_.n_kv_heads, hd, rope_cos_, rope_sin_);
+  linear_backward(be_, dnorm_, grads_ + w.qkv, dqkv_, a.an1, params_ + w.qkv, N, d,
+                  att_.qkv_width(), false);
+  be_.rmsnorm_backward(dres_, grads_ + w.attn_norm, dnorm_, x, params_ + w.attn_norm, a.rstd1, N,
+                       d);
 }
 
 template <typename T>
 void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, double ce_grad_scale) {
-  const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size, hd = cfg_.head_dim;
-  const int E = cfg_.moe.n_experts, K = cfg_.moe.top_k;
-  const std::size_t Nd = std::size_t(N) * d;
+  const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size;
   be_.upload(tokens_, tok, std::size_t(N) * sizeof(std::int32_t));
   be_.embedding_forward(resid_[0], tokens_, params_ + layout_.embed(), N, d);
 
-  for (int l = 0; l < cfg_.n_layers; ++l) {
-    const LayerOffsets& w = layout_.layer(l);
-    LayerActs& a = acts_[std::size_t(l)];
-    const T* x = resid_[std::size_t(l)];
-    T* out = resid_[std::size_t(l) + 1];
-
-    // Attention block.
-    be_.rmsnorm_forward(a.an1, a.rstd1, x, params_ + w.attn_norm, N, d, cfg_.norm_eps);
-    linear_forward(be_, a.qkv, a.an1, params_ + w.qkv, N, d, att_.qkv_width());
-    be_.rope_forward(a.qkv, att_.qkv_width(), N, cfg_.seq_len, cfg_.n_heads, hd, rope_cos_,
-                     rope_sin_);
-    be_.rope_forward(a.qkv + std::size_t(cfg_.n_heads) * hd, att_.qkv_width(), N, cfg_.seq_len,
-                     cfg_.n_kv_heads, hd, rope_cos_, rope_sin_);
-    be_.attention_forward(a.att_out, a.att_saved, a.smax, a.qkv, att_);
-    be_.copy(a.mid, x, Nd * sizeof(T));
-    linear_forward(be_, a.mid, a.att_out, params_ + w.o_proj, N, att_.out_width(), d, true);
-
+  for (auto& layer : layers_) {
+    Layer& a = *layer;
+    const T* x = resid_[std::size_t(a.index)];
+    T* out = resid_[std::size_t(a.index) + 1];
+    attention_forward(a, x);
     // FFN block: out = mid + FFN(RMSNorm(mid)).
-    be_.rmsnorm_forward(a.an2, a.rstd2, a.mid, params_ + w.ffn_norm, N, d, cfg_.norm_eps);
-    be_.copy(out, a.mid, Nd * sizeof(T));
-    if (!w.moe) {
-      swiglu_forward(w.dense, a.an2, N, a.h, a.act, out);
-      continue;
-    }
-    // MoE: route, group tokens by expert, run each expert on its rows, combine with the gates.
-    const RouterShape rs{N, E, K, cfg_.moe.router, cfg_.moe.route_scale};
-    linear_forward(be_, a.rlogits, a.an2, params_ + w.router, N, d, E);
-    be_.router_forward(a.scores, a.topk, a.gates, a.counts, a.router_stats, a.rlogits,
-                       expert_bias_ + std::size_t(l) * E, rs);
-    be_.moe_permute(a.xg, a.pos, a.offsets, a.an2, a.topk, a.counts, N, d, E, K);
-    be_.download(a.host_offsets.data(), a.offsets, (std::size_t(E) + 1) * sizeof(std::int32_t));
-    const int ff = cfg_.moe.expert_ff;
-    for (int e = 0; e < E; ++e) {
-      const std::size_t r0 = std::size_t(a.host_offsets[std::size_t(e)]);
-      const int rows = a.host_offsets[std::size_t(e) + 1] - int(r0);
-      linear_forward(be_, a.hg + r0 * 2 * ff, a.xg + r0 * d,
-                     params_ + w.experts[std::size_t(e)].w13, rows, d, 2 * ff);
-    }
-    be_.swiglu_forward(a.actg, a.hg, N * K, ff);
-    for (int e = 0; e < E; ++e) {
-      const std::size_t r0 = std::size_t(a.host_offsets[std::size_t(e)]);
-      const int rows = a.host_offsets[std::size_t(e) + 1] - int(r0);
-      linear_forward(be_, a.yg + r0 * d, a.actg + r0 * ff, params_ + w.experts[std::size_t(e)].w2,
-                     rows, ff, d);
-    }
-    be_.moe_unpermute(tmp_, a.yg, a.gates, a.pos, N, d, K);
-    be_.add_inplace(out, tmp_, Nd);
-    for (std::size_t s = 0; s < w.shared.size(); ++s)
-      swiglu_forward(w.shared[s], a.an2, N, a.sh[s], a.sact[s], out);
+    be_.rmsnorm_forward(a.an2, a.rstd2, a.mid, params_ + a.w->ffn_norm, N, d, cfg_.norm_eps);
+    be_.copy(out, a.mid, std::size_t(N) * d * sizeof(T));
+    if (a.moe)
+      a.moe->forward(params_, a.an2, out, tmp_);
+    else
+      ffn_forward(be_, params_, a.w->dense, d, a.an2, N, a.dense, out);
   }
 
   be_.rmsnorm_forward(final_norm_, final_rstd_, resid_.back(), params_ + layout_.final_norm(), N, d,
@@ -297,87 +265,46 @@ void Model<T>::collect_stats(double ce_sum, std::int64_t ce_tokens) {
   stats_.ce = ce_tokens > 0 ? ce_sum / double(ce_tokens) : 0.0;
   stats_.objective = stats_.ce;
   std::vector<T> buf(std::size_t(std::max(cfg_.n_heads, 3)));
-  for (int l = 0; l < cfg_.n_layers; ++l) {
-    const std::size_t li = std::size_t(l);
-    LayerActs& a = acts_[li];
-    be_.download(buf.data(), a.smax, std::size_t(cfg_.n_heads) * sizeof(T));
+  for (auto& layer : layers_) {
+    const std::size_t li = std::size_t(layer->index);
+    be_.download(buf.data(), layer->smax, std::size_t(cfg_.n_heads) * sizeof(T));
     for (int h = 0; h < cfg_.n_heads; ++h)
       stats_.smax[li][std::size_t(h)] = double(buf[std::size_t(h)]);
-    if (!is_moe_layer(cfg_, l)) continue;
-    be_.download(buf.data(), a.router_stats, 3 * sizeof(T));
+    if (!layer->moe) continue;
+    const typename Router<T>::Acts& r = layer->moe->router().acts();
+    be_.download(buf.data(), r.stats, 3 * sizeof(T));
     stats_.aux[li] = double(buf[0]);
     stats_.z[li] = double(buf[1]);
     stats_.entropy[li] = double(buf[2]);
     stats_.objective +=
         cfg_.moe.aux_loss_coef * stats_.aux[li] + cfg_.moe.z_loss_coef * stats_.z[li];
     stats_.load[li].resize(std::size_t(E));
-    be_.download(stats_.load[li].data(), a.counts, std::size_t(E) * sizeof(std::int32_t));
+    be_.download(stats_.load[li].data(), r.counts, std::size_t(E) * sizeof(std::int32_t));
   }
 }
 
 template <typename T>
 void Model<T>::run_backward(double grad_scale) {
-  const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size, hd = cfg_.head_dim;
-  const int E = cfg_.moe.n_experts, K = cfg_.moe.top_k;
-  const std::size_t Nd = std::size_t(N) * d;
-
+  const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size;
   // logits_ holds d(grad_scale * objective)/dlogits, written by the fused cross-entropy.
   linear_backward(be_, dnorm_, grads_ + layout_.lm_head(), logits_, final_norm_,
                   params_ + layout_.lm_head(), N, d, V, false);
-  be_.zero(dres_, Nd * sizeof(T));
+  be_.zero(dres_, std::size_t(N) * d * sizeof(T));
   be_.rmsnorm_backward(dres_, grads_ + layout_.final_norm(), dnorm_, resid_.back(),
                        params_ + layout_.final_norm(), final_rstd_, N, d);
 
-  for (int l = cfg_.n_layers - 1; l >= 0; --l) {
-    const LayerOffsets& w = layout_.layer(l);
-    LayerActs& a = acts_[std::size_t(l)];
-    // dres_ = d/d(out of this layer). FFN block backward into dnorm_ (d/d an2).
-    if (!w.moe) {
-      swiglu_backward(w.dense, a.an2, N, a.h, a.act, dres_, dnorm_, false);
-    } else {
-      const int ff = cfg_.moe.expert_ff;
-      be_.moe_unpermute_backward(dyg_, dgates_, dres_, a.yg, a.gates, a.pos, N, d, K);
-      for (int e = 0; e < E; ++e) {
-        const std::size_t r0 = std::size_t(a.host_offsets[std::size_t(e)]);
-        const int rows = a.host_offsets[std::size_t(e) + 1] - int(r0);
-        const SwiGluOffsets& x = w.experts[std::size_t(e)];
-        linear_backward(be_, dact_ + r0 * ff, grads_ + x.w2, dyg_ + r0 * d, a.actg + r0 * ff,
-                        params_ + x.w2, rows, ff, d, false);
-      }
-      be_.swiglu_backward(dh_, dact_, a.hg, N * K, ff);
-      for (int e = 0; e < E; ++e) {
-        const std::size_t r0 = std::size_t(a.host_offsets[std::size_t(e)]);
-        const int rows = a.host_offsets[std::size_t(e) + 1] - int(r0);
-        const SwiGluOffsets& x = w.experts[std::size_t(e)];
-        linear_backward(be_, dxg_ + r0 * d, grads_ + x.w13, dh_ + r0 * 2 * ff, a.xg + r0 * d,
-                        params_ + x.w13, rows, d, 2 * ff, false);
-      }
-      // Router: gate-weight gradients plus the aux and z losses.
-      const RouterShape rs{N, E, K, cfg_.moe.router, cfg_.moe.route_scale};
-      be_.router_backward(drouter_, dgates_, a.rlogits, a.scores, a.topk, a.gates, a.counts, rs,
-                          cfg_.moe.aux_loss_coef, cfg_.moe.z_loss_coef, grad_scale);
-      linear_backward(be_, dnorm_, grads_ + w.router, drouter_, a.an2, params_ + w.router, N, d, E,
-                      false);
-      be_.moe_permute_backward(dnorm_, dxg_, a.pos, N, d, K);
-      for (std::size_t s = 0; s < w.shared.size(); ++s)
-        swiglu_backward(w.shared[s], a.an2, N, a.sh[s], a.sact[s], dres_, dnorm_, true);
-    }
-    // Through the FFN norm; the residual path already carries dres_.
-    be_.rmsnorm_backward(dres_, grads_ + w.ffn_norm, dnorm_, a.mid, params_ + w.ffn_norm, a.rstd2,
-                         N, d);
-
-    // Attention block backward.
-    linear_backward(be_, datt_, grads_ + w.o_proj, dres_, a.att_out, params_ + w.o_proj, N,
-                    att_.out_width(), d, false);
-    be_.attention_backward(dqkv_, datt_, a.qkv, a.att_saved, att_);
-    be_.rope_backward(dqkv_, att_.qkv_width(), N, cfg_.seq_len, cfg_.n_heads, hd, rope_cos_,
-                      rope_sin_);
-    be_.rope_backward(dqkv_ + std::size_t(cfg_.n_heads) * hd, att_.qkv_width(), N, cfg_.seq_len,
-                      cfg_.n_kv_heads, hd, rope_cos_, rope_sin_);
-    linear_backward(be_, dnorm_, grads_ + w.qkv, dqkv_, a.an1, params_ + w.qkv, N, d,
-                    att_.qkv_width(), false);
-    be_.rmsnorm_backward(dres_, grads_ + w.attn_norm, dnorm_, resid_[std::size_t(l)],
-                         params_ + w.attn_norm, a.rstd1, N, d);
+  for (auto it = layers_.rbegin(); it != layers_.rend(); ++it) {
+    Layer& a = **it;
+    // dres_ = d/d(out of this layer). FFN block backward into dnorm_ (d/d an2), then through the
+    // FFN norm; the residual path already carries dres_.
+    if (a.moe)
+      a.moe->backward(params_, grads_, a.an2, dres_, dnorm_, grad_scale, scratch_->moe);
+    else
+      ffn_backward(be_, params_, grads_, a.w->dense, d, a.an2, N, a.dense, dres_, dnorm_, false,
+                   scratch_->ffn);
+    be_.rmsnorm_backward(dres_, grads_ + a.w->ffn_norm, dnorm_, a.mid, params_ + a.w->ffn_norm,
+                         a.rstd2, N, d);
+    attention_backward(a, resid_[std::size_t(a.index)]);
   }
   be_.embedding_backward(grads_ + layout_.embed(), dres_, tokens_, N, d);
 }
@@ -397,6 +324,8 @@ const ForwardStats& Model<T>::forward_backward(const std::int32_t* tok, const st
   const std::int64_t valid = count_valid(tgt, tokens());
   if (valid == 0) throw std::invalid_argument("Model::forward_backward: every target is padding");
   run_forward(tok, tgt, grad_scale / double(valid));
+  for (auto& layer : layers_)
+    if (layer->moe) layer->moe->router().count_loads(stats_.load[std::size_t(layer->index)]);
   run_backward(grad_scale);
   return stats_;
 }

@@ -81,31 +81,13 @@ void tensors_to_weights(const TensorMap& tensors, Model<T>& model, const std::st
 
 template <typename T>
 std::vector<std::vector<double>> read_expert_bias(Model<T>& model) {
-  const ModelConfig& c = model.config();
-  std::vector<T> host(std::size_t(c.n_layers) * c.moe.n_experts);
-  model.backend().download(host.data(), model.expert_bias(), host.size() * sizeof(T));
-  std::vector<std::vector<double>> out(std::size_t(c.n_layers));
-  for (int l = 0; l < c.n_layers; ++l)
-    out[std::size_t(l)].assign(host.begin() + std::ptrdiff_t(l) * c.moe.n_experts,
-                               host.begin() + std::ptrdiff_t(l + 1) * c.moe.n_experts);
-  return out;
+  return model.expert_bias_state();
 }
 
 template <typename T>
 void write_expert_bias(Model<T>& model, const std::vector<std::vector<double>>& bias,
                        const std::string& source) {
-  const ModelConfig& c = model.config();
-  if (bias.size() != std::size_t(c.n_layers))
-    throw std::runtime_error(source + ": expert_bias has " + std::to_string(bias.size()) +
-                             " layers, expected " + std::to_string(c.n_layers));
-  std::vector<T> host;
-  for (const auto& row : bias) {
-    if (row.size() != std::size_t(c.moe.n_experts))
-      throw std::runtime_error(source + ": expert_bias rows must have " +
-                               std::to_string(c.moe.n_experts) + " entries");
-    host.insert(host.end(), row.begin(), row.end());
-  }
-  model.backend().upload(model.expert_bias(), host.data(), host.size() * sizeof(T));
+  model.load_expert_bias_state(bias, source);
 }
 
 std::string begin_checkpoint(const std::string& out_dir, std::int64_t step) {

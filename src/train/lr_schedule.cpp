@@ -8,8 +8,8 @@ namespace moetrain {
 double lr_at(const OptimConfig& o, int step, int total) {
   if (step < o.warmup_steps) return o.lr * double(step + 1) / double(o.warmup_steps);
   const double floor = o.lr * o.min_lr_ratio;
-  if (o.schedule == "constant") return o.lr;
-  if (o.schedule == "wsd") {
+  if (o.schedule == LrSchedule::Constant) return o.lr;
+  if (o.schedule == LrSchedule::Wsd) {
     const int decay_steps = int(std::lround(o.decay_fraction * total));
     const int decay_start = std::max(o.warmup_steps, total - decay_steps);
     if (step < decay_start) return o.lr;

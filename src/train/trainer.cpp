@@ -22,7 +22,7 @@
 #include "moetrain/metrics.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
-#include "moetrain/select_backend.hpp"
+#include "moetrain/runtime.hpp"
 
 namespace fs = std::filesystem;
 
@@ -112,7 +112,7 @@ class Watchdog {
 
 class Trainer {
  public:
-  Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts);
+  Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts);
   int run();
 
  private:
@@ -126,7 +126,6 @@ class Trainer {
   Config cfg_;
   Communicator& comm_;
   TrainOptions opts_;
-  std::unique_ptr<Backend<float>> backend_;
   Backend<float>& be_;
   std::unique_ptr<Model<float>> model_;
   std::unique_ptr<Optimizer<float>> opt_;
@@ -148,12 +147,11 @@ class Trainer {
   }
 };
 
-Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts)
+Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
     : cfg_(cfg),
-      comm_(comm),
+      comm_(*rt.comm),
       opts_(opts),
-      backend_(select_backend(cfg_, comm.rank() == 0)),
-      be_(*backend_),
+      be_(*rt.backend),
       spikes_(cfg.train.spike_std),
       out_dir_(cfg.train.out_dir) {
   const ModelConfig& m = cfg_.model;
@@ -255,13 +253,12 @@ void Trainer::resume(const std::string& path) {
 
 StepResult Trainer::train_step(double lr) {
   const ModelConfig& m = cfg_.model;
-  const int L = m.n_layers, E = m.moe.n_experts, H = m.n_heads, ga = cfg_.train.grad_accum;
+  const int L = m.n_layers, H = m.n_heads, ga = cfg_.train.grad_accum;
   StepResult r;
   r.aux.assign(std::size_t(L), 0);
   r.z.assign(std::size_t(L), 0);
   r.entropy.assign(std::size_t(L), 0);
   r.smax.assign(std::size_t(L), std::vector<double>(std::size_t(H), -1e300));
-  r.load.assign(std::size_t(L), std::vector<std::int64_t>(std::size_t(E), 0));
 
   model_->zero_grads();
   Batch batch;
@@ -286,31 +283,36 @@ StepResult Trainer::train_step(double lr) {
       r.entropy[l] += st.entropy[l] / ga;
       for (std::size_t h = 0; h < std::size_t(H); ++h)
         r.smax[l][h] = std::max(r.smax[l][h], st.smax[l][h]);
-      for (std::size_t e = 0; e < st.load[l].size(); ++e) r.load[l][e] += st.load[l][e];
     }
   }
+
+  r.load = model_->take_router_loads();
 
   // Average the logged losses over ranks (sum / world); S_max (max) and expert loads (sum) feed
   // QK-clip and the bias update. Gradients are averaged inside the optimizer (ZeRO-1).
   auto t0 = Clock::now();
   const std::uint64_t stats_bytes0 = comm_.bytes_moved();
   const int world = comm_.world();
-  std::vector<double> scalars = {r.objective, r.ce};
+  // One collective for all of them: sums (losses, loads) and maxima (S_max).
+  std::vector<double> sums = {r.objective, r.ce}, maxes;
   for (std::size_t l = 0; l < std::size_t(L); ++l) {
-    scalars.push_back(r.aux[l]);
-    scalars.push_back(r.z[l]);
-    scalars.push_back(r.entropy[l]);
+    sums.push_back(r.aux[l]);
+    sums.push_back(r.z[l]);
+    sums.push_back(r.entropy[l]);
+    for (auto c : r.load[l]) sums.push_back(double(c));
+    maxes.insert(maxes.end(), r.smax[l].begin(), r.smax[l].end());
   }
-  comm_.all_reduce(scalars.data(), scalars.size(), ReduceOp::Sum);
-  for (auto& x : scalars) x /= world;
-  r.objective = scalars[0];
-  r.ce = scalars[1];
+  comm_.reduce_host(sums.data(), sums.size(), maxes.data(), maxes.size());
+  r.objective = sums[0] / world;
+  r.ce = sums[1] / world;
+  std::size_t at = 2;
   for (std::size_t l = 0; l < std::size_t(L); ++l) {
-    r.aux[l] = scalars[2 + 3 * l];
-    r.z[l] = scalars[3 + 3 * l];
-    r.entropy[l] = scalars[4 + 3 * l];
-    comm_.all_reduce(r.smax[l].data(), r.smax[l].size(), ReduceOp::Max);
-    comm_.all_reduce(r.load[l].data(), r.load[l].size(), ReduceOp::Sum);
+    r.aux[l] = sums[at++] / world;
+    r.z[l] = sums[at++] / world;
+    r.entropy[l] = sums[at++] / world;
+    for (auto& c : r.load[l]) c = std::int64_t(sums[at++]);
+    std::copy(maxes.begin() + std::ptrdiff_t(l * std::size_t(H)),
+              maxes.begin() + std::ptrdiff_t((l + 1) * std::size_t(H)), r.smax[l].begin());
   }
   r.comm_s = since(t0);
   const std::uint64_t comm_bytes_stats = comm_.bytes_moved() - stats_bytes0;
@@ -319,7 +321,7 @@ StepResult Trainer::train_step(double lr) {
   const std::uint64_t bytes0 = comm_.bytes_moved();
   r.opt = opt_->step(model_->params(), model_->grads(), lr, r.smax);
   if (m.moe.router == RouterType::SigmoidBias && m.moe.bias_update_rate > 0)
-    model_->update_expert_bias(r.load, m.moe.bias_update_rate);
+    model_->update_router_biases(r.load, m.moe.bias_update_rate);
   r.optimizer_s = since(t0);
   r.comm_bytes = comm_.bytes_moved() - bytes0 + comm_bytes_stats;
   return r;
@@ -337,7 +339,7 @@ double Trainer::evaluate() {
     sums[0] += st.ce_sum;
     sums[1] += double(st.ce_tokens);
   }
-  comm_.all_reduce(sums, 2, ReduceOp::Sum);
+  comm_.reduce_host(sums, 2, nullptr, 0);
   return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
 }
 
@@ -446,7 +448,7 @@ void Trainer::write_shard_report() {
   const nlohmann::json rep = {{"rank", comm_.rank()},
                               {"world", comm_.world()},
                               {"pid", ::getpid()},
-                              {"optimizer", cfg_.optim.name},
+                              {"optimizer", to_string(cfg_.optim.name)},
                               {"optimizer_state_bytes", opt_->state_bytes()},
                               {"owned_muon_matrices", opt_->owned_matrix_names()},
                               {"orthogonalised_last_step", opt_->orthogonalised_last_step()}};
@@ -483,8 +485,8 @@ int Trainer::run() {
       }
     }
 
-    int stop = g_stop_requested.load() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at);
-    comm_.all_reduce(&stop, 1, ReduceOp::Max);
+    double stop = g_stop_requested.load() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at);
+    comm_.reduce_host(nullptr, 0, &stop, 1);
     const bool due =
         cfg_.train.checkpoint_interval > 0 && step_ % cfg_.train.checkpoint_interval == 0;
     if (due || stop || step_ == cfg_.train.steps) save_checkpoint();
@@ -511,8 +513,8 @@ void install_stop_signal_handlers() {
   sigaction(SIGTERM, &sa, nullptr);
 }
 
-int run_training(const Config& cfg, Communicator& comm, const TrainOptions& opts) {
-  Trainer t(cfg, comm, opts);
+int run_training(const Config& cfg, Runtime& rt, const TrainOptions& opts) {
+  Trainer t(cfg, rt, opts);
   return t.run();
 }
 

@@ -26,7 +26,7 @@ using moetrain::CudaBackend;
 using moetrain::CudaBackendOptions;
 using moetrain::RouterType;
 
-Config small_config(RouterType router, const std::string& optimizer) {
+Config small_config(RouterType router, OptimizerName optimizer) {
   Config c;
   auto& m = c.model;
   m.vocab_size = 37;
@@ -82,12 +82,11 @@ Trace train(Backend<float>& be, const Config& cfg, int steps) {
       t.first_grads.resize(P);
       be.download(t.first_grads.data(), model.grads(), P * sizeof(float));
     }
-    std::vector<std::vector<std::int64_t>> load;
-    for (const auto& l : st.load) load.emplace_back(l.begin(), l.end());
+    const std::vector<std::vector<std::int64_t>> load = model.take_router_loads();
     const auto smax = st.smax;
     t.clipped += opt.step(model.params(), model.grads(), cfg.optim.lr, smax).clipped_heads;
     if (cfg.model.moe.router == RouterType::SigmoidBias)
-      model.update_expert_bias(load, cfg.model.moe.bias_update_rate);
+      model.update_router_biases(load, cfg.model.moe.bias_update_rate);
   }
   t.params.resize(P);
   be.download(t.params.data(), model.params(), P * sizeof(float));
@@ -114,8 +113,8 @@ void compare(const Trace& gpu, const Trace& cpu, double tol) {
 
 TEST_CASE("cuda backend: training steps match the CPU backend (fp32 GEMMs)", "[cuda_backend]") {
   for (const RouterType router : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
-    for (const char* optimizer : {"adamw", "muonclip"}) {
-      INFO((router == RouterType::SoftmaxTopK ? "softmax_topk " : "sigmoid_bias ") << optimizer);
+    for (const OptimizerName optimizer : {OptimizerName::AdamW, OptimizerName::MuonClip}) {
+      INFO((router == RouterType::SoftmaxTopK ? "softmax_topk " : "sigmoid_bias ") << to_string(optimizer));
       const Config cfg = small_config(router, optimizer);
       CpuBackend<float> cpu;
       CudaBackendOptions o;
@@ -125,14 +124,14 @@ TEST_CASE("cuda backend: training steps match the CPU backend (fp32 GEMMs)", "[c
       const Trace got = train(gpu, cfg, 3);
       compare(got, ref, 1e-5);
       CHECK(got.clipped == ref.clipped);
-      if (std::string(optimizer) == "muonclip") CHECK(ref.clipped > 0);
+      if (optimizer == OptimizerName::MuonClip) CHECK(ref.clipped > 0);
     }
   }
 }
 
 TEST_CASE("cuda backend: bf16 GEMMs stay within bf16 tolerance of the CPU backend",
           "[cuda_backend]") {
-  const Config cfg = small_config(RouterType::SoftmaxTopK, "muonclip");
+  const Config cfg = small_config(RouterType::SoftmaxTopK, OptimizerName::MuonClip);
   CpuBackend<float> cpu;
   CudaBackendOptions o;
   o.bf16 = true;

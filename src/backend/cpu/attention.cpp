@@ -113,12 +113,6 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs,
   }
 }
 
-template void attention_forward<float>(float*, float*, float*, const float*, const AttentionShape&);
-template void attention_forward<double>(double*, double*, double*, const double*,
-                                        const AttentionShape&);
-template void attention_backward<float>(float*, const float*, const float*, const float*,
-                                        const AttentionShape&);
-template void attention_backward<double>(double*, const double*, const double*, const double*,
-                                         const AttentionShape&);
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_ATTENTION)
 
 }  // namespace moetrain::cpu

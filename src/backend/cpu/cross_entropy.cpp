@@ -31,7 +31,6 @@ void cross_entropy(T* losses, T* logits, const int32_t* targets, int n, int voca
   }
 }
 
-template void cross_entropy<float>(float*, float*, const int32_t*, int, int, float);
-template void cross_entropy<double>(double*, double*, const int32_t*, int, int, double);
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_CROSS_ENTROPY)
 
 }  // namespace moetrain::cpu

@@ -30,9 +30,6 @@ void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int n, 
   }
 }
 
-template void embedding_forward<float>(float*, const int32_t*, const float*, int, int);
-template void embedding_forward<double>(double*, const int32_t*, const double*, int, int);
-template void embedding_backward<float>(float*, const float*, const int32_t*, int, int);
-template void embedding_backward<double>(double*, const double*, const int32_t*, int, int);
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_EMBEDDING)
 
 }  // namespace moetrain::cpu

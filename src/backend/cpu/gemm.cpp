@@ -2,6 +2,9 @@
 // that parallelise over many small GEMMs hold a SingleThreadedBlas.
 #include <cblas.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "backend/cpu/ops.hpp"
 
 namespace moetrain::cpu {
@@ -19,20 +22,16 @@ SingleThreadedBlas::~SingleThreadedBlas() {
   openblas_set_num_threads(saved_);
 }
 
-template <>
-void gemm<float>(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
-                 int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda, const T* B,
+          int ldb, T beta, T* C, int ldc) {
   if (M == 0 || N == 0) return;
-  cblas_sgemm(CblasRowMajor, tr(trans_a), tr(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
-              ldc);
-}
-
-template <>
-void gemm<double>(bool trans_a, bool trans_b, int M, int N, int K, double alpha, const double* A,
-                  int lda, const double* B, int ldb, double beta, double* C, int ldc) {
-  if (M == 0 || N == 0) return;
-  cblas_dgemm(CblasRowMajor, tr(trans_a), tr(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
-              ldc);
+  if constexpr (sizeof(T) == sizeof(float))
+    cblas_sgemm(CblasRowMajor, tr(trans_a), tr(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
+                ldc);
+  else
+    cblas_dgemm(CblasRowMajor, tr(trans_a), tr(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
+                ldc);
 }
 
 // Many small GEMMs (Newton-Schulz over all experts of a layer): one per thread at a time.
@@ -51,11 +50,37 @@ void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, T alpha, cons
             B + stride_b * std::size_t(i), ldb, beta, C + stride_c * std::size_t(i), ldc);
 }
 
-template void gemm_batched<float>(bool, bool, int, int, int, float, const float*, int, std::size_t,
-                                  const float*, int, std::size_t, float, float*, int, std::size_t,
-                                  int);
-template void gemm_batched<double>(bool, bool, int, int, int, double, const double*, int,
-                                   std::size_t, const double*, int, std::size_t, double, double*,
-                                   int, std::size_t, int);
+// One GEMM per group, each as large as its rows: the groups' GEMMs are few and uneven (experts'
+// loads), so OpenBLAS threads each of them rather than one thread taking a group.
+template <typename T>
+void grouped_gemm(bool trans_b, int rows, int N, int K, T alpha, const T* A, int lda, const T* B,
+                  int ldb, std::size_t stride_b, T beta, T* C, int ldc, const std::int32_t* offsets,
+                  int groups) {
+  if (offsets[groups] != rows)
+    throw std::invalid_argument("grouped_gemm: offsets end at " + std::to_string(offsets[groups]) +
+                                ", expected rows = " + std::to_string(rows));
+  for (int g = 0; g < groups; ++g) {
+    const std::size_t r0 = std::size_t(offsets[g]);
+    gemm<T>(false, trans_b, offsets[g + 1] - offsets[g], N, K, alpha, A + r0 * std::size_t(lda),
+            lda, B + stride_b * std::size_t(g), ldb, beta, C + r0 * std::size_t(ldc), ldc);
+  }
+}
+
+template <typename T>
+void grouped_gemm_wgrad(int rows, int M, int N, T alpha, const T* A, int lda, const T* B, int ldb,
+                        T* C, int ldc, std::size_t stride_c, const std::int32_t* offsets,
+                        int groups) {
+  if (offsets[groups] != rows)
+    throw std::invalid_argument("grouped_gemm_wgrad: offsets end at " +
+                                std::to_string(offsets[groups]) +
+                                ", expected rows = " + std::to_string(rows));
+  for (int g = 0; g < groups; ++g) {
+    const std::size_t r0 = std::size_t(offsets[g]);
+    gemm<T>(true, false, M, N, offsets[g + 1] - offsets[g], alpha, A + r0 * std::size_t(lda), lda,
+            B + r0 * std::size_t(ldb), ldb, T(1), C + stride_c * std::size_t(g), ldc);
+  }
+}
+
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_GEMM)
 
 }  // namespace moetrain::cpu

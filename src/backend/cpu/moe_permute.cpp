@@ -66,15 +66,6 @@ void moe_unpermute_backward(T* dyg, T* dgates, const T* dy, const T* yg, const T
   }
 }
 
-#define MOETRAIN_INSTANTIATE(T)                                                                  \
-  template void moe_permute<T>(T*, int32_t*, int32_t*, const T*, const int32_t*, const int32_t*, \
-                               int, int, int, int);                                              \
-  template void moe_permute_backward<T>(T*, const T*, const int32_t*, int, int, int);            \
-  template void moe_unpermute<T>(T*, const T*, const T*, const int32_t*, int, int, int);         \
-  template void moe_unpermute_backward<T>(T*, T*, const T*, const T*, const T*, const int32_t*,  \
-                                          int, int, int);
-MOETRAIN_INSTANTIATE(float)
-MOETRAIN_INSTANTIATE(double)
-#undef MOETRAIN_INSTANTIATE
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_MOE_PERMUTE)
 
 }  // namespace moetrain::cpu

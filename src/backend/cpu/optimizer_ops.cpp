@@ -117,18 +117,19 @@ double muon_update(T* W, const T* O, std::size_t n, double lr, double s, double 
   });
 }
 
-#define MOETRAIN_INSTANTIATE(T)                                                              \
-  template double sum_squares<T>(const T*, std::size_t);                                     \
-  template void scale<T>(T*, std::size_t, double);                                           \
-  template void axpby<T>(T*, const T*, std::size_t, double, double);                         \
-  template void transpose_batched<T>(T*, const T*, int, int, int);                           \
-  template void frobenius_normalize<T>(T*, int, std::size_t, double);                        \
-  template double adamw_update<T>(T*, const T*, T*, T*, std::size_t, double, double, double, \
-                                  double, double, std::int64_t);                             \
-  template void muon_momentum<T>(T*, T*, const T*, std::size_t, double, bool);               \
-  template double muon_update<T>(T*, const T*, std::size_t, double, double, double);
-MOETRAIN_INSTANTIATE(float)
-MOETRAIN_INSTANTIATE(double)
-#undef MOETRAIN_INSTANTIATE
+// QK-clip's per-head scaling: the same product as scale() block by block, so a block scaled here
+// and one scaled by scale() with the same factor agree bit for bit.
+template <typename T>
+void scale_row_blocks(T* x, int blocks, std::size_t block_elems, const T* factors) {
+  for (int b = 0; b < blocks; ++b) {
+    if (factors[b] == T(1)) continue;
+    T* block = x + std::size_t(b) * block_elems;
+    const T f = factors[b];
+#pragma omp parallel for schedule(static) if (block_elems >= kParallelMin)
+    for (std::size_t i = 0; i < block_elems; ++i) block[i] *= f;
+  }
+}
+
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_OPTIMIZER)
 
 }  // namespace moetrain::cpu

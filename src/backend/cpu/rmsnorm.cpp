@@ -53,12 +53,6 @@ void rmsnorm_backward(T* dx, T* dgain, const T* dout, const T* x, const T* gain,
     for (int c = 0; c < d; ++c) dgain[c] += partial[std::size_t(t) * d + c];
 }
 
-template void rmsnorm_forward<float>(float*, float*, const float*, const float*, int, int, double);
-template void rmsnorm_forward<double>(double*, double*, const double*, const double*, int, int,
-                                      double);
-template void rmsnorm_backward<float>(float*, float*, const float*, const float*, const float*,
-                                      const float*, int, int);
-template void rmsnorm_backward<double>(double*, double*, const double*, const double*,
-                                       const double*, const double*, int, int);
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_RMSNORM)
 
 }  // namespace moetrain::cpu

@@ -38,9 +38,6 @@ void rope_backward(T* dx, int ld, int rows, int seq, int n_heads, int head_dim, 
   rotate(dx, ld, rows, seq, n_heads, head_dim, cos, sin, T(-1));
 }
 
-template void rope_forward<float>(float*, int, int, int, int, int, const float*, const float*);
-template void rope_forward<double>(double*, int, int, int, int, int, const double*, const double*);
-template void rope_backward<float>(float*, int, int, int, int, int, const float*, const float*);
-template void rope_backward<double>(double*, int, int, int, int, int, const double*, const double*);
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_ROPE)
 
 }  // namespace moetrain::cpu

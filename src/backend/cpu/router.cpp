@@ -154,15 +154,6 @@ void router_backward(T* dlogits, const T* dgates, const T* logits, const T* scor
   }
 }
 
-template void router_forward<float>(float*, int32_t*, float*, int32_t*, float*, const float*,
-                                    const float*, const RouterShape&);
-template void router_forward<double>(double*, int32_t*, double*, int32_t*, double*, const double*,
-                                     const double*, const RouterShape&);
-template void router_backward<float>(float*, const float*, const float*, const float*,
-                                     const int32_t*, const float*, const int32_t*,
-                                     const RouterShape&, double, double, double);
-template void router_backward<double>(double*, const double*, const double*, const double*,
-                                      const int32_t*, const double*, const int32_t*,
-                                      const RouterShape&, double, double, double);
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_ROUTER)
 
 }  // namespace moetrain::cpu

@@ -35,9 +35,6 @@ void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff) {
   }
 }
 
-template void swiglu_forward<float>(float*, const float*, int, int);
-template void swiglu_forward<double>(double*, const double*, int, int);
-template void swiglu_backward<float>(float*, const float*, const float*, int, int);
-template void swiglu_backward<double>(double*, const double*, const double*, int, int);
+MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_SWIGLU)
 
 }  // namespace moetrain::cpu

@@ -35,10 +35,6 @@ kernels::RouterDims router_dims(const RouterShape& s) {
 
 }  // namespace
 
-bool cuda_backend_built() {
-  return true;
-}
-
 CudaDevices probe_cuda_devices() {
   CudaDevices out;
   int count = 0;
@@ -152,11 +148,6 @@ void CudaBackend::zero(void* dst, std::size_t bytes) {
 
 // ---- elementwise and optimizer steps --------------------------------------------------------
 
-void CudaBackend::add(float* out, const float* a, const float* b, std::size_t n) {
-  kernels::add(out, a, b, n, stream_);
-  wrote(out, n * sizeof(float));
-}
-
 void CudaBackend::add_inplace(float* x, const float* y, std::size_t n) {
   kernels::add_inplace(x, y, n, stream_);
   wrote(x, n * sizeof(float));
@@ -223,6 +214,12 @@ double CudaBackend::muon_update(float* W, const float* O, std::size_t n, double 
                                      seed_, 0, ws, sums_, false, stream_);
   wrote(W, n * sizeof(float));
   return read_sum(0);
+}
+
+void CudaBackend::scale_row_blocks(float* x, int blocks, std::size_t block_elems,
+                                   const float* factors) {
+  kernels::scale_row_blocks<float>(x, nullptr, blocks, block_elems, factors, stream_);
+  wrote(x, std::size_t(blocks) * block_elems * sizeof(float));
 }
 
 // ---- embedding, norms, RoPE, SwiGLU, cross-entropy -----------------------------------------
@@ -295,6 +292,11 @@ void CudaBackend::moe_permute(float* xg, int32_t* pos, int32_t* offsets, const f
                               int n_experts, int k) {
   void* ws = scratch(op_scratch_, kernels::moe_permute_workspace_bytes(tokens, n_experts, k));
   kernels::moe_permute(xg, pos, offsets, x, topk, counts, tokens, d, n_experts, k, ws, stream_);
+  // The grouped GEMMs size their per-expert calls from these offsets: mirror them on the host now,
+  // the one synchronisation of an MoE layer (until the grouped GEMM reads them on the device).
+  std::vector<std::int32_t>& mirror = offsets_mirror_[offsets];
+  mirror.resize(std::size_t(n_experts) + 1);
+  download(mirror.data(), offsets, mirror.size() * sizeof(std::int32_t));
 }
 
 void CudaBackend::moe_permute_backward(float* dx, const float* dxg, const int32_t* pos, int tokens,

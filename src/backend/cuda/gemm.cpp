@@ -146,6 +146,50 @@ void CudaBackend::gemm_batched(bool ta, bool tb, int M, int N, int K, float alph
   gemm_impl(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
+const std::vector<std::int32_t>& CudaBackend::host_offsets(const std::int32_t* offsets,
+                                                           int groups) {
+  std::vector<std::int32_t>& h = offsets_mirror_[offsets];
+  if (h.size() != std::size_t(groups) + 1) {
+    h.resize(std::size_t(groups) + 1);
+    download(h.data(), offsets, h.size() * sizeof(std::int32_t));
+  }
+  return h;
+}
+
+// Per-group cuBLASLt calls for now; an empty group launches nothing.
+void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, const float* A,
+                               int lda, const float* B, int ldb, std::size_t sb, float beta,
+                               float* C, int ldc, const std::int32_t* offsets, int groups) {
+  const std::vector<std::int32_t>& off = host_offsets(offsets, groups);
+  if (off[std::size_t(groups)] != rows)
+    throw std::invalid_argument("grouped_gemm: offsets end at " +
+                                std::to_string(off[std::size_t(groups)]) +
+                                ", expected rows = " + std::to_string(rows));
+  for (int g = 0; g < groups; ++g) {
+    const std::size_t r0 = std::size_t(off[std::size_t(g)]);
+    const int m = off[std::size_t(g) + 1] - int(r0);
+    gemm_impl(false, tb, m, N, K, alpha, A + r0 * std::size_t(lda), lda, 0,
+              B + sb * std::size_t(g), ldb, 0, beta, C + r0 * std::size_t(ldc), ldc, 0, 1);
+  }
+}
+
+void CudaBackend::grouped_gemm_wgrad(int rows, int M, int N, float alpha, const float* A, int lda,
+                                     const float* B, int ldb, float* C, int ldc, std::size_t sc,
+                                     const std::int32_t* offsets, int groups) {
+  const std::vector<std::int32_t>& off = host_offsets(offsets, groups);
+  if (off[std::size_t(groups)] != rows)
+    throw std::invalid_argument("grouped_gemm_wgrad: offsets end at " +
+                                std::to_string(off[std::size_t(groups)]) +
+                                ", expected rows = " + std::to_string(rows));
+  for (int g = 0; g < groups; ++g) {
+    const std::size_t r0 = std::size_t(off[std::size_t(g)]);
+    const int k = off[std::size_t(g) + 1] - int(r0);
+    if (k == 0) continue;  // accumulating an empty sum: nothing to do
+    gemm_impl(true, false, M, N, k, alpha, A + r0 * std::size_t(lda), lda, 0,
+              B + r0 * std::size_t(ldb), ldb, 0, 1.0f, C + sc * std::size_t(g), ldc, 0, 1);
+  }
+}
+
 void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, const float* A,
                             int lda, std::size_t sa, const float* B, int ldb, std::size_t sb,
                             float beta, float* C, int ldc, std::size_t sc, int batch) {

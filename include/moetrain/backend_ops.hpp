@@ -1,0 +1,192 @@
+// The list of Backend ops: the one place each op's signature is written (docs/design.md §10 says
+// how to add one). Everything that declares, implements or wraps the ops expands these lists:
+// the Backend interface (backend.hpp), CpuBackend and its free functions (src/backend/cpu/),
+// CudaBackend's declarations (src/backend/cuda/) and the ProfilingBackend wrapper.
+//
+// Each list is a macro of (X, T): X(ret, name, params, args, flops) per op, with T the element
+// type (a template parameter, or `float` for the CUDA backend). `args` forwards `params`; `flops`
+// is the op's FLOP count for the profiler (0 when it is not a matmul). The ops are grouped by
+// family: the CPU backend implements each family in the file named after it
+// (src/backend/cpu/<family>.cpp) and kernels/<family>.cu holds its kernels.
+//
+// All pointers are device buffers of the backend. Activations are row-major with one row per token
+// (N = B * T rows, token n = b * T + t).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "moetrain/op_shapes.hpp"
+
+// clang-format off
+
+// Memory (not timed by the profiler). alloc_bytes: zero-filled, 64-byte aligned. set_weights names
+// the buffer of the model's weights, so a mixed-precision backend can keep a low-precision copy of
+// them for its GEMMs (and know when a write makes that copy stale).
+#define MOETRAIN_BACKEND_MEMORY(X, T)                                                             \
+  X(void*, alloc_bytes, (std::size_t bytes), (bytes), 0)                                         \
+  X(void, free_bytes, (void* p), (p), 0)                                                         \
+  X(void, upload, (void* dst, const void* host_src, std::size_t bytes), (dst, host_src, bytes), 0) \
+  X(void, download, (void* host_dst, const void* src, std::size_t bytes), (host_dst, src, bytes), 0) \
+  X(void, copy, (void* dst, const void* src, std::size_t bytes), (dst, src, bytes), 0)           \
+  X(void, zero, (void* dst, std::size_t bytes), (dst, bytes), 0)                                 \
+  X(void, set_weights, (const T* weights, std::size_t count), (weights, count), 0)
+
+// gemm: row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
+// gemm_batched: the same for i < batch with X_i = X + i * stride_x.
+// grouped_gemm: one product per group g < groups over the rows [offsets[g], offsets[g+1]) of A and
+//   C (offsets: a device array of groups + 1 row offsets, offsets[groups] == rows):
+//   C[r, :N] = alpha * A[r, :K] * op(B_g) + beta * C[r, :N], B_g = B + g * stride_b, op(B_g) [K, N]
+//   (trans_b: B_g is stored [N, K]). All experts of an MoE layer in one call; an empty group costs
+//   nothing.
+// grouped_gemm_wgrad: the weight gradients of grouped_gemm, accumulated:
+//   C_g[M, N] += alpha * A[rows_g, :M]^T * B[rows_g, :N], C_g = C + g * stride_c.
+#define MOETRAIN_OPS_GEMM(X, T)                                                                   \
+  X(void, gemm, (bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,   \
+                 const T* B, int ldb, T beta, T* C, int ldc),                                     \
+    (trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), 2.0 * M * N * K)            \
+  X(void, gemm_batched, (bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A,    \
+                         int lda, std::size_t stride_a, const T* B, int ldb, std::size_t stride_b,\
+                         T beta, T* C, int ldc, std::size_t stride_c, int batch),                 \
+    (trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,          \
+     stride_c, batch), 2.0 * M * N * K * batch)                                                   \
+  X(void, grouped_gemm, (bool trans_b, int rows, int N, int K, T alpha, const T* A, int lda,      \
+                         const T* B, int ldb, std::size_t stride_b, T beta, T* C, int ldc,        \
+                         const std::int32_t* offsets, int groups),                                \
+    (trans_b, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc, offsets, groups),        \
+    2.0 * rows * N * K)                                                                           \
+  X(void, grouped_gemm_wgrad, (int rows, int M, int N, T alpha, const T* A, int lda, const T* B,  \
+                               int ldb, T* C, int ldc, std::size_t stride_c,                      \
+                               const std::int32_t* offsets, int groups),                          \
+    (rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets, groups), 2.0 * rows * M * N)
+
+// add_inplace: x += y.
+#define MOETRAIN_OPS_ELEMENTWISE(X, T)                                                            \
+  X(void, add_inplace, (T* x, const T* y, std::size_t n), (x, y, n), 0)
+
+// Reductions and optimizer steps (fp32 or wider accumulation, deterministic).
+// axpby: y = a * x + b * y.  transpose_batched: out_i = in_i^T for `batch` row-major [rows, cols].
+// frobenius_normalize: X_i /= (||X_i||_F + eps) for `batch` contiguous matrices of `elems`.
+// adamw_update: bias-corrected, decoupled decay; returns sum of (m_hat / (sqrt(v_hat) + eps))^2.
+// muon_momentum: M = mu * M + G; U = G + mu * M (Nesterov) or M.
+// muon_update: W -= lr * (s * O + wd * W); returns sum of (s * O)^2.
+// scale_row_blocks: x[b * block_elems + i] *= factors[b] for b < blocks (factors: device, [blocks]).
+#define MOETRAIN_OPS_OPTIMIZER(X, T)                                                              \
+  X(double, sum_squares, (const T* x, std::size_t n), (x, n), 0)                                 \
+  X(void, scale, (T* x, std::size_t n, double s), (x, n, s), 0)                                  \
+  X(void, axpby, (T* y, const T* x, std::size_t n, double a, double b), (y, x, n, a, b), 0)      \
+  X(void, transpose_batched, (T* out, const T* in, int batch, int rows, int cols),              \
+    (out, in, batch, rows, cols), 0)                                                             \
+  X(void, frobenius_normalize, (T* x, int batch, std::size_t elems, double eps),                \
+    (x, batch, elems, eps), 0)                                                                   \
+  X(double, adamw_update, (T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1, \
+                           double beta2, double eps, double weight_decay, std::int64_t t),       \
+    (p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, t), 0)                                  \
+  X(void, muon_momentum, (T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov),      \
+    (M, U, G, n, mu, nesterov), 0)                                                               \
+  X(double, muon_update, (T* W, const T* O, std::size_t n, double lr, double s,                  \
+                          double weight_decay), (W, O, n, lr, s, weight_decay), 0)               \
+  X(void, scale_row_blocks, (T* x, int blocks, std::size_t block_elems, const T* factors),       \
+    (x, blocks, block_elems, factors), 0)
+
+// embedding_backward: dtable[tokens[i]] += dout[i]; deterministic (no float atomics).
+#define MOETRAIN_OPS_EMBEDDING(X, T)                                                              \
+  X(void, embedding_forward, (T* out, const std::int32_t* tokens, const T* table, int n, int d), \
+    (out, tokens, table, n, d), 0)                                                               \
+  X(void, embedding_backward, (T* dtable, const T* dout, const std::int32_t* tokens, int n,      \
+                               int d), (dtable, dout, tokens, n, d), 0)
+
+// RMSNorm with fp32 or wider statistics; backward accumulates: dx += ..., dgain += ...
+#define MOETRAIN_OPS_RMSNORM(X, T)                                                                \
+  X(void, rmsnorm_forward, (T* out, T* rstd, const T* x, const T* gain, int n, int d,            \
+                            double eps), (out, rstd, x, gain, n, d, eps), 0)                     \
+  X(void, rmsnorm_backward, (T* dx, T* dgain, const T* dout, const T* x, const T* gain,          \
+                             const T* rstd, int n, int d), (dx, dgain, dout, x, gain, rstd, n, d), 0)
+
+// RoPE (half-split convention), in place on n_heads heads of each row. Row r is at position
+// r % seq; cos/sin tables are [seq, head_dim/2].
+#define MOETRAIN_OPS_ROPE(X, T)                                                                   \
+  X(void, rope_forward, (T* x, int ld, int rows, int seq, int n_heads, int head_dim,             \
+                         const T* cos, const T* sin), (x, ld, rows, seq, n_heads, head_dim, cos, sin), 0) \
+  X(void, rope_backward, (T* dx, int ld, int rows, int seq, int n_heads, int head_dim,           \
+                          const T* cos, const T* sin), (dx, ld, rows, seq, n_heads, head_dim, cos, sin), 0)
+
+// Causal attention. out[rows, n_heads*head_dim]; smax[h] = max over the batch, i, j<=i of
+// q_i.k_j / sqrt(hd). `saved` holds attention_saved_elems(s) elements kept for backward.
+// Backward writes (overwrites) dqkv.
+#define MOETRAIN_OPS_ATTENTION(X, T)                                                              \
+  X(void, attention_forward, (T* out, T* saved, T* smax, const T* qkv, const AttentionShape& s), \
+    (out, saved, smax, qkv, s), 0)                                                               \
+  X(void, attention_backward, (T* dqkv, const T* dout, const T* qkv, const T* saved,             \
+                               const AttentionShape& s), (dqkv, dout, qkv, saved, s), 0)
+
+// SwiGLU on a fused [rows, 2*ff] input (w1 x | w3 x): out = silu(h1) * h3.
+#define MOETRAIN_OPS_SWIGLU(X, T)                                                                 \
+  X(void, swiglu_forward, (T* out, const T* h, int rows, int ff), (out, h, rows, ff), 0)         \
+  X(void, swiglu_backward, (T* dh, const T* dout, const T* h, int rows, int ff),                 \
+    (dh, dout, h, rows, ff), 0)
+
+// losses[i] = logsumexp(logits_i) - logits_i[target_i] (0 for a negative target: padding). When
+// grad_scale != 0 the logits are overwritten by d(grad_scale * sum_i losses[i]) / dlogits.
+#define MOETRAIN_OPS_CROSS_ENTROPY(X, T)                                                          \
+  X(void, cross_entropy, (T* losses, T* logits, const std::int32_t* targets, int n, int vocab,   \
+                         T grad_scale), (losses, logits, targets, n, vocab, grad_scale), 0)
+
+// Router forward: from logits [tokens, E]: scores [tokens, E] (softmax probabilities or sigmoid
+// scores), top-k expert ids (by score, or score + bias for sigmoid_bias; ties toward the lower
+// index), gate weights [tokens, k], counts[E] (assignments per expert), and
+// stats = {L_aux, L_z, mean router entropy}.
+// Router backward: dlogits from the gate-weight gradients `dgates` (which already carry the
+// caller's grad_scale, coming from the loss) plus grad_scale * (aux_coef * dL_aux + z_coef * dL_z).
+#define MOETRAIN_OPS_ROUTER(X, T)                                                                 \
+  X(void, router_forward, (T* scores, std::int32_t* topk, T* gates, std::int32_t* counts,        \
+                           T* stats, const T* logits, const T* bias, const RouterShape& s),      \
+    (scores, topk, gates, counts, stats, logits, bias, s), 0)                                    \
+  X(void, router_backward, (T* dlogits, const T* dgates, const T* logits, const T* scores,       \
+                            const std::int32_t* topk, const T* gates, const std::int32_t* counts,\
+                            const RouterShape& s, double aux_coef, double z_coef,                \
+                            double grad_scale),                                                  \
+    (dlogits, dgates, logits, scores, topk, gates, counts, s, aux_coef, z_coef, grad_scale), 0)
+
+// Token permutation. moe_permute groups the tokens*k assignments by expert (stable in token
+// order): offsets[E+1] (exclusive scan of counts), pos[t*k+j] = row of assignment (t, j) in the
+// grouped buffer, xg[row] = x[t]. moe_permute_backward: dx[t] += sum_j dxg[pos[t*k+j]].
+// moe_unpermute: y[t] = sum_j gates[t,j] * yg[pos[t*k+j]]. Its backward:
+// dyg[pos[t*k+j]] = gates[t,j] * dy[t]; dgates[t,j] = dy[t] . yg[pos[t*k+j]].
+#define MOETRAIN_OPS_MOE_PERMUTE(X, T)                                                            \
+  X(void, moe_permute, (T* xg, std::int32_t* pos, std::int32_t* offsets, const T* x,             \
+                        const std::int32_t* topk, const std::int32_t* counts, int tokens, int d, \
+                        int n_experts, int k),                                                   \
+    (xg, pos, offsets, x, topk, counts, tokens, d, n_experts, k), 0)                             \
+  X(void, moe_permute_backward, (T* dx, const T* dxg, const std::int32_t* pos, int tokens, int d,\
+                                 int k), (dx, dxg, pos, tokens, d, k), 0)                        \
+  X(void, moe_unpermute, (T* y, const T* yg, const T* gates, const std::int32_t* pos, int tokens,\
+                          int d, int k), (y, yg, gates, pos, tokens, d, k), 0)                   \
+  X(void, moe_unpermute_backward, (T* dyg, T* dgates, const T* dy, const T* yg, const T* gates,  \
+                                   const std::int32_t* pos, int tokens, int d, int k),           \
+    (dyg, dgates, dy, yg, gates, pos, tokens, d, k), 0)
+
+#define MOETRAIN_BACKEND_OPS(X, T)                                                                \
+  MOETRAIN_OPS_GEMM(X, T)                                                                         \
+  MOETRAIN_OPS_ELEMENTWISE(X, T)                                                                  \
+  MOETRAIN_OPS_OPTIMIZER(X, T)                                                                    \
+  MOETRAIN_OPS_EMBEDDING(X, T)                                                                    \
+  MOETRAIN_OPS_RMSNORM(X, T)                                                                      \
+  MOETRAIN_OPS_ROPE(X, T)                                                                         \
+  MOETRAIN_OPS_ATTENTION(X, T)                                                                    \
+  MOETRAIN_OPS_SWIGLU(X, T)                                                                       \
+  MOETRAIN_OPS_CROSS_ENTROPY(X, T)                                                                \
+  MOETRAIN_OPS_ROUTER(X, T)                                                                       \
+  MOETRAIN_OPS_MOE_PERMUTE(X, T)
+
+// Queries (const, untimed): attention_saved_elems is the size of attention's `saved` buffer.
+#define MOETRAIN_BACKEND_QUERIES(X, T)                                                            \
+  X(std::size_t, attention_saved_elems, (const AttentionShape& s), (s), 0)
+
+// Expansions shared by the interface and its implementations.
+#define MOETRAIN_OP_PURE(ret, name, params, args, flops) virtual ret name params = 0;
+#define MOETRAIN_QUERY_PURE(ret, name, params, args, flops) virtual ret name params const = 0;
+#define MOETRAIN_OP_OVERRIDE(ret, name, params, args, flops) ret name params override;
+#define MOETRAIN_QUERY_OVERRIDE(ret, name, params, args, flops) ret name params const override;
+
+// clang-format on

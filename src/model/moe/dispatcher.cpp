@@ -1,0 +1,37 @@
+#include "model/moe/dispatcher.hpp"
+
+namespace moetrain {
+
+template <typename T>
+void Dispatcher<T>::plan(ArenaPlan& plan) {
+  plan.request(acts_.pos, std::size_t(rows()));
+  plan.request(acts_.offsets, std::size_t(experts_) + 1);
+  plan.request(acts_.xg, std::size_t(rows()) * std::size_t(d_));
+}
+
+template <typename T>
+void Dispatcher<T>::dispatch(const T* x, const std::int32_t* topk, const std::int32_t* counts) {
+  be_.moe_permute(acts_.xg, acts_.pos, acts_.offsets, x, topk, counts, tokens_, d_, experts_, k_);
+}
+
+template <typename T>
+void Dispatcher<T>::combine(T* out, const T* yg, const T* gates, T* tmp) {
+  be_.moe_unpermute(tmp, yg, gates, acts_.pos, tokens_, d_, k_);
+  be_.add_inplace(out, tmp, std::size_t(tokens_) * std::size_t(d_));
+}
+
+template <typename T>
+void Dispatcher<T>::combine_backward(T* dyg, T* dgates, const T* dout, const T* yg,
+                                     const T* gates) {
+  be_.moe_unpermute_backward(dyg, dgates, dout, yg, gates, acts_.pos, tokens_, d_, k_);
+}
+
+template <typename T>
+void Dispatcher<T>::dispatch_backward(T* dx, const T* dxg) {
+  be_.moe_permute_backward(dx, dxg, acts_.pos, tokens_, d_, k_);
+}
+
+template class Dispatcher<float>;
+template class Dispatcher<double>;
+
+}  // namespace moetrain

@@ -1,0 +1,106 @@
+#include "model/moe/router.hpp"
+
+#include <stdexcept>
+
+#include "model/linear.hpp"
+
+namespace moetrain {
+
+template <typename T>
+Router<T>::Router(const ModelConfig& cfg, std::size_t weight, Backend<T>& be)
+    : cfg_(cfg),
+      weight_(weight),
+      be_(be),
+      bias_(static_cast<T*>(be.alloc_bytes(std::size_t(cfg.moe.n_experts) * sizeof(T)))),
+      loads_(std::size_t(cfg.moe.n_experts), 0) {}
+
+template <typename T>
+Router<T>::~Router() {
+  be_.free_bytes(bias_);
+}
+
+template <typename T>
+void Router<T>::plan(ArenaPlan& plan, std::size_t N) {
+  const std::size_t E = std::size_t(cfg_.moe.n_experts), K = std::size_t(cfg_.moe.top_k);
+  plan.request(acts_.logits, N * E);
+  plan.request(acts_.scores, N * E);
+  plan.request(acts_.gates, N * K);
+  plan.request(acts_.stats, 3);
+  plan.request(acts_.topk, N * K);
+  plan.request(acts_.counts, E);
+}
+
+template <typename T>
+RouterShape Router<T>::shape(int tokens) const {
+  return RouterShape{tokens, cfg_.moe.n_experts, cfg_.moe.top_k, cfg_.moe.router,
+                     cfg_.moe.route_scale};
+}
+
+template <typename T>
+void Router<T>::forward(const T* params, const T* x, int N) {
+  const Acts& a = acts_;
+  linear_forward(be_, a.logits, x, params + weight_, N, cfg_.d_model, cfg_.moe.n_experts);
+  be_.router_forward(a.scores, a.topk, a.gates, a.counts, a.stats, a.logits, bias_, shape(N));
+}
+
+template <typename T>
+void Router<T>::backward(const T* params, T* grads, const T* x, const T* dgates, T* dlogits, T* dx,
+                         int N, double grad_scale) {
+  const Acts& a = acts_;
+  be_.router_backward(dlogits, dgates, a.logits, a.scores, a.topk, a.gates, a.counts, shape(N),
+                      cfg_.moe.aux_loss_coef, cfg_.moe.z_loss_coef, grad_scale);
+  linear_backward(be_, dx, grads + weight_, dlogits, x, params + weight_, N, cfg_.d_model,
+                  cfg_.moe.n_experts, false);
+}
+
+template <typename T>
+void Router<T>::count_loads(const std::vector<std::int32_t>& counts) {
+  for (std::size_t e = 0; e < loads_.size(); ++e) loads_[e] += counts.at(e);
+}
+
+template <typename T>
+std::vector<std::int64_t> Router<T>::take_loads() {
+  std::vector<std::int64_t> out(loads_.size(), 0);
+  out.swap(loads_);
+  return out;
+}
+
+template <typename T>
+void Router<T>::update_bias(const std::vector<std::int64_t>& load, double rate) {
+  const int E = cfg_.moe.n_experts;
+  if (load.size() != std::size_t(E))
+    throw std::invalid_argument("Router::update_bias: " + std::to_string(load.size()) +
+                                " loads, expected " + std::to_string(E));
+  std::vector<T> bias(loads_.size());
+  be_.download(bias.data(), bias_, bias.size() * sizeof(T));
+  double mean = 0;
+  for (auto c : load) mean += double(c);
+  mean /= E;
+  for (int e = 0; e < E; ++e) {
+    const double diff = mean - double(load[std::size_t(e)]);
+    const double sign = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
+    bias[std::size_t(e)] += T(rate * sign);
+  }
+  be_.upload(bias_, bias.data(), bias.size() * sizeof(T));
+}
+
+template <typename T>
+std::vector<double> Router<T>::bias_state() const {
+  std::vector<T> host(std::size_t(cfg_.moe.n_experts));
+  be_.download(host.data(), bias_, host.size() * sizeof(T));
+  return {host.begin(), host.end()};
+}
+
+template <typename T>
+void Router<T>::load_bias_state(const std::vector<double>& bias, const std::string& source) {
+  if (bias.size() != std::size_t(cfg_.moe.n_experts))
+    throw std::runtime_error(source + ": expert_bias rows must have " +
+                             std::to_string(cfg_.moe.n_experts) + " entries");
+  const std::vector<T> host(bias.begin(), bias.end());
+  be_.upload(bias_, host.data(), host.size() * sizeof(T));
+}
+
+template class Router<float>;
+template class Router<double>;
+
+}  // namespace moetrain

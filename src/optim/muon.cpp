@@ -1,0 +1,121 @@
+#include "optim/muon.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+namespace moetrain {
+
+namespace {
+
+// Newton-Schulz quintic coefficients (Muon).
+constexpr double kNsA = 3.4445, kNsB = -4.7750, kNsC = 2.0315;
+constexpr double kNsEps = 1e-7;
+// Matrices orthogonalised together at most: bounds the workspace on large models.
+constexpr int kMaxBatch = 64;
+
+}  // namespace
+
+template <typename T>
+Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan)
+    : o_(o), plan_(plan), be_(plan.backend()) {
+  std::size_t max_ws = 0, max_s = 0;
+  for (const MatrixGroup& g : plan.own_groups()) {
+    const std::size_t elems = std::size_t(g.rows) * g.cols;
+    const std::size_t small = std::size_t(std::min(g.rows, g.cols));
+    const std::size_t batch = std::min<std::size_t>(g.mats.size(), kMaxBatch);
+    max_ws = std::max(max_ws, elems * batch);
+    max_s = std::max(max_s, small * small * batch);
+  }
+  auto alloc = [&](std::size_t n) {
+    return n ? static_cast<T*>(be_.alloc_bytes(n * sizeof(T))) : nullptr;
+  };
+  momentum_ = alloc(plan.own_elems());
+  ws_u_ = alloc(max_ws);
+  ws_x_ = alloc(max_ws);
+  ws_y_ = alloc(max_ws);
+  ws_s_ = alloc(max_s);
+  ws_s2_ = alloc(max_s);
+}
+
+template <typename T>
+Muon<T>::~Muon() {
+  for (T* p : {momentum_, ws_u_, ws_x_, ws_y_, ws_s_, ws_s2_})
+    if (p) be_.free_bytes(p);
+}
+
+template <typename T>
+double Muon<T>::step(T* params, double lr, std::int64_t) {
+  orthogonalised_ = 0;
+  double sq = 0;
+  for (const MatrixGroup& g : plan_.own_groups())
+    for (std::size_t first = 0; first < g.mats.size(); first += kMaxBatch)
+      sq += batch(g, first, int(std::min<std::size_t>(kMaxBatch, g.mats.size() - first)), params,
+                  lr);
+  return sq;
+}
+
+template <typename T>
+double Muon<T>::batch(const MatrixGroup& g, std::size_t first, int count, T* params, double lr) {
+  const int A = g.rows, B = g.cols;
+  const std::size_t elems = std::size_t(A) * B;
+  const bool transposed = A > B;  // work on the wide orientation: X is [m, n], m <= n
+  const int rows = transposed ? B : A, cols = transposed ? A : B;
+  const std::size_t mm = std::size_t(rows) * rows;
+  const std::vector<OwnedMatrix>& mats = plan_.matrices();
+  orthogonalised_ += count;
+
+  // Momentum per matrix (its state sits at its slot); U contiguous.
+  for (int i = 0; i < count; ++i) {
+    const OwnedMatrix& mt = mats[g.mats[first + std::size_t(i)]];
+    be_.muon_momentum(momentum_ + mt.slot, ws_u_ + std::size_t(i) * elems, plan_.matrix_grad(mt),
+                      elems, o_.momentum, o_.nesterov);
+  }
+  if (transposed)
+    be_.transpose_batched(ws_x_, ws_u_, count, A, B);
+  else
+    be_.copy(ws_x_, ws_u_, elems * std::size_t(count) * sizeof(T));
+  be_.frobenius_normalize(ws_x_, count, elems, kNsEps);
+  T *X = ws_x_, *Y = ws_y_;
+  for (int it = 0; it < o_.ns_steps; ++it) {
+    // S = X X^T;  S2 = c S S + b S;  Y = a X + S2 X
+    be_.gemm_batched(false, true, rows, rows, cols, T(1), X, cols, elems, X, cols, elems, T(0),
+                     ws_s_, rows, mm, count);
+    be_.gemm_batched(false, false, rows, rows, rows, T(kNsC), ws_s_, rows, mm, ws_s_, rows, mm,
+                     T(0), ws_s2_, rows, mm, count);
+    be_.axpby(ws_s2_, ws_s_, mm * std::size_t(count), kNsB, 1.0);
+    be_.copy(Y, X, elems * std::size_t(count) * sizeof(T));
+    be_.gemm_batched(false, false, rows, cols, rows, T(1), ws_s2_, rows, mm, X, cols, elems,
+                     T(kNsA), Y, cols, elems, count);
+    std::swap(X, Y);
+  }
+  T* O = X;
+  if (transposed) {
+    be_.transpose_batched(ws_u_, X, count, rows, cols);  // back to [A, B]
+    O = ws_u_;
+  }
+  const double scale = o_.muon_scale == MuonScale::Original
+                           ? std::sqrt(std::max(1.0, double(A) / double(B)))
+                           : 0.2 * std::sqrt(double(std::max(A, B)));
+  double sq = 0;
+  for (int i = 0; i < count; ++i)
+    sq += be_.muon_update(params + mats[g.mats[first + std::size_t(i)]].offset,
+                          O + std::size_t(i) * elems, elems, lr, scale, o_.muon_group.weight_decay);
+  return sq;
+}
+
+template <typename T>
+std::vector<StateTensor<T>> Muon<T>::state() {
+  std::vector<StateTensor<T>> out;
+  for (const MatrixGroup& g : plan_.own_groups())
+    for (std::size_t i : g.mats) {
+      const OwnedMatrix& mt = plan_.matrices()[i];
+      out.push_back({"muon.momentum." + mt.name, momentum_ + mt.slot, mt.elems(),
+                     {mt.rows, mt.cols}});
+    }
+  return out;
+}
+
+template class Muon<float>;
+template class Muon<double>;
+
+}  // namespace moetrain

@@ -1,0 +1,37 @@
+// Muon (docs/design.md §4) on the matrices this rank owns: momentum (Nesterov or plain), then the
+// update orthogonalised by Newton-Schulz, batched over same-shape matrices, scaled and applied
+// with decoupled weight decay.
+#pragma once
+
+#include "optim/update_rule.hpp"
+
+namespace moetrain {
+
+template <typename T>
+class Muon final : public MatrixOptimizer<T> {
+ public:
+  Muon(const OptimConfig& o, Zero1Plan<T>& plan);
+  ~Muon() override;
+
+  double step(T* params, double lr, std::int64_t t) override;
+  std::vector<StateTensor<T>> state() override;
+  int transformed_last_step() const override { return orthogonalised_; }
+
+ private:
+  // Momentum, Newton-Schulz and the update for `count` matrices of group g from index `first`;
+  // returns the sum of squares of s * O over them.
+  double batch(const MatrixGroup& g, std::size_t first, int count, T* params, double lr);
+
+  const OptimConfig& o_;
+  Zero1Plan<T>& plan_;
+  Backend<T>& be_;
+  T* momentum_ = nullptr;  // [own elems], each matrix at its slot
+  // Newton-Schulz workspace for one batch: U, X, Y [batch, m, n]; S, S2 [batch, m, m].
+  T *ws_u_ = nullptr, *ws_x_ = nullptr, *ws_y_ = nullptr, *ws_s_ = nullptr, *ws_s2_ = nullptr;
+  int orthogonalised_ = 0;
+};
+
+extern template class Muon<float>;
+extern template class Muon<double>;
+
+}  // namespace moetrain

@@ -1,0 +1,40 @@
+// What the optimizer's update rules share: their state as named device buffers (for checkpoints),
+// and the interface of the matrix group's rule, so a new matrix optimizer (NorMuon, AdaMuon, SOAP)
+// is one file implementing MatrixOptimizer plus its config enum value (docs/design.md §10).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "optim/zero1.hpp"
+
+namespace moetrain {
+
+// One piece of this rank's optimizer state: `count` elements at `data` (device), saved as the
+// checkpoint tensor `name` of `shape`.
+template <typename T>
+struct StateTensor {
+  std::string name;
+  T* data;
+  std::size_t count;
+  std::vector<std::int64_t> shape;
+};
+
+// The update of the matrices this rank owns (Zero1Plan::own_groups), from their averaged and
+// clipped gradients (Zero1Plan::matrix_grad), written into params.
+template <typename T>
+class MatrixOptimizer {
+ public:
+  virtual ~MatrixOptimizer() = default;
+  // `lr` is the group's learning rate, `t` the 1-based step. Returns the sum of squares of the
+  // applied update direction (its RMS is logged as update_rms).
+  virtual double step(T* params, double lr, std::int64_t t) = 0;
+  virtual std::vector<StateTensor<T>> state() = 0;
+  // Matrices this rank orthogonalised (or otherwise transformed) during the last step.
+  virtual int transformed_last_step() const = 0;
+};
+
+}  // namespace moetrain

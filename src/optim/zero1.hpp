@@ -1,0 +1,106 @@
+// ZeRO-1 (docs/design.md §5): how the optimizer's work and state are split over the ranks, and the
+// collectives that move gradients to their owners and updated parameters back. Every rank holds
+// the whole model but only its part of the optimizer state:
+//   AdamW group: its tensors packed into one flat vector, cut into `world` equal shards (the last
+//     padded with zeros); rank r updates shard r.
+//   matrix group (Muon and the other matrix optimizers): each matrix has one owner, assigned by
+//     Newton-Schulz cost (largest first, to the least-loaded rank; ties to the lower rank, then
+//     layout order), so every rank derives the same plan; an owner's matrices sit in layout order
+//     in its partition of the packed matrix vectors.
+// With one rank (LocalComm) the same code runs with the collectives as copies.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "moetrain/backend.hpp"
+#include "moetrain/communicator.hpp"
+#include "moetrain/config.hpp"
+#include "moetrain/param_layout.hpp"
+
+namespace moetrain {
+
+struct AdamWEntry {
+  std::size_t offset, numel, flat;  // in params/grads, and in the packed AdamW vector
+  double lr_scale, weight_decay;
+};
+
+struct OwnedMatrix {
+  std::size_t offset;  // in params/grads
+  int rows, cols;
+  ParamRole role;
+  int layer;
+  std::string name;
+  int owner = 0;
+  std::size_t slot = 0;  // offset inside the owner's partition of the packed matrix vectors
+  std::size_t elems() const { return std::size_t(rows) * std::size_t(cols); }
+};
+
+// Same-shape matrices of this rank (in slot order): a matrix optimizer batches them.
+struct MatrixGroup {
+  int rows, cols;
+  std::vector<std::size_t> mats;  // indices into Zero1Plan::matrices()
+};
+
+template <typename T>
+class Zero1Plan {
+ public:
+  // matrix_group: whether the 2D hidden weights go to a matrix optimizer (else all is AdamW).
+  Zero1Plan(const Config& cfg, const ParamLayout& layout, Backend<T>& be, Communicator& comm,
+            bool matrix_group);
+  ~Zero1Plan();
+  Zero1Plan(const Zero1Plan&) = delete;
+  Zero1Plan& operator=(const Zero1Plan&) = delete;
+
+  Backend<T>& backend() const { return be_; }
+  Communicator& comm() const { return comm_; }
+
+  // 1. This rank's gradients, averaged over the ranks into the owners' buffers: the AdamW shard
+  //    (shard_grad) and this rank's matrices (matrix_grad at their slots).
+  void reduce_gradients(const T* grads);
+  // Sum of squares of this rank's averaged gradients (padding is zero), and their clipping.
+  double local_grad_sum_squares() const;
+  void scale_gradients(double coef);
+  // 2. AdamW: packs the parameters (flat_params), then, after the shard's update, all-gathers the
+  //    shards and unpacks them into params.
+  void pack_adamw_params(const T* params);
+  void gather_adamw_params(T* params);
+  // 3. Matrices: all-gathers every owner's updated matrices into params.
+  void gather_matrices(T* params);
+
+  const std::vector<AdamWEntry>& adamw() const { return adamw_; }
+  std::size_t adamw_total() const { return adamw_total_; }
+  std::size_t shard() const { return shard_; }            // elements per rank
+  std::size_t shard_begin() const { return shard_ * std::size_t(comm_.rank()); }
+  T* flat_params() const { return flat_param_; }          // [shard * world]
+  T* shard_grad() const { return shard_grad_; }           // [shard]
+
+  const std::vector<OwnedMatrix>& matrices() const { return muon_; }
+  const std::vector<MatrixGroup>& own_groups() const { return own_groups_; }
+  std::size_t own_elems() const { return own_elems_; }    // elements of this rank's matrices
+  std::size_t matrix_elems() const;                       // of all matrices
+  T* matrix_grad(const OwnedMatrix& m) const { return muon_recv_ + m.slot; }
+  bool owns(const OwnedMatrix& m) const { return m.owner == comm_.rank(); }
+  std::vector<std::string> owned_names() const;
+
+ private:
+  T* alloc(std::size_t n);
+
+  Backend<T>& be_;
+  Communicator& comm_;
+  std::vector<AdamWEntry> adamw_;
+  std::size_t adamw_total_ = 0, shard_ = 0;
+  std::vector<OwnedMatrix> muon_;
+  std::vector<MatrixGroup> own_groups_;
+  std::size_t part_ = 0;       // per-rank partition length of the packed matrix vectors
+  std::size_t own_elems_ = 0;  // this rank's fill of its partition
+  // Communication staging.
+  T *flat_grad_ = nullptr, *flat_param_ = nullptr, *shard_grad_ = nullptr;
+  T *muon_send_ = nullptr, *muon_recv_ = nullptr, *muon_gather_ = nullptr;
+};
+
+extern template class Zero1Plan<float>;
+extern template class Zero1Plan<double>;
+
+}  // namespace moetrain
