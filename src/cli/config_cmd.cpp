@@ -1,5 +1,5 @@
-// `moetrain config`: prints the documented defaults, or validates a config file and prints the
-// resolved config.
+// `moetrain config`: prints the documented defaults (a table, a JSON config file or the Markdown
+// reference docs/configs.md), or validates a config file and prints the resolved config.
 
 #include <algorithm>
 #include <cstdio>
@@ -11,6 +11,7 @@
 
 #include "cli/commands.hpp"
 #include "moetrain/config.hpp"
+#include "moetrain/config_markdown.hpp"
 
 namespace moetrain::cli {
 namespace {
@@ -18,6 +19,7 @@ namespace {
 struct ConfigOptions {
   bool defaults = false;
   bool json = false;
+  bool markdown = false;
   std::string check;
   std::vector<std::string> overrides;
 };
@@ -57,6 +59,8 @@ void run_config(const ConfigOptions& o) {
   if (o.defaults) {
     if (o.json) {
       std::printf("%s\n", default_config_json().dump(2).c_str());
+    } else if (o.markdown) {
+      std::fputs(config_markdown().c_str(), stdout);
     } else {
       print_defaults_table();
     }
@@ -74,8 +78,13 @@ void add_config_command(CLI::App& app) {
       "config", "Print the config defaults, or validate a config file and print it resolved");
   CLI::Option* defaults = cmd->add_flag(
       "--defaults", opts->defaults, "Print every config field: path, type, default, description");
-  cmd->add_flag("--json", opts->json, "With --defaults: print the defaults as a JSON config file")
-      ->needs(defaults);
+  CLI::Option* json = cmd->add_flag("--json", opts->json,
+                                    "With --defaults: print the defaults as a JSON config file")
+                          ->needs(defaults);
+  cmd->add_flag("--markdown", opts->markdown,
+                "With --defaults: print the config reference in Markdown (docs/configs.md)")
+      ->needs(defaults)
+      ->excludes(json);
   CLI::Option* check = cmd->add_option("--check", opts->check,
                                        "Validate a JSON config file and print the resolved config")
                            ->type_name("FILE");
