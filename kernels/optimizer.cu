@@ -345,7 +345,6 @@ void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t 
          0, stream, w, w_copy, block_elems, factors);
 }
 
-
 // ---- instantiations -----------------------------------------------------------------------------
 template void adamw_update<float>(float*, __nv_bfloat16*, const float*, float, float*, float*,
                                   std::size_t, const AdamWParams&, std::uint64_t, std::uint64_t,

@@ -23,7 +23,8 @@ std::vector<std::vector<double>> expert_bias_rows(const std::vector<V>& flat, st
   const std::size_t E = flat.size() / layers;
   std::vector<std::vector<double>> rows(layers);
   for (std::size_t l = 0; l < layers; ++l)
-    rows[l].assign(flat.begin() + std::ptrdiff_t(l * E), flat.begin() + std::ptrdiff_t((l + 1) * E));
+    rows[l].assign(flat.begin() + std::ptrdiff_t(l * E),
+                   flat.begin() + std::ptrdiff_t((l + 1) * E));
   return rows;
 }
 

@@ -279,8 +279,8 @@ TEST_CASE("update_router_biases: b_e += rate * sign(mean_load - load_e) on MoE l
   write_expert_bias(m, b0, "test");
   b0[0].assign(E, 0.0);  // layer 0 is dense: it has no router, so no bias to load
   const double rate = 1e-3;
-  // Layer 0 is dense: whatever load it is given, its biases stay zero. Layer 1: mean 3, loads above,
-  // below and at the mean. Layer 2: perfectly balanced, no change.
+  // Layer 0 is dense: whatever load it is given, its biases stay zero. Layer 1: mean 3, loads
+  // above, below and at the mean. Layer 2: perfectly balanced, no change.
   const std::vector<std::vector<std::int64_t>> loads = {{9, 0, 0, 3}, {5, 1, 3, 3}, {2, 2, 2, 2}};
   const double sign1[4] = {-1, +1, 0, 0};
   m.update_router_biases(loads, rate);

@@ -16,8 +16,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <stdexcept>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -334,7 +334,8 @@ MaxErrors run_variant(const Variant& v) {
       const auto got = to_double(p1, t.offset, t.numel);
       const double perr = rel_err(got, ref);
       std::vector<double> du(t.numel), dr(t.numel);
-      for (std::size_t i = 0; i < t.numel; ++i) du[i] = got[i] - before[i], dr[i] = ref[i] - before[i];
+      for (std::size_t i = 0; i < t.numel; ++i)
+        du[i] = got[i] - before[i], dr[i] = ref[i] - before[i];
       const double uerr = rel_err(du, dr);
       auto& [mp, mu] = mx.optim[name];
       mp = std::max(mp, perr);
@@ -385,5 +386,6 @@ TEST_CASE("moetrain matches its PyTorch twin: softmax_topk, MHA, a dense layer",
 TEST_CASE(
     "moetrain matches its PyTorch twin: sigmoid_bias, GQA, shared expert, expert bias, groups",
     "[twin]") {
-  run_variant({"sigmoid_bias GQA shared bias", RouterType::SigmoidBias, 4, 2, 1, 0, 2.5, true, true});
+  run_variant(
+      {"sigmoid_bias GQA shared bias", RouterType::SigmoidBias, 4, 2, 1, 0, 2.5, true, true});
 }

@@ -84,7 +84,7 @@ struct OptimConfig {
   MuonScale muon_scale = MuonScale::MatchRmsAdamW;
   double qk_clip_tau = 100.0;
   double qk_clip_alpha = 0.5;
-  double grad_clip = 1.0;           // 0 disables
+  double grad_clip = 1.0;  // 0 disables
   LrSchedule schedule = LrSchedule::Cosine;
   int warmup_steps = 20;
   double min_lr_ratio = 0.1;

@@ -112,7 +112,7 @@ class Model {
   T* dnorm_ = nullptr;  // [N, d]  gradient of a norm's output
   T* datt_ = nullptr;   // [N, n_heads * head_dim]
   T* dqkv_ = nullptr;   // [N, (n_heads + 2 n_kv_heads) * head_dim]
-  struct Scratch;  // the FFN and MoE blocks' backward scratch (model.cpp)
+  struct Scratch;       // the FFN and MoE blocks' backward scratch (model.cpp)
   std::unique_ptr<Scratch> scratch_;
 
   ForwardStats stats_;

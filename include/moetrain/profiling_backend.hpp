@@ -28,14 +28,18 @@ class ProfilingBackend final : public Backend<T> {
   const char* name() const override { return inner_.name(); }
 
 #define MOETRAIN_PROFILE_PASS(ret, name, params, args, flops) \
-  ret name params override { return inner_.name args; }
+  ret name params override {                                  \
+    return inner_.name args;                                  \
+  }
 #define MOETRAIN_PROFILE_OP(ret, name, params, args, flops) \
   ret name params override {                                \
     Timer timer(*this, #name, flops);                       \
     return inner_.name args;                                \
   }
 #define MOETRAIN_PROFILE_QUERY(ret, name, params, args, flops) \
-  ret name params const override { return inner_.name args; }
+  ret name params const override {                             \
+    return inner_.name args;                                   \
+  }
   MOETRAIN_BACKEND_MEMORY(MOETRAIN_PROFILE_PASS, T)
   MOETRAIN_BACKEND_OPS(MOETRAIN_PROFILE_OP, T)
   MOETRAIN_BACKEND_QUERIES(MOETRAIN_PROFILE_QUERY, T)

@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <string>
 
-#include "moetrain/runtime.hpp"
 #include "moetrain/config.hpp"
+#include "moetrain/runtime.hpp"
 
 namespace moetrain {
 

@@ -15,23 +15,29 @@ namespace {
 
 MPI_Datatype mpi_type(DType t) {
   switch (t) {
-    case DType::F32: return MPI_FLOAT;
-    case DType::F64: return MPI_DOUBLE;
-    case DType::I32: return MPI_INT32_T;
-    case DType::I64: return MPI_INT64_T;
+    case DType::F32:
+      return MPI_FLOAT;
+    case DType::F64:
+      return MPI_DOUBLE;
+    case DType::I32:
+      return MPI_INT32_T;
+    case DType::I64:
+      return MPI_INT64_T;
   }
   return MPI_BYTE;
 }
 
-MPI_Op mpi_op(ReduceOp op) { return op == ReduceOp::Sum ? MPI_SUM : MPI_MAX; }
+MPI_Op mpi_op(ReduceOp op) {
+  return op == ReduceOp::Sum ? MPI_SUM : MPI_MAX;
+}
 
 void check(int rc, int rank, const char* what) {
   if (rc == MPI_SUCCESS) return;
   char msg[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(rc, msg, &len);
-  throw std::runtime_error("rank " + std::to_string(rank) + ": MPI " + what + " failed: " +
-                           std::string(msg, std::size_t(len)));
+  throw std::runtime_error("rank " + std::to_string(rank) + ": MPI " + what +
+                           " failed: " + std::string(msg, std::size_t(len)));
 }
 
 int as_int(std::size_t count, int rank, const char* what) {
@@ -71,8 +77,8 @@ void MpiComm::all_reduce(void* data, std::size_t count, DType type, ReduceOp op)
 
 void MpiComm::reduce_scatter(const void* send, void* recv, std::size_t count, DType type,
                              ReduceOp op) {
-  check(MPI_Reduce_scatter_block(send, recv, as_int(count, rank_, "reduce-scatter"),
-                                 mpi_type(type), mpi_op(op), MPI_COMM_WORLD),
+  check(MPI_Reduce_scatter_block(send, recv, as_int(count, rank_, "reduce-scatter"), mpi_type(type),
+                                 mpi_op(op), MPI_COMM_WORLD),
         rank_, "reduce-scatter");
   bytes_moved_ += count * type_size(type) * std::uint64_t(world_ - 1);
 }
@@ -90,7 +96,9 @@ void MpiComm::broadcast(void* data, std::size_t bytes, int root) {
   if (rank_ == root) bytes_moved_ += bytes;
 }
 
-void MpiComm::barrier() { check(MPI_Barrier(MPI_COMM_WORLD), rank_, "barrier"); }
+void MpiComm::barrier() {
+  check(MPI_Barrier(MPI_COMM_WORLD), rank_, "barrier");
+}
 
 void MpiComm::reduce_host(double* sums, std::size_t n_sums, double* maxes, std::size_t n_maxes) {
   std::vector<double> mine(sums, sums + n_sums);

@@ -6,8 +6,8 @@
 
 #include "moetrain/config.hpp"
 
-#include <array>
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <climits>
 #include <cmath>

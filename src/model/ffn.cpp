@@ -18,8 +18,7 @@ void ffn_backward(Backend<T>& be, const T* params, T* grads, const SwiGluOffsets
                   bool accumulate_dx, const FfnScratch<T>& s) {
   linear_backward(be, s.dact, grads + w.w2, dout, a.act, params + w.w2, rows, w.ff, d, false);
   be.swiglu_backward(s.dh, s.dact, a.h, rows, w.ff);
-  linear_backward(be, dx, grads + w.w13, s.dh, x, params + w.w13, rows, d, 2 * w.ff,
-                  accumulate_dx);
+  linear_backward(be, dx, grads + w.w13, s.dh, x, params + w.w13, rows, d, 2 * w.ff, accumulate_dx);
 }
 
 #define MOETRAIN_INSTANTIATE(T)                                                                 \

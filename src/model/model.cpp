@@ -17,23 +17,23 @@ template <typename T>
 struct Model<T>::Layer {
   int index = 0;
   const LayerOffsets* w = nullptr;
-  T* an1 = nullptr;        // [N, d]  RMSNorm(x) into attention
-  T* rstd1 = nullptr;      // [N]
-  T* qkv = nullptr;        // [N, (H + 2 Hkv) hd]  q, k (both rotated) and v
-  T* att_saved = nullptr;  // [attention_saved_elems]  what the backend keeps for backward
-  T* att_out = nullptr;    // [N, H hd]
-  T* mid = nullptr;        // [N, d]  x + Attn(...): the residual between the two blocks
-  T* an2 = nullptr;        // [N, d]  RMSNorm(mid) into the FFN
-  T* rstd2 = nullptr;      // [N]
-  T* smax = nullptr;       // [H]  max logit per query head (QK-clip)
-  FfnActs<T> dense;                // dense layers
+  T* an1 = nullptr;                  // [N, d]  RMSNorm(x) into attention
+  T* rstd1 = nullptr;                // [N]
+  T* qkv = nullptr;                  // [N, (H + 2 Hkv) hd]  q, k (both rotated) and v
+  T* att_saved = nullptr;            // [attention_saved_elems]  what the backend keeps for backward
+  T* att_out = nullptr;              // [N, H hd]
+  T* mid = nullptr;                  // [N, d]  x + Attn(...): the residual between the two blocks
+  T* an2 = nullptr;                  // [N, d]  RMSNorm(mid) into the FFN
+  T* rstd2 = nullptr;                // [N]
+  T* smax = nullptr;                 // [H]  max logit per query head (QK-clip)
+  FfnActs<T> dense;                  // dense layers
   std::unique_ptr<MoeLayer<T>> moe;  // MoE layers
 };
 
 template <typename T>
 struct Model<T>::Scratch {
-  FfnScratch<T> ffn;                     // the largest SwiGLU block's [rows, 2 ff], [rows, ff]
-  typename MoeLayer<T>::Scratch moe;     // the MoE layers' (its ffn member aliases ffn)
+  FfnScratch<T> ffn;                  // the largest SwiGLU block's [rows, 2 ff], [rows, ff]
+  typename MoeLayer<T>::Scratch moe;  // the MoE layers' (its ffn member aliases ffn)
 };
 
 template <typename T>

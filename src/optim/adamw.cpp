@@ -28,8 +28,8 @@ double AdamW<T>::step(double lr, std::int64_t t) {
     if (lo >= hi) continue;
     sq += plan_.backend().adamw_update(plan_.flat_params() + lo, plan_.shard_grad() + (lo - shard0),
                                        m_ + (lo - shard0), v_ + (lo - shard0), hi - lo,
-                                       lr * e.lr_scale, o_.beta1, o_.beta2, o_.eps,
-                                       e.weight_decay, t);
+                                       lr * e.lr_scale, o_.beta1, o_.beta2, o_.eps, e.weight_decay,
+                                       t);
   }
   return sq;
 }

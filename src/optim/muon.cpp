@@ -16,8 +16,7 @@ constexpr int kMaxBatch = 64;
 }  // namespace
 
 template <typename T>
-Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan)
-    : o_(o), plan_(plan), be_(plan.backend()) {
+Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan) : o_(o), plan_(plan), be_(plan.backend()) {
   std::size_t max_ws = 0, max_s = 0;
   for (const MatrixGroup& g : plan.own_groups()) {
     const std::size_t elems = std::size_t(g.rows) * g.cols;
@@ -49,8 +48,8 @@ double Muon<T>::step(T* params, double lr, std::int64_t) {
   double sq = 0;
   for (const MatrixGroup& g : plan_.own_groups())
     for (std::size_t first = 0; first < g.mats.size(); first += kMaxBatch)
-      sq += batch(g, first, int(std::min<std::size_t>(kMaxBatch, g.mats.size() - first)), params,
-                  lr);
+      sq +=
+          batch(g, first, int(std::min<std::size_t>(kMaxBatch, g.mats.size() - first)), params, lr);
   return sq;
 }
 
@@ -109,8 +108,8 @@ std::vector<StateTensor<T>> Muon<T>::state() {
   for (const MatrixGroup& g : plan_.own_groups())
     for (std::size_t i : g.mats) {
       const OwnedMatrix& mt = plan_.matrices()[i];
-      out.push_back({"muon.momentum." + mt.name, momentum_ + mt.slot, mt.elems(),
-                     {mt.rows, mt.cols}});
+      out.push_back(
+          {"muon.momentum." + mt.name, momentum_ + mt.slot, mt.elems(), {mt.rows, mt.cols}});
     }
   return out;
 }

@@ -45,7 +45,7 @@ struct Optimizer<T>::Impl {
         adamw(cfg.optim, plan),
         matrices(make_matrix_optimizer(cfg.optim, plan)),
         clip(cfg.optim.name == OptimizerName::MuonClip ? std::make_unique<QkClip<T>>(cfg, plan)
-                                                        : nullptr) {}
+                                                       : nullptr) {}
 
   std::vector<StateTensor<T>> state_tensors() {
     std::vector<StateTensor<T>> all = adamw.state();

@@ -12,8 +12,7 @@ QkClip<T>::QkClip(const Config& cfg, Zero1Plan<T>& plan) : cfg_(cfg), plan_(plan
       owned_.push_back(&mt);
   heads_ = std::size_t(std::max(cfg.model.n_heads, cfg.model.n_kv_heads));
   if (!owned_.empty())
-    factors_ =
-        static_cast<T*>(plan.backend().alloc_bytes(owned_.size() * heads_ * sizeof(T)));
+    factors_ = static_cast<T*>(plan.backend().alloc_bytes(owned_.size() * heads_ * sizeof(T)));
 }
 
 template <typename T>

@@ -71,15 +71,15 @@ class Zero1Plan {
 
   const std::vector<AdamWEntry>& adamw() const { return adamw_; }
   std::size_t adamw_total() const { return adamw_total_; }
-  std::size_t shard() const { return shard_; }            // elements per rank
+  std::size_t shard() const { return shard_; }  // elements per rank
   std::size_t shard_begin() const { return shard_ * std::size_t(comm_.rank()); }
-  T* flat_params() const { return flat_param_; }          // [shard * world]
-  T* shard_grad() const { return shard_grad_; }           // [shard]
+  T* flat_params() const { return flat_param_; }  // [shard * world]
+  T* shard_grad() const { return shard_grad_; }   // [shard]
 
   const std::vector<OwnedMatrix>& matrices() const { return muon_; }
   const std::vector<MatrixGroup>& own_groups() const { return own_groups_; }
-  std::size_t own_elems() const { return own_elems_; }    // elements of this rank's matrices
-  std::size_t matrix_elems() const;                       // of all matrices
+  std::size_t own_elems() const { return own_elems_; }  // elements of this rank's matrices
+  std::size_t matrix_elems() const;                     // of all matrices
   T* matrix_grad(const OwnedMatrix& m) const { return muon_recv_ + m.slot; }
   bool owns(const OwnedMatrix& m) const { return m.owner == comm_.rank(); }
   std::vector<std::string> owned_names() const;

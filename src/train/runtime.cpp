@@ -23,7 +23,8 @@ Runtime make_runtime(const Config& cfg, bool quiet) {
   if (launched_by_mpi()) rt.comm = cuda ? make_nccl_comm() : std::make_unique<MpiComm>();
   const bool log = !quiet && (!rt.comm || rt.comm->rank() == 0);
   if (!cuda) {
-    if (log && wanted == "auto") spdlog::info("backend: auto -> cpu (no usable GPU: {})", gpus.error);
+    if (log && wanted == "auto")
+      spdlog::info("backend: auto -> cpu (no usable GPU: {})", gpus.error);
     rt.backend = std::make_unique<CpuBackend<float>>();
   } else {
     CudaBackendOptions options;

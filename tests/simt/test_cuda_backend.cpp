@@ -114,7 +114,8 @@ void compare(const Trace& gpu, const Trace& cpu, double tol) {
 TEST_CASE("cuda backend: training steps match the CPU backend (fp32 GEMMs)", "[cuda_backend]") {
   for (const RouterType router : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
     for (const OptimizerName optimizer : {OptimizerName::AdamW, OptimizerName::MuonClip}) {
-      INFO((router == RouterType::SoftmaxTopK ? "softmax_topk " : "sigmoid_bias ") << to_string(optimizer));
+      INFO((router == RouterType::SoftmaxTopK ? "softmax_topk " : "sigmoid_bias ")
+           << to_string(optimizer));
       const Config cfg = small_config(router, optimizer);
       CpuBackend<float> cpu;
       CudaBackendOptions o;

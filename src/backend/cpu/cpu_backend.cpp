@@ -46,9 +46,9 @@ template <typename T>
 void CpuBackend<T>::set_weights(const T*, std::size_t) {}  // one precision: no copy to keep
 
 #define MOETRAIN_CPU_FORWARD(ret, name, params, args, flops) \
-  template <typename T>                                       \
-  ret CpuBackend<T>::name params {                            \
-    return cpu::name<T> args;                                 \
+  template <typename T>                                      \
+  ret CpuBackend<T>::name params {                           \
+    return cpu::name<T> args;                                \
   }
 MOETRAIN_BACKEND_OPS(MOETRAIN_CPU_FORWARD, T)
 #undef MOETRAIN_CPU_FORWARD

@@ -24,7 +24,7 @@ class SingleThreadedBlas {
 };
 
 #define MOETRAIN_CPU_DECLARE(ret, name, params, args, flops) \
-  template <typename T>                                       \
+  template <typename T>                                      \
   ret name params;
 MOETRAIN_BACKEND_OPS(MOETRAIN_CPU_DECLARE, T)
 #undef MOETRAIN_CPU_DECLARE
@@ -34,8 +34,7 @@ std::size_t attention_saved_elems(const AttentionShape& s);
 // Explicit instantiation of a family's ops for float and double, at the end of its file, e.g.
 // MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_ROPE).
 #define MOETRAIN_CPU_INSTANTIATE_ONE(ret, name, params, args, flops) template ret name params;
-#define MOETRAIN_CPU_INSTANTIATE(family)                \
-  family(MOETRAIN_CPU_INSTANTIATE_ONE, float)           \
-  family(MOETRAIN_CPU_INSTANTIATE_ONE, double)
+#define MOETRAIN_CPU_INSTANTIATE(family) \
+  family(MOETRAIN_CPU_INSTANTIATE_ONE, float) family(MOETRAIN_CPU_INSTANTIATE_ONE, double)
 
 }  // namespace moetrain::cpu

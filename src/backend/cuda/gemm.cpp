@@ -168,8 +168,8 @@ void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, con
   for (int g = 0; g < groups; ++g) {
     const std::size_t r0 = std::size_t(off[std::size_t(g)]);
     const int m = off[std::size_t(g) + 1] - int(r0);
-    gemm_impl(false, tb, m, N, K, alpha, A + r0 * std::size_t(lda), lda, 0,
-              B + sb * std::size_t(g), ldb, 0, beta, C + r0 * std::size_t(ldc), ldc, 0, 1);
+    gemm_impl(false, tb, m, N, K, alpha, A + r0 * std::size_t(lda), lda, 0, B + sb * std::size_t(g),
+              ldb, 0, beta, C + r0 * std::size_t(ldc), ldc, 0, 1);
   }
 }
 

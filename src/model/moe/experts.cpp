@@ -50,10 +50,10 @@ void Experts<T>::backward(const T* params, T* grads, const T* xg, const std::int
                          offsets, experts_);
   be_.swiglu_backward(s.dh, s.dact, a.h, rows_, ff_);
   // Through W1|W3: dxg = dh W13_e, dW13_e += dh^T xg.
-  be_.grouped_gemm(false, rows_, d_, 2 * ff_, T(1), s.dh, 2 * ff_, params + w13_, d_, stride_,
-                   T(0), dxg, d_, offsets, experts_);
-  be_.grouped_gemm_wgrad(rows_, 2 * ff_, d_, T(1), s.dh, 2 * ff_, xg, d_, grads + w13_, d_,
-                         stride_, offsets, experts_);
+  be_.grouped_gemm(false, rows_, d_, 2 * ff_, T(1), s.dh, 2 * ff_, params + w13_, d_, stride_, T(0),
+                   dxg, d_, offsets, experts_);
+  be_.grouped_gemm_wgrad(rows_, 2 * ff_, d_, T(1), s.dh, 2 * ff_, xg, d_, grads + w13_, d_, stride_,
+                         offsets, experts_);
 }
 
 template class Experts<float>;
