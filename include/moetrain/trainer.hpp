@@ -1,6 +1,6 @@
 // The training loop (DESIGN §2, §4, §7): micro-batches with gradient accumulation, gradient
 // averaging over ranks, the optimizer step with QK-clip, the expert-bias update, metrics,
-// evaluation, checkpoints, resume and graceful stop on SIGINT/SIGTERM.
+// evaluation, checkpoints, resume and graceful stop on SIGINT/SIGTERM (see signals.hpp).
 #pragma once
 
 #include <cstdint>
@@ -21,8 +21,5 @@ struct TrainOptions {
 // stop the run (non-finite loss, bad data, bad checkpoint) are thrown as std::runtime_error after
 // everything already written has been left intact.
 int run_training(const Config& cfg, Communicator& comm, const TrainOptions& opts);
-
-// Installs SIGINT/SIGTERM handlers that ask the running training loop to checkpoint and stop.
-void install_stop_signal_handlers();
 
 }  // namespace moetrain

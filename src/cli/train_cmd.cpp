@@ -7,6 +7,7 @@
 #include "cli/common.hpp"
 #include "moetrain/nccl_comm.hpp"
 #include "moetrain/select_backend.hpp"
+#include "moetrain/signals.hpp"
 #include "moetrain/trainer.hpp"
 
 namespace moetrain::cli {

@@ -2,15 +2,12 @@
 
 #include <unistd.h>
 
-#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <stdexcept>
-#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -23,17 +20,14 @@
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
 #include "moetrain/select_backend.hpp"
+#include "moetrain/signals.hpp"
+#include "train/watchdog.hpp"
 
 namespace fs = std::filesystem;
 
 namespace moetrain {
 
 namespace {
-
-std::atomic<bool> g_stop_requested{false};
-extern "C" void on_stop_signal(int) {
-  g_stop_requested.store(true);
-}
 
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) {
@@ -71,43 +65,6 @@ struct StepResult {
   OptimizerStats opt;
   double data_s = 0, compute_s = 0, comm_s = 0, optimizer_s = 0;
   std::uint64_t comm_bytes = 0;  // sent by this rank during the step (ring-algorithm count)
-};
-
-// Ends the process when the training loop stops making progress: a collective waiting forever on
-// a rank that died or hung. mpirun then takes the rest of the job down.
-class Watchdog {
- public:
-  Watchdog(int seconds, int rank) : seconds_(seconds), rank_(rank) {
-    if (seconds_ <= 0) return;
-    beat();
-    thread_ = std::thread([this] { watch(); });
-  }
-  ~Watchdog() {
-    done_.store(true);
-    if (thread_.joinable()) thread_.join();
-  }
-  void beat() { last_.store(Clock::now().time_since_epoch().count()); }
-
- private:
-  void watch() {
-    while (!done_.load()) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      const auto last = Clock::time_point(Clock::duration(last_.load()));
-      const double idle = since(last);
-      if (idle > seconds_) {
-        std::fprintf(stderr,
-                     "error: rank %d: no progress for %.0f s (train.watchdog_seconds = %d): a peer "
-                     "rank has probably died or hung; exiting\n",
-                     rank_, idle, seconds_);
-        std::fflush(stderr);
-        std::_Exit(3);
-      }
-    }
-  }
-  int seconds_, rank_;
-  std::atomic<Clock::rep> last_{0};
-  std::atomic<bool> done_{false};
-  std::thread thread_;
 };
 
 class Trainer {
@@ -483,7 +440,7 @@ int Trainer::run() {
       }
     }
 
-    int stop = g_stop_requested.load() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at);
+    int stop = stop_requested() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at);
     comm_.all_reduce(&stop, 1, ReduceOp::Max);
     const bool due =
         cfg_.train.checkpoint_interval > 0 && step_ % cfg_.train.checkpoint_interval == 0;
@@ -502,14 +459,6 @@ int Trainer::run() {
 }
 
 }  // namespace
-
-void install_stop_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-}
 
 int run_training(const Config& cfg, Communicator& comm, const TrainOptions& opts) {
   Trainer t(cfg, comm, opts);
