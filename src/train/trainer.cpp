@@ -1,10 +1,7 @@
 #include "moetrain/trainer.hpp"
 
-#include <unistd.h>
-
 #include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <stdexcept>
@@ -21,6 +18,7 @@
 #include "moetrain/optimizer.hpp"
 #include "moetrain/select_backend.hpp"
 #include "moetrain/signals.hpp"
+#include "train/step_record.hpp"
 #include "train/watchdog.hpp"
 
 namespace fs = std::filesystem;
@@ -32,16 +30,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-std::string format_duration(double s) {
-  const long t = long(std::max(0.0, s));
-  char buf[32];
-  if (t >= 3600)
-    std::snprintf(buf, sizeof(buf), "%ldh%02ldm", t / 3600, (t / 60) % 60);
-  else
-    std::snprintf(buf, sizeof(buf), "%ldm%02lds", t / 60, t % 60);
-  return buf;
 }
 
 // JSON paths (a.b.c) whose values differ between two configs, restricted to `roots`.
@@ -56,16 +44,6 @@ void diff_paths(const nlohmann::json& a, const nlohmann::json& b, const std::str
   }
   if (a != b) out.push_back(prefix);
 }
-
-struct StepResult {
-  double objective = 0, ce = 0;
-  std::vector<double> aux, z, entropy;
-  std::vector<std::vector<double>> smax;
-  std::vector<std::vector<std::int64_t>> load;
-  OptimizerStats opt;
-  double data_s = 0, compute_s = 0, comm_s = 0, optimizer_s = 0;
-  std::uint64_t comm_bytes = 0;  // sent by this rank during the step (ring-algorithm count)
-};
 
 class Trainer {
  public:
@@ -332,84 +310,27 @@ void Trainer::save_checkpoint() {
 }
 
 void Trainer::log_step(const StepResult& r, double lr, double step_s, bool spike) {
-  const ModelConfig& m = cfg_.model;
-  const double tok_s = double(global_tokens_per_step()) / step_s;
-  const double mfu = flops_.training() * tok_s / 1e9 / peak_gflops_ / comm_.world();
-  nlohmann::json smax_max = nlohmann::json::array(), imbalance = nlohmann::json::array(),
-                 entropy = nlohmann::json::array(), aux = nlohmann::json::array(),
-                 z = nlohmann::json::array();
-  double aux_total = 0, z_total = 0, smax_all = -1e300;
-  for (int l = 0; l < m.n_layers; ++l) {
-    const std::size_t li = std::size_t(l);
-    const double layer_max = *std::max_element(r.smax[li].begin(), r.smax[li].end());
-    smax_max.push_back(layer_max);
-    smax_all = std::max(smax_all, layer_max);
-    if (!is_moe_layer(m, l)) {
-      for (auto* a : {&imbalance, &entropy, &aux, &z}) a->push_back(nullptr);
-      continue;
-    }
-    double total = 0, mx = 0;
-    for (auto c : r.load[li]) {
-      total += double(c);
-      mx = std::max(mx, double(c));
-    }
-    imbalance.push_back(total > 0 ? mx / (total / m.moe.n_experts) : 0.0);
-    entropy.push_back(r.entropy[li]);
-    aux.push_back(r.aux[li]);
-    z.push_back(r.z[li]);
-    aux_total += r.aux[li];
-    z_total += r.z[li];
-  }
-  nlohmann::json rec = {
-      {"step", step_},
-      {"tokens", tokens_seen_},
-      {"loss", r.objective},
-      {"ce", r.ce},
-      {"aux_loss", aux_total},
-      {"z_loss", z_total},
-      {"aux_loss_layers", aux},
-      {"z_loss_layers", z},
-      {"lr", lr},
-      {"grad_norm", r.opt.grad_norm},
-      {"tokens_per_s", tok_s},
-      {"mfu", mfu},
-      {"update_rms", {{"muon", r.opt.update_rms_muon}, {"adamw", r.opt.update_rms_adamw}}},
-      {"smax_max", smax_max},
-      {"clipped_heads", r.opt.clipped_heads},
-      {"imbalance", imbalance},
-      {"router_entropy", entropy},
-      {"loss_spikes", spikes_.spikes()},
-      {"spike", spike},
-      {"step_ms", step_s * 1e3},
-      {"data_ms", r.data_s * 1e3},
-      {"fwd_bwd_ms", r.compute_s * 1e3},
-      {"comm_ms", r.comm_s * 1e3},
-      {"comm_bytes", r.comm_bytes},
-      {"optimizer_ms", r.optimizer_s * 1e3}};
-  metrics_->write(rec);
+  StepInfo info;
+  info.step = step_;
+  info.tokens = tokens_seen_;
+  info.lr = lr;
+  info.step_s = step_s;
+  info.tokens_per_s = double(global_tokens_per_step()) / step_s;
+  info.mfu = flops_.training() * info.tokens_per_s / 1e9 / peak_gflops_ / comm_.world();
+  info.loss_spikes = spikes_.spikes();
+  info.spike = spike;
+  metrics_->write(step_record(cfg_.model, r, info));
   if (step_ % cfg_.train.log_interval == 0 || step_ == cfg_.train.steps) {
     const double elapsed = since(started_);
     const double eta = elapsed / double(step_ - first_step_) * double(cfg_.train.steps - step_);
-    spdlog::info(
-        "step {}/{} | loss {:.4f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}% | "
-        "S_max {:.1f} | clipped {} | ETA {}",
-        step_, cfg_.train.steps, r.objective, lr, tok_s, 100 * mfu, smax_all, r.opt.clipped_heads,
-        format_duration(eta));
+    spdlog::info("{}", progress_line(r, info, cfg_.train.steps, eta));
   }
 }
 
-// <out_dir>/zero1_rank<R>.json: how ZeRO-1 split the optimizer across ranks (after a step).
 void Trainer::write_shard_report() {
-  const nlohmann::json rep = {{"rank", comm_.rank()},
-                              {"world", comm_.world()},
-                              {"pid", ::getpid()},
-                              {"optimizer", cfg_.optim.name},
-                              {"optimizer_state_bytes", opt_->state_bytes()},
-                              {"owned_muon_matrices", opt_->owned_matrix_names()},
-                              {"orthogonalised_last_step", opt_->orthogonalised_last_step()}};
   write_text_atomically(
       (fs::path(out_dir_) / ("zero1_rank" + std::to_string(comm_.rank()) + ".json")).string(),
-      rep.dump(2) + "\n");
+      shard_report(comm_.rank(), comm_.world(), cfg_.optim.name, *opt_).dump(2) + "\n");
 }
 
 int Trainer::run() {
@@ -434,8 +355,7 @@ int Trainer::run() {
       const double v = evaluate();
       watchdog_->beat();
       if (leader()) {
-        metrics_->write(
-            {{"step", step_}, {"tokens", tokens_seen_}, {"val_loss", v}, {"val_ppl", std::exp(v)}});
+        metrics_->write(eval_record(step_, tokens_seen_, v));
         spdlog::info("eval step {}: val loss {:.4f}, perplexity {:.2f}", step_, v, std::exp(v));
       }
     }
