@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "cli/commands.hpp"
-#include "cli/common.hpp"
 #include "moetrain/nccl_comm.hpp"
 #include "moetrain/select_backend.hpp"
 #include "moetrain/signals.hpp"
@@ -33,7 +32,7 @@ void add_train_command(CLI::App& app) {
                   "Stop after this many completed steps, with a checkpoint (resume later)")
       ->check(CLI::PositiveNumber);
   cmd->callback([o] {
-    const Config cfg = load_config_with_overrides(o->config, o->sets);
+    const Config cfg = load_config(o->config, o->sets);
     TrainOptions opts;
     opts.resume = !o->resume_from.empty() ? o->resume_from : (o->resume ? "latest" : "");
     opts.stop_at = o->stop_at;

@@ -10,6 +10,7 @@
 
 #include "io/atomic_file.hpp"
 #include "moetrain/checkpoint.hpp"
+#include "moetrain/checkpoint_session.hpp"
 #include "moetrain/data_loader.hpp"
 #include "moetrain/flops.hpp"
 #include "moetrain/lr_schedule.hpp"
@@ -32,19 +33,6 @@ double since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// JSON paths (a.b.c) whose values differ between two configs, restricted to `roots`.
-void diff_paths(const nlohmann::json& a, const nlohmann::json& b, const std::string& prefix,
-                std::vector<std::string>& out) {
-  if (a.is_object() && b.is_object()) {
-    for (const auto& [k, v] : a.items())
-      diff_paths(v, b.contains(k) ? b.at(k) : nlohmann::json(), prefix + "." + k, out);
-    for (const auto& [k, v] : b.items())
-      if (!a.contains(k)) out.push_back(prefix + "." + k);
-    return;
-  }
-  if (a != b) out.push_back(prefix);
-}
-
 class Trainer {
  public:
   Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts);
@@ -54,7 +42,6 @@ class Trainer {
   StepResult train_step(double lr);
   double evaluate();
   void save_checkpoint();
-  void resume(const std::string& path);
   void log_step(const StepResult& r, double lr, double step_s, bool spike);
   void write_shard_report();
 
@@ -69,6 +56,7 @@ class Trainer {
   std::unique_ptr<EvalLoader> val_;
   std::unique_ptr<MetricsLog> metrics_;
   SpikeDetector spikes_;
+  std::unique_ptr<CheckpointSession> checkpoints_;
   std::int64_t step_ = 0, tokens_seen_ = 0;
   double peak_gflops_ = 0;
   FlopCount flops_;
@@ -112,15 +100,13 @@ Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts
                                         m.seq_len, comm_.rank(), comm_.world(),
                                         "data.val_pattern '" + cfg_.data.val_pattern + "'");
 
+  checkpoints_ = std::make_unique<CheckpointSession>(
+      cfg_, comm_, CheckpointSession::Parts{*model_, *opt_, *train_, spikes_});
+
   if (!fresh) {
-    std::string path = opts_.resume;
-    if (path == "latest") {
-      const auto latest = latest_checkpoint(out_dir_);
-      if (!latest)
-        throw std::runtime_error("--resume: no checkpoint in '" + checkpoints_root(out_dir_) + "'");
-      path = *latest;
-    }
-    resume(path);
+    const TrainingProgress p = checkpoints_->resume(checkpoints_->resolve(opts_.resume));
+    step_ = p.step;
+    tokens_seen_ = p.tokens_seen;
   }
   // Everything is loaded: from here on files are written.
   if (leader()) {
@@ -142,50 +128,6 @@ Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts
         double(model_->layout().total()) / 1e6, flops_.training() / 1e6, comm_.world(),
         cfg_.train.grad_accum, cfg_.data.batch_size, m.seq_len, global_tokens_per_step(),
         peak_gflops_);
-}
-
-void Trainer::resume(const std::string& path) {
-  const std::string state_path = (fs::path(path) / "trainer_state.json").string();
-  const nlohmann::json st = read_json_file(state_path);
-  if (!st.is_object() || st.value("format", "") != "moetrain-checkpoint")
-    throw std::runtime_error(state_path + ": not a moetrain trainer state");
-  try {
-    std::vector<std::string> diffs;
-    const nlohmann::json now = config_to_json(cfg_), then = st.at("config");
-    for (const char* root : {"model", "data"}) diff_paths(then.at(root), now.at(root), root, diffs);
-    for (const char* key : {"name"})
-      diff_paths(then.at("optim").at(key), now.at("optim").at(key), std::string("optim.") + key,
-                 diffs);
-    for (const char* key : {"grad_accum", "seed"})
-      diff_paths(then.at("train").at(key), now.at("train").at(key), std::string("train.") + key,
-                 diffs);
-    if (!diffs.empty()) {
-      std::string list;
-      for (const auto& d : diffs) list += (list.empty() ? "" : ", ") + d;
-      throw std::runtime_error(state_path + ": the checkpoint was made with a different config (" +
-                               list + " differ); resume with the same settings");
-    }
-    const int world = st.at("world_size").get<int>();
-    if (world != comm_.world())
-      throw std::runtime_error(state_path + ": saved by " + std::to_string(world) +
-                               " rank(s), resumed on " + std::to_string(comm_.world()) +
-                               "; resume on the same number of ranks");
-    tensors_to_weights(load_safetensors((fs::path(path) / "model.safetensors").string()), *model_,
-                       (fs::path(path) / "model.safetensors").string());
-    const std::string opt_path =
-        (fs::path(path) / ("optimizer_rank" + std::to_string(comm_.rank()) + ".safetensors"))
-            .string();
-    opt_->load_state(load_safetensors(opt_path), opt_path);
-    train_->restore(st.at("loader"));
-    write_expert_bias(*model_, st.at("expert_bias").get<std::vector<std::vector<double>>>(),
-                      state_path);
-    spikes_.restore(st.at("spike"));
-    step_ = st.at("step").get<std::int64_t>();
-    tokens_seen_ = st.at("tokens_seen").get<std::int64_t>();
-  } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error(state_path + ": malformed trainer state (" + e.what() + ")");
-  }
-  if (leader()) spdlog::info("resumed from {} at step {}", path, step_);
 }
 
 StepResult Trainer::train_step(double lr) {
@@ -277,36 +219,7 @@ double Trainer::evaluate() {
 }
 
 void Trainer::save_checkpoint() {
-  std::string tmp;
-  if (leader()) tmp = begin_checkpoint(out_dir_, step_);
-  comm_.barrier();
-  tmp = checkpoint_path(out_dir_, step_) + ".tmp";
-  save_safetensors(
-      (fs::path(tmp) / ("optimizer_rank" + std::to_string(comm_.rank()) + ".safetensors")).string(),
-      opt_->state());
-  if (leader()) {
-    save_safetensors((fs::path(tmp) / "model.safetensors").string(), weights_to_tensors(*model_),
-                     {{"format", "pt"}, {"step", std::to_string(step_)}});
-    nlohmann::json st = {{"format", "moetrain-checkpoint"},
-                         {"version", 1},
-                         {"step", step_},
-                         {"tokens_seen", tokens_seen_},
-                         {"world_size", comm_.world()},
-                         {"loader", train_->state()},
-                         {"expert_bias", read_expert_bias(*model_)},
-                         {"spike", spikes_.state()},
-                         {"config", config_to_json(cfg_)}};
-    write_text_atomically((fs::path(tmp) / "trainer_state.json").string(), st.dump(2) + "\n");
-    if (fs::exists(cfg_.data.tokenizer))
-      fs::copy_file(cfg_.data.tokenizer, fs::path(tmp) / "tokenizer.json",
-                    fs::copy_options::overwrite_existing);
-  }
-  comm_.barrier();
-  if (leader()) {
-    const std::string done = commit_checkpoint(out_dir_, step_, cfg_.train.keep_checkpoints);
-    spdlog::info("checkpoint {}", done);
-  }
-  comm_.barrier();
+  checkpoints_->save({step_, tokens_seen_});
 }
 
 void Trainer::log_step(const StepResult& r, double lr, double step_s, bool spike) {
