@@ -12,9 +12,7 @@
 #include "moetrain/checkpoint.hpp"
 #include "moetrain/checkpoint_session.hpp"
 #include "moetrain/data_loader.hpp"
-#include "moetrain/flops.hpp"
 #include "moetrain/lr_schedule.hpp"
-#include "moetrain/metrics.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
 #include "moetrain/select_backend.hpp"
@@ -27,49 +25,11 @@ namespace fs = std::filesystem;
 namespace moetrain {
 
 namespace {
-
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
-
-class Trainer {
- public:
-  Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts);
-  int run();
-
- private:
-  StepResult train_step(double lr);
-  double evaluate();
-  void save_checkpoint();
-  void log_step(const StepResult& r, double lr, double step_s, bool spike);
-  void write_shard_report();
-
-  Config cfg_;
-  Communicator& comm_;
-  TrainOptions opts_;
-  std::unique_ptr<Backend<float>> backend_;
-  Backend<float>& be_;
-  std::unique_ptr<Model<float>> model_;
-  std::unique_ptr<Optimizer<float>> opt_;
-  std::unique_ptr<DataLoader> train_;
-  std::unique_ptr<EvalLoader> val_;
-  std::unique_ptr<MetricsLog> metrics_;
-  SpikeDetector spikes_;
-  std::unique_ptr<CheckpointSession> checkpoints_;
-  std::int64_t step_ = 0, tokens_seen_ = 0;
-  double peak_gflops_ = 0;
-  FlopCount flops_;
-  std::string out_dir_;
-  Clock::time_point started_;
-  std::unique_ptr<Watchdog> watchdog_;
-  std::int64_t first_step_ = 0;
-  bool leader() const { return comm_.rank() == 0; }
-  std::int64_t global_tokens_per_step() const {
-    return std::int64_t(cfg_.data.batch_size) * cfg_.model.seq_len * cfg_.train.grad_accum *
-           comm_.world();
-  }
-};
+}  // namespace
 
 Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts)
     : cfg_(cfg),
@@ -99,7 +59,6 @@ Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts
                                         std::uint32_t(m.vocab_size), cfg_.data.batch_size,
                                         m.seq_len, comm_.rank(), comm_.world(),
                                         "data.val_pattern '" + cfg_.data.val_pattern + "'");
-
   checkpoints_ = std::make_unique<CheckpointSession>(
       cfg_, comm_, CheckpointSession::Parts{*model_, *opt_, *train_, spikes_});
 
@@ -128,6 +87,13 @@ Trainer::Trainer(const Config& cfg, Communicator& comm, const TrainOptions& opts
         double(model_->layout().total()) / 1e6, flops_.training() / 1e6, comm_.world(),
         cfg_.train.grad_accum, cfg_.data.batch_size, m.seq_len, global_tokens_per_step(),
         peak_gflops_);
+}
+
+Trainer::~Trainer() = default;
+
+std::int64_t Trainer::global_tokens_per_step() const {
+  return std::int64_t(cfg_.data.batch_size) * cfg_.model.seq_len * cfg_.train.grad_accum *
+         comm_.world();
 }
 
 StepResult Trainer::train_step(double lr) {
@@ -290,8 +256,6 @@ int Trainer::run() {
                  (fs::path(out_dir_) / "metrics.jsonl").string(), checkpoints_root(out_dir_));
   return 0;
 }
-
-}  // namespace
 
 int run_training(const Config& cfg, Communicator& comm, const TrainOptions& opts) {
   Trainer t(cfg, comm, opts);
