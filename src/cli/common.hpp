@@ -1,4 +1,4 @@
-// Helpers shared by the subcommands: configs with --set overrides, and models from checkpoints.
+// Helpers shared by the subcommands: configs and models from checkpoints (see CheckpointReader).
 #pragma once
 
 #include <memory>
@@ -10,9 +10,6 @@
 #include "moetrain/model.hpp"
 
 namespace moetrain::cli {
-
-// Reads a config file, applies "a.b=value" overrides, validates; errors name the file or flag.
-Config load_config_with_overrides(const std::string& path, const std::vector<std::string>& sets);
 
 // The config a checkpoint was trained with (from its trainer_state.json), with overrides.
 Config checkpoint_config(const std::string& checkpoint_dir, const std::vector<std::string>& sets);

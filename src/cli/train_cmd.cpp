@@ -4,8 +4,8 @@
 #include <vector>
 
 #include "cli/commands.hpp"
-#include "cli/common.hpp"
 #include "moetrain/runtime.hpp"
+#include "moetrain/signals.hpp"
 #include "moetrain/trainer.hpp"
 
 namespace moetrain::cli {
@@ -31,7 +31,7 @@ void add_train_command(CLI::App& app) {
                   "Stop after this many completed steps, with a checkpoint (resume later)")
       ->check(CLI::PositiveNumber);
   cmd->callback([o] {
-    const Config cfg = load_config_with_overrides(o->config, o->sets);
+    const Config cfg = load_config(o->config, o->sets);
     TrainOptions opts;
     opts.resume = !o->resume_from.empty() ? o->resume_from : (o->resume ? "latest" : "");
     opts.stop_at = o->stop_at;

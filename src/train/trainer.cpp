@@ -1,151 +1,35 @@
 #include "moetrain/trainer.hpp"
 
-#include <unistd.h>
-
-#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <csignal>
-#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <stdexcept>
-#include <thread>
 
 #include <spdlog/spdlog.h>
 
 #include "io/atomic_file.hpp"
 #include "moetrain/checkpoint.hpp"
+#include "moetrain/checkpoint_session.hpp"
 #include "moetrain/data_loader.hpp"
-#include "moetrain/flops.hpp"
 #include "moetrain/lr_schedule.hpp"
-#include "moetrain/metrics.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
 #include "moetrain/runtime.hpp"
+#include "moetrain/signals.hpp"
+#include "train/step_record.hpp"
+#include "train/watchdog.hpp"
 
 namespace fs = std::filesystem;
 
 namespace moetrain {
 
 namespace {
-
-std::atomic<bool> g_stop_requested{false};
-extern "C" void on_stop_signal(int) {
-  g_stop_requested.store(true);
-}
-
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
-
-std::string format_duration(double s) {
-  const long t = long(std::max(0.0, s));
-  char buf[32];
-  if (t >= 3600)
-    std::snprintf(buf, sizeof(buf), "%ldh%02ldm", t / 3600, (t / 60) % 60);
-  else
-    std::snprintf(buf, sizeof(buf), "%ldm%02lds", t / 60, t % 60);
-  return buf;
-}
-
-// JSON paths (a.b.c) whose values differ between two configs, restricted to `roots`.
-void diff_paths(const nlohmann::json& a, const nlohmann::json& b, const std::string& prefix,
-                std::vector<std::string>& out) {
-  if (a.is_object() && b.is_object()) {
-    for (const auto& [k, v] : a.items())
-      diff_paths(v, b.contains(k) ? b.at(k) : nlohmann::json(), prefix + "." + k, out);
-    for (const auto& [k, v] : b.items())
-      if (!a.contains(k)) out.push_back(prefix + "." + k);
-    return;
-  }
-  if (a != b) out.push_back(prefix);
-}
-
-struct StepResult {
-  double objective = 0, ce = 0;
-  std::vector<double> aux, z, entropy;
-  std::vector<std::vector<double>> smax;
-  std::vector<std::vector<std::int64_t>> load;
-  OptimizerStats opt;
-  double data_s = 0, compute_s = 0, comm_s = 0, optimizer_s = 0;
-  std::uint64_t comm_bytes = 0;  // sent by this rank during the step (ring-algorithm count)
-};
-
-// Ends the process when the training loop stops making progress: a collective waiting forever on
-// a rank that died or hung. mpirun then takes the rest of the job down.
-class Watchdog {
- public:
-  Watchdog(int seconds, int rank) : seconds_(seconds), rank_(rank) {
-    if (seconds_ <= 0) return;
-    beat();
-    thread_ = std::thread([this] { watch(); });
-  }
-  ~Watchdog() {
-    done_.store(true);
-    if (thread_.joinable()) thread_.join();
-  }
-  void beat() { last_.store(Clock::now().time_since_epoch().count()); }
-
- private:
-  void watch() {
-    while (!done_.load()) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      const auto last = Clock::time_point(Clock::duration(last_.load()));
-      const double idle = since(last);
-      if (idle > seconds_) {
-        std::fprintf(stderr,
-                     "error: rank %d: no progress for %.0f s (train.watchdog_seconds = %d): a peer "
-                     "rank has probably died or hung; exiting\n",
-                     rank_, idle, seconds_);
-        std::fflush(stderr);
-        std::_Exit(3);
-      }
-    }
-  }
-  int seconds_, rank_;
-  std::atomic<Clock::rep> last_{0};
-  std::atomic<bool> done_{false};
-  std::thread thread_;
-};
-
-class Trainer {
- public:
-  Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts);
-  int run();
-
- private:
-  StepResult train_step(double lr);
-  double evaluate();
-  void save_checkpoint();
-  void resume(const std::string& path);
-  void log_step(const StepResult& r, double lr, double step_s, bool spike);
-  void write_shard_report();
-
-  Config cfg_;
-  Communicator& comm_;
-  TrainOptions opts_;
-  Backend<float>& be_;
-  std::unique_ptr<Model<float>> model_;
-  std::unique_ptr<Optimizer<float>> opt_;
-  std::unique_ptr<DataLoader> train_;
-  std::unique_ptr<EvalLoader> val_;
-  std::unique_ptr<MetricsLog> metrics_;
-  SpikeDetector spikes_;
-  std::int64_t step_ = 0, tokens_seen_ = 0;
-  double peak_gflops_ = 0;
-  FlopCount flops_;
-  std::string out_dir_;
-  Clock::time_point started_;
-  std::unique_ptr<Watchdog> watchdog_;
-  std::int64_t first_step_ = 0;
-  bool leader() const { return comm_.rank() == 0; }
-  std::int64_t global_tokens_per_step() const {
-    return std::int64_t(cfg_.data.batch_size) * cfg_.model.seq_len * cfg_.train.grad_accum *
-           comm_.world();
-  }
-};
+}  // namespace
 
 Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
     : cfg_(cfg),
@@ -174,16 +58,13 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
                                         std::uint32_t(m.vocab_size), cfg_.data.batch_size,
                                         m.seq_len, comm_.rank(), comm_.world(),
                                         "data.val_pattern '" + cfg_.data.val_pattern + "'");
+  checkpoints_ = std::make_unique<CheckpointSession>(
+      cfg_, comm_, CheckpointSession::Parts{*model_, *opt_, *train_, spikes_});
 
   if (!fresh) {
-    std::string path = opts_.resume;
-    if (path == "latest") {
-      const auto latest = latest_checkpoint(out_dir_);
-      if (!latest)
-        throw std::runtime_error("--resume: no checkpoint in '" + checkpoints_root(out_dir_) + "'");
-      path = *latest;
-    }
-    resume(path);
+    const TrainingProgress p = checkpoints_->resume(checkpoints_->resolve(opts_.resume));
+    step_ = p.step;
+    tokens_seen_ = p.tokens_seen;
   }
   // Everything is loaded: from here on files are written.
   if (leader()) {
@@ -207,48 +88,11 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
         peak_gflops_);
 }
 
-void Trainer::resume(const std::string& path) {
-  const std::string state_path = (fs::path(path) / "trainer_state.json").string();
-  const nlohmann::json st = read_json_file(state_path);
-  if (!st.is_object() || st.value("format", "") != "moetrain-checkpoint")
-    throw std::runtime_error(state_path + ": not a moetrain trainer state");
-  try {
-    std::vector<std::string> diffs;
-    const nlohmann::json now = config_to_json(cfg_), then = st.at("config");
-    for (const char* root : {"model", "data"}) diff_paths(then.at(root), now.at(root), root, diffs);
-    for (const char* key : {"name"})
-      diff_paths(then.at("optim").at(key), now.at("optim").at(key), std::string("optim.") + key,
-                 diffs);
-    for (const char* key : {"grad_accum", "seed"})
-      diff_paths(then.at("train").at(key), now.at("train").at(key), std::string("train.") + key,
-                 diffs);
-    if (!diffs.empty()) {
-      std::string list;
-      for (const auto& d : diffs) list += (list.empty() ? "" : ", ") + d;
-      throw std::runtime_error(state_path + ": the checkpoint was made with a different config (" +
-                               list + " differ); resume with the same settings");
-    }
-    const int world = st.at("world_size").get<int>();
-    if (world != comm_.world())
-      throw std::runtime_error(state_path + ": saved by " + std::to_string(world) +
-                               " rank(s), resumed on " + std::to_string(comm_.world()) +
-                               "; resume on the same number of ranks");
-    tensors_to_weights(load_safetensors((fs::path(path) / "model.safetensors").string()), *model_,
-                       (fs::path(path) / "model.safetensors").string());
-    const std::string opt_path =
-        (fs::path(path) / ("optimizer_rank" + std::to_string(comm_.rank()) + ".safetensors"))
-            .string();
-    opt_->load_state(load_safetensors(opt_path), opt_path);
-    train_->restore(st.at("loader"));
-    write_expert_bias(*model_, st.at("expert_bias").get<std::vector<std::vector<double>>>(),
-                      state_path);
-    spikes_.restore(st.at("spike"));
-    step_ = st.at("step").get<std::int64_t>();
-    tokens_seen_ = st.at("tokens_seen").get<std::int64_t>();
-  } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error(state_path + ": malformed trainer state (" + e.what() + ")");
-  }
-  if (leader()) spdlog::info("resumed from {} at step {}", path, step_);
+Trainer::~Trainer() = default;
+
+std::int64_t Trainer::global_tokens_per_step() const {
+  return std::int64_t(cfg_.data.batch_size) * cfg_.model.seq_len * cfg_.train.grad_accum *
+         comm_.world();
 }
 
 StepResult Trainer::train_step(double lr) {
@@ -289,11 +133,11 @@ StepResult Trainer::train_step(double lr) {
   r.load = model_->take_router_loads();
 
   // Average the logged losses over ranks (sum / world); S_max (max) and expert loads (sum) feed
-  // QK-clip and the bias update. Gradients are averaged inside the optimizer (ZeRO-1).
+  // QK-clip and the bias update: all of them in one collective. Gradients are averaged inside the
+  // optimizer (ZeRO-1).
   auto t0 = Clock::now();
   const std::uint64_t stats_bytes0 = comm_.bytes_moved();
   const int world = comm_.world();
-  // One collective for all of them: sums (losses, loads) and maxima (S_max).
   std::vector<double> sums = {r.objective, r.ce}, maxes;
   for (std::size_t l = 0; l < std::size_t(L); ++l) {
     sums.push_back(r.aux[l]);
@@ -344,117 +188,31 @@ double Trainer::evaluate() {
 }
 
 void Trainer::save_checkpoint() {
-  std::string tmp;
-  if (leader()) tmp = begin_checkpoint(out_dir_, step_);
-  comm_.barrier();
-  tmp = checkpoint_path(out_dir_, step_) + ".tmp";
-  save_safetensors(
-      (fs::path(tmp) / ("optimizer_rank" + std::to_string(comm_.rank()) + ".safetensors")).string(),
-      opt_->state());
-  if (leader()) {
-    save_safetensors((fs::path(tmp) / "model.safetensors").string(), weights_to_tensors(*model_),
-                     {{"format", "pt"}, {"step", std::to_string(step_)}});
-    nlohmann::json st = {{"format", "moetrain-checkpoint"},
-                         {"version", 1},
-                         {"step", step_},
-                         {"tokens_seen", tokens_seen_},
-                         {"world_size", comm_.world()},
-                         {"loader", train_->state()},
-                         {"expert_bias", read_expert_bias(*model_)},
-                         {"spike", spikes_.state()},
-                         {"config", config_to_json(cfg_)}};
-    write_text_atomically((fs::path(tmp) / "trainer_state.json").string(), st.dump(2) + "\n");
-    if (fs::exists(cfg_.data.tokenizer))
-      fs::copy_file(cfg_.data.tokenizer, fs::path(tmp) / "tokenizer.json",
-                    fs::copy_options::overwrite_existing);
-  }
-  comm_.barrier();
-  if (leader()) {
-    const std::string done = commit_checkpoint(out_dir_, step_, cfg_.train.keep_checkpoints);
-    spdlog::info("checkpoint {}", done);
-  }
-  comm_.barrier();
+  checkpoints_->save({step_, tokens_seen_});
 }
 
 void Trainer::log_step(const StepResult& r, double lr, double step_s, bool spike) {
-  const ModelConfig& m = cfg_.model;
-  const double tok_s = double(global_tokens_per_step()) / step_s;
-  const double mfu = flops_.training() * tok_s / 1e9 / peak_gflops_ / comm_.world();
-  nlohmann::json smax_max = nlohmann::json::array(), imbalance = nlohmann::json::array(),
-                 entropy = nlohmann::json::array(), aux = nlohmann::json::array(),
-                 z = nlohmann::json::array();
-  double aux_total = 0, z_total = 0, smax_all = -1e300;
-  for (int l = 0; l < m.n_layers; ++l) {
-    const std::size_t li = std::size_t(l);
-    const double layer_max = *std::max_element(r.smax[li].begin(), r.smax[li].end());
-    smax_max.push_back(layer_max);
-    smax_all = std::max(smax_all, layer_max);
-    if (!is_moe_layer(m, l)) {
-      for (auto* a : {&imbalance, &entropy, &aux, &z}) a->push_back(nullptr);
-      continue;
-    }
-    double total = 0, mx = 0;
-    for (auto c : r.load[li]) {
-      total += double(c);
-      mx = std::max(mx, double(c));
-    }
-    imbalance.push_back(total > 0 ? mx / (total / m.moe.n_experts) : 0.0);
-    entropy.push_back(r.entropy[li]);
-    aux.push_back(r.aux[li]);
-    z.push_back(r.z[li]);
-    aux_total += r.aux[li];
-    z_total += r.z[li];
-  }
-  nlohmann::json rec = {
-      {"step", step_},
-      {"tokens", tokens_seen_},
-      {"loss", r.objective},
-      {"ce", r.ce},
-      {"aux_loss", aux_total},
-      {"z_loss", z_total},
-      {"aux_loss_layers", aux},
-      {"z_loss_layers", z},
-      {"lr", lr},
-      {"grad_norm", r.opt.grad_norm},
-      {"tokens_per_s", tok_s},
-      {"mfu", mfu},
-      {"update_rms", {{"muon", r.opt.update_rms_muon}, {"adamw", r.opt.update_rms_adamw}}},
-      {"smax_max", smax_max},
-      {"clipped_heads", r.opt.clipped_heads},
-      {"imbalance", imbalance},
-      {"router_entropy", entropy},
-      {"loss_spikes", spikes_.spikes()},
-      {"spike", spike},
-      {"step_ms", step_s * 1e3},
-      {"data_ms", r.data_s * 1e3},
-      {"fwd_bwd_ms", r.compute_s * 1e3},
-      {"comm_ms", r.comm_s * 1e3},
-      {"comm_bytes", r.comm_bytes},
-      {"optimizer_ms", r.optimizer_s * 1e3}};
-  metrics_->write(rec);
+  StepInfo info;
+  info.step = step_;
+  info.tokens = tokens_seen_;
+  info.lr = lr;
+  info.step_s = step_s;
+  info.tokens_per_s = double(global_tokens_per_step()) / step_s;
+  info.mfu = flops_.training() * info.tokens_per_s / 1e9 / peak_gflops_ / comm_.world();
+  info.loss_spikes = spikes_.spikes();
+  info.spike = spike;
+  metrics_->write(step_record(cfg_.model, r, info));
   if (step_ % cfg_.train.log_interval == 0 || step_ == cfg_.train.steps) {
     const double elapsed = since(started_);
     const double eta = elapsed / double(step_ - first_step_) * double(cfg_.train.steps - step_);
-    spdlog::info(
-        "step {}/{} | loss {:.4f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}% | "
-        "S_max {:.1f} | clipped {} | ETA {}",
-        step_, cfg_.train.steps, r.objective, lr, tok_s, 100 * mfu, smax_all, r.opt.clipped_heads,
-        format_duration(eta));
+    spdlog::info("{}", progress_line(r, info, cfg_.train.steps, eta));
   }
 }
 
-// <out_dir>/zero1_rank<R>.json: how ZeRO-1 split the optimizer across ranks (after a step).
 void Trainer::write_shard_report() {
-  const nlohmann::json rep = {{"rank", comm_.rank()},
-                              {"world", comm_.world()},
-                              {"pid", ::getpid()},
-                              {"optimizer", to_string(cfg_.optim.name)},
-                              {"optimizer_state_bytes", opt_->state_bytes()},
-                              {"owned_muon_matrices", opt_->owned_matrix_names()},
-                              {"orthogonalised_last_step", opt_->orthogonalised_last_step()}};
   write_text_atomically(
       (fs::path(out_dir_) / ("zero1_rank" + std::to_string(comm_.rank()) + ".json")).string(),
-      rep.dump(2) + "\n");
+      shard_report(comm_.rank(), comm_.world(), to_string(cfg_.optim.name), *opt_).dump(2) + "\n");
 }
 
 int Trainer::run() {
@@ -479,13 +237,12 @@ int Trainer::run() {
       const double v = evaluate();
       watchdog_->beat();
       if (leader()) {
-        metrics_->write(
-            {{"step", step_}, {"tokens", tokens_seen_}, {"val_loss", v}, {"val_ppl", std::exp(v)}});
+        metrics_->write(eval_record(step_, tokens_seen_, v));
         spdlog::info("eval step {}: val loss {:.4f}, perplexity {:.2f}", step_, v, std::exp(v));
       }
     }
 
-    double stop = g_stop_requested.load() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at);
+    double stop = stop_requested() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at);
     comm_.reduce_host(nullptr, 0, &stop, 1);
     const bool due =
         cfg_.train.checkpoint_interval > 0 && step_ % cfg_.train.checkpoint_interval == 0;
@@ -501,16 +258,6 @@ int Trainer::run() {
     spdlog::info("done: {} steps, {} tokens; metrics in {}, checkpoints in {}", step_, tokens_seen_,
                  (fs::path(out_dir_) / "metrics.jsonl").string(), checkpoints_root(out_dir_));
   return 0;
-}
-
-}  // namespace
-
-void install_stop_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
 }
 
 int run_training(const Config& cfg, Runtime& rt, const TrainOptions& opts) {
