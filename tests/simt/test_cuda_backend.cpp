@@ -24,7 +24,9 @@ using moetrain::Config;
 using moetrain::CpuBackend;
 using moetrain::CudaBackend;
 using moetrain::CudaBackendOptions;
+using moetrain::OptimizerName;
 using moetrain::RouterType;
+using moetrain::to_string;
 
 Config small_config(RouterType router, OptimizerName optimizer) {
   Config c;
