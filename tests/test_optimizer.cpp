@@ -3,11 +3,8 @@
 // global gradient-norm clipping, MuonClip's per-head QK-clip, state round trips and bad input.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstring>
-#include <filesystem>
 #include <limits>
 #include <map>
 #include <stdexcept>
@@ -19,6 +16,7 @@
 #include "moetrain/optimizer.hpp"
 #include "moetrain/param_layout.hpp"
 #include "moetrain/safetensors.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
 using namespace moetrain::test;
@@ -602,12 +600,10 @@ TEMPLATE_TEST_CASE("optimizer state round trip continues bit for bit", "[optim]"
     a.step(pa.get(), ga.get(), 0.02, smax);
   }
   // Through a file, as a checkpoint would.
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("moetrain_optim_state_" + std::to_string(::getpid()) + ".safetensors"))
-                               .string();
+  const TempDir tmp("optim_state");
+  const std::string path = tmp.file("state.safetensors");
   save_safetensors(path, a.state());
   const TensorMap loaded = load_safetensors(path);
-  std::filesystem::remove(path);
 
   Optimizer<T> b(cfg, layout, be);
   b.load_state(loaded, path);

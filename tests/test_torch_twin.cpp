@@ -7,8 +7,6 @@
 // test fails (it never skips).
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -16,8 +14,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <stdexcept>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -27,33 +25,16 @@
 #include "moetrain/optimizer.hpp"
 #include "moetrain/rng.hpp"
 #include "moetrain/safetensors.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
+using moetrain::test::TempDir;
 
 namespace {
 
 namespace fs = std::filesystem;
 
 const char* const kPython = "/usr/bin/python3";
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "moetrain_twin_XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed for " + tmpl);
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 std::string quote(const std::string& s) {
   std::string q = "'";
@@ -164,7 +145,7 @@ struct MaxErrors {
 };
 
 MaxErrors run_variant(const Variant& v) {
-  TempDir dir;
+  TempDir dir("twin");
   require_torch(dir);
 
   Config cfg = make_config(v);
@@ -328,7 +309,8 @@ MaxErrors run_variant(const Variant& v) {
       const auto got = to_double(p1, t.offset, t.numel);
       const double perr = rel_err(got, ref);
       std::vector<double> du(t.numel), dr(t.numel);
-      for (std::size_t i = 0; i < t.numel; ++i) du[i] = got[i] - before[i], dr[i] = ref[i] - before[i];
+      for (std::size_t i = 0; i < t.numel; ++i)
+        du[i] = got[i] - before[i], dr[i] = ref[i] - before[i];
       const double uerr = rel_err(du, dr);
       auto& [mp, mu] = mx.optim[name];
       mp = std::max(mp, perr);
@@ -379,5 +361,6 @@ TEST_CASE("moetrain matches its PyTorch twin: softmax_topk, MHA, a dense layer",
 TEST_CASE(
     "moetrain matches its PyTorch twin: sigmoid_bias, GQA, shared expert, expert bias, groups",
     "[twin]") {
-  run_variant({"sigmoid_bias GQA shared bias", RouterType::SigmoidBias, 4, 2, 1, 0, 2.5, true, true});
+  run_variant(
+      {"sigmoid_bias GQA shared bias", RouterType::SigmoidBias, 4, 2, 1, 0, 2.5, true, true});
 }
