@@ -23,22 +23,8 @@ namespace fs = std::filesystem;
 namespace {
 
 ModelConfig ckpt_config(bool tied = false) {
-  ModelConfig c;
-  c.vocab_size = 17;
-  c.d_model = 8;
-  c.n_layers = 3;
-  c.n_heads = 2;
-  c.n_kv_heads = 1;
-  c.head_dim = 4;
-  c.seq_len = 4;
-  c.dense_layers = 1;
-  c.dense_ff = 6;
+  ModelConfig c = tiny_model({.heads = 2, .kv_heads = 1, .dense_ff = 6, .shared_ff = 3});
   c.tie_embeddings = tied;
-  c.moe.n_experts = 4;
-  c.moe.top_k = 2;
-  c.moe.expert_ff = 5;
-  c.moe.n_shared_experts = 1;
-  c.moe.shared_ff = 3;
   c.moe.router = RouterType::SigmoidBias;
   return c;
 }

@@ -29,6 +29,7 @@
 
 using namespace moetrain;
 using moetrain::test::TempDir;
+using moetrain::test::tiny_config;
 
 namespace {
 
@@ -92,23 +93,19 @@ struct Variant {
 };
 
 Config make_config(const Variant& v) {
-  Config c;
+  Config c = tiny_config({.vocab = 61,
+                          .d_model = 32,
+                          .heads = v.heads,
+                          .kv_heads = v.kv_heads,
+                          .head_dim = 8,
+                          .seq = 12,
+                          .dense_layers = v.dense_layers,
+                          .dense_ff = 40,
+                          .expert_ff = 24,
+                          .shared = v.shared,
+                          .shared_ff = 20});
   ModelConfig& m = c.model;
-  m.vocab_size = 61;
-  m.d_model = 32;
-  m.n_layers = 3;
-  m.n_heads = v.heads;
-  m.n_kv_heads = v.kv_heads;
-  m.head_dim = 8;
-  m.seq_len = 12;
-  m.dense_layers = v.dense_layers;
-  m.dense_ff = 40;
   m.init_std = 0.1;
-  m.moe.n_experts = 4;
-  m.moe.top_k = 2;
-  m.moe.expert_ff = 24;
-  m.moe.n_shared_experts = v.shared;
-  m.moe.shared_ff = 20;
   m.moe.router = v.router;
   m.moe.route_scale = v.route_scale;
   m.moe.aux_loss_coef = 0.03;
