@@ -1,5 +1,5 @@
 // Helpers for tests that run the built `moetrain` binary as a user would: a small corpus
-// prepared once per test process, temporary directories, and command execution.
+// prepared once per test process, and command execution.
 #pragma once
 
 #include <sys/wait.h>
@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moetrain/rng.hpp"
+#include "test_util.hpp"
 
 namespace moetrain::test {
 
@@ -44,18 +45,6 @@ inline std::string source_dir() {
   return MOETRAIN_SOURCE_DIR;
 }
 
-// A fresh directory under the system temp dir, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name) {
-    path = fs::temp_directory_path() / ("moetrain_test_" + name + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string str() const { return path.string(); }
-};
-
 inline std::string read_file(const fs::path& p) {
   std::ifstream f(p, std::ios::binary);
   std::ostringstream s;
@@ -72,13 +61,12 @@ inline std::vector<nlohmann::json> read_jsonl(const fs::path& p) {
   return out;
 }
 
-// Pseudo-text documents (syllable words with a skewed frequency), tokenized by `moetrain prepare-data` with a
-// 512-token vocabulary, once per process. Returns the data directory.
+// Pseudo-text documents (syllable words with a skewed frequency), tokenized once per process by
+// `moetrain prepare-data` with a 512-token vocabulary. Returns the data directory.
 inline const std::string& prepared_corpus() {
+  static const TempDir tmp("corpus");  // removed at process exit
   static const std::string dir = [] {
-    const fs::path root =
-        fs::temp_directory_path() / ("moetrain_test_corpus_" + std::to_string(::getpid()));
-    fs::remove_all(root);
+    const fs::path& root = tmp.path;
     fs::create_directories(root / "text");
     // Words of one to three syllables, drawn with a skewed (Zipf-like) frequency.
     Rng rng(2024);

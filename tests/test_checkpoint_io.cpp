@@ -2,8 +2,6 @@
 // directory listing and rotation, and the sigmoid_bias router's bias update (DESIGN §3).
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -16,6 +14,7 @@
 #include "moetrain/cpu_backend.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/safetensors.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
 using namespace moetrain::test;
@@ -24,39 +23,11 @@ namespace fs = std::filesystem;
 namespace {
 
 ModelConfig ckpt_config(bool tied = false) {
-  ModelConfig c;
-  c.vocab_size = 17;
-  c.d_model = 8;
-  c.n_layers = 3;
-  c.n_heads = 2;
-  c.n_kv_heads = 1;
-  c.head_dim = 4;
-  c.seq_len = 4;
-  c.dense_layers = 1;
-  c.dense_ff = 6;
+  ModelConfig c = tiny_model({.heads = 2, .kv_heads = 1, .dense_ff = 6, .shared_ff = 3});
   c.tie_embeddings = tied;
-  c.moe.n_experts = 4;
-  c.moe.top_k = 2;
-  c.moe.expert_ff = 5;
-  c.moe.n_shared_experts = 1;
-  c.moe.shared_ff = 3;
   c.moe.router = RouterType::SigmoidBias;
   return c;
 }
-
-struct ScratchDir {
-  fs::path path;
-  ScratchDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("moetrain_test_ckpt_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 template <typename T>
 std::vector<T> download_params(Model<T>& m) {
@@ -101,7 +72,7 @@ TEMPLATE_TEST_CASE("weights_to_tensors / tensors_to_weights round trip bit for b
       CHECK(std::memcmp(h.data.data(), pa.data() + p.offset, h.data.size()) == 0);
     }
     // Through a file, as in a checkpoint.
-    ScratchDir dir;
+    TempDir dir("ckpt");
     const std::string path = (dir.path / "model.safetensors").string();
     save_safetensors(path, t);
     tensors_to_weights(load_safetensors(path), b, path);
@@ -210,7 +181,7 @@ TEMPLATE_TEST_CASE("expert bias round trip and errors", "[io]", float, double) {
 }
 
 TEST_CASE("list_checkpoints: final step_NNNNNNNN directories only, oldest first", "[io]") {
-  ScratchDir dir;
+  TempDir dir("ckpt");
   const std::string out = dir.path.string();
   CHECK(list_checkpoints(out).empty());
   CHECK_FALSE(latest_checkpoint(out).has_value());
@@ -229,7 +200,7 @@ TEST_CASE("list_checkpoints: final step_NNNNNNNN directories only, oldest first"
 }
 
 TEST_CASE("commit_checkpoint publishes the directory and keeps the newest `keep`", "[io]") {
-  ScratchDir dir;
+  TempDir dir("ckpt");
   const std::string out = dir.path.string();
   const int keep = 2;
   for (int step = 1; step <= 5; ++step) {
@@ -260,7 +231,7 @@ TEST_CASE("commit_checkpoint publishes the directory and keeps the newest `keep`
 }
 
 TEST_CASE("read_json_file errors name the file", "[io]") {
-  ScratchDir dir;
+  TempDir dir("ckpt");
   const std::string missing = (dir.path / "nope.json").string();
   REQUIRE_THROWS_WITH(read_json_file(missing), Catch::Contains(missing));
   const std::string bad = (dir.path / "bad.json").string();

@@ -1,7 +1,6 @@
 // Config schema, parsing, validation, overrides, and the `moetrain config` subcommand.
 
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -14,12 +13,14 @@
 #include <catch2/catch.hpp>
 
 #include "moetrain/config.hpp"
+#include "test_util.hpp"
 
 using Catch::Matchers::Contains;
 using Catch::Matchers::StartsWith;
 using moetrain::Config;
 using moetrain::config_from_json;
 using moetrain::ConfigError;
+using moetrain::test::TempDir;
 using nlohmann::json;
 
 namespace {
@@ -75,26 +76,6 @@ void leaves(const json& j, const std::string& prefix, std::vector<std::string>& 
     }
   }
 }
-
-// A scratch directory, removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("moetrain_test_config_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string write(const std::string& name, const std::string& text) const {
-    const fs::path p = path / name;
-    std::ofstream(p, std::ios::binary) << text;
-    return p.string();
-  }
-};
 
 struct RunResult {
   int status = -1;
@@ -450,7 +431,7 @@ TEST_CASE("config: cross-field rules", "[config]") {
 }
 
 TEST_CASE("config: load_config", "[config]") {
-  TempDir tmp;
+  TempDir tmp("config");
   SECTION("a missing file") {
     const std::string path = (tmp.path / "nope.json").string();
     CHECK(message_of([&] { moetrain::load_config(path); }) ==
@@ -571,7 +552,7 @@ TEST_CASE("config: apply_override", "[config]") {
 
 TEST_CASE("config: the `moetrain config` subcommand", "[config][cli]") {
   const std::string bin = quoted(MOETRAIN_BINARY);
-  TempDir tmp;
+  TempDir tmp("config");
   SECTION("--check on a bad file exits non-zero naming the file and the path") {
     const std::string path =
         tmp.write("bad.json", R"({"model": {"moe": {"top_k": "two"}}, "data": {}})");

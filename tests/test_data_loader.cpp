@@ -2,15 +2,15 @@
 // state, one exact pass for evaluation, and the errors for data that cannot fill a batch.
 #include <catch2/catch.hpp>
 
-#include <filesystem>
 #include <map>
 #include <set>
 
 #include "moetrain/data_loader.hpp"
 #include "moetrain/token_shard.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
-namespace fs = std::filesystem;
+using moetrain::test::TempDir;
 
 namespace {
 
@@ -20,20 +20,16 @@ constexpr std::uint32_t kVocab = 60000;
 // Shards whose token at position i of shard s is s*10000 + i: a window is identified by its first
 // input token.
 struct Shards {
-  fs::path dir;
+  TempDir dir;
   std::vector<std::string> paths;
-  explicit Shards(std::vector<int> sizes, const std::string& name) {
-    dir = fs::temp_directory_path() / ("moetrain_loader_" + name);
-    fs::remove_all(dir);
-    fs::create_directories(dir);
+  explicit Shards(std::vector<int> sizes, const std::string& name) : dir("loader_" + name) {
     for (std::size_t s = 0; s < sizes.size(); ++s) {
       std::vector<std::uint32_t> tok(std::size_t(sizes[s]));
       for (std::size_t i = 0; i < tok.size(); ++i) tok[i] = std::uint32_t(s * 10000 + i);
-      paths.push_back((dir / ("train_" + std::to_string(s) + ".bin")).string());
+      paths.push_back(dir.file("train_" + std::to_string(s) + ".bin"));
       write_shard(paths.back(), tok, 2);
     }
   }
-  ~Shards() { fs::remove_all(dir); }
 };
 
 std::vector<int> window_ids(const Batch& b) {
@@ -42,7 +38,9 @@ std::vector<int> window_ids(const Batch& b) {
     const std::int32_t* in = b.inputs.data() + std::size_t(r) * b.seq;
     const std::int32_t* tg = b.targets.data() + std::size_t(r) * b.seq;
     if (tg[0] < 0) continue;  // padding
-    for (int t = 0; t + 1 < b.seq; ++t) REQUIRE(tg[t] == in[t + 1]);  // targets are inputs shifted
+
+    // Targets are the inputs shifted by one.
+    for (int t = 0; t + 1 < b.seq; ++t) REQUIRE(tg[t] == in[t + 1]);
     REQUIRE(in[0] % 10000 % kSeq == 0);  // windows start at multiples of T
     ids.push_back(in[0]);
   }
@@ -93,7 +91,7 @@ TEST_CASE("loader: an epoch visits each window at most once, shuffling is seeded
   const auto plain = epoch_ids(1, false, 2);
   CHECK(s1 == s1b);
   CHECK(s1 != s2);
-  CHECK(s1[0] != s1[1]);      // a new order each epoch
+  CHECK(s1[0] != s1[1]);  // a new order each epoch
   CHECK(plain[0] == plain[1]);
   for (const auto& e : s1) {
     CHECK(e.size() == 24);  // 8 batches of 3; the 2 left over roll into the next epoch
@@ -131,8 +129,7 @@ TEST_CASE("loader: restoring the state yields exactly the batches that would hav
   CHECK_THROWS_WITH(fresh.restore(nlohmann::json{{"epoch", 1}}), Catch::Contains("loader state"));
 }
 
-TEST_CASE("eval loader: one pass covers every window exactly once across ranks",
-          "[data][loader]") {
+TEST_CASE("eval loader: one pass covers every window exactly once across ranks", "[data][loader]") {
   Shards sh({8 * 7 + 1, 8 * 4 + 2}, "eval");  // 11 windows
   std::multiset<int> seen;
   std::uint64_t batches = 0;
@@ -159,10 +156,10 @@ TEST_CASE("eval loader: one pass covers every window exactly once across ranks",
 
 TEST_CASE("loader errors name the data and what was expected", "[data][loader][errors]") {
   Shards sh({8 * 3 + 1}, "small");  // 3 windows
-  CHECK_THROWS_WITH(DataLoader(sh.paths, kVocab, 2, kSeq, 0, 2, true, 1, "data.train_pattern 'x'"),
-                    Catch::Contains("data.train_pattern 'x'") &&
-                        Catch::Contains("fewer than one global batch"));
-  CHECK_THROWS_WITH(match_shards((sh.dir / "nothing_*.bin").string(), "data.val_pattern"),
+  CHECK_THROWS_WITH(
+      DataLoader(sh.paths, kVocab, 2, kSeq, 0, 2, true, 1, "data.train_pattern 'x'"),
+      Catch::Contains("data.train_pattern 'x'") && Catch::Contains("fewer than one global batch"));
+  CHECK_THROWS_WITH(match_shards(sh.dir.file("nothing_*.bin"), "data.val_pattern"),
                     Catch::Contains("data.val_pattern") && Catch::Contains("no file matches"));
-  CHECK(match_shards((sh.dir / "train_*.bin").string(), "x") == sh.paths);
+  CHECK(match_shards(sh.dir.file("train_*.bin"), "x") == sh.paths);
 }

@@ -9,6 +9,7 @@
 #include "gradcheck.hpp"
 #include "moetrain/cpu_backend.hpp"
 #include "moetrain/model.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
 using namespace moetrain::test;
@@ -22,23 +23,16 @@ struct Variant {
 };
 
 ModelConfig small_config(const Variant& v) {
-  ModelConfig c;
-  c.vocab_size = 23;
-  c.d_model = 12;
-  c.n_layers = 3;
-  c.n_heads = v.heads;
-  c.n_kv_heads = v.kv_heads;
-  c.head_dim = 4;
-  c.seq_len = 6;
-  c.dense_layers = v.dense_layers;
-  c.dense_ff = 10;
+  ModelConfig c = tiny_model({.vocab = 23,
+                              .d_model = 12,
+                              .heads = v.heads,
+                              .kv_heads = v.kv_heads,
+                              .seq = 6,
+                              .dense_layers = v.dense_layers,
+                              .expert_ff = 8,
+                              .shared = v.shared});
   c.tie_embeddings = v.tied;
   c.init_std = 0.3;  // large enough that every nonlinearity is exercised
-  c.moe.n_experts = 4;
-  c.moe.top_k = 2;
-  c.moe.expert_ff = 8;
-  c.moe.n_shared_experts = v.shared;
-  c.moe.shared_ff = 6;
   c.moe.router = v.router;
   c.moe.route_scale = v.router == RouterType::SigmoidBias ? 2.5 : 1.0;
   c.moe.aux_loss_coef = 0.05;

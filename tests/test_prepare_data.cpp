@@ -4,10 +4,8 @@
 #include <catch2/catch.hpp>
 
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -21,26 +19,13 @@
 #include "moetrain/rng.hpp"
 #include "moetrain/token_shard.hpp"
 #include "moetrain/tokenizer.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
+using moetrain::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() / ("moetrain_test_prepare_" + std::to_string(::getpid()) +
-                                        "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 std::string slurp(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -132,7 +117,7 @@ std::vector<std::string> split_documents(const std::string& text) {
 
 TEST_CASE("prepare-data end to end: shards decode to the documents joined by EOT",
           "[prepare-data]") {
-  TempDir dir;
+  TempDir dir("prepare");
   const fs::path corpus = dir.path / "corpus";
   // Documents in nested folders; the expected order is the sorted path order.
   std::map<std::string, std::string> docs;  // relative path -> text (sorted like the command)
@@ -224,7 +209,7 @@ TEST_CASE("prepare-data end to end: shards decode to the documents joined by EOT
 }
 
 TEST_CASE("prepare-data errors are clear and leave unrelated files alone", "[prepare-data]") {
-  TempDir dir;
+  TempDir dir("prepare");
   const fs::path corpus = dir.path / "corpus";
   put(corpus / "one.txt", make_document(1));
   put(corpus / "two.txt", make_document(2));

@@ -2,8 +2,6 @@
 // that name the file, atomic writes, and a file read back by json + numpy in Debian's python.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -18,26 +16,13 @@
 #include <nlohmann/json.hpp>
 
 #include "moetrain/safetensors.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
+using moetrain::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct ScratchDir {
-  fs::path path;
-  ScratchDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("moetrain_test_safetensors_" + std::to_string(::getpid()) +
-                                        "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 std::vector<std::uint8_t> read_bytes(const std::string& p) {
   std::ifstream in(p, std::ios::binary);
@@ -125,7 +110,7 @@ std::string four_header(const std::string& dtype = "F32", const std::string& sha
 }  // namespace
 
 TEST_CASE("safetensors: round trip of F32/F64/I32/I64 with metadata", "[io]") {
-  ScratchDir dir;
+  TempDir dir("safetensors");
   const std::string path = dir.file("model.safetensors");
   const Sample s;
   const std::map<std::string, std::string> meta = {{"format", "pt"}, {"step", "17"}};
@@ -154,7 +139,7 @@ TEST_CASE("safetensors: round trip of F32/F64/I32/I64 with metadata", "[io]") {
 }
 
 TEST_CASE("safetensors: empty tensors, scalars and an empty map round trip", "[io]") {
-  ScratchDir dir;
+  TempDir dir("safetensors");
   TensorMap t;
   const float one = 1.0f;
   t["scalar"] = HostTensor::f32({}, &one);
@@ -171,7 +156,7 @@ TEST_CASE("safetensors: empty tensors, scalars and an empty map round trip", "[i
 }
 
 TEST_CASE("safetensors: the bytes follow the format spec", "[io]") {
-  ScratchDir dir;
+  TempDir dir("safetensors");
   const std::string path = dir.file("layout.safetensors");
   const Sample s;
   save_safetensors(path, s.tensors(), {{"format", "pt"}});
@@ -225,7 +210,7 @@ TEST_CASE("safetensors: the bytes follow the format spec", "[io]") {
 }
 
 TEST_CASE("safetensors: errors name the file", "[io]") {
-  ScratchDir dir;
+  TempDir dir("safetensors");
   const std::vector<std::uint8_t> four = le_all(kFour);
 
   SECTION("missing file") {
@@ -317,7 +302,7 @@ TEST_CASE("safetensors: errors name the file", "[io]") {
 }
 
 TEST_CASE("safetensors: a failed write throws and loses nothing", "[io]") {
-  ScratchDir dir;
+  TempDir dir("safetensors");
   const Sample s;
   auto listing = [&] {
     std::set<std::string> names;
@@ -373,7 +358,7 @@ TEST_CASE("safetensors: a failed write throws and loses nothing", "[io]") {
 }
 
 TEST_CASE("safetensors: Debian's python3 reads our file with json + numpy", "[io]") {
-  ScratchDir dir;
+  TempDir dir("safetensors");
   const std::string path = dir.file("py.safetensors");
   std::vector<float> v(12);
   for (int i = 0; i < 12; ++i) v[std::size_t(i)] = 0.25f * float(i) - 1.0f;

@@ -2,8 +2,6 @@
 // (DESIGN §7).
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -13,8 +11,10 @@
 
 #include "moetrain/lr_schedule.hpp"
 #include "moetrain/metrics.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
+using moetrain::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
@@ -28,20 +28,6 @@ OptimConfig schedule(LrSchedule name, int warmup) {
   o.decay_fraction = 0.2;
   return o;
 }
-
-struct ScratchDir {
-  fs::path path;
-  ScratchDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("moetrain_test_metrics_" + std::to_string(::getpid()) +
-                                        "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 std::string read_text(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -195,7 +181,7 @@ TEST_CASE("SpikeDetector: state() and restore() continue identically", "[metrics
 }
 
 TEST_CASE("MetricsLog: resuming drops later steps and torn lines, then appends", "[metrics]") {
-  ScratchDir dir;
+  TempDir dir("metrics");
   const fs::path path = dir.path / "metrics.jsonl";
   const std::vector<std::string> kept = {
       R"({"step":1,"loss":5.5})",      R"({"step":2,"loss":5.25})",
@@ -235,7 +221,7 @@ TEST_CASE("MetricsLog: resuming drops later steps and torn lines, then appends",
 }
 
 TEST_CASE("MetricsLog: resuming with a torn line in the middle keeps the valid rest", "[metrics]") {
-  ScratchDir dir;
+  TempDir dir("metrics");
   const fs::path path = dir.path / "metrics.jsonl";
   write_text(path, "{\"step\":1}\n{\"step\":2,\"lo\n{\"step\":3}\n\n{\"step\":7}\n");
   MetricsLog log(path.string(), 5);
@@ -243,7 +229,7 @@ TEST_CASE("MetricsLog: resuming with a torn line in the middle keeps the valid r
 }
 
 TEST_CASE("MetricsLog: resuming without a file starts one", "[metrics]") {
-  ScratchDir dir;
+  TempDir dir("metrics");
   const fs::path path = dir.path / "metrics.jsonl";
   {
     MetricsLog log(path.string(), 10);

@@ -2,9 +2,6 @@
 // writes it, and every validation error.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
-#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -13,27 +10,13 @@
 
 #include "moetrain/rng.hpp"
 #include "moetrain/token_shard.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
+using moetrain::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("moetrain_test_shard_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 // A shard the way llm.c's Python writes it: int32 header[256] then the raw tokens.
 template <class T>
@@ -71,7 +54,7 @@ void expect_error(const std::string& path, std::uint32_t vocab,
 }  // namespace
 
 TEST_CASE("token shard write/read round trip in both formats", "[shard]") {
-  TempDir dir;
+  TempDir dir("shard");
   Rng rng(3);
   for (const int bytes : {2, 4}) {
     INFO("token bytes " << bytes);
@@ -112,7 +95,7 @@ TEST_CASE("token shard write/read round trip in both formats", "[shard]") {
 }
 
 TEST_CASE("token shard written by hand like llm.c loads", "[shard]") {
-  TempDir dir;
+  TempDir dir("shard");
   const std::vector<std::uint16_t> u16 = {50256, 15496, 11, 995, 0, 65535};
   write_raw(dir.file("llmc_u16.bin"), 20240520, 1, std::int32_t(u16.size()), u16);
   const TokenShard a(dir.file("llmc_u16.bin"), 65536);
@@ -135,7 +118,7 @@ TEST_CASE("token shard written by hand like llm.c loads", "[shard]") {
 }
 
 TEST_CASE("token shard errors name the file and the problem", "[shard]") {
-  TempDir dir;
+  TempDir dir("shard");
   const std::vector<std::uint16_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8};
 
   expect_error(dir.file("missing.bin"), 100, {"cannot open"});

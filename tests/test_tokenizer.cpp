@@ -3,9 +3,6 @@
 // encoder, save/load, and every load error.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
-#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -16,8 +13,10 @@
 
 #include "moetrain/rng.hpp"
 #include "moetrain/tokenizer.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
+using moetrain::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
@@ -137,21 +136,6 @@ std::vector<std::uint32_t> reference_encode(const Tokenizer& tok, std::string_vi
   }
   return out;
 }
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() / ("moetrain_test_tokenizer_" + std::to_string(::getpid()) +
-                                        "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 const Tokenizer& english_tokenizer() {
   static const Tokenizer tok = Tokenizer::train(english_docs(1, 8, 20000), 600);
@@ -279,7 +263,7 @@ TEST_CASE("tokenizer encode is thread-safe and copies encode alike", "[tokenizer
 }
 
 TEST_CASE("tokenizer save and load round trip", "[tokenizer]") {
-  TempDir dir;
+  TempDir dir("tokenizer");
   const Tokenizer& tok = english_tokenizer();
   const std::string path = (dir.path / "tokenizer.json").string();
   tok.save(path);
@@ -307,7 +291,7 @@ TEST_CASE("tokenizer save and load round trip", "[tokenizer]") {
 }
 
 TEST_CASE("tokenizer load reports what is wrong with the file", "[tokenizer]") {
-  TempDir dir;
+  TempDir dir("tokenizer");
   const std::string good = (dir.path / "good.json").string();
   Tokenizer::train(english_docs(60, 2, 4000), 270).save(good);
   nlohmann::json base;

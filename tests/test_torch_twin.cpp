@@ -7,8 +7,6 @@
 // test fails (it never skips).
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -27,33 +25,17 @@
 #include "moetrain/optimizer.hpp"
 #include "moetrain/rng.hpp"
 #include "moetrain/safetensors.hpp"
+#include "test_util.hpp"
 
 using namespace moetrain;
+using moetrain::test::TempDir;
+using moetrain::test::tiny_config;
 
 namespace {
 
 namespace fs = std::filesystem;
 
 const char* const kPython = "/usr/bin/python3";
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "moetrain_twin_XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed for " + tmpl);
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 std::string quote(const std::string& s) {
   std::string q = "'";
@@ -111,23 +93,19 @@ struct Variant {
 };
 
 Config make_config(const Variant& v) {
-  Config c;
+  Config c = tiny_config({.vocab = 61,
+                          .d_model = 32,
+                          .heads = v.heads,
+                          .kv_heads = v.kv_heads,
+                          .head_dim = 8,
+                          .seq = 12,
+                          .dense_layers = v.dense_layers,
+                          .dense_ff = 40,
+                          .expert_ff = 24,
+                          .shared = v.shared,
+                          .shared_ff = 20});
   ModelConfig& m = c.model;
-  m.vocab_size = 61;
-  m.d_model = 32;
-  m.n_layers = 3;
-  m.n_heads = v.heads;
-  m.n_kv_heads = v.kv_heads;
-  m.head_dim = 8;
-  m.seq_len = 12;
-  m.dense_layers = v.dense_layers;
-  m.dense_ff = 40;
   m.init_std = 0.1;
-  m.moe.n_experts = 4;
-  m.moe.top_k = 2;
-  m.moe.expert_ff = 24;
-  m.moe.n_shared_experts = v.shared;
-  m.moe.shared_ff = 20;
   m.moe.router = v.router;
   m.moe.route_scale = v.route_scale;
   m.moe.aux_loss_coef = 0.03;
@@ -164,7 +142,7 @@ struct MaxErrors {
 };
 
 MaxErrors run_variant(const Variant& v) {
-  TempDir dir;
+  TempDir dir("twin");
   require_torch(dir);
 
   Config cfg = make_config(v);

@@ -1,9 +1,11 @@
-// Helpers shared by the kernel tests that compare a kernel in the simulator with the CPU backend:
-// device buffers, storage-type conversions (fp32 / bf16), relative error and NaN checks.
+// Helpers shared by the simulator tests (every tests/simt/test_*.cpp that needs them): device
+// buffers, storage-type conversions (fp32 / bf16), relative error, NaN checks, random inputs.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -17,6 +19,7 @@ namespace kernel_test {
 namespace mk = moetrain::kernels;
 using bf16 = __nv_bfloat16;
 
+// A cudaMalloc'ed array of n T (at least one element is allocated), freed at scope exit.
 template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;
@@ -37,7 +40,15 @@ struct DeviceBuffer {
     MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
     return host;
   }
+  // The first element (a scalar result).
+  T get() const {
+    T v;
+    MOETRAIN_CUDA_CHECK(cudaMemcpy(&v, ptr, sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
 };
+
+// ||out - ref|| / ||ref|| (||out - ref|| when ref is zero).
 
 inline double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
   REQUIRE(out.size() == ref.size());
@@ -49,9 +60,25 @@ inline double rel_error(const std::vector<float>& out, const std::vector<float>&
   }
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
+// |out - ref| / |ref| of two scalars.
+inline double rel_error(double out, double ref) {
+  return std::fabs(out - ref) / std::max(1e-300, std::fabs(ref));
+}
 
 inline bool has_nan(const std::vector<float>& v) {
   return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
+}
+
+// The bits of a float, and the float of given bits.
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 
 template <typename T>
@@ -86,8 +113,9 @@ std::vector<float> representable(const std::vector<float>& v) {
   return to_float(to_storage<T>(v));
 }
 
-inline std::vector<float> random_floats(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
+// n draws of N(0, scale^2).
+inline std::vector<float> random_floats(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
   std::vector<float> v(n);
   for (auto& x : v) x = normal(rng);
   return v;

@@ -16,6 +16,7 @@
 #include "moetrain/cpu_backend.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
+#include "test_util.hpp"
 
 namespace {
 
@@ -27,25 +28,19 @@ using moetrain::CudaBackendOptions;
 using moetrain::OptimizerName;
 using moetrain::RouterType;
 using moetrain::to_string;
+using moetrain::test::tiny_config;
 
 Config small_config(RouterType router, OptimizerName optimizer) {
-  Config c;
+  Config c = tiny_config({.vocab = 37,
+                          .d_model = 32,
+                          .layers = 2,
+                          .head_dim = 8,
+                          .seq = 8,
+                          .dense_ff = 24,
+                          .expert_ff = 16,
+                          .shared_ff = 8});
   auto& m = c.model;
-  m.vocab_size = 37;
-  m.d_model = 32;
-  m.n_layers = 2;
-  m.n_heads = 4;
-  m.n_kv_heads = 2;
-  m.head_dim = 8;
-  m.seq_len = 8;
-  m.dense_layers = 1;
-  m.dense_ff = 24;
   m.init_std = 0.2;
-  m.moe.n_experts = 4;
-  m.moe.top_k = 2;
-  m.moe.expert_ff = 16;
-  m.moe.n_shared_experts = 1;
-  m.moe.shared_ff = 8;
   m.moe.router = router;
   m.moe.route_scale = router == RouterType::SigmoidBias ? 2.0 : 1.0;
   m.moe.aux_loss_coef = 0.01;

@@ -113,12 +113,6 @@ uint16_t rne_bits(float x) {  // round to nearest even, for finite x
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-float from_bits(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-
 // Random values, a third of them exactly halfway between two bf16 values, and special values.
 std::vector<float> conversion_inputs(size_t n, std::mt19937& rng) {
   std::vector<float> v = random_floats(n, rng);

@@ -15,76 +15,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernel_test_util.hpp"
 #include "moe_permute.cuh"
 #include "moetrain/cpu_backend.hpp"
 
 namespace {
 
-namespace mk = moetrain::kernels;
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-};
-
-double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-bool has_nan(const std::vector<float>& v) {
-  for (float x : v)
-    if (std::isnan(x)) return true;
-  return false;
-}
-
-template <typename T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::float_to_bf16(v[i]);
-    }
-  }
-  return out;
-}
-template <typename T>
-std::vector<float> to_float(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::bf16_to_float(v[i]);
-    }
-  }
-  return out;
-}
+using namespace kernel_test;
 
 struct Case {
   const char* name;

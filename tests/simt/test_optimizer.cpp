@@ -17,92 +17,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernel_test_util.hpp"
 #include "moetrain/cpu_backend.hpp"
 #include "optimizer.cuh"
 
 namespace {
 
-namespace mk = moetrain::kernels;
-using bf16 = __nv_bfloat16;
+using namespace kernel_test;
 
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-  T get() const {
-    T v;
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(&v, ptr, sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
-
-double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-double rel_error(double out, double ref) {
-  return std::fabs(out - ref) / std::max(1e-300, std::fabs(ref));
-}
-
-bool has_nan(const std::vector<float>& v) {
-  for (float x : v)
-    if (std::isnan(x)) return true;
-  return false;
-}
-
-std::vector<float> randn(size_t n, std::mt19937& rng, float scale = 1.0f) {
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
-template <typename T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::float_to_bf16(v[i]);
-    }
-  }
-  return out;
-}
-template <typename T>
-std::vector<float> to_float(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = v[i];
-    } else {
-      out[i] = mk::bf16_to_float(v[i]);
-    }
-  }
-  return out;
-}
 template <typename T>
 constexpr double tol_of() {
   return std::is_same_v<T, float> ? 1e-5 : 2e-2;
@@ -145,11 +67,11 @@ template <typename TW>
 void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   constexpr bool kBf16W = std::is_same_v<TW, bf16>;
   std::mt19937 rng(seed);
-  const auto w_s = to_storage<TW>(randn(n, rng, 0.05f));
+  const auto w_s = to_storage<TW>(random_floats(n, rng, 0.05f));
   const auto w0 = to_float(w_s);
-  const auto g = randn(n, rng, 0.01f);
-  const auto m0 = randn(n, rng, 0.003f);
-  auto v0 = randn(n, rng, 1e-4f);
+  const auto g = random_floats(n, rng, 0.01f);
+  const auto m0 = random_floats(n, rng, 0.003f);
+  auto v0 = random_floats(n, rng, 1e-4f);
   for (auto& x : v0) x = x * x;
   const double lr = 3e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1;
   const int64_t t = 7;
@@ -210,7 +132,7 @@ void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
 template <typename T>
 void check_sum_squares(size_t n, unsigned seed) {
   std::mt19937 rng(seed);
-  const auto x_s = to_storage<T>(randn(n, rng, 0.3f));
+  const auto x_s = to_storage<T>(random_floats(n, rng, 0.3f));
   const auto x = to_float(x_s);
   moetrain::CpuBackend<float> be;
   const double ref = be.sum_squares(x.data(), n);
@@ -237,7 +159,7 @@ void check_sum_squares(size_t n, unsigned seed) {
 template <typename TU>
 void check_muon_momentum(size_t n, unsigned seed, bool nesterov, float grad_scale) {
   std::mt19937 rng(seed);
-  const auto M0 = randn(n, rng), G = randn(n, rng);
+  const auto M0 = random_floats(n, rng), G = random_floats(n, rng);
   const float mu = 0.95f;
   moetrain::CpuBackend<float> be;
   std::vector<float> r_M = M0, r_U(n), r_G = G;
@@ -267,8 +189,8 @@ template <typename TW, typename TO>
 void check_muon_update(size_t n, unsigned seed, bool with_copy) {
   constexpr bool kBf16W = std::is_same_v<TW, bf16>;
   std::mt19937 rng(seed);
-  const auto w_s = to_storage<TW>(randn(n, rng, 0.05f));
-  const auto o_s = to_storage<TO>(randn(n, rng, 0.03f));
+  const auto w_s = to_storage<TW>(random_floats(n, rng, 0.05f));
+  const auto o_s = to_storage<TO>(random_floats(n, rng, 0.03f));
   const auto w0 = to_float(w_s), O = to_float(o_s);
   const float lr = 0.02f, s = 0.2f * std::sqrt(96.0f), wd = 0.1f;
   moetrain::CpuBackend<float> be;
@@ -310,7 +232,7 @@ void check_muon_update(size_t n, unsigned seed, bool with_copy) {
 template <typename TIn, typename TOut>
 void check_frobenius(int batch, size_t elems, unsigned seed, bool in_place) {
   std::mt19937 rng(seed);
-  std::vector<float> x = randn(size_t(batch) * elems, rng, 0.7f);
+  std::vector<float> x = random_floats(size_t(batch) * elems, rng, 0.7f);
   for (size_t i = 0; i < elems; ++i) x[i] *= 30.0f;  // matrices of different norms
   const auto in_s = to_storage<TIn>(x);
   const auto xin = to_float(in_s);
@@ -351,7 +273,7 @@ void check_scale_row_blocks(unsigned seed, bool with_copy) {
   const int heads = 5, head_dim = 6, d_model = 43;
   const size_t block = size_t(head_dim) * d_model, n = block * heads;
   std::mt19937 rng(seed);
-  const auto w_s = to_storage<TW>(randn(n, rng, 0.05f));
+  const auto w_s = to_storage<TW>(random_floats(n, rng, 0.05f));
   const auto w0 = to_float(w_s);
   const std::vector<float> factors{1.0f, 0.5f, 0.8123f, 1.0f, 0.0371f};
   moetrain::CpuBackend<float> be;
@@ -476,7 +398,7 @@ TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased",
   }
   // bf16 weights that are already bf16 values do not drift under a zero update.
   std::mt19937 rng(20);
-  const auto w_s = to_storage<bf16>(randn(3000, rng));
+  const auto w_s = to_storage<bf16>(random_floats(3000, rng));
   const std::vector<float> zeros(3000, 0.0f);
   DeviceBuffer<bf16> d_w(w_s);
   DeviceBuffer<float> d_O(zeros);

@@ -14,53 +14,16 @@
 #include <string>
 #include <vector>
 
+#include "kernel_test_util.hpp"
 #include "moetrain/cpu_backend.hpp"
 #include "router.cuh"
 
 namespace {
 
-namespace mk = moetrain::kernels;
+using namespace kernel_test;
 
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { MOETRAIN_CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-};
-
-double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-bool has_nan(const std::vector<float>& v) {
-  for (float x : v)
-    if (std::isnan(x)) return true;
-  return false;
-}
-
-std::vector<simt::Schedule> test_schedules() {
+// Not the standard schedules: forward, reverse and one random order.
+std::vector<simt::Schedule> router_schedules() {
   return {simt::Schedule::forward(), simt::Schedule::reverse(), simt::Schedule::random(11)};
 }
 
@@ -118,7 +81,7 @@ void run_case(const Case& c, unsigned seed) {
   DeviceBuffer<unsigned char> d_ws(mk::router_forward_workspace_bytes(N, E));
 
   std::vector<float> first_stats;
-  for (const simt::Schedule& s : test_schedules()) {
+  for (const simt::Schedule& s : router_schedules()) {
     simt::ScopedSchedule scope(s);
     INFO("case " << c.name << ", schedule " << s.name());
     for (auto* b : {&d_scores, &d_gates, &d_stats, &d_dlogits}) b->poison();

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "kernel_test_util.hpp"
 #include "test_kernels.hpp"
 
 namespace {
@@ -24,40 +25,17 @@ namespace {
 namespace st = moetrain::simt_test;
 namespace mk = moetrain::kernels;
 
-// A cudaMalloc'ed array of n T, freed at scope exit.
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    MOETRAIN_CUDA_CHECK(cudaMalloc(&ptr, count * sizeof(T)));
-  }
-  DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& host) {
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-};
+using kernel_test::bits_of;
+using kernel_test::DeviceBuffer;
+using kernel_test::from_bits;
 
-std::vector<float> random_floats(size_t n, unsigned seed, float lo = -1.0f, float hi = 1.0f) {
+// n draws of U(lo, hi) from a generator seeded with `seed`.
+std::vector<float> uniform_floats(size_t n, unsigned seed, float lo = -1.0f, float hi = 1.0f) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> dist(lo, hi);
   std::vector<float> v(n);
   for (auto& x : v) x = dist(rng);
   return v;
-}
-
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
 }
 
 // The simulated tree order of tree_sum_kernel: level s adds buf[t + s] into buf[t].
@@ -109,7 +87,7 @@ TEST_CASE("simt: shared-memory tree reduction is exact under every schedule", "[
   std::vector<int> xi(blocks * st::kTreeBlock);
   std::mt19937 rng(7);
   for (auto& v : xi) v = static_cast<int>(rng() % 2001) - 1000;
-  const std::vector<float> xf = random_floats(xi.size(), 11);
+  const std::vector<float> xf = uniform_floats(xi.size(), 11);
   DeviceBuffer<int> din(xi), dout_i(blocks);
   DeviceBuffer<float> dinf(xf), dout_f(blocks);
   for_each_schedule([&] {
@@ -130,7 +108,7 @@ TEST_CASE("simt: a missing __syncthreads gives a wrong result under some schedul
   const int blocks = 4;
   std::vector<int> xi(blocks * st::kTreeBlock);
   for (size_t i = 0; i < xi.size(); ++i) xi[i] = static_cast<int>(i % 13) + 1;
-  const std::vector<float> xf = random_floats(xi.size(), 3);
+  const std::vector<float> xf = uniform_floats(xi.size(), 3);
   DeviceBuffer<int> din(xi), dout_i(blocks);
   DeviceBuffer<float> dinf(xf), dout_f(blocks);
   int wrong_int = 0, wrong_float = 0;
@@ -161,7 +139,7 @@ TEST_CASE("simt: a missing __syncthreads gives a wrong result under some schedul
 
 TEST_CASE("simt: block_sum and block_max of common.cuh are exact and ordered", "[simt]") {
   const int blocks = 3, n = 1000;
-  const std::vector<float> x = random_floats(static_cast<size_t>(blocks) * n, 5, -4.0f, 3.0f);
+  const std::vector<float> x = uniform_floats(static_cast<size_t>(blocks) * n, 5, -4.0f, 3.0f);
   std::vector<long long> xl(x.size());
   for (size_t i = 0; i < x.size(); ++i)
     xl[i] = static_cast<long long>(i * 2654435761u % 100003) - 50000;
@@ -419,11 +397,6 @@ uint16_t ref_bf16_rne(float f) {
   if (lo > 0x8000u || (lo == 0x8000u && (hi & 1u))) return static_cast<uint16_t>(hi + 1);
   return static_cast<uint16_t>(hi);
 }
-float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 }  // namespace
 
 TEST_CASE("simt: bf16 round-to-nearest-even and stochastic rounding on boundary cases", "[simt]") {
@@ -453,7 +426,7 @@ TEST_CASE("simt: bf16 round-to-nearest-even and stochastic rounding on boundary 
       -65504.0f,
       1.0e38f};
   const size_t fixed = x.size();
-  for (float v : random_floats(1000, 17, -1e3f, 1e3f)) x.push_back(v);
+  for (float v : uniform_floats(1000, 17, -1e3f, 1e3f)) x.push_back(v);
   const int n = static_cast<int>(x.size());
   std::vector<unsigned> rand(n);
   std::mt19937 rng(4);

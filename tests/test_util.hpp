@@ -1,0 +1,100 @@
+// Helpers shared by the tests (tests/ and tests/simt/): a scratch directory, and the builder of
+// the tiny model configurations the gradient, optimizer, checkpoint and backend tests run on.
+#pragma once
+
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <system_error>
+
+#include "moetrain/config.hpp"
+
+namespace moetrain::test {
+
+// A fresh, empty directory under the system temp dir, unique to this process and this object
+// (moetrain_test_<name>_<pid>_<n>), removed with its contents at scope exit.
+struct TempDir {
+  const std::filesystem::path path;
+
+  explicit TempDir(const std::string& name) : path(unique_path(name)) {
+    std::filesystem::remove_all(path);  // left over by an earlier process with the same pid
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  std::string str() const { return path.string(); }
+  // The path of `name` in the directory.
+  std::string file(const std::string& name) const { return (path / name).string(); }
+  // Writes `text` to the file `name` in the directory; returns its path.
+  std::string write(const std::string& name, const std::string& text) const {
+    const std::string p = file(name);
+    std::ofstream(p, std::ios::binary) << text;
+    return p;
+  }
+
+ private:
+  static std::filesystem::path unique_path(const std::string& name) {
+    static std::atomic<int> counter{0};
+    return std::filesystem::temp_directory_path() /
+           ("moetrain_test_" + name + "_" + std::to_string(::getpid()) + "_" +
+            std::to_string(counter++));
+  }
+};
+
+// The sizes of a tiny model; the defaults are a 3-layer MoE (the first layer dense, 4 experts of
+// which 2 are routed to, one shared expert) with GQA (4 query heads of 4 dimensions, 2 kv heads),
+// d_model 8, 17 tokens and a sequence of 4. The fields follow ModelConfig's order, so a call site
+// names the ones it changes: tiny_model({.vocab = 19, .d_model = 12, .seq = 6}).
+struct TinyShape {
+  int vocab = 17;
+  int d_model = 8;
+  int layers = 3;
+  int heads = 4;
+  int kv_heads = 2;
+  int head_dim = 4;
+  int seq = 4;
+  int dense_layers = 1;
+  int dense_ff = 10;
+  int experts = 4;
+  int top_k = 2;
+  int expert_ff = 5;
+  int shared = 1;
+  int shared_ff = 6;
+};
+
+// A Config whose model has the given shape; every other field keeps its default. Validated as a
+// config file would be (config_from_json), so the shape must be one a config file may have.
+inline Config tiny_config(const TinyShape& s = {}) {
+  Config c;
+  ModelConfig& m = c.model;
+  m.vocab_size = s.vocab;
+  m.d_model = s.d_model;
+  m.n_layers = s.layers;
+  m.n_heads = s.heads;
+  m.n_kv_heads = s.kv_heads;
+  m.head_dim = s.head_dim;
+  m.seq_len = s.seq;
+  m.dense_layers = s.dense_layers;
+  m.dense_ff = s.dense_ff;
+  m.moe.n_experts = s.experts;
+  m.moe.top_k = s.top_k;
+  m.moe.expert_ff = s.expert_ff;
+  m.moe.n_shared_experts = s.shared;
+  m.moe.shared_ff = s.shared_ff;
+  return config_from_json(config_to_json(c), "tiny_config");
+}
+
+// The model part of tiny_config(s).
+inline ModelConfig tiny_model(const TinyShape& s = {}) {
+  return tiny_config(s).model;
+}
+
+}  // namespace moetrain::test
