@@ -314,7 +314,6 @@ TEST_CASE("elementwise kernels: convert_from_bf16 is exact", "[simt][kernels][el
 TEST_CASE("elementwise kernels: empty sizes launch nothing", "[simt][kernels][elementwise]") {
   float* f = nullptr;
   bf16* h = nullptr;
-  CHECK_NOTHROW(mk::add(f, f, f, 0, nullptr));
   CHECK_NOTHROW(mk::add_inplace(h, h, 0, nullptr));
   CHECK_NOTHROW(mk::scale(f, 0, 2.0f, nullptr));
   CHECK_NOTHROW(mk::axpby(h, h, 0, 1.0f, 2.0f, nullptr));
