@@ -1,6 +1,6 @@
-// kernels/moe_permute.cuh — MoE token permutation (DESIGN §3): group the tokens * k (token, slot)
-// assignments by expert so each expert runs one contiguous GEMM, and the gate-weighted combine
-// back. Host-side launchers only; kernels in moe_permute.cu. Same contracts as
+// kernels/moe_permute.cuh — MoE token permutation (docs/design.md §3): group the tokens * k (token,
+// slot) assignments by expert so each expert runs one contiguous GEMM, and the gate-weighted
+// combine back. Host-side launchers only; kernels in moe_permute.cu. Same contracts as
 // Backend::moe_permute* and the CPU reference src/backend/cpu/moe_permute.cpp. T is the activation
 // type (float or
 // __nv_bfloat16); gates and dgates are fp32; every sum is accumulated in fp32 in slot order.

@@ -1,6 +1,6 @@
-// kernels/optimizer.cuh — elementwise and reduction steps of AdamW, Muon and MuonClip (DESIGN §4)
-// on the GPU. Host-side launchers only; kernels in optimizer.cu. CPU references:
-// src/backend/cpu/optimizer_ops.cpp (Backend::adamw_update, sum_squares, muon_momentum,
+// kernels/optimizer.cuh — elementwise and reduction steps of AdamW, Muon and MuonClip
+// (docs/design.md §4) on the GPU. Host-side launchers only; kernels in optimizer.cu. CPU
+// references: src/backend/cpu/optimizer_ops.cpp (Backend::adamw_update, sum_squares, muon_momentum,
 // muon_update, frobenius_normalize, scale) and src/optim/optimizer.cpp (how they are used).
 //
 // Storage: gradients, AdamW moments and Muon momentum are fp32. Updated weights TW are either fp32

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: set-up (apt + build), then every test through CTest — the main build's, and
-# the SIMT simulator build's (kernels/ compiled as C++ with AddressSanitizer, no nvcc; DESIGN §6).
+# the SIMT simulator build's (kernels/ compiled as C++ with AddressSanitizer, no nvcc; docs/design.md §6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh "$@"

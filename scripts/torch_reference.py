@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""PyTorch twin of moetrain's model and optimizers (DESIGN.md sections 3 and 4).
+"""PyTorch twin of moetrain's model and optimizers (docs/design.md §3 and §4).
 
 Written from the spec, in plain PyTorch with autograd, so that it is an independent reference
 for moetrain's hand-written forward/backward and optimizers. Computes in float64 by default.
@@ -191,7 +191,7 @@ class Cfg:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter names and shapes (DESIGN §3; Linear weights are [out, in])
+# Parameter names and shapes (docs/design.md §3; Linear weights are [out, in])
 # ---------------------------------------------------------------------------------------------
 
 def param_shapes(c):
@@ -398,7 +398,7 @@ def muon_update(c, p, g, lr, wd):
 def optimizer_step(c, name, params, grads, lr, smax, roles, adamw_groups_by_role=True):
     """params, grads: {name: tensor}; returns the new parameters. name: adamw | muon | muonclip.
 
-    Groups are by role (DESIGN §4): hidden matrices form the Muon group (lr_scale and weight
+    Groups are by role (docs/design.md §4): hidden matrices form the Muon group (lr_scale and weight
     decay of optim.muon_group), the rest the AdamW group (optim.adamw_group); norm gains never
     decay. With name == adamw every tensor is updated by AdamW but keeps its group's settings.
     """

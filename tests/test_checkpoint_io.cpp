@@ -1,5 +1,6 @@
-// Checkpoint I/O (DESIGN §7): weights to and from named tensors, expert biases, the checkpoint
-// directory listing and rotation, and the sigmoid_bias router's bias update (DESIGN §3).
+// Checkpoint I/O (docs/design.md §7): weights to and from named tensors, expert biases, the
+// checkpoint directory listing and rotation, and the sigmoid_bias router's bias update
+// (docs/design.md §3).
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -131,7 +132,7 @@ TEST_CASE("tensors_to_weights errors name the source and the tensor, and load no
                         Catch::Contains(src) && Catch::Contains("embed.weight"));
   }
   SECTION("integer dtype") {
-    // DESIGN §8: a bad checkpoint gets an error naming the file and the field.
+    // docs/design.md §12: a bad checkpoint gets an error naming the file and the field.
     TensorMap t = good;
     const std::string name = "norm.weight";
     const std::vector<std::int32_t> ones(8, 1);

@@ -1,5 +1,5 @@
-// Data parallelism on the CPU with `mpirun -np 2` (DESIGN §5): the result contract against one
-// rank, ZeRO-1's split of the optimizer (each Muon matrix orthogonalised once, about half the
+// Data parallelism on the CPU with `mpirun -np 2` (docs/design.md §5): the result contract against
+// one rank, ZeRO-1's split of the optimizer (each Muon matrix orthogonalised once, about half the
 // state per rank), bit-for-bit resume on 2 ranks, refusal of another world size, and a killed
 // rank ending the job.
 #include <catch2/catch.hpp>

@@ -1,5 +1,5 @@
-// Gradient accumulation and padding, in double (DESIGN §3, §4): what the trainer relies on when
-// it splits a batch into micro-batches, and when targets carry padding (-1).
+// Gradient accumulation and padding, in double (docs/design.md §3, §4): what the trainer relies on
+// when it splits a batch into micro-batches, and when targets carry padding (-1).
 #include <catch2/catch.hpp>
 
 #include <cmath>

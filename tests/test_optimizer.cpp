@@ -1,4 +1,4 @@
-// Optimizers (DESIGN §4) against references written out in this file: AdamW with bias
+// Optimizers (docs/design.md §4) against references written out in this file: AdamW with bias
 // correction and decoupled decay, Muon with an independent Newton-Schulz quintic in plain loops,
 // global gradient-norm clipping, MuonClip's per-head QK-clip, state round trips and bad input.
 #include <catch2/catch.hpp>
@@ -51,7 +51,7 @@ Config optim_config(OptimizerName name) {
   return c;
 }
 
-// The Muon group by role, written out here (DESIGN §4): q/k/v/o and every FFN matrix.
+// The Muon group by role, written out here (docs/design.md §4): q/k/v/o and every FFN matrix.
 bool hidden_role(ParamRole r) {
   switch (r) {
     case ParamRole::AttnQ:
@@ -112,7 +112,7 @@ Mat transpose(const Mat& a, int r, int c) {
   return t;
 }
 
-// NS5 of DESIGN §4 on an [A, B] matrix: X = U / (|U|_F + 1e-7); work on X^T when A > B;
+// NS5 of docs/design.md §4 on an [A, B] matrix: X = U / (|U|_F + 1e-7); work on X^T when A > B;
 // X = a X + (b S + c S S) X with S = X X^T; transpose back.
 Mat ns5(const Mat& U, int A, int B, int steps) {
   const double a = 3.4445, b = -4.7750, c = 2.0315;
@@ -140,7 +140,7 @@ double muon_scale(MuonScale mode, int A, int B) {
   return 0.2 * std::sqrt(double(std::max(A, B)));
 }
 
-// The optimizers of DESIGN §4 on host vectors, tensor by tensor.
+// The optimizers of docs/design.md §4 on host vectors, tensor by tensor.
 struct RefOptimizer {
   RefOptimizer(const Config& c, const ParamLayout& l) : cfg(c), layout(l) {}
 
@@ -662,7 +662,7 @@ TEST_CASE("load_state errors name the source and the tensor", "[optim]") {
     REQUIRE_THROWS_WITH(b.load_state(adam.state(), src), Catch::Contains(src));
   }
   SECTION("integer dtype where floats are expected") {
-    // DESIGN §8: a bad checkpoint gets an error naming the file and the field.
+    // docs/design.md §12: a bad checkpoint gets an error naming the file and the field.
     TensorMap st = good;
     const std::string name = first_with("adamw.m");
     const std::vector<std::int32_t> ints(st.at(name).numel(), 1);

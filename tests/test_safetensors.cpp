@@ -1,5 +1,6 @@
-// The safetensors format (DESIGN §7): round trips, the byte layout parsed independently, errors
-// that name the file, atomic writes, and a file read back by json + numpy in Debian's python.
+// The safetensors format (docs/design.md §7): round trips, the byte layout parsed independently,
+// errors that name the file, atomic writes, and a file read back by json + numpy in Debian's
+// python.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -372,7 +373,7 @@ TEST_CASE("safetensors: Debian's python3 reads our file with json + numpy", "[io
   if (has_numpy != 0)
     FAIL(
         "/usr/bin/python3 with numpy is required (Debian: apt-get install python3-numpy); "
-        "DESIGN §7 promises that json + numpy can read our checkpoints");
+        "docs/design.md §7 promises that json + numpy can read our checkpoints");
 
   // Expected values written independently in python: w[i][j] = 0.25 * (4 i + j) - 1.
   const std::string script =

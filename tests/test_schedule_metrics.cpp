@@ -1,5 +1,5 @@
-// Learning-rate schedules (DESIGN §4), the loss-spike detector and metrics.jsonl resumption
-// (DESIGN §7).
+// Learning-rate schedules (docs/design.md §4), the loss-spike detector and metrics.jsonl resumption
+// (docs/design.md §7).
 #include <catch2/catch.hpp>
 
 #include <cmath>

@@ -1,7 +1,7 @@
-// moetrain against its PyTorch twin (scripts/torch_reference.py, DESIGN §8): for small configs,
-// the forward statistics, every gradient and every parameter after one step of each optimizer
-// (adamw, muon, muonclip with QK-clip active on some heads) must match the twin, which computes
-// from the same fp32 weights in float64 with torch autograd.
+// moetrain against its PyTorch twin (scripts/torch_reference.py, docs/design.md §12): for small
+// configs, the forward statistics, every gradient and every parameter after one step of each
+// optimizer (adamw, muon, muonclip with QK-clip active on some heads) must match the twin, which
+// computes from the same fp32 weights in float64 with torch autograd.
 //
 // The twin needs Debian's /usr/bin/python3 with python3-torch and python3-numpy; without them the
 // test fails (it never skips).

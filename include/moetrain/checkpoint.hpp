@@ -1,8 +1,9 @@
-// Checkpoints (DESIGN §7): one directory per step under <out_dir>/checkpoints/step_NNNNNNNN,
-// written under a temporary name, fsynced, then renamed, so a directory with the final name is
-// always complete. It holds model.safetensors (weights, PyTorch-style names),
-// optimizer_rank<R>.safetensors (each rank's optimizer state), trainer_state.json (step, tokens
-// seen, loader state, expert biases, loss-spike state, config) and a copy of the tokenizer.
+// Checkpoints (docs/design.md §7): one directory per step under
+// <out_dir>/checkpoints/step_NNNNNNNN, written under a temporary name, fsynced, then renamed, so a
+// directory with the final name is always complete. It holds model.safetensors (weights,
+// PyTorch-style names), optimizer_rank<R>.safetensors (each rank's optimizer state),
+// trainer_state.json (step, tokens seen, loader state, expert biases, loss-spike state, config) and
+// a copy of the tokenizer.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
-// The full training state of a run in a checkpoint (DESIGN §7), on top of the directory and file
-// helpers of checkpoint.hpp: model.safetensors (weights), optimizer_rank<R>.safetensors (each
+// The full training state of a run in a checkpoint (docs/design.md §7), on top of the directory and
+// file helpers of checkpoint.hpp: model.safetensors (weights), optimizer_rank<R>.safetensors (each
 // rank's optimizer shard) and trainer_state.json (step, tokens seen, loader state, expert biases,
 // loss-spike state, config).
 //

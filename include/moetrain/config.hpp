@@ -54,8 +54,8 @@ struct DataConfig {
   bool shuffle = true;
 };
 
-// Settings of one parameter group (DESIGN §4): the Muon group (2D hidden weights) or the AdamW
-// group (embeddings, lm_head, norm gains, routers). RMSNorm gains never decay.
+// Settings of one parameter group (docs/design.md §4): the Muon group (2D hidden weights) or the
+// AdamW group (embeddings, lm_head, norm gains, routers). RMSNorm gains never decay.
 struct GroupConfig {
   double lr_scale = 1.0;  // the group's lr = optim.lr * lr_scale
   double weight_decay = 0.1;

@@ -1,4 +1,4 @@
-// The training loop (DESIGN §2, §4, §7): micro-batches with gradient accumulation, gradient
+// The training loop (docs/design.md §2, §4, §7): micro-batches with gradient accumulation, gradient
 // averaging over ranks, the optimizer step with QK-clip, the expert-bias update, metrics,
 // evaluation, checkpoints, resume and graceful stop on SIGINT/SIGTERM (see signals.hpp).
 #pragma once
@@ -9,10 +9,10 @@
 #include <string>
 
 #include "moetrain/communicator.hpp"
-#include "moetrain/runtime.hpp"
 #include "moetrain/config.hpp"
 #include "moetrain/flops.hpp"
 #include "moetrain/metrics.hpp"
+#include "moetrain/runtime.hpp"
 
 namespace moetrain {
 
@@ -35,8 +35,8 @@ struct TrainOptions {
 };
 
 // One rank's share of a training run, on the runtime's backend and communicator (make_runtime).
-// The constructor builds the model, optimizer and data loaders, resumes from a checkpoint when asked, and writes the run's config.json; run()
-// trains to train.steps (or until stopped).
+// The constructor builds the model, optimizer and data loaders, resumes from a checkpoint when
+// asked, and writes the run's config.json; run() trains to train.steps (or until stopped).
 class Trainer {
  public:
   // Refuses a fresh run into a train.out_dir that already holds one; nothing is written before
