@@ -3,9 +3,8 @@
 //
 // Forward: one warp per token. The lanes own experts e = lane + 32 i (i < ceil(E / 32) <= 32):
 //   1. logsumexp of the token's logits (warp max, warp sum of exp in double),
-//   2. scores (softmax p = exp(l - lse), or sigmoid), computed in double and stored as fp32 exactly
-//   as
-//      the CPU reference rounds them, so top-k ids agree bit for bit,
+//   2. scores (softmax p = exp(l - lse), or sigmoid), computed in double and stored as fp32
+//      exactly as the CPU reference rounds them, so top-k ids agree bit for bit,
 //   3. top-k by k rounds of a warp arg-max over the not yet taken experts, key = score (+ bias) in
 //      double; equal keys go to the lower expert index (the CPU's stable insertion order),
 //   4. gates (chosen scores / their sum, in slot order), counts (shared-memory integer atomics),
@@ -17,8 +16,8 @@
 //
 // Backward: one warp per token, dlogits overwritten; aux constants c_e = aux_coef E f_e / N in
 // shared memory per block; all per-token sums (sum_j w_j dw_j, sum_e q_e c_e, sum s, lse) in
-// double. dgates already carry the caller's loss scale: grad_scale multiplies the aux and z terms
-// only.
+// double. dgates already carry the caller's loss scale: grad_scale multiplies only the aux and z
+// terms.
 #include "router.cuh"
 
 #include <algorithm>

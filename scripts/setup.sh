@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set-up from a bare Debian 12 machine: installs what is missing with apt, then builds with CMake.
 # Usage: scripts/setup.sh [extra cmake -D options]
+#        scripts/setup.sh --packages-only   (apt only, e.g. for scripts/check_format.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(build-essential cmake pkg-config ccache
+packages=(build-essential cmake pkg-config ccache clang-format
           nlohmann-json3-dev libspdlog-dev libcli11-dev catch2
           libopenblas-openmp-dev libopenmpi-dev openmpi-bin
           python3-numpy python3-torch python3-matplotlib)
@@ -18,6 +19,9 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+if [ "${1:-}" = "--packages-only" ]; then
+  exit 0
 fi
 
 build_dir=${MOETRAIN_BUILD_DIR:-build}

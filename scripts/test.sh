@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: set-up (apt + build), then every test through CTest — the main build's, and
 # the SIMT simulator build's (kernels/ compiled as C++ with AddressSanitizer, no nvcc; docs/design.md §6).
+# Usage: scripts/test.sh [extra cmake -D options for both builds, e.g. -DMOETRAIN_NATIVE=OFF]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh "$@"

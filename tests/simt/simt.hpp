@@ -8,12 +8,12 @@
 //   Blocks run one after another on the calling thread. The threads of a block run as fibers
 //   (cooperative user-space threads with their own stacks, switched by a few instructions). A
 //   thread runs until it reaches __syncthreads() or a warp collective (__shfl_*_sync,
-//   __ballot_sync,
-//   __any_sync, __all_sync, __syncwarp, __reduce_*_sync), then the schedule picks the next thread:
+//   __ballot_sync, __any_sync, __all_sync, __syncwarp, __reduce_*_sync), then the schedule picks
+//   the next thread:
 //     Schedule::forward()     rounds over the ready threads in ascending linear thread index,
 //     Schedule::reverse()     the same in descending order,
-//     Schedule::random(seed)  any ready thread, drawn at random at every switch (deterministic in
-//     seed).
+//     Schedule::random(seed)  any ready thread, drawn at random at every switch (repeatable:
+//                             the same seed gives the same order).
 //   Blocks run in ascending order (forward), descending (reverse) or shuffled (random). A kernel
 //   that misses a __syncthreads reads data that are not written yet under at least one of these
 //   orders. Set the schedule with simt::set_schedule() (or the environment variable
@@ -29,10 +29,9 @@
 //     AddressSanitizer does not guard static __shared__ arrays; the dynamic shared memory
 //     (dynamic_smem<T>()) is a heap buffer of exactly smem_bytes, so ASan catches out-of-bounds
 //     accesses there.
-//   * cudaMalloc returns heap memory (256-byte aligned) filled with 0xFF bytes (NaN): outputs a
-//   kernel
-//     forgot to write show up as NaN. cudaFree checks the pointer. All copies and memsets are
-//     synchronous; streams and events are no-ops (events record host time).
+//   * cudaMalloc returns heap memory (256-byte aligned) filled with 0xFF bytes (NaN): outputs
+//     a kernel forgot to write show up as NaN. cudaFree checks the pointer. All copies and
+//     memsets are synchronous; streams and events are no-ops (events record host time).
 //   * Atomics go through std::atomic_ref (the simulator is single-threaded, so they are exact).
 //   * extern __shared__ arrays are not supported: use dynamic_smem<T>() from common.cuh.
 //
@@ -46,10 +45,9 @@
 //     Volta: lanes 0-15 may reach a full-warp __syncwarp while lanes 16-31 still shuffle among
 //     themselves); lanes that end up waiting for each other are reported as a deadlock;
 //   * a block in which no thread can make progress (deadlock), with the state of every waiting
-//   warp;
+//     warp;
 //   * an invalid launch configuration (zero or too large dims, more than 1024 threads, dynamic
-//   shared
-//     memory above 163 KiB, the sm_80 limit), a launch from inside a kernel.
+//     shared memory above 163 KiB, the sm_80 limit), a launch from inside a kernel.
 //   After an error the simulator resets its fibers; later launches work normally.
 //
 // Differences from a GPU, by design: no preemption between synchronisation points (a data race

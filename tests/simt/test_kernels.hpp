@@ -9,8 +9,8 @@ namespace moetrain::simt_test {
 
 constexpr int kTreeBlock = 256;   // threads (and elements) per block of tree_sum_*
 constexpr int kShflThreads = 64;  // one block of two warps
-constexpr int kShflOps =
-    7;  // outputs per case: idx, up, down, xor (int), xor (float), idx (bf16), down (double)
+// Outputs per case of shuffles(): idx, up, down, xor (int), xor (float), idx (bf16), down (double).
+constexpr int kShflOps = 7;
 constexpr int kVoteOutputs = 20;  // outputs per thread of vote()
 
 // Shared-memory tree sum of kTreeBlock elements per block; out[b] = sum of block b. With

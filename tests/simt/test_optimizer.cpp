@@ -61,8 +61,7 @@ void record(double err, bool bf16_out) {
   g = std::max(g, err);
 }
 
-// ---- AdamW
-// ----------------------------------------------------------------------------------------
+// ---- AdamW --------------------------------------------------------------------------------------
 template <typename TW>
 void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   constexpr bool kBf16W = std::is_same_v<TW, bf16>;
@@ -127,8 +126,7 @@ void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   }
 }
 
-// ---- sum of squares
-// -------------------------------------------------------------------------------
+// ---- sum of squares -----------------------------------------------------------------------------
 template <typename T>
 void check_sum_squares(size_t n, unsigned seed) {
   std::mt19937 rng(seed);
@@ -154,8 +152,7 @@ void check_sum_squares(size_t n, unsigned seed) {
   }
 }
 
-// ---- Muon
-// -----------------------------------------------------------------------------------------
+// ---- Muon ---------------------------------------------------------------------------------------
 template <typename TU>
 void check_muon_momentum(size_t n, unsigned seed, bool nesterov, float grad_scale) {
   std::mt19937 rng(seed);

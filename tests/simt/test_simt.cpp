@@ -449,8 +449,8 @@ TEST_CASE("simt: bf16 round-to-nearest-even and stochastic rounding on boundary 
       continue;
     }
     CHECK(bits_of(b[i]) == static_cast<uint32_t>(e) << 16);
-    // Stochastic: one of the two neighbours; rand 0 truncates; rand 0xffff rounds any inexact value
-    // up.
+    // Stochastic: one of the two neighbours; rand 0 truncates; rand 0xffff rounds any inexact
+    // value up.
     const uint32_t u = bits_of(x[i]);
     const uint16_t down = static_cast<uint16_t>(u >> 16);
     const uint16_t got = mk::bf16_bits(s[i]);
