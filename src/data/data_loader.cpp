@@ -23,8 +23,9 @@ std::vector<std::string> match_shards(const std::string& pattern, const std::str
     for (std::size_t i = 0; i < g.gl_pathc; ++i) paths.emplace_back(g.gl_pathv[i]);
   globfree(&g);
   if (paths.empty())
-    throw std::runtime_error(what + ": no file matches '" + pattern +
-                             "' (prepare data with `moetrain prepare-data` or scripts/get_corpus.sh)");
+    throw std::runtime_error(
+        what + ": no file matches '" + pattern +
+        "' (prepare data with `moetrain prepare-data` or scripts/get_corpus.sh)");
   std::sort(paths.begin(), paths.end());
   return paths;
 }
@@ -131,7 +132,10 @@ nlohmann::json DataLoader::fingerprint() const {
   nlohmann::json shards = nlohmann::json::array();
   for (std::size_t s = 0; s < index_.num_shards(); ++s)
     shards.push_back({{"path", paths_[s]}, {"windows", index_.windows_in(s)}});
-  return {{"shards", shards}, {"seq", seq_}, {"global_batch", global_}, {"shuffle", shuffle_},
+  return {{"shards", shards},
+          {"seq", seq_},
+          {"global_batch", global_},
+          {"shuffle", shuffle_},
           {"seed", seed_}};
 }
 
