@@ -11,13 +11,7 @@ QkClip<T>::QkClip(const Config& cfg, Zero1Plan<T>& plan) : cfg_(cfg), plan_(plan
     if (plan.owns(mt) && (mt.role == ParamRole::AttnQ || mt.role == ParamRole::AttnK))
       owned_.push_back(&mt);
   heads_ = std::size_t(std::max(cfg.model.n_heads, cfg.model.n_kv_heads));
-  if (!owned_.empty())
-    factors_ = static_cast<T*>(plan.backend().alloc_bytes(owned_.size() * heads_ * sizeof(T)));
-}
-
-template <typename T>
-QkClip<T>::~QkClip() {
-  if (factors_) plan_.backend().free_bytes(factors_);
+  if (!owned_.empty()) factors_ = DeviceBuffer<T, T>(plan.backend(), owned_.size() * heads_);
 }
 
 template <typename T>
@@ -48,11 +42,11 @@ int QkClip<T>::apply(T* params, const std::vector<std::vector<double>>& smax) {
     }
   }
   Backend<T>& be = plan_.backend();
-  be.upload(factors_, factors.data(), factors.size() * sizeof(T));
+  be.upload(factors_.get(), factors.data(), factors.size() * sizeof(T));
   for (std::size_t m = 0; m < owned_.size(); ++m) {
     const OwnedMatrix& mt = *owned_[m];
     const int blocks = mt.role == ParamRole::AttnQ ? mc.n_heads : mc.n_kv_heads;
-    be.scale_row_blocks(params + mt.offset, blocks, head_elems, factors_ + m * heads_);
+    be.scale_row_blocks(params + mt.offset, blocks, head_elems, factors_.get() + m * heads_);
   }
   return clipped;
 }

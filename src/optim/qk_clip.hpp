@@ -13,9 +13,6 @@ template <typename T>
 class QkClip {
  public:
   QkClip(const Config& cfg, Zero1Plan<T>& plan);
-  ~QkClip();
-  QkClip(const QkClip&) = delete;
-  QkClip& operator=(const QkClip&) = delete;
 
   // `smax` is [layer][query head] of this step, reduced (max) over ranks. Returns the clipped
   // query heads counted on this rank's q matrices.
@@ -25,8 +22,8 @@ class QkClip {
   const Config& cfg_;
   Zero1Plan<T>& plan_;
   std::vector<const OwnedMatrix*> owned_;  // this rank's q and k matrices
-  T* factors_ = nullptr;                   // [owned q/k matrices, heads]: one upload per step
   std::size_t heads_ = 0;                  // row blocks per matrix (query or kv heads), at most
+  DeviceBuffer<T, T> factors_;             // [owned q/k matrices, heads]: one upload per step
 };
 
 extern template class QkClip<float>;

@@ -47,8 +47,10 @@ class CudaBackend final : public Backend<float> {
   // The stream's pending reductions land in sums_ (device doubles); read one back.
   double read_sum(int index);
   // The host copy of a device offsets array of groups + 1 entries: the mirror moe_permute made of
-  // it (moe_permute is what writes expert offsets), else a download now.
-  const std::vector<std::int32_t>& host_offsets(const std::int32_t* offsets, int groups);
+  // it (moe_permute is what writes expert offsets), else a download now. Checks that it ends at
+  // `rows` (errors name `op`).
+  const std::vector<std::int32_t>& host_offsets(const std::int32_t* offsets, int groups, int rows,
+                                                const char* op);
   // Marks the bf16 weight copy stale when [dst, dst + bytes) overlaps the weights.
   void wrote(const void* dst, std::size_t bytes);
   // A GEMM operand as the GEMM reads it: the bf16 weight copy, a rounded copy, or the fp32 data.

@@ -146,13 +146,17 @@ void CudaBackend::gemm_batched(bool ta, bool tb, int M, int N, int K, float alph
   gemm_impl(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
-const std::vector<std::int32_t>& CudaBackend::host_offsets(const std::int32_t* offsets,
-                                                           int groups) {
+const std::vector<std::int32_t>& CudaBackend::host_offsets(const std::int32_t* offsets, int groups,
+                                                           int rows, const char* op) {
   std::vector<std::int32_t>& h = offsets_mirror_[offsets];
   if (h.size() != std::size_t(groups) + 1) {
     h.resize(std::size_t(groups) + 1);
     download(h.data(), offsets, h.size() * sizeof(std::int32_t));
   }
+  if (h[std::size_t(groups)] != rows)
+    throw std::invalid_argument(std::string(op) + ": offsets end at " +
+                                std::to_string(h[std::size_t(groups)]) +
+                                ", expected rows = " + std::to_string(rows));
   return h;
 }
 
@@ -160,11 +164,7 @@ const std::vector<std::int32_t>& CudaBackend::host_offsets(const std::int32_t* o
 void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, const float* A,
                                int lda, const float* B, int ldb, std::size_t sb, float beta,
                                float* C, int ldc, const std::int32_t* offsets, int groups) {
-  const std::vector<std::int32_t>& off = host_offsets(offsets, groups);
-  if (off[std::size_t(groups)] != rows)
-    throw std::invalid_argument("grouped_gemm: offsets end at " +
-                                std::to_string(off[std::size_t(groups)]) +
-                                ", expected rows = " + std::to_string(rows));
+  const std::vector<std::int32_t>& off = host_offsets(offsets, groups, rows, "grouped_gemm");
   for (int g = 0; g < groups; ++g) {
     const std::size_t r0 = std::size_t(off[std::size_t(g)]);
     const int m = off[std::size_t(g) + 1] - int(r0);
@@ -176,11 +176,7 @@ void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, con
 void CudaBackend::grouped_gemm_wgrad(int rows, int M, int N, float alpha, const float* A, int lda,
                                      const float* B, int ldb, float* C, int ldc, std::size_t sc,
                                      const std::int32_t* offsets, int groups) {
-  const std::vector<std::int32_t>& off = host_offsets(offsets, groups);
-  if (off[std::size_t(groups)] != rows)
-    throw std::invalid_argument("grouped_gemm_wgrad: offsets end at " +
-                                std::to_string(off[std::size_t(groups)]) +
-                                ", expected rows = " + std::to_string(rows));
+  const std::vector<std::int32_t>& off = host_offsets(offsets, groups, rows, "grouped_gemm_wgrad");
   for (int g = 0; g < groups; ++g) {
     const std::size_t r0 = std::size_t(off[std::size_t(g)]);
     const int k = off[std::size_t(g) + 1] - int(r0);
