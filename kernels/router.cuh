@@ -1,7 +1,7 @@
 // kernels/router.cuh — MoE router kernels (docs/design.md §3): scores, top-k, gate weights, expert
 // counts, load-balancing / z-loss / entropy statistics, and the backward to the router logits.
 // Host-side launchers only; the kernels are in router.cu. Same contract as Backend::router_forward
-// and Backend::router_backward (include/moetrain/backend.hpp) and the CPU reference
+// and Backend::router_backward (include/backend/moetrain/backend_ops.hpp) and the CPU reference
 // src/backend/cpu/router.cpp. Logits, scores, gates, bias and statistics are fp32 (the router is
 // kept in fp32 on every backend).
 //

@@ -6,7 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "io/atomic_file.hpp"
+#include "moetrain/atomic_file.hpp"
 
 namespace moetrain {
 

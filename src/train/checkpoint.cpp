@@ -6,7 +6,7 @@
 #include <fstream>
 #include <stdexcept>
 
-#include "io/atomic_file.hpp"
+#include "moetrain/atomic_file.hpp"
 
 namespace fs = std::filesystem;
 

@@ -5,7 +5,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "io/atomic_file.hpp"
+#include "moetrain/atomic_file.hpp"
 #include "moetrain/checkpoint.hpp"
 #include "moetrain/data_loader.hpp"
 #include "moetrain/metrics.hpp"

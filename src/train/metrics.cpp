@@ -6,7 +6,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "io/atomic_file.hpp"
+#include "moetrain/atomic_file.hpp"
 
 namespace moetrain {
 

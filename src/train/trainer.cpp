@@ -8,7 +8,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "io/atomic_file.hpp"
+#include "moetrain/atomic_file.hpp"
 #include "moetrain/checkpoint.hpp"
 #include "moetrain/checkpoint_session.hpp"
 #include "moetrain/data_loader.hpp"
