@@ -152,33 +152,33 @@ TEMPLATE_TEST_CASE("expert bias round trip and errors", "[io]", float, double) {
   const std::size_t L = std::size_t(cfg.n_layers), E = std::size_t(cfg.moe.n_experts);
   std::vector<std::vector<double>> bias(L);
   for (std::size_t l = 0; l < L; ++l) bias[l] = random_vector(E, 10 + l, 0.1);
-  write_expert_bias(m, bias, "state.json");
+  m.load_expert_bias_state(bias, "state.json");
   bias[0].assign(E, 0.0);  // layer 0 is dense: it has no router, so no bias to load
   // The routers' biases, [n_layers][n_experts] in row-major order.
   const std::vector<double> dev = download_bias(m);
   for (std::size_t l = 0; l < L; ++l)
     for (std::size_t e = 0; e < E; ++e) CHECK(dev[l * E + e] == double(T(bias[l][e])));
-  const auto back = read_expert_bias(m);
+  const auto back = m.expert_bias_state();
   REQUIRE(back.size() == L);
   for (std::size_t l = 0; l < L; ++l) {
     REQUIRE(back[l].size() == E);
     for (std::size_t e = 0; e < E; ++e) CHECK(back[l][e] == double(T(bias[l][e])));
   }
   // Writing what was read is the identity.
-  write_expert_bias(m, back, "state.json");
-  CHECK(read_expert_bias(m) == back);
+  m.load_expert_bias_state(back, "state.json");
+  CHECK(m.expert_bias_state() == back);
 
   const std::string src = "ckpt/trainer_state.json";
   auto short_layers = bias;
   short_layers.pop_back();
-  REQUIRE_THROWS_WITH(write_expert_bias(m, short_layers, src), Catch::Contains(src));
+  REQUIRE_THROWS_WITH(m.load_expert_bias_state(short_layers, src), Catch::Contains(src));
   auto short_row = bias;
   short_row[1].pop_back();
-  REQUIRE_THROWS_WITH(write_expert_bias(m, short_row, src), Catch::Contains(src));
+  REQUIRE_THROWS_WITH(m.load_expert_bias_state(short_row, src), Catch::Contains(src));
   auto long_row = bias;
   long_row[2].push_back(1.0);
-  REQUIRE_THROWS_WITH(write_expert_bias(m, long_row, src), Catch::Contains(src));
-  CHECK(read_expert_bias(m) == back);  // the failed writes changed nothing
+  REQUIRE_THROWS_WITH(m.load_expert_bias_state(long_row, src), Catch::Contains(src));
+  CHECK(m.expert_bias_state() == back);  // the failed writes changed nothing
 }
 
 TEST_CASE("list_checkpoints: final step_NNNNNNNN directories only, oldest first", "[io]") {
@@ -248,7 +248,7 @@ TEST_CASE("update_router_biases: b_e += rate * sign(mean_load - load_e) on MoE l
   const std::size_t L = 3, E = 4;
   std::vector<std::vector<double>> b0(L);
   for (std::size_t l = 0; l < L; ++l) b0[l] = random_vector(E, 20 + l, 0.05);
-  write_expert_bias(m, b0, "test");
+  m.load_expert_bias_state(b0, "test");
   b0[0].assign(E, 0.0);  // layer 0 is dense: it has no router, so no bias to load
   const double rate = 1e-3;
   // Layer 0 is dense: whatever load it is given, its biases stay zero. Layer 1: mean 3, loads
@@ -256,7 +256,7 @@ TEST_CASE("update_router_biases: b_e += rate * sign(mean_load - load_e) on MoE l
   const std::vector<std::vector<std::int64_t>> loads = {{9, 0, 0, 3}, {5, 1, 3, 3}, {2, 2, 2, 2}};
   const double sign1[4] = {-1, +1, 0, 0};
   m.update_router_biases(loads, rate);
-  const auto b1 = read_expert_bias(m);
+  const auto b1 = m.expert_bias_state();
   for (std::size_t e = 0; e < E; ++e) {
     INFO("expert " << e);
     CHECK(b1[0][e] == b0[0][e]);
@@ -265,7 +265,7 @@ TEST_CASE("update_router_biases: b_e += rate * sign(mean_load - load_e) on MoE l
   }
   // A second update accumulates; a mean that is not an integer (7/4) leaves no expert at 0.
   m.update_router_biases({{}, {4, 0, 0, 3}, {1, 2, 3, 4}}, 0.5);
-  const auto b2 = read_expert_bias(m);
+  const auto b2 = m.expert_bias_state();
   const double sign2a[4] = {-1, +1, +1, -1}, sign2b[4] = {+1, +1, -1, -1};  // means 1.75, 2.5
   for (std::size_t e = 0; e < E; ++e) {
     INFO("expert " << e);

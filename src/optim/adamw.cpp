@@ -5,19 +5,8 @@
 namespace moetrain {
 
 template <typename T>
-AdamW<T>::AdamW(const OptimConfig& o, Zero1Plan<T>& plan) : o_(o), plan_(plan) {
-  const std::size_t n = plan.shard();
-  if (n) {
-    m_ = static_cast<T*>(plan.backend().alloc_bytes(n * sizeof(T)));
-    v_ = static_cast<T*>(plan.backend().alloc_bytes(n * sizeof(T)));
-  }
-}
-
-template <typename T>
-AdamW<T>::~AdamW() {
-  for (T* p : {m_, v_})
-    if (p) plan_.backend().free_bytes(p);
-}
+AdamW<T>::AdamW(const OptimConfig& o, Zero1Plan<T>& plan)
+    : o_(o), plan_(plan), m_(plan.backend(), plan.shard()), v_(plan.backend(), plan.shard()) {}
 
 template <typename T>
 double AdamW<T>::step(double lr, std::int64_t t) {
@@ -27,7 +16,7 @@ double AdamW<T>::step(double lr, std::int64_t t) {
     const std::size_t lo = std::max(e.flat, shard0), hi = std::min(e.flat + e.numel, end);
     if (lo >= hi) continue;
     sq += plan_.backend().adamw_update(plan_.flat_params() + lo, plan_.shard_grad() + (lo - shard0),
-                                       m_ + (lo - shard0), v_ + (lo - shard0), hi - lo,
+                                       m_.get() + (lo - shard0), v_.get() + (lo - shard0), hi - lo,
                                        lr * e.lr_scale, o_.beta1, o_.beta2, o_.eps, e.weight_decay,
                                        t);
   }
@@ -38,7 +27,7 @@ double AdamW<T>::step(double lr, std::int64_t t) {
 template <typename T>
 std::vector<StateTensor<T>> AdamW<T>::state() {
   const std::size_t n = plan_.shard();
-  return {{"adamw.m", m_, n, {std::int64_t(n)}}, {"adamw.v", v_, n, {std::int64_t(n)}}};
+  return {{"adamw.m", m_.get(), n, {std::int64_t(n)}}, {"adamw.v", v_.get(), n, {std::int64_t(n)}}};
 }
 
 template class AdamW<float>;

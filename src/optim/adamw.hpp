@@ -10,9 +10,6 @@ template <typename T>
 class AdamW {
  public:
   AdamW(const OptimConfig& o, Zero1Plan<T>& plan);
-  ~AdamW();
-  AdamW(const AdamW&) = delete;
-  AdamW& operator=(const AdamW&) = delete;
 
   // Updates the shard of plan.flat_params() from plan.shard_grad(); returns the sum of squares of
   // m_hat / (sqrt(v_hat) + eps) over the shard.
@@ -23,7 +20,7 @@ class AdamW {
  private:
   const OptimConfig& o_;
   Zero1Plan<T>& plan_;
-  T *m_ = nullptr, *v_ = nullptr;  // [shard]
+  DeviceBuffer<T, T> m_, v_;  // [shard]
 };
 
 extern template class AdamW<float>;

@@ -25,21 +25,12 @@ Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan) : o_(o), plan_(plan), be
     max_ws = std::max(max_ws, elems * batch);
     max_s = std::max(max_s, small * small * batch);
   }
-  auto alloc = [&](std::size_t n) {
-    return n ? static_cast<T*>(be_.alloc_bytes(n * sizeof(T))) : nullptr;
-  };
-  momentum_ = alloc(plan.own_elems());
-  ws_u_ = alloc(max_ws);
-  ws_x_ = alloc(max_ws);
-  ws_y_ = alloc(max_ws);
-  ws_s_ = alloc(max_s);
-  ws_s2_ = alloc(max_s);
-}
-
-template <typename T>
-Muon<T>::~Muon() {
-  for (T* p : {momentum_, ws_u_, ws_x_, ws_y_, ws_s_, ws_s2_})
-    if (p) be_.free_bytes(p);
+  momentum_ = DeviceBuffer<T, T>(be_, plan.own_elems());
+  ws_u_ = DeviceBuffer<T, T>(be_, max_ws);
+  ws_x_ = DeviceBuffer<T, T>(be_, max_ws);
+  ws_y_ = DeviceBuffer<T, T>(be_, max_ws);
+  ws_s_ = DeviceBuffer<T, T>(be_, max_s);
+  ws_s2_ = DeviceBuffer<T, T>(be_, max_s);
 }
 
 template <typename T>
@@ -66,31 +57,31 @@ double Muon<T>::batch(const MatrixGroup& g, std::size_t first, int count, T* par
   // Momentum per matrix (its state sits at its slot); U contiguous.
   for (int i = 0; i < count; ++i) {
     const OwnedMatrix& mt = mats[g.mats[first + std::size_t(i)]];
-    be_.muon_momentum(momentum_ + mt.slot, ws_u_ + std::size_t(i) * elems, plan_.matrix_grad(mt),
-                      elems, o_.momentum, o_.nesterov);
+    be_.muon_momentum(momentum_.get() + mt.slot, ws_u_.get() + std::size_t(i) * elems,
+                      plan_.matrix_grad(mt), elems, o_.momentum, o_.nesterov);
   }
   if (transposed)
-    be_.transpose_batched(ws_x_, ws_u_, count, A, B);
+    be_.transpose_batched(ws_x_.get(), ws_u_.get(), count, A, B);
   else
-    be_.copy(ws_x_, ws_u_, elems * std::size_t(count) * sizeof(T));
-  be_.frobenius_normalize(ws_x_, count, elems, kNsEps);
-  T *X = ws_x_, *Y = ws_y_;
+    be_.copy(ws_x_.get(), ws_u_.get(), elems * std::size_t(count) * sizeof(T));
+  be_.frobenius_normalize(ws_x_.get(), count, elems, kNsEps);
+  T *X = ws_x_.get(), *Y = ws_y_.get();
   for (int it = 0; it < o_.ns_steps; ++it) {
     // S = X X^T;  S2 = c S S + b S;  Y = a X + S2 X
     be_.gemm_batched(false, true, rows, rows, cols, T(1), X, cols, elems, X, cols, elems, T(0),
-                     ws_s_, rows, mm, count);
-    be_.gemm_batched(false, false, rows, rows, rows, T(kNsC), ws_s_, rows, mm, ws_s_, rows, mm,
-                     T(0), ws_s2_, rows, mm, count);
-    be_.axpby(ws_s2_, ws_s_, mm * std::size_t(count), kNsB, 1.0);
+                     ws_s_.get(), rows, mm, count);
+    be_.gemm_batched(false, false, rows, rows, rows, T(kNsC), ws_s_.get(), rows, mm, ws_s_.get(),
+                     rows, mm, T(0), ws_s2_.get(), rows, mm, count);
+    be_.axpby(ws_s2_.get(), ws_s_.get(), mm * std::size_t(count), kNsB, 1.0);
     be_.copy(Y, X, elems * std::size_t(count) * sizeof(T));
-    be_.gemm_batched(false, false, rows, cols, rows, T(1), ws_s2_, rows, mm, X, cols, elems,
+    be_.gemm_batched(false, false, rows, cols, rows, T(1), ws_s2_.get(), rows, mm, X, cols, elems,
                      T(kNsA), Y, cols, elems, count);
     std::swap(X, Y);
   }
   T* O = X;
   if (transposed) {
-    be_.transpose_batched(ws_u_, X, count, rows, cols);  // back to [A, B]
-    O = ws_u_;
+    be_.transpose_batched(ws_u_.get(), X, count, rows, cols);  // back to [A, B]
+    O = ws_u_.get();
   }
   const double scale = o_.muon_scale == MuonScale::Original
                            ? std::sqrt(std::max(1.0, double(A) / double(B)))
@@ -109,7 +100,7 @@ std::vector<StateTensor<T>> Muon<T>::state() {
     for (std::size_t i : g.mats) {
       const OwnedMatrix& mt = plan_.matrices()[i];
       out.push_back(
-          {"muon.momentum." + mt.name, momentum_ + mt.slot, mt.elems(), {mt.rows, mt.cols}});
+          {"muon.momentum." + mt.name, momentum_.get() + mt.slot, mt.elems(), {mt.rows, mt.cols}});
     }
   return out;
 }

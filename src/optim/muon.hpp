@@ -11,7 +11,6 @@ template <typename T>
 class Muon final : public MatrixOptimizer<T> {
  public:
   Muon(const OptimConfig& o, Zero1Plan<T>& plan);
-  ~Muon() override;
 
   double step(T* params, double lr, std::int64_t t) override;
   std::vector<StateTensor<T>> state() override;
@@ -25,9 +24,9 @@ class Muon final : public MatrixOptimizer<T> {
   const OptimConfig& o_;
   Zero1Plan<T>& plan_;
   Backend<T>& be_;
-  T* momentum_ = nullptr;  // [own elems], each matrix at its slot
+  DeviceBuffer<T, T> momentum_;  // [own elems], each matrix at its slot
   // Newton-Schulz workspace for one batch: U, X, Y [batch, m, n]; S, S2 [batch, m, m].
-  T *ws_u_ = nullptr, *ws_x_ = nullptr, *ws_y_ = nullptr, *ws_s_ = nullptr, *ws_s2_ = nullptr;
+  DeviceBuffer<T, T> ws_u_, ws_x_, ws_y_, ws_s_, ws_s2_;
   int orthogonalised_ = 0;
 };
 

@@ -41,6 +41,8 @@ int QkClip<T>::apply(T* params, const std::vector<std::vector<double>>& smax) {
       if (mt.role == ParamRole::AttnK && gmin < 1.0) f[g] = T(std::pow(gmin, 1.0 - alpha));
     }
   }
+  // Nothing over tau on this rank's matrices: no upload, no launch.
+  if (std::all_of(factors.begin(), factors.end(), [](T f) { return f == T(1); })) return clipped;
   Backend<T>& be = plan_.backend();
   be.upload(factors_.get(), factors.data(), factors.size() * sizeof(T));
   for (std::size_t m = 0; m < owned_.size(); ++m) {

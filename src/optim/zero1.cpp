@@ -16,11 +16,6 @@ double ns_cost(int rows, int cols) {
 }  // namespace
 
 template <typename T>
-T* Zero1Plan<T>::alloc(std::size_t n) {
-  return n ? static_cast<T*>(be_.alloc_bytes(n * sizeof(T))) : nullptr;
-}
-
-template <typename T>
 Zero1Plan<T>::Zero1Plan(const Config& cfg, const ParamLayout& layout, Backend<T>& be,
                         Communicator& comm, bool matrix_group)
     : be_(be), comm_(comm) {
@@ -68,18 +63,12 @@ Zero1Plan<T>::Zero1Plan(const Config& cfg, const ParamLayout& layout, Backend<T>
   }
   part_ = muon_.empty() ? 0 : *std::max_element(fill.begin(), fill.end());
 
-  flat_grad_ = alloc(shard_ * std::size_t(world));
-  flat_param_ = alloc(shard_ * std::size_t(world));
-  shard_grad_ = alloc(shard_);
-  muon_send_ = alloc(part_ * std::size_t(world));
-  muon_recv_ = alloc(part_);
-  muon_gather_ = alloc(part_ * std::size_t(world));
-}
-
-template <typename T>
-Zero1Plan<T>::~Zero1Plan() {
-  for (T* p : {flat_grad_, flat_param_, shard_grad_, muon_send_, muon_recv_, muon_gather_})
-    if (p) be_.free_bytes(p);
+  flat_grad_ = DeviceBuffer<T, T>(be_, shard_ * std::size_t(world));
+  flat_param_ = DeviceBuffer<T, T>(be_, shard_ * std::size_t(world));
+  shard_grad_ = DeviceBuffer<T, T>(be_, shard_);
+  muon_send_ = DeviceBuffer<T, T>(be_, part_ * std::size_t(world));
+  muon_recv_ = DeviceBuffer<T, T>(be_, part_);
+  muon_gather_ = DeviceBuffer<T, T>(be_, part_ * std::size_t(world));
 }
 
 template <typename T>
@@ -100,54 +89,54 @@ std::vector<std::string> Zero1Plan<T>::owned_names() const {
 template <typename T>
 void Zero1Plan<T>::reduce_gradients(const T* grads) {
   for (const AdamWEntry& e : adamw_)
-    be_.copy(flat_grad_ + e.flat, grads + e.offset, e.numel * sizeof(T));
+    be_.copy(flat_grad_.get() + e.flat, grads + e.offset, e.numel * sizeof(T));
   for (const OwnedMatrix& mt : muon_)
-    be_.copy(muon_send_ + std::size_t(mt.owner) * part_ + mt.slot, grads + mt.offset,
+    be_.copy(muon_send_.get() + std::size_t(mt.owner) * part_ + mt.slot, grads + mt.offset,
              mt.elems() * sizeof(T));
-  if (shard_) comm_.reduce_scatter(flat_grad_, shard_grad_, shard_, ReduceOp::Sum);
-  if (part_) comm_.reduce_scatter(muon_send_, muon_recv_, part_, ReduceOp::Sum);
+  if (shard_) comm_.reduce_scatter(flat_grad_.get(), shard_grad_.get(), shard_, ReduceOp::Sum);
+  if (part_) comm_.reduce_scatter(muon_send_.get(), muon_recv_.get(), part_, ReduceOp::Sum);
   if (comm_.world() > 1) {
-    be_.scale(shard_grad_, shard_, 1.0 / comm_.world());
-    be_.scale(muon_recv_, part_, 1.0 / comm_.world());
+    be_.scale(shard_grad_.get(), shard_, 1.0 / comm_.world());
+    be_.scale(muon_recv_.get(), part_, 1.0 / comm_.world());
   }
 }
 
 template <typename T>
 double Zero1Plan<T>::local_grad_sum_squares() const {
-  return be_.sum_squares(shard_grad_, shard_) + be_.sum_squares(muon_recv_, part_);
+  return be_.sum_squares(shard_grad_.get(), shard_) + be_.sum_squares(muon_recv_.get(), part_);
 }
 
 template <typename T>
 void Zero1Plan<T>::scale_gradients(double coef) {
-  be_.scale(shard_grad_, shard_, coef);
-  be_.scale(muon_recv_, part_, coef);
+  be_.scale(shard_grad_.get(), shard_, coef);
+  be_.scale(muon_recv_.get(), part_, coef);
 }
 
 template <typename T>
 void Zero1Plan<T>::pack_adamw_params(const T* params) {
   for (const AdamWEntry& e : adamw_)
-    be_.copy(flat_param_ + e.flat, params + e.offset, e.numel * sizeof(T));
+    be_.copy(flat_param_.get() + e.flat, params + e.offset, e.numel * sizeof(T));
 }
 
 template <typename T>
 void Zero1Plan<T>::gather_adamw_params(T* params) {
   if (shard_) {
     // All-gather from a copy of the own shard: MPI forbids overlapping send and receive buffers.
-    be_.copy(shard_grad_, flat_param_ + shard_begin(), shard_ * sizeof(T));
-    comm_.all_gather(shard_grad_, flat_param_, shard_);
+    be_.copy(shard_grad_.get(), flat_param_.get() + shard_begin(), shard_ * sizeof(T));
+    comm_.all_gather(shard_grad_.get(), flat_param_.get(), shard_);
   }
   for (const AdamWEntry& e : adamw_)
-    be_.copy(params + e.offset, flat_param_ + e.flat, e.numel * sizeof(T));
+    be_.copy(params + e.offset, flat_param_.get() + e.flat, e.numel * sizeof(T));
 }
 
 template <typename T>
 void Zero1Plan<T>::gather_matrices(T* params) {
   if (!part_) return;
   for (const OwnedMatrix& mt : muon_)
-    if (owns(mt)) be_.copy(muon_recv_ + mt.slot, params + mt.offset, mt.elems() * sizeof(T));
-  comm_.all_gather(muon_recv_, muon_gather_, part_);
+    if (owns(mt)) be_.copy(muon_recv_.get() + mt.slot, params + mt.offset, mt.elems() * sizeof(T));
+  comm_.all_gather(muon_recv_.get(), muon_gather_.get(), part_);
   for (const OwnedMatrix& mt : muon_)
-    be_.copy(params + mt.offset, muon_gather_ + std::size_t(mt.owner) * part_ + mt.slot,
+    be_.copy(params + mt.offset, muon_gather_.get() + std::size_t(mt.owner) * part_ + mt.slot,
              mt.elems() * sizeof(T));
 }
 

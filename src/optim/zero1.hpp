@@ -49,7 +49,6 @@ class Zero1Plan {
   // matrix_group: whether the 2D hidden weights go to a matrix optimizer (else all is AdamW).
   Zero1Plan(const Config& cfg, const ParamLayout& layout, Backend<T>& be, Communicator& comm,
             bool matrix_group);
-  ~Zero1Plan();
   Zero1Plan(const Zero1Plan&) = delete;
   Zero1Plan& operator=(const Zero1Plan&) = delete;
 
@@ -73,20 +72,18 @@ class Zero1Plan {
   std::size_t adamw_total() const { return adamw_total_; }
   std::size_t shard() const { return shard_; }  // elements per rank
   std::size_t shard_begin() const { return shard_ * std::size_t(comm_.rank()); }
-  T* flat_params() const { return flat_param_; }  // [shard * world]
-  T* shard_grad() const { return shard_grad_; }   // [shard]
+  T* flat_params() const { return flat_param_.get(); }  // [shard * world]
+  T* shard_grad() const { return shard_grad_.get(); }   // [shard]
 
   const std::vector<OwnedMatrix>& matrices() const { return muon_; }
   const std::vector<MatrixGroup>& own_groups() const { return own_groups_; }
   std::size_t own_elems() const { return own_elems_; }  // elements of this rank's matrices
   std::size_t matrix_elems() const;                     // of all matrices
-  T* matrix_grad(const OwnedMatrix& m) const { return muon_recv_ + m.slot; }
+  T* matrix_grad(const OwnedMatrix& m) const { return muon_recv_.get() + m.slot; }
   bool owns(const OwnedMatrix& m) const { return m.owner == comm_.rank(); }
   std::vector<std::string> owned_names() const;
 
  private:
-  T* alloc(std::size_t n);
-
   Backend<T>& be_;
   Communicator& comm_;
   std::vector<AdamWEntry> adamw_;
@@ -96,8 +93,9 @@ class Zero1Plan {
   std::size_t part_ = 0;       // per-rank partition length of the packed matrix vectors
   std::size_t own_elems_ = 0;  // this rank's fill of its partition
   // Communication staging.
-  T *flat_grad_ = nullptr, *flat_param_ = nullptr, *shard_grad_ = nullptr;
-  T *muon_send_ = nullptr, *muon_recv_ = nullptr, *muon_gather_ = nullptr;
+  DeviceBuffer<T, T> flat_grad_, flat_param_, shard_grad_;  // [shard * world], same, [shard]
+  DeviceBuffer<T, T> muon_send_, muon_recv_,
+      muon_gather_;  // [part * world], [part], [part * world]
 };
 
 extern template class Zero1Plan<float>;

@@ -79,17 +79,6 @@ void tensors_to_weights(const TensorMap& tensors, Model<T>& model, const std::st
   model.backend().upload(model.params(), host.data(), host.size() * sizeof(T));
 }
 
-template <typename T>
-std::vector<std::vector<double>> read_expert_bias(Model<T>& model) {
-  return model.expert_bias_state();
-}
-
-template <typename T>
-void write_expert_bias(Model<T>& model, const std::vector<std::vector<double>>& bias,
-                       const std::string& source) {
-  model.load_expert_bias_state(bias, source);
-}
-
 std::string begin_checkpoint(const std::string& out_dir, std::int64_t step) {
   const std::string tmp = checkpoint_path(out_dir, step) + ".tmp";
   fs::remove_all(tmp);
@@ -119,12 +108,9 @@ nlohmann::json read_json_file(const std::string& path) {
   }
 }
 
-#define MOETRAIN_INSTANTIATE(T)                                                          \
-  template TensorMap weights_to_tensors<T>(Model<T>&);                                   \
-  template void tensors_to_weights<T>(const TensorMap&, Model<T>&, const std::string&);  \
-  template std::vector<std::vector<double>> read_expert_bias<T>(Model<T>&);              \
-  template void write_expert_bias<T>(Model<T>&, const std::vector<std::vector<double>>&, \
-                                     const std::string&);
+#define MOETRAIN_INSTANTIATE(T)                        \
+  template TensorMap weights_to_tensors<T>(Model<T>&); \
+  template void tensors_to_weights<T>(const TensorMap&, Model<T>&, const std::string&);
 MOETRAIN_INSTANTIATE(float)
 MOETRAIN_INSTANTIATE(double)
 #undef MOETRAIN_INSTANTIATE

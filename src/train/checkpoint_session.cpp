@@ -75,8 +75,8 @@ void CheckpointReader::load_weights(Model<float>& model) const {
 }
 
 void CheckpointReader::load_expert_bias(Model<float>& model) const {
-  write_expert_bias(model, state_.at("expert_bias").get<std::vector<std::vector<double>>>(),
-                    state_path_);
+  model.load_expert_bias_state(state_.at("expert_bias").get<std::vector<std::vector<double>>>(),
+                               state_path_);
 }
 
 void CheckpointReader::load_model(Model<float>& model) const {
@@ -152,7 +152,7 @@ void CheckpointSession::save(const TrainingProgress& progress) {
                          {"tokens_seen", progress.tokens_seen},
                          {"world_size", comm_.world()},
                          {"loader", parts_.loader.state()},
-                         {"expert_bias", read_expert_bias(parts_.model)},
+                         {"expert_bias", parts_.model.expert_bias_state()},
                          {"spike", parts_.spikes.state()},
                          {"config", config_to_json(cfg_)}};
     write_text_atomically((fs::path(tmp) / "trainer_state.json").string(), st.dump(2) + "\n");

@@ -25,13 +25,16 @@ class Backend {
   MOETRAIN_BACKEND_QUERIES(MOETRAIN_QUERY_PURE, T)
 };
 
-// An owning device allocation of `count` elements of U.
+// An owning device allocation of `count` elements of U (zero-filled; none, and a null pointer,
+// for a count of 0).
 template <typename T, typename U>
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   DeviceBuffer(Backend<T>& be, std::size_t count)
-      : be_(&be), count_(count), ptr_(static_cast<U*>(be.alloc_bytes(count * sizeof(U)))) {}
+      : be_(&be),
+        count_(count),
+        ptr_(count ? static_cast<U*>(be.alloc_bytes(count * sizeof(U))) : nullptr) {}
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }

@@ -31,13 +31,6 @@ TensorMap weights_to_tensors(Model<T>& model);
 template <typename T>
 void tensors_to_weights(const TensorMap& tensors, Model<T>& model, const std::string& source);
 
-// Expert biases [n_layers][n_experts] to and from the model's device buffer.
-template <typename T>
-std::vector<std::vector<double>> read_expert_bias(Model<T>& model);
-template <typename T>
-void write_expert_bias(Model<T>& model, const std::vector<std::vector<double>>& bias,
-                       const std::string& source);
-
 // Creates (empty) the temporary directory of the checkpoint of `step` and returns its path.
 std::string begin_checkpoint(const std::string& out_dir, std::int64_t step);
 // Renames the temporary directory to its final name (durably), then keeps the newest `keep`.

@@ -105,6 +105,7 @@ void* CudaBackend::alloc_bytes(std::size_t bytes) {
 void CudaBackend::free_bytes(void* p) {
   if (!p) return;
   synchronize();
+  offsets_mirror_.clear();  // its keys may point into the freed block
   if (p == weights_) {
     weights_ = nullptr;
     weight_count_ = 0;
