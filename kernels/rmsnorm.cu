@@ -1,9 +1,9 @@
-// kernels/rmsnorm.cu — RMSNorm fused with the residual add. See rmsnorm.cuh.
+// kernels/rmsnorm.cu — RMSNorm forward and backward. See rmsnorm.cuh.
 //
-// forward:  one warp per row (grid-stride over rows). Pass 1 reads x_in (+ branch, writing the sum
-//           to x_out) in 16-byte packs and accumulates sum(x^2) in fp32; a warp butterfly gives
-//           rstd; pass 2 re-reads the row (its own writes, L1/L2-resident) and writes y. DRAM
-//           traffic is the minimum: read x_in, branch, gain (cached); write x_out, y, rstd.
+// forward:  one warp per row (grid-stride over rows). Pass 1 reads x in 16-byte packs and
+//           accumulates sum(x^2) in fp32; a warp butterfly gives rstd; pass 2 re-reads the row
+//           (L1/L2-resident) and writes y. DRAM traffic is the minimum: read x, gain (cached);
+//           write y, rstd.
 // backward: one warp per row. Pass 1: sum(dy * g * x) (warp butterfly); pass 2: dx += ..., and each
 //           lane adds dy * xhat for the columns it owns into its warp's private fp32 row of dgain
 //           partials in shared memory, stored lane-fastest so the warp's accesses are free of bank
@@ -54,12 +54,10 @@ inline unsigned backward_blocks(int n, int d, int max_blocks) {
 }
 
 // ---- forward ------------------------------------------------------------------------------------
-// x_out may alias x_in (each element is read, then written, by the same thread).
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    rmsnorm_forward_kernel(T* __restrict__ y, float* __restrict__ rstd, T* x_out, const T* x_in,
-                           const T* __restrict__ branch, const T* __restrict__ gain, int n, int d,
-                           float eps) {
+    rmsnorm_forward_kernel(T* __restrict__ y, float* __restrict__ rstd, const T* __restrict__ x,
+                           const T* __restrict__ gain, int n, int d, float eps) {
   const int packs = d / V, lane = static_cast<int>(lane_id());
   const int warps = static_cast<int>(block_threads()) / kWarpSize;
   for (int row = static_cast<int>(blockIdx.x) * warps + static_cast<int>(warp_id()); row < n;
@@ -68,21 +66,12 @@ __global__ void __launch_bounds__(kThreads)
     float ss = 0.0f;
     for (int c = lane; c < packs; c += kWarpSize) {
       float a[V];
-      load(x_in + off + c * V, a);
-      if (branch != nullptr) {
-        float b[V];
-        load(branch + off + c * V, b);
-#pragma unroll
-        for (int k = 0; k < V; ++k)
-          a[k] = to_float(from_float<T>(a[k] + b[k]));  // the stored value
-        store(x_out + off + c * V, a);
-      }
+      load(x + off + c * V, a);
 #pragma unroll
       for (int k = 0; k < V; ++k) ss += a[k] * a[k];
     }
     const float r = rsqrtf(warp_sum(ss) / static_cast<float>(d) + eps);
     if (lane == 0) rstd[row] = r;
-    const T* x = branch != nullptr ? x_out : x_in;
     for (int c = lane; c < packs; c += kWarpSize) {
       float a[V], g[V];
       load(x + off + c * V, a);
@@ -168,22 +157,20 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace rmsnorm_detail
 
 template <typename T>
-void rmsnorm_forward(T* y, float* rstd, T* x_out, const T* x_in, const T* branch, const T* gain,
-                     int n, int d, float eps, cudaStream_t stream, int max_blocks) {
+void rmsnorm_forward(T* y, float* rstd, const T* x, const T* gain, int n, int d, float eps,
+                     cudaStream_t stream, int max_blocks) {
   using namespace rmsnorm_detail;
   if (n <= 0 || d <= 0) return;
   constexpr int kVec = 16 / sizeof(T);
   const dim3 grid(
       grid_for(n, kThreads / kWarpSize, max_blocks > 0 ? max_blocks : kDefaultMaxBlocks));
-  const bool vec = d % kVec == 0 && aligned(y, 16) && aligned(x_in, 16) && aligned(gain, 16) &&
-                   (branch == nullptr || (aligned(branch, 16) && aligned(x_out, 16)));
-  if (vec) {
-    launch(rmsnorm_forward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, y, rstd, x_out, x_in,
-           branch, gain, n, d, eps);
-  } else {
-    launch(rmsnorm_forward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, y, rstd, x_out, x_in,
-           branch, gain, n, d, eps);
-  }
+  const bool vec = d % kVec == 0 && aligned(y, 16) && aligned(x, 16) && aligned(gain, 16);
+  if (vec)
+    launch(rmsnorm_forward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, y, rstd, x, gain, n, d,
+           eps);
+  else
+    launch(rmsnorm_forward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, y, rstd, x, gain, n, d,
+           eps);
 }
 
 std::size_t rmsnorm_backward_workspace_bytes(int n, int d, int max_blocks) {
@@ -215,10 +202,9 @@ void rmsnorm_backward(T* dx, T* dgain, const T* dy, const T* x, const T* gain, c
          stream, dgain, partial, static_cast<int>(blocks), d);
 }
 
-template void rmsnorm_forward<float>(float*, float*, float*, const float*, const float*,
-                                     const float*, int, int, float, cudaStream_t, int);
-template void rmsnorm_forward<__nv_bfloat16>(__nv_bfloat16*, float*, __nv_bfloat16*,
-                                             const __nv_bfloat16*, const __nv_bfloat16*,
+template void rmsnorm_forward<float>(float*, float*, const float*, const float*, int, int, float,
+                                     cudaStream_t, int);
+template void rmsnorm_forward<__nv_bfloat16>(__nv_bfloat16*, float*, const __nv_bfloat16*,
                                              const __nv_bfloat16*, int, int, float, cudaStream_t,
                                              int);
 template void rmsnorm_backward<float>(float*, float*, const float*, const float*, const float*,

@@ -238,7 +238,7 @@ void CudaBackend::embedding_backward(float* dtable, const float* dout, const int
 
 void CudaBackend::rmsnorm_forward(float* out, float* rstd, const float* x, const float* gain, int n,
                                   int d, double eps) {
-  kernels::rmsnorm_forward<float>(out, rstd, nullptr, x, nullptr, gain, n, d, float(eps), stream_);
+  kernels::rmsnorm_forward<float>(out, rstd, x, gain, n, d, float(eps), stream_);
 }
 
 void CudaBackend::rmsnorm_backward(float* dx, float* dgain, const float* dout, const float* x,
