@@ -200,7 +200,8 @@ TEST_CASE("list_checkpoints: final step_NNNNNNNN directories only, oldest first"
   CHECK(checkpoint_path(out, 10) == (root / "step_00000010").string());
 }
 
-TEST_CASE("commit_checkpoint publishes the directory and keeps the newest `keep`", "[io]") {
+TEST_CASE("commit_checkpoint publishes the directory; prune_checkpoints keeps the newest `keep`",
+          "[io]") {
   TempDir dir("ckpt");
   const std::string out = dir.path.string();
   const int keep = 2;
@@ -212,7 +213,8 @@ TEST_CASE("commit_checkpoint publishes the directory and keeps the newest `keep`
     // Not complete yet: not listed.
     for (const auto& c : list_checkpoints(out)) CHECK(c != checkpoint_path(out, step * 10));
     std::ofstream(fs::path(tmp) / "trainer_state.json") << "{\"step\": " << step * 10 << "}";
-    const std::string final_path = commit_checkpoint(out, step * 10, keep);
+    const std::string final_path = commit_checkpoint(out, step * 10);
+    prune_checkpoints(out, keep);
     CHECK(final_path == checkpoint_path(out, step * 10));
     CHECK_FALSE(fs::exists(tmp));
     CHECK(read_json_file((fs::path(final_path) / "trainer_state.json").string()).at("step") ==
@@ -222,11 +224,23 @@ TEST_CASE("commit_checkpoint publishes the directory and keeps the newest `keep`
       expected.push_back(checkpoint_path(out, s * 10));
     CHECK(list_checkpoints(out) == expected);
   }
-  // An unfinished checkpoint of a later step does not count and is not deleted by the rotation.
+  // What a killed run left — a half-written step_*.tmp and a half-deleted step_*.deleting — is
+  // never listed, and the next checkpoint removes it; other entries are left alone.
   const std::string stale = begin_checkpoint(out, 60);
+  std::ofstream(fs::path(stale) / "model.safetensors") << "partial";
+  const fs::path half_deleted = fs::path(checkpoint_path(out, 20)).string() + ".deleting";
+  fs::create_directories(half_deleted);
+  std::ofstream(half_deleted / "trainer_state.json") << "{}";
+  const fs::path foreign = fs::path(checkpoints_root(out)) / "notes";
+  fs::create_directories(foreign);
+  CHECK(list_checkpoints(out) ==
+        std::vector<std::string>{checkpoint_path(out, 40), checkpoint_path(out, 50)});
   (void)begin_checkpoint(out, 70);
-  commit_checkpoint(out, 70, keep);
-  CHECK(fs::is_directory(stale));
+  CHECK_FALSE(fs::exists(stale));
+  CHECK_FALSE(fs::exists(half_deleted));
+  CHECK(fs::is_directory(foreign));
+  commit_checkpoint(out, 70);
+  prune_checkpoints(out, keep);
   CHECK(list_checkpoints(out) ==
         std::vector<std::string>{checkpoint_path(out, 50), checkpoint_path(out, 70)});
 }

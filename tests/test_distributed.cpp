@@ -216,3 +216,28 @@ TEST_CASE(
   INFO(ev.output);
   CHECK(ev.exit_code == 0);
 }
+
+TEST_CASE("a rank that fails at start-up prints its error and ends the job within seconds",
+          "[mpi][distributed][faults]") {
+  TempDir tmp("mpi_startup");
+  // Rank 1 alone sees a damaged shard (its copy of the data is corrupt): an MPMD launch gives it
+  // its own data.train_pattern.
+  const fs::path bad = tmp.path / "bad";
+  fs::create_directories(bad);
+  std::ofstream(bad / "train_000.bin", std::ios::binary) << std::string(4096, 'x');
+  const std::string common =
+      ci_args((tmp.path / "run").string()) + " --set optim.warmup_steps=1 --set data.batch_size=2";
+  const std::string cmd = mpirun(1) + binary() + " train" + common + " : -np 1 " + binary() +
+                          " train" + common +
+                          " --set 'data.train_pattern=" + (bad / "train_*.bin").string() + "'";
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = run_command("timeout 120 env " + cmd);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  INFO(r.output);
+  CHECK(r.exit_code != 0);
+  CHECK(r.exit_code != 124);  // not the timeout
+  CHECK(seconds < 30);        // not the 600 s watchdog
+  CHECK(r.output.find("error: rank 1 of 2: " + (bad / "train_000.bin").string()) !=
+        std::string::npos);
+}

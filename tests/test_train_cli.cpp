@@ -226,7 +226,7 @@ TEST_CASE("train: unusable checkpoints and configs are refused with clear errors
     const auto r = run_command(train_cmd((tmp.path / "empty").string(), "--resume"));
     INFO(r.output);
     CHECK(r.exit_code != 0);
-    CHECK(r.output.find("no checkpoint") != std::string::npos);
+    CHECK(r.output.find("no complete checkpoint") != std::string::npos);
   }
   SECTION("training data that does not exist") {
     const auto r = run_command(train_cmd((tmp.path / "x").string(),

@@ -1,4 +1,6 @@
 // `moetrain train`: runs training from a JSON config (see moetrain::run_training).
+#include <cstdio>
+#include <exception>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,7 +39,17 @@ void add_train_command(CLI::App& app) {
     opts.stop_at = o->stop_at;
     install_stop_signal_handlers();
     Runtime rt = make_runtime(cfg);
-    const int rc = run_training(cfg, rt, opts);
+    int rc = 0;
+    try {
+      rc = run_training(cfg, rt, opts);
+    } catch (const std::exception& e) {
+      if (rt.comm->world() == 1) throw;
+      // Peers may be waiting in a collective for this rank: say why here, then end the job.
+      std::fprintf(stderr, "error: rank %d of %d: %s\n", rt.comm->rank(), rt.comm->world(),
+                   e.what());
+      std::fflush(stderr);
+      rt.comm->abort_job(1);
+    }
     if (rc != 0) throw CLI::RuntimeError(rc);
   });
 }

@@ -68,6 +68,11 @@ MpiComm::~MpiComm() {
   if (owns_init_ && !finalized) MPI_Finalize();
 }
 
+void MpiComm::abort_job(int code) noexcept {
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);  // MPI_Abort does not return; this satisfies [[noreturn]]
+}
+
 void MpiComm::all_reduce(void* data, std::size_t count, DType type, ReduceOp op) {
   check(MPI_Allreduce(MPI_IN_PLACE, data, as_int(count, rank_, "all-reduce"), mpi_type(type),
                       mpi_op(op), MPI_COMM_WORLD),

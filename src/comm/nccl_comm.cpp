@@ -276,6 +276,12 @@ NcclComm::NcclComm() : impl_(std::make_unique<Impl>()) {
 
 NcclComm::~NcclComm() = default;
 
+void NcclComm::abort_job(int code) noexcept {
+  if (impl_->comm) ncclCommAbort(impl_->comm);
+  impl_->comm = nullptr;
+  mpi_.abort_job(code);
+}
+
 void NcclComm::all_reduce(void* data, std::size_t count, DType type, ReduceOp op) {
   Impl& s = *impl_;
   const std::size_t bytes = count * type_size(type);

@@ -149,6 +149,10 @@ void DataLoader::restore(const nlohmann::json& st) {
   if (st.at("data") != fingerprint())
     throw std::runtime_error("loader state: it was saved for other data or batch geometry (saved " +
                              st.at("data").dump() + ", now " + fingerprint().dump() + ")");
+  for (const char* key : {"epoch", "cursor"})
+    if (!st.at(key).is_number_unsigned())
+      throw std::runtime_error(std::string("loader state: ") + key +
+                               ": expected a non-negative integer, got " + st.at(key).dump());
   start_epoch(st.at("epoch").get<std::uint64_t>());
   const auto cursor = st.at("cursor").get<std::uint64_t>();
   if (cursor > order_.size())

@@ -1,7 +1,6 @@
 #include "moetrain/token_shard.hpp"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -12,11 +11,15 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 namespace moetrain {
 
 static_assert(std::endian::native == std::endian::little,
               "token shards are little-endian and read by memcpy");
+
+// Shards are read with pread, not mapped: a file truncated under a mapping kills the process
+// with SIGBUS, while a short read is an error that names the file.
 
 namespace {
 
@@ -89,40 +92,42 @@ void write_shard(const std::string& path, const std::vector<std::uint32_t>& toke
   write_file_atomically(path, header, sizeof header, narrow.data(), narrow.size() * 2);
 }
 
-TokenShard::TokenShard(const std::string& path, std::uint32_t vocab_size) : path_(path) {
+namespace {
+
+// Widens n tokens of `token_bytes` each from raw to int32.
+void widen(const unsigned char* raw, std::size_t n, int token_bytes, std::int32_t* out) {
+  if (token_bytes == 2) {
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint16_t v;
+      std::memcpy(&v, raw + 2 * i, 2);
+      out[i] = std::int32_t(v);
+    }
+  } else {
+    std::memcpy(out, raw, n * 4);
+  }
+}
+
+}  // namespace
+
+TokenShard::TokenShard(const std::string& path, std::uint32_t vocab_size)
+    : path_(path), vocab_size_(vocab_size) {
   if (vocab_size == 0 || vocab_size > std::uint32_t(std::numeric_limits<std::int32_t>::max()))
     throw std::runtime_error(path + ": vocab size " + std::to_string(vocab_size) +
                              " is out of range (1 to 2^31-1, tokens are read as int32)");
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error(path + ": cannot open token shard: " + errno_text(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    throw std::runtime_error(path + ": cannot stat token shard: " + errno_text(err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw std::runtime_error(path + ": not a regular file");
-  }
-  const std::uint64_t file_bytes = std::uint64_t(st.st_size);
-  if (file_bytes < kShardHeaderBytes) {
-    ::close(fd);
-    throw std::runtime_error(path + ": file is " + std::to_string(file_bytes) +
-                             " bytes, smaller than the " + std::to_string(kShardHeaderBytes) +
-                             "-byte header of a token shard");
-  }
-  void* m = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int map_err = errno;
-  ::close(fd);
-  if (m == MAP_FAILED)
-    throw std::runtime_error(path + ": cannot map token shard: " + errno_text(map_err));
-  map_ = static_cast<const unsigned char*>(m);
-  map_bytes_ = file_bytes;
-
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw std::runtime_error(path + ": cannot open token shard: " + errno_text(errno));
   try {
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0)
+      throw std::runtime_error(path + ": cannot stat token shard: " + errno_text(errno));
+    if (!S_ISREG(st.st_mode)) throw std::runtime_error(path + ": not a regular file");
+    const std::uint64_t file_bytes = std::uint64_t(st.st_size);
+    if (file_bytes < kShardHeaderBytes)
+      throw std::runtime_error(path + ": file is " + std::to_string(file_bytes) +
+                               " bytes, smaller than the " + std::to_string(kShardHeaderBytes) +
+                               "-byte header of a token shard");
     std::int32_t header[3];
-    std::memcpy(header, map_, sizeof header);
+    read_bytes(0, header, sizeof header);
     if (header[0] == kShardMagicU16) {
       if (header[1] != kShardVersionU16)
         throw std::runtime_error(
@@ -152,27 +157,12 @@ TokenShard::TokenShard(const std::string& path, std::uint32_t vocab_size) : path
                                " tokens of " + std::to_string(token_bytes_) +
                                " bytes, which need " + std::to_string(expected) + " bytes (" +
                                (file_bytes < expected ? "truncated" : "trailing data") + ")");
-
-    // Every id must be in the vocabulary: one pass for the maximum, a second only on error.
-    const unsigned char* data = map_ + kShardHeaderBytes;
-    std::uint32_t max_id = 0;
-    if (token_bytes_ == 2) {
-      const auto* t = reinterpret_cast<const std::uint16_t*>(data);
-      std::uint16_t mx = 0;
-      for (std::uint64_t i = 0; i < size_; ++i) mx = std::max(mx, t[i]);
-      max_id = mx;
-    } else {
-      const auto* t = reinterpret_cast<const std::uint32_t*>(data);
-      for (std::uint64_t i = 0; i < size_; ++i) max_id = std::max(max_id, t[i]);
-    }
-    if (size_ > 0 && max_id >= vocab_size) {
-      for (std::uint64_t i = 0; i < size_; ++i) {
-        const std::uint32_t id = at(i);
-        if (id >= vocab_size)
-          throw std::runtime_error(path + ": token at position " + std::to_string(i) + " is " +
-                                   std::to_string(id) + ", not below the vocab size " +
-                                   std::to_string(vocab_size));
-      }
+    // Every id must be in the vocabulary: read through once, in chunks.
+    constexpr std::size_t kChunk = 1 << 18;
+    std::vector<std::int32_t> buf(kChunk);
+    for (std::uint64_t pos = 0; pos < size_; pos += kChunk) {
+      const std::size_t n = std::size_t(std::min<std::uint64_t>(kChunk, size_ - pos));
+      read_checked(pos, n, buf.data(), /*at_open=*/true);
     }
   } catch (...) {
     release();
@@ -182,12 +172,11 @@ TokenShard::TokenShard(const std::string& path, std::uint32_t vocab_size) : path
 
 TokenShard::TokenShard(TokenShard&& o) noexcept
     : path_(std::move(o.path_)),
-      map_(o.map_),
-      map_bytes_(o.map_bytes_),
+      fd_(o.fd_),
       size_(o.size_),
-      token_bytes_(o.token_bytes_) {
-  o.map_ = nullptr;
-  o.map_bytes_ = 0;
+      token_bytes_(o.token_bytes_),
+      vocab_size_(o.vocab_size_) {
+  o.fd_ = -1;
   o.size_ = 0;
 }
 
@@ -195,12 +184,11 @@ TokenShard& TokenShard::operator=(TokenShard&& o) noexcept {
   if (this != &o) {
     release();
     path_ = std::move(o.path_);
-    map_ = o.map_;
-    map_bytes_ = o.map_bytes_;
+    fd_ = o.fd_;
     size_ = o.size_;
     token_bytes_ = o.token_bytes_;
-    o.map_ = nullptr;
-    o.map_bytes_ = 0;
+    vocab_size_ = o.vocab_size_;
+    o.fd_ = -1;
     o.size_ = 0;
   }
   return *this;
@@ -211,9 +199,41 @@ TokenShard::~TokenShard() {
 }
 
 void TokenShard::release() noexcept {
-  if (map_) ::munmap(const_cast<unsigned char*>(map_), map_bytes_);
-  map_ = nullptr;
-  map_bytes_ = 0;
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+void TokenShard::read_bytes(std::uint64_t offset, void* out, std::size_t bytes) const {
+  auto* p = static_cast<unsigned char*>(out);
+  std::size_t done = 0;
+  while (done < bytes) {
+    const ssize_t n = ::pread(fd_, p + done, bytes - done, off_t(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw std::runtime_error(path_ + ": read error: " + errno_text(errno));
+    if (n == 0) {
+      struct stat st {};
+      const long long now = ::fstat(fd_, &st) == 0 ? static_cast<long long>(st.st_size) : -1;
+      throw std::runtime_error(path_ +
+                               ": the token shard changed on disk while in use: it is now " +
+                               std::to_string(now) + " bytes, it was " +
+                               std::to_string(kShardHeaderBytes + size_ * token_bytes_) +
+                               " when opened (truncated or overwritten?)");
+    }
+    done += std::size_t(n);
+  }
+}
+
+void TokenShard::read_checked(std::uint64_t pos, std::size_t n, std::int32_t* out,
+                              bool at_open) const {
+  std::vector<unsigned char> raw(n * std::size_t(token_bytes_));
+  read_bytes(kShardHeaderBytes + pos * std::uint64_t(token_bytes_), raw.data(), raw.size());
+  widen(raw.data(), n, token_bytes_, out);
+  for (std::size_t i = 0; i < n; ++i)
+    if (std::uint32_t(out[i]) >= vocab_size_)
+      throw std::runtime_error(path_ + ": token at position " + std::to_string(pos + i) + " is " +
+                               std::to_string(std::uint32_t(out[i])) +
+                               ", not below the vocab size " + std::to_string(vocab_size_) +
+                               (at_open ? "" : " (the shard changed on disk while in use?)"));
 }
 
 std::uint32_t TokenShard::at(std::uint64_t pos) const {
@@ -221,15 +241,9 @@ std::uint32_t TokenShard::at(std::uint64_t pos) const {
     throw std::runtime_error(path_ + ": token position " + std::to_string(pos) +
                              " is past the end of the shard (" + std::to_string(size_) +
                              " tokens)");
-  const unsigned char* p = map_ + kShardHeaderBytes + pos * std::uint64_t(token_bytes_);
-  if (token_bytes_ == 2) {
-    std::uint16_t v;
-    std::memcpy(&v, p, 2);
-    return v;
-  }
-  std::uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
+  std::int32_t v;
+  read_checked(pos, 1, &v, false);
+  return std::uint32_t(v);
 }
 
 void TokenShard::read(std::uint64_t pos, std::size_t n, std::int32_t* out) const {
@@ -237,13 +251,7 @@ void TokenShard::read(std::uint64_t pos, std::size_t n, std::int32_t* out) const
     throw std::runtime_error(path_ + ": reading " + std::to_string(n) + " tokens at position " +
                              std::to_string(pos) + " goes past the end of the shard (" +
                              std::to_string(size_) + " tokens)");
-  const unsigned char* p = map_ + kShardHeaderBytes + pos * std::uint64_t(token_bytes_);
-  if (token_bytes_ == 2) {
-    const auto* t = reinterpret_cast<const std::uint16_t*>(p);
-    for (std::size_t i = 0; i < n; ++i) out[i] = std::int32_t(t[i]);
-  } else {
-    std::memcpy(out, p, n * 4);
-  }
+  read_checked(pos, n, out, false);
 }
 
 }  // namespace moetrain

@@ -1,5 +1,7 @@
 #include "moetrain/atomic_file.hpp"
 
+#include "moetrain/fault_point.hpp"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -31,6 +33,7 @@ void write_file_atomically(const std::string& path,
   write(buf);
   const std::string data = std::move(buf).str();
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  file_fault_point(("write " + tmp).c_str());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) throw sys_error(tmp, "cannot create");
   std::size_t done = 0;
@@ -50,6 +53,7 @@ void write_file_atomically(const std::string& path,
     ::unlink(tmp.c_str());
     throw err;
   }
+  file_fault_point(("rename " + tmp + " to " + path).c_str());
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const auto err = sys_error(path, "rename failed");
     ::unlink(tmp.c_str());

@@ -1,8 +1,11 @@
 #include "moetrain/safetensors.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
+#include <tuple>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -132,7 +135,7 @@ TensorMap load_safetensors(const std::string& path, std::map<std::string, std::s
     throw std::runtime_error(path + ": read error");
 
   TensorMap out;
-  std::uint64_t covered = 0;
+  std::vector<std::tuple<std::uint64_t, std::uint64_t, std::string>> spans;  // [begin, end), name
   for (const auto& [name, e] : header.items()) {
     if (name == "__metadata__") {
       if (metadata && e.is_object())
@@ -164,14 +167,31 @@ TensorMap load_safetensors(const std::string& path, std::map<std::string, std::s
       throw std::runtime_error(where + ": data_offsets [" + std::to_string(b) + ", " +
                                std::to_string(end) + ") outside the " + std::to_string(data_size) +
                                " data bytes (truncated file?)");
-    if (end - b != t.numel() * dtype_size(t.dtype))
+    std::uint64_t bytes = dtype_size(t.dtype);
+    for (auto s : t.shape)
+      if (__builtin_mul_overflow(bytes, std::uint64_t(s), &bytes))
+        throw std::runtime_error(where + ": shape too large");
+    if (end - b != bytes)
       throw std::runtime_error(where + ": data_offsets do not match dtype and shape");
     t.data.assign(data.begin() + std::ptrdiff_t(b), data.begin() + std::ptrdiff_t(end));
-    covered += end - b;
+    spans.emplace_back(b, end, name);
     out.emplace(name, std::move(t));
   }
-  if (covered != data_size)
-    throw std::runtime_error(path + ": tensors cover " + std::to_string(covered) + " of " +
+  // The tensors must tile the data region exactly: no overlap (two tensors on the same bytes), no
+  // gap, nothing past the last one.
+  std::sort(spans.begin(), spans.end());
+  std::uint64_t at = 0;
+  for (const auto& [b, end, name] : spans) {
+    if (b < at)
+      throw std::runtime_error(path + ": tensor '" + name +
+                               "' overlaps the bytes of another tensor");
+    if (b > at)
+      throw std::runtime_error(path + ": data bytes [" + std::to_string(at) + ", " +
+                               std::to_string(b) + ") belong to no tensor");
+    at = end;
+  }
+  if (at != data_size)
+    throw std::runtime_error(path + ": tensors cover " + std::to_string(at) + " of " +
                              std::to_string(data_size) + " data bytes");
   return out;
 }

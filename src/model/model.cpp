@@ -171,10 +171,15 @@ void Model<T>::load_expert_bias_state(const std::vector<std::vector<double>>& bi
   if (bias.size() != layers_.size())
     throw std::runtime_error(source + ": expert_bias has " + std::to_string(bias.size()) +
                              " layers, expected " + std::to_string(layers_.size()));
-  for (const auto& row : bias)  // every row is checked before any is loaded
+  for (const auto& row : bias) {  // every row is checked before any is loaded
     if (row.size() != std::size_t(cfg_.moe.n_experts))
       throw std::runtime_error(source + ": expert_bias rows must have " +
                                std::to_string(cfg_.moe.n_experts) + " entries");
+    for (double b : row)
+      if (!std::isfinite(b))
+        throw std::runtime_error(source + ": expert_bias holds a non-finite value (" +
+                                 std::to_string(b) + ")");
+  }
   for (std::size_t l = 0; l < layers_.size(); ++l)
     if (layers_[l]->moe) layers_[l]->moe->router().load_bias_state(bias[l], source);
 }

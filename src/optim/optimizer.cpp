@@ -107,9 +107,9 @@ OptimizerStats Optimizer<T>::step(T* params, const T* grads, double lr,
   comm.reduce_host(&sq, 1, nullptr, 0);
   st.grad_norm = std::sqrt(sq);
   if (!std::isfinite(st.grad_norm))
-    throw std::runtime_error("non-finite gradient norm (" + std::to_string(st.grad_norm) +
-                             ") at optimizer step " + std::to_string(t_ + 1) +
-                             "; no parameter was updated");
+    throw NonFiniteError("non-finite gradient norm (" + std::to_string(st.grad_norm) +
+                         ") at optimizer step " + std::to_string(t_ + 1) +
+                         "; no parameter was updated");
   if (o.grad_clip > 0) {
     const double coef = o.grad_clip / (st.grad_norm + 1e-6);
     if (coef < 1.0) plan.scale_gradients(coef);

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "moetrain/atomic_file.hpp"
+#include "moetrain/fault_point.hpp"
 
 namespace fs = std::filesystem;
 
@@ -79,23 +80,95 @@ void tensors_to_weights(const TensorMap& tensors, Model<T>& model, const std::st
   model.backend().upload(model.params(), host.data(), host.size() * sizeof(T));
 }
 
+namespace {
+
+// Renames `dir` out of the final-name namespace first (one atomic step), then unlinks its files:
+// a kill at any point leaves either the complete directory or no directory with a final name.
+void remove_checkpoint_dir(const fs::path& dir) {
+  const fs::path doomed = dir.string() + ".deleting";
+  fs::remove_all(doomed);
+  file_fault_point(("rename " + dir.string() + " to " + doomed.string()).c_str());
+  fs::rename(dir, doomed);
+  fsync_directory(dir.parent_path().string());
+  remove_leftover(doomed);
+}
+
+bool is_leftover(const std::string& name) {
+  auto ends_with = [&](const char* suffix) {
+    const std::string s = suffix;
+    return name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+  };
+  return name.rfind("step_", 0) == 0 && (ends_with(".tmp") || ends_with(".deleting"));
+}
+
+}  // namespace
+
+void remove_leftover(const fs::path& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    file_fault_point(("unlink " + e.path().string()).c_str());
+    fs::remove_all(e.path());
+  }
+  fs::remove_all(dir);
+}
+
+void remove_checkpoint_leftovers(const std::string& out_dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(checkpoints_root(out_dir), ec))
+    if (e.is_directory() && is_leftover(e.path().filename().string())) remove_leftover(e.path());
+}
+
 std::string begin_checkpoint(const std::string& out_dir, std::int64_t step) {
+  remove_checkpoint_leftovers(out_dir);
   const std::string tmp = checkpoint_path(out_dir, step) + ".tmp";
-  fs::remove_all(tmp);
   fs::create_directories(tmp);
   return tmp;
 }
 
-std::string commit_checkpoint(const std::string& out_dir, std::int64_t step, int keep) {
+std::string commit_checkpoint(const std::string& out_dir, std::int64_t step) {
   const std::string final_path = checkpoint_path(out_dir, step);
   const std::string tmp = final_path + ".tmp";
   fsync_directory(tmp);
-  fs::remove_all(final_path);  // a checkpoint of the same step from an earlier attempt
+  // A checkpoint of the same step from an earlier attempt.
+  if (fs::exists(final_path)) remove_checkpoint_dir(final_path);
+  file_fault_point(("rename " + tmp + " to " + final_path).c_str());
   fs::rename(tmp, final_path);
   fsync_directory(checkpoints_root(out_dir));
-  auto all = list_checkpoints(out_dir);
-  for (std::size_t i = 0; i + std::size_t(keep) < all.size(); ++i) fs::remove_all(all[i]);
   return final_path;
+}
+
+void prune_checkpoints(const std::string& out_dir, int keep) {
+  const auto all = list_checkpoints(out_dir);
+  for (std::size_t i = 0; i + std::size_t(keep) < all.size(); ++i) remove_checkpoint_dir(all[i]);
+}
+
+std::string set_checkpoint_aside(const std::string& dir, const std::string& suffix) {
+  const std::string aside = dir + "." + suffix;
+  fs::remove_all(aside);
+  fs::rename(dir, aside);
+  fsync_directory(fs::path(dir).parent_path().string());
+  return aside;
+}
+
+std::optional<std::string> incomplete_reason(const std::string& dir) {
+  const fs::path d = dir;
+  const fs::path state = d / "trainer_state.json";
+  if (!fs::is_regular_file(state)) return "no trainer_state.json";
+  nlohmann::json st;
+  try {
+    st = read_json_file(state.string());
+  } catch (const std::exception& e) {
+    return std::string("unreadable trainer_state.json (") + e.what() + ")";
+  }
+  if (!st.is_object() || !st.contains("world_size") || !st["world_size"].is_number_unsigned() ||
+      st["world_size"].get<std::uint64_t>() < 1 || st["world_size"].get<std::uint64_t>() > 1u << 20)
+    return "trainer_state.json has no valid world_size";
+  std::vector<std::string> files = {"model.safetensors"};
+  for (std::uint64_t r = 0; r < st["world_size"].get<std::uint64_t>(); ++r)
+    files.push_back("optimizer_rank" + std::to_string(r) + ".safetensors");
+  for (const auto& f : files)
+    if (!fs::is_regular_file(d / f)) return "no " + f;
+  return std::nullopt;
 }
 
 nlohmann::json read_json_file(const std::string& path) {

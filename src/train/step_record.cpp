@@ -25,17 +25,20 @@ std::string format_duration(double s) {
 }  // namespace
 
 nlohmann::json step_record(const ModelConfig& m, const StepResult& r, const StepInfo& info) {
-  nlohmann::json smax_max = nlohmann::json::array(), imbalance = nlohmann::json::array(),
+  nlohmann::json smax_max = nlohmann::json::array(), smax = nlohmann::json::array(),
+                 expert_tokens = nlohmann::json::array(), imbalance = nlohmann::json::array(),
                  entropy = nlohmann::json::array(), aux = nlohmann::json::array(),
                  z = nlohmann::json::array();
   double aux_total = 0, z_total = 0;
   for (int l = 0; l < m.n_layers; ++l) {
     const std::size_t li = std::size_t(l);
     smax_max.push_back(*std::max_element(r.smax[li].begin(), r.smax[li].end()));
+    smax.push_back(r.smax[li]);
     if (!is_moe_layer(m, l)) {
-      for (auto* a : {&imbalance, &entropy, &aux, &z}) a->push_back(nullptr);
+      for (auto* a : {&expert_tokens, &imbalance, &entropy, &aux, &z}) a->push_back(nullptr);
       continue;
     }
+    expert_tokens.push_back(r.load[li]);
     double total = 0, mx = 0;
     for (auto c : r.load[li]) {
       total += double(c);
@@ -62,6 +65,8 @@ nlohmann::json step_record(const ModelConfig& m, const StepResult& r, const Step
           {"mfu", info.mfu},
           {"update_rms", {{"muon", r.opt.update_rms_muon}, {"adamw", r.opt.update_rms_adamw}}},
           {"smax_max", smax_max},
+          {"smax", smax},
+          {"expert_tokens", expert_tokens},
           {"clipped_heads", r.opt.clipped_heads},
           {"imbalance", imbalance},
           {"router_entropy", entropy},

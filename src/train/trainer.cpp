@@ -17,6 +17,7 @@
 #include "moetrain/optimizer.hpp"
 #include "moetrain/runtime.hpp"
 #include "moetrain/signals.hpp"
+#include "train/run_lock.hpp"
 #include "train/step_record.hpp"
 #include "train/watchdog.hpp"
 
@@ -40,11 +41,19 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
       out_dir_(cfg.train.out_dir) {
   const ModelConfig& m = cfg_.model;
   const bool fresh = opts_.resume.empty();
-  if (fresh && leader() &&
-      (!list_checkpoints(out_dir_).empty() || fs::exists(fs::path(out_dir_) / "metrics.jsonl")))
-    throw std::runtime_error("train.out_dir '" + out_dir_ +
-                             "' already holds a run (metrics.jsonl or checkpoints): continue it "
-                             "with --resume, or choose another train.out_dir");
+  if (leader()) {
+    lock_ = std::make_unique<RunLock>(out_dir_);
+    remove_checkpoint_leftovers(out_dir_);
+    const std::string metrics = (fs::path(out_dir_) / "metrics.jsonl").string();
+    if (fresh && !list_checkpoints(out_dir_).empty())
+      throw std::runtime_error("train.out_dir '" + out_dir_ +
+                               "' already holds a run with checkpoints: continue it with "
+                               "--resume, or choose another train.out_dir");
+    // A run killed before its first checkpoint: nothing can resume it, so a fresh start proceeds.
+    if (fresh)
+      if (const auto aside = set_stale_metrics_aside(metrics))
+        spdlog::warn("{} is from a run that left no checkpoint; moved it to {}", metrics, *aside);
+  }
 
   model_ = std::make_unique<Model<float>>(m, be_, cfg_.data.batch_size);
   model_->init_weights(cfg_.train.seed);
@@ -114,11 +123,6 @@ StepResult Trainer::train_step(double lr) {
     const ForwardStats& st =
         model_->forward_backward(batch.inputs.data(), batch.targets.data(), 1.0 / ga);
     r.compute_s += since(t0);
-    if (!std::isfinite(st.objective))
-      throw std::runtime_error("non-finite loss (" + std::to_string(st.objective) + ") at step " +
-                               std::to_string(step_ + 1) + ", micro-batch " +
-                               std::to_string(micro) + " on rank " + std::to_string(comm_.rank()) +
-                               "; stopping");
     r.objective += st.objective / ga;
     r.ce += st.ce / ga;
     for (std::size_t l = 0; l < std::size_t(L); ++l) {
@@ -159,6 +163,10 @@ StepResult Trainer::train_step(double lr) {
               maxes.begin() + std::ptrdiff_t((l + 1) * std::size_t(H)), r.smax[l].begin());
   }
   r.comm_s = since(t0);
+  // After the reduction, so every rank sees the same verdict.
+  if (!std::isfinite(r.objective))
+    throw NonFiniteError("non-finite loss (" + std::to_string(r.objective) + ") at step " +
+                         std::to_string(step_ + 1) + "; no parameter was updated");
   const std::uint64_t comm_bytes_stats = comm_.bytes_moved() - stats_bytes0;
 
   t0 = Clock::now();
@@ -201,7 +209,7 @@ void Trainer::log_step(const StepResult& r, double lr, double step_s, bool spike
   info.mfu = flops_.training() * info.tokens_per_s / 1e9 / peak_gflops_ / comm_.world();
   info.loss_spikes = spikes_.spikes();
   info.spike = spike;
-  metrics_->write(step_record(cfg_.model, r, info));
+  if (!log_safely(step_record(cfg_.model, r, info))) return;
   if (step_ % cfg_.train.log_interval == 0 || step_ == cfg_.train.steps) {
     const double elapsed = since(started_);
     const double eta = elapsed / double(step_ - first_step_) * double(cfg_.train.steps - step_);
@@ -215,7 +223,34 @@ void Trainer::write_shard_report() {
       shard_report(comm_.rank(), comm_.world(), to_string(cfg_.optim.name), *opt_).dump(2) + "\n");
 }
 
+std::string Trainer::after_divergence() {
+  const auto newest = checkpoints_->newest();
+  if (!newest) return "no checkpoint was written";
+  if (unproven_ && leader()) {
+    // Its weights gave this non-finite loss: move it out of --resume's way.
+    const std::string aside = set_checkpoint_aside(*newest, "diverged");
+    const auto previous = checkpoints_->newest();
+    return "the checkpoint of the step before, " + *newest + ", was moved to " + aside + "; " +
+           (previous ? "--resume continues from " + *previous + " (consider a lower optim.lr)"
+                     : std::string("no earlier checkpoint is left"));
+  }
+  return "--resume continues from " + *newest;
+}
+
+bool Trainer::log_safely(const nlohmann::json& record) {
+  if (!leader()) return true;
+  if (!metrics_failure_.empty()) return false;
+  try {
+    metrics_->write(record);
+    return true;
+  } catch (const MetricsWriteError& e) {
+    metrics_failure_ = e.what();
+    return false;
+  }
+}
+
 int Trainer::run() {
+  stop_signals_save_from_now();
   started_ = Clock::now();
   watchdog_ = std::make_unique<Watchdog>(cfg_.train.watchdog_seconds, comm_.rank());
   first_step_ = step_;
@@ -223,11 +258,22 @@ int Trainer::run() {
     const double lr = lr_at(cfg_.optim, int(step_), cfg_.train.steps);
     const auto t0 = Clock::now();
     watchdog_->beat();
-    const StepResult r = train_step(lr);
+    StepResult r;
+    try {
+      r = train_step(lr);
+    } catch (const NonFiniteError& e) {
+      throw NonFiniteError(std::string(e.what()) + "; " + after_divergence());
+    }
     watchdog_->beat();
     const double step_s = since(t0);
     ++step_;
     tokens_seen_ += global_tokens_per_step();
+    // A step ran from the newest checkpoint's weights with a finite loss and gradients: it is
+    // good, so the older ones beyond train.keep_checkpoints may go.
+    if (unproven_) {
+      checkpoints_->prune();
+      unproven_ = false;
+    }
     const bool spike = spikes_.observe(r.objective);
     if (step_ == first_step_ + 1) write_shard_report();
     if (leader()) log_step(r, lr, step_s, spike);
@@ -236,17 +282,33 @@ int Trainer::run() {
         (step_ % cfg_.train.eval_interval == 0 || step_ == cfg_.train.steps)) {
       const double v = evaluate();
       watchdog_->beat();
-      if (leader()) {
-        metrics_->write(eval_record(step_, tokens_seen_, v));
+      if (leader() && log_safely(eval_record(step_, tokens_seen_, v)))
         spdlog::info("eval step {}: val loss {:.4f}, perplexity {:.2f}", step_, v, std::exp(v));
-      }
     }
 
-    double stop = stop_requested() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at);
-    comm_.reduce_host(nullptr, 0, &stop, 1);
+    // Stop requests and a lost metrics record are decided together, so all ranks agree.
+    double flags[2] = {double(stop_requested() || (opts_.stop_at >= 0 && step_ >= opts_.stop_at)),
+                       double(!metrics_failure_.empty())};
+    comm_.reduce_host(nullptr, 0, flags, 2);
+    const bool stop = flags[0] > 0, failed = flags[1] > 0;
     const bool due =
         cfg_.train.checkpoint_interval > 0 && step_ % cfg_.train.checkpoint_interval == 0;
-    if (due || stop || step_ == cfg_.train.steps) save_checkpoint();
+    if (failed) {
+      std::string outcome;
+      try {
+        save_checkpoint();
+        outcome = "a checkpoint of step " + std::to_string(step_) + " was written";
+      } catch (const std::exception& e) {
+        outcome = std::string("the checkpoint attempt failed too (") + e.what() + ")";
+      }
+      throw std::runtime_error(
+          (leader() ? metrics_failure_ : "rank 0 could not write metrics.jsonl") +
+          "; stopped after step " + std::to_string(step_) + ": " + outcome);
+    }
+    if (due || stop || step_ == cfg_.train.steps) {
+      save_checkpoint();
+      unproven_ = true;
+    }
     watchdog_->beat();
     if (stop) {
       if (leader())
@@ -254,6 +316,8 @@ int Trainer::run() {
       return 0;
     }
   }
+  // The last step: nothing more will test the final checkpoint.
+  if (unproven_) checkpoints_->prune();
   if (leader())
     spdlog::info("done: {} steps, {} tokens; metrics in {}, checkpoints in {}", step_, tokens_seen_,
                  (fs::path(out_dir_) / "metrics.jsonl").string(), checkpoints_root(out_dir_));

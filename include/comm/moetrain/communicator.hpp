@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <utility>
@@ -67,6 +68,10 @@ class Communicator {
   // Every rank gets the same bits (the sums are taken in rank order on each rank).
   virtual void reduce_host(double* sums, std::size_t n_sums, double* maxes,
                            std::size_t n_maxes) = 0;
+
+  // Ends the whole job at once with exit status `code`, peers included (a rank's fatal error must
+  // not leave the others waiting in a collective). A world of one just exits.
+  [[noreturn]] virtual void abort_job(int code) noexcept { std::_Exit(code); }
 
   std::uint64_t bytes_moved() const { return bytes_moved_; }
 

@@ -14,6 +14,7 @@ class MpiComm final : public Communicator {
   int rank() const override { return rank_; }
   int world() const override { return world_; }
   const char* name() const override { return "mpi"; }
+  [[noreturn]] void abort_job(int code) noexcept override;
   void all_reduce(void* data, std::size_t count, DType type, ReduceOp op) override;
   void reduce_scatter(const void* send, void* recv, std::size_t count, DType type,
                       ReduceOp op) override;

@@ -30,6 +30,8 @@ class NcclComm final : public Communicator {
   int rank() const override { return mpi_.rank(); }
   int world() const override { return mpi_.world(); }
   const char* name() const override { return "nccl"; }
+  // Aborts the NCCL communicator (peers stuck in a collective return with an error), then MPI.
+  [[noreturn]] void abort_job(int code) noexcept override;
   void all_reduce(void* data, std::size_t count, DType type, ReduceOp op) override;
   void reduce_scatter(const void* send, void* recv, std::size_t count, DType type,
                       ReduceOp op) override;

@@ -24,9 +24,10 @@ inline constexpr std::size_t kShardHeaderBytes = kShardHeaderInts * 4;
 void write_shard(const std::string& path, const std::vector<std::uint32_t>& tokens,
                  int token_bytes);
 
-// A shard mapped read-only into memory. Opening validates the header, that the file size is
-// exactly header + tokens, and that every token id is < vocab_size; every error is a
-// std::runtime_error whose message starts with the path.
+// A shard open for reading. Opening validates the header, that the file size is exactly header +
+// tokens, and that every token id is < vocab_size; reads check the ids again and that the file
+// still holds them (a shard truncated or overwritten while training is an error, not a crash).
+// Every error is a std::runtime_error whose message starts with the path.
 class TokenShard {
  public:
   TokenShard(const std::string& path, std::uint32_t vocab_size);
@@ -46,12 +47,15 @@ class TokenShard {
 
  private:
   void release() noexcept;
+  void read_bytes(std::uint64_t offset, void* out, std::size_t bytes) const;
+  // Tokens [pos, pos + n) into out, each checked against the vocabulary.
+  void read_checked(std::uint64_t pos, std::size_t n, std::int32_t* out, bool at_open) const;
 
   std::string path_;
-  const unsigned char* map_ = nullptr;  // the whole file
-  std::size_t map_bytes_ = 0;
+  int fd_ = -1;
   std::uint64_t size_ = 0;
   int token_bytes_ = 0;
+  std::uint32_t vocab_size_ = 0;
 };
 
 }  // namespace moetrain

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,12 @@
 #include "moetrain/safetensors.hpp"
 
 namespace moetrain {
+
+// Training diverged: a non-finite loss or gradient norm. Thrown before any parameter is updated.
+class NonFiniteError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 struct OptimizerStats {
   double grad_norm = 0;         // global L2 norm before clipping

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
@@ -31,10 +32,24 @@ TensorMap weights_to_tensors(Model<T>& model);
 template <typename T>
 void tensors_to_weights(const TensorMap& tensors, Model<T>& model, const std::string& source);
 
-// Creates (empty) the temporary directory of the checkpoint of `step` and returns its path.
+// Creates (empty) the temporary directory of the checkpoint of `step` and returns its path. First
+// removes what killed runs left: step_*.tmp (half written) and step_*.deleting (half deleted).
 std::string begin_checkpoint(const std::string& out_dir, std::int64_t step);
-// Renames the temporary directory to its final name (durably), then keeps the newest `keep`.
-std::string commit_checkpoint(const std::string& out_dir, std::int64_t step, int keep);
+// Renames the temporary directory to its final name (durably) and returns that name.
+std::string commit_checkpoint(const std::string& out_dir, std::int64_t step);
+// Deletes all but the newest `keep` checkpoints. Each is renamed to <name>.deleting before its
+// files are removed, so a kill during the deletion never leaves a final name on a partial
+// directory.
+void prune_checkpoints(const std::string& out_dir, int keep);
+// Moves a checkpoint out of the final names, to <dir>.<suffix>; returns the new path.
+std::string set_checkpoint_aside(const std::string& dir, const std::string& suffix);
+// Why checkpoint `dir` is not complete (a missing or unreadable piece), or nullopt when it is:
+// trainer_state.json, model.safetensors and one optimizer_rank<R>.safetensors per rank.
+std::optional<std::string> incomplete_reason(const std::string& dir);
+// Removes what killed runs left under <out_dir>/checkpoints: step_*.tmp and step_*.deleting.
+void remove_checkpoint_leftovers(const std::string& out_dir);
+// Removes a directory file by file (each removal a fault point), then the directory itself.
+void remove_leftover(const std::filesystem::path& dir);
 
 nlohmann::json read_json_file(const std::string& path);
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,18 +69,27 @@ class CheckpointSession {
   };
   CheckpointSession(const Config& cfg, Communicator& comm, const Parts& parts);
 
-  // The checkpoint directory that --resume names: "latest" is the newest checkpoint of
-  // train.out_dir (an error when there is none), anything else the directory itself.
+  // The checkpoint directory that --resume names: "latest" is the newest complete checkpoint of
+  // train.out_dir (incomplete ones are skipped with a warning; an error when there is none),
+  // anything else the directory itself (an error when it is incomplete).
   std::string resolve(const std::string& resume) const;
 
   // Loads the weights, this rank's optimizer shard, the loader, expert-bias and spike states from
   // checkpoint `dir`, and returns its progress. Refuses a checkpoint made with another config
-  // (model.*, data.*, optim.name, train.grad_accum, train.seed) or another number of ranks.
+  // (model.*, data.*, optim.name, train.grad_accum, train.seed) or another number of ranks, a
+  // step outside [0, train.steps], tokens_seen other than step x tokens per step, pieces whose
+  // step, rank, world size or config hash disagree, and malformed loader or spike states.
   TrainingProgress resume(const std::string& dir);
 
   // Writes the checkpoint of `progress.step` under train.out_dir (a temporary directory, renamed
-  // when complete) and keeps the newest train.keep_checkpoints.
+  // when complete). Every piece records the step and a hash of the config (the optimizer files
+  // also rank and world size), which resume checks against trainer_state.json. Older
+  // checkpoints stay until prune().
   void save(const TrainingProgress& progress);
+  // Deletes all but the newest train.keep_checkpoints checkpoints.
+  void prune();
+  // The newest checkpoint directory of train.out_dir, if any.
+  std::optional<std::string> newest() const;
 
  private:
   bool leader() const { return comm_.rank() == 0; }

@@ -2,8 +2,11 @@
 // detector (a loss above its running mean by k running standard deviations).
 #pragma once
 
+#include <sys/types.h>
 #include <cstdint>
-#include <fstream>
+
+#include <optional>
+#include <stdexcept>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -27,17 +30,32 @@ class SpikeDetector {
   double mean_ = 0, var_ = 0;
 };
 
-// Appends JSON lines to <run dir>/metrics.jsonl, flushed per line.
+// A record that could not be written (a full disk, an I/O error).
+class MetricsWriteError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Appends JSON lines to <run dir>/metrics.jsonl, each with one write. A failed write is never
+// silent: the file is cut back to its last complete line and MetricsWriteError is thrown.
 class MetricsLog {
  public:
   // When resuming at `resume_step`, lines of later steps (from an interrupted run) are dropped.
   MetricsLog(const std::string& path, std::int64_t resume_step);
+  ~MetricsLog();
+  MetricsLog(const MetricsLog&) = delete;
+  MetricsLog& operator=(const MetricsLog&) = delete;
   void write(const nlohmann::json& record);
   const std::string& path() const { return path_; }
 
  private:
   std::string path_;
-  std::ofstream out_;
+  int fd_ = -1;
+  off_t size_ = 0;  // bytes of complete lines
 };
+
+// Renames the metrics of a run that was killed before its first checkpoint (nothing can resume
+// them) to <path>.stale (or .stale2, ...); returns the new name, nullopt when there is no file.
+std::optional<std::string> set_stale_metrics_aside(const std::string& path);
 
 }  // namespace moetrain

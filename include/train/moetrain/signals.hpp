@@ -1,13 +1,18 @@
-// Graceful stop: SIGINT and SIGTERM ask the running training loop to write a checkpoint and stop
-// after the step in progress (the loop polls stop_requested() once per step).
+// Stop signals (SIGINT, SIGTERM). During start-up — building the model and optimizer, loading a
+// checkpoint, nothing yet worth saving — a signal ends the process at once (exit code 128 +
+// signal). Once training starts, a signal asks the loop to write a checkpoint and stop after the
+// step in progress (the loop polls stop_requested() once per step).
 #pragma once
 
 namespace moetrain {
 
-// Installs SIGINT/SIGTERM handlers that ask the running training loop to checkpoint and stop.
+// Installs the SIGINT/SIGTERM handlers, in start-up mode (exit at once).
 void install_stop_signal_handlers();
 
-// Whether SIGINT or SIGTERM arrived since the handlers were installed.
+// From now on a stop signal asks for a checkpoint and a graceful stop instead.
+void stop_signals_save_from_now();
+
+// Whether SIGINT or SIGTERM arrived since stop_signals_save_from_now().
 bool stop_requested();
 
 }  // namespace moetrain

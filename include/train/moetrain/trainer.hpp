@@ -26,6 +26,7 @@ class DataLoader;
 class EvalLoader;
 class CheckpointSession;
 class Watchdog;
+class RunLock;
 struct StepResult;
 
 struct TrainOptions {
@@ -64,6 +65,11 @@ class Trainer {
   void save_checkpoint();
   void log_step(const StepResult& r, double lr, double step_s, bool spike);
   void write_shard_report();
+  // Writes a metrics record on the leader; false (the error kept) once a write has failed.
+  bool log_safely(const nlohmann::json& record);
+  // What a divergence means for the checkpoints, for the error message: the newest one, if no
+  // step has run from it yet, is set aside as <dir>.diverged.
+  std::string after_divergence();
   bool leader() const { return comm_.rank() == 0; }
   std::int64_t global_tokens_per_step() const;
 
@@ -85,6 +91,11 @@ class Trainer {
   Clock::time_point started_;
   std::unique_ptr<Watchdog> watchdog_;
   std::int64_t first_step_ = 0;
+  std::unique_ptr<RunLock> lock_;  // the leader's lock on out_dir, held for the run
+  // Whether the newest checkpoint awaits a step that shows its weights give a finite loss and
+  // gradients; older checkpoints are deleted only then (true at start: a resume's first step).
+  bool unproven_ = true;
+  std::string metrics_failure_;  // the leader's failed metrics write, if any
 };
 
 // Trainer(cfg, rt, opts).run().
