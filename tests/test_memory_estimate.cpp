@@ -215,3 +215,20 @@ TEST_CASE("config --check prints the memory estimate and the host memory availab
                            Catch::Contains("host memory: ") &&
                            Catch::Contains("available on cpu-fp32"));
 }
+
+TEST_CASE("cpu backend: available memory is MemAvailable, at most the machine's memory",
+          "[memory]") {
+  const CpuBackend<float> cpu;
+  const std::size_t avail = cpu.available_memory_bytes();
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  unsigned long long kb = 0;
+  std::size_t total = 0;
+  while (meminfo >> key >> kb) {
+    meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+    if (key == "MemTotal:") total = std::size_t(kb) * 1024;
+  }
+  REQUIRE(total > 0);
+  CHECK(avail > 0);
+  CHECK(avail <= total);
+}

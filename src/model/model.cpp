@@ -122,7 +122,11 @@ std::size_t Model<T>::activation_bytes(const ModelConfig& cfg, std::size_t batch
                                        std::size_t attention_saved_elems) {
   ArenaPlan plan = ArenaPlan::dry();
   plan_arena(plan, cfg, batch, attention_saved_elems, nullptr);
-  return plan.planned_bytes();
+  // Each MoE layer's router allocates its expert bias [E] on its own (64-byte rounded).
+  const std::size_t bias =
+      checked_add(checked_mul(std::size_t(cfg.moe.n_experts), sizeof(T)), 63) / 64 * 64;
+  const std::size_t moe_layers = std::size_t(cfg.n_layers - cfg.dense_layers);
+  return checked_add(plan.planned_bytes(), checked_mul(moe_layers, bias));
 }
 
 template <typename T>
@@ -172,7 +176,7 @@ Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
 
 template <typename T>
 Model<T>::~Model() {
-  layers_.clear();
+  layers_.clear();  // the routers free their biases
   be_.free_bytes(arena_);
   be_.free_bytes(grads_);
   be_.free_bytes(params_);

@@ -41,9 +41,9 @@ class Model {
   // Plans parameters and the activation arena for micro-batches of `batch` sequences of
   // cfg.seq_len tokens.
   Model(const ModelConfig& cfg, Backend<T>& backend, int batch);
-  // The bytes of the activation arena such a model allocates, computed by the same requests
-  // without allocating (attention_saved_elems: the backend's query for this shape). Throws
-  // std::overflow_error when a size does not fit in 64 bits.
+  // The bytes of the activation arena such a model allocates (and its routers' expert biases),
+  // computed by the same requests without allocating (attention_saved_elems: the backend's query
+  // for this shape). Throws std::overflow_error when a size does not fit in 64 bits.
   static std::size_t activation_bytes(const ModelConfig& cfg, std::size_t batch,
                                       std::size_t attention_saved_elems);
   ~Model();

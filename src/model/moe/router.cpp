@@ -8,7 +8,11 @@ namespace moetrain {
 
 template <typename T>
 Router<T>::Router(const ModelConfig& cfg, std::size_t weight, Backend<T>& be)
-    : cfg_(cfg), weight_(weight), be_(be), loads_(std::size_t(cfg.moe.n_experts), 0) {}
+    : cfg_(cfg),
+      weight_(weight),
+      be_(be),
+      bias_(be, std::size_t(cfg.moe.n_experts)),
+      loads_(std::size_t(cfg.moe.n_experts), 0) {}
 
 template <typename T>
 void Router<T>::plan_acts(ArenaPlan& plan, Acts& a, const MoeConfig& moe, std::size_t N) {
@@ -19,7 +23,6 @@ void Router<T>::plan_acts(ArenaPlan& plan, Acts& a, const MoeConfig& moe, std::s
   plan.request(a.stats, 3);
   plan.request(a.topk, checked_mul(N, K));
   plan.request(a.counts, E);
-  plan.request(a.bias, E);  // zero-filled by the arena's allocation
 }
 
 template <typename T>
@@ -37,7 +40,7 @@ template <typename T>
 void Router<T>::forward(const T* params, const T* x, int N) {
   const Acts& a = acts_;
   linear_forward(be_, a.logits, x, params + weight_, N, cfg_.d_model, cfg_.moe.n_experts);
-  be_.router_forward(a.scores, a.topk, a.gates, a.counts, a.stats, a.logits, a.bias, shape(N));
+  be_.router_forward(a.scores, a.topk, a.gates, a.counts, a.stats, a.logits, bias_.get(), shape(N));
 }
 
 template <typename T>
@@ -69,7 +72,7 @@ void Router<T>::update_bias(const std::vector<std::int64_t>& load, double rate) 
     throw std::invalid_argument("Router::update_bias: " + std::to_string(load.size()) +
                                 " loads, expected " + std::to_string(E));
   std::vector<T> bias(loads_.size());
-  be_.download(bias.data(), acts_.bias, bias.size() * sizeof(T));
+  be_.download(bias.data(), bias_.get(), bias.size() * sizeof(T));
   double mean = 0;
   for (auto c : load) mean += double(c);
   mean /= E;
@@ -78,13 +81,13 @@ void Router<T>::update_bias(const std::vector<std::int64_t>& load, double rate) 
     const double sign = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
     bias[std::size_t(e)] += T(rate * sign);
   }
-  be_.upload(acts_.bias, bias.data(), bias.size() * sizeof(T));
+  be_.upload(bias_.get(), bias.data(), bias.size() * sizeof(T));
 }
 
 template <typename T>
 std::vector<double> Router<T>::bias_state() const {
   std::vector<T> host(std::size_t(cfg_.moe.n_experts));
-  be_.download(host.data(), acts_.bias, host.size() * sizeof(T));
+  be_.download(host.data(), bias_.get(), host.size() * sizeof(T));
   return {host.begin(), host.end()};
 }
 
@@ -94,7 +97,7 @@ void Router<T>::load_bias_state(const std::vector<double>& bias, const std::stri
     throw std::runtime_error(source + ": expert_bias rows must have " +
                              std::to_string(cfg_.moe.n_experts) + " entries");
   const std::vector<T> host(bias.begin(), bias.end());
-  be_.upload(acts_.bias, host.data(), host.size() * sizeof(T));
+  be_.upload(bias_.get(), host.data(), host.size() * sizeof(T));
 }
 
 template class Router<float>;

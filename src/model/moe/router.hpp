@@ -26,9 +26,8 @@ class Router {
     T* stats = nullptr;              // [3]     L_aux, L_z, mean router entropy
     std::int32_t* topk = nullptr;    // [N, k]  chosen expert ids
     std::int32_t* counts = nullptr;  // [E]     assignments per expert
-    T* bias = nullptr;               // [E]     the expert bias (state, not an activation)
   };
-  // The arena requests of one router's buffers (the model's plan and the memory estimate).
+  // The arena requests of one router's activations (the model's plan and the memory estimate).
   static void plan_acts(ArenaPlan& plan, Acts& acts, const MoeConfig& moe, std::size_t tokens);
 
   // `weight`: offset of W_r [E, d] in the parameter buffer.
@@ -63,6 +62,7 @@ class Router {
   const ModelConfig& cfg_;
   std::size_t weight_;
   Backend<T>& be_;
+  DeviceBuffer<T, T> bias_;  // [E]
   Acts acts_;
   std::vector<std::int64_t> loads_;  // [E], host
 };
