@@ -11,6 +11,7 @@
 #include "cli/commands.hpp"
 #include "moetrain/config.hpp"
 #include "moetrain/flops.hpp"
+#include "moetrain/memory_check.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
 #include "moetrain/profiling_backend.hpp"
@@ -42,6 +43,7 @@ void run_bench(const BenchOptions& o) {
 
   const Runtime rt = make_runtime(cfg);
   Backend<float>& be = *rt.backend;
+  check_memory_fits(cfg, be, 1, !o.json);  // before the model is allocated
   const double peak = measure_gemm_peak_gflops(be, o.peak_size);
 
   const int B = cfg.data.batch_size, T = m.seq_len, N = B * T;

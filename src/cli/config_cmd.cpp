@@ -12,6 +12,8 @@
 #include "cli/commands.hpp"
 #include "moetrain/config.hpp"
 #include "moetrain/config_markdown.hpp"
+#include "moetrain/cpu_backend.hpp"
+#include "moetrain/memory_check.hpp"
 
 namespace moetrain::cli {
 namespace {
@@ -67,7 +69,20 @@ void run_config(const ConfigOptions& o) {
     return;
   }
   const Config cfg = load_config(o.check, o.overrides);
+  // The memory a run of it needs, on the CPU backend with one rank (checked before printing ok).
+  const CpuBackend<float> cpu;
+  const MemoryEstimate e = estimate_memory(cfg, cpu, 1);
   std::printf("%s: ok\n%s\n", o.check.c_str(), config_to_json(cfg).dump(2).c_str());
+  std::fflush(stdout);
+  // stdout stays "ok" and the config as JSON (machine-readable); the estimate goes to stderr.
+  std::fprintf(stderr,
+               "memory estimate (1 rank; R ranks each hold about 1/R of the optimizer state): "
+               "%s\n",
+               describe(e).c_str());
+  if (cfg.train.backend != "cpu" && cfg.train.precision == "bf16")
+    std::fprintf(stderr, "on a GPU in bf16 add the weights' bf16 copy: %s\n",
+                 format_bytes(e.param_count * 2).c_str());
+  std::fprintf(stderr, "host memory: %s\n", describe_available(cpu).c_str());
 }
 
 }  // namespace

@@ -11,11 +11,13 @@
 #include <cerrno>
 #include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -493,6 +495,25 @@ void validate_and_resolve(Config& c, const std::string& source) {
   } else if (m.head_dim % 2 != 0) {
     fail(source, "model.head_dim", "an even integer (RoPE rotates pairs of dimensions)",
          num(m.head_dim));
+  }
+  // Products the code keeps in int (row counts, widths, GEMM dimensions) are checked in 64 bits.
+  const auto fits_int = [&](const std::string& fields, std::int64_t value) {
+    if (value > std::numeric_limits<int>::max())
+      throw ConfigError(source + ": " + fields + " = " + num(value) + " exceeds " +
+                        num(std::numeric_limits<int>::max()) +
+                        ", the largest size this build represents in int");
+  };
+  const std::int64_t hd = m.head_dim, tokens = std::int64_t(c.data.batch_size) * m.seq_len;
+  fits_int("model.n_heads * model.head_dim", m.n_heads * hd);
+  fits_int("(model.n_heads + 2 * model.n_kv_heads) * model.head_dim",
+           (m.n_heads + 2 * std::int64_t(m.n_kv_heads)) * hd);
+  fits_int("data.batch_size * model.seq_len", tokens);
+  fits_int("data.batch_size * model.n_heads", std::int64_t(c.data.batch_size) * m.n_heads);
+  fits_int("2 * model.dense_ff", 2 * std::int64_t(m.dense_ff));
+  if (m.n_layers > m.dense_layers) {
+    fits_int("data.batch_size * model.seq_len * model.moe.top_k", tokens * m.moe.top_k);
+    fits_int("2 * model.moe.expert_ff", 2 * std::int64_t(m.moe.expert_ff));
+    fits_int("2 * model.moe.shared_ff", 2 * std::int64_t(m.moe.shared_ff));
   }
   if (m.moe.top_k > m.moe.n_experts) {
     fail(source, "model.moe.top_k",

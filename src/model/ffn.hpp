@@ -15,8 +15,8 @@ struct FfnActs {
   T* h = nullptr;    // [rows, 2 ff]  x [W1; W3]^T
   T* act = nullptr;  // [rows, ff]    silu(h1) * h3
   void plan(ArenaPlan& plan, std::size_t rows, std::size_t ff) {
-    plan.request(h, rows * 2 * ff);
-    plan.request(act, rows * ff);
+    plan.request(h, checked_mul(checked_mul(rows, 2), ff));
+    plan.request(act, checked_mul(rows, ff));
   }
 };
 

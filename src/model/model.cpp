@@ -1,5 +1,6 @@
 #include "moetrain/model.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -36,70 +37,120 @@ struct Model<T>::Scratch {
   typename MoeLayer<T>::Scratch moe;  // the MoE layers' (its ffn member aliases ffn)
 };
 
+// The model's arena requests, in one place: bound to `model`'s buffers (its constructor), or,
+// with no model, on a dry plan where one layer of each kind, repeated, stands for all the layers
+// of that kind (activation_bytes, the memory estimate). Sizes are 64-bit and checked.
+template <typename T>
+void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t batch,
+                          std::size_t att_saved, Model* model) {
+  const std::size_t N = checked_mul(batch, std::size_t(cfg.seq_len)), d = std::size_t(cfg.d_model);
+  const std::size_t E = std::size_t(cfg.moe.n_experts),
+                    NK = checked_mul(N, std::size_t(cfg.moe.top_k));
+  const std::size_t hd = std::size_t(cfg.head_dim), H = std::size_t(cfg.n_heads);
+  const std::size_t qkv = checked_mul(checked_add(H, 2 * std::size_t(cfg.n_kv_heads)), hd);
+  const std::size_t out = checked_mul(H, hd), Nd = checked_mul(N, d);
+  const std::size_t L = std::size_t(cfg.n_layers), n_dense = std::size_t(cfg.dense_layers);
+  // A dry plan's requests name stand-in slots (never bound).
+  T* sink = nullptr;
+  std::int32_t* int_sink = nullptr;
+  Scratch dry_scratch;
+  const auto slot = [&](T* Model::*member) -> T*& { return model ? model->*member : sink; };
+  const auto int_slot = [&](std::int32_t* Model::*member) -> std::int32_t*& {
+    return model ? model->*member : int_sink;
+  };
+
+  plan.request(int_slot(&Model::tokens_), N);
+  plan.request(int_slot(&Model::targets_), N);
+  std::size_t ffn_rows_ff = 0;  // the largest rows * ff of a SwiGLU block: sizes its scratch
+  const auto layer_requests = [&](Layer& a, bool moe) {
+    plan.request(a.an1, Nd);
+    plan.request(a.rstd1, N);
+    plan.request(a.qkv, checked_mul(N, qkv));
+    plan.request(a.att_saved, att_saved);
+    plan.request(a.att_out, checked_mul(N, out));
+    plan.request(a.mid, Nd);
+    plan.request(a.an2, Nd);
+    plan.request(a.rstd2, N);
+    plan.request(a.smax, H);
+    if (!moe) {
+      a.dense.plan(plan, N, std::size_t(cfg.dense_ff));
+      ffn_rows_ff = std::max(ffn_rows_ff, checked_mul(N, std::size_t(cfg.dense_ff)));
+    } else {
+      MoeLayer<T>::plan_acts(plan, cfg, N, a.moe.get());
+      ffn_rows_ff = std::max(ffn_rows_ff, checked_mul(NK, std::size_t(cfg.moe.expert_ff)));
+      if (cfg.moe.n_shared_experts > 0)
+        ffn_rows_ff = std::max(ffn_rows_ff, checked_mul(N, std::size_t(cfg.moe.shared_ff)));
+    }
+  };
+  if (model) {
+    model->resid_.assign(L + 1, nullptr);
+    for (auto& r : model->resid_) plan.request(r, Nd);
+    for (auto& layer : model->layers_) layer_requests(*layer, layer->moe != nullptr);
+  } else {
+    T* resid = nullptr;
+    Layer dense, moe;
+    plan.set_repeat(L + 1);
+    plan.request(resid, Nd);
+    plan.set_repeat(n_dense);
+    if (n_dense) layer_requests(dense, false);
+    plan.set_repeat(L - n_dense);
+    if (L > n_dense) layer_requests(moe, true);
+    plan.set_repeat(1);
+  }
+  plan.request(slot(&Model::final_norm_), Nd);
+  plan.request(slot(&Model::final_rstd_), N);
+  plan.request(slot(&Model::logits_), checked_mul(N, std::size_t(cfg.vocab_size)));
+  plan.request(slot(&Model::losses_), N);
+  plan.request(slot(&Model::rope_cos_), checked_mul(std::size_t(cfg.seq_len), hd / 2));
+  plan.request(slot(&Model::rope_sin_), checked_mul(std::size_t(cfg.seq_len), hd / 2));
+  plan.request(slot(&Model::tmp_), Nd);
+  plan.request(slot(&Model::dres_), Nd);
+  plan.request(slot(&Model::dnorm_), Nd);
+  plan.request(slot(&Model::datt_), checked_mul(N, out));
+  plan.request(slot(&Model::dqkv_), checked_mul(N, qkv));
+  Scratch& s = model ? *model->scratch_ : dry_scratch;
+  plan.request(s.ffn.dh, checked_mul(2, ffn_rows_ff));
+  plan.request(s.ffn.dact, ffn_rows_ff);
+  plan.request(s.moe.dyg, checked_mul(NK, d));
+  plan.request(s.moe.dxg, checked_mul(NK, d));
+  plan.request(s.moe.dgates, NK);
+  plan.request(s.moe.dlogits, checked_mul(N, E));
+}
+
+template <typename T>
+std::size_t Model<T>::activation_bytes(const ModelConfig& cfg, std::size_t batch,
+                                       std::size_t attention_saved_elems) {
+  ArenaPlan plan = ArenaPlan::dry();
+  plan_arena(plan, cfg, batch, attention_saved_elems, nullptr);
+  // Each MoE layer's router allocates its expert bias [E] on its own (64-byte rounded).
+  const std::size_t bias =
+      checked_add(checked_mul(std::size_t(cfg.moe.n_experts), sizeof(T)), 63) / 64 * 64;
+  const std::size_t moe_layers = std::size_t(cfg.n_layers - cfg.dense_layers);
+  return checked_add(plan.planned_bytes(), checked_mul(moe_layers, bias));
+}
+
 template <typename T>
 Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
     : cfg_(cfg), be_(backend), batch_(batch), layout_(cfg), scratch_(std::make_unique<Scratch>()) {
   if (cfg_.head_dim <= 0) throw std::invalid_argument("Model: head_dim must be resolved (> 0)");
   if (batch <= 0) throw std::invalid_argument("Model: batch must be >= 1");
   att_ = AttentionShape{batch, cfg_.seq_len, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim};
-  const std::size_t N = std::size_t(tokens()), d = std::size_t(cfg_.d_model);
-  const std::size_t E = std::size_t(cfg_.moe.n_experts), NK = N * std::size_t(cfg_.moe.top_k);
 
   params_ = static_cast<T*>(be_.alloc_bytes(layout_.total() * sizeof(T)));
   be_.set_weights(params_, layout_.total());
   grads_ = static_cast<T*>(be_.alloc_bytes(layout_.total() * sizeof(T)));
 
-  ArenaPlan plan;
-  plan.request(tokens_, N);
-  plan.request(targets_, N);
-  resid_.assign(std::size_t(cfg_.n_layers) + 1, nullptr);
-  for (auto& r : resid_) plan.request(r, N * d);
-  std::size_t ffn_rows_ff = 0;  // the largest rows * ff of a SwiGLU block: sizes its scratch
   for (int l = 0; l < cfg_.n_layers; ++l) {
     auto layer = std::make_unique<Layer>();
-    Layer& a = *layer;
-    a.index = l;
-    a.w = &layout_.layer(l);
-    plan.request(a.an1, N * d);
-    plan.request(a.rstd1, N);
-    plan.request(a.qkv, N * std::size_t(att_.qkv_width()));
-    plan.request(a.att_saved, be_.attention_saved_elems(att_));
-    plan.request(a.att_out, N * std::size_t(att_.out_width()));
-    plan.request(a.mid, N * d);
-    plan.request(a.an2, N * d);
-    plan.request(a.rstd2, N);
-    plan.request(a.smax, std::size_t(cfg_.n_heads));
-    if (!a.w->moe) {
-      a.dense.plan(plan, N, std::size_t(cfg_.dense_ff));
-      ffn_rows_ff = std::max(ffn_rows_ff, N * std::size_t(cfg_.dense_ff));
-    } else {
-      a.moe = std::make_unique<MoeLayer<T>>(cfg_, *a.w, be_, tokens());
-      a.moe->plan(plan);
-      ffn_rows_ff = std::max(ffn_rows_ff, NK * std::size_t(cfg_.moe.expert_ff));
-      if (cfg_.moe.n_shared_experts > 0)
-        ffn_rows_ff = std::max(ffn_rows_ff, N * std::size_t(cfg_.moe.shared_ff));
-    }
+    layer->index = l;
+    layer->w = &layout_.layer(l);
+    if (layer->w->moe) layer->moe = std::make_unique<MoeLayer<T>>(cfg_, *layer->w, be_, tokens());
     layers_.push_back(std::move(layer));
   }
-  plan.request(final_norm_, N * d);
-  plan.request(final_rstd_, N);
-  plan.request(logits_, N * std::size_t(cfg_.vocab_size));
-  plan.request(losses_, N);
-  plan.request(rope_cos_, std::size_t(cfg_.seq_len) * cfg_.head_dim / 2);
-  plan.request(rope_sin_, std::size_t(cfg_.seq_len) * cfg_.head_dim / 2);
-  plan.request(tmp_, N * d);
-  plan.request(dres_, N * d);
-  plan.request(dnorm_, N * d);
-  plan.request(datt_, N * std::size_t(att_.out_width()));
-  plan.request(dqkv_, N * std::size_t(att_.qkv_width()));
-  Scratch& s = *scratch_;
-  plan.request(s.ffn.dh, 2 * ffn_rows_ff);
-  plan.request(s.ffn.dact, ffn_rows_ff);
-  plan.request(s.moe.dyg, NK * d);
-  plan.request(s.moe.dxg, NK * d);
-  plan.request(s.moe.dgates, NK);
-  plan.request(s.moe.dlogits, N * E);
+  ArenaPlan plan;
+  plan_arena(plan, cfg_, std::size_t(batch), be_.attention_saved_elems(att_), this);
   arena_ = plan.commit(be_);
+  Scratch& s = *scratch_;
   s.moe.ffn = s.ffn;
 
   // RoPE tables, computed in double on the host so every backend rotates by the same angles.
@@ -120,7 +171,7 @@ Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
   stats_.entropy.assign(L, 0);
   stats_.load.assign(L, {});
   stats_.smax.assign(L, std::vector<double>(std::size_t(cfg_.n_heads), 0));
-  host_losses_.resize(N);
+  host_losses_.resize(std::size_t(tokens()));
 }
 
 template <typename T>

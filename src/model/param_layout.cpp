@@ -54,10 +54,12 @@ ParamLayout::ParamLayout(const ModelConfig& c) {
     const std::string p = "layers." + std::to_string(l);
     LayerOffsets lo;
     lo.attn_norm = add(p + ".attn_norm.weight", {d}, ParamRole::Norm, l, 0);
-    lo.qkv = add(p + ".attn.q_proj.weight", {c.n_heads * hd, d}, ParamRole::AttnQ, l, std);
-    add(p + ".attn.k_proj.weight", {c.n_kv_heads * hd, d}, ParamRole::AttnK, l, std);
-    add(p + ".attn.v_proj.weight", {c.n_kv_heads * hd, d}, ParamRole::AttnV, l, std);
-    lo.o_proj = add(p + ".attn.o_proj.weight", {d, c.n_heads * hd}, ParamRole::AttnO, l, out_std);
+    lo.qkv =
+        add(p + ".attn.q_proj.weight", {std::int64_t(c.n_heads) * hd, d}, ParamRole::AttnQ, l, std);
+    add(p + ".attn.k_proj.weight", {std::int64_t(c.n_kv_heads) * hd, d}, ParamRole::AttnK, l, std);
+    add(p + ".attn.v_proj.weight", {std::int64_t(c.n_kv_heads) * hd, d}, ParamRole::AttnV, l, std);
+    lo.o_proj = add(p + ".attn.o_proj.weight", {d, std::int64_t(c.n_heads) * hd}, ParamRole::AttnO,
+                    l, out_std);
     lo.ffn_norm = add(p + ".ffn_norm.weight", {d}, ParamRole::Norm, l, 0);
     lo.moe = is_moe_layer(c, l);
     if (!lo.moe) {

@@ -15,15 +15,20 @@ constexpr int kMaxBatch = 64;
 
 }  // namespace
 
+MuonWorkspace muon_workspace(int rows, int cols, std::size_t matrices) {
+  const std::size_t elems = std::size_t(rows) * std::size_t(cols);
+  const std::size_t small = std::size_t(std::min(rows, cols));
+  const std::size_t batch = std::min<std::size_t>(matrices, kMaxBatch);
+  return {elems * batch, small * small * batch};
+}
+
 template <typename T>
 Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan) : o_(o), plan_(plan), be_(plan.backend()) {
   std::size_t max_ws = 0, max_s = 0;
   for (const MatrixGroup& g : plan.own_groups()) {
-    const std::size_t elems = std::size_t(g.rows) * g.cols;
-    const std::size_t small = std::size_t(std::min(g.rows, g.cols));
-    const std::size_t batch = std::min<std::size_t>(g.mats.size(), kMaxBatch);
-    max_ws = std::max(max_ws, elems * batch);
-    max_s = std::max(max_s, small * small * batch);
+    const MuonWorkspace w = muon_workspace(g.rows, g.cols, g.mats.size());
+    max_ws = std::max(max_ws, w.ws);
+    max_s = std::max(max_s, w.s);
   }
   momentum_ = DeviceBuffer<T, T>(be_, plan.own_elems());
   ws_u_ = DeviceBuffer<T, T>(be_, max_ws);

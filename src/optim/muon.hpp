@@ -7,6 +7,14 @@
 
 namespace moetrain {
 
+// The Newton-Schulz workspace of one group of `matrices` same-shape matrices: U, X and Y hold
+// `ws` elements each, S and S2 `s` each; the owner allocates the largest group's (the memory
+// estimate shares this).
+struct MuonWorkspace {
+  std::size_t ws = 0, s = 0;
+};
+MuonWorkspace muon_workspace(int rows, int cols, std::size_t matrices);
+
 template <typename T>
 class Muon final : public MatrixOptimizer<T> {
  public:

@@ -5,15 +5,27 @@
 
 namespace moetrain {
 
-namespace {
-
 // Newton-Schulz cost of an m x n matrix, m <= n (docs/design.md §5): about 5 (4 m^2 n + 2 m^3).
 double ns_cost(int rows, int cols) {
   const double m = std::min(rows, cols), n = std::max(rows, cols);
   return 4 * m * m * n + 2 * m * m * m;
 }
 
-}  // namespace
+std::vector<int> assign_matrix_owners(const std::vector<std::pair<int, int>>& shapes, int world) {
+  std::vector<std::size_t> order(shapes.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return ns_cost(shapes[a].first, shapes[a].second) > ns_cost(shapes[b].first, shapes[b].second);
+  });
+  std::vector<double> load(std::size_t(world), 0.0);
+  std::vector<int> owner(shapes.size(), 0);
+  for (std::size_t i : order) {
+    const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+    owner[i] = r;
+    load[std::size_t(r)] += ns_cost(shapes[i].first, shapes[i].second);
+  }
+  return owner;
+}
 
 template <typename T>
 Zero1Plan<T>::Zero1Plan(const Config& cfg, const ParamLayout& layout, Backend<T>& be,
@@ -34,17 +46,10 @@ Zero1Plan<T>::Zero1Plan(const Config& cfg, const ParamLayout& layout, Backend<T>
   }
   shard_ = (adamw_total_ + std::size_t(world) - 1) / std::size_t(world);
 
-  std::vector<std::size_t> order(muon_.size());
-  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return ns_cost(muon_[a].rows, muon_[a].cols) > ns_cost(muon_[b].rows, muon_[b].cols);
-  });
-  std::vector<double> load(std::size_t(world), 0.0);
-  for (std::size_t i : order) {
-    const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
-    muon_[i].owner = r;
-    load[std::size_t(r)] += ns_cost(muon_[i].rows, muon_[i].cols);
-  }
+  std::vector<std::pair<int, int>> shapes;
+  for (const OwnedMatrix& mt : muon_) shapes.emplace_back(mt.rows, mt.cols);
+  const std::vector<int> owner = assign_matrix_owners(shapes, world);
+  for (std::size_t i = 0; i < muon_.size(); ++i) muon_[i].owner = owner[i];
   std::vector<std::size_t> fill(std::size_t(world), 0);
   std::map<std::pair<int, int>, std::size_t> group_of;
   for (std::size_t i = 0; i < muon_.size(); ++i) {

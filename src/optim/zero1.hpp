@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moetrain/backend.hpp"
@@ -42,6 +43,12 @@ struct MatrixGroup {
   int rows, cols;
   std::vector<std::size_t> mats;  // indices into Zero1Plan::matrices()
 };
+
+// Newton-Schulz cost of a rows x cols matrix, what the owner assignment balances.
+double ns_cost(int rows, int cols);
+// The owner of each matrix (shapes in layout order): by cost, largest first (stable), each to the
+// least-loaded rank (ties: the lowest). Zero1Plan and the memory estimate share it.
+std::vector<int> assign_matrix_owners(const std::vector<std::pair<int, int>>& shapes, int world);
 
 template <typename T>
 class Zero1Plan {

@@ -13,6 +13,7 @@
 #include "moetrain/checkpoint_session.hpp"
 #include "moetrain/data_loader.hpp"
 #include "moetrain/lr_schedule.hpp"
+#include "moetrain/memory_check.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
 #include "moetrain/runtime.hpp"
@@ -55,6 +56,7 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
         spdlog::warn("{} is from a run that left no checkpoint; moved it to {}", metrics, *aside);
   }
 
+  check_memory_fits(cfg_, be_, comm_.world(), leader());  // before anything large is allocated
   model_ = std::make_unique<Model<float>>(m, be_, cfg_.data.batch_size);
   model_->init_weights(cfg_.train.seed);
   opt_ = std::make_unique<Optimizer<float>>(cfg_, model_->layout(), be_, &comm_);

@@ -252,3 +252,14 @@ TEST_CASE("cuda backend: GEMM layouts (transposes, leading dimensions, batches, 
         if (bf16) CHECK(err > 1e-6);  // the operands really were rounded
       }
 }
+
+TEST_CASE("cuda backend: available memory is cudaMemGetInfo's free bytes", "[cuda_backend]") {
+  CudaBackendOptions o;
+  o.bf16 = false;
+  const CudaBackend be(o);
+  std::size_t free_bytes = 0, total_bytes = 0;
+  REQUIRE(cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess);
+  const std::size_t avail = be.available_memory_bytes();
+  CHECK(avail > 0);
+  CHECK(avail <= total_bytes);
+}

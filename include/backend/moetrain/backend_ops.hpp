@@ -179,9 +179,13 @@
   MOETRAIN_OPS_ROUTER(X, T)                                                                       \
   MOETRAIN_OPS_MOE_PERMUTE(X, T)
 
-// Queries (const, untimed): attention_saved_elems is the size of attention's `saved` buffer.
+// Queries (const, untimed): attention_saved_elems is the size of attention's `saved` buffer;
+// available_memory_bytes what this process can still allocate on the backend's device (the CPU:
+// MemAvailable of /proc/meminfo, lowered to the cgroup v2 limit's headroom when one is set; CUDA:
+// cudaMemGetInfo's free bytes), SIZE_MAX when unknown.
 #define MOETRAIN_BACKEND_QUERIES(X, T)                                                            \
-  X(std::size_t, attention_saved_elems, (const AttentionShape& s), (s), 0)
+  X(std::size_t, attention_saved_elems, (const AttentionShape& s), (s), 0)                        \
+  X(std::size_t, available_memory_bytes, (), (), 0)
 
 // Expansions shared by the interface and its implementations.
 #define MOETRAIN_OP_PURE(ret, name, params, args, flops) virtual ret name params = 0;

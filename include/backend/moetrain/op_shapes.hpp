@@ -2,6 +2,8 @@
 // its strings to these (config.hpp includes this header; the backend does not include the config).
 #pragma once
 
+#include <cstddef>
+
 namespace moetrain {
 
 enum class RouterType { SoftmaxTopK, SigmoidBias };
@@ -14,6 +16,16 @@ struct AttentionShape {
   int qkv_width() const { return (n_heads + 2 * n_kv_heads) * head_dim; }
   int out_width() const { return n_heads * head_dim; }
   int rows() const { return batch * seq; }
+  // batch * n_heads * seq * seq, the causal softmax's probabilities (in 64 bits; SIZE_MAX when
+  // that does not fit, so a size computed from it fails its overflow check).
+  std::size_t probs_elems() const {
+    std::size_t n = 0;
+    if (__builtin_mul_overflow(std::size_t(batch), std::size_t(n_heads), &n) ||
+        __builtin_mul_overflow(n, std::size_t(seq), &n) ||
+        __builtin_mul_overflow(n, std::size_t(seq), &n))
+      return ~std::size_t(0);
+    return n;
+  }
 };
 
 struct RouterShape {

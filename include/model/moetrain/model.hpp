@@ -18,6 +18,10 @@
 #include "moetrain/param_layout.hpp"
 
 namespace moetrain {
+class ArenaPlan;
+}
+
+namespace moetrain {
 
 // What one forward pass reports. Per-layer vectors have n_layers entries; MoE fields of dense
 // layers are zero / empty.
@@ -37,6 +41,11 @@ class Model {
   // Plans parameters and the activation arena for micro-batches of `batch` sequences of
   // cfg.seq_len tokens.
   Model(const ModelConfig& cfg, Backend<T>& backend, int batch);
+  // The bytes of the activation arena such a model allocates (and its routers' expert biases),
+  // computed by the same requests without allocating (attention_saved_elems: the backend's query
+  // for this shape). Throws std::overflow_error when a size does not fit in 64 bits.
+  static std::size_t activation_bytes(const ModelConfig& cfg, std::size_t batch,
+                                      std::size_t attention_saved_elems);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -79,6 +88,8 @@ class Model {
 
  private:
   struct Layer;
+  static void plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t batch,
+                         std::size_t att_saved, Model* model);
   void run_forward(const std::int32_t* tokens, const std::int32_t* targets, double ce_grad_scale);
   void run_backward(double grad_scale);
   void attention_forward(Layer& l, const T* x);

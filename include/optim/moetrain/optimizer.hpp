@@ -70,6 +70,13 @@ class Optimizer {
   std::int64_t t_ = 0;
 };
 
+// The bytes an Optimizer<float> allocates on its busiest rank of `world` (docs/design.md §5): the
+// AdamW moments of its shard, the momentum of its matrices, the Newton-Schulz workspace, QK-clip's
+// factors and the ZeRO-1 staging buffers; computed from the config without allocating (the owner
+// assignment is the plan's own; above a few million matrices it is bounded instead). The sizes
+// must be representable (estimate_model_memory checks them first).
+std::size_t optimizer_memory_bytes(const Config& cfg, int world);
+
 extern template class Optimizer<float>;
 extern template class Optimizer<double>;
 

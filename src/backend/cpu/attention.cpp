@@ -16,7 +16,7 @@
 namespace moetrain::cpu {
 
 std::size_t attention_saved_elems(const AttentionShape& s) {
-  return std::size_t(s.batch) * s.n_heads * s.seq * s.seq;
+  return s.probs_elems();  // P
 }
 
 template <typename T>

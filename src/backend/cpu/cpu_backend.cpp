@@ -58,6 +58,11 @@ std::size_t CpuBackend<T>::attention_saved_elems(const AttentionShape& s) const 
   return cpu::attention_saved_elems(s);
 }
 
+template <typename T>
+std::size_t CpuBackend<T>::available_memory_bytes() const {
+  return cpu::available_host_memory();
+}
+
 template class CpuBackend<float>;
 template class CpuBackend<double>;
 

@@ -30,6 +30,9 @@ MOETRAIN_BACKEND_OPS(MOETRAIN_CPU_DECLARE, T)
 #undef MOETRAIN_CPU_DECLARE
 
 std::size_t attention_saved_elems(const AttentionShape& s);
+// MemAvailable of /proc/meminfo, lowered to memory.max - memory.current of the cgroup v2 this
+// process is in when that sets a limit; SIZE_MAX when neither is readable.
+std::size_t available_host_memory();
 
 // Explicit instantiation of a family's ops for float and double, at the end of its file, e.g.
 // MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_ROPE).

@@ -13,7 +13,7 @@
 namespace moetrain {
 
 std::size_t CudaBackend::attention_saved_elems(const AttentionShape& s) const {
-  return std::size_t(s.batch) * s.n_heads * s.seq * s.seq;
+  return s.probs_elems();  // P
 }
 
 void CudaBackend::attention_forward(float* out, float* saved, float* smax, const float* qkv,

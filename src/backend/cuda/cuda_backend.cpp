@@ -102,6 +102,15 @@ void* CudaBackend::alloc_bytes(std::size_t bytes) {
   return p;
 }
 
+std::size_t CudaBackend::available_memory_bytes() const {
+  std::size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+    cudaGetLastError();  // clear it: an unknown amount is not an error of a later call
+    return ~std::size_t(0);
+  }
+  return free_bytes;
+}
+
 void CudaBackend::free_bytes(void* p) {
   if (!p) return;
   synchronize();

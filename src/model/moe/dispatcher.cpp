@@ -3,10 +3,16 @@
 namespace moetrain {
 
 template <typename T>
+void Dispatcher<T>::plan_acts(ArenaPlan& plan, Acts& a, std::size_t rows, std::size_t n_experts,
+                              std::size_t d) {
+  plan.request(a.pos, rows);
+  plan.request(a.offsets, checked_add(n_experts, 1));
+  plan.request(a.xg, checked_mul(rows, d));
+}
+
+template <typename T>
 void Dispatcher<T>::plan(ArenaPlan& plan) {
-  plan.request(acts_.pos, std::size_t(rows()));
-  plan.request(acts_.offsets, std::size_t(experts_) + 1);
-  plan.request(acts_.xg, std::size_t(rows()) * std::size_t(d_));
+  plan_acts(plan, acts_, std::size_t(rows()), std::size_t(experts_), std::size_t(d_));
 }
 
 template <typename T>

@@ -20,6 +20,11 @@ class Dispatcher {
     T* xg = nullptr;                  // [N*k, d]  x[t] at the rows of its assignments
   };
 
+  // The arena requests of the grouped buffers of `rows` = N * k rows (the model's plan and the
+  // memory estimate).
+  static void plan_acts(ArenaPlan& plan, Acts& acts, std::size_t rows, std::size_t n_experts,
+                        std::size_t d);
+
   Dispatcher(Backend<T>& be, int tokens, int d, int n_experts, int top_k)
       : be_(be), tokens_(tokens), d_(d), experts_(n_experts), k_(top_k) {}
   void plan(ArenaPlan& plan);

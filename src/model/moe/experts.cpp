@@ -21,11 +21,16 @@ Experts<T>::Experts(Backend<T>& be, const std::vector<SwiGluOffsets>& experts, i
 }
 
 template <typename T>
+void Experts<T>::plan_acts(ArenaPlan& plan, Acts& a, std::size_t rows, std::size_t ff,
+                           std::size_t d) {
+  plan.request(a.h, checked_mul(checked_mul(rows, 2), ff));
+  plan.request(a.act, checked_mul(rows, ff));
+  plan.request(a.y, checked_mul(rows, d));
+}
+
+template <typename T>
 void Experts<T>::plan(ArenaPlan& plan) {
-  const std::size_t R = std::size_t(rows_), ff = std::size_t(ff_);
-  plan.request(acts_.h, R * 2 * ff);
-  plan.request(acts_.act, R * ff);
-  plan.request(acts_.y, R * std::size_t(d_));
+  plan_acts(plan, acts_, std::size_t(rows_), std::size_t(ff_), std::size_t(d_));
 }
 
 // h = xg W13_e^T, act = swiglu(h), y = act W2_e^T, each over all experts at once.

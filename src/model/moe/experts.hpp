@@ -22,6 +22,11 @@ class Experts {
     T* act = nullptr;  // [N*k, ff]    silu(h1) * h3
     T* y = nullptr;    // [N*k, d]     act W2_e^T
   };
+  // The arena requests of `rows` = N * k grouped rows through experts of width ff (the model's
+  // plan and the memory estimate).
+  static void plan_acts(ArenaPlan& plan, Acts& acts, std::size_t rows, std::size_t ff,
+                        std::size_t d);
+
   // `experts`: the layer's expert offsets, evenly strided in the parameter buffer.
   Experts(Backend<T>& be, const std::vector<SwiGluOffsets>& experts, int rows, int d);
   void plan(ArenaPlan& plan);

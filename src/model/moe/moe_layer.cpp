@@ -14,12 +14,30 @@ MoeLayer<T>::MoeLayer(const ModelConfig& cfg, const LayerOffsets& w, Backend<T>&
       shared_(w.shared.size()) {}
 
 template <typename T>
+void MoeLayer<T>::plan_acts(ArenaPlan& plan, const ModelConfig& cfg, std::size_t N,
+                            MoeLayer* layer) {
+  const MoeConfig& m = cfg.moe;
+  const std::size_t rows = checked_mul(N, std::size_t(m.top_k));
+  if (layer) {
+    layer->router_.plan(plan, N);
+    layer->dispatcher_.plan(plan);
+    layer->experts_.plan(plan);
+    for (FfnActs<T>& s : layer->shared_) s.plan(plan, N, std::size_t(m.shared_ff));
+    return;
+  }
+  typename Router<T>::Acts r;
+  typename Dispatcher<T>::Acts g;
+  typename Experts<T>::Acts x;
+  FfnActs<T> s;
+  Router<T>::plan_acts(plan, r, m, N);
+  Dispatcher<T>::plan_acts(plan, g, rows, std::size_t(m.n_experts), std::size_t(cfg.d_model));
+  Experts<T>::plan_acts(plan, x, rows, std::size_t(m.expert_ff), std::size_t(cfg.d_model));
+  for (int i = 0; i < m.n_shared_experts; ++i) s.plan(plan, N, std::size_t(m.shared_ff));
+}
+
+template <typename T>
 void MoeLayer<T>::plan(ArenaPlan& plan) {
-  const std::size_t N = std::size_t(tokens_);
-  router_.plan(plan, N);
-  dispatcher_.plan(plan);
-  experts_.plan(plan);
-  for (FfnActs<T>& s : shared_) s.plan(plan, N, std::size_t(cfg_.moe.shared_ff));
+  plan_acts(plan, cfg_, std::size_t(tokens_), this);
 }
 
 template <typename T>

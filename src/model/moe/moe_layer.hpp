@@ -26,6 +26,11 @@ class MoeLayer {
     FfnScratch<T> ffn;     // [N*k, 2 ff] and [N*k, ff] at least
   };
 
+  // The arena requests of one MoE layer of `tokens` tokens, bound to the parts' buffers (the
+  // model's plan), or, with every part null, on a dry plan (the memory estimate).
+  static void plan_acts(ArenaPlan& plan, const ModelConfig& cfg, std::size_t tokens,
+                        MoeLayer* layer);
+
   MoeLayer(const ModelConfig& cfg, const LayerOffsets& w, Backend<T>& be, int tokens);
   void plan(ArenaPlan& plan);
 

@@ -11,23 +11,23 @@ Router<T>::Router(const ModelConfig& cfg, std::size_t weight, Backend<T>& be)
     : cfg_(cfg),
       weight_(weight),
       be_(be),
-      bias_(static_cast<T*>(be.alloc_bytes(std::size_t(cfg.moe.n_experts) * sizeof(T)))),
+      bias_(be, std::size_t(cfg.moe.n_experts)),
       loads_(std::size_t(cfg.moe.n_experts), 0) {}
 
 template <typename T>
-Router<T>::~Router() {
-  be_.free_bytes(bias_);
+void Router<T>::plan_acts(ArenaPlan& plan, Acts& a, const MoeConfig& moe, std::size_t N) {
+  const std::size_t E = std::size_t(moe.n_experts), K = std::size_t(moe.top_k);
+  plan.request(a.logits, checked_mul(N, E));
+  plan.request(a.scores, checked_mul(N, E));
+  plan.request(a.gates, checked_mul(N, K));
+  plan.request(a.stats, 3);
+  plan.request(a.topk, checked_mul(N, K));
+  plan.request(a.counts, E);
 }
 
 template <typename T>
 void Router<T>::plan(ArenaPlan& plan, std::size_t N) {
-  const std::size_t E = std::size_t(cfg_.moe.n_experts), K = std::size_t(cfg_.moe.top_k);
-  plan.request(acts_.logits, N * E);
-  plan.request(acts_.scores, N * E);
-  plan.request(acts_.gates, N * K);
-  plan.request(acts_.stats, 3);
-  plan.request(acts_.topk, N * K);
-  plan.request(acts_.counts, E);
+  plan_acts(plan, acts_, cfg_.moe, N);
 }
 
 template <typename T>
@@ -40,7 +40,7 @@ template <typename T>
 void Router<T>::forward(const T* params, const T* x, int N) {
   const Acts& a = acts_;
   linear_forward(be_, a.logits, x, params + weight_, N, cfg_.d_model, cfg_.moe.n_experts);
-  be_.router_forward(a.scores, a.topk, a.gates, a.counts, a.stats, a.logits, bias_, shape(N));
+  be_.router_forward(a.scores, a.topk, a.gates, a.counts, a.stats, a.logits, bias_.get(), shape(N));
 }
 
 template <typename T>
@@ -72,7 +72,7 @@ void Router<T>::update_bias(const std::vector<std::int64_t>& load, double rate) 
     throw std::invalid_argument("Router::update_bias: " + std::to_string(load.size()) +
                                 " loads, expected " + std::to_string(E));
   std::vector<T> bias(loads_.size());
-  be_.download(bias.data(), bias_, bias.size() * sizeof(T));
+  be_.download(bias.data(), bias_.get(), bias.size() * sizeof(T));
   double mean = 0;
   for (auto c : load) mean += double(c);
   mean /= E;
@@ -81,13 +81,13 @@ void Router<T>::update_bias(const std::vector<std::int64_t>& load, double rate) 
     const double sign = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
     bias[std::size_t(e)] += T(rate * sign);
   }
-  be_.upload(bias_, bias.data(), bias.size() * sizeof(T));
+  be_.upload(bias_.get(), bias.data(), bias.size() * sizeof(T));
 }
 
 template <typename T>
 std::vector<double> Router<T>::bias_state() const {
   std::vector<T> host(std::size_t(cfg_.moe.n_experts));
-  be_.download(host.data(), bias_, host.size() * sizeof(T));
+  be_.download(host.data(), bias_.get(), host.size() * sizeof(T));
   return {host.begin(), host.end()};
 }
 
@@ -97,7 +97,7 @@ void Router<T>::load_bias_state(const std::vector<double>& bias, const std::stri
     throw std::runtime_error(source + ": expert_bias rows must have " +
                              std::to_string(cfg_.moe.n_experts) + " entries");
   const std::vector<T> host(bias.begin(), bias.end());
-  be_.upload(bias_, host.data(), host.size() * sizeof(T));
+  be_.upload(bias_.get(), host.data(), host.size() * sizeof(T));
 }
 
 template class Router<float>;

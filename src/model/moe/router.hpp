@@ -27,10 +27,11 @@ class Router {
     std::int32_t* topk = nullptr;    // [N, k]  chosen expert ids
     std::int32_t* counts = nullptr;  // [E]     assignments per expert
   };
+  // The arena requests of one router's activations (the model's plan and the memory estimate).
+  static void plan_acts(ArenaPlan& plan, Acts& acts, const MoeConfig& moe, std::size_t tokens);
 
   // `weight`: offset of W_r [E, d] in the parameter buffer.
   Router(const ModelConfig& cfg, std::size_t weight, Backend<T>& be);
-  ~Router();
   Router(const Router&) = delete;
   Router& operator=(const Router&) = delete;
 
@@ -61,7 +62,7 @@ class Router {
   const ModelConfig& cfg_;
   std::size_t weight_;
   Backend<T>& be_;
-  T* bias_ = nullptr;  // [E], device
+  DeviceBuffer<T, T> bias_;  // [E]
   Acts acts_;
   std::vector<std::int64_t> loads_;  // [E], host
 };

@@ -1,0 +1,129 @@
+// optimizer_memory_bytes: what Optimizer<float> allocates per rank, from the config alone. It
+// walks the matrices as ParamLayout orders them and assigns owners with the plan's own function,
+// so the ZeRO-1 partition, the momentum and the Newton-Schulz workspace come out as the plan and
+// Muon size them.
+#include <algorithm>
+#include <map>
+#include <utility>
+
+#include "moetrain/optimizer.hpp"
+#include "optim/muon.hpp"
+#include "optim/zero1.hpp"
+
+namespace moetrain {
+
+namespace {
+
+// Matrices in one layer's layout order: (rows, cols, q or k projection).
+struct MatrixKind {
+  int rows, cols;
+  bool qk;
+};
+
+std::vector<MatrixKind> layer_matrices(const ModelConfig& c, bool moe) {
+  const int d = c.d_model, q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
+  std::vector<MatrixKind> out = {{q, d, true}, {kv, d, true}, {kv, d, false}, {d, q, false}};
+  const auto swiglu = [&](int ff, int n) {
+    for (int i = 0; i < n; ++i)
+      out.insert(out.end(), {{ff, d, false}, {ff, d, false}, {d, ff, false}});
+  };
+  if (moe) {
+    swiglu(c.moe.expert_ff, c.moe.n_experts);
+    swiglu(c.moe.shared_ff, c.moe.n_shared_experts);
+  } else {
+    swiglu(c.dense_ff, 1);
+  }
+  return out;
+}
+
+std::size_t buffer_bytes(std::size_t elems) {  // an allocation of elems floats (64-byte rounded)
+  return elems ? (elems * sizeof(float) + 63) / 64 * 64 : 0;
+}
+
+// Per rank: the elements of its matrices, and per shape the number of them.
+struct RankShare {
+  std::size_t elems = 0, qk = 0;
+  std::map<std::pair<int, int>, std::size_t> groups;
+};
+
+}  // namespace
+
+std::size_t optimizer_memory_bytes(const Config& cfg, int world) {
+  const ModelConfig& c = cfg.model;
+  const bool matrix_group = cfg.optim.name != OptimizerName::AdamW;
+  const std::size_t R = std::size_t(std::max(world, 1));
+  const std::size_t n_dense = std::size_t(c.dense_layers),
+                    n_moe = std::size_t(c.n_layers) - n_dense;
+  const std::vector<MatrixKind> dense = layer_matrices(c, false), moe = layer_matrices(c, true);
+  const auto elems_of = [](const std::vector<MatrixKind>& v) {
+    std::size_t n = 0;
+    for (const MatrixKind& m : v) n += std::size_t(m.rows) * std::size_t(m.cols);
+    return n;
+  };
+  std::size_t total = 0;  // of the parameters
+  {
+    const std::size_t d = std::size_t(c.d_model), V = std::size_t(c.vocab_size);
+    const std::size_t router = std::size_t(c.moe.n_experts) * d;
+    total = (c.tie_embeddings ? 1 : 2) * V * d + d + n_dense * (elems_of(dense) + 2 * d) +
+            n_moe * (elems_of(moe) + 2 * d + router);
+  }
+  const std::size_t matrix_elems =
+      matrix_group ? n_dense * elems_of(dense) + n_moe * elems_of(moe) : 0;
+  const std::size_t adamw = total - matrix_elems, shard = (adamw + R - 1) / R;
+  // AdamW m and v, and the staging: flat gradients and parameters [R * shard], the shard's
+  // gradient [shard].
+  std::size_t bytes = 2 * buffer_bytes(shard) + 2 * buffer_bytes(R * shard) + buffer_bytes(shard);
+  if (!matrix_group) return bytes;
+
+  const std::size_t count = n_dense * dense.size() + n_moe * moe.size();
+  const std::size_t heads = std::size_t(std::max(c.n_heads, c.n_kv_heads));
+  std::vector<RankShare> ranks(R);
+  constexpr std::size_t kExactLimit = std::size_t(1) << 22;
+  if (count <= kExactLimit) {
+    std::vector<MatrixKind> all;
+    for (int l = 0; l < c.n_layers; ++l) {
+      const auto& v = is_moe_layer(c, l) ? moe : dense;
+      all.insert(all.end(), v.begin(), v.end());
+    }
+    std::vector<std::pair<int, int>> shapes;
+    for (const MatrixKind& m : all) shapes.emplace_back(m.rows, m.cols);
+    const std::vector<int> owner = assign_matrix_owners(shapes, world);
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      RankShare& r = ranks[std::size_t(owner[i])];
+      r.elems += std::size_t(all[i].rows) * std::size_t(all[i].cols);
+      r.qk += all[i].qk;
+      ++r.groups[shapes[i]];
+    }
+  } else {
+    // Too many matrices to walk: bound every rank by an even share plus the largest matrix, with
+    // the workspace of a rank owning every shape.
+    std::size_t largest = 0, qk = 0;
+    RankShare& r = ranks[0];
+    for (const auto* v : {&dense, &moe})
+      for (const MatrixKind& m : *v) {
+        largest = std::max(largest, std::size_t(m.rows) * std::size_t(m.cols));
+        qk += m.qk;
+        r.groups[{m.rows, m.cols}] = kExactLimit;
+      }
+    r.elems = (matrix_elems + R - 1) / R + largest;
+    r.qk = (qk * std::size_t(c.n_layers) + R - 1) / R + 1;
+    ranks.resize(1);
+  }
+  std::size_t part = 0, worst = 0;
+  for (const RankShare& r : ranks) part = std::max(part, r.elems);
+  for (const RankShare& r : ranks) {
+    std::size_t ws = 0, s = 0;
+    for (const auto& [shape, n] : r.groups) {
+      const MuonWorkspace w = muon_workspace(shape.first, shape.second, n);
+      ws = std::max(ws, w.ws);
+      s = std::max(s, w.s);
+    }
+    std::size_t b = buffer_bytes(r.elems) + 3 * buffer_bytes(ws) + 2 * buffer_bytes(s);
+    if (cfg.optim.name == OptimizerName::MuonClip) b += buffer_bytes(r.qk * heads);
+    worst = std::max(worst, b);
+  }
+  // The matrix staging: send and gather [R * part], receive [part].
+  return bytes + worst + 2 * buffer_bytes(R * part) + buffer_bytes(part);
+}
+
+}  // namespace moetrain
