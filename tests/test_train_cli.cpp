@@ -58,6 +58,22 @@ TEST_CASE("train: metrics, evaluations and checkpoints of a short run", "[train]
   CHECK(steps[0]["smax_max"].size() == 2);    // one per layer
   CHECK(steps[0]["imbalance"][0].is_null());  // layer 0 is dense
   CHECK(steps[0]["imbalance"][1].get<double>() >= 1.0);
+  // S_max per layer and query head (2 x 4), whose maxima are smax_max; the tokens routed to each
+  // of the 4 experts of the MoE layer: every token of the step (4 x 64) goes to top_k = 2 of them.
+  for (const auto& st : steps) {
+    REQUIRE(st["smax"].size() == 2);
+    for (std::size_t l = 0; l < 2; ++l) {
+      REQUIRE(st["smax"][l].size() == 4);
+      double mx = -1e300;
+      for (const auto& v : st["smax"][l]) mx = std::max(mx, v.get<double>());
+      CHECK(mx == st["smax_max"][l].get<double>());
+    }
+    CHECK(st["expert_tokens"][0].is_null());
+    REQUIRE(st["expert_tokens"][1].size() == 4);
+    long routed = 0;
+    for (const auto& c : st["expert_tokens"][1]) routed += c.get<long>();
+    CHECK(routed == 4 * 64 * 2);
+  }
   CHECK(steps[5]["tokens"].get<long>() == 6 * 4 * 64);
   CHECK(steps[5]["loss"].get<double>() < steps[0]["loss"].get<double>());
 
