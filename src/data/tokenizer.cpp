@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/bpe_detail.hpp"
+#include "moetrain/json_file.hpp"
 
 namespace moetrain {
 
@@ -287,17 +288,7 @@ std::uint32_t as_id(const nlohmann::json& v, const std::string& path, const std:
 }  // namespace
 
 Tokenizer Tokenizer::load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int err = errno;
-    throw std::runtime_error(path + ": cannot open tokenizer file: " + std::strerror(err));
-  }
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error(path + ": not a valid JSON file: " + e.what());
-  }
+  const nlohmann::json j = read_json_file(path, "tokenizer file", kMaxFileBytes);
   if (!j.is_object()) throw std::runtime_error(path + ": expected a JSON object at the top level");
   auto field = [&](const char* name) -> const nlohmann::json& {
     const auto it = j.find(name);

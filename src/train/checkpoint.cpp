@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <stdexcept>
 
 #include "moetrain/atomic_file.hpp"
@@ -96,16 +95,6 @@ std::string commit_checkpoint(const std::string& out_dir, std::int64_t step, int
   auto all = list_checkpoints(out_dir);
   for (std::size_t i = 0; i + std::size_t(keep) < all.size(); ++i) fs::remove_all(all[i]);
   return final_path;
-}
-
-nlohmann::json read_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw std::runtime_error(path + ": cannot open for reading");
-  try {
-    return nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(path + ": not valid JSON (" + e.what() + ")");
-  }
 }
 
 #define MOETRAIN_INSTANTIATE(T)                        \

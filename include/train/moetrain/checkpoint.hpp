@@ -6,6 +6,7 @@
 // a copy of the tokenizer.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -36,6 +37,8 @@ std::string begin_checkpoint(const std::string& out_dir, std::int64_t step);
 // Renames the temporary directory to its final name (durably), then keeps the newest `keep`.
 std::string commit_checkpoint(const std::string& out_dir, std::int64_t step, int keep);
 
-nlohmann::json read_json_file(const std::string& path);
+// The largest trainer_state.json read (it holds the config, the loader state and the expert
+// biases of every layer); read through read_json_file (moetrain/json_file.hpp).
+inline constexpr std::size_t kMaxTrainerStateBytes = std::size_t(64) << 20;
 
 }  // namespace moetrain
