@@ -240,3 +240,25 @@ TEST_CASE("hostile input: config files that are not regular files or are too lar
     CHECK_THAT(run_bounded("config --check " + big).output, Contains(big + ": invalid JSON"));
   }
 }
+
+TEST_CASE("hostile input: sample refuses non-finite temperatures and seeds above 2^64-1",
+          "[faults][sample]") {
+  const std::string base = "sample --checkpoint /nonexistent/ck --prompt x ";
+  for (const char* t : {"nan", "inf", "-inf", "1e400", "-0.5"}) {
+    INFO(t);
+    const auto r = run_bounded(base + "--temperature " + t);
+    CHECK(r.exit_code != 0);
+    CHECK_THAT(r.output, Contains("--temperature") && Contains("expected a finite number >= 0"));
+  }
+  for (const char* s : {"18446744073709551616", "99999999999999999999999", "-1"}) {
+    INFO(s);
+    const auto r = run_bounded(base + "--seed " + s);
+    CHECK(r.exit_code != 0);
+    CHECK_THAT(r.output, Contains("--seed") && Contains("expected a decimal integer in [0, "
+                                                        "18446744073709551615]"));
+  }
+  // The largest seed and a finite temperature pass the flags; the missing checkpoint stops it.
+  const auto ok = run_bounded(base + "--temperature 0.5 --seed 18446744073709551615");
+  CHECK(ok.exit_code == 1);
+  CHECK_THAT(ok.output, Contains("--checkpoint '/nonexistent/ck'"));
+}
