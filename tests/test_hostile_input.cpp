@@ -62,6 +62,18 @@ std::string write_safetensors_header(const TempDir& dir, const std::string& name
   return write_text(dir, name, bytes + header);
 }
 
+// A short CI run with one checkpoint at step 2; returns the checkpoint directory.
+std::string short_run(const TempDir& dir, const std::string& extra = "") {
+  const std::string run = dir.file("run");
+  const auto r = run_command(binary() + " train" + ci_args(run) +
+                             " --set optim.warmup_steps=1 --set train.steps=2"
+                             " --set train.checkpoint_interval=2 --set train.eval_interval=0 " +
+                             extra);
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  return (fs::path(run) / "checkpoints" / "step_00000002").string();
+}
+
 }  // namespace
 
 TEST_CASE("hostile input: parse_json bounds the depth and names the JSON path", "[faults][json]") {
@@ -261,4 +273,45 @@ TEST_CASE("hostile input: sample refuses non-finite temperatures and seeds above
   const auto ok = run_bounded(base + "--temperature 0.5 --seed 18446744073709551615");
   CHECK(ok.exit_code == 1);
   CHECK_THAT(ok.output, Contains("--checkpoint '/nonexistent/ck'"));
+}
+
+TEST_CASE("hostile input: eval of non-finite weights is an error; the loss is printed in full",
+          "[faults][eval]") {
+  TempDir dir("hostile_eval");
+  const std::string ck = short_run(dir);
+  {  // A healthy checkpoint: the short form and the round-trip value agree.
+    const auto r = run_bounded("eval --checkpoint " + ck);
+    INFO(r.output);
+    REQUIRE(r.exit_code == 0);
+    const auto short_at = r.output.find(": val loss ");
+    const auto full_at = r.output.find("; val loss ");
+    REQUIRE(short_at != std::string::npos);
+    REQUIRE(full_at != std::string::npos);
+    const double shown = std::strtod(r.output.c_str() + short_at + 11, nullptr);
+    char* end = nullptr;
+    const double full = std::strtod(r.output.c_str() + full_at + 11, &end);
+    const std::string full_text(r.output.c_str() + full_at + 11, static_cast<const char*>(end));
+    CHECK(std::isfinite(full));
+    CHECK(std::abs(full - shown) <= 0.5e-4);
+    char buf[40];
+    std::snprintf(buf, sizeof buf, "%.17g", full);
+    CHECK(full_text == buf);  // every digit of the double
+    CHECK(full_text.size() > 7);
+  }
+  {  // The same checkpoint with NaN weights (one training run for both: a second each).
+    const std::string weights = (fs::path(ck) / "model.safetensors").string();
+    TensorMap t = load_safetensors(weights);
+    for (auto& [name, tensor] : t) {
+      std::vector<float> v = tensor.to_f32();
+      std::fill(v.begin(), v.end(), std::numeric_limits<float>::quiet_NaN());
+      tensor = HostTensor::f32(tensor.shape, v.data());
+    }
+    save_safetensors(weights, t);
+    const auto r = run_bounded("eval --checkpoint " + ck);
+    INFO(r.output);
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.output, Contains("error: " + ck + ": val loss is ") &&
+                             Contains("the checkpoint's weights are not usable"));
+    CHECK(r.output.find("perplexity") == std::string::npos);
+  }
 }
