@@ -315,3 +315,41 @@ TEST_CASE("hostile input: eval of non-finite weights is an error; the loss is pr
     CHECK(r.output.find("perplexity") == std::string::npos);
   }
 }
+
+TEST_CASE("hostile input: a data.tokenizer that does not exist is refused at start-up",
+          "[faults][train]") {
+  TempDir dir("hostile_tokpath");
+  const std::string run = dir.file("run");
+  const std::string args =
+      " train" + ci_args(run) + " --set train.steps=1 --set optim.warmup_steps=1";
+  SECTION("a missing file") {
+    const std::string missing = dir.file("no/tokenizer.json");
+    const auto r = run_command(binary() + args + " --set data.tokenizer=" + missing);
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.output, Contains("error: data.tokenizer: '" + missing + "': no such file") &&
+                             Contains("or to \"\" to train without a tokenizer"));
+    CHECK(!fs::exists(run));  // refused before anything was written
+  }
+  SECTION("a directory") {
+    const auto r = run_command(binary() + args + " --set data.tokenizer=" + dir.str());
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.output, Contains("data.tokenizer: '" + dir.str() + "': not a regular file"));
+  }
+  SECTION("empty: trains without one, and sample then asks for --tokenizer") {
+    const auto r =
+        run_command(binary() + args + " --set data.tokenizer= --set train.checkpoint_interval=1");
+    INFO(r.output);
+    REQUIRE(r.exit_code == 0);
+    const fs::path ck = fs::path(run) / "checkpoints" / "step_00000001";
+    CHECK(!fs::exists(fs::path(run) / "tokenizer.json"));
+    CHECK(!fs::exists(ck / "tokenizer.json"));
+    const auto s = run_bounded("sample --checkpoint " + ck.string() + " --prompt x");
+    CHECK(s.exit_code == 1);
+    CHECK_THAT(s.output, Contains("pass --tokenizer FILE"));
+    const auto with =
+        run_bounded("sample --checkpoint " + ck.string() + " --prompt x --tokenizer " +
+                    prepared_corpus() + "/tokenizer.json --max-tokens 3");
+    INFO(with.output);
+    CHECK(with.exit_code == 0);
+  }
+}

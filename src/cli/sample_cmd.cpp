@@ -97,6 +97,10 @@ void add_sample_command(CLI::App& app) {
     if (tok_path.empty()) {
       tok_path = (fs::path(o->checkpoint) / "tokenizer.json").string();
       if (!fs::exists(tok_path)) tok_path = cfg.data.tokenizer;
+      if (tok_path.empty())
+        throw std::runtime_error(o->checkpoint +
+                                 ": no tokenizer.json in the checkpoint and its data.tokenizer is "
+                                 "empty (trained without one): pass --tokenizer FILE");
     }
     const Tokenizer tok = Tokenizer::load(tok_path);
     if (tok.vocab_size() > std::uint32_t(cfg.model.vocab_size))

@@ -207,18 +207,20 @@ Field boolean(const char* path, Access access, const char* description) {
   return f;
 }
 
-// A non-empty string (file paths and globs).
+// A string (file paths and globs): non-empty unless may_be_empty.
 template <class Access>
-Field path_string(const char* path, Access access, const char* description) {
+Field path_string(const char* path, Access access, const char* description,
+                  bool may_be_empty = false) {
   static_assert(std::is_same_v<MemberOf<Access>, std::string>);
   Field f;
   f.path = path;
   f.type = "string";
-  f.constraint = "non-empty";
+  f.constraint = may_be_empty ? "optional" : "non-empty";
   f.description = description;
   f.is_text = true;
-  f.check = [](const json& v) -> std::optional<std::string> {
-    if (!v.is_string() || v.get_ref<const std::string&>().empty()) return "a non-empty string";
+  f.check = [may_be_empty](const json& v) -> std::optional<std::string> {
+    if (!v.is_string()) return may_be_empty ? "a string" : "a non-empty string";
+    if (!may_be_empty && v.get_ref<const std::string&>().empty()) return "a non-empty string";
     return std::nullopt;
   };
   f.get = [access](const Config& c) { return json(access(c)); };
@@ -340,7 +342,10 @@ const std::vector<Field>& fields() {
     // data
     t.push_back(path_string(MOETRAIN_FIELD(data.train_pattern), "Glob of the training shards"));
     t.push_back(path_string(MOETRAIN_FIELD(data.val_pattern), "Glob of the validation shards"));
-    t.push_back(path_string(MOETRAIN_FIELD(data.tokenizer), "Tokenizer JSON file"));
+    t.push_back(path_string(MOETRAIN_FIELD(data.tokenizer),
+                            "Tokenizer JSON file, copied into the run and its checkpoints; it "
+                            "must exist when set (empty: train without one)",
+                            /*may_be_empty=*/true));
     t.push_back(integer(MOETRAIN_FIELD(data.batch_size), at_least(1),
                         "Sequences per micro-batch per rank"));
     t.push_back(boolean(MOETRAIN_FIELD(data.shuffle), "Shuffle the order of training sequences"));

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -337,6 +338,24 @@ Tokenizer Tokenizer::load(const std::string& path) {
     return Tokenizer(std::move(merges), std::move(specials));
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(path + ": " + e.what());
+  }
+}
+
+void check_tokenizer_file(const std::string& path, const std::string& field) {
+  namespace fs = std::filesystem;
+  if (path.empty()) return;
+  std::error_code ec;
+  const char* why = nullptr;
+  if (!fs::exists(path, ec))
+    why = "no such file";
+  else if (!fs::is_regular_file(path, ec))
+    why = "not a regular file";
+  else if (!std::ifstream(path, std::ios::binary))  // a regular file: the open cannot block
+    why = "cannot be read";
+  if (why) {
+    throw std::runtime_error(field + ": '" + path + "': " + why +
+                             "; set it to a tokenizer JSON file (prepare-data writes one), or to "
+                             "\"\" to train without a tokenizer (sample then needs --tokenizer)");
   }
 }
 

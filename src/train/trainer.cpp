@@ -17,6 +17,7 @@
 #include "moetrain/optimizer.hpp"
 #include "moetrain/runtime.hpp"
 #include "moetrain/signals.hpp"
+#include "moetrain/tokenizer.hpp"
 #include "train/step_record.hpp"
 #include "train/watchdog.hpp"
 
@@ -45,6 +46,7 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
     throw std::runtime_error("train.out_dir '" + out_dir_ +
                              "' already holds a run (metrics.jsonl or checkpoints): continue it "
                              "with --resume, or choose another train.out_dir");
+  check_tokenizer_file(cfg_.data.tokenizer, "data.tokenizer");
 
   model_ = std::make_unique<Model<float>>(m, be_, cfg_.data.batch_size);
   model_->init_weights(cfg_.train.seed);
@@ -71,7 +73,7 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
     fs::create_directories(out_dir_);
     write_text_atomically((fs::path(out_dir_) / "config.json").string(),
                           config_to_json(cfg_).dump(2) + "\n");
-    if (fs::exists(cfg_.data.tokenizer))
+    if (!cfg_.data.tokenizer.empty())
       fs::copy_file(cfg_.data.tokenizer, fs::path(out_dir_) / "tokenizer.json",
                     fs::copy_options::overwrite_existing);
     metrics_ = std::make_unique<MetricsLog>((fs::path(out_dir_) / "metrics.jsonl").string(),

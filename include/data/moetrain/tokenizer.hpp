@@ -93,4 +93,10 @@ class Tokenizer {
   std::unique_ptr<Cache> cache_;
 };
 
+// Refuses, at the start of training, a tokenizer path (the config field `field`) that is set but is
+// not a readable regular file, so that checkpoints do not silently go without their tokenizer
+// copy. An empty path means training without a tokenizer. Throws std::runtime_error naming the
+// field and the path.
+void check_tokenizer_file(const std::string& path, const std::string& field);
+
 }  // namespace moetrain
