@@ -275,7 +275,7 @@ TEST_CASE("hostile input: sample refuses non-finite temperatures and seeds above
   CHECK_THAT(ok.output, Contains("--checkpoint '/nonexistent/ck'"));
 }
 
-TEST_CASE("hostile input: eval of non-finite weights is an error; the loss is printed in full",
+TEST_CASE("hostile input: eval of non-finite weights is an error, and the loss is printed in full",
           "[faults][eval]") {
   TempDir dir("hostile_eval");
   const std::string ck = short_run(dir);
