@@ -26,9 +26,9 @@ std::string cut_short(std::string s, std::size_t max) {
   return s.substr(0, cut) + "...";
 }
 
-// Builds the DOM from nlohmann's SAX events, as nlohmann's own DOM parser does, and refuses what
-// it accepts: nesting beyond the limit and repeated keys. It also knows, at every event, the JSON
-// path of the value being parsed, for the error messages.
+// Builds the DOM from nlohmann's SAX events, as nlohmann's own DOM parser does, but refuses two
+// things that one accepts: nesting beyond the limit and repeated keys. It also knows, at every
+// event, the JSON path of the value being parsed, for the error messages.
 class BoundedDomBuilder final : public nlohmann::json_sax<json> {
  public:
   BoundedDomBuilder(const std::string& text, const std::string& source, const JsonLimits& limits)
