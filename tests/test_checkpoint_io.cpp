@@ -13,6 +13,7 @@
 #include "gradcheck.hpp"
 #include "moetrain/checkpoint.hpp"
 #include "moetrain/cpu_backend.hpp"
+#include "moetrain/json_file.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/safetensors.hpp"
 #include "test_util.hpp"
@@ -217,8 +218,9 @@ TEST_CASE("commit_checkpoint publishes the directory; prune_checkpoints keeps th
     prune_checkpoints(out, keep);
     CHECK(final_path == checkpoint_path(out, step * 10));
     CHECK_FALSE(fs::exists(tmp));
-    CHECK(read_json_file((fs::path(final_path) / "trainer_state.json").string()).at("step") ==
-          step * 10);
+    CHECK(read_json_file((fs::path(final_path) / "trainer_state.json").string(), "trainer state",
+                         kMaxTrainerStateBytes)
+              .at("step") == step * 10);
     std::vector<std::string> expected;
     for (int s = std::max(1, step - keep + 1); s <= step; ++s)
       expected.push_back(checkpoint_path(out, s * 10));
@@ -248,10 +250,12 @@ TEST_CASE("commit_checkpoint publishes the directory; prune_checkpoints keeps th
 TEST_CASE("read_json_file errors name the file", "[io]") {
   TempDir dir("ckpt");
   const std::string missing = (dir.path / "nope.json").string();
-  REQUIRE_THROWS_WITH(read_json_file(missing), Catch::Contains(missing));
+  REQUIRE_THROWS_WITH(read_json_file(missing, "trainer state", kMaxTrainerStateBytes),
+                      Catch::Contains(missing));
   const std::string bad = (dir.path / "bad.json").string();
   std::ofstream(bad) << "{\"step\": ";
-  REQUIRE_THROWS_WITH(read_json_file(bad), Catch::Contains(bad));
+  REQUIRE_THROWS_WITH(read_json_file(bad, "trainer state", kMaxTrainerStateBytes),
+                      Catch::Contains(bad));
 }
 
 TEST_CASE("update_router_biases: b_e += rate * sign(mean_load - load_e) on MoE layers",

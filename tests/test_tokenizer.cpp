@@ -323,8 +323,8 @@ TEST_CASE("tokenizer load reports what is wrong with the file", "[tokenizer]") {
     return write(j.dump());
   };
 
-  expect_error((dir.path / "missing.json").string(), "cannot open");
-  expect_error(write("{\"type\": \"byte_bpe\", "), "not a valid JSON");
+  expect_error((dir.path / "missing.json").string(), "cannot read tokenizer file");
+  expect_error(write("{\"type\": \"byte_bpe\", "), "invalid JSON");
   expect_error(write("[1, 2]"), "JSON object");
   expect_error(mutated([](auto& j) { j["type"] = "wordpiece"; }), "\"type\"");
   expect_error(mutated([](auto& j) { j.erase("type"); }), "missing field \"type\"");

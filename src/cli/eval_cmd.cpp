@@ -2,6 +2,8 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <stdexcept>
+#include <string>
 
 #include "cli/commands.hpp"
 #include "cli/common.hpp"
@@ -36,9 +38,20 @@ void add_eval_command(CLI::App& app) {
       n += st.ce_tokens;
     }
     const double loss = n ? sum / double(n) : 0.0;
-    std::printf("%s: val loss %.4f, perplexity %.2f over %lld tokens (%llu windows of %d)\n",
-                o->checkpoint.c_str(), loss, std::exp(loss), static_cast<long long>(n),
-                static_cast<unsigned long long>(val.total_windows()), cfg.model.seq_len);
+    if (!std::isfinite(loss)) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%g", loss);
+      throw std::runtime_error(o->checkpoint + ": val loss is " + buf + " over " +
+                               std::to_string(n) +
+                               " tokens: the checkpoint's weights are not usable (non-finite "
+                               "values in model.safetensors?)");
+    }
+    // The short form for people, then the loss in round-trip precision (%.17g) for scripts.
+    std::printf(
+        "%s: val loss %.4f, perplexity %.2f over %lld tokens (%llu windows of %d); val loss "
+        "%.17g\n",
+        o->checkpoint.c_str(), loss, std::exp(loss), static_cast<long long>(n),
+        static_cast<unsigned long long>(val.total_windows()), cfg.model.seq_len, loss);
   });
 }
 

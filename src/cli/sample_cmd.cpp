@@ -1,10 +1,13 @@
 // `moetrain sample`: text continued from a prompt by a checkpoint, with temperature and top-k.
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <numeric>
+#include <stdexcept>
+#include <system_error>
 
 #include "cli/commands.hpp"
 #include "cli/common.hpp"
@@ -43,6 +46,30 @@ std::uint32_t draw(const float* logits, int vocab, double temperature, int top_k
   return std::uint32_t(idx[std::size_t(k - 1)]);
 }
 
+// --temperature: a finite number >= 0. (CLI::NonNegativeNumber lets nan through: nan < 0 is
+// false.)
+const CLI::Validator kFiniteNonNegative(
+    [](std::string& s) -> std::string {
+      double x = 0;
+      const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
+      if (ec != std::errc{} || end != s.data() + s.size() || !std::isfinite(x) || x < 0)
+        return "expected a finite number >= 0, got '" + s + "'";
+      return {};
+    },
+    "FINITE >= 0");
+
+// --seed: a decimal integer in [0, 2^64 - 1]. (CLI11's strtoull saturates a larger one at 2^64 - 1
+// and wraps a negative one around.)
+const CLI::Validator kUint64(
+    [](std::string& s) -> std::string {
+      std::uint64_t x = 0;
+      const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
+      if (ec != std::errc{} || end != s.data() + s.size())
+        return "expected a decimal integer in [0, 18446744073709551615], got '" + s + "'";
+      return {};
+    },
+    "UINT64");
+
 }  // namespace
 
 void add_sample_command(CLI::App& app) {
@@ -57,11 +84,11 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--checkpoint", o->checkpoint, "Checkpoint directory")->required();
   cmd->add_option("--prompt", o->prompt, "Text to continue")->required();
   cmd->add_option("--temperature", o->temperature, "Softmax temperature (0: greedy)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kFiniteNonNegative);
   cmd->add_option("--top-k", o->top_k, "Sample among the k most likely tokens (0: all)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-tokens", o->max_tokens, "Tokens to generate")->check(CLI::PositiveNumber);
-  cmd->add_option("--seed", o->seed, "Sampling seed");
+  cmd->add_option("--seed", o->seed, "Sampling seed")->check(kUint64);
   cmd->add_option("--tokenizer", o->tokenizer,
                   "Tokenizer JSON (default: the checkpoint's copy, else data.tokenizer)");
   cmd->callback([o] {
@@ -70,6 +97,10 @@ void add_sample_command(CLI::App& app) {
     if (tok_path.empty()) {
       tok_path = (fs::path(o->checkpoint) / "tokenizer.json").string();
       if (!fs::exists(tok_path)) tok_path = cfg.data.tokenizer;
+      if (tok_path.empty())
+        throw std::runtime_error(o->checkpoint +
+                                 ": no tokenizer.json in the checkpoint and its data.tokenizer is "
+                                 "empty (trained without one): pass --tokenizer FILE");
     }
     const Tokenizer tok = Tokenizer::load(tok_path);
     if (tok.vocab_size() > std::uint32_t(cfg.model.vocab_size))

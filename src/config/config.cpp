@@ -6,22 +6,19 @@
 
 #include "moetrain/config.hpp"
 
+#include "moetrain/json_file.hpp"
+
 #include <algorithm>
 #include <array>
-#include <cerrno>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
 #include <optional>
 #include <set>
-#include <sstream>
 #include <type_traits>
 #include <utility>
 
@@ -77,12 +74,36 @@ std::string with_constraint(std::string form, const std::string& constraint) {
   return form;
 }
 
-// A JSON value for an error message: compact, and cut short when long.
+// A JSON value for an error message: compact, and cut short when long. Written element by
+// element, stopping once long enough and abbreviating what is nested deeper than a few levels, so
+// a huge or deep value costs no more than a short one.
+constexpr std::size_t kShowMax = 80;
+constexpr int kShowDepth = 8;
+
+void show_into(const json& v, int depth, std::string& out) {
+  if (!v.is_array() && !v.is_object()) {
+    out += v.dump(-1, ' ', false, json::error_handler_t::replace);
+    return;
+  }
+  if (depth >= kShowDepth) {
+    out += v.is_array() ? "[...]" : "{...}";
+    return;
+  }
+  out += v.is_array() ? '[' : '{';
+  for (auto it = v.begin(); it != v.end() && out.size() <= kShowMax; ++it) {
+    if (it != v.begin()) out += ',';
+    if (v.is_object())
+      out += json(it.key()).dump(-1, ' ', false, json::error_handler_t::replace) + ':';
+    show_into(*it, depth + 1, out);
+  }
+  out += v.is_array() ? ']' : '}';
+}
+
 std::string show(const json& v) {
-  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  constexpr std::size_t kMax = 80;
-  if (s.size() > kMax) {
-    std::size_t cut = kMax - 3;
+  std::string s;
+  show_into(v, 0, s);
+  if (s.size() > kShowMax) {
+    std::size_t cut = kShowMax - 3;
     while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;  // UTF-8
     s = s.substr(0, cut) + "...";
   }
@@ -188,18 +209,20 @@ Field boolean(const char* path, Access access, const char* description) {
   return f;
 }
 
-// A non-empty string (file paths and globs).
+// A string (file paths and globs): non-empty unless may_be_empty.
 template <class Access>
-Field path_string(const char* path, Access access, const char* description) {
+Field path_string(const char* path, Access access, const char* description,
+                  bool may_be_empty = false) {
   static_assert(std::is_same_v<MemberOf<Access>, std::string>);
   Field f;
   f.path = path;
   f.type = "string";
-  f.constraint = "non-empty";
+  f.constraint = may_be_empty ? "optional" : "non-empty";
   f.description = description;
   f.is_text = true;
-  f.check = [](const json& v) -> std::optional<std::string> {
-    if (!v.is_string() || v.get_ref<const std::string&>().empty()) return "a non-empty string";
+  f.check = [may_be_empty](const json& v) -> std::optional<std::string> {
+    if (!v.is_string()) return may_be_empty ? "a string" : "a non-empty string";
+    if (!may_be_empty && v.get_ref<const std::string&>().empty()) return "a non-empty string";
     return std::nullopt;
   };
   f.get = [access](const Config& c) { return json(access(c)); };
@@ -321,7 +344,10 @@ const std::vector<Field>& fields() {
     // data
     t.push_back(path_string(MOETRAIN_FIELD(data.train_pattern), "Glob of the training shards"));
     t.push_back(path_string(MOETRAIN_FIELD(data.val_pattern), "Glob of the validation shards"));
-    t.push_back(path_string(MOETRAIN_FIELD(data.tokenizer), "Tokenizer JSON file"));
+    t.push_back(path_string(MOETRAIN_FIELD(data.tokenizer),
+                            "Tokenizer JSON file, copied into the run and its checkpoints; it "
+                            "must exist when set (empty: train without one)",
+                            /*may_be_empty=*/true));
     t.push_back(integer(MOETRAIN_FIELD(data.batch_size), at_least(1),
                         "Sequences per micro-batch per rank"));
     t.push_back(boolean(MOETRAIN_FIELD(data.shuffle), "Shuffle the order of training sequences"));
@@ -586,40 +612,11 @@ Config config_from_json(const json& j, const std::string& source) {
 }
 
 json read_config_json(const std::string& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (fs::is_directory(path, ec))
-    throw ConfigError(path + ": cannot read config file: is a directory");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    throw ConfigError(path + ": cannot read config file: " + std::strerror(errno));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw ConfigError(path + ": cannot read config file: " + std::strerror(errno));
-  const std::string text = ss.str();
   json j;
   try {
-    j = json::parse(text);
-  } catch (const json::parse_error& e) {
-    // e.what() is "[json.exception.parse_error.N] parse error at line L, column C: <detail>".
-    std::string detail = e.what();
-    const auto p = detail.find("parse error");
-    if (p != std::string::npos) detail = detail.substr(p + std::strlen("parse error"));
-    std::string location;
-    std::size_t line = 0, column = 0;
-    int consumed = 0;
-    if (std::sscanf(detail.c_str(), " at line %zu, column %zu: %n", &line, &column, &consumed) ==
-            2 &&
-        consumed > 0) {
-      location = ", line " + std::to_string(line) + ", column " + std::to_string(column);
-      detail = detail.substr(std::size_t(consumed));
-    } else {
-      detail = trim(detail);
-      if (detail.rfind(": ", 0) == 0) detail = detail.substr(2);
-    }
-    throw ConfigError(path + ": invalid JSON at byte " + std::to_string(e.byte) + location + ": " +
-                      detail);
+    j = read_json_file(path, "config file", kMaxConfigFileBytes);
+  } catch (const JsonError& e) {
+    throw ConfigError(e.what());
   }
   if (!j.is_object()) fail(path, "top level", "an object", show(j));
   return j;
@@ -648,8 +645,16 @@ void apply_override(json& j, const std::string& assignment) {
                       ": unknown config field (`moetrain config --defaults` lists them)");
   }
   const std::string text = assignment.substr(eq + 1);
-  json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (value.is_discarded() || (f->is_text && !value.is_string())) value = text;
+  // Not JSON: taken as the text itself (`--set train.out_dir=runs/x`). JSON nested too deep or
+  // with a repeated key is refused.
+  json value;
+  try {
+    value = parse_json(text, "--set " + path);
+  } catch (const JsonError& e) {
+    if (e.kind() != JsonError::Kind::Syntax) throw ConfigError(e.what());
+    value = text;
+  }
+  if (f->is_text && !value.is_string()) value = text;
   if (auto expected = f->check(value)) fail("--set", path, *expected, show(value));
 
   if (j.is_null()) j = json::object();

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -18,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/bpe_detail.hpp"
+#include "moetrain/json_file.hpp"
 
 namespace moetrain {
 
@@ -287,17 +289,7 @@ std::uint32_t as_id(const nlohmann::json& v, const std::string& path, const std:
 }  // namespace
 
 Tokenizer Tokenizer::load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int err = errno;
-    throw std::runtime_error(path + ": cannot open tokenizer file: " + std::strerror(err));
-  }
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error(path + ": not a valid JSON file: " + e.what());
-  }
+  const nlohmann::json j = read_json_file(path, "tokenizer file", kMaxFileBytes);
   if (!j.is_object()) throw std::runtime_error(path + ": expected a JSON object at the top level");
   auto field = [&](const char* name) -> const nlohmann::json& {
     const auto it = j.find(name);
@@ -346,6 +338,24 @@ Tokenizer Tokenizer::load(const std::string& path) {
     return Tokenizer(std::move(merges), std::move(specials));
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(path + ": " + e.what());
+  }
+}
+
+void check_tokenizer_file(const std::string& path, const std::string& field) {
+  namespace fs = std::filesystem;
+  if (path.empty()) return;
+  std::error_code ec;
+  const char* why = nullptr;
+  if (!fs::exists(path, ec))
+    why = "no such file";
+  else if (!fs::is_regular_file(path, ec))
+    why = "not a regular file";
+  else if (!std::ifstream(path, std::ios::binary))  // a regular file: the open cannot block
+    why = "cannot be read";
+  if (why) {
+    throw std::runtime_error(field + ": '" + path + "': " + why +
+                             "; set it to a tokenizer JSON file (prepare-data writes one), or to "
+                             "\"\" to train without a tokenizer (sample then needs --tokenizer)");
   }
 }
 

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moetrain/atomic_file.hpp"
+#include "moetrain/json_file.hpp"
 
 namespace moetrain {
 
@@ -122,12 +123,7 @@ TensorMap load_safetensors(const std::string& path, std::map<std::string, std::s
                              " bytes, file of " + std::to_string(size) + ")");
   std::string h(n, '\0');
   f.read(h.data(), std::streamsize(n));
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(h);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(path + ": header is not valid JSON (" + e.what() + ")");
-  }
+  const nlohmann::json header = parse_json(h, path + ": header");
   if (!header.is_object()) throw std::runtime_error(path + ": header is not a JSON object");
   const std::uint64_t data_size = size - 8 - n;
   std::vector<std::uint8_t> data(data_size);

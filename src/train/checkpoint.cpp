@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <stdexcept>
 
 #include "moetrain/atomic_file.hpp"
@@ -156,7 +155,7 @@ std::optional<std::string> incomplete_reason(const std::string& dir) {
   if (!fs::is_regular_file(state)) return "no trainer_state.json";
   nlohmann::json st;
   try {
-    st = read_json_file(state.string());
+    st = read_json_file(state.string(), "trainer state", kMaxTrainerStateBytes);
   } catch (const std::exception& e) {
     return std::string("unreadable trainer_state.json (") + e.what() + ")";
   }
@@ -169,16 +168,6 @@ std::optional<std::string> incomplete_reason(const std::string& dir) {
   for (const auto& f : files)
     if (!fs::is_regular_file(d / f)) return "no " + f;
   return std::nullopt;
-}
-
-nlohmann::json read_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw std::runtime_error(path + ": cannot open for reading");
-  try {
-    return nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(path + ": not valid JSON (" + e.what() + ")");
-  }
 }
 
 #define MOETRAIN_INSTANTIATE(T)                        \

@@ -13,6 +13,7 @@
 #include "moetrain/checkpoint.hpp"
 #include "moetrain/data_loader.hpp"
 #include "moetrain/fault_point.hpp"
+#include "moetrain/json_file.hpp"
 #include "moetrain/metrics.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
@@ -107,7 +108,7 @@ void check_piece(const std::map<std::string, std::string>& meta, const std::stri
 CheckpointReader::CheckpointReader(const std::string& dir)
     : dir_(dir),
       state_path_((fs::path(dir) / "trainer_state.json").string()),
-      state_(read_json_file(state_path_)) {}
+      state_(read_json_file(state_path_, "trainer state", kMaxTrainerStateBytes)) {}
 
 Config CheckpointReader::config(const std::vector<std::string>& overrides) const {
   if (!state_.is_object() || !state_.contains("config"))

@@ -18,6 +18,7 @@
 #include "moetrain/optimizer.hpp"
 #include "moetrain/runtime.hpp"
 #include "moetrain/signals.hpp"
+#include "moetrain/tokenizer.hpp"
 #include "train/run_lock.hpp"
 #include "train/step_record.hpp"
 #include "train/watchdog.hpp"
@@ -42,6 +43,8 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
       out_dir_(cfg.train.out_dir) {
   const ModelConfig& m = cfg_.model;
   const bool fresh = opts_.resume.empty();
+  check_tokenizer_file(cfg_.data.tokenizer, "data.tokenizer");
+  check_memory_fits(cfg_, be_, comm_.world(), leader());  // before anything large is allocated
   if (leader()) {
     lock_ = std::make_unique<RunLock>(out_dir_);
     remove_checkpoint_leftovers(out_dir_);
@@ -56,7 +59,6 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
         spdlog::warn("{} is from a run that left no checkpoint; moved it to {}", metrics, *aside);
   }
 
-  check_memory_fits(cfg_, be_, comm_.world(), leader());  // before anything large is allocated
   model_ = std::make_unique<Model<float>>(m, be_, cfg_.data.batch_size);
   model_->init_weights(cfg_.train.seed);
   opt_ = std::make_unique<Optimizer<float>>(cfg_, model_->layout(), be_, &comm_);
@@ -82,7 +84,7 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
     fs::create_directories(out_dir_);
     write_text_atomically((fs::path(out_dir_) / "config.json").string(),
                           config_to_json(cfg_).dump(2) + "\n");
-    if (fs::exists(cfg_.data.tokenizer))
+    if (!cfg_.data.tokenizer.empty())
       fs::copy_file(cfg_.data.tokenizer, fs::path(out_dir_) / "tokenizer.json",
                     fs::copy_options::overwrite_existing);
     metrics_ = std::make_unique<MetricsLog>((fs::path(out_dir_) / "metrics.jsonl").string(),

@@ -5,6 +5,7 @@
 // ConfigError that names the file, the JSON path and the expected form.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -147,13 +148,19 @@ Config load_config(const std::string& path);
 // overriding config_to_json(load_config(path)), where head_dim is already resolved.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides);
 
-// Reads a JSON file without validating its fields (the top level must be an object); errors
-// name the file, and for syntax errors the byte position.
+// The largest config file read (a file above it is refused, naming the bound).
+inline constexpr std::size_t kMaxConfigFileBytes = std::size_t(4) << 20;
+
+// Reads a JSON file without validating its fields (the top level must be an object) through
+// read_json_file (moetrain/json_file.hpp: a regular file of at most kMaxConfigFileBytes, nesting
+// bounded, no duplicate keys); errors name the file, and for syntax errors the byte position, line,
+// column and JSON path.
 nlohmann::json read_config_json(const std::string& path);
 
 // Applies "a.b.c=value" overrides (value parsed as JSON, else taken as a string) to `j`.
 // The path must be a schema field and the value must fit the field's type and range (errors
 // name `--set`); for string fields a value that parses as another JSON type is taken as text.
+// A value that is JSON nested too deep or with a repeated key is refused, whatever the field.
 void apply_override(nlohmann::json& j, const std::string& assignment);
 
 // The full, resolved config (head_dim filled in) as JSON.

@@ -34,6 +34,8 @@ class Tokenizer {
   static constexpr const char* kEndOfText = "<|endoftext|>";
   static constexpr std::size_t kMaxChunkBytes = 256;
   static constexpr int kMinVocabSize = 258;  // 256 bytes, at least one merge, end-of-text
+  // The largest tokenizer file load() reads (a file above it is refused, naming the bound).
+  static constexpr std::size_t kMaxFileBytes = std::size_t(256) << 20;
 
   // Learns vocab_size - 257 merges on the documents (each pre-split on its own). Throws
   // std::invalid_argument if vocab_size < kMinVocabSize, std::runtime_error if the text has too
@@ -90,5 +92,11 @@ class Tokenizer {
   std::uint32_t eot_id_ = 0;
   std::unique_ptr<Cache> cache_;
 };
+
+// Refuses, at the start of training, a tokenizer path (the config field `field`) that is set but is
+// not a readable regular file, so that checkpoints do not silently go without their tokenizer
+// copy. An empty path means training without a tokenizer. Throws std::runtime_error naming the
+// field and the path.
+void check_tokenizer_file(const std::string& path, const std::string& field);
 
 }  // namespace moetrain

@@ -6,6 +6,7 @@
 // a copy of the tokenizer.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -51,6 +52,8 @@ void remove_checkpoint_leftovers(const std::string& out_dir);
 // Removes a directory file by file (each removal a fault point), then the directory itself.
 void remove_leftover(const std::filesystem::path& dir);
 
-nlohmann::json read_json_file(const std::string& path);
+// The largest trainer_state.json read (it holds the config, the loader state and the expert
+// biases of every layer); read through read_json_file (moetrain/json_file.hpp).
+inline constexpr std::size_t kMaxTrainerStateBytes = std::size_t(64) << 20;
 
 }  // namespace moetrain
