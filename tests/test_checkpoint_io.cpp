@@ -201,7 +201,7 @@ TEST_CASE("list_checkpoints: final step_NNNNNNNN directories only, oldest first"
   CHECK(checkpoint_path(out, 10) == (root / "step_00000010").string());
 }
 
-TEST_CASE("commit_checkpoint publishes the directory; prune_checkpoints keeps the newest `keep`",
+TEST_CASE("commit_checkpoint publishes the directory and prune_checkpoints keeps the newest `keep`",
           "[io]") {
   TempDir dir("ckpt");
   const std::string out = dir.path.string();

@@ -7,6 +7,7 @@
 
 #include "moetrain/atomic_file.hpp"
 #include "moetrain/fault_point.hpp"
+#include "moetrain/json_file.hpp"
 
 namespace fs = std::filesystem;
 
