@@ -72,6 +72,13 @@ void check_final_names_complete(const fs::path& run) {
   }
 }
 
+// `moetrain eval` loads checkpoint `dir` and gives a finite loss.
+void check_evaluates(const std::string& dir) {
+  const auto ev = run_command(binary() + " eval --checkpoint " + dir);
+  INFO(ev.output);
+  CHECK(ev.exit_code == 0);
+}
+
 std::vector<nlohmann::json> metrics_lines(const fs::path& run) {
   return read_jsonl(run / "metrics.jsonl");  // throws on a torn line
 }
@@ -166,9 +173,7 @@ TEST_CASE("faults: divergence never leaves a bad checkpoint as the newest", "[fa
   // The checkpoint of the step before the failure was moved aside: its weights gave the NaN.
   CHECK(fs::is_directory(moetrain::checkpoint_path(run.string(), failed - 1) + ".diverged"));
   CHECK(r.output.find("--resume continues from " + cks[0]) != std::string::npos);
-  const auto ev = run_command(binary() + " eval --checkpoint " + cks[0]);
-  INFO(ev.output);
-  CHECK(ev.exit_code == 0);
+  check_evaluates(cks[0]);
   // A lower learning rate continues from it.
   const auto res = run_command(train_cmd(run.string(),
                                          "--set train.steps=12 --set optim.warmup_steps=12 "
@@ -308,10 +313,7 @@ TEST_CASE("faults: a shard truncated while training is an error naming it", "[fa
   CHECK(log.find("changed on disk while in use") != std::string::npos);
   CHECK(log.find(data.string()) != std::string::npos);
   check_final_names_complete(run);
-  const auto ev =
-      run_command(binary() + " eval --checkpoint " + list_checkpoints(run.string()).back());
-  INFO(ev.output);
-  CHECK(ev.exit_code == 0);
+  check_evaluates(list_checkpoints(run.string()).back());
 }
 
 TEST_CASE("faults: SIGTERM during start-up ends the process at once", "[faults][signal]") {
@@ -323,7 +325,7 @@ TEST_CASE("faults: SIGTERM during start-up ends the process at once", "[faults][
                                     "--set model.moe.expert_ff=2048 --set model.dense_ff=2048 "
                                     "--set model.n_heads=6 --set model.n_kv_heads=6"),
                           tmp.path / "log");
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
   const auto t0 = Clock::now();
   REQUIRE(::kill(pid, SIGTERM) == 0);
   const int rc = wait_exit(pid);
