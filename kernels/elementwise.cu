@@ -138,6 +138,21 @@ __global__ void __launch_bounds__(kTile* kTileRows)
   }
 }
 
+// ---- strided scale
+// ------------------------------------------------------------------------------- x[r, c] *= s over
+// a strided [rows, cols] matrix, one thread per element of a row; s = 0 writes zeros without
+// reading (a GEMM's beta = 0: whatever C held, NaN included, is not read).
+__global__ void __launch_bounds__(kThreads)
+    scale_matrix_kernel(float* __restrict__ x, int ld, int rows, int cols, float s) {
+  const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (c >= cols) return;
+  for (int r = static_cast<int>(blockIdx.y * blockDim.y + threadIdx.y); r < rows;
+       r += static_cast<int>(gridDim.y * blockDim.y)) {
+    float* p = x + static_cast<std::size_t>(r) * ld + c;
+    *p = s == 0.0f ? 0.0f : *p * s;
+  }
+}
+
 // ---- strided fp32 -> bf16 -----------------------------------------------------------------------
 // One thread per pack of V columns of a row; block rows cover several short rows at once.
 template <int V>
@@ -188,6 +203,16 @@ void transpose_batched(T* out, const T* in, int batch, int rows, int cols, cudaS
                   std::min(static_cast<unsigned>(ceil_div(rows, kTile)), kMaxGridYZ),
                   std::min(static_cast<unsigned>(batch), kMaxGridYZ));
   launch(transpose_kernel<T>, grid, dim3(kTile, kTileRows), 0, stream, out, in, batch, rows, cols);
+}
+
+void scale_matrix(float* x, int ld, int rows, int cols, float s, cudaStream_t stream) {
+  using namespace elementwise_detail;
+  if (rows <= 0 || cols <= 0) return;
+  const int bx = std::min(ceil_div(cols, kWarpSize) * kWarpSize, kThreads), by = kThreads / bx;
+  const dim3 grid(static_cast<unsigned>(ceil_div(cols, bx)),
+                  std::min(static_cast<unsigned>(ceil_div(rows, by)), kMaxGridYZ));
+  launch(scale_matrix_kernel, grid, dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)), 0,
+         stream, x, ld, rows, cols, s);
 }
 
 void convert_to_bf16(__nv_bfloat16* out, int ld_out, const float* in, int ld_in, int rows, int cols,

@@ -305,6 +305,37 @@ TEST_CASE("elementwise kernels: convert_to_bf16_stochastic is unbiased",
   }
 }
 
+TEST_CASE("elementwise kernels: scale_matrix scales a strided matrix; s = 0 clears it",
+          "[simt][kernels][elementwise]") {
+  const int rows = 37, cols = 45, ld = 48;
+  std::vector<float> x(std::size_t(rows) * ld);
+  std::mt19937 gen(80);
+  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+  for (auto& v : x) v = dist(gen);
+  x[5] = std::nanf("");            // inside the matrix
+  x[std::size_t(ld) + 46] = 7.0f;  // padding: never touched
+  x[std::size_t(ld) * 3 + 47] = std::nanf("");
+  for (const simt::Schedule& sch : test_schedules()) {
+    simt::ScopedSchedule scope(sch);
+    for (const float s : {2.5f, 1.0f, 0.0f}) {
+      INFO("schedule " << sch.name() << ", s " << s);
+      DeviceBuffer<float> d(x);
+      mk::scale_matrix(d.ptr, ld, rows, cols, s, nullptr);
+      const std::vector<float> got = d.download();
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < ld; ++c) {
+          const std::size_t i = std::size_t(r) * ld + std::size_t(c);
+          const float want = c >= cols ? x[i] : s == 0.0f ? 0.0f : x[i] * s;
+          if (std::isnan(want)) {
+            CHECK(std::isnan(got[i]));
+          } else {
+            CHECK(got[i] == want);
+          }
+        }
+    }
+  }
+}
+
 TEST_CASE("elementwise kernels: convert_from_bf16 is exact", "[simt][kernels][elementwise]") {
   run_from_bf16(1, 0, 70);
   run_from_bf16(4099, 0, 71);
@@ -316,6 +347,8 @@ TEST_CASE("elementwise kernels: empty sizes launch nothing", "[simt][kernels][el
   bf16* h = nullptr;
   CHECK_NOTHROW(mk::add_inplace(h, h, 0, nullptr));
   CHECK_NOTHROW(mk::scale(f, 0, 2.0f, nullptr));
+  CHECK_NOTHROW(mk::scale_matrix(f, 4, 0, 4, 2.0f, nullptr));
+  CHECK_NOTHROW(mk::scale_matrix(f, 4, 3, 0, 2.0f, nullptr));
   CHECK_NOTHROW(mk::axpby(h, h, 0, 1.0f, 2.0f, nullptr));
   CHECK_NOTHROW(mk::transpose_batched(f, f, 0, 3, 4, nullptr));
   CHECK_NOTHROW(mk::transpose_batched(h, h, 2, 0, 4, nullptr));

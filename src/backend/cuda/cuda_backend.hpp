@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <vector>
 
 #include "common.cuh"
@@ -64,6 +65,9 @@ class CudaBackend final : public Backend<float> {
   std::uint64_t seed_;
   cudaStream_t stream_ = nullptr;
   void* blas_ = nullptr;  // cublasLtHandle_t in the CUDA build (opaque: no cuBLAS in this header)
+  // cuBLASLt descriptors, layouts and algorithms cached per GEMM shape (gemm.cpp).
+  struct GemmPlans;
+  std::unique_ptr<GemmPlans> plans_;
   Scratch blas_workspace_, op_scratch_, gemm_a_, gemm_b_;
   Scratch sim_a_, sim_b_;   // simulator build: the widened GEMM operands
   Scratch attention_;       // attention backward: dP / dS

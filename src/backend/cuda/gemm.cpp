@@ -4,12 +4,19 @@
 // Row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T, so cuBLASLt gets B as its
 // first operand and A as its second, each with the transpose flag its row-major storage implies.
 // In bf16 mode both operands are bf16 and the accumulation fp32 (CUBLAS_COMPUTE_32F); C stays fp32.
+// Each distinct call (shapes, transposes, leading dimensions, batch strides, dtype, operand
+// alignment) builds its descriptors, layouts and heuristic choice once and reuses them (GemmPlans);
+// an empty sum (K = 0) is one scale_matrix launch, none when beta = 1.
 // In the simulator build the same operand preparation runs (kernels in the simulator), and the
 // product itself runs on the CPU backend in fp32 on the widened bf16 values: the numbers a tensor
 // core would see, summed in fp32.
 #include <algorithm>
+#include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
+#include <utility>
 
 #include "backend/cuda/cuda_backend.hpp"
 #include "elementwise.cuh"
@@ -34,18 +41,13 @@ void check_blas(cublasStatus_t status, const char* what) {
                            cublasLtGetStatusString(status) + ")");
 }
 
-// The descriptors of one call, destroyed on every path out.
-struct LtCall {
-  cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  ~LtCall() {
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    for (auto* l : {a, b, c})
-      if (l) cublasLtMatrixLayoutDestroy(l);
-    if (desc) cublasLtMatmulDescDestroy(desc);
-  }
-};
+// Largest power of two (up to 256) that divides the address: cuBLASLt's alignment preference.
+std::uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t align = 256;
+  while (align > 1 && a % align != 0) align /= 2;
+  return align;
+}
 
 void set_batch(cublasLtMatrixLayout_t layout, int batch, std::size_t stride) {
   if (batch <= 1) return;
@@ -58,12 +60,114 @@ void set_batch(cublasLtMatrixLayout_t layout, int batch, std::size_t stride) {
                                               &offset, sizeof offset),
              "batch stride");
 }
+
+// What decides a cuBLASLt plan: the shapes, transposes, leading dimensions, batch strides, input
+// type and the operands' alignment (the heuristic may pick a vectorised kernel only for aligned
+// pointers).
+struct GemmPlanKey {
+  bool ta, tb, bf16;
+  int M, N, K, lda, ldb, ldc, batch;
+  std::size_t sa, sb, sc;
+  std::uint32_t align_a, align_b, align_c;
+  bool operator==(const GemmPlanKey&) const = default;
+};
+
+struct GemmPlanKeyHash {
+  std::size_t operator()(const GemmPlanKey& k) const {
+    std::size_t h = 1469598103934665603ull;
+    auto mix = [&](std::uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+    mix(std::uint64_t(k.ta) | std::uint64_t(k.tb) << 1 | std::uint64_t(k.bf16) << 2);
+    for (int v : {k.M, k.N, k.K, k.lda, k.ldb, k.ldc, k.batch})
+      mix(std::uint64_t(std::uint32_t(v)));
+    for (std::size_t v : {k.sa, k.sb, k.sc}) mix(v);
+    mix(std::uint64_t(k.align_a) | std::uint64_t(k.align_b) << 16 | std::uint64_t(k.align_c) << 32);
+    return h;
+  }
+};
+
+// One cached cuBLASLt call: descriptors, layouts and the algorithm the heuristic chose, built the
+// first time a key is seen and reused for every later call with that key.
+struct GemmPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  GemmPlan() = default;
+  GemmPlan(const GemmPlan&) = delete;
+  GemmPlan& operator=(const GemmPlan&) = delete;
+  ~GemmPlan() {
+    for (auto* l : {a, b, c})
+      if (l) cublasLtMatrixLayoutDestroy(l);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+// Descriptors, layouts and the heuristic's algorithm for `k`: alignment preferences from the
+// real pointers, at most `ws_bytes` of workspace.
+std::unique_ptr<GemmPlan> make_plan(cublasLtHandle_t handle, std::uint64_t ws_bytes,
+                                    const GemmPlanKey& k) {
+  const cudaDataType_t in_type = k.bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  auto plan = std::make_unique<GemmPlan>();
+  check_blas(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+  const cublasOperation_t op_first = k.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_second = k.ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  check_blas(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first,
+                                            sizeof op_first),
+             "transa");
+  check_blas(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second,
+                                            sizeof op_second),
+             "transb");
+  // Column-major views: B is [N x K] (or [K x N] stored, transposed), A is [K x M] (or [M x K]).
+  check_blas(
+      cublasLtMatrixLayoutCreate(&plan->a, in_type, k.tb ? k.K : k.N, k.tb ? k.N : k.K, k.ldb),
+      "layout");
+  check_blas(
+      cublasLtMatrixLayoutCreate(&plan->b, in_type, k.ta ? k.M : k.K, k.ta ? k.K : k.M, k.lda),
+      "layout");
+  check_blas(cublasLtMatrixLayoutCreate(&plan->c, CUDA_R_32F, k.N, k.M, k.ldc), "layout");
+  set_batch(plan->a, k.batch, k.sb);
+  set_batch(plan->b, k.batch, k.sa);
+  set_batch(plan->c, k.batch, k.sc);
+  cublasLtMatmulPreference_t pref = nullptr;
+  check_blas(cublasLtMatmulPreferenceCreate(&pref), "preference");
+  struct PrefGuard {
+    cublasLtMatmulPreference_t p;
+    ~PrefGuard() { cublasLtMatmulPreferenceDestroy(p); }
+  } guard{pref};
+  check_blas(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                  &ws_bytes, sizeof ws_bytes),
+             "workspace size");
+  // cuBLASLt's first operand is our B, its second our A.
+  for (const auto& [attr, align] :
+       {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_b},
+        std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_a},
+        std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_c},
+        std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.align_c}})
+    check_blas(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof align), "alignment");
+  cublasLtMatmulHeuristicResult_t heuristic{};
+  int found = 0;
+  check_blas(cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c,
+                                            pref, 1, &heuristic, &found),
+             "heuristic");
+  if (found == 0)
+    throw std::runtime_error("cuBLASLt has no algorithm for a " + std::to_string(k.M) + "x" +
+                             std::to_string(k.N) + "x" + std::to_string(k.K) + " GEMM");
+  plan->algo = heuristic.algo;
+  return plan;
+}
 #endif
 
 }  // namespace
 
+#if !defined(MOETRAIN_SIMT)
+struct CudaBackend::GemmPlans {
+  std::unordered_map<GemmPlanKey, std::unique_ptr<GemmPlan>, GemmPlanKeyHash> plans;
+};
+#else
+struct CudaBackend::GemmPlans {};
+#endif
+
 CudaBackend::CudaBackend(const CudaBackendOptions& options)
-    : bf16_(options.bf16), seed_(options.seed) {
+    : bf16_(options.bf16), seed_(options.seed), plans_(std::make_unique<GemmPlans>()) {
   if (options.device >= 0) MOETRAIN_CUDA_CHECK(cudaSetDevice(options.device));
   MOETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   MOETRAIN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sums_), 4 * sizeof(double)));
@@ -77,6 +181,7 @@ CudaBackend::CudaBackend(const CudaBackendOptions& options)
 
 CudaBackend::~CudaBackend() {
   cudaStreamSynchronize(stream_);
+  plans_.reset();  // their descriptors before the handle
 #if !defined(MOETRAIN_SIMT)
   if (blas_) cublasLtDestroy(static_cast<cublasLtHandle_t>(blas_));
 #endif
@@ -191,10 +296,14 @@ void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, 
                             float beta, float* C, int ldc, std::size_t sc, int batch) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
   wrote(C, (std::size_t(batch - 1) * sc + std::size_t(M - 1) * ldc + N) * sizeof(float));
-  if (K <= 0) {  // an empty sum: C = beta * C
-    for (int i = 0; i < batch; ++i)
-      for (int r = 0; r < M; ++r)
-        kernels::scale(C + i * sc + std::size_t(r) * ldc, N, beta, stream_);
+  if (K <= 0) {  // an empty sum: C = beta * C, in one launch (none when beta = 1)
+    if (beta == 1.0f) return;
+    if (batch == 1 || sc == std::size_t(M) * std::size_t(ldc)) {
+      kernels::scale_matrix(C, ldc, M * batch, N, beta, stream_);
+    } else {
+      for (int i = 0; i < batch; ++i)
+        kernels::scale_matrix(C + std::size_t(i) * sc, ldc, M, N, beta, stream_);
+    }
     return;
   }
   const void* a = gemm_operand(A, ta, M, K, lda, sa, batch, gemm_a_);
@@ -215,42 +324,29 @@ void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, 
   CpuBackend<float> cpu;
   cpu.gemm_batched(ta, tb, M, N, K, alpha, fa, lda, sa, fb, ldb, sb, beta, C, ldc, sc, batch);
 #else
-  const cudaDataType_t in_type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
-  LtCall call;
-  check_blas(cublasLtMatmulDescCreate(&call.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
-  const cublasOperation_t op_first = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_second = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
-  check_blas(cublasLtMatmulDescSetAttribute(call.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first,
-                                            sizeof op_first),
-             "transa");
-  check_blas(cublasLtMatmulDescSetAttribute(call.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second,
-                                            sizeof op_second),
-             "transb");
-  // Column-major views: B is [N x K] (or [K x N] stored, transposed), A is [K x M] (or [M x K]).
-  check_blas(cublasLtMatrixLayoutCreate(&call.a, in_type, tb ? K : N, tb ? N : K, ldb), "layout");
-  check_blas(cublasLtMatrixLayoutCreate(&call.b, in_type, ta ? M : K, ta ? K : M, lda), "layout");
-  check_blas(cublasLtMatrixLayoutCreate(&call.c, CUDA_R_32F, N, M, ldc), "layout");
-  set_batch(call.a, batch, sb);
-  set_batch(call.b, batch, sa);
-  set_batch(call.c, batch, sc);
-  check_blas(cublasLtMatmulPreferenceCreate(&call.pref), "preference");
-  const std::uint64_t ws_bytes = blas_workspace_.bytes;
-  check_blas(cublasLtMatmulPreferenceSetAttribute(
-                 call.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes),
-             "workspace size");
-  auto* handle = static_cast<cublasLtHandle_t>(blas_);
-  cublasLtMatmulHeuristicResult_t heuristic{};
-  int found = 0;
-  check_blas(cublasLtMatmulAlgoGetHeuristic(handle, call.desc, call.a, call.b, call.c, call.c,
-                                            call.pref, 1, &heuristic, &found),
-             "heuristic");
-  if (found == 0)
-    throw std::runtime_error("cuBLASLt has no algorithm for a " + std::to_string(M) + "x" +
-                             std::to_string(N) + "x" + std::to_string(K) + " GEMM");
-  check_blas(
-      cublasLtMatmul(handle, call.desc, &alpha, b, call.a, a, call.b, &beta, C, call.c, C, call.c,
-                     &heuristic.algo, blas_workspace_.ptr, blas_workspace_.bytes, stream_),
-      "matmul");
+  const GemmPlanKey key{ta,
+                        tb,
+                        bf16_,
+                        M,
+                        N,
+                        K,
+                        lda,
+                        ldb,
+                        ldc,
+                        batch,
+                        sa,
+                        sb,
+                        sc,
+                        alignment_of(a),
+                        alignment_of(b),
+                        alignment_of(C)};
+  std::unique_ptr<GemmPlan>& slot = plans_->plans[key];
+  if (!slot) slot = make_plan(static_cast<cublasLtHandle_t>(blas_), blas_workspace_.bytes, key);
+  const GemmPlan& plan = *slot;
+  check_blas(cublasLtMatmul(static_cast<cublasLtHandle_t>(blas_), plan.desc, &alpha, b, plan.a, a,
+                            plan.b, &beta, C, plan.c, C, plan.c, &plan.algo, blas_workspace_.ptr,
+                            blas_workspace_.bytes, stream_),
+             "matmul");
 #endif
 }
 
