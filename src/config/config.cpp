@@ -410,6 +410,12 @@ const std::vector<Field>& fields() {
     t.push_back(one_of(MOETRAIN_FIELD(train.precision), {"bf16", "fp32"},
                        "GEMM operands on the cuda backend (fp32 master weights and accumulation "
                        "either way); the cpu backend computes in fp32"));
+    t.push_back(one_of(
+        MOETRAIN_FIELD(train.bf16_weight_rounding), {"nearest", "stochastic"},
+        "Rounding of the bf16 copy of the fp32 master weights that bf16 GEMMs read (cuda): "
+        "nearest is deterministic (a resume repeats it exactly); stochastic is unbiased, so the "
+        "copy's rounding errors average out over steps instead of repeating (the masters stay "
+        "fp32 either way, so no update is lost)"));
     t.push_back(number(MOETRAIN_FIELD(train.spike_std), above(0),
                        "Loss-spike counter: a loss above its running mean by this many stds"));
     t.push_back(integer(MOETRAIN_FIELD(train.watchdog_seconds), at_least(0),

@@ -32,6 +32,7 @@ Runtime make_runtime(const Config& cfg, bool quiet) {
     // own GPU current; a single process uses device 0.
     options.device = -1;
     options.bf16 = cfg.train.precision == "bf16";
+    options.stochastic_weight_rounding = cfg.train.bf16_weight_rounding == "stochastic";
     options.seed = cfg.train.seed;
     if (log)
       spdlog::info("backend: {} -> cuda ({} GPU(s), device 0: {}; {} GEMMs)", wanted, gpus.count,

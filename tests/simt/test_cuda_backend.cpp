@@ -148,7 +148,7 @@ TEST_CASE("cuda backend: bf16 GEMMs stay within bf16 tolerance of the CPU backen
   CHECK(std::memcmp(twice.params.data(), got.params.data(), got.params.size() * 4) == 0);
 }
 
-TEST_CASE("cuda backend: the bf16 weight copy is stochastically rounded and follows every write",
+TEST_CASE("cuda backend: stochastic rounding of the bf16 weight copy brackets and follows writes",
           "[cuda_backend]") {
   const std::size_t n = 4096;
   std::mt19937 rng(4);
@@ -181,6 +181,7 @@ TEST_CASE("cuda backend: the bf16 weight copy is stochastically rounded and foll
 
   CudaBackendOptions o;
   o.bf16 = true;
+  o.stochastic_weight_rounding = true;
   o.seed = 11;
   CudaBackend be(o);
   auto* dev = static_cast<float*>(be.alloc_bytes(n * sizeof(float)));
@@ -219,6 +220,39 @@ TEST_CASE("cuda backend: the bf16 weight copy is stochastically rounded and foll
   be.free_bytes(dev);
   other.free_bytes(device_of[0]);
   same.free_bytes(device_of[1]);
+}
+
+TEST_CASE("cuda backend: by default the bf16 weight copy is rounded to nearest even",
+          "[cuda_backend]") {
+  const std::size_t n = 2 * 4096 + 37;  // whole rows of the conversion and a tail
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> w(n);
+  for (auto& x : w) x = normal(rng);
+  // Round to nearest, ties to even, on the bits (finite values).
+  auto nearest = [](float x) {
+    const std::uint32_t bits = moetrain::kernels::float_bits(x);
+    return std::uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  };
+  for (const std::uint64_t seed : {11u, 12u}) {
+    CudaBackendOptions o;
+    o.bf16 = true;
+    o.seed = seed;  // no effect: nothing is random
+    CudaBackend be(o);
+    auto* dev = static_cast<float*>(be.alloc_bytes(n * sizeof(float)));
+    be.set_weights(dev, n);
+    be.upload(dev, w.data(), n * sizeof(float));
+    std::vector<__nv_bfloat16> copy(n);
+    be.download(copy.data(), be.weight_copy(), n * sizeof(__nv_bfloat16));
+    for (std::size_t i = 0; i < n; ++i)
+      CHECK(moetrain::kernels::bf16_bits(copy[i]) == nearest(w[i]));
+    // A write makes the copy follow.
+    be.scale(dev + n - 10, 10, -3.0);
+    be.download(copy.data(), be.weight_copy(), n * sizeof(__nv_bfloat16));
+    for (std::size_t i = n - 10; i < n; ++i)
+      CHECK(moetrain::kernels::bf16_bits(copy[i]) == nearest(w[i] * -3.0f));
+    be.free_bytes(dev);
+  }
 }
 
 TEST_CASE("cuda backend: GEMM layouts (transposes, leading dimensions, batches, beta)",

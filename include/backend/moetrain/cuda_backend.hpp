@@ -22,10 +22,12 @@ CudaDevices probe_cuda_devices();
 struct CudaBackendOptions {
   int device = -1;  // -1: the current device (NcclComm makes each rank's own GPU current)
   // bf16: GEMMs read bf16 operands (activations rounded to nearest, weights from a bf16 copy of the
-  // fp32 master weights written with stochastic rounding) and accumulate in fp32.
+  // fp32 master weights) and accumulate in fp32.
   // fp32: GEMMs read fp32 operands (for checks against the CPU backend).
   bool bf16 = true;
-  std::uint64_t seed = 0;  // stochastic rounding of the bf16 weight copy
+  // The bf16 weight copy: round to nearest (false), or stochastically from `seed` (true).
+  bool stochastic_weight_rounding = false;
+  std::uint64_t seed = 0;
 };
 std::unique_ptr<Backend<float>> make_cuda_backend(const CudaBackendOptions& options);
 

@@ -104,8 +104,10 @@ struct TrainConfig {
   std::string out_dir = "runs/default";
   std::string backend = "auto";    // auto | cpu | cuda
   std::string precision = "bf16";  // bf16 | fp32: GEMM operands on the cuda backend
-  double spike_std = 3.0;          // a loss above its running mean by this many running stds
-  int watchdog_seconds = 600;      // exit if a step or evaluation makes no progress this long
+  // nearest | stochastic: how the cuda backend rounds its bf16 copy of the master weights
+  std::string bf16_weight_rounding = "nearest";
+  double spike_std = 3.0;      // a loss above its running mean by this many running stds
+  int watchdog_seconds = 600;  // exit if a step or evaluation makes no progress this long
 };
 
 struct Config {

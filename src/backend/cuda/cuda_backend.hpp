@@ -62,6 +62,7 @@ class CudaBackend final : public Backend<float> {
                  float beta, float* C, int ldc, std::size_t stride_c, int batch);
 
   bool bf16_;
+  bool stochastic_;  // stochastic rounding of the bf16 weight copy (else to nearest)
   std::uint64_t seed_;
   cudaStream_t stream_ = nullptr;
   void* blas_ = nullptr;  // cublasLtHandle_t in the CUDA build (opaque: no cuBLAS in this header)

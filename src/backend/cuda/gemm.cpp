@@ -167,7 +167,10 @@ struct CudaBackend::GemmPlans {};
 #endif
 
 CudaBackend::CudaBackend(const CudaBackendOptions& options)
-    : bf16_(options.bf16), seed_(options.seed), plans_(std::make_unique<GemmPlans>()) {
+    : bf16_(options.bf16),
+      stochastic_(options.stochastic_weight_rounding),
+      seed_(options.seed),
+      plans_(std::make_unique<GemmPlans>()) {
   if (options.device >= 0) MOETRAIN_CUDA_CHECK(cudaSetDevice(options.device));
   MOETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   MOETRAIN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sums_), 4 * sizeof(double)));
@@ -210,10 +213,21 @@ void CudaBackend::set_weights(const float* weights, std::size_t count) {
 const __nv_bfloat16* CudaBackend::weight_copy() {
   if (!weight_copy_) return nullptr;
   if (weight_copy_stale_) {
-    // A fresh stream of random bits per rewrite (deterministic from the seed), so rounding
-    // errors do not repeat from step to step.
-    const std::uint64_t seed = seed_ ^ (0x9e3779b97f4a7c15ull * ++weight_copy_version_);
-    kernels::convert_to_bf16_stochastic(weight_copy_, weights_, weight_count_, seed, stream_);
+    if (stochastic_) {
+      // A fresh stream of random bits per rewrite (deterministic from the seed), so rounding
+      // errors do not repeat from step to step.
+      const std::uint64_t seed = seed_ ^ (0x9e3779b97f4a7c15ull * ++weight_copy_version_);
+      kernels::convert_to_bf16_stochastic(weight_copy_, weights_, weight_count_, seed, stream_);
+    } else {
+      // Rows of kRow (the strided kernel's rows are ints), then the tail.
+      constexpr std::size_t kRow = 4096;
+      const std::size_t rows = weight_count_ / kRow, tail = weight_count_ % kRow;
+      kernels::convert_to_bf16(weight_copy_, int(kRow), weights_, int(kRow), int(rows), int(kRow),
+                               stream_);
+      if (tail)
+        kernels::convert_to_bf16(weight_copy_ + rows * kRow, int(tail), weights_ + rows * kRow,
+                                 int(tail), 1, int(tail), stream_);
+    }
     weight_copy_stale_ = false;
   }
   return weight_copy_;
