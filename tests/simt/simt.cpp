@@ -1249,6 +1249,26 @@ bool stream_pending(const std::shared_ptr<Queue>& q) {
 bool event_pending(const CUevent_st* e) {
   return e->q && e->q->completed < e->count;
 }
+
+cudaError_t set_error(cudaError_t e);
+
+// drain_all for the calls that release resources (cudaFree, cudaFreeHost, cudaDeviceReset), which
+// run in destructors and so must not throw: an error of the work they run is printed and returned
+// as cudaErrorLaunchFailure (a synchronising call throws it).
+cudaError_t drain_all_quietly(bool count_sync) {
+  StreamLock lock;
+  if (count_sync) ++g_sync_count;
+  cudaError_t rc = cudaSuccess;
+  for (;;) {  // each error drops the item that raised it: this ends
+    try {
+      drain_all();
+      return rc;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      rc = set_error(cudaErrorLaunchFailure);
+    }
+  }
+}
 }  // namespace
 
 namespace {
@@ -1370,12 +1390,10 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   return alloc(g_device_allocs, ptr, bytes);
 }
 cudaError_t cudaFree(void* ptr) {
-  if (ptr) {  // an implicit device synchronize: no pending work may still use the memory
-    StreamLock lock;
-    ++g_sync_count;
-    drain_all();
-  }
-  return release(g_device_allocs, ptr);
+  // An implicit device synchronize: no pending work may still use the memory.
+  const cudaError_t drained = ptr ? drain_all_quietly(true) : cudaSuccess;
+  const cudaError_t e = release(g_device_allocs, ptr);
+  return e != cudaSuccess ? e : drained;
 }
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
   return alloc(g_host_allocs, ptr, bytes);
@@ -1384,12 +1402,9 @@ cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int) {
   return alloc(g_host_allocs, ptr, bytes);
 }
 cudaError_t cudaFreeHost(void* ptr) {
-  if (ptr) {
-    StreamLock lock;
-    ++g_sync_count;
-    drain_all();
-  }
-  return release(g_host_allocs, ptr);
+  const cudaError_t drained = ptr ? drain_all_quietly(true) : cudaSuccess;
+  const cudaError_t e = release(g_host_allocs, ptr);
+  return e != cudaSuccess ? e : drained;
 }
 
 namespace {
@@ -1561,9 +1576,7 @@ cudaError_t cudaDeviceSynchronize() {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceReset() {
-  StreamLock lock;
-  drain_all();
-  return cudaSuccess;
+  return drain_all_quietly(false);
 }
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return set_error(cudaErrorInvalidValue);

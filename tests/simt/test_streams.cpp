@@ -14,6 +14,7 @@
 #include "elementwise.cuh"
 #include "kernel_test_util.hpp"
 #include "moetrain/communicator.hpp"
+#include "test_kernels.hpp"
 
 namespace {
 
@@ -216,6 +217,22 @@ TEST_CASE("streams: sync_count counts the calls that make the host wait", "[simt
     MOETRAIN_CUDA_CHECK(cudaMemcpy(host.data(), y.ptr, kN * 4, cudaMemcpyDeviceToHost));
     CHECK(simt::sync_count() == 4);
   }
+}
+
+TEST_CASE("streams: a deferred kernel's error is thrown by the call that runs it",
+          "[simt][streams]") {
+  simt::ScopedStreamSchedule scope(StreamSchedule::Deferred);
+  Stream s(cudaStreamNonBlocking);
+  int* out = nullptr;
+  MOETRAIN_CUDA_CHECK(cudaMalloc(&out, 256 * sizeof(int)));
+  moetrain::simt_test::exit_before_barrier(out, s.s);  // enqueued, not run
+  CHECK_THROWS_WITH(cudaStreamSynchronize(s.s), Catch::Matchers::Contains("__syncthreads"));
+  MOETRAIN_CUDA_CHECK(cudaStreamSynchronize(s.s));  // reported once
+  // A call that releases memory (destructors make it) returns the error instead of throwing.
+  moetrain::simt_test::exit_before_barrier(out, s.s);
+  CHECK(cudaFree(out) == cudaErrorLaunchFailure);
+  CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
+  CHECK(simt::pending_work() == 0);
 }
 
 // ---- the LocalComm race -------------------------------------------------------------------------
