@@ -540,6 +540,7 @@ TEST_CASE("simt: deadlocks and divergent collectives throw clear errors", "[simt
 }
 
 TEST_CASE("simt: runtime API: errors, events, memset and schedules", "[simt]") {
+  EACH_STREAM_SCHEDULE();
   void* p = nullptr;
   CHECK(cudaMalloc(&p, 0) == cudaSuccess);
   CHECK(p == nullptr);
