@@ -31,6 +31,8 @@
 //     accesses there.
 //   * cudaMalloc returns heap memory (256-byte aligned) filled with 0xFF bytes (NaN): outputs
 //     a kernel forgot to write show up as NaN. cudaFree checks the pointer.
+//   * Atomics go through std::atomic_ref (the simulator is single-threaded, so they are exact).
+//   * extern __shared__ arrays are not supported: use dynamic_smem<T>() from common.cuh.
 //
 // Streams (CUDA's semantics)
 //   Each stream is a FIFO of work: kernel launches, async copies and memsets, event markers, host
@@ -43,12 +45,13 @@
 //   work on the legacy stream: device to device they only enqueue (asynchronous to the host, as in
 //   CUDA), otherwise the host waits for them. cudaMemset enqueues on the legacy stream. An async
 //   copy to the host fills its destination with 0xFF bytes (NaN) when it is enqueued; the data
-//   arrive when it runs. When work runs is the stream schedule (set_stream_schedule below): eager,
-//   at enqueue (a GPU always done before the host looks), or deferred, only when something orders
-//   it, so a missing event or synchronisation reads stale data or NaN. Launch configurations are
-//   checked at enqueue; errors of a deferred kernel are thrown by the call that runs it.
-//   * Atomics go through std::atomic_ref (the simulator is single-threaded, so they are exact).
-//   * extern __shared__ arrays are not supported: use dynamic_smem<T>() from common.cuh.
+//   arrive when it runs (and every copy reads its source when it runs). When work runs is the
+//   stream schedule (set_stream_schedule below): eager, at enqueue (a GPU always done before the
+//   host looks), or deferred, only when something orders it, so a missing event or
+//   synchronisation reads stale data or NaN. Launch configurations are checked at enqueue; an
+//   error of a deferred kernel is thrown by the call that runs it, except cudaFree, cudaFreeHost
+//   and cudaDeviceReset (destructors call them), which print it and return
+//   cudaErrorLaunchFailure.
 //
 // Checks (each throws simt::Error, a std::runtime_error, naming the kernel, block and thread)
 //   * a thread waits at __syncthreads while another thread of the block has exited (or exits while
