@@ -1,5 +1,6 @@
 // Helpers shared by the simulator tests (every tests/simt/test_*.cpp that needs them): device
-// buffers, storage-type conversions (fp32 / bf16), relative error, NaN checks, random inputs.
+// buffers, storage-type conversions (fp32 / bf16), relative error, NaN checks, random inputs, a
+// loop over the stream schedules.
 #pragma once
 
 #include <algorithm>
@@ -13,6 +14,14 @@
 #include <catch2/catch.hpp>
 
 #include "common.cuh"
+
+// Runs the rest of the test case once under each stream schedule (eager, deferred), named in the
+// messages: for tests of host code that uses streams.
+#define EACH_STREAM_SCHEDULE()                                                   \
+  const ::simt::StreamSchedule each_stream_schedule_ =                           \
+      GENERATE(::simt::StreamSchedule::Eager, ::simt::StreamSchedule::Deferred); \
+  INFO("stream schedule " << ::simt::name(each_stream_schedule_));               \
+  ::simt::ScopedStreamSchedule each_stream_schedule_scope_(each_stream_schedule_)
 
 namespace kernel_test {
 

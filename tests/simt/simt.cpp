@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <deque>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -1104,13 +1105,171 @@ long long clock64() {
 // ------------------------------------------------------------------------------------------------
 // CUDA runtime API
 // ------------------------------------------------------------------------------------------------
+// ------------------------------------------------------------------------------------------------
+// Streams: each one a FIFO of work items (kernel launches, async copies and memsets, event markers,
+// host functions). Under the eager schedule an item runs when it is enqueued; under deferred only
+// when the host needs it done: drain(q, n) runs q's first n items, each after the items of other
+// streams it depends on. A dependency is always on work enqueued earlier, so draining terminates.
+// ------------------------------------------------------------------------------------------------
+namespace simt::detail {
+struct Queue;
+struct Dep {  // "queue q has run its first `count` items"
+  std::shared_ptr<Queue> q;
+  std::uint64_t count;
+};
+struct Item {
+  std::function<void()> run;
+  std::vector<Dep> deps;
+};
+struct Queue {
+  Queue(bool is_legacy, bool is_blocking) : legacy(is_legacy), blocking(is_blocking) {}
+  const bool legacy;    // the legacy default stream (nullptr, cudaStreamLegacy)
+  const bool blocking;  // created without cudaStreamNonBlocking: ordered with the legacy stream
+  bool destroyed = false;
+  std::deque<Item> items;
+  std::uint64_t enqueued = 0, completed = 0;
+  bool pending() const { return completed < enqueued; }
+};
+}  // namespace simt::detail
+
 struct CUstream_st {
-  int dummy;
+  std::shared_ptr<simt::detail::Queue> q;
 };
 struct CUevent_st {
-  std::chrono::steady_clock::time_point t;
-  bool recorded;
+  // Host time at which the last record's marker ran.
+  std::shared_ptr<std::chrono::steady_clock::time_point> t;
+  // The last record: complete once q has run its first `count` items (q null: never recorded).
+  std::shared_ptr<simt::detail::Queue> q;
+  std::uint64_t count = 0;
 };
+
+namespace {
+using simt::detail::Dep;
+using simt::detail::Item;
+using simt::detail::Queue;
+
+std::mutex g_stream_mutex;
+thread_local bool t_in_item = false;  // running a work item (a kernel, a copy, a host function)
+simt::StreamSchedule g_stream_schedule = simt::StreamSchedule::Eager;
+std::atomic<std::uint64_t> g_sync_count{0};
+
+// Every stream with work or a handle; [0] is the legacy stream.
+std::vector<std::shared_ptr<Queue>>& queues() {
+  static std::vector<std::shared_ptr<Queue>> q{std::make_shared<Queue>(true, true)};
+  return q;
+}
+const std::shared_ptr<Queue>& legacy_queue() {
+  return queues()[0];
+}
+
+void init_stream_schedule_from_env() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (const char* s = std::getenv("MOETRAIN_SIMT_STREAMS"); s && *s)
+      g_stream_schedule = simt::parse_stream_schedule(s);
+  });
+}
+
+// Holds the stream state. Work items run with it held, so the CUDA runtime is not reentrant from
+// them (as a CUDA host function must not call it either).
+class StreamLock {
+ public:
+  StreamLock() {
+    if (t_in_item) throw simt::Error("simt: CUDA runtime call from work running on a stream");
+    init_stream_schedule_from_env();
+    lock_ = std::unique_lock<std::mutex>(g_stream_mutex);
+  }
+
+ private:
+  std::unique_lock<std::mutex> lock_;
+};
+
+std::shared_ptr<Queue> queue_of(cudaStream_t s) {
+  if (!s || s == cudaStreamLegacy) return legacy_queue();
+  return s->q;
+}
+
+void drain(const std::shared_ptr<Queue>& q, std::uint64_t upto);
+
+void run_front(Queue& q) {
+  const std::vector<Dep> deps = q.items.front().deps;
+  for (const Dep& d : deps) drain(d.q, d.count);
+  std::function<void()> run = std::move(q.items.front().run);
+  q.items.pop_front();
+  ++q.completed;  // also when it throws: the error is reported once, here
+  struct InItem {
+    InItem() { t_in_item = true; }
+    ~InItem() { t_in_item = false; }
+  } in_item;
+  run();
+}
+
+void drain(const std::shared_ptr<Queue>& q, std::uint64_t upto) {
+  while (q->completed < upto) run_front(*q);
+}
+
+void drain_all() {
+  auto& qs = queues();
+  for (std::size_t i = 0; i < qs.size(); ++i) drain(qs[i], qs[i]->enqueued);
+  qs.erase(std::remove_if(qs.begin(), qs.end(),
+                          [](const std::shared_ptr<Queue>& q) { return q->destroyed; }),
+           qs.end());
+}
+
+// Work on the legacy stream waits for earlier work on every blocking stream; work on a blocking
+// stream waits for earlier work on the legacy stream; non-blocking streams order with neither.
+void enqueue(const std::shared_ptr<Queue>& q, std::function<void()> run,
+             std::vector<Dep> deps = {}) {
+  if (q->legacy) {
+    for (const auto& b : queues())
+      if (!b->legacy && b->blocking && b->pending()) deps.push_back(Dep{b, b->enqueued});
+  } else if (q->blocking && legacy_queue()->pending()) {
+    deps.push_back(Dep{legacy_queue(), legacy_queue()->enqueued});
+  }
+  q->items.push_back(Item{std::move(run), std::move(deps)});
+  ++q->enqueued;
+  if (g_stream_schedule == simt::StreamSchedule::Eager) drain(q, q->enqueued);
+}
+
+// Everything the host waits for in cudaStreamSynchronize(s) (for the legacy stream: its work and
+// the blocking streams' work before it, as an item enqueued on it now would wait for).
+void drain_stream(const std::shared_ptr<Queue>& q) {
+  if (q->legacy) enqueue(q, [] {});
+  drain(q, q->enqueued);
+}
+
+bool stream_pending(const std::shared_ptr<Queue>& q) {
+  if (q->pending()) return true;
+  if (!q->legacy) return false;
+  for (const auto& b : queues())
+    if (b->blocking && b->pending()) return true;
+  return false;
+}
+
+bool event_pending(const CUevent_st* e) {
+  return e->q && e->q->completed < e->count;
+}
+
+cudaError_t set_error(cudaError_t e);
+
+// drain_all for the calls that release resources (cudaFree, cudaFreeHost, cudaDeviceReset), which
+// run in destructors and so must not throw: an error of the work they run is printed and returned
+// as cudaErrorLaunchFailure (a synchronising call throws it).
+cudaError_t drain_all_quietly(bool count_sync) {
+  StreamLock lock;
+  if (count_sync) ++g_sync_count;
+  cudaError_t rc = cudaSuccess;
+  for (;;) {  // each error drops the item that raised it: this ends
+    try {
+      drain_all();
+      return rc;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      rc = set_error(cudaErrorLaunchFailure);
+    }
+  }
+}
+}  // namespace
 
 namespace {
 std::mutex g_alloc_mutex;
@@ -1231,7 +1390,10 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   return alloc(g_device_allocs, ptr, bytes);
 }
 cudaError_t cudaFree(void* ptr) {
-  return release(g_device_allocs, ptr);
+  // An implicit device synchronize: no pending work may still use the memory.
+  const cudaError_t drained = ptr ? drain_all_quietly(true) : cudaSuccess;
+  const cudaError_t e = release(g_device_allocs, ptr);
+  return e != cudaSuccess ? e : drained;
 }
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
   return alloc(g_host_allocs, ptr, bytes);
@@ -1240,43 +1402,74 @@ cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int) {
   return alloc(g_host_allocs, ptr, bytes);
 }
 cudaError_t cudaFreeHost(void* ptr) {
-  return release(g_host_allocs, ptr);
+  const cudaError_t drained = ptr ? drain_all_quietly(true) : cudaSuccess;
+  const cudaError_t e = release(g_host_allocs, ptr);
+  return e != cudaSuccess ? e : drained;
 }
 
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+namespace {
+// All copies: rows of `width` bytes. Synchronous copies are work on the legacy stream: device to
+// device they only enqueue (asynchronous to the host, as in CUDA), otherwise the host waits for
+// them (and so for the legacy stream and the blocking streams, not the non-blocking ones). An
+// asynchronous copy to the host poisons its destination until it runs.
+cudaError_t copy_rows(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                      size_t height, cudaMemcpyKind kind, bool async, cudaStream_t stream) {
   if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault)
     return set_error(cudaErrorInvalidMemcpyDirection);
-  if (bytes == 0) return cudaSuccess;
+  if (height > 1 && (width > dpitch || width > spitch)) return set_error(cudaErrorInvalidValue);
+  if (width == 0 || height == 0) return cudaSuccess;
   if (!dst || !src) return set_error(cudaErrorInvalidValue);
-  std::memmove(dst, src, bytes);
-  return cudaSuccess;
-}
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t) {
-  return cudaMemcpy(dst, src, bytes, kind);
-}
-cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
-                         size_t height, cudaMemcpyKind kind) {
-  if (width > dpitch || width > spitch) return set_error(cudaErrorInvalidValue);
-  for (size_t row = 0; row < height; ++row) {
-    const cudaError_t e = cudaMemcpy(static_cast<char*>(dst) + row * dpitch,
-                                     static_cast<const char*>(src) + row * spitch, width, kind);
-    if (e != cudaSuccess) return e;
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  auto run = [=] {
+    for (size_t row = 0; row < height; ++row)
+      std::memmove(d + row * dpitch, s + row * spitch, width);
+  };
+  StreamLock lock;
+  if (async) {
+    if (kind == cudaMemcpyDeviceToHost)
+      for (size_t row = 0; row < height; ++row) std::memset(d + row * dpitch, kPoison, width);
+    enqueue(queue_of(stream), run);
+  } else if (kind == cudaMemcpyDeviceToDevice) {
+    enqueue(legacy_queue(), run);
+  } else {
+    ++g_sync_count;
+    enqueue(legacy_queue(), run);
+    drain(legacy_queue(), legacy_queue()->enqueued);
   }
   return cudaSuccess;
 }
-cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
-                              size_t width, size_t height, cudaMemcpyKind kind, cudaStream_t) {
-  return cudaMemcpy2D(dst, dpitch, src, spitch, width, height, kind);
-}
-cudaError_t cudaMemset(void* dst, int value, size_t bytes) {
+
+cudaError_t fill_bytes(void* dst, int value, size_t bytes, cudaStream_t stream) {
   if (bytes == 0) return cudaSuccess;
   if (!dst) return set_error(cudaErrorInvalidValue);
-  std::memset(dst, value, bytes);
+  StreamLock lock;
+  enqueue(queue_of(stream), [=] { std::memset(dst, value, bytes); });
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
-  return cudaMemset(dst, value, bytes);
+}  // namespace
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  return copy_rows(dst, bytes, src, bytes, bytes, 1, kind, false, nullptr);
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t stream) {
+  return copy_rows(dst, bytes, src, bytes, bytes, 1, kind, true, stream);
+}
+cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                         size_t height, cudaMemcpyKind kind) {
+  return copy_rows(dst, dpitch, src, spitch, width, height, kind, false, nullptr);
+}
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
+                              size_t width, size_t height, cudaMemcpyKind kind,
+                              cudaStream_t stream) {
+  return copy_rows(dst, dpitch, src, spitch, width, height, kind, true, stream);
+}
+cudaError_t cudaMemset(void* dst, int value, size_t bytes) {
+  return fill_bytes(dst, value, bytes, nullptr);
+}
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream) {
+  return fill_bytes(dst, value, bytes, stream);
 }
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   const long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES),
@@ -1289,19 +1482,46 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
 cudaError_t cudaStreamCreate(cudaStream_t* s) {
   return cudaStreamCreateWithFlags(s, cudaStreamDefault);
 }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int) {
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int flags) {
   if (!s) return set_error(cudaErrorInvalidValue);
-  *s = new CUstream_st{0};
+  StreamLock lock;
+  auto q = std::make_shared<Queue>(false, (flags & cudaStreamNonBlocking) == 0);
+  queues().push_back(q);
+  *s = new CUstream_st{std::move(q)};
   return cudaSuccess;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  if (!s || s == cudaStreamLegacy) return set_error(cudaErrorInvalidResourceHandle);
+  StreamLock lock;
+  s->q->destroyed = true;  // its pending work still runs when something orders it
   delete s;
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) {
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  StreamLock lock;
+  ++g_sync_count;
+  drain_stream(queue_of(s));
   return cudaSuccess;
 }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) {
+// A query that finds work pending says so and lets the work run (the device makes progress while
+// the host polls), so a polling loop ends under the deferred schedule too.
+cudaError_t cudaStreamQuery(cudaStream_t s) {
+  StreamLock lock;
+  const std::shared_ptr<Queue> q = queue_of(s);
+  if (!stream_pending(q)) return cudaSuccess;
+  drain_stream(q);
+  return cudaErrorNotReady;
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int) {
+  if (!e) return set_error(cudaErrorInvalidResourceHandle);
+  StreamLock lock;
+  if (event_pending(e)) enqueue(queue_of(s), [] {}, {Dep{e->q, e->count}});
+  return cudaSuccess;
+}
+cudaError_t cudaLaunchHostFunc(cudaStream_t s, cudaHostFn_t fn, void* user_data) {
+  if (!fn) return set_error(cudaErrorInvalidValue);
+  StreamLock lock;
+  enqueue(queue_of(s), [fn, user_data] { fn(user_data); });
   return cudaSuccess;
 }
 cudaError_t cudaEventCreate(cudaEvent_t* e) {
@@ -1309,36 +1529,54 @@ cudaError_t cudaEventCreate(cudaEvent_t* e) {
 }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned int) {
   if (!e) return set_error(cudaErrorInvalidValue);
-  *e = new CUevent_st{std::chrono::steady_clock::now(), false};
+  *e = new CUevent_st{};
   return cudaSuccess;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t e) {
   delete e;
   return cudaSuccess;
 }
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   if (!e) return set_error(cudaErrorInvalidResourceHandle);
-  e->t = std::chrono::steady_clock::now();
-  e->recorded = true;
+  StreamLock lock;
+  auto t = std::make_shared<std::chrono::steady_clock::time_point>();
+  const std::shared_ptr<Queue> q = queue_of(s);
+  enqueue(q, [t] { *t = std::chrono::steady_clock::now(); });  // the marker
+  e->t = std::move(t);
+  e->q = q;
+  e->count = q->enqueued;
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
-  return e ? cudaSuccess : set_error(cudaErrorInvalidResourceHandle);
+  if (!e) return set_error(cudaErrorInvalidResourceHandle);
+  StreamLock lock;
+  ++g_sync_count;
+  if (e->q) drain(e->q, e->count);
+  return cudaSuccess;
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
-  return e ? cudaSuccess : set_error(cudaErrorInvalidResourceHandle);
+  if (!e) return set_error(cudaErrorInvalidResourceHandle);
+  StreamLock lock;
+  if (!event_pending(e)) return cudaSuccess;
+  drain(e->q, e->count);
+  return cudaErrorNotReady;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
   if (!ms || !start || !end) return set_error(cudaErrorInvalidValue);
-  if (!start->recorded || !end->recorded) return set_error(cudaErrorInvalidResourceHandle);
-  *ms = std::chrono::duration<float, std::milli>(end->t - start->t).count();
+  StreamLock lock;
+  if (!start->q || !end->q) return set_error(cudaErrorInvalidResourceHandle);
+  if (event_pending(start) || event_pending(end)) return cudaErrorNotReady;
+  *ms = std::chrono::duration<float, std::milli>(*end->t - *start->t).count();
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize() {
+  StreamLock lock;
+  ++g_sync_count;
+  drain_all();
   return cudaSuccess;
 }
 cudaError_t cudaDeviceReset() {
-  return cudaSuccess;
+  return drain_all_quietly(false);
 }
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return set_error(cudaErrorInvalidValue);
@@ -1387,3 +1625,77 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
   }
   return cudaSuccess;
 }
+
+// ------------------------------------------------------------------------------------------------
+// The simulator's stream API
+// ------------------------------------------------------------------------------------------------
+namespace simt {
+
+std::string name(StreamSchedule schedule) {
+  return schedule == StreamSchedule::Eager ? "eager" : "deferred";
+}
+
+StreamSchedule parse_stream_schedule(const std::string& text) {
+  if (text == "eager") return StreamSchedule::Eager;
+  if (text == "deferred") return StreamSchedule::Deferred;
+  throw Error("simt: bad stream schedule '" + text + "': expected eager or deferred");
+}
+
+void set_stream_schedule(StreamSchedule schedule) {
+  StreamLock lock;
+  drain_all();
+  g_stream_schedule = schedule;
+}
+
+StreamSchedule stream_schedule() {
+  StreamLock lock;
+  return g_stream_schedule;
+}
+
+std::vector<StreamSchedule> stream_schedules() {
+  return {StreamSchedule::Eager, StreamSchedule::Deferred};
+}
+
+ScopedStreamSchedule::~ScopedStreamSchedule() {
+  try {
+    set_stream_schedule(previous_);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "simt: error in work drained at the end of a stream schedule scope: %s\n",
+                 e.what());
+    std::lock_guard<std::mutex> lock(g_stream_mutex);
+    g_stream_schedule = previous_;
+  }
+}
+
+void enqueue_host(cudaStream_t stream, std::function<void()> fn) {
+  StreamLock lock;
+  enqueue(queue_of(stream), std::move(fn));
+}
+
+std::size_t pending_work() {
+  StreamLock lock;
+  std::size_t n = 0;
+  for (const auto& q : queues()) n += q->items.size();
+  return n;
+}
+
+std::uint64_t sync_count() {
+  return g_sync_count.load();
+}
+
+void reset_sync_count() {
+  g_sync_count = 0;
+}
+
+namespace detail {
+void enqueue_launch(const LaunchDesc& probe, cudaStream_t stream, std::function<void()> run) {
+  validate(probe);
+  if (g_in_launch.load() && pthread_equal(g_launch_owner, pthread_self())) {
+    throw Error("simt: kernel '" + kernel_name(probe.kernel) + "' launched from inside a kernel");
+  }
+  StreamLock lock;
+  enqueue(queue_of(stream), std::move(run));
+}
+}  // namespace detail
+
+}  // namespace simt

@@ -30,10 +30,28 @@
 //     (dynamic_smem<T>()) is a heap buffer of exactly smem_bytes, so ASan catches out-of-bounds
 //     accesses there.
 //   * cudaMalloc returns heap memory (256-byte aligned) filled with 0xFF bytes (NaN): outputs
-//     a kernel forgot to write show up as NaN. cudaFree checks the pointer. All copies and
-//     memsets are synchronous; streams and events are no-ops (events record host time).
+//     a kernel forgot to write show up as NaN. cudaFree checks the pointer.
 //   * Atomics go through std::atomic_ref (the simulator is single-threaded, so they are exact).
 //   * extern __shared__ arrays are not supported: use dynamic_smem<T>() from common.cuh.
+//
+// Streams (CUDA's semantics)
+//   Each stream is a FIFO of work: kernel launches, async copies and memsets, event markers, host
+//   functions. The legacy stream (nullptr, cudaStreamLegacy) orders with every blocking stream
+//   (created without cudaStreamNonBlocking) in both directions and with no non-blocking stream.
+//   cudaStreamSynchronize(s) runs s's work and what it waits for; cudaDeviceSynchronize, cudaFree
+//   and cudaFreeHost run everything; cudaEventRecord enqueues a marker, cudaStreamWaitEvent makes
+//   the stream's later work wait for it, cudaEventSynchronize runs up to it; a query that finds
+//   work pending returns cudaErrorNotReady and lets the work run. cudaMemcpy and cudaMemcpy2D are
+//   work on the legacy stream: device to device they only enqueue (asynchronous to the host, as in
+//   CUDA), otherwise the host waits for them. cudaMemset enqueues on the legacy stream. An async
+//   copy to the host fills its destination with 0xFF bytes (NaN) when it is enqueued; the data
+//   arrive when it runs (and every copy reads its source when it runs). When work runs is the
+//   stream schedule (set_stream_schedule below): eager, at enqueue (a GPU always done before the
+//   host looks), or deferred, only when something orders it, so a missing event or
+//   synchronisation reads stale data or NaN. Launch configurations are checked at enqueue; an
+//   error of a deferred kernel is thrown by the call that runs it, except cudaFree, cudaFreeHost
+//   and cudaDeviceReset (destructors call them), which print it and return
+//   cudaErrorLaunchFailure.
 //
 // Checks (each throws simt::Error, a std::runtime_error, naming the kernel, block and thread)
 //   * a thread waits at __syncthreads while another thread of the block has exited (or exits while
@@ -74,6 +92,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -658,7 +677,7 @@ inline void __nanosleep(unsigned int) {}
 long long clock64();  // nanoseconds of a steady clock (clock() is libc's)
 
 // ------------------------------------------------------------------------------------------------
-// CUDA runtime API subset (synchronous; streams and events are no-ops)
+// CUDA runtime API subset (streams, events and copies as described at the top)
 // ------------------------------------------------------------------------------------------------
 enum cudaError_t : int {
   cudaSuccess = 0,
@@ -696,6 +715,9 @@ struct CUstream_st;
 struct CUevent_st;
 typedef CUstream_st* cudaStream_t;
 typedef CUevent_st* cudaEvent_t;
+typedef void (*cudaHostFn_t)(void* user_data);
+// The legacy default stream by name (nullptr means the same).
+#define cudaStreamLegacy (reinterpret_cast<cudaStream_t>(0x1))
 
 inline constexpr unsigned int cudaStreamDefault = 0x00;
 inline constexpr unsigned int cudaStreamNonBlocking = 0x01;
@@ -766,6 +788,8 @@ cudaError_t cudaStreamCreate(cudaStream_t* stream);
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags);
 cudaError_t cudaStreamDestroy(cudaStream_t stream);
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
+cudaError_t cudaStreamQuery(cudaStream_t stream);
+cudaError_t cudaLaunchHostFunc(cudaStream_t stream, cudaHostFn_t fn, void* user_data);
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags = 0);
 cudaError_t cudaEventCreate(cudaEvent_t* event);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags);
@@ -835,6 +859,53 @@ class ScopedSchedule {
   Schedule previous_;
 };
 
+// When the work enqueued on streams runs (process-wide; the initial one is eager, or the value of
+// the environment variable MOETRAIN_SIMT_STREAMS=eager|deferred):
+//   eager     every kernel, async copy and memset runs when it is enqueued (a GPU that is always
+//             done before the host looks);
+//   deferred  work runs only when something orders it before the host goes on: a synchronize of
+//             its stream (or of a stream or event that waits for it), cudaDeviceSynchronize, a
+//             blocking copy on the legacy stream (which waits for the blocking streams' work, not
+//             for the non-blocking streams'), cudaFree, a query. As late as CUDA's rules allow, so
+//             a missing event or sync reads data that are not written yet.
+// Switching drains all pending work first (errors of kernels it runs are thrown there).
+enum class StreamSchedule { Eager, Deferred };
+void set_stream_schedule(StreamSchedule schedule);
+StreamSchedule stream_schedule();
+std::string name(StreamSchedule schedule);  // "eager", "deferred"
+// Parses "eager" or "deferred"; throws simt::Error otherwise.
+StreamSchedule parse_stream_schedule(const std::string& text);
+// Eager and deferred: what tests of host code that uses streams loop over.
+std::vector<StreamSchedule> stream_schedules();
+
+// Sets a stream schedule for a scope and restores the previous one.
+class ScopedStreamSchedule {
+ public:
+  explicit ScopedStreamSchedule(StreamSchedule s) : previous_(stream_schedule()) {
+    set_stream_schedule(s);
+  }
+  // Drains pending work; an error it raises is printed (a destructor must not throw).
+  ~ScopedStreamSchedule();
+  ScopedStreamSchedule(const ScopedStreamSchedule&) = delete;
+  ScopedStreamSchedule& operator=(const ScopedStreamSchedule&) = delete;
+
+ private:
+  StreamSchedule previous_;
+};
+
+// Enqueues host work on a stream, in order with its kernels and copies (what a library call such
+// as a cuBLAS GEMM is in the simulator build). `fn` must not call the CUDA runtime.
+void enqueue_host(cudaStream_t stream, std::function<void()> fn);
+// Work items enqueued and not run yet, over all streams.
+std::size_t pending_work();
+
+// Calls that make the host wait for the device: cudaStreamSynchronize, cudaEventSynchronize,
+// cudaDeviceSynchronize, cudaFree / cudaFreeHost (an implicit device synchronize), and blocking
+// copies (cudaMemcpy / cudaMemcpy2D other than device to device, cudaMemcpyToSymbol /
+// FromSymbol), whatever the stream schedule.
+std::uint64_t sync_count();
+void reset_sync_count();
+
 struct Stats {
   std::uint64_t launches = 0;
   std::uint64_t blocks = 0;
@@ -903,32 +974,37 @@ struct LaunchDesc {
   void* ctx;
 };
 void run_launch(const LaunchDesc& desc);
+// Checks the configuration of `probe` (kernel, grid, block, smem_bytes) and enqueues `run` on
+// `stream` (a kernel launch, in order with the stream's other work).
+void enqueue_launch(const LaunchDesc& probe, cudaStream_t stream, std::function<void()> run);
 }  // namespace detail
 
-// Runs kernel<<<grid, block, smem_bytes, stream>>>(args...) to completion on the calling thread.
-// Arguments are converted to the kernel's parameter types once; every thread gets a copy.
+// Enqueues kernel<<<grid, block, smem_bytes, stream>>>(args...) on `stream`: the configuration is
+// checked now; the kernel runs on the calling thread now (eager stream schedule) or when something
+// orders it (deferred). Arguments are converted to the kernel's parameter types once, at the call;
+// every thread gets a copy.
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_bytes,
             cudaStream_t stream, Args&&... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args),
                 "simt::launch: wrong number of kernel arguments");
-  (void)stream;
   using Params = std::tuple<std::decay_t<KArgs>...>;
   struct Ctx {
     void (*kernel)(KArgs...);
     Params params;
   };
-  Ctx ctx{kernel, Params(std::forward<Args>(args)...)};
-  detail::LaunchDesc desc{reinterpret_cast<const void*>(kernel),
-                          grid,
-                          block,
-                          smem_bytes,
-                          [](void* c) {
-                            Ctx* x = static_cast<Ctx*>(c);
-                            std::apply(x->kernel, x->params);
-                          },
-                          &ctx};
-  detail::run_launch(desc);
+  const detail::LaunchDesc probe{
+      reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, nullptr, nullptr};
+  detail::enqueue_launch(probe, stream,
+                         [probe, ctx = Ctx{kernel, Params(std::forward<Args>(args)...)}]() mutable {
+                           detail::LaunchDesc desc = probe;
+                           desc.invoke = [](void* c) {
+                             Ctx* x = static_cast<Ctx*>(c);
+                             std::apply(x->kernel, x->params);
+                           };
+                           desc.ctx = &ctx;
+                           detail::run_launch(desc);
+                         });
 }
 
 // The dynamic shared memory of the running launch (common.cuh's dynamic_smem<T>() uses it).

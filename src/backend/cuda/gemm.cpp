@@ -335,8 +335,11 @@ void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, 
   };
   const float* fa = widen(a, ta, M, K, lda, sa, sim_a_);
   const float* fb = widen(b, tb, K, N, ldb, sb, sim_b_);
-  CpuBackend<float> cpu;
-  cpu.gemm_batched(ta, tb, M, N, K, alpha, fa, lda, sa, fb, ldb, sb, beta, C, ldc, sc, batch);
+  // On the stream, as cuBLASLt runs: after the kernels that wrote the operands, before later ones.
+  simt::enqueue_host(stream_, [=] {
+    CpuBackend<float> cpu;
+    cpu.gemm_batched(ta, tb, M, N, K, alpha, fa, lda, sa, fb, ldb, sb, beta, C, ldc, sc, batch);
+  });
 #else
   const GemmPlanKey key{ta,
                         tb,
