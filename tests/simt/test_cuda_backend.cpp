@@ -231,6 +231,7 @@ TEST_CASE("cuda backend: stochastic rounding of the bf16 weight copy brackets an
 
 TEST_CASE("cuda backend: by default the bf16 weight copy is rounded to nearest even",
           "[cuda_backend]") {
+  EACH_STREAM_SCHEDULE();
   const std::size_t n = 2 * 4096 + 37;  // whole rows of the conversion and a tail
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
