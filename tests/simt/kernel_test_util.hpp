@@ -1,5 +1,6 @@
-// Helpers shared by the simulator tests (every tests/simt/test_*.cpp that needs them): device
-// buffers, storage-type conversions (fp32 / bf16), relative error, NaN checks, random inputs.
+// Helpers shared by the kernel tests (every tests/simt/test_*.cpp that needs them), in the
+// simulator and on a GPU: device buffers, storage-type conversions (fp32 / bf16), relative error,
+// NaN checks, random inputs, and the schedules (schedules.hpp).
 #pragma once
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <catch2/catch.hpp>
 
 #include "common.cuh"
+#include "schedules.hpp"
 
 namespace kernel_test {
 
@@ -119,11 +121,6 @@ inline std::vector<float> random_floats(size_t n, std::mt19937& rng, float scale
   std::vector<float> v(n);
   for (auto& x : v) x = normal(rng);
   return v;
-}
-
-// forward, reverse, random(1), random(2)
-inline std::vector<simt::Schedule> test_schedules() {
-  return simt::standard_schedules();
 }
 
 }  // namespace kernel_test
