@@ -206,6 +206,8 @@ run_check() {
   local bin=$bundle/bin
   local cuda_libs
   cuda_libs=$(cuda_lib_path)
+  # Our binaries get the bundle's and the CUDA libraries; python3 (PyTorch brings its own) does not.
+  local py_env=(env "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}")
   export LD_LIBRARY_PATH="$bundle/usr/lib/x86_64-linux-gnu${cuda_libs:+:$cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
   {
@@ -267,12 +269,15 @@ run_check() {
     done
 
     # 6. Our attention against PyTorch's scaled_dot_product_attention.
-    step attention_vs_torch 60 python3 scripts/attention_vs_torch.py \
-      --dump "$bin/moetrain_attention_dump" --out "$out/attention" --matmul-peak
+    printf '#!/usr/bin/env bash\nLD_LIBRARY_PATH=%q exec %q "$@"\n' "$LD_LIBRARY_PATH" \
+      "$bin/moetrain_attention_dump" >"$out/attention_dump.sh"
+    chmod +x "$out/attention_dump.sh"
+    step attention_vs_torch 60 "${py_env[@]}" python3 scripts/attention_vs_torch.py \
+      --dump "$out/attention_dump.sh" --out "$out/attention" --matmul-peak
   else
     record gpu_tests skipped 0 0 "no CUDA device"
   fi
-  step report 20 python3 - "$out" "$have_device" <<'EOF'
+  step report 20 "${py_env[@]}" python3 - "$out" "$have_device" <<'EOF'
 import json, os, sys
 
 out, have_device = sys.argv[1], sys.argv[2] == "1"
@@ -313,7 +318,9 @@ if ran:
     for tool in ("racecheck", "memcheck"):
         md += [f"## compute-sanitizer --tool {tool}", "", "```", tail(tool, 8), "```", ""]
     try:
-        bench = json.loads(log("bench")[log("bench").index("{"):])
+        text = log("bench")  # log lines, then bench's JSON from a line holding "{" alone
+        bench = json.loads(text[text.index("{\n") if text.startswith("{\n") else
+                                text.index("\n{\n") + 1:])
         report["bench"] = bench
         md += ["## bench (configs/gpu_moe_small.json)", "",
                f"- {bench['tokens_per_second']:.0f} tokens/s, {bench['achieved_gflops']:.0f} "
