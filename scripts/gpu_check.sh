@@ -6,7 +6,11 @@
 #                                             fills BUNDLE (default gpu_bundle/, git-ignored)
 #   scripts/gpu_check.sh --run OUTDIR         on the GPU machine, in a copy of the repository with
 #                                             the bundle at gpu_bundle/ (or $MOETRAIN_GPU_BUNDLE):
-#                                             writes OUTDIR/gpu_report.md and gpu_report.json
+#                                             writes OUTDIR/gpu_report.md, gpu_report.json and
+#                                             gpu_logs.tar.gz (the rest stays in a work folder,
+#                                             $MOETRAIN_GPU_CHECK_WORK or a new one under /tmp)
+#   scripts/gpu_check.sh --rebuild BUNDLE DIR  what --run does when the carried binaries do not
+#                                             start: builds them into DIR from the bundle's headers
 #
 # The bundle (< 64 MiB) holds the binaries (bin/), the non-CUDA shared libraries they need as ldd
 # finds them here (OpenBLAS, gfortran, spdlog, fmt, MPI and its libraries, gomp, ...; cudart too,
@@ -24,7 +28,7 @@ set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
 usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -195,7 +199,11 @@ rebuild() {
 }
 
 run_check() {
-  out=$1
+  local report_dir=$1
+  mkdir -p "$report_dir" || exit 1
+  report_dir=$(cd "$report_dir" && pwd)
+  # Everything but the report goes to a work folder, so OUTDIR holds three files.
+  out=${MOETRAIN_GPU_CHECK_WORK:-$(mktemp -d /tmp/moetrain-gpu-check.XXXXXX)}
   mkdir -p "$out/logs" || exit 1
   out=$(cd "$out" && pwd)
   steps=$out/steps.jsonl
@@ -211,13 +219,15 @@ run_check() {
   export LD_LIBRARY_PATH="$bundle/usr/lib/x86_64-linux-gnu${cuda_libs:+:$cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
   {
-    echo "host $(hostname), $(nproc) cores, $(uname -r)"
+    echo "host $(hostname), $(nproc) cores, $(uname -r); work folder $out"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     [ -f "$bundle/MANIFEST.txt" ] && head -2 "$bundle/MANIFEST.txt"
   } >"$out/environment.txt"
 
   # 1. The device: nvidia-smi, then our own cudaGetDeviceProperties line.
-  step nvidia_smi 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit,compute_cap --format=csv
+  local smi
+  smi=$(command -v nvidia-smi || echo /usr/local/nvidia/bin/nvidia-smi)
+  step nvidia_smi 20 "$smi" --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit,compute_cap --format=csv
 
   # 2. Do the carried binaries start? If not, rebuild here (cmake + ninja, the bundle's headers).
   local t
@@ -238,9 +248,11 @@ run_check() {
   if ((have_device)) || [ "${MOETRAIN_GPU_CHECK_ALL:-0}" = 1 ]; then
     # 3. The kernel tests and CudaBackend vs CpuBackend; then sanitizers on a subset.
     step gpu_tests 100 "$bin/moetrain_gpu_tests" -r compact
-    step racecheck 50 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    local sanitizer
+    sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    step racecheck 50 "$sanitizer" --tool racecheck --error-exitcode 1 \
       "$bin/moetrain_gpu_tests" "attention kernels:*,rmsnorm kernels:*,cross_entropy kernel:*,router kernels:*"
-    step memcheck 50 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    step memcheck 50 "$sanitizer" --tool memcheck --error-exitcode 1 \
       "$bin/moetrain_gpu_tests" "cuda backend: bf16 GEMMs*,moe_permute kernels:*,embedding kernels:*"
 
     # 4. bench on the GPU-scale config: MFU against the GEMM peak measured through the backend.
@@ -252,7 +264,8 @@ run_check() {
     # 5. 50 steps of configs/ci.json on cuda (bf16 and fp32 GEMMs) and on cpu, on a corpus made of
     # the repository's docs; then the loss differences.
     mkdir -p "$out/corpus"
-    cp README.md docs/*.md kernels/README.md "$out/corpus/" 2>/dev/null
+    cp README.md docs/*.md "$out/corpus/"
+    cp kernels/README.md "$out/corpus/kernels_README.md"
     step prepare_data 30 "$bin/moetrain" prepare-data --input "$out/corpus" --out "$out/data" \
       --vocab-size 512 --val-fraction 0.1
     local mode backend precision
@@ -277,10 +290,10 @@ run_check() {
   else
     record gpu_tests skipped 0 0 "no CUDA device"
   fi
-  step report 20 "${py_env[@]}" python3 - "$out" "$have_device" <<'EOF'
+  step report 20 "${py_env[@]}" python3 - "$out" "$have_device" "$report_dir" <<'EOF'
 import json, os, sys
 
-out, have_device = sys.argv[1], sys.argv[2] == "1"
+out, have_device, report_dir = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 steps = [json.loads(l) for l in open(os.path.join(out, "steps.jsonl")) if l.strip()]
 
 
@@ -355,11 +368,16 @@ if ran:
     ajson = os.path.join(out, "attention", "attention.json")
     if os.path.exists(ajson):
         report["attention"] = json.load(open(ajson))
-json.dump(report, open(os.path.join(out, "gpu_report.json"), "w"), indent=2)
-open(os.path.join(out, "gpu_report.md"), "w").write("\n".join(md) + "\n")
+json.dump(report, open(os.path.join(report_dir, "gpu_report.json"), "w"), indent=2)
+open(os.path.join(report_dir, "gpu_report.md"), "w").write("\n".join(md) + "\n")
 EOF
-  if [ -f "$out/gpu_report.md" ]; then
-    echo "gpu_check: wrote $out/gpu_report.md and $out/gpu_report.json"
+  # The logs and small results, for a closer look.
+  (cd "$out" && tar -czf "$report_dir/gpu_logs.tar.gz" --ignore-failed-read logs steps.jsonl \
+    environment.txt ldd.txt train_*/metrics.jsonl attention/attention.json attention/attention.md \
+    2>/dev/null)
+  if [ -f "$report_dir/gpu_report.md" ]; then
+    echo "gpu_check: wrote $report_dir/gpu_report.md, gpu_report.json and gpu_logs.tar.gz" \
+      "(work folder $out)"
     return 0
   fi
   echo "gpu_check: no report written (see $out/logs/report.log)" >&2
