@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: set-up (apt + build), then every test through CTest — the main build's, and
 # the SIMT simulator build's (kernels/ compiled as C++ with AddressSanitizer, no nvcc; docs/design.md §6).
+# Where the CUDA toolkit is found (/usr/local/cuda), the main build is the CUDA build: it compiles the
+# kernels with nvcc and builds moetrain_gpu_tests (label gpu), which without a GPU prints one line
+# saying so and passes (§6.4).
 # Usage: scripts/test.sh [extra cmake -D options for both builds, e.g. -DMOETRAIN_NATIVE=OFF]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
-// Helpers shared by the simulator tests (every tests/simt/test_*.cpp that needs them): device
-// buffers, storage-type conversions (fp32 / bf16), relative error, NaN checks, random inputs, a
-// loop over the stream schedules.
+// Helpers shared by the kernel tests (every tests/simt/test_*.cpp that needs them), in the
+// simulator and on a GPU: device buffers, storage-type conversions (fp32 / bf16), relative error,
+// NaN checks, random inputs, and the schedules (schedules.hpp).
 #pragma once
 
 #include <algorithm>
@@ -14,14 +14,7 @@
 #include <catch2/catch.hpp>
 
 #include "common.cuh"
-
-// Runs the rest of the test case once under each stream schedule (eager, deferred), named in the
-// messages: for tests of host code that uses streams.
-#define EACH_STREAM_SCHEDULE()                                                   \
-  const ::simt::StreamSchedule each_stream_schedule_ =                           \
-      GENERATE(::simt::StreamSchedule::Eager, ::simt::StreamSchedule::Deferred); \
-  INFO("stream schedule " << ::simt::name(each_stream_schedule_));               \
-  ::simt::ScopedStreamSchedule each_stream_schedule_scope_(each_stream_schedule_)
+#include "schedules.hpp"
 
 namespace kernel_test {
 
@@ -128,11 +121,6 @@ inline std::vector<float> random_floats(size_t n, std::mt19937& rng, float scale
   std::vector<float> v(n);
   for (auto& x : v) x = normal(rng);
   return v;
-}
-
-// forward, reverse, random(1), random(2)
-inline std::vector<simt::Schedule> test_schedules() {
-  return simt::standard_schedules();
 }
 
 }  // namespace kernel_test

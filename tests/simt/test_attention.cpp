@@ -107,8 +107,8 @@ void run_case(const Shape& sh, unsigned seed) {
   DeviceBuffer<float> d_S(S), d_P(sh.elems()), d_dP(dP), d_dS(sh.elems()), d_Pin(r_P),
       d_smax(size_t(sh.heads));
   DeviceBuffer<char> d_ws(mk::causal_softmax_workspace_bytes(sh.batch, sh.heads, sh.seq));
-  for (const simt::Schedule& s : test_schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : test_schedules()) {
+    ScopedSchedule scope(s);
     for (const bool in_place : {false, true}) {
       INFO("batch " << sh.batch << " heads " << sh.heads << " seq " << sh.seq
                     << (in_place ? " in place" : "") << " schedule " << s.name());

@@ -53,8 +53,8 @@ void run_case(const Case& c, unsigned seed) {
   DeviceBuffer<T> d_logits(logits.size());
   DeviceBuffer<int32_t> d_targets(targets);
   DeviceBuffer<float> d_losses(size_t(c.n));
-  for (const simt::Schedule& s : test_schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : test_schedules()) {
+    ScopedSchedule scope(s);
     INFO("n " << c.n << " vocab " << c.vocab << " grad_scale " << c.grad_scale << " max_blocks "
               << c.max_blocks << " " << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
     d_logits.upload(to_storage<T>(logits));

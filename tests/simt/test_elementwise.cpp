@@ -68,8 +68,8 @@ void run_linear(size_t n, size_t offset, unsigned seed) {
   DeviceBuffer<T> d_a(n + offset), d_b(n + offset);
   T *pa = d_a.ptr + offset, *pb = d_b.ptr + offset;
   const std::vector<T> a_s = to_storage<T>(a), b_s = to_storage<T>(b);
-  for (const simt::Schedule& sch : test_schedules()) {
-    simt::ScopedSchedule scope(sch);
+  for (const Schedule& sch : test_schedules()) {
+    ScopedSchedule scope(sch);
     INFO("n " << n << " offset " << offset << " " << (std::is_same_v<T, float> ? "fp32" : "bf16")
               << " schedule " << sch.name());
     put(pa, a_s);
@@ -94,8 +94,8 @@ void run_transpose(int batch, int rows, int cols, unsigned seed) {
   moetrain::CpuBackend<float>().transpose_batched(ref.data(), in.data(), batch, rows, cols);
 
   DeviceBuffer<T> d_in(to_storage<T>(in)), d_out(total);
-  for (const simt::Schedule& sch : test_schedules()) {
-    simt::ScopedSchedule scope(sch);
+  for (const Schedule& sch : test_schedules()) {
+    ScopedSchedule scope(sch);
     INFO("transpose batch " << batch << " rows " << rows << " cols " << cols << " "
                             << (std::is_same_v<T, float> ? "fp32" : "bf16") << " schedule "
                             << sch.name());
@@ -145,8 +145,8 @@ void run_convert_strided(const Strided& c, unsigned seed) {
   const std::vector<float> in = conversion_inputs(size_t(c.rows) * c.ld_in, rng);
   DeviceBuffer<float> d_in(in);
   DeviceBuffer<bf16> d_out(size_t(c.rows) * c.ld_out);
-  for (const simt::Schedule& sch : test_schedules()) {
-    simt::ScopedSchedule scope(sch);
+  for (const Schedule& sch : test_schedules()) {
+    ScopedSchedule scope(sch);
     INFO("convert_to_bf16 rows " << c.rows << " cols " << c.cols << " ld_in " << c.ld_in
                                  << " ld_out " << c.ld_out << " schedule " << sch.name());
     d_out.poison();
@@ -185,8 +185,8 @@ void run_stochastic(size_t n, size_t offset, unsigned seed) {
   DeviceBuffer<bf16> d_out(n + offset);
   put(d_in.ptr + offset, in);
   std::vector<uint16_t> first;
-  for (const simt::Schedule& sch : test_schedules()) {
-    simt::ScopedSchedule scope(sch);
+  for (const Schedule& sch : test_schedules()) {
+    ScopedSchedule scope(sch);
     INFO("stochastic n " << n << " offset " << offset << " schedule " << sch.name());
     d_out.poison();
     mk::convert_to_bf16_stochastic(d_out.ptr + offset, d_in.ptr + offset, n, 1234, nullptr);
@@ -221,8 +221,8 @@ void run_from_bf16(size_t n, size_t offset, unsigned seed) {
   DeviceBuffer<bf16> d_in(n + offset);
   DeviceBuffer<float> d_out(n + offset);
   put(d_in.ptr + offset, in);
-  for (const simt::Schedule& sch : test_schedules()) {
-    simt::ScopedSchedule scope(sch);
+  for (const Schedule& sch : test_schedules()) {
+    ScopedSchedule scope(sch);
     INFO("convert_from_bf16 n " << n << " offset " << offset << " schedule " << sch.name());
     d_out.poison();
     mk::convert_from_bf16(d_out.ptr + offset, d_in.ptr + offset, n, nullptr);
@@ -315,8 +315,8 @@ TEST_CASE("elementwise kernels: scale_matrix scales a strided matrix; s = 0 clea
   x[5] = std::nanf("");            // inside the matrix
   x[std::size_t(ld) + 46] = 7.0f;  // padding: never touched
   x[std::size_t(ld) * 3 + 47] = std::nanf("");
-  for (const simt::Schedule& sch : test_schedules()) {
-    simt::ScopedSchedule scope(sch);
+  for (const Schedule& sch : test_schedules()) {
+    ScopedSchedule scope(sch);
     for (const float s : {2.5f, 1.0f, 0.0f}) {
       INFO("schedule " << sch.name() << ", s " << s);
       DeviceBuffer<float> d(x);

@@ -69,8 +69,8 @@ void run_case(const Case& c, unsigned seed) {
   DeviceBuffer<T> d_table(to_storage<T>(table)), d_dout(to_storage<T>(dout));
   DeviceBuffer<T> d_out(size_t(n) * d), d_dtable(size_t(V) * d);
   DeviceBuffer<unsigned char> d_ws(mk::embedding_backward_workspace_bytes(n));
-  for (const simt::Schedule& s : test_schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : test_schedules()) {
+    ScopedSchedule scope(s);
     INFO("n " << n << " d " << d << " vocab " << V << " max_blocks " << c.max_blocks << " "
               << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
     d_out.poison();

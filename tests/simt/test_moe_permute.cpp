@@ -94,9 +94,9 @@ void run_case(const Case& c, unsigned seed) {
       d_offsets(E + 1), d_ref_pos(r_pos);
   DeviceBuffer<unsigned char> d_ws(mk::moe_permute_workspace_bytes(N, E, K));
 
-  for (const simt::Schedule& s :
-       {simt::Schedule::forward(), simt::Schedule::reverse(), simt::Schedule::random(3)}) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s :
+       schedules({Schedule::forward(), Schedule::reverse(), Schedule::random(3)})) {
+    ScopedSchedule scope(s);
     INFO("case " << c.name << (kBf16 ? " bf16" : " fp32") << ", schedule " << s.name());
     d_xg.poison();
     d_y.poison();

@@ -49,9 +49,9 @@ size_t count_not_neighbour(const std::vector<bf16>& copy, const std::vector<floa
   return bad;
 }
 
-const std::vector<simt::Schedule>& schedules() {
-  static const std::vector<simt::Schedule> s{simt::Schedule::forward(), simt::Schedule::reverse(),
-                                             simt::Schedule::random(5)};
+const std::vector<Schedule>& optimizer_schedules() {
+  static const std::vector<Schedule> s =
+      kernel_test::schedules({Schedule::forward(), Schedule::reverse(), Schedule::random(5)});
   return s;
 }
 
@@ -87,8 +87,8 @@ void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems()), d_sq(1);
   const auto params = mk::adamw_params(lr, b1, b2, eps, wd, t);
   double first_sq = -1;
-  for (const simt::Schedule& s : schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : optimizer_schedules()) {
+    ScopedSchedule scope(s);
     INFO("adamw " << (kBf16W ? "bf16" : "fp32") << " weights, n " << n << ", schedule "
                   << s.name());
     d_w.upload(w_s);
@@ -137,8 +137,8 @@ void check_sum_squares(size_t n, unsigned seed) {
   DeviceBuffer<T> d_x(x_s);
   DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems()), d_out(1);
   double first = -1;
-  for (const simt::Schedule& s : schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : optimizer_schedules()) {
+    ScopedSchedule scope(s);
     INFO("sum_squares n " << n << ", schedule " << s.name());
     d_out.poison();
     mk::sum_squares(d_x.ptr, n, d_ws.ptr, d_out.ptr, false, nullptr);
@@ -164,8 +164,8 @@ void check_muon_momentum(size_t n, unsigned seed, bool nesterov, float grad_scal
   be.muon_momentum(r_M.data(), r_U.data(), r_G.data(), n, mu, nesterov);
   DeviceBuffer<float> d_M(M0), d_G(G);
   DeviceBuffer<TU> d_U(n);
-  for (const simt::Schedule& s : schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : optimizer_schedules()) {
+    ScopedSchedule scope(s);
     INFO("muon_momentum nesterov " << nesterov << ", schedule " << s.name());
     d_M.upload(M0);
     d_U.poison();
@@ -198,8 +198,8 @@ void check_muon_update(size_t n, unsigned seed, bool with_copy) {
   DeviceBuffer<bf16> d_copy(n);
   DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems()), d_sq(1);
   double first_sq = -1;
-  for (const simt::Schedule& sch : schedules()) {
-    simt::ScopedSchedule scope(sch);
+  for (const Schedule& sch : optimizer_schedules()) {
+    ScopedSchedule scope(sch);
     INFO("muon_update W " << (kBf16W ? "bf16" : "fp32") << " O "
                           << (std::is_same_v<TO, float> ? "fp32" : "bf16") << ", schedule "
                           << sch.name());
@@ -239,8 +239,8 @@ void check_frobenius(int batch, size_t elems, unsigned seed, bool in_place) {
   DeviceBuffer<TIn> d_in(in_s);
   DeviceBuffer<TOut> d_out(size_t(batch) * elems);
   DeviceBuffer<double> d_ws(mk::frobenius_workspace_elems(batch, elems));
-  for (const simt::Schedule& s : schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : optimizer_schedules()) {
+    ScopedSchedule scope(s);
     INFO("frobenius batch " << batch << " elems " << elems << " in place " << in_place
                             << ", schedule " << s.name());
     d_ws.poison();
@@ -282,8 +282,8 @@ void check_scale_row_blocks(unsigned seed, bool with_copy) {
   DeviceBuffer<TW> d_w(w_s);
   DeviceBuffer<bf16> d_copy(copy0);
   DeviceBuffer<float> d_f(factors);
-  for (const simt::Schedule& s : schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : optimizer_schedules()) {
+    ScopedSchedule scope(s);
     INFO("scale_row_blocks " << (kBf16W ? "bf16" : "fp32") << ", schedule " << s.name());
     d_w.upload(w_s);
     d_copy.upload(copy0);

@@ -58,8 +58,8 @@ void run_case(const Case& c, unsigned seed) {
   DeviceBuffer<T> d_x(to_storage<T>(r_x)), d_dy(to_storage<T>(dy));
   DeviceBuffer<float> d_rstd(static_cast<size_t>(n)), d_ref_rstd(r_rstd);
   DeviceBuffer<unsigned char> d_ws(mk::rmsnorm_backward_workspace_bytes(n, d, c.max_blocks));
-  for (const simt::Schedule& s : test_schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : test_schedules()) {
+    ScopedSchedule scope(s);
     INFO("n " << n << " d " << d << " max_blocks " << c.max_blocks << " "
               << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
     d_y.poison();

@@ -59,8 +59,8 @@ void run_case(const Case& c, unsigned seed) {
 
   DeviceBuffer<TC> d_cos(to_storage<TC>(cos_t)), d_sin(to_storage<TC>(sin_t));
   DeviceBuffer<T> d_x(elems), d_dx(elems);
-  for (const simt::Schedule& s : test_schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : test_schedules()) {
+    ScopedSchedule scope(s);
     INFO("rows " << c.rows << " seq " << c.seq << " heads " << c.n_heads << " hd " << c.head_dim
                  << " ld " << c.ld << " max_blocks " << c.max_blocks << " slot " << kSlot
                  << " schedule " << s.name());

@@ -23,8 +23,8 @@ namespace {
 using namespace kernel_test;
 
 // Not the standard schedules: forward, reverse and one random order.
-std::vector<simt::Schedule> router_schedules() {
-  return {simt::Schedule::forward(), simt::Schedule::reverse(), simt::Schedule::random(11)};
+std::vector<Schedule> router_schedules() {
+  return schedules({Schedule::forward(), Schedule::reverse(), Schedule::random(11)});
 }
 
 struct Case {
@@ -81,8 +81,8 @@ void run_case(const Case& c, unsigned seed) {
   DeviceBuffer<unsigned char> d_ws(mk::router_forward_workspace_bytes(N, E));
 
   std::vector<float> first_stats;
-  for (const simt::Schedule& s : router_schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : router_schedules()) {
+    ScopedSchedule scope(s);
     INFO("case " << c.name << ", schedule " << s.name());
     for (auto* b : {&d_scores, &d_gates, &d_stats, &d_dlogits}) b->poison();
     d_topk.poison();

@@ -47,8 +47,8 @@ void run_case(const Case& c, unsigned seed) {
 
   DeviceBuffer<T> d_h(h.size()), d_dout(to_storage<T>(dout)), d_out(r_out.size()),
       d_dh(r_dh.size());
-  for (const simt::Schedule& s : test_schedules()) {
-    simt::ScopedSchedule scope(s);
+  for (const Schedule& s : test_schedules()) {
+    ScopedSchedule scope(s);
     INFO("rows " << c.rows << " ff " << c.ff << (c.in_place ? " in place" : "") << " max_blocks "
                  << c.max_blocks << " " << (kF32 ? "fp32" : "bf16") << " schedule " << s.name());
     d_h.upload(to_storage<T>(h));

@@ -1,11 +1,14 @@
 // ProfilingBackend: wraps another backend and accounts wall time (and GEMM FLOPs) per op, for
 // `moetrain bench --profile`. Memory calls pass through untimed. On an asynchronous backend the
-// times are launch times unless the inner backend synchronises.
+// times are launch times unless a `sync` is given: it is called at the end of every op, before the
+// clock is read, so each op's time is its device time plus one synchronisation.
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <string>
+#include <utility>
 
 #include "moetrain/backend.hpp"
 
@@ -20,7 +23,8 @@ struct OpProfile {
 template <typename T>
 class ProfilingBackend final : public Backend<T> {
  public:
-  explicit ProfilingBackend(Backend<T>& inner) : inner_(inner) {}
+  explicit ProfilingBackend(Backend<T>& inner, std::function<void()> sync = {})
+      : inner_(inner), sync_(std::move(sync)) {}
 
   const std::map<std::string, OpProfile>& profile() const { return profile_; }
   void reset() { profile_.clear(); }
@@ -52,6 +56,7 @@ class ProfilingBackend final : public Backend<T> {
     Timer(ProfilingBackend& pb, const char* op, double flops)
         : pb_(pb), op_(op), flops_(flops), t0_(std::chrono::steady_clock::now()) {}
     ~Timer() {
+      if (pb_.sync_) pb_.sync_();
       OpProfile& p = pb_.profile_[op_];
       p.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
       p.flops += flops_;
@@ -64,6 +69,7 @@ class ProfilingBackend final : public Backend<T> {
   };
 
   Backend<T>& inner_;
+  std::function<void()> sync_;
   std::map<std::string, OpProfile> profile_;
 };
 
