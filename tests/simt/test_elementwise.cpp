@@ -305,7 +305,7 @@ TEST_CASE("elementwise kernels: convert_to_bf16_stochastic is unbiased",
   }
 }
 
-TEST_CASE("elementwise kernels: scale_matrix scales a strided matrix; s = 0 clears it",
+TEST_CASE("elementwise kernels: scale_matrix scales a strided matrix and s = 0 clears it",
           "[simt][kernels][elementwise]") {
   const int rows = 37, cols = 45, ld = 48;
   std::vector<float> x(std::size_t(rows) * ld);

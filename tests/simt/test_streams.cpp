@@ -8,12 +8,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.hpp"
 #include "elementwise.cuh"
 #include "kernel_test_util.hpp"
 #include "moetrain/communicator.hpp"
+#include "moetrain/config.hpp"
+#include "moetrain/model.hpp"
+#include "moetrain/optimizer.hpp"
 #include "test_kernels.hpp"
 
 namespace {
@@ -292,4 +296,53 @@ TEST_CASE("streams: the same copy ordered by events, and LocalComm as it is, rea
   // make_local_comm copies with the backend's copy, on its stream.
   const auto local = moetrain::make_local_comm(be);
   CHECK(update_gather_read(be, *local) == right);
+}
+
+// Host synchronisations of one optimizer step (1 micro-batch) on the CUDA backend today: every
+// reduction returned to the host and every expert-offsets download waits. Issue 13 item 2 brings
+// it to <= 2 + 1 per MoE layer per micro-batch; until then the counts may not grow (docs/perf.md
+// quotes them). The count depends on the model's structure (layers, experts, matrices), not on its
+// sizes, so configs/gpu_moe_small.json is measured at its structure with small dimensions.
+std::uint64_t syncs_per_step(const moetrain::Config& cfg) {
+  moetrain::CudaBackendOptions o;
+  moetrain::CudaBackend be(o);
+  moetrain::Model<float> model(cfg.model, be, cfg.data.batch_size);
+  model.init_weights(1);
+  moetrain::Optimizer<float> opt(cfg, model.layout(), be);
+  const std::size_t n = std::size_t(cfg.data.batch_size) * std::size_t(cfg.model.seq_len);
+  std::vector<std::int32_t> tok(n), tgt(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    tok[i] = std::int32_t((i * 7919) % std::size_t(cfg.model.vocab_size));
+    tgt[i] = std::int32_t((i * 104729 + 3) % std::size_t(cfg.model.vocab_size));
+  }
+  std::vector<std::uint64_t> per_step;
+  for (int step = 0; step < 3; ++step) {
+    simt::reset_sync_count();
+    model.zero_grads();
+    const moetrain::ForwardStats& st = model.forward_backward(tok.data(), tgt.data(), 1.0);
+    const auto load = model.take_router_loads();
+    opt.step(model.params(), model.grads(), cfg.optim.lr, st.smax);
+    model.update_router_biases(load, cfg.model.moe.bias_update_rate);
+    per_step.push_back(simt::sync_count());
+  }
+  CHECK(per_step[1] == per_step[2]);  // a fixed sequence of work per step
+  return per_step[2];
+}
+
+TEST_CASE("cuda backend: host synchronisations per optimizer step (today's counts)",
+          "[simt][streams][syncs]") {
+  const std::string configs = std::string(MOETRAIN_SOURCE_DIR) + "/configs/";
+  const std::uint64_t ci = syncs_per_step(moetrain::load_config(configs + "ci.json"));
+  moetrain::Config small = moetrain::load_config(configs + "gpu_moe_small.json");
+  small.model.vocab_size = 256;
+  small.model.d_model = 64;
+  small.model.seq_len = 16;
+  small.model.dense_ff = small.model.moe.expert_ff = small.model.moe.shared_ff = 32;
+  small.model.head_dim = 8;
+  small.data.batch_size = 2;
+  const std::uint64_t moe_small = syncs_per_step(small);
+  WARN("host synchronisations per optimizer step: configs/ci.json "
+       << ci << ", gpu_moe_small structure " << moe_small);
+  CHECK(ci <= 46);
+  CHECK(moe_small <= 466);
 }
