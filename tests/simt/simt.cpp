@@ -1669,6 +1669,7 @@ ScopedStreamSchedule::~ScopedStreamSchedule() {
 
 void enqueue_host(cudaStream_t stream, std::function<void()> fn) {
   StreamLock lock;
+  ++g_stats.host_items;
   enqueue(queue_of(stream), std::move(fn));
 }
 

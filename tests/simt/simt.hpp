@@ -909,8 +909,9 @@ void reset_sync_count();
 struct Stats {
   std::uint64_t launches = 0;
   std::uint64_t blocks = 0;
-  std::uint64_t threads = 0;   // thread instances run
-  std::uint64_t switches = 0;  // fiber context switches
+  std::uint64_t threads = 0;     // thread instances run
+  std::uint64_t switches = 0;    // fiber context switches
+  std::uint64_t host_items = 0;  // enqueue_host calls (the simulator build's GEMMs)
 };
 Stats stats();
 void reset_stats();
