@@ -275,6 +275,26 @@ TEST_CASE("hostile input: sample refuses non-finite temperatures and seeds above
   CHECK_THAT(ok.output, Contains("--checkpoint '/nonexistent/ck'"));
 }
 
+TEST_CASE("hostile input: prepare-data refuses seeds above 2^64-1 and a nan val fraction",
+          "[faults][prepare]") {
+  const std::string base =
+      "prepare-data --input /nonexistent/in --out /nonexistent/out --vocab-size 512 ";
+  for (const char* s : {"18446744073709551616", "-1"}) {
+    INFO(s);
+    const auto r = run_bounded(base + "--seed " + s);
+    CHECK(r.exit_code != 0);
+    CHECK_THAT(r.output, Contains("--seed") && Contains("expected a decimal integer in [0, "
+                                                        "18446744073709551615]"));
+  }
+  const auto nan = run_bounded(base + "--val-fraction nan");
+  CHECK(nan.exit_code != 0);
+  CHECK_THAT(nan.output, Contains("--val-fraction"));
+  // The largest seed passes the flag; the missing input stops it.
+  const auto ok = run_bounded(base + "--seed 18446744073709551615");
+  CHECK(ok.exit_code == 1);
+  CHECK_THAT(ok.output, Contains("/nonexistent/in"));
+}
+
 TEST_CASE("hostile input: eval of non-finite weights is an error, and the loss is printed in full",
           "[faults][eval]") {
   TempDir dir("hostile_eval");

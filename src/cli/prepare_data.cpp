@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "cli/commands.hpp"
+#include "cli/common.hpp"
 #include "moetrain/prepare_data.hpp"
 #include "moetrain/tokenizer.hpp"
 
@@ -57,7 +58,9 @@ void add_prepare_data_command(CLI::App& app) {
                   "Fraction of the documents held out for validation, in [0, 1)")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
-  cmd->add_option("--seed", opts->seed, "Seed of the train/val split")->capture_default_str();
+  cmd->add_option("--seed", opts->seed, "Seed of the train/val split")
+      ->capture_default_str()
+      ->check(decimal_uint64());
   cmd->add_option("--shard-tokens", opts->shard_tokens, "Tokens per shard file")
       ->capture_default_str()
       ->check(CLI::Range(std::int64_t(1), std::int64_t(std::numeric_limits<std::int32_t>::max())));

@@ -46,30 +46,6 @@ std::uint32_t draw(const float* logits, int vocab, double temperature, int top_k
   return std::uint32_t(idx[std::size_t(k - 1)]);
 }
 
-// --temperature: a finite number >= 0. (CLI::NonNegativeNumber lets nan through: nan < 0 is
-// false.)
-const CLI::Validator kFiniteNonNegative(
-    [](std::string& s) -> std::string {
-      double x = 0;
-      const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
-      if (ec != std::errc{} || end != s.data() + s.size() || !std::isfinite(x) || x < 0)
-        return "expected a finite number >= 0, got '" + s + "'";
-      return {};
-    },
-    "FINITE >= 0");
-
-// --seed: a decimal integer in [0, 2^64 - 1]. (CLI11's strtoull saturates a larger one at 2^64 - 1
-// and wraps a negative one around.)
-const CLI::Validator kUint64(
-    [](std::string& s) -> std::string {
-      std::uint64_t x = 0;
-      const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
-      if (ec != std::errc{} || end != s.data() + s.size())
-        return "expected a decimal integer in [0, 18446744073709551615], got '" + s + "'";
-      return {};
-    },
-    "UINT64");
-
 }  // namespace
 
 void add_sample_command(CLI::App& app) {
@@ -84,11 +60,11 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--checkpoint", o->checkpoint, "Checkpoint directory")->required();
   cmd->add_option("--prompt", o->prompt, "Text to continue")->required();
   cmd->add_option("--temperature", o->temperature, "Softmax temperature (0: greedy)")
-      ->check(kFiniteNonNegative);
+      ->check(finite_non_negative());
   cmd->add_option("--top-k", o->top_k, "Sample among the k most likely tokens (0: all)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-tokens", o->max_tokens, "Tokens to generate")->check(CLI::PositiveNumber);
-  cmd->add_option("--seed", o->seed, "Sampling seed")->check(kUint64);
+  cmd->add_option("--seed", o->seed, "Sampling seed")->check(decimal_uint64());
   cmd->add_option("--tokenizer", o->tokenizer,
                   "Tokenizer JSON (default: the checkpoint's copy, else data.tokenizer)");
   cmd->callback([o] {
