@@ -230,8 +230,9 @@ void Trainer::write_shard_report() {
 std::string Trainer::after_divergence() {
   const auto newest = checkpoints_->newest();
   if (!newest) return "no checkpoint was written";
-  if (unproven_ && leader()) {
-    // Its weights gave this non-finite loss: move it out of --resume's way.
+  if (unproven_ && leader() && *newest == checkpoint_path(out_dir_, step_)) {
+    // The checkpoint of the step right before: its weights gave this non-finite loss, so move it
+    // out of --resume's way.
     const std::string aside = set_checkpoint_aside(*newest, "diverged");
     const auto previous = checkpoints_->newest();
     return "the checkpoint of the step before, " + *newest + ", was moved to " + aside + "; " +
