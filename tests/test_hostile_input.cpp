@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <vector>
@@ -253,6 +254,21 @@ TEST_CASE("hostile input: config files that are not regular files or are too lar
   }
 }
 
+namespace {
+
+// `moetrain <base> --seed S` refuses each S as outside [0, 2^64 - 1], naming the flag.
+void check_seeds_refused(const std::string& base, std::initializer_list<const char*> seeds) {
+  for (const char* s : seeds) {
+    INFO(s);
+    const auto r = run_bounded(base + "--seed " + s);
+    CHECK(r.exit_code != 0);
+    CHECK_THAT(r.output, Contains("--seed") && Contains("expected a decimal integer in [0, "
+                                                        "18446744073709551615]"));
+  }
+}
+
+}  // namespace
+
 TEST_CASE("hostile input: sample refuses non-finite temperatures and seeds above 2^64-1",
           "[faults][sample]") {
   const std::string base = "sample --checkpoint /nonexistent/ck --prompt x ";
@@ -262,13 +278,7 @@ TEST_CASE("hostile input: sample refuses non-finite temperatures and seeds above
     CHECK(r.exit_code != 0);
     CHECK_THAT(r.output, Contains("--temperature") && Contains("expected a finite number >= 0"));
   }
-  for (const char* s : {"18446744073709551616", "99999999999999999999999", "-1"}) {
-    INFO(s);
-    const auto r = run_bounded(base + "--seed " + s);
-    CHECK(r.exit_code != 0);
-    CHECK_THAT(r.output, Contains("--seed") && Contains("expected a decimal integer in [0, "
-                                                        "18446744073709551615]"));
-  }
+  check_seeds_refused(base, {"18446744073709551616", "99999999999999999999999", "-1"});
   // The largest seed and a finite temperature pass the flags; the missing checkpoint stops it.
   const auto ok = run_bounded(base + "--temperature 0.5 --seed 18446744073709551615");
   CHECK(ok.exit_code == 1);
@@ -279,13 +289,7 @@ TEST_CASE("hostile input: prepare-data refuses seeds above 2^64-1 and a nan val 
           "[faults][prepare]") {
   const std::string base =
       "prepare-data --input /nonexistent/in --out /nonexistent/out --vocab-size 512 ";
-  for (const char* s : {"18446744073709551616", "-1"}) {
-    INFO(s);
-    const auto r = run_bounded(base + "--seed " + s);
-    CHECK(r.exit_code != 0);
-    CHECK_THAT(r.output, Contains("--seed") && Contains("expected a decimal integer in [0, "
-                                                        "18446744073709551615]"));
-  }
+  check_seeds_refused(base, {"18446744073709551616", "-1"});
   const auto nan = run_bounded(base + "--val-fraction nan");
   CHECK(nan.exit_code != 0);
   CHECK_THAT(nan.output, Contains("--val-fraction"));
