@@ -10,6 +10,7 @@
 #include "pack.cuh"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -61,6 +62,14 @@ __device__ __forceinline__ void store_weight_rn(TW* w, __nv_bfloat16* w_copy, st
   }
 }
 
+__device__ __forceinline__ bool is_finite(double x) {
+  return fabs(x) <= DBL_MAX;  // false for NaN and both infinities
+}
+
+__device__ __forceinline__ bool skipped(const double* skip) {
+  return skip != nullptr && *skip != 0.0;
+}
+
 __device__ __forceinline__ void write_partial(double* partials, double v) {
   v = block_sum(v);
   if (partials != nullptr && thread_rank() == 0) partials[blockIdx.x] = v;
@@ -90,7 +99,9 @@ __global__ void __launch_bounds__(kThreads)
     adamw_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy,
                  const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                  std::size_t n, float grad_scale, AdamWParams p, std::uint64_t seed,
-                 std::uint64_t rng_offset, double* __restrict__ partials) {
+                 std::uint64_t rng_offset, const double* __restrict__ skip,
+                 double* __restrict__ partials) {
+  if (skipped(skip)) n = 0;  // the partials are still written: the step's sum stays defined
   const float one_minus_b1 = 1.0f - p.beta1, one_minus_b2 = 1.0f - p.beta2;
   double sq = 0.0;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
@@ -110,9 +121,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- sum of squares -----------------------------------------------------------------------------
-template <typename T>
+template <typename T, bool kSquare>
 __global__ void __launch_bounds__(kThreads)
-    sum_squares_kernel(const T* __restrict__ x, std::size_t n, double* __restrict__ partials) {
+    sum_kernel(const T* __restrict__ x, std::size_t n, double* __restrict__ partials) {
   // kUnroll independent loads per thread and iteration keep enough bytes in flight for a pure
   // stream.
   double sq = 0.0;
@@ -126,16 +137,93 @@ __global__ void __launch_bounds__(kThreads)
       xv[u] = i < n ? to_float(x[i]) : 0.0f;
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) sq += static_cast<double>(xv[u]) * xv[u];
+    for (int u = 0; u < kUnroll; ++u)
+      sq += kSquare ? static_cast<double>(xv[u]) * xv[u] : static_cast<double>(xv[u]);
   }
   write_partial(partials, sq);
+}
+
+// ---- scaling by a device factor, the step's verdict ---------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    scale_by_kernel(T* __restrict__ x, std::size_t n, const double* __restrict__ factor) {
+  const double f = *factor;
+  if (f == 1.0) return;
+  const float ff = static_cast<float>(f);
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    if constexpr (std::is_same_v<T, float>) {
+      x[i] *= ff;
+    } else {
+      x[i] = float_to_bf16(to_float(x[i]) * ff);
+    }
+  }
+}
+
+// One thread: the sums are few (one per rank and micro-batch), and a fixed serial order is what
+// makes every rank's verdict identical.
+__global__ void step_gate_kernel(double* __restrict__ gate, const double* __restrict__ rank_sums,
+                                 int world, int per_rank, double max_norm) {
+  double sum = 0.0;
+  bool finite = true;
+  for (int r = 0; r < world; ++r) {
+    const double* own = rank_sums + static_cast<std::size_t>(r) * per_rank;
+    sum += own[0];
+    for (int i = 1; i < per_rank; ++i) finite = finite && is_finite(own[i]);
+  }
+  const double norm = sqrt(sum);
+  const bool skip = !finite || !is_finite(norm);
+  const double coef = max_norm / (norm + 1e-6);
+  gate[kGateGradSumSquares] = sum;
+  gate[kGateSkip] = skip ? 1.0 : 0.0;
+  gate[kGateClipCoef] = (!skip && max_norm > 0.0 && coef < 1.0) ? coef : 1.0;
+}
+
+// ---- QK-clip factors: one thread per (matrix, kv head) ------------------------------------------
+__global__ void __launch_bounds__(kThreads)
+    qk_clip_factors_kernel(float* __restrict__ factors, double* __restrict__ clipped,
+                           const float* __restrict__ smax, const std::int32_t* __restrict__ mats,
+                           QkClipDims s, const double* __restrict__ skip) {
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int i = tid; i < s.matrices * s.heads_ld; i += kThreads) factors[i] = 1.0f;
+  __syncthreads();  // then each (matrix, kv head) writes only the factors it owns
+  const int group = s.n_heads / s.n_kv_heads;
+  const std::size_t layer_elems = static_cast<std::size_t>(s.n_layers) * s.n_heads;
+  double count = 0.0;
+  const int items = skipped(skip) ? 0 : s.matrices * s.n_kv_heads;
+  for (int item = tid; item < items; item += kThreads) {
+    const int m = item / s.n_kv_heads, g = item % s.n_kv_heads;
+    const int layer = mats[2 * m];
+    const bool is_q = mats[2 * m + 1] != 0;
+    float* f = factors + static_cast<std::size_t>(m) * s.heads_ld;
+    double gmin = 1.0;
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      double mx = -HUGE_VAL;
+      for (int slot = 0; slot < s.slots; ++slot)
+        mx = fmax(mx, static_cast<double>(smax[static_cast<std::size_t>(slot) * layer_elems +
+                                               static_cast<std::size_t>(layer) * s.n_heads + h]));
+      if (!(mx > s.tau)) continue;
+      const double gamma = s.tau / mx;
+      gmin = fmin(gmin, gamma);
+      if (is_q) {
+        count += 1.0;
+        f[h] = static_cast<float>(pow(gamma, s.alpha));
+      }
+    }
+    if (!is_q && gmin < 1.0) f[g] = static_cast<float>(pow(gmin, 1.0 - s.alpha));
+  }
+  count = block_sum(count);
+  if (threadIdx.x == 0) *clipped += count;
 }
 
 // ---- Muon ---------------------------------------------------------------------------------------
 template <typename TU>
 __global__ void __launch_bounds__(kThreads)
     muon_momentum_kernel(float* __restrict__ M, TU* __restrict__ U, const float* __restrict__ G,
-                         std::size_t n, float grad_scale, float mu, bool nesterov) {
+                         std::size_t n, float grad_scale, float mu, bool nesterov,
+                         const double* __restrict__ skip) {
+  if (skipped(skip)) return;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
@@ -156,7 +244,8 @@ __global__ void __launch_bounds__(kThreads)
     muon_update_kernel(TW* __restrict__ w, __nv_bfloat16* __restrict__ w_copy,
                        const TO* __restrict__ O, std::size_t n, float lr, float s,
                        float weight_decay, std::uint64_t seed, std::uint64_t rng_offset,
-                       double* __restrict__ partials) {
+                       const double* __restrict__ skip, double* __restrict__ partials) {
+  if (skipped(skip)) n = 0;
   double sq = 0.0;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -267,8 +356,8 @@ AdamWParams adamw_params(double lr, double beta1, double beta2, double eps, doub
 template <typename TW>
 void adamw_update(TW* w, __nv_bfloat16* w_copy, const float* g, float grad_scale, float* m,
                   float* v, std::size_t n, const AdamWParams& p, std::uint64_t seed,
-                  std::uint64_t rng_offset, double* workspace, double* out_sumsq, bool accumulate,
-                  cudaStream_t stream) {
+                  std::uint64_t rng_offset, const double* skip, double* workspace,
+                  double* out_sumsq, bool accumulate, cudaStream_t stream) {
   if (n == 0) {
     if (out_sumsq != nullptr && !accumulate)
       MOETRAIN_CUDA_CHECK(cudaMemsetAsync(out_sumsq, 0, sizeof(double), stream));
@@ -277,35 +366,72 @@ void adamw_update(TW* w, __nv_bfloat16* w_copy, const float* g, float grad_scale
   const int blocks = grid_for(n);
   double* partials = out_sumsq != nullptr ? workspace : nullptr;
   launch(adamw_kernel<TW>, dim3(blocks), dim3(kThreads), 0, stream, w, w_copy, g, m, v, n,
-         grad_scale, p, seed, rng_offset, partials);
+         grad_scale, p, seed, rng_offset, skip, partials);
   finalize(out_sumsq, workspace, blocks, accumulate, stream);
 }
 
-template <typename T>
-void sum_squares(const T* x, std::size_t n, double* workspace, double* out, bool accumulate,
-                 cudaStream_t stream) {
+template <typename T, bool kSquare>
+void reduce(const T* x, std::size_t n, double* workspace, double* out, bool accumulate,
+            cudaStream_t stream) {
   if (out == nullptr) return;
   if (n == 0) {
     if (!accumulate) MOETRAIN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), stream));
     return;
   }
   const int blocks = grid_for(n);
-  launch(sum_squares_kernel<T>, dim3(blocks), dim3(kThreads), 0, stream, x, n, workspace);
+  launch(sum_kernel<T, kSquare>, dim3(blocks), dim3(kThreads), 0, stream, x, n, workspace);
   finalize(out, workspace, blocks, accumulate, stream);
+}
+
+template <typename T>
+void sum_squares(const T* x, std::size_t n, double* workspace, double* out, bool accumulate,
+                 cudaStream_t stream) {
+  reduce<T, true>(x, n, workspace, out, accumulate, stream);
+}
+
+template <typename T>
+void sum(const T* x, std::size_t n, double* workspace, double* out, bool accumulate,
+         cudaStream_t stream) {
+  reduce<T, false>(x, n, workspace, out, accumulate, stream);
+}
+
+template <typename T>
+void scale_by(T* x, std::size_t n, const double* factor, cudaStream_t stream) {
+  if (n == 0) return;
+  launch(scale_by_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, stream, x, n, factor);
+}
+
+void step_gate(double* gate, const double* rank_sums, int world, int per_rank, double max_norm,
+               cudaStream_t stream) {
+  if (world < 1 || per_rank < 1)
+    throw std::invalid_argument("step_gate: world " + std::to_string(world) + ", per_rank " +
+                                std::to_string(per_rank) + " (both must be >= 1)");
+  launch(step_gate_kernel, dim3(1), dim3(1), 0, stream, gate, rank_sums, world, per_rank, max_norm);
+}
+
+void qk_clip_factors(float* factors, double* clipped, const float* smax, const std::int32_t* mats,
+                     const QkClipDims& s, const double* skip, cudaStream_t stream) {
+  if (s.matrices <= 0) return;
+  if (s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0 || s.heads_ld < s.n_heads ||
+      s.heads_ld < s.n_kv_heads || s.slots < 1)
+    throw std::invalid_argument("qk_clip_factors: inconsistent head counts or slots");
+  launch(qk_clip_factors_kernel, dim3(1), dim3(kThreads), 0, stream, factors, clipped, smax, mats,
+         s, skip);
 }
 
 template <typename TU>
 void muon_momentum(float* M, TU* U, const float* G, float grad_scale, std::size_t n, float mu,
-                   bool nesterov, cudaStream_t stream) {
+                   bool nesterov, const double* skip, cudaStream_t stream) {
   if (n == 0) return;
   launch(muon_momentum_kernel<TU>, dim3(grid_for(n)), dim3(kThreads), 0, stream, M, U, G, n,
-         grad_scale, mu, nesterov);
+         grad_scale, mu, nesterov, skip);
 }
 
 template <typename TW, typename TO>
 void muon_update(TW* w, __nv_bfloat16* w_copy, const TO* O, std::size_t n, float lr, float s,
                  float weight_decay, std::uint64_t seed, std::uint64_t rng_offset,
-                 double* workspace, double* out_sumsq, bool accumulate, cudaStream_t stream) {
+                 const double* skip, double* workspace, double* out_sumsq, bool accumulate,
+                 cudaStream_t stream) {
   if (n == 0) {
     if (out_sumsq != nullptr && !accumulate)
       MOETRAIN_CUDA_CHECK(cudaMemsetAsync(out_sumsq, 0, sizeof(double), stream));
@@ -314,7 +440,7 @@ void muon_update(TW* w, __nv_bfloat16* w_copy, const TO* O, std::size_t n, float
   const int blocks = grid_for(n);
   double* partials = out_sumsq != nullptr ? workspace : nullptr;
   launch(muon_update_kernel<TW, TO>, dim3(blocks), dim3(kThreads), 0, stream, w, w_copy, O, n, lr,
-         s, weight_decay, seed, rng_offset, partials);
+         s, weight_decay, seed, rng_offset, skip, partials);
   finalize(out_sumsq, workspace, blocks, accumulate, stream);
 }
 
@@ -348,22 +474,25 @@ void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t 
 // ---- instantiations -----------------------------------------------------------------------------
 template void adamw_update<float>(float*, __nv_bfloat16*, const float*, float, float*, float*,
                                   std::size_t, const AdamWParams&, std::uint64_t, std::uint64_t,
-                                  double*, double*, bool, cudaStream_t);
+                                  const double*, double*, double*, bool, cudaStream_t);
 template void adamw_update<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, const float*, float,
                                           float*, float*, std::size_t, const AdamWParams&,
-                                          std::uint64_t, std::uint64_t, double*, double*, bool,
-                                          cudaStream_t);
+                                          std::uint64_t, std::uint64_t, const double*, double*,
+                                          double*, bool, cudaStream_t);
 template void sum_squares<float>(const float*, std::size_t, double*, double*, bool, cudaStream_t);
 template void sum_squares<__nv_bfloat16>(const __nv_bfloat16*, std::size_t, double*, double*, bool,
                                          cudaStream_t);
+template void sum<float>(const float*, std::size_t, double*, double*, bool, cudaStream_t);
+template void scale_by<float>(float*, std::size_t, const double*, cudaStream_t);
+template void scale_by<__nv_bfloat16>(__nv_bfloat16*, std::size_t, const double*, cudaStream_t);
 template void muon_momentum<float>(float*, float*, const float*, float, std::size_t, float, bool,
-                                   cudaStream_t);
+                                   const double*, cudaStream_t);
 template void muon_momentum<__nv_bfloat16>(float*, __nv_bfloat16*, const float*, float, std::size_t,
-                                           float, bool, cudaStream_t);
+                                           float, bool, const double*, cudaStream_t);
 #define MOETRAIN_MUON_UPDATE(TW, TO)                                                             \
   template void muon_update<TW, TO>(TW*, __nv_bfloat16*, const TO*, std::size_t, float, float,   \
-                                    float, std::uint64_t, std::uint64_t, double*, double*, bool, \
-                                    cudaStream_t);
+                                    float, std::uint64_t, std::uint64_t, const double*, double*, \
+                                    double*, bool, cudaStream_t);
 MOETRAIN_MUON_UPDATE(float, float)
 MOETRAIN_MUON_UPDATE(float, __nv_bfloat16)
 MOETRAIN_MUON_UPDATE(__nv_bfloat16, float)

@@ -23,6 +23,11 @@
 
 namespace moetrain::kernels {
 
+// The step's verdict (Backend::step_gate; the indices of moetrain::StepGate): the gradients' global
+// sum of squares, the clipping coefficient, and skip (nonzero: the update kernels write nothing).
+// The update launchers take `skip` = gate + kGateSkip (null: never skipped).
+constexpr int kGateGradSumSquares = 0, kGateClipCoef = 1, kGateSkip = 2;
+
 // Doubles of `workspace` the reducing launchers below need.
 std::size_t optimizer_workspace_elems();
 
@@ -41,25 +46,48 @@ AdamWParams adamw_params(double lr, double beta1, double beta2, double eps, doub
 template <typename TW>
 void adamw_update(TW* w, __nv_bfloat16* w_copy, const float* grad, float grad_scale, float* m,
                   float* v, std::size_t n, const AdamWParams& p, std::uint64_t seed,
-                  std::uint64_t rng_offset, double* workspace, double* out_sumsq, bool accumulate,
-                  cudaStream_t stream);
+                  std::uint64_t rng_offset, const double* skip, double* workspace,
+                  double* out_sumsq, bool accumulate, cudaStream_t stream);
 
 // *out (+)= sum_i x_i^2, accumulated in double: the global gradient norm is sqrt of that.
 template <typename T>
 void sum_squares(const T* x, std::size_t n, double* workspace, double* out, bool accumulate,
                  cudaStream_t stream);
+// *out (+)= sum_i x_i, accumulated in double (the cross-entropy's loss sum).
+template <typename T>
+void sum(const T* x, std::size_t n, double* workspace, double* out, bool accumulate,
+         cudaStream_t stream);
+
+// x *= *factor (a device double, e.g. gate + kGateClipCoef); the kernel returns at once when the
+// factor is 1, so an unclipped step costs one launch and no pass over x.
+template <typename T>
+void scale_by(T* x, std::size_t n, const double* factor, cudaStream_t stream);
+
+// The step's verdict into gate[0..3) from rank_sums [world][per_rank] (Backend::step_gate).
+void step_gate(double* gate, const double* rank_sums, int world, int per_rank, double max_norm,
+               cudaStream_t stream);
+
+// QK-clip's per-head factors on the device (Backend::qk_clip_factors; QkClipShape in
+// include/backend/moetrain/op_shapes.hpp, whose fields these are).
+struct QkClipDims {
+  int matrices, slots, n_layers, n_heads, n_kv_heads, heads_ld;
+  double tau, alpha;
+};
+void qk_clip_factors(float* factors, double* clipped, const float* smax, const std::int32_t* mats,
+                     const QkClipDims& s, const double* skip, cudaStream_t stream);
 
 // With G = grad_scale * grad (as for AdamW): M = mu M + G; U = G + mu M (nesterov) or U = M (U
 // fp32, or bf16 rounded to nearest for a bf16 Newton-Schulz).
 template <typename TU>
 void muon_momentum(float* M, TU* U, const float* grad, float grad_scale, std::size_t n, float mu,
-                   bool nesterov, cudaStream_t stream);
+                   bool nesterov, const double* skip, cudaStream_t stream);
 
 // W -= lr (s O + wd W). out_sumsq (optional): sum of (s O)^2 (for the update RMS).
 template <typename TW, typename TO>
 void muon_update(TW* w, __nv_bfloat16* w_copy, const TO* O, std::size_t n, float lr, float s,
                  float weight_decay, std::uint64_t seed, std::uint64_t rng_offset,
-                 double* workspace, double* out_sumsq, bool accumulate, cudaStream_t stream);
+                 const double* skip, double* workspace, double* out_sumsq, bool accumulate,
+                 cudaStream_t stream);
 
 // out_b = in_b / (||in_b||_F + eps) for `batch` contiguous matrices of `elems` elements (norm in
 // double, deterministic; out may alias in when TIn == TOut). bf16 outputs round to nearest.

@@ -144,13 +144,17 @@ TEST_CASE("cross-entropy writes the scaled gradient of the summed loss", "[grad]
   std::vector<double> losses(static_cast<std::size_t>(n));
   auto loss = [&] {
     auto l = logits;
-    be.cross_entropy(losses.data(), l.data(), tgt.data(), n, V, 0.0);
+    be.cross_entropy(losses.data(), nullptr, l.data(), tgt.data(), n, V, 0.0);
     double s = 0;
     for (double v : losses) s += v;
     return scale * s;
   };
   auto grad = logits;
-  be.cross_entropy(losses.data(), grad.data(), tgt.data(), n, V, scale);
+  double sum = 0.5;  // the op adds to it
+  be.cross_entropy(losses.data(), &sum, grad.data(), tgt.data(), n, V, scale);
+  double direct = 0;  // the op's order: the rows in order, then added to what was there
+  for (double v : losses) direct += v;
+  CHECK(sum == 0.5 + direct);
   CHECK(fd_relative_error(loss, logits.data(), grad, all_indices(logits.size())) < kTol);
   // Forward value against a direct evaluation.
   for (int i = 0; i < n; ++i) {
@@ -167,7 +171,9 @@ TEST_CASE("cross-entropy: a negative target is padding with no loss and no gradi
   std::vector<float> logits = {1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 5, 1, 1, 1, 1};
   std::vector<std::int32_t> tgt = {2, -1, 0};
   std::vector<float> losses(3, -7.f);
-  be.cross_entropy(losses.data(), logits.data(), tgt.data(), n, V, 1.f);
+  double sum = 0;
+  be.cross_entropy(losses.data(), &sum, logits.data(), tgt.data(), n, V, 1.f);
+  CHECK(sum == double(losses[0]) + double(losses[2]));  // the padding row adds nothing
   CHECK(losses[1] == 0.f);
   for (int v = 0; v < V; ++v) CHECK(logits[std::size_t(V + v)] == 0.f);
   CHECK(losses[0] > 0.f);

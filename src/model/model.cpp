@@ -8,6 +8,7 @@
 #include "model/ffn.hpp"
 #include "model/linear.hpp"
 #include "model/moe/moe_layer.hpp"
+#include "moetrain/device_stats.hpp"
 #include "moetrain/rng.hpp"
 
 namespace moetrain {
@@ -26,7 +27,6 @@ struct Model<T>::Layer {
   T* mid = nullptr;                  // [N, d]  x + Attn(...): the residual between the two blocks
   T* an2 = nullptr;                  // [N, d]  RMSNorm(mid) into the FFN
   T* rstd2 = nullptr;                // [N]
-  T* smax = nullptr;                 // [H]  max logit per query head (QK-clip)
   FfnActs<T> dense;                  // dense layers
   std::unique_ptr<MoeLayer<T>> moe;  // MoE layers
 };
@@ -71,7 +71,6 @@ void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t b
     plan.request(a.mid, Nd);
     plan.request(a.an2, Nd);
     plan.request(a.rstd2, N);
-    plan.request(a.smax, H);
     if (!moe) {
       a.dense.plan(plan, N, std::size_t(cfg.dense_ff));
       ffn_rows_ff = std::max(ffn_rows_ff, checked_mul(N, std::size_t(cfg.dense_ff)));
@@ -126,14 +125,38 @@ std::size_t Model<T>::activation_bytes(const ModelConfig& cfg, std::size_t batch
   const std::size_t bias =
       checked_add(checked_mul(std::size_t(cfg.moe.n_experts), sizeof(T)), 63) / 64 * 64;
   const std::size_t moe_layers = std::size_t(cfg.n_layers - cfg.dense_layers);
-  return checked_add(plan.planned_bytes(), checked_mul(moe_layers, bias));
+  // A model used on its own keeps its statistics in a one-slot block of its own.
+  DeviceStats<T> sizing;
+  reserve_stats(sizing, cfg, 1);
+  const std::size_t stats = checked_add(sizing.bytes(), 63) / 64 * 64;
+  return checked_add(checked_add(plan.planned_bytes(), checked_mul(moe_layers, bias)), stats);
 }
 
 template <typename T>
-Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
+typename Model<T>::StatsRegions Model<T>::reserve_stats(DeviceStats<T>& stats,
+                                                        const ModelConfig& cfg, int slots) {
+  const std::size_t S = std::size_t(slots), L = std::size_t(cfg.n_layers);
+  StatsRegions r;
+  r.ce_sum = stats.template reserve<double>(S);
+  r.smax = stats.template reserve<T>(checked_mul(S * L, std::size_t(cfg.n_heads)));
+  r.router = stats.template reserve<T>(S * L * 3);
+  r.counts =
+      stats.template reserve<std::int32_t>(checked_mul(S * L, std::size_t(cfg.moe.n_experts)));
+  return r;
+}
+
+template <typename T>
+Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch, DeviceStats<T>* stats,
+                int stats_slots)
     : cfg_(cfg), be_(backend), batch_(batch), layout_(cfg), scratch_(std::make_unique<Scratch>()) {
   if (cfg_.head_dim <= 0) throw std::invalid_argument("Model: head_dim must be resolved (> 0)");
   if (batch <= 0) throw std::invalid_argument("Model: batch must be >= 1");
+  if (stats_slots <= 0) throw std::invalid_argument("Model: stats_slots must be >= 1");
+  if (!stats) own_stats_ = std::make_unique<DeviceStats<T>>(be_);
+  stats_block_ = stats ? stats : own_stats_.get();
+  slots_ = stats_slots;
+  regions_ = reserve_stats(*stats_block_, cfg_, slots_);
+  slot_valid_.assign(std::size_t(slots_), 0);
   att_ = AttentionShape{batch, cfg_.seq_len, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim};
 
   params_ = static_cast<T*>(be_.alloc_bytes(layout_.total() * sizeof(T)));
@@ -171,7 +194,7 @@ Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch)
   stats_.entropy.assign(L, 0);
   stats_.load.assign(L, {});
   stats_.smax.assign(L, std::vector<double>(std::size_t(cfg_.n_heads), 0));
-  host_losses_.resize(std::size_t(tokens()));
+  if (own_stats_) own_stats_->allocate();
 }
 
 template <typename T>
@@ -190,14 +213,6 @@ void Model<T>::init_weights(std::uint64_t seed) {
     for (std::size_t i = 0; i < t.numel; ++i)
       host[t.offset + i] = t.init_std == 0 ? T(1) : T(rng.normal() * t.init_std);
   be_.upload(params_, host.data(), host.size() * sizeof(T));
-}
-
-template <typename T>
-std::vector<std::vector<std::int64_t>> Model<T>::take_router_loads() {
-  std::vector<std::vector<std::int64_t>> out(layers_.size());
-  for (std::size_t l = 0; l < layers_.size(); ++l)
-    if (layers_[l]->moe) out[l] = layers_[l]->moe->router().take_loads();
-  return out;
 }
 
 template <typename T>
@@ -251,7 +266,8 @@ void Model<T>::attention_forward(Layer& a, const T* x) {
                    rope_sin_);
   be_.rope_forward(a.qkv + std::size_t(cfg_.n_heads) * hd, att_.qkv_width(), N, cfg_.seq_len,
                    cfg_.n_kv_heads, hd, rope_cos_, rope_sin_);
-  be_.attention_forward(a.att_out, a.att_saved, a.smax, a.qkv, att_);
+  be_.attention_forward(a.att_out, a.att_saved, stat_ptr(regions_.smax, a.index, cfg_.n_heads),
+                        a.qkv, att_);
   be_.copy(a.mid, x, std::size_t(N) * d * sizeof(T));
   linear_forward(be_, a.mid, a.att_out, params_ + w.o_proj, N, att_.out_width(), d, true);
 }
@@ -275,8 +291,13 @@ void Model<T>::attention_backward(Layer& a, const T* x) {
 }
 
 template <typename T>
-void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, double ce_grad_scale) {
+void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, double ce_grad_scale,
+                           int slot) {
   const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size;
+  if (slot < 0 || slot >= slots_)
+    throw std::invalid_argument("Model: statistics slot " + std::to_string(slot) + " of " +
+                                std::to_string(slots_));
+  slot_ = slot;
   be_.upload(tokens_, tok, std::size_t(N) * sizeof(std::int32_t));
   be_.embedding_forward(resid_[0], tokens_, params_ + layout_.embed(), N, d);
 
@@ -288,10 +309,15 @@ void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, dou
     // FFN block: out = mid + FFN(RMSNorm(mid)).
     be_.rmsnorm_forward(a.an2, a.rstd2, a.mid, params_ + a.w->ffn_norm, N, d, cfg_.norm_eps);
     be_.copy(out, a.mid, std::size_t(N) * d * sizeof(T));
-    if (a.moe)
+    if (a.moe) {
       a.moe->forward(params_, a.an2, out, tmp_);
-    else
+      const typename Router<T>::Acts& r = a.moe->router().acts();
+      be_.copy(stat_ptr(regions_.router, a.index, 3), r.stats, 3 * sizeof(T));
+      be_.copy(stat_ptr(regions_.counts, a.index, cfg_.moe.n_experts), r.counts,
+               std::size_t(cfg_.moe.n_experts) * sizeof(std::int32_t));
+    } else {
       ffn_forward(be_, params_, a.w->dense, d, a.an2, N, a.dense, out);
+    }
   }
 
   be_.rmsnorm_forward(final_norm_, final_rstd_, resid_.back(), params_ + layout_.final_norm(), N, d,
@@ -299,11 +325,10 @@ void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, dou
   linear_forward(be_, logits_, final_norm_, params_ + layout_.lm_head(), N, d, V);
   if (!tgt) return;
   be_.upload(targets_, tgt, std::size_t(N) * sizeof(std::int32_t));
-  be_.cross_entropy(losses_, logits_, targets_, N, V, T(ce_grad_scale));
-  be_.download(host_losses_.data(), losses_, std::size_t(N) * sizeof(T));
-  double ce_sum = 0;
-  for (T v : host_losses_) ce_sum += double(v);
-  collect_stats(ce_sum, count_valid(tgt, N));
+  double* ce_sum = stats_block_->device(regions_.ce_sum) + slot;
+  be_.zero(ce_sum, sizeof(double));
+  be_.cross_entropy(losses_, ce_sum, logits_, targets_, N, V, T(ce_grad_scale));
+  slot_valid_[std::size_t(slot)] = count_valid(tgt, N);
 }
 
 template <typename T>
@@ -314,29 +339,38 @@ std::int64_t Model<T>::count_valid(const std::int32_t* targets, int n) {
 }
 
 template <typename T>
-void Model<T>::collect_stats(double ce_sum, std::int64_t ce_tokens) {
-  const int E = cfg_.moe.n_experts;
-  stats_.ce_sum = ce_sum;
-  stats_.ce_tokens = ce_tokens;
-  stats_.ce = ce_tokens > 0 ? ce_sum / double(ce_tokens) : 0.0;
-  stats_.objective = stats_.ce;
-  std::vector<T> buf(std::size_t(std::max(cfg_.n_heads, 3)));
-  for (auto& layer : layers_) {
-    const std::size_t li = std::size_t(layer->index);
-    be_.download(buf.data(), layer->smax, std::size_t(cfg_.n_heads) * sizeof(T));
-    for (int h = 0; h < cfg_.n_heads; ++h)
-      stats_.smax[li][std::size_t(h)] = double(buf[std::size_t(h)]);
+ForwardStats Model<T>::slot_stats(int slot) const {
+  if (slot < 0 || slot >= slots_)
+    throw std::invalid_argument("Model::slot_stats: slot " + std::to_string(slot) + " of " +
+                                std::to_string(slots_));
+  const DeviceStats<T>& b = *stats_block_;
+  const std::size_t L = std::size_t(cfg_.n_layers), H = std::size_t(cfg_.n_heads),
+                    E = std::size_t(cfg_.moe.n_experts), s = std::size_t(slot);
+  const std::vector<double> ce = b.host(regions_.ce_sum);
+  const std::vector<T> smax = b.host(regions_.smax), router = b.host(regions_.router);
+  const std::vector<std::int32_t> counts = b.host(regions_.counts);
+  ForwardStats st;
+  st.ce_sum = ce[s];
+  st.ce_tokens = slot_valid_[s];
+  st.ce = st.ce_tokens > 0 ? st.ce_sum / double(st.ce_tokens) : 0.0;
+  st.objective = st.ce;
+  st.aux.assign(L, 0);
+  st.z.assign(L, 0);
+  st.entropy.assign(L, 0);
+  st.load.assign(L, {});
+  st.smax.assign(L, std::vector<double>(H, 0));
+  for (const auto& layer : layers_) {
+    const std::size_t l = std::size_t(layer->index), at = s * L + l;
+    for (std::size_t h = 0; h < H; ++h) st.smax[l][h] = double(smax[at * H + h]);
     if (!layer->moe) continue;
-    const typename Router<T>::Acts& r = layer->moe->router().acts();
-    be_.download(buf.data(), r.stats, 3 * sizeof(T));
-    stats_.aux[li] = double(buf[0]);
-    stats_.z[li] = double(buf[1]);
-    stats_.entropy[li] = double(buf[2]);
-    stats_.objective +=
-        cfg_.moe.aux_loss_coef * stats_.aux[li] + cfg_.moe.z_loss_coef * stats_.z[li];
-    stats_.load[li].resize(std::size_t(E));
-    be_.download(stats_.load[li].data(), r.counts, std::size_t(E) * sizeof(std::int32_t));
+    st.aux[l] = double(router[at * 3]);
+    st.z[l] = double(router[at * 3 + 1]);
+    st.entropy[l] = double(router[at * 3 + 2]);
+    st.objective += cfg_.moe.aux_loss_coef * st.aux[l] + cfg_.moe.z_loss_coef * st.z[l];
+    st.load[l].assign(counts.begin() + std::ptrdiff_t(at * E),
+                      counts.begin() + std::ptrdiff_t((at + 1) * E));
   }
+  return st;
 }
 
 template <typename T>
@@ -368,27 +402,35 @@ void Model<T>::run_backward(double grad_scale) {
 template <typename T>
 const ForwardStats& Model<T>::forward(const std::int32_t* tok, const std::int32_t* tgt) {
   if (!tgt) throw std::invalid_argument("Model::forward: targets required");
-  run_forward(tok, tgt, 0.0);
+  run_forward(tok, tgt, 0.0, 0);
+  stats_block_->download();
+  stats_ = slot_stats(0);
   return stats_;
+}
+
+template <typename T>
+void Model<T>::forward_backward_async(const std::int32_t* tok, const std::int32_t* tgt,
+                                      double grad_scale, int slot) {
+  if (!tgt) throw std::invalid_argument("Model::forward_backward: targets required");
+  if (grad_scale == 0) throw std::invalid_argument("Model::forward_backward: grad_scale is 0");
+  const std::int64_t valid = count_valid(tgt, tokens());
+  if (valid == 0) throw std::invalid_argument("Model::forward_backward: every target is padding");
+  run_forward(tok, tgt, grad_scale / double(valid), slot);
+  run_backward(grad_scale);
 }
 
 template <typename T>
 const ForwardStats& Model<T>::forward_backward(const std::int32_t* tok, const std::int32_t* tgt,
                                                double grad_scale) {
-  if (!tgt) throw std::invalid_argument("Model::forward_backward: targets required");
-  if (grad_scale == 0) throw std::invalid_argument("Model::forward_backward: grad_scale is 0");
-  const std::int64_t valid = count_valid(tgt, tokens());
-  if (valid == 0) throw std::invalid_argument("Model::forward_backward: every target is padding");
-  run_forward(tok, tgt, grad_scale / double(valid));
-  for (auto& layer : layers_)
-    if (layer->moe) layer->moe->router().count_loads(stats_.load[std::size_t(layer->index)]);
-  run_backward(grad_scale);
+  forward_backward_async(tok, tgt, grad_scale, 0);
+  stats_block_->download();
+  stats_ = slot_stats(0);
   return stats_;
 }
 
 template <typename T>
 const T* Model<T>::forward_logits(const std::int32_t* tok) {
-  run_forward(tok, nullptr, 0.0);
+  run_forward(tok, nullptr, 0.0, 0);
   return logits_;
 }
 

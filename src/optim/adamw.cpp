@@ -9,18 +9,16 @@ AdamW<T>::AdamW(const OptimConfig& o, Zero1Plan<T>& plan)
     : o_(o), plan_(plan), m_(plan.backend(), plan.shard()), v_(plan.backend(), plan.shard()) {}
 
 template <typename T>
-double AdamW<T>::step(double lr, std::int64_t t) {
+void AdamW<T>::step(double lr, std::int64_t t, const double* gate, double* acc) {
   const std::size_t shard0 = plan_.shard_begin(), end = shard0 + plan_.shard();
-  double sq = 0;
   for (const AdamWEntry& e : plan_.adamw()) {
     const std::size_t lo = std::max(e.flat, shard0), hi = std::min(e.flat + e.numel, end);
     if (lo >= hi) continue;
-    sq += plan_.backend().adamw_update(plan_.flat_params() + lo, plan_.shard_grad() + (lo - shard0),
-                                       m_.get() + (lo - shard0), v_.get() + (lo - shard0), hi - lo,
-                                       lr * e.lr_scale, o_.beta1, o_.beta2, o_.eps, e.weight_decay,
-                                       t);
+    plan_.backend().adamw_update(plan_.flat_params() + lo, plan_.shard_grad() + (lo - shard0),
+                                 m_.get() + (lo - shard0), v_.get() + (lo - shard0), hi - lo,
+                                 lr * e.lr_scale, o_.beta1, o_.beta2, o_.eps, e.weight_decay, t,
+                                 gate, acc);
   }
-  return sq;
 }
 
 // The shard is a slice of the packed group, so each moment is one flat tensor.

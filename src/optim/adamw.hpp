@@ -11,9 +11,9 @@ class AdamW {
  public:
   AdamW(const OptimConfig& o, Zero1Plan<T>& plan);
 
-  // Updates the shard of plan.flat_params() from plan.shard_grad(); returns the sum of squares of
-  // m_hat / (sqrt(v_hat) + eps) over the shard.
-  double step(double lr, std::int64_t t);
+  // Updates the shard of plan.flat_params() from plan.shard_grad() unless the step's `gate` says
+  // skip; *acc += the sum of squares of m_hat / (sqrt(v_hat) + eps) over the shard (device).
+  void step(double lr, std::int64_t t, const double* gate, double* acc);
   std::vector<StateTensor<T>> state();
   std::size_t state_elems() const { return 2 * plan_.shard(); }
 

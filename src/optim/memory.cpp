@@ -8,6 +8,7 @@
 
 #include "moetrain/optimizer.hpp"
 #include "optim/muon.hpp"
+#include "optim/step_stats.hpp"
 #include "optim/zero1.hpp"
 
 namespace moetrain {
@@ -73,6 +74,10 @@ std::size_t optimizer_memory_bytes(const Config& cfg, int world) {
   // AdamW m and v, and the staging: flat gradients and parameters [R * shard], the shard's
   // gradient [shard].
   std::size_t bytes = 2 * buffer_bytes(shard) + 2 * buffer_bytes(R * shard) + buffer_bytes(shard);
+  // The optimizer's own stats block (a trainer shares its model's instead: a few bytes apart).
+  DeviceStats<float> sizing;
+  reserve_optimizer_stats(sizing, cfg, world);
+  bytes += (sizing.bytes() + 63) / 64 * 64;
   if (!matrix_group) return bytes;
 
   const std::size_t count = n_dense * dense.size() + n_moe * moe.size();
@@ -119,7 +124,9 @@ std::size_t optimizer_memory_bytes(const Config& cfg, int world) {
       s = std::max(s, w.s);
     }
     std::size_t b = buffer_bytes(r.elems) + 3 * buffer_bytes(ws) + 2 * buffer_bytes(s);
-    if (cfg.optim.name == OptimizerName::MuonClip) b += buffer_bytes(r.qk * heads);
+    // QK-clip's factors [qk, heads] and its matrix list [qk, 2] (int32, the size of a float).
+    if (cfg.optim.name == OptimizerName::MuonClip)
+      b += buffer_bytes(r.qk * heads) + buffer_bytes(2 * r.qk);
     worst = std::max(worst, b);
   }
   // The matrix staging: send and gather [R * part], receive [part].

@@ -39,18 +39,17 @@ Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan) : o_(o), plan_(plan), be
 }
 
 template <typename T>
-double Muon<T>::step(T* params, double lr, std::int64_t) {
+void Muon<T>::step(T* params, double lr, std::int64_t, const double* gate, double* acc) {
   orthogonalised_ = 0;
-  double sq = 0;
   for (const MatrixGroup& g : plan_.own_groups())
     for (std::size_t first = 0; first < g.mats.size(); first += kMaxBatch)
-      sq +=
-          batch(g, first, int(std::min<std::size_t>(kMaxBatch, g.mats.size() - first)), params, lr);
-  return sq;
+      batch(g, first, int(std::min<std::size_t>(kMaxBatch, g.mats.size() - first)), params, lr,
+            gate, acc);
 }
 
 template <typename T>
-double Muon<T>::batch(const MatrixGroup& g, std::size_t first, int count, T* params, double lr) {
+void Muon<T>::batch(const MatrixGroup& g, std::size_t first, int count, T* params, double lr,
+                    const double* gate, double* acc) {
   const int A = g.rows, B = g.cols;
   const std::size_t elems = std::size_t(A) * B;
   const bool transposed = A > B;  // work on the wide orientation: X is [m, n], m <= n
@@ -63,7 +62,7 @@ double Muon<T>::batch(const MatrixGroup& g, std::size_t first, int count, T* par
   for (int i = 0; i < count; ++i) {
     const OwnedMatrix& mt = mats[g.mats[first + std::size_t(i)]];
     be_.muon_momentum(momentum_.get() + mt.slot, ws_u_.get() + std::size_t(i) * elems,
-                      plan_.matrix_grad(mt), elems, o_.momentum, o_.nesterov);
+                      plan_.matrix_grad(mt), elems, o_.momentum, o_.nesterov, gate);
   }
   if (transposed)
     be_.transpose_batched(ws_x_.get(), ws_u_.get(), count, A, B);
@@ -91,11 +90,10 @@ double Muon<T>::batch(const MatrixGroup& g, std::size_t first, int count, T* par
   const double scale = o_.muon_scale == MuonScale::Original
                            ? std::sqrt(std::max(1.0, double(A) / double(B)))
                            : 0.2 * std::sqrt(double(std::max(A, B)));
-  double sq = 0;
   for (int i = 0; i < count; ++i)
-    sq += be_.muon_update(params + mats[g.mats[first + std::size_t(i)]].offset,
-                          O + std::size_t(i) * elems, elems, lr, scale, o_.muon_group.weight_decay);
-  return sq;
+    be_.muon_update(params + mats[g.mats[first + std::size_t(i)]].offset,
+                    O + std::size_t(i) * elems, elems, lr, scale, o_.muon_group.weight_decay, gate,
+                    acc);
 }
 
 template <typename T>

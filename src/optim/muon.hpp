@@ -20,14 +20,15 @@ class Muon final : public MatrixOptimizer<T> {
  public:
   Muon(const OptimConfig& o, Zero1Plan<T>& plan);
 
-  double step(T* params, double lr, std::int64_t t) override;
+  void step(T* params, double lr, std::int64_t t, const double* gate, double* acc) override;
   std::vector<StateTensor<T>> state() override;
   int transformed_last_step() const override { return orthogonalised_; }
 
  private:
   // Momentum, Newton-Schulz and the update for `count` matrices of group g from index `first`;
-  // returns the sum of squares of s * O over them.
-  double batch(const MatrixGroup& g, std::size_t first, int count, T* params, double lr);
+  // *acc += the sum of squares of s * O over them.
+  void batch(const MatrixGroup& g, std::size_t first, int count, T* params, double lr,
+             const double* gate, double* acc);
 
   const OptimConfig& o_;
   Zero1Plan<T>& plan_;

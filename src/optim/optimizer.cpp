@@ -2,6 +2,7 @@
 // the matrix optimizer and QK-clip on the owned matrices, parameters back to every rank.
 #include "moetrain/optimizer.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <tuple>
@@ -9,6 +10,7 @@
 #include "optim/adamw.hpp"
 #include "optim/muon.hpp"
 #include "optim/qk_clip.hpp"
+#include "optim/step_stats.hpp"
 #include "optim/zero1.hpp"
 
 namespace moetrain {
@@ -38,14 +40,20 @@ std::unique_ptr<MatrixOptimizer<T>> make_matrix_optimizer(const OptimConfig& o,
 
 template <typename T>
 struct Optimizer<T>::Impl {
-  Impl(const Config& c, const ParamLayout& layout, Backend<T>& be, Communicator* external)
+  Impl(const Config& c, const ParamLayout& layout, Backend<T>& be, Communicator* external,
+       DeviceStats<T>* shared)
       : cfg(c),
         local(external ? nullptr : make_local_comm(be)),
         plan(cfg, layout, be, external ? *external : *local, has_matrix_group(c.optim.name)),
         adamw(cfg.optim, plan),
         matrices(make_matrix_optimizer(cfg.optim, plan)),
         clip(cfg.optim.name == OptimizerName::MuonClip ? std::make_unique<QkClip<T>>(cfg, plan)
-                                                       : nullptr) {}
+                                                       : nullptr),
+        own_stats(shared ? nullptr : std::make_unique<DeviceStats<T>>(be)),
+        stats(shared ? *shared : *own_stats),
+        regions(reserve_optimizer_stats(stats, cfg, plan.comm().world())) {
+    if (own_stats) own_stats->allocate();
+  }
 
   std::vector<StateTensor<T>> state_tensors() {
     std::vector<StateTensor<T>> all = adamw.state();
@@ -60,12 +68,15 @@ struct Optimizer<T>::Impl {
   AdamW<T> adamw;
   std::unique_ptr<MatrixOptimizer<T>> matrices;
   std::unique_ptr<QkClip<T>> clip;
+  std::unique_ptr<DeviceStats<T>> own_stats;
+  DeviceStats<T>& stats;
+  OptimizerStatsRegions<T> regions;  // the step's device values (optim/step_stats.hpp)
 };
 
 template <typename T>
 Optimizer<T>::Optimizer(const Config& cfg, const ParamLayout& layout, Backend<T>& backend,
-                        Communicator* comm)
-    : impl_(std::make_unique<Impl>(cfg, layout, backend, comm)) {}
+                        Communicator* comm, DeviceStats<T>* stats)
+    : impl_(std::make_unique<Impl>(cfg, layout, backend, comm, stats)) {}
 
 template <typename T>
 Optimizer<T>::~Optimizer() = default;
@@ -87,50 +98,106 @@ std::vector<std::string> Optimizer<T>::owned_matrix_names() const {
   return impl_->plan.owned_names();
 }
 
+std::string skipped_step_message(const OptimizerStats& st, std::int64_t step) {
+  const std::string what = std::isfinite(st.grad_norm)
+                               ? std::string("non-finite loss on a rank")
+                               : "non-finite gradient norm (" + std::to_string(st.grad_norm) + ")";
+  return what + " at optimizer step " + std::to_string(step) + "; no parameter was updated";
+}
+
 template <typename T>
-OptimizerStats Optimizer<T>::step(T* params, const T* grads, double lr,
-                                  const std::vector<std::vector<double>>& smax) {
+void Optimizer<T>::step_async(T* params, const T* grads, double lr, const StepInputs<T>& in) {
   Impl& s = *impl_;
   const OptimConfig& o = s.cfg.optim;
   Zero1Plan<T>& plan = s.plan;
+  Backend<T>& be = plan.backend();
   Communicator& comm = plan.comm();
-  OptimizerStats st;
-  if (s.clip && (smax.size() != std::size_t(s.cfg.model.n_layers) ||
-                 std::any_of(smax.begin(), smax.end(), [&](const std::vector<double>& h) {
-                   return h.size() != std::size_t(s.cfg.model.n_heads);
-                 })))
-    throw std::invalid_argument("Optimizer::step: smax must be [n_layers][n_heads] for QK-clip");
+  if (s.clip && (!in.smax || in.smax_slots < 1))
+    throw std::invalid_argument("Optimizer::step: QK-clip needs S_max of at least one slot");
+  if (in.n_losses < 0 || std::size_t(in.n_losses) + 1 > s.regions.send.count ||
+      (in.n_losses && !in.losses))
+    throw std::invalid_argument(
+        "Optimizer::step: " + std::to_string(in.n_losses) +
+        " loss sums, at most train.grad_accum = " + std::to_string(s.regions.send.count - 1));
+  double* send = s.stats.device(s.regions.send);
+  double* gathered = s.stats.device(s.regions.gathered);
+  double* gate = s.stats.device(s.regions.gate);
+  double* sums = s.stats.device(s.regions.sums);
+  be.zero(send, sizeof(double));
+  be.zero(sums, 3 * sizeof(double));
 
-  // 1. Gradients to their owners, averaged; the global norm from the shards, then clipping.
+  // 1. Gradients to their owners, averaged; the global norm from every rank's shard sums (and the
+  //    loss sums to check), gathered so each rank reaches the same verdict; then clipping.
   plan.reduce_gradients(grads);
-  double sq = plan.local_grad_sum_squares();
-  comm.reduce_host(&sq, 1, nullptr, 0);
-  st.grad_norm = std::sqrt(sq);
-  if (!std::isfinite(st.grad_norm))
-    throw NonFiniteError("non-finite gradient norm (" + std::to_string(st.grad_norm) +
-                         ") at optimizer step " + std::to_string(t_ + 1) +
-                         "; no parameter was updated");
-  if (o.grad_clip > 0) {
-    const double coef = o.grad_clip / (st.grad_norm + 1e-6);
-    if (coef < 1.0) plan.scale_gradients(coef);
-  }
+  plan.grad_sum_squares(send);
+  if (in.n_losses) be.copy(send + 1, in.losses, std::size_t(in.n_losses) * sizeof(double));
+  const int per_rank = 1 + in.n_losses;
+  comm.all_gather(send, gathered, std::size_t(per_rank));
+  be.step_gate(gate, gathered, comm.world(), per_rank, o.grad_clip);
+  plan.scale_gradients(gate + StepGate::kClipCoef);
   ++t_;
 
   // 2. AdamW on this rank's shard, then every rank's shard back into params.
   plan.pack_adamw_params(params);
-  double totals[3] = {s.adamw.step(lr, t_), 0, 0};
+  s.adamw.step(lr, t_, gate, sums + 0);
   plan.gather_adamw_params(params);
 
   // 3. The matrix optimizer and QK-clip on the owned matrices, then every owner's matrices back.
-  if (s.matrices) totals[1] = s.matrices->step(params, lr * o.muon_group.lr_scale, t_);
-  if (s.clip) totals[2] = s.clip->apply(params, smax);
+  if (s.matrices) s.matrices->step(params, lr * o.muon_group.lr_scale, t_, gate, sums + 1);
+  if (s.clip) {
+    const ModelConfig& m = s.cfg.model;
+    comm.all_reduce(in.smax,
+                    std::size_t(in.smax_slots) * std::size_t(m.n_layers) * std::size_t(m.n_heads),
+                    ReduceOp::Max);
+    s.clip->apply(params, in.smax, in.smax_slots, gate, sums + 2);
+  }
   plan.gather_matrices(params);
+}
 
-  comm.reduce_host(totals, 3, nullptr, 0);
+template <typename T>
+OptimizerStats Optimizer<T>::finish_step() {
+  Impl& s = *impl_;
+  Zero1Plan<T>& plan = s.plan;
+  const std::vector<double> gate = s.stats.host(s.regions.gate);
+  std::vector<double> totals = s.stats.host(s.regions.sums);
+  plan.comm().reduce_host(totals.data(), totals.size(), nullptr, 0);
+  OptimizerStats st;
+  st.grad_norm = std::sqrt(gate[StepGate::kGradSumSquares]);
+  if (gate[StepGate::kSkip] != 0) {
+    st.skipped = true;
+    --t_;  // the step did not happen
+    return st;
+  }
   const std::size_t matrix_elems = plan.matrix_elems();
   st.update_rms_adamw = plan.adamw_total() ? std::sqrt(totals[0] / double(plan.adamw_total())) : 0;
   st.update_rms_muon = matrix_elems ? std::sqrt(totals[1] / double(matrix_elems)) : 0.0;
   st.clipped_heads = int(totals[2]);
+  return st;
+}
+
+template <typename T>
+OptimizerStats Optimizer<T>::step(T* params, const T* grads, double lr,
+                                  const std::vector<std::vector<double>>& smax) {
+  Impl& s = *impl_;
+  StepInputs<T> in;
+  if (s.clip) {
+    const ModelConfig& m = s.cfg.model;
+    if (smax.size() != std::size_t(m.n_layers) ||
+        std::any_of(smax.begin(), smax.end(), [&](const std::vector<double>& h) {
+          return h.size() != std::size_t(m.n_heads);
+        }))
+      throw std::invalid_argument("Optimizer::step: smax must be [n_layers][n_heads] for QK-clip");
+    std::vector<T> flat;
+    for (const auto& layer : smax)
+      for (double v : layer) flat.push_back(T(v));
+    in.smax = s.stats.device(s.regions.smax_in);
+    in.smax_slots = 1;
+    s.plan.backend().upload(in.smax, flat.data(), flat.size() * sizeof(T));
+  }
+  step_async(params, grads, lr, in);
+  s.stats.download();
+  const OptimizerStats st = finish_step();
+  if (st.skipped) throw NonFiniteError(skipped_step_message(st, t_ + 1));
   return st;
 }
 

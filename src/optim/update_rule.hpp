@@ -29,9 +29,10 @@ template <typename T>
 class MatrixOptimizer {
  public:
   virtual ~MatrixOptimizer() = default;
-  // `lr` is the group's learning rate, `t` the 1-based step. Returns the sum of squares of the
+  // `lr` is the group's learning rate, `t` the 1-based step; nothing is written when the step's
+  // `gate` (device, Backend::step_gate) says skip. *acc (device) += the sum of squares of the
   // applied update direction (its RMS is logged as update_rms).
-  virtual double step(T* params, double lr, std::int64_t t) = 0;
+  virtual void step(T* params, double lr, std::int64_t t, const double* gate, double* acc) = 0;
   virtual std::vector<StateTensor<T>> state() = 0;
   // Matrices this rank orthogonalised (or otherwise transformed) during the last step.
   virtual int transformed_last_step() const = 0;

@@ -107,14 +107,15 @@ void Zero1Plan<T>::reduce_gradients(const T* grads) {
 }
 
 template <typename T>
-double Zero1Plan<T>::local_grad_sum_squares() const {
-  return be_.sum_squares(shard_grad_.get(), shard_) + be_.sum_squares(muon_recv_.get(), part_);
+void Zero1Plan<T>::grad_sum_squares(double* acc) const {
+  be_.sum_squares(shard_grad_.get(), shard_, acc);
+  be_.sum_squares(muon_recv_.get(), part_, acc);
 }
 
 template <typename T>
-void Zero1Plan<T>::scale_gradients(double coef) {
-  be_.scale(shard_grad_.get(), shard_, coef);
-  be_.scale(muon_recv_.get(), part_, coef);
+void Zero1Plan<T>::scale_gradients(const double* coef) {
+  be_.scale_by(shard_grad_.get(), shard_, coef);
+  be_.scale_by(muon_recv_.get(), part_, coef);
 }
 
 template <typename T>

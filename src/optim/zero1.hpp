@@ -65,9 +65,10 @@ class Zero1Plan {
   // 1. This rank's gradients, averaged over the ranks into the owners' buffers: the AdamW shard
   //    (shard_grad) and this rank's matrices (matrix_grad at their slots).
   void reduce_gradients(const T* grads);
-  // Sum of squares of this rank's averaged gradients (padding is zero), and their clipping.
-  double local_grad_sum_squares() const;
-  void scale_gradients(double coef);
+  // *acc (device) += the sum of squares of this rank's averaged gradients (padding is zero); the
+  // clipping by the device coefficient *coef.
+  void grad_sum_squares(double* acc) const;
+  void scale_gradients(const double* coef);
   // 2. AdamW: packs the parameters (flat_params), then, after the shard's update, all-gathers the
   //    shards and unpacks them into params.
   void pack_adamw_params(const T* params);

@@ -12,6 +12,7 @@
 #include "moetrain/checkpoint.hpp"
 #include "moetrain/checkpoint_session.hpp"
 #include "moetrain/data_loader.hpp"
+#include "moetrain/device_stats.hpp"
 #include "moetrain/lr_schedule.hpp"
 #include "moetrain/memory_check.hpp"
 #include "moetrain/model.hpp"
@@ -59,9 +60,12 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
         spdlog::warn("{} is from a run that left no checkpoint; moved it to {}", metrics, *aside);
   }
 
-  model_ = std::make_unique<Model<float>>(m, be_, cfg_.data.batch_size);
+  stats_ = std::make_unique<DeviceStats<float>>(be_);
+  model_ = std::make_unique<Model<float>>(m, be_, cfg_.data.batch_size, stats_.get(),
+                                          cfg_.train.grad_accum);
   model_->init_weights(cfg_.train.seed);
-  opt_ = std::make_unique<Optimizer<float>>(cfg_, model_->layout(), be_, &comm_);
+  opt_ = std::make_unique<Optimizer<float>>(cfg_, model_->layout(), be_, &comm_, stats_.get());
+  stats_->allocate();
   train_ = std::make_unique<DataLoader>(
       match_shards(cfg_.data.train_pattern, "data.train_pattern"), std::uint32_t(m.vocab_size),
       cfg_.data.batch_size, m.seq_len, comm_.rank(), comm_.world(), cfg_.data.shuffle,
@@ -117,6 +121,11 @@ StepResult Trainer::train_step(double lr) {
   r.entropy.assign(std::size_t(L), 0);
   r.smax.assign(std::size_t(L), std::vector<double>(std::size_t(H), -1e300));
 
+  r.load.assign(std::size_t(L), {});
+  const std::uint64_t bytes0 = comm_.bytes_moved();
+
+  // The micro-batches and the optimizer step are enqueued without reading anything back; one
+  // download of the stats block then brings the whole step's statistics (docs/design.md §6).
   model_->zero_grads();
   Batch batch;
   for (int micro = 0; micro < ga; ++micro) {
@@ -124,9 +133,17 @@ StepResult Trainer::train_step(double lr) {
     train_->next(batch);
     r.data_s += since(t0);
     t0 = Clock::now();
-    const ForwardStats& st =
-        model_->forward_backward(batch.inputs.data(), batch.targets.data(), 1.0 / ga);
+    model_->forward_backward_async(batch.inputs.data(), batch.targets.data(), 1.0 / ga, micro);
     r.compute_s += since(t0);
+  }
+  auto t0 = Clock::now();
+  opt_->step_async(model_->params(), model_->grads(), lr,
+                   StepInputs<float>{model_->smax_device(), ga, model_->loss_sums_device(), ga});
+  stats_->download();
+  r.optimizer_s = since(t0);
+
+  for (int micro = 0; micro < ga; ++micro) {
+    const ForwardStats st = model_->slot_stats(micro);
     r.objective += st.objective / ga;
     r.ce += st.ce / ga;
     for (std::size_t l = 0; l < std::size_t(L); ++l) {
@@ -135,16 +152,16 @@ StepResult Trainer::train_step(double lr) {
       r.entropy[l] += st.entropy[l] / ga;
       for (std::size_t h = 0; h < std::size_t(H); ++h)
         r.smax[l][h] = std::max(r.smax[l][h], st.smax[l][h]);
+      if (!st.load[l].empty()) {
+        r.load[l].resize(st.load[l].size(), 0);
+        for (std::size_t e = 0; e < st.load[l].size(); ++e) r.load[l][e] += st.load[l][e];
+      }
     }
   }
 
-  r.load = model_->take_router_loads();
-
   // Average the logged losses over ranks (sum / world); S_max (max) and expert loads (sum) feed
-  // QK-clip and the bias update: all of them in one collective. Gradients are averaged inside the
-  // optimizer (ZeRO-1).
-  auto t0 = Clock::now();
-  const std::uint64_t stats_bytes0 = comm_.bytes_moved();
+  // the bias update: all of them in one collective. (QK-clip reduced S_max on the device.)
+  t0 = Clock::now();
   const int world = comm_.world();
   std::vector<double> sums = {r.objective, r.ce}, maxes;
   for (std::size_t l = 0; l < std::size_t(L); ++l) {
@@ -166,20 +183,18 @@ StepResult Trainer::train_step(double lr) {
     std::copy(maxes.begin() + std::ptrdiff_t(l * std::size_t(H)),
               maxes.begin() + std::ptrdiff_t((l + 1) * std::size_t(H)), r.smax[l].begin());
   }
+  r.opt = opt_->finish_step();
   r.comm_s = since(t0);
-  // After the reduction, so every rank sees the same verdict.
+  // After the reductions, so every rank sees the same verdict. The optimizer's gate made every
+  // update op of the step a no-op for a non-finite cross-entropy or gradient norm (the router
+  // losses enter the gradients, so a non-finite one shows in the norm).
   if (!std::isfinite(r.objective))
     throw NonFiniteError("non-finite loss (" + std::to_string(r.objective) + ") at step " +
                          std::to_string(step_ + 1) + "; no parameter was updated");
-  const std::uint64_t comm_bytes_stats = comm_.bytes_moved() - stats_bytes0;
-
-  t0 = Clock::now();
-  const std::uint64_t bytes0 = comm_.bytes_moved();
-  r.opt = opt_->step(model_->params(), model_->grads(), lr, r.smax);
+  if (r.opt.skipped) throw NonFiniteError(skipped_step_message(r.opt, opt_->step_count() + 1));
   if (m.moe.router == RouterType::SigmoidBias && m.moe.bias_update_rate > 0)
     model_->update_router_biases(r.load, m.moe.bias_update_rate);
-  r.optimizer_s = since(t0);
-  r.comm_bytes = comm_.bytes_moved() - bytes0 + comm_bytes_stats;
+  r.comm_bytes = comm_.bytes_moved() - bytes0;
   return r;
 }
 

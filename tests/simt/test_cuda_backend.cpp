@@ -16,6 +16,7 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "kernel_test_util.hpp"
 #include "moetrain/cpu_backend.hpp"
+#include "moetrain/device_stats.hpp"
 #include "moetrain/model.hpp"
 #include "moetrain/optimizer.hpp"
 #include "test_util.hpp"
@@ -81,7 +82,8 @@ Trace train(Backend<float>& be, const Config& cfg, int steps) {
       t.first_grads.resize(P);
       be.download(t.first_grads.data(), model.grads(), P * sizeof(float));
     }
-    const std::vector<std::vector<std::int64_t>> load = model.take_router_loads();
+    std::vector<std::vector<std::int64_t>> load;
+    for (const auto& l : st.load) load.emplace_back(l.begin(), l.end());
     const auto smax = st.smax;
     t.clipped += opt.step(model.params(), model.grads(), cfg.optim.lr, smax).clipped_heads;
     if (cfg.model.moe.router == RouterType::SigmoidBias)
@@ -128,6 +130,86 @@ TEST_CASE("cuda backend: training steps match the CPU backend (fp32 GEMMs)", "[c
       if (optimizer == OptimizerName::MuonClip) CHECK(ref.clipped > 0);
     }
   }
+}
+
+namespace {
+
+// One optimizer step on `be` from parameters p and gradients g, with one loss sum `loss` gating it
+// (the trainer's path: a shared stats block, step_async, one download, finish_step). Returns the
+// step's statistics; `params` receives the parameters after it.
+moetrain::OptimizerStats gated_step(Backend<float>& be, moetrain::Optimizer<float>& opt,
+                                    moetrain::DeviceStats<float>& stats,
+                                    moetrain::DeviceStats<float>::Region<double> loss_region,
+                                    moetrain::DeviceStats<float>::Region<float> smax_region,
+                                    float* dp, const float* dg, double loss) {
+  be.upload(stats.device(loss_region), &loss, sizeof loss);
+  std::vector<float> smax(smax_region.count, 2.0f);  // over tau = 0.5: QK-clip would scale
+  be.upload(stats.device(smax_region), smax.data(), smax.size() * sizeof(float));
+  opt.step_async(
+      dp, dg, 0.05,
+      moetrain::StepInputs<float>{stats.device(smax_region), 1, stats.device(loss_region), 1});
+  stats.download();
+  return opt.finish_step();
+}
+
+}  // namespace
+
+TEST_CASE("cuda backend: a non-finite gradient or loss skips the whole step on the device",
+          "[cuda_backend]") {
+  EACH_STREAM_SCHEDULE();
+  Config cfg = small_config(RouterType::SigmoidBias, OptimizerName::MuonClip);
+  cfg.optim.grad_clip = 1.0;
+  const moetrain::ParamLayout layout(cfg.model);
+  const std::size_t P = layout.total();
+  std::mt19937 rng(77);
+  const std::vector<float> p = kernel_test::random_floats(P, rng, 0.3f),
+                           g = kernel_test::random_floats(P, rng, 0.1f);
+  const double nan = std::nan("");
+  for (const bool bad_gradient : {true, false}) {
+    INFO((bad_gradient ? "a NaN gradient" : "a NaN loss with finite gradients"));
+    CudaBackendOptions o;
+    o.bf16 = false;
+    CudaBackend be(o);
+    moetrain::DeviceStats<float> stats(be);
+    moetrain::Optimizer<float> opt(cfg, layout, be, nullptr, &stats);
+    const auto loss_region = stats.reserve<double>(1);
+    const auto smax_region =
+        stats.reserve<float>(std::size_t(cfg.model.n_layers) * std::size_t(cfg.model.n_heads));
+    stats.allocate();
+    std::vector<float> bad = g;
+    if (bad_gradient) bad[layout.find("layers.0.attn.q_proj.weight").offset + 3] = float(nan);
+    kernel_test::DeviceBuffer<float> dp(p), dg(bad);
+    const moetrain::OptimizerStats st = gated_step(be, opt, stats, loss_region, smax_region, dp.ptr,
+                                                   dg.ptr, bad_gradient ? 1.0 : nan);
+    CHECK(st.skipped);
+    CHECK(std::isfinite(st.grad_norm) != bad_gradient);
+    CHECK(opt.step_count() == 0);
+    CHECK(std::memcmp(dp.download().data(), p.data(), P * sizeof(float)) == 0);
+    // The state is as before: the next finite step is a fresh optimizer's first step, bit for bit.
+    dg.upload(g);
+    CHECK_FALSE(gated_step(be, opt, stats, loss_region, smax_region, dp.ptr, dg.ptr, 1.0).skipped);
+    CudaBackend fresh_be(o);
+    moetrain::DeviceStats<float> fresh_stats(fresh_be);
+    moetrain::Optimizer<float> fresh(cfg, layout, fresh_be, nullptr, &fresh_stats);
+    const auto fl = fresh_stats.reserve<double>(1);
+    const auto fs = fresh_stats.reserve<float>(smax_region.count);
+    fresh_stats.allocate();
+    kernel_test::DeviceBuffer<float> fp(p), fg(g);
+    const moetrain::OptimizerStats fst =
+        gated_step(fresh_be, fresh, fresh_stats, fl, fs, fp.ptr, fg.ptr, 1.0);
+    CHECK(fst.clipped_heads > 0);  // the step did clip: QK-clip ran under the gate too
+    CHECK(std::memcmp(dp.download().data(), fp.download().data(), P * sizeof(float)) == 0);
+  }
+  // The CPU backend skips the same way (the convenience step throws).
+  CpuBackend<float> cpu;
+  moetrain::Optimizer<float> opt(cfg, layout, cpu);
+  std::vector<float> w = p, bad = g;
+  bad[7] = float(nan);
+  const std::vector<std::vector<double>> smax(
+      std::size_t(cfg.model.n_layers), std::vector<double>(std::size_t(cfg.model.n_heads), 2.0));
+  CHECK_THROWS_AS(opt.step(w.data(), bad.data(), 0.05, smax), moetrain::NonFiniteError);
+  CHECK(w == p);
+  CHECK(opt.step_count() == 0);
 }
 
 TEST_CASE("cuda backend: bf16 GEMMs stay within bf16 tolerance of the CPU backend",

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -78,8 +79,9 @@ void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
   moetrain::CpuBackend<float> be;
   std::vector<float> r_w = w0, r_m = m0, r_v = v0, r_g = g;
   be.scale(r_g.data(), n, grad_scale);  // what the CPU optimizer does before the update
-  const double r_sq =
-      be.adamw_update(r_w.data(), r_g.data(), r_m.data(), r_v.data(), n, lr, b1, b2, eps, wd, t);
+  double r_sq = 0;
+  be.adamw_update(r_w.data(), r_g.data(), r_m.data(), r_v.data(), n, lr, b1, b2, eps, wd, t,
+                  nullptr, &r_sq);
 
   DeviceBuffer<TW> d_w(w_s);
   DeviceBuffer<bf16> d_copy(n);
@@ -98,7 +100,7 @@ void check_adamw(size_t n, unsigned seed, bool with_copy, float grad_scale) {
     d_sq.poison();
     d_ws.poison();
     mk::adamw_update(d_w.ptr, with_copy ? d_copy.ptr : nullptr, d_g.ptr, grad_scale, d_m.ptr,
-                     d_v.ptr, n, params, 1234, 17, d_ws.ptr, d_sq.ptr, false, nullptr);
+                     d_v.ptr, n, params, 1234, 17, nullptr, d_ws.ptr, d_sq.ptr, false, nullptr);
     const auto w = to_float(d_w.download()), m = d_m.download(), v = d_v.download();
     const double sq = d_sq.get();
     REQUIRE_FALSE(has_nan(w));
@@ -133,7 +135,10 @@ void check_sum_squares(size_t n, unsigned seed) {
   const auto x_s = to_storage<T>(random_floats(n, rng, 0.3f));
   const auto x = to_float(x_s);
   moetrain::CpuBackend<float> be;
-  const double ref = be.sum_squares(x.data(), n);
+  double ref = 0;
+  be.sum_squares(x.data(), n, &ref);
+  double plain_ref = 0;  // the plain sum (cross-entropy's loss sum), in double
+  for (float v : x) plain_ref += double(v);
   DeviceBuffer<T> d_x(x_s);
   DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems()), d_out(1);
   double first = -1;
@@ -147,6 +152,11 @@ void check_sum_squares(size_t n, unsigned seed) {
     record(rel_error(v, ref), false);
     mk::sum_squares(d_x.ptr, n, d_ws.ptr, d_out.ptr, true, nullptr);  // accumulate: twice the sum
     CHECK(rel_error(d_out.get(), 2 * ref) <= 1e-12);
+    if constexpr (std::is_same_v<T, float>) {
+      d_out.poison();
+      mk::sum(d_x.ptr, n, d_ws.ptr, d_out.ptr, false, nullptr);
+      CHECK(std::fabs(d_out.get() - plain_ref) <= 1e-12 * ref);  // |sum| may be near 0
+    }
     if (first < 0) first = v;
     CHECK(std::memcmp(&first, &v, sizeof v) == 0);
   }
@@ -161,7 +171,7 @@ void check_muon_momentum(size_t n, unsigned seed, bool nesterov, float grad_scal
   moetrain::CpuBackend<float> be;
   std::vector<float> r_M = M0, r_U(n), r_G = G;
   be.scale(r_G.data(), n, grad_scale);
-  be.muon_momentum(r_M.data(), r_U.data(), r_G.data(), n, mu, nesterov);
+  be.muon_momentum(r_M.data(), r_U.data(), r_G.data(), n, mu, nesterov, nullptr);
   DeviceBuffer<float> d_M(M0), d_G(G);
   DeviceBuffer<TU> d_U(n);
   for (const Schedule& s : optimizer_schedules()) {
@@ -169,7 +179,7 @@ void check_muon_momentum(size_t n, unsigned seed, bool nesterov, float grad_scal
     INFO("muon_momentum nesterov " << nesterov << ", schedule " << s.name());
     d_M.upload(M0);
     d_U.poison();
-    mk::muon_momentum(d_M.ptr, d_U.ptr, d_G.ptr, grad_scale, n, mu, nesterov, nullptr);
+    mk::muon_momentum(d_M.ptr, d_U.ptr, d_G.ptr, grad_scale, n, mu, nesterov, nullptr, nullptr);
     const auto M = d_M.download();
     const auto U = to_float(d_U.download());
     REQUIRE_FALSE(has_nan(M));
@@ -192,7 +202,8 @@ void check_muon_update(size_t n, unsigned seed, bool with_copy) {
   const float lr = 0.02f, s = 0.2f * std::sqrt(96.0f), wd = 0.1f;
   moetrain::CpuBackend<float> be;
   std::vector<float> r_w = w0;
-  const double r_sq = be.muon_update(r_w.data(), O.data(), n, lr, s, wd);
+  double r_sq = 0;
+  be.muon_update(r_w.data(), O.data(), n, lr, s, wd, nullptr, &r_sq);
   DeviceBuffer<TW> d_w(w_s);
   DeviceBuffer<TO> d_O(o_s);
   DeviceBuffer<bf16> d_copy(n);
@@ -207,7 +218,7 @@ void check_muon_update(size_t n, unsigned seed, bool with_copy) {
     d_copy.poison();
     d_sq.poison();
     mk::muon_update(d_w.ptr, with_copy ? d_copy.ptr : nullptr, d_O.ptr, n, lr, s, wd, 99, 0,
-                    d_ws.ptr, d_sq.ptr, false, nullptr);
+                    nullptr, d_ws.ptr, d_sq.ptr, false, nullptr);
     const auto w = to_float(d_w.download());
     const double sq = d_sq.get();
     REQUIRE_FALSE(has_nan(w));
@@ -308,7 +319,172 @@ void check_scale_row_blocks(unsigned seed, bool with_copy) {
   }
 }
 
+// ---- the step's verdict ---------------------------------------------------------------------
+// Every rank's [sum of squares, loss sums...] -> the gate, on the device and on the CPU backend.
+void check_step_gate(const std::vector<double>& rank_sums, int world, int per_rank,
+                     double max_norm) {
+  moetrain::CpuBackend<float> be;
+  std::vector<double> ref(3, -1.0);
+  be.step_gate(ref.data(), rank_sums.data(), world, per_rank, max_norm);
+  DeviceBuffer<double> d_sums(rank_sums), d_gate(3);
+  for (const Schedule& s : optimizer_schedules()) {
+    ScopedSchedule scope(s);
+    d_gate.poison();
+    mk::step_gate(d_gate.ptr, d_sums.ptr, world, per_rank, max_norm, nullptr);
+    const auto gate = d_gate.download();
+    INFO("world " << world << " per rank " << per_rank << " max_norm " << max_norm << ", schedule "
+                  << s.name());
+    CHECK(std::memcmp(gate.data(), ref.data(), 3 * sizeof(double)) == 0);
+  }
+}
+
 }  // namespace
+
+TEST_CASE("optimizer kernels: the step gate sums ranks in order and skips on non-finite values",
+          "[simt][kernels]") {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
+  // Two ranks, two loss sums each: norm sqrt(4 + 5) = 3.
+  const std::vector<double> fine = {4.0, 1.5, 2.5, 5.0, 0.5, 7.0};
+  moetrain::CpuBackend<float> be;
+  std::vector<double> gate(3);
+  be.step_gate(gate.data(), fine.data(), 2, 3, 1.0);
+  CHECK(gate[moetrain::StepGate::kGradSumSquares] == 9.0);
+  CHECK(gate[moetrain::StepGate::kSkip] == 0.0);
+  CHECK(gate[moetrain::StepGate::kClipCoef] == 1.0 / (3.0 + 1e-6));
+  be.step_gate(gate.data(), fine.data(), 2, 3, 5.0);  // norm below max_norm: no clipping
+  CHECK(gate[moetrain::StepGate::kClipCoef] == 1.0);
+  be.step_gate(gate.data(), fine.data(), 2, 3, 0.0);  // clipping off
+  CHECK(gate[moetrain::StepGate::kClipCoef] == 1.0);
+  for (const double bad : {inf, -inf, nan})
+    for (std::size_t at : {std::size_t(0), std::size_t(2), std::size_t(4)}) {
+      std::vector<double> v = fine;
+      v[at] = bad;
+      be.step_gate(gate.data(), v.data(), 2, 3, 1.0);
+      INFO("bad value at " << at);
+      CHECK(gate[moetrain::StepGate::kSkip] == 1.0);
+      CHECK(gate[moetrain::StepGate::kClipCoef] == 1.0);  // a skipped step scales nothing
+      check_step_gate(v, 2, 3, 1.0);
+    }
+  check_step_gate(fine, 2, 3, 1.0);
+  check_step_gate(fine, 2, 3, 5.0);
+  check_step_gate(fine, 3, 2, 0.5);
+  check_step_gate({1e-3}, 1, 1, 1.0);
+  CHECK_THROWS_AS(mk::step_gate(nullptr, nullptr, 0, 1, 1.0, nullptr), std::invalid_argument);
+}
+
+TEST_CASE(
+    "optimizer kernels: a skipped step writes nothing, and scale_by scales by a device factor",
+    "[simt][kernels]") {
+  const size_t n = 3001;
+  std::mt19937 rng(31);
+  const auto w0 = random_floats(n, rng, 0.05f), g = random_floats(n, rng, 0.01f),
+             m0 = random_floats(n, rng, 0.003f), O = random_floats(n, rng, 0.03f);
+  std::vector<float> v0 = random_floats(n, rng, 1e-2f);
+  for (auto& x : v0) x = x * x;
+  const std::vector<double> skip_gate = {1.0, 1.0, 1.0}, run_gate = {1.0, 1.0, 0.0};
+  DeviceBuffer<double> d_skip(skip_gate), d_run(run_gate), d_ws(mk::optimizer_workspace_elems()),
+      d_sq(1);
+  DeviceBuffer<float> d_w(w0), d_g(g), d_m(m0), d_v(v0), d_O(O), d_U(n);
+  const double* skip = d_skip.ptr + mk::kGateSkip;
+  for (const Schedule& s : optimizer_schedules()) {
+    ScopedSchedule scope(s);
+    INFO("schedule " << s.name());
+    d_sq.upload(std::vector<double>{2.5});
+    mk::adamw_update(d_w.ptr, static_cast<bf16*>(nullptr), d_g.ptr, 1.0f, d_m.ptr, d_v.ptr, n,
+                     mk::adamw_params(1e-2, 0.9, 0.95, 1e-8, 0.1, 3), 1, 0, skip, d_ws.ptr,
+                     d_sq.ptr, true, nullptr);
+    mk::muon_update(d_w.ptr, static_cast<bf16*>(nullptr), d_O.ptr, n, 0.02f, 1.0f, 0.1f, 1, 0, skip,
+                    d_ws.ptr, d_sq.ptr, true, nullptr);
+    const std::vector<float> U0(n, 7.0f);
+    d_U.upload(U0);
+    mk::muon_momentum(d_m.ptr, d_U.ptr, d_g.ptr, 1.0f, n, 0.95f, true, skip, nullptr);
+    CHECK(std::memcmp(d_w.download().data(), w0.data(), n * sizeof(float)) == 0);
+    CHECK(std::memcmp(d_m.download().data(), m0.data(), n * sizeof(float)) == 0);
+    CHECK(std::memcmp(d_v.download().data(), v0.data(), n * sizeof(float)) == 0);
+    CHECK(std::memcmp(d_U.download().data(), U0.data(), n * sizeof(float)) == 0);
+    CHECK(d_sq.get() == 2.5);  // the sums gain exactly nothing
+    // Not skipped (skip = 0): the update runs.
+    mk::muon_update(d_w.ptr, static_cast<bf16*>(nullptr), d_O.ptr, n, 0.02f, 1.0f, 0.1f, 1, 0,
+                    d_run.ptr + mk::kGateSkip, d_ws.ptr, d_sq.ptr, true, nullptr);
+    CHECK(std::memcmp(d_w.download().data(), w0.data(), n * sizeof(float)) != 0);
+    CHECK(d_sq.get() > 2.5);
+    d_w.upload(w0);
+  }
+  // The CPU backend's ops under the same gate.
+  moetrain::CpuBackend<float> be;
+  std::vector<float> w = w0, m = m0, v = v0, U(n, 7.0f);
+  double sq = 2.5;
+  be.adamw_update(w.data(), g.data(), m.data(), v.data(), n, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3,
+                  skip_gate.data(), &sq);
+  be.muon_update(w.data(), O.data(), n, 0.02, 1.0, 0.1, skip_gate.data(), &sq);
+  be.muon_momentum(m.data(), U.data(), g.data(), n, 0.95, true, skip_gate.data());
+  CHECK(w == w0);
+  CHECK(m == m0);
+  CHECK(v == v0);
+  CHECK(U == std::vector<float>(n, 7.0f));
+  CHECK(sq == 2.5);
+
+  // scale_by: a factor of 1 leaves x untouched; another equals the CPU backend's scale_by.
+  for (const double f : {1.0, 0.3125, 1.0 / 3.0}) {
+    std::vector<float> ref = w0;
+    be.scale_by(ref.data(), n, &f);
+    DeviceBuffer<double> d_f(std::vector<double>{f});
+    for (const Schedule& s : optimizer_schedules()) {
+      ScopedSchedule scope(s);
+      INFO("factor " << f << ", schedule " << s.name());
+      d_w.upload(w0);
+      mk::scale_by(d_w.ptr, n, d_f.ptr, nullptr);
+      CHECK(std::memcmp(d_w.download().data(), ref.data(), n * sizeof(float)) == 0);
+    }
+  }
+}
+
+TEST_CASE("optimizer kernels: QK-clip factors from the device S_max match the CPU backend",
+          "[simt][kernels]") {
+  // 3 layers, 6 query heads in 2 kv groups of 3, 2 micro-batch slots; q and k matrices of
+  // layers 0 and 2 (as one rank might own them).
+  const int L = 3, H = 6, Hkv = 2, slots = 2;
+  const std::vector<std::int32_t> mats = {0, 1, 0, 0, 2, 1, 2, 0};
+  const moetrain::QkClipShape shape{4, slots, L, H, Hkv, H, 10.0, 0.5};
+  std::mt19937 rng(41);
+  std::uniform_real_distribution<float> u(2.0f, 14.0f);
+  std::vector<float> smax(std::size_t(slots) * L * H);
+  for (float& x : smax) x = u(rng);
+  smax[5] = 40.0f;  // a clear outlier: slot 0, layer 0, head 5
+  moetrain::CpuBackend<float> be;
+  std::vector<float> ref(std::size_t(4) * H, -1.0f);
+  double ref_clipped = 0.5;
+  be.qk_clip_factors(ref.data(), &ref_clipped, smax.data(), mats.data(), shape, nullptr);
+  // Independent of the op: head 5 of layer 0 is over tau in slot 0, so its q factor is
+  // (tau / 40)^alpha and its kv group's (group 1) k factor at most (tau / 40)^(1 - alpha).
+  CHECK(ref[5] == Approx(std::pow(10.0 / 40.0, 0.5)));
+  CHECK(ref[std::size_t(H) + 1] <= float(std::pow(10.0 / 40.0, 0.5)) * 1.000001f);
+  CHECK(ref_clipped > 1.5);
+  DeviceBuffer<float> d_smax(smax), d_f(ref.size());
+  DeviceBuffer<std::int32_t> d_mats(mats);
+  DeviceBuffer<double> d_clipped(1), d_skip(std::vector<double>{0.0, 1.0, 1.0});
+  for (const Schedule& s : optimizer_schedules()) {
+    ScopedSchedule scope(s);
+    INFO("schedule " << s.name());
+    d_f.poison();
+    d_clipped.upload(std::vector<double>{0.5});
+    const mk::QkClipDims dims{4, slots, L, H, Hkv, H, 10.0, 0.5};
+    mk::qk_clip_factors(d_f.ptr, d_clipped.ptr, d_smax.ptr, d_mats.ptr, dims, nullptr, nullptr);
+    const auto f = d_f.download();
+    for (std::size_t i = 0; i < f.size(); ++i) {
+      INFO("factor " << i);
+      CHECK(f[i] == Approx(ref[i]).epsilon(1e-6));
+      CHECK((f[i] == 1.0f) == (ref[i] == 1.0f));  // untouched blocks stay exactly 1
+    }
+    CHECK(d_clipped.get() == ref_clipped);
+    // Skipped: every factor 1, nothing counted.
+    d_f.poison();
+    mk::qk_clip_factors(d_f.ptr, d_clipped.ptr, d_smax.ptr, d_mats.ptr, dims,
+                        d_skip.ptr + mk::kGateSkip, nullptr);
+    for (float x : d_f.download()) CHECK(x == 1.0f);
+    CHECK(d_clipped.get() == ref_clipped);
+  }
+}
 
 TEST_CASE("optimizer kernels: AdamW matches the CPU backend", "[simt][kernels]") {
   check_adamw<float>(10007, 1, true, 1.0f);
@@ -366,10 +542,10 @@ TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased",
         if (which == 0)
           mk::adamw_update(d_w.ptr, d_copy.ptr, d_g.ptr, 1.0f, d_m.ptr, d_v.ptr, n,
                            mk::adamw_params(0.0, 0.9, 0.95, 1e-8, 0.1, 1), 42 + which, 1000,
-                           d_ws.ptr, nullptr, false, nullptr);
+                           nullptr, d_ws.ptr, nullptr, false, nullptr);
         else
-          mk::muon_update(d_w.ptr, d_copy.ptr, d_O.ptr, n, 0.0f, 1.0f, 0.1f, 4242, 0, d_ws.ptr,
-                          nullptr, false, nullptr);
+          mk::muon_update(d_w.ptr, d_copy.ptr, d_O.ptr, n, 0.0f, 1.0f, 0.1f, 4242, 0, nullptr,
+                          d_ws.ptr, nullptr, false, nullptr);
         const auto w = d_w.download();
         const auto copy = d_copy.download();
         REQUIRE(std::memcmp(w.data(), w0.data(), n * sizeof(float)) == 0);
@@ -401,7 +577,7 @@ TEST_CASE("optimizer kernels: stochastic rounding of weight copies is unbiased",
   DeviceBuffer<float> d_O(zeros);
   DeviceBuffer<double> d_ws(mk::optimizer_workspace_elems());
   mk::muon_update(d_w.ptr, static_cast<bf16*>(nullptr), d_O.ptr, 3000, 0.0f, 1.0f, 0.0f, 5, 0,
-                  d_ws.ptr, nullptr, false, nullptr);
+                  nullptr, d_ws.ptr, nullptr, false, nullptr);
   const auto w = d_w.download();
   CHECK(std::memcmp(w.data(), w_s.data(), 3000 * sizeof(bf16)) == 0);
 }

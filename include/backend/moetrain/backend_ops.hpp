@@ -64,28 +64,47 @@
 #define MOETRAIN_OPS_ELEMENTWISE(X, T)                                                            \
   X(void, add_inplace, (T* x, const T* y, std::size_t n), (x, y, n), 0)
 
-// Reductions and optimizer steps (fp32 or wider accumulation, deterministic).
+// Reductions and optimizer steps (fp32 or wider accumulation, deterministic). Nothing here returns
+// a value to the host: reductions add into a device double (`acc`: *acc += ...), so a step's
+// statistics stay on the device until the trainer's one download per step. `gate` is the step's
+// StepGate (device doubles, may be null): when gate[kSkip] is nonzero the update ops write nothing.
+// sum_squares: *acc += sum x_i^2.
+// scale_by: x *= *factor (a device double); nothing when *factor == 1.
+// step_gate: from rank_sums [world][per_rank] (each rank's gradient sum of squares, then its loss
+//   sums, in rank order): gate[kGradSumSquares] = the sum over ranks (in rank order);
+//   gate[kSkip] = 1 when that or a loss is not finite, else 0; gate[kClipCoef] = max_norm /
+//   (sqrt(sum) + 1e-6) when max_norm > 0, not skipped and that is below 1, else 1.
 // axpby: y = a * x + b * y.  transpose_batched: out_i = in_i^T for `batch` row-major [rows, cols].
 // frobenius_normalize: X_i /= (||X_i||_F + eps) for `batch` contiguous matrices of `elems`.
-// adamw_update: bias-corrected, decoupled decay; returns sum of (m_hat / (sqrt(v_hat) + eps))^2.
-// muon_momentum: M = mu * M + G; U = G + mu * M (Nesterov) or M.
-// muon_update: W -= lr * (s * O + wd * W); returns sum of (s * O)^2.
+// adamw_update: bias-corrected, decoupled decay; *acc += sum of (m_hat / (sqrt(v_hat) + eps))^2.
+// muon_momentum: M = mu * M + G; U = G + mu * M (Nesterov) or M. Skipped: U is not written either.
+// muon_update: W -= lr * (s * O + wd * W); *acc += sum of (s * O)^2.
+// qk_clip_factors: factors and *clipped += the number of clipped q heads (see QkClipShape); all
+//   factors 1 when skipped.
 // scale_row_blocks: x[b * block_elems + i] *= factors[b] for b < blocks (factors: device, [blocks]).
 #define MOETRAIN_OPS_OPTIMIZER(X, T)                                                              \
-  X(double, sum_squares, (const T* x, std::size_t n), (x, n), 0)                                 \
+  X(void, sum_squares, (const T* x, std::size_t n, double* acc), (x, n, acc), 0)                 \
   X(void, scale, (T* x, std::size_t n, double s), (x, n, s), 0)                                  \
+  X(void, scale_by, (T* x, std::size_t n, const double* factor), (x, n, factor), 0)              \
+  X(void, step_gate, (double* gate, const double* rank_sums, int world, int per_rank,            \
+                      double max_norm), (gate, rank_sums, world, per_rank, max_norm), 0)         \
   X(void, axpby, (T* y, const T* x, std::size_t n, double a, double b), (y, x, n, a, b), 0)      \
   X(void, transpose_batched, (T* out, const T* in, int batch, int rows, int cols),              \
     (out, in, batch, rows, cols), 0)                                                             \
   X(void, frobenius_normalize, (T* x, int batch, std::size_t elems, double eps),                \
     (x, batch, elems, eps), 0)                                                                   \
-  X(double, adamw_update, (T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1, \
-                           double beta2, double eps, double weight_decay, std::int64_t t),       \
-    (p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, t), 0)                                  \
-  X(void, muon_momentum, (T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov),      \
-    (M, U, G, n, mu, nesterov), 0)                                                               \
-  X(double, muon_update, (T* W, const T* O, std::size_t n, double lr, double s,                  \
-                          double weight_decay), (W, O, n, lr, s, weight_decay), 0)               \
+  X(void, adamw_update, (T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,   \
+                         double beta2, double eps, double weight_decay, std::int64_t t,          \
+                         const double* gate, double* acc),                                       \
+    (p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, t, gate, acc), 0)                       \
+  X(void, muon_momentum, (T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov,       \
+                          const double* gate), (M, U, G, n, mu, nesterov, gate), 0)              \
+  X(void, muon_update, (T* W, const T* O, std::size_t n, double lr, double s,                    \
+                        double weight_decay, const double* gate, double* acc),                   \
+    (W, O, n, lr, s, weight_decay, gate, acc), 0)                                                \
+  X(void, qk_clip_factors, (T* factors, double* clipped, const T* smax,                          \
+                            const std::int32_t* mats, const QkClipShape& s, const double* gate), \
+    (factors, clipped, smax, mats, s, gate), 0)                                                  \
   X(void, scale_row_blocks, (T* x, int blocks, std::size_t block_elems, const T* factors),       \
     (x, blocks, block_elems, factors), 0)
 
@@ -126,11 +145,13 @@
   X(void, swiglu_backward, (T* dh, const T* dout, const T* h, int rows, int ff),                 \
     (dh, dout, h, rows, ff), 0)
 
-// losses[i] = logsumexp(logits_i) - logits_i[target_i] (0 for a negative target: padding). When
-// grad_scale != 0 the logits are overwritten by d(grad_scale * sum_i losses[i]) / dlogits.
+// losses[i] = logsumexp(logits_i) - logits_i[target_i] (0 for a negative target: padding), and
+// *loss_sum += sum_i losses[i] (a device double, may be null; deterministic). When grad_scale != 0
+// the logits are overwritten by d(grad_scale * sum_i losses[i]) / dlogits.
 #define MOETRAIN_OPS_CROSS_ENTROPY(X, T)                                                          \
-  X(void, cross_entropy, (T* losses, T* logits, const std::int32_t* targets, int n, int vocab,   \
-                         T grad_scale), (losses, logits, targets, n, vocab, grad_scale), 0)
+  X(void, cross_entropy, (T* losses, double* loss_sum, T* logits, const std::int32_t* targets,   \
+                         int n, int vocab, T grad_scale),                                        \
+    (losses, loss_sum, logits, targets, n, vocab, grad_scale), 0)
 
 // Router forward: from logits [tokens, E]: scores [tokens, E] (softmax probabilities or sigmoid
 // scores), top-k expert ids (by score, or score + bias for sigmoid_bias; ties toward the lower

@@ -34,4 +34,22 @@ struct RouterShape {
   double route_scale;
 };
 
+// The device doubles of an optimizer step's verdict, written by step_gate and read by the update
+// ops (docs/design.md §4): the gradients' global sum of squares, the clipping coefficient the
+// gradients are scaled by (1: none), and skip (nonzero: a gradient norm or a loss is not finite,
+// and every update op leaves its buffers as they are).
+struct StepGate {
+  static constexpr int kGradSumSquares = 0, kClipCoef = 1, kSkip = 2, kSize = 3;
+};
+
+// QK-clip's factors for `matrices` q_proj / k_proj matrices (docs/design.md §4). smax is
+// [slots][n_layers][n_heads] (one slot per micro-batch; a head's S_max is the max over the slots),
+// mats is [matrices][2] = (layer, 1 for q_proj or 0 for k_proj), factors is [matrices][heads_ld]:
+// a q head's rows scale by (tau / S_max)^alpha when S_max > tau; a kv head's rows by
+// min over its query group of (tau / S_max)^(1 - alpha); every other factor is 1.
+struct QkClipShape {
+  int matrices, slots, n_layers, n_heads, n_kv_heads, heads_ld;
+  double tau, alpha;
+};
+
 }  // namespace moetrain

@@ -15,6 +15,7 @@
 
 #include "moetrain/backend.hpp"
 #include "moetrain/config.hpp"
+#include "moetrain/device_stats.hpp"
 #include "moetrain/param_layout.hpp"
 
 namespace moetrain {
@@ -39,8 +40,11 @@ template <typename T>
 class Model {
  public:
   // Plans parameters and the activation arena for micro-batches of `batch` sequences of
-  // cfg.seq_len tokens.
-  Model(const ModelConfig& cfg, Backend<T>& backend, int batch);
+  // cfg.seq_len tokens. The forward statistics go to `stats_slots` slots (one per micro-batch of
+  // a step) of `stats`, which its owner allocates once every user reserved its regions; without
+  // one the model keeps a one-slot block of its own.
+  Model(const ModelConfig& cfg, Backend<T>& backend, int batch, DeviceStats<T>* stats = nullptr,
+        int stats_slots = 1);
   // The bytes of the activation arena such a model allocates (and its routers' expert biases),
   // computed by the same requests without allocating (attention_saved_elems: the backend's query
   // for this shape). Throws std::overflow_error when a size does not fit in 64 bits.
@@ -59,9 +63,6 @@ class Model {
   T* params() { return params_; }
   T* grads() { return grads_; }
 
-  // The routers' expert loads counted by forward_backward since the last take, per layer
-  // ([n_layers][n_experts]; empty for dense layers), and a fresh count.
-  std::vector<std::vector<std::int64_t>> take_router_loads();
   // The sigmoid_bias routers' bias update with the loads summed over the global batch (see
   // Router::update_bias); layers with empty loads are left as they are.
   void update_router_biases(const std::vector<std::vector<std::int64_t>>& loads, double rate);
@@ -75,12 +76,23 @@ class Model {
   void init_weights(std::uint64_t seed);
   void zero_grads();
 
-  // Forward only (evaluation). tokens, targets: host arrays of tokens() ids; a negative target
-  // is padding and carries no loss.
+  // Forward only (evaluation), then its statistics (slot 0; one download of the stats block).
+  // tokens, targets: host arrays of tokens() ids; a negative target is padding and carries no loss.
   const ForwardStats& forward(const std::int32_t* tokens, const std::int32_t* targets);
-  // Forward, then backward of grad_scale * objective, accumulated into grads().
+  // Forward, then backward of grad_scale * objective, accumulated into grads(). Nothing is read
+  // back: the statistics stay in slot `slot` of the stats block until its next download.
+  void forward_backward_async(const std::int32_t* tokens, const std::int32_t* targets,
+                              double grad_scale, int slot);
+  // The same in slot 0, then its statistics (one download of the stats block).
   const ForwardStats& forward_backward(const std::int32_t* tokens, const std::int32_t* targets,
                                        double grad_scale);
+  // A slot's statistics as the stats block's last download found them.
+  ForwardStats slot_stats(int slot) const;
+  // The device statistics the optimizer reads: S_max [stats_slots][n_layers][n_heads] and the
+  // cross-entropy sums [stats_slots] (valid after the forwards that wrote them).
+  T* smax_device() const { return stats_block_->device(regions_.smax); }
+  const double* loss_sums_device() const { return stats_block_->device(regions_.ce_sum); }
+  int stats_slots() const { return slots_; }
   // Forward to logits only ([tokens(), vocab] device buffer), for sampling.
   const T* forward_logits(const std::int32_t* tokens);
 
@@ -90,11 +102,25 @@ class Model {
   struct Layer;
   static void plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t batch,
                          std::size_t att_saved, Model* model);
-  void run_forward(const std::int32_t* tokens, const std::int32_t* targets, double ce_grad_scale);
+  // The forward statistics in the stats block, each [slots][n_layers][width] but ce_sum [slots].
+  struct StatsRegions {
+    typename DeviceStats<T>::template Region<double> ce_sum;
+    typename DeviceStats<T>::template Region<T> smax, router;  // width n_heads; 3 (L_aux, L_z, H)
+    typename DeviceStats<T>::template Region<std::int32_t> counts;  // width n_experts
+  };
+  static StatsRegions reserve_stats(DeviceStats<T>& stats, const ModelConfig& cfg, int slots);
+  // Layer `layer`'s row of a region in the current slot.
+  template <typename U>
+  U* stat_ptr(typename DeviceStats<T>::template Region<U> r, int layer, int width) const {
+    return stats_block_->device(r) +
+           (std::size_t(slot_) * std::size_t(cfg_.n_layers) + std::size_t(layer)) *
+               std::size_t(width);
+  }
+  void run_forward(const std::int32_t* tokens, const std::int32_t* targets, double ce_grad_scale,
+                   int slot);
   void run_backward(double grad_scale);
   void attention_forward(Layer& l, const T* x);
   void attention_backward(Layer& l, const T* x);
-  void collect_stats(double ce_sum, std::int64_t ce_tokens);
   static std::int64_t count_valid(const std::int32_t* targets, int n);
 
   ModelConfig cfg_;
@@ -126,8 +152,12 @@ class Model {
   struct Scratch;       // the FFN and MoE blocks' backward scratch (model.cpp)
   std::unique_ptr<Scratch> scratch_;
 
+  std::unique_ptr<DeviceStats<T>> own_stats_;
+  DeviceStats<T>* stats_block_ = nullptr;
+  int slots_ = 1, slot_ = 0;
+  StatsRegions regions_;
+  std::vector<std::int64_t> slot_valid_;  // [slots] valid targets of each slot's forward
   ForwardStats stats_;
-  std::vector<T> host_losses_;
 };
 
 extern template class Model<float>;

@@ -18,6 +18,7 @@
 #include "moetrain/backend.hpp"
 #include "moetrain/communicator.hpp"
 #include "moetrain/config.hpp"
+#include "moetrain/device_stats.hpp"
 #include "moetrain/param_layout.hpp"
 #include "moetrain/safetensors.hpp"
 
@@ -34,6 +35,25 @@ struct OptimizerStats {
   double update_rms_muon = 0;   // RMS of s*O over the matrix group (0 without one)
   double update_rms_adamw = 0;  // RMS of m_hat / (sqrt(v_hat) + eps) over the AdamW group
   int clipped_heads = 0;        // query heads whose S_max exceeded tau (muonclip)
+  // A gradient norm or a gated loss was not finite: nothing was updated, and the step count is
+  // as before the step.
+  bool skipped = false;
+};
+
+// The NonFiniteError message of a skipped step (`step`: the optimizer step it would have been).
+std::string skipped_step_message(const OptimizerStats& st, std::int64_t step);
+
+// What a step reads on the device besides parameters and gradients (docs/design.md §4).
+template <typename T>
+struct StepInputs {
+  // S_max of this rank's micro-batches, [smax_slots][n_layers][n_heads], for QK-clip: reduced
+  // (max) over the ranks here, in place.
+  T* smax = nullptr;
+  int smax_slots = 0;
+  // This rank's loss sums [n_losses] (at most train.grad_accum): a non-finite one on any rank
+  // skips the step on every rank.
+  const double* losses = nullptr;
+  int n_losses = 0;
 };
 
 template <typename T>
@@ -41,15 +61,25 @@ class Optimizer {
  public:
   // Data parallel with ZeRO-1 over `comm`; nullptr: a world of one whose copies are `backend`'s.
   // Each rank passes its own unreduced gradients; the optimizer averages them.
+  // Its device statistics (the gate, the update sums) go to `stats`, which its owner allocates
+  // once every user reserved its regions; without one the optimizer keeps a block of its own.
   Optimizer(const Config& cfg, const ParamLayout& layout, Backend<T>& backend,
-            Communicator* comm = nullptr);
+            Communicator* comm = nullptr, DeviceStats<T>* stats = nullptr);
   ~Optimizer();
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
 
   // One update of `params` from this rank's gradients `grads` (averaged over ranks, clipped and
-  // applied here; `grads` itself is not modified). `lr` is this step's base learning rate;
-  // `smax` is [layer][query head] of this step, already reduced (max) over ranks.
+  // applied here; `grads` itself is not modified), enqueued on the backend with nothing read
+  // back: the global norm, the clipping coefficient and the verdict stay on the device, and a
+  // non-finite gradient norm or loss makes every update op a no-op. `lr` is this step's base
+  // learning rate.
+  void step_async(T* params, const T* grads, double lr, const StepInputs<T>& in);
+  // After the stats block's download that followed step_async: the step's statistics (reduced
+  // over ranks: one host collective).
+  OptimizerStats finish_step();
+  // step_async with `smax` [layer][query head] of this step (already reduced over ranks), then
+  // a download of the stats block and finish_step; throws NonFiniteError for a skipped step.
   OptimizerStats step(T* params, const T* grads, double lr,
                       const std::vector<std::vector<double>>& smax);
 

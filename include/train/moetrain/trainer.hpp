@@ -21,6 +21,8 @@ class Backend;
 template <typename T>
 class Model;
 template <typename T>
+class DeviceStats;
+template <typename T>
 class Optimizer;
 class DataLoader;
 class EvalLoader;
@@ -77,6 +79,7 @@ class Trainer {
   Communicator& comm_;
   TrainOptions opts_;
   Backend<float>& be_;
+  std::unique_ptr<DeviceStats<float>> stats_;  // the model's and the optimizer's, one block
   std::unique_ptr<Model<float>> model_;
   std::unique_ptr<Optimizer<float>> opt_;
   std::unique_ptr<DataLoader> train_;

@@ -8,7 +8,8 @@
 namespace moetrain::cpu {
 
 template <typename T>
-void cross_entropy(T* losses, T* logits, const int32_t* targets, int n, int vocab, T grad_scale) {
+void cross_entropy(T* losses, double* loss_sum, T* logits, const int32_t* targets, int n, int vocab,
+                   T grad_scale) {
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < n; ++i) {
     T* row = logits + std::size_t(i) * vocab;
@@ -29,6 +30,10 @@ void cross_entropy(T* losses, T* logits, const int32_t* targets, int n, int voca
       row[y] -= grad_scale;
     }
   }
+  if (!loss_sum) return;
+  double total = 0;  // in row order, after the parallel loop: the same bits for any thread count
+  for (int i = 0; i < n; ++i) total += double(losses[i]);
+  *loss_sum += total;
 }
 
 MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_CROSS_ENTROPY)

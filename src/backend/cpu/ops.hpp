@@ -36,8 +36,12 @@ std::size_t available_host_memory();
 
 // Explicit instantiation of a family's ops for float and double, at the end of its file, e.g.
 // MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_ROPE).
-#define MOETRAIN_CPU_INSTANTIATE_ONE(ret, name, params, args, flops) template ret name params;
+// (The element type is named explicitly: an op such as step_gate has no T in its parameters.)
+#define MOETRAIN_CPU_INSTANTIATE_F32(ret, name, params, args, flops) \
+  template ret name<float> params;
+#define MOETRAIN_CPU_INSTANTIATE_F64(ret, name, params, args, flops) \
+  template ret name<double> params;
 #define MOETRAIN_CPU_INSTANTIATE(family) \
-  family(MOETRAIN_CPU_INSTANTIATE_ONE, float) family(MOETRAIN_CPU_INSTANTIATE_ONE, double)
+  family(MOETRAIN_CPU_INSTANTIATE_F32, float) family(MOETRAIN_CPU_INSTANTIATE_F64, double)
 
 }  // namespace moetrain::cpu

@@ -2,6 +2,7 @@
 // fixed per-thread ranges, added in thread order: deterministic for a fixed thread count.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -37,11 +38,15 @@ double reduce_sum(std::size_t n, F f) {
   for (double v : part) s += v;
   return s;
 }
+
+bool skipped(const double* gate) {
+  return gate && gate[StepGate::kSkip] != 0;
+}
 }  // namespace
 
 template <typename T>
-double sum_squares(const T* x, std::size_t n) {
-  return reduce_sum(n, [x](std::size_t i) { return double(x[i]) * double(x[i]); });
+void sum_squares(const T* x, std::size_t n, double* acc) {
+  *acc += reduce_sum(n, [x](std::size_t i) { return double(x[i]) * double(x[i]); });
 }
 
 template <typename T>
@@ -49,6 +54,28 @@ void scale(T* x, std::size_t n, double s) {
   const T f = T(s);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (std::size_t i = 0; i < n; ++i) x[i] *= f;
+}
+
+template <typename T>
+void scale_by(T* x, std::size_t n, const double* factor) {
+  if (*factor != 1.0) scale(x, n, *factor);
+}
+
+template <typename T>
+void step_gate(double* gate, const double* rank_sums, int world, int per_rank, double max_norm) {
+  double sum = 0;
+  bool finite = true;
+  for (int r = 0; r < world; ++r) {
+    const double* own = rank_sums + std::size_t(r) * std::size_t(per_rank);
+    sum += own[0];
+    for (int i = 1; i < per_rank; ++i) finite = finite && std::isfinite(own[i]);
+  }
+  const double norm = std::sqrt(sum);
+  const bool skip = !finite || !std::isfinite(norm);
+  const double coef = max_norm / (norm + 1e-6);
+  gate[StepGate::kGradSumSquares] = sum;
+  gate[StepGate::kSkip] = skip ? 1.0 : 0.0;
+  gate[StepGate::kClipCoef] = (!skip && max_norm > 0 && coef < 1.0) ? coef : 1.0;
 }
 
 template <typename T>
@@ -83,10 +110,12 @@ void frobenius_normalize(T* x, int batch, std::size_t elems, double eps) {
 }
 
 template <typename T>
-double adamw_update(T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,
-                    double beta2, double eps, double weight_decay, std::int64_t t) {
+void adamw_update(T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, std::int64_t t, const double* gate,
+                  double* acc) {
+  if (skipped(gate)) return;
   const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
-  return reduce_sum(n, [&](std::size_t i) {
+  *acc += reduce_sum(n, [&](std::size_t i) {
     const double gi = g[i];
     const double mi = beta1 * m[i] + (1 - beta1) * gi;
     const double vi = beta2 * v[i] + (1 - beta2) * gi * gi;
@@ -99,7 +128,9 @@ double adamw_update(T* p, const T* g, T* m, T* v, std::size_t n, double lr, doub
 }
 
 template <typename T>
-void muon_momentum(T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov) {
+void muon_momentum(T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov,
+                   const double* gate) {
+  if (skipped(gate)) return;
   const T fmu = T(mu);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (std::size_t i = 0; i < n; ++i) {
@@ -109,12 +140,48 @@ void muon_momentum(T* M, T* U, const T* G, std::size_t n, double mu, bool nester
 }
 
 template <typename T>
-double muon_update(T* W, const T* O, std::size_t n, double lr, double s, double weight_decay) {
-  return reduce_sum(n, [&](std::size_t i) {
+void muon_update(T* W, const T* O, std::size_t n, double lr, double s, double weight_decay,
+                 const double* gate, double* acc) {
+  if (skipped(gate)) return;
+  *acc += reduce_sum(n, [&](std::size_t i) {
     const double u = s * O[i];
     W[i] = T(W[i] - lr * (u + weight_decay * W[i]));
     return u * u;
   });
+}
+
+template <typename T>
+void qk_clip_factors(T* factors, double* clipped, const T* smax, const std::int32_t* mats,
+                     const QkClipShape& s, const double* gate) {
+  std::fill_n(factors, std::size_t(s.matrices) * std::size_t(s.heads_ld), T(1));
+  if (skipped(gate)) return;
+  const int group = s.n_heads / s.n_kv_heads;
+  const std::size_t layer_elems = std::size_t(s.n_layers) * std::size_t(s.n_heads);
+  int count = 0;
+  for (int m = 0; m < s.matrices; ++m) {
+    const int layer = mats[2 * m];
+    const bool is_q = mats[2 * m + 1] != 0;
+    T* f = factors + std::size_t(m) * std::size_t(s.heads_ld);
+    for (int g = 0; g < s.n_kv_heads; ++g) {
+      double gmin = 1.0;
+      for (int h = g * group; h < (g + 1) * group; ++h) {
+        double mx = -HUGE_VAL;
+        for (int slot = 0; slot < s.slots; ++slot)
+          mx = std::max(mx,
+                        double(smax[std::size_t(slot) * layer_elems +
+                                    std::size_t(layer) * std::size_t(s.n_heads) + std::size_t(h)]));
+        if (!(mx > s.tau)) continue;
+        const double gamma = s.tau / mx;
+        gmin = std::min(gmin, gamma);
+        if (is_q) {
+          ++count;
+          f[h] = T(std::pow(gamma, s.alpha));
+        }
+      }
+      if (!is_q && gmin < 1.0) f[g] = T(std::pow(gmin, 1.0 - s.alpha));
+    }
+  }
+  *clipped += count;
 }
 
 // QK-clip's per-head scaling: the same product as scale() block by block, so a block scaled here

@@ -3,6 +3,7 @@
 #include "backend/cuda/cuda_backend.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -61,6 +62,7 @@ std::unique_ptr<Backend<float>> make_cuda_backend(const CudaBackendOptions& opti
 
 void CudaBackend::synchronize() {
   MOETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  staging_used_ = 0;  // every upload enqueued so far has run: its staging bytes are free again
 }
 
 void* CudaBackend::scratch(Scratch& s, std::size_t bytes) {
@@ -75,14 +77,6 @@ void* CudaBackend::scratch(Scratch& s, std::size_t bytes) {
   MOETRAIN_CUDA_CHECK(cudaMalloc(&s.ptr, grown));
   s.bytes = grown;
   return s.ptr;
-}
-
-double CudaBackend::read_sum(int index) {
-  double v = 0;
-  MOETRAIN_CUDA_CHECK(
-      cudaMemcpyAsync(&v, sums_ + index, sizeof v, cudaMemcpyDeviceToHost, stream_));
-  synchronize();
-  return v;
 }
 
 void CudaBackend::wrote(const void* dst, std::size_t bytes) {
@@ -124,9 +118,23 @@ void CudaBackend::free_bytes(void* p) {
 
 void CudaBackend::upload(void* dst, const void* src, std::size_t bytes) {
   if (!bytes) return;
-  // Pageable host memory: the copy must finish before the caller may reuse `src`.
-  MOETRAIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
-  synchronize();
+  // The caller may reuse `src` as soon as this returns, so the bytes go through pinned staging
+  // first; a staging byte is written again only after a synchronize() has run the copy that read
+  // it. A step's uploads (tokens, targets, expert biases) fit, so they cost no synchronisation.
+  if (!staging_) MOETRAIN_CUDA_CHECK(cudaMallocHost(&staging_, kStagingBytes));
+  const auto* from = static_cast<const char*>(src);
+  auto* to = static_cast<char*>(dst);
+  for (std::size_t left = bytes; left > 0;) {
+    if (staging_used_ == kStagingBytes) synchronize();
+    const std::size_t chunk = std::min(left, kStagingBytes - staging_used_);
+    char* stage = static_cast<char*>(staging_) + staging_used_;
+    std::memcpy(stage, from, chunk);
+    MOETRAIN_CUDA_CHECK(cudaMemcpyAsync(to, stage, chunk, cudaMemcpyHostToDevice, stream_));
+    staging_used_ += chunk;
+    from += chunk;
+    to += chunk;
+    left -= chunk;
+  }
   wrote(dst, bytes);
 }
 
@@ -163,12 +171,38 @@ void CudaBackend::add_inplace(float* x, const float* y, std::size_t n) {
   wrote(x, n * sizeof(float));
 }
 
-double CudaBackend::sum_squares(const float* x, std::size_t n) {
-  if (!n) return 0;
-  auto* ws = static_cast<double*>(
+double* CudaBackend::reduce_workspace() {
+  return static_cast<double*>(
       scratch(op_scratch_, kernels::optimizer_workspace_elems() * sizeof(double)));
-  kernels::sum_squares(x, n, ws, sums_, false, stream_);
-  return read_sum(0);
+}
+
+namespace {
+const double* skip_of(const double* gate) {
+  return gate ? gate + StepGate::kSkip : nullptr;
+}
+}  // namespace
+
+void CudaBackend::sum_squares(const float* x, std::size_t n, double* acc) {
+  if (!n) return;
+  kernels::sum_squares(x, n, reduce_workspace(), acc, true, stream_);
+}
+
+void CudaBackend::scale_by(float* x, std::size_t n, const double* factor) {
+  kernels::scale_by(x, n, factor, stream_);
+  wrote(x, n * sizeof(float));
+}
+
+void CudaBackend::step_gate(double* gate, const double* rank_sums, int world, int per_rank,
+                            double max_norm) {
+  kernels::step_gate(gate, rank_sums, world, per_rank, max_norm, stream_);
+}
+
+void CudaBackend::qk_clip_factors(float* factors, double* clipped, const float* smax,
+                                  const std::int32_t* mats, const QkClipShape& s,
+                                  const double* gate) {
+  const kernels::QkClipDims dims{s.matrices,   s.slots,    s.n_layers, s.n_heads,
+                                 s.n_kv_heads, s.heads_ld, s.tau,      s.alpha};
+  kernels::qk_clip_factors(factors, clipped, smax, mats, dims, skip_of(gate), stream_);
 }
 
 void CudaBackend::scale(float* x, std::size_t n, double s) {
@@ -194,36 +228,32 @@ void CudaBackend::frobenius_normalize(float* x, int batch, std::size_t elems, do
   wrote(x, std::size_t(batch) * elems * sizeof(float));
 }
 
-double CudaBackend::adamw_update(float* p, const float* g, float* m, float* v, std::size_t n,
-                                 double lr, double beta1, double beta2, double eps,
-                                 double weight_decay, std::int64_t t) {
-  if (!n) return 0;
-  auto* ws = static_cast<double*>(
-      scratch(op_scratch_, kernels::optimizer_workspace_elems() * sizeof(double)));
+void CudaBackend::adamw_update(float* p, const float* g, float* m, float* v, std::size_t n,
+                               double lr, double beta1, double beta2, double eps,
+                               double weight_decay, std::int64_t t, const double* gate,
+                               double* acc) {
+  if (!n) return;
   const auto params = kernels::adamw_params(lr, beta1, beta2, eps, weight_decay, t);
   // fp32 masters only: the bf16 copy is rewritten as a whole when a GEMM next reads it.
-  kernels::adamw_update<float>(p, nullptr, g, 1.0f, m, v, n, params, seed_, 0, ws, sums_, false,
-                               stream_);
+  kernels::adamw_update<float>(p, nullptr, g, 1.0f, m, v, n, params, seed_, 0, skip_of(gate),
+                               reduce_workspace(), acc, true, stream_);
   wrote(p, n * sizeof(float));
-  return read_sum(0);
 }
 
 void CudaBackend::muon_momentum(float* M, float* U, const float* G, std::size_t n, double mu,
-                                bool nesterov) {
-  kernels::muon_momentum<float>(M, U, G, 1.0f, n, float(mu), nesterov, stream_);
+                                bool nesterov, const double* gate) {
+  kernels::muon_momentum<float>(M, U, G, 1.0f, n, float(mu), nesterov, skip_of(gate), stream_);
   wrote(M, n * sizeof(float));
   wrote(U, n * sizeof(float));
 }
 
-double CudaBackend::muon_update(float* W, const float* O, std::size_t n, double lr, double s,
-                                double weight_decay) {
-  if (!n) return 0;
-  auto* ws = static_cast<double*>(
-      scratch(op_scratch_, kernels::optimizer_workspace_elems() * sizeof(double)));
+void CudaBackend::muon_update(float* W, const float* O, std::size_t n, double lr, double s,
+                              double weight_decay, const double* gate, double* acc) {
+  if (!n) return;
   kernels::muon_update<float, float>(W, nullptr, O, n, float(lr), float(s), float(weight_decay),
-                                     seed_, 0, ws, sums_, false, stream_);
+                                     seed_, 0, skip_of(gate), reduce_workspace(), acc, true,
+                                     stream_);
   wrote(W, n * sizeof(float));
-  return read_sum(0);
 }
 
 void CudaBackend::scale_row_blocks(float* x, int blocks, std::size_t block_elems,
@@ -274,9 +304,11 @@ void CudaBackend::swiglu_backward(float* dh, const float* dout, const float* h, 
   kernels::swiglu_backward(dh, dout, h, rows, ff, stream_);
 }
 
-void CudaBackend::cross_entropy(float* losses, float* logits, const int32_t* targets, int n,
-                                int vocab, float grad_scale) {
+void CudaBackend::cross_entropy(float* losses, double* loss_sum, float* logits,
+                                const int32_t* targets, int n, int vocab, float grad_scale) {
   kernels::cross_entropy(losses, logits, targets, n, vocab, grad_scale, stream_);
+  if (loss_sum && n > 0)
+    kernels::sum(losses, std::size_t(n), reduce_workspace(), loss_sum, true, stream_);
 }
 
 // ---- MoE ------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // CudaBackend: the Backend on one GPU. Every op is a kernel of kernels/ (or a cuBLASLt GEMM) on the
-// backend's own stream; results the interface returns to the host (sums of squares) and downloads
-// synchronise that stream. The same source builds twice: against the CUDA toolkit (nvcc kernels,
-// cuBLASLt) and against the SIMT simulator (tests/simt), where GEMMs run on the CPU backend.
+// backend's own stream; only downloads (and frees) synchronise that stream. The same source builds
+// twice: against the CUDA toolkit (nvcc kernels, cuBLASLt) and against the SIMT simulator
+// (tests/simt), where GEMMs run on the CPU backend.
 //
 // Precision: activations, gradients, optimizer state and the master weights are fp32. In bf16 mode
 // the GEMMs read bf16 operands and accumulate in fp32: activations are rounded to nearest on their
@@ -45,8 +45,8 @@ class CudaBackend final : public Backend<float> {
     std::size_t bytes = 0;
   };
   void* scratch(Scratch& s, std::size_t bytes);
-  // The stream's pending reductions land in sums_ (device doubles); read one back.
-  double read_sum(int index);
+  // The partials workspace of the reducing kernels (kernels/optimizer.cuh).
+  double* reduce_workspace();
   // The host copy of a device offsets array of groups + 1 entries: the mirror moe_permute made of
   // it (moe_permute is what writes expert offsets), else a download now. Checks that it ends at
   // `rows` (errors name `op`).
@@ -70,10 +70,13 @@ class CudaBackend final : public Backend<float> {
   struct GemmPlans;
   std::unique_ptr<GemmPlans> plans_;
   Scratch blas_workspace_, op_scratch_, gemm_a_, gemm_b_;
-  Scratch sim_a_, sim_b_;   // simulator build: the widened GEMM operands
-  Scratch attention_;       // attention backward: dP / dS
-  double* sums_ = nullptr;  // a few device doubles for reductions returned to the host
+  Scratch sim_a_, sim_b_;  // simulator build: the widened GEMM operands
+  Scratch attention_;      // attention backward: dP / dS
   std::map<const std::int32_t*, std::vector<std::int32_t>> offsets_mirror_;
+  // Pinned staging of uploads (see upload()); bytes used since the last synchronize().
+  static constexpr std::size_t kStagingBytes = std::size_t(8) << 20;
+  void* staging_ = nullptr;
+  std::size_t staging_used_ = 0;
 
   const float* weights_ = nullptr;
   std::size_t weight_count_ = 0;

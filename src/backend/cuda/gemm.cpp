@@ -173,7 +173,6 @@ CudaBackend::CudaBackend(const CudaBackendOptions& options)
       plans_(std::make_unique<GemmPlans>()) {
   if (options.device >= 0) MOETRAIN_CUDA_CHECK(cudaSetDevice(options.device));
   MOETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  MOETRAIN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sums_), 4 * sizeof(double)));
 #if !defined(MOETRAIN_SIMT)
   cublasLtHandle_t handle = nullptr;
   check_blas(cublasLtCreate(&handle), "create");
@@ -192,7 +191,7 @@ CudaBackend::~CudaBackend() {
        {&blas_workspace_, &op_scratch_, &gemm_a_, &gemm_b_, &sim_a_, &sim_b_, &attention_})
     if (s->ptr) cudaFree(s->ptr);
   if (weight_copy_) cudaFree(weight_copy_);
-  if (sums_) cudaFree(sums_);
+  if (staging_) cudaFreeHost(staging_);
   cudaStreamDestroy(stream_);
 }
 

@@ -12,7 +12,7 @@ Router<T>::Router(const ModelConfig& cfg, std::size_t weight, Backend<T>& be)
       weight_(weight),
       be_(be),
       bias_(be, std::size_t(cfg.moe.n_experts)),
-      loads_(std::size_t(cfg.moe.n_experts), 0) {}
+      bias_host_(std::size_t(cfg.moe.n_experts), T(0)) {}
 
 template <typename T>
 void Router<T>::plan_acts(ArenaPlan& plan, Acts& a, const MoeConfig& moe, std::size_t N) {
@@ -53,42 +53,28 @@ void Router<T>::backward(const T* params, T* grads, const T* x, const T* dgates,
                   cfg_.moe.n_experts, false);
 }
 
-template <typename T>
-void Router<T>::count_loads(const std::vector<std::int32_t>& counts) {
-  for (std::size_t e = 0; e < loads_.size(); ++e) loads_[e] += counts.at(e);
-}
-
-template <typename T>
-std::vector<std::int64_t> Router<T>::take_loads() {
-  std::vector<std::int64_t> out(loads_.size(), 0);
-  out.swap(loads_);
-  return out;
-}
-
+// The host copy is the bias's authority: an update or a load changes it and uploads it (an
+// asynchronous upload), so nothing here waits for the device.
 template <typename T>
 void Router<T>::update_bias(const std::vector<std::int64_t>& load, double rate) {
   const int E = cfg_.moe.n_experts;
   if (load.size() != std::size_t(E))
     throw std::invalid_argument("Router::update_bias: " + std::to_string(load.size()) +
                                 " loads, expected " + std::to_string(E));
-  std::vector<T> bias(loads_.size());
-  be_.download(bias.data(), bias_.get(), bias.size() * sizeof(T));
   double mean = 0;
   for (auto c : load) mean += double(c);
   mean /= E;
   for (int e = 0; e < E; ++e) {
     const double diff = mean - double(load[std::size_t(e)]);
     const double sign = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
-    bias[std::size_t(e)] += T(rate * sign);
+    bias_host_[std::size_t(e)] += T(rate * sign);
   }
-  be_.upload(bias_.get(), bias.data(), bias.size() * sizeof(T));
+  be_.upload(bias_.get(), bias_host_.data(), bias_host_.size() * sizeof(T));
 }
 
 template <typename T>
 std::vector<double> Router<T>::bias_state() const {
-  std::vector<T> host(std::size_t(cfg_.moe.n_experts));
-  be_.download(host.data(), bias_.get(), host.size() * sizeof(T));
-  return {host.begin(), host.end()};
+  return {bias_host_.begin(), bias_host_.end()};
 }
 
 template <typename T>
@@ -96,8 +82,8 @@ void Router<T>::load_bias_state(const std::vector<double>& bias, const std::stri
   if (bias.size() != std::size_t(cfg_.moe.n_experts))
     throw std::runtime_error(source + ": expert_bias rows must have " +
                              std::to_string(cfg_.moe.n_experts) + " entries");
-  const std::vector<T> host(bias.begin(), bias.end());
-  be_.upload(bias_.get(), host.data(), host.size() * sizeof(T));
+  bias_host_.assign(bias.begin(), bias.end());
+  be_.upload(bias_.get(), bias_host_.data(), bias_host_.size() * sizeof(T));
 }
 
 template class Router<float>;

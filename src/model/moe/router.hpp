@@ -1,8 +1,7 @@
 // The MoE router of one layer (docs/design.md §3): logits = x W_r^T, then softmax_topk or
 // sigmoid_bias routing, forward and backward side by side. The router owns its layer's expert bias
-// (sigmoid_bias steers selection with it; it is a buffer, not a parameter), the expert loads
-// counted over the micro-batches of the current step, the bias update and the bias's checkpoint
-// state.
+// (sigmoid_bias steers selection with it; it is a buffer, not a parameter; its host copy is the
+// authority, uploaded after each change), the bias update and the bias's checkpoint state.
 #pragma once
 
 #include <cstdint>
@@ -44,10 +43,6 @@ class Router {
   void backward(const T* params, T* grads, const T* x, const T* dgates, T* dlogits, T* dx,
                 int tokens, double grad_scale);
 
-  // This micro-batch's counts, added to the loads of the current step (training forwards only).
-  void count_loads(const std::vector<std::int32_t>& counts);
-  // The loads counted since the last take, and a fresh count.
-  std::vector<std::int64_t> take_loads();
   // sigmoid_bias load balancing (DeepSeek-V3), after each optimizer step with the loads summed
   // over the global batch: b_e += rate * sign(mean load - load_e).
   void update_bias(const std::vector<std::int64_t>& global_loads, double rate);
@@ -64,7 +59,7 @@ class Router {
   Backend<T>& be_;
   DeviceBuffer<T, T> bias_;  // [E]
   Acts acts_;
-  std::vector<std::int64_t> loads_;  // [E], host
+  std::vector<T> bias_host_;  // [E], what bias_ holds
 };
 
 extern template class Router<float>;
