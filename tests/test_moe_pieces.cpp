@@ -98,7 +98,8 @@ TEST_CASE("Experts: one SwiGLU per expert on its rows", "[moe]") {
   experts.plan(plan);
   void* arena = plan.commit(be);
   experts.forward(params.data(), xg.data(), kOffsets.data());
-  std::vector<double> y(experts.acts().y, experts.acts().y + std::size_t(kRows) * d), ref(y.size());
+  const double* y_dev = experts.acts().y.as<double>();  // the CPU backend: host memory
+  std::vector<double> y(y_dev, y_dev + std::size_t(kRows) * d), ref(y.size());
   for (int e = 0; e < E; ++e)
     for (int r = kOffsets[std::size_t(e)]; r < kOffsets[std::size_t(e) + 1]; ++r) {
       const double* W13 = params.data() + w[std::size_t(e)].w13;
@@ -148,7 +149,7 @@ TEST_CASE("Dispatcher: tokens grouped by expert and combined with their gates", 
       CHECK(row >= a.offsets[e]);
       CHECK(row < a.offsets[e + 1]);
       for (int c = 0; c < d; ++c)
-        CHECK(a.xg[std::size_t(row) * d + c] == x[std::size_t(t) * d + c]);
+        CHECK(a.xg.as<double>()[std::size_t(row) * d + c] == x[std::size_t(t) * d + c]);
     }
   // With identity experts (yg = xg) the combine adds sum_j gate_j * x[t] to out.
   std::vector<double> out(std::size_t(T) * d, 1.0), tmp(out.size());

@@ -99,7 +99,8 @@ void add_sample_command(CLI::App& app) {
       std::fill(window.begin(), window.end(), 0);  // causal: positions after len do not matter
       for (int t = 0; t < len; ++t)
         window[std::size_t(t)] = std::int32_t(ids[start + std::size_t(t)]);
-      const float* logits = model->forward_logits(window.data());
+      // fp32 activations (the CPU backend; CUDA stores them in fp32 too): a row is V floats.
+      const float* logits = model->forward_logits(window.data()).as<const float>();
       be->download(row.data(), logits + std::size_t(len - 1) * V, std::size_t(V) * sizeof(float));
       // Only ids the tokenizer can decode.
       const std::uint32_t next =

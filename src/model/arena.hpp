@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <vector>
 
@@ -40,11 +41,14 @@ class ArenaPlan {
     return p;
   }
 
+  // A buffer of `count` elements of U (parameters-type statistics, indices).
   template <typename U>
   void request(U*& slot, std::size_t count) {
-    const std::size_t bytes = align(checked_mul(count, sizeof(U)));
-    total_ = checked_add(total_, checked_mul(bytes, repeat_));
-    if (!dry_) slots_.push_back({reinterpret_cast<void**>(&slot), bytes});
+    add(checked_mul(count, sizeof(U)), [&slot](void* p) { slot = static_cast<U*>(p); });
+  }
+  // A buffer of `count` elements of storage `s` (activations).
+  void request(DevPtr& slot, std::size_t count, Storage s) {
+    add(checked_mul(count, storage_bytes(s)), [&slot, s](void* p) { slot = DevPtr(p, s); });
   }
   // Dry plans only: every later request stands for `n` buffers of its size.
   void set_repeat(std::size_t n) {
@@ -62,7 +66,7 @@ class ArenaPlan {
     auto* base = static_cast<char*>(be.alloc_bytes(total_));
     std::size_t off = 0;
     for (auto& s : slots_) {
-      *s.slot = base + off;
+      s.bind(base + off);
       off += s.bytes;
     }
     bytes_ = total_;
@@ -73,8 +77,13 @@ class ArenaPlan {
 
  private:
   static std::size_t align(std::size_t b) { return checked_add(b, 63) / 64 * 64; }
+  void add(std::size_t raw_bytes, std::function<void(void*)> bind) {
+    const std::size_t bytes = align(raw_bytes);
+    total_ = checked_add(total_, checked_mul(bytes, repeat_));
+    if (!dry_) slots_.push_back({std::move(bind), bytes});
+  }
   struct Slot {
-    void** slot;
+    std::function<void(void*)> bind;  // points the requester's slot at its bytes
     std::size_t bytes;
   };
   std::vector<Slot> slots_;

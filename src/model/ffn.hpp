@@ -9,33 +9,31 @@
 
 namespace moetrain {
 
-// What one SwiGLU block keeps for backward.
-template <typename T>
+// What one SwiGLU block keeps for backward (activations, storage `s`).
 struct FfnActs {
-  T* h = nullptr;    // [rows, 2 ff]  x [W1; W3]^T
-  T* act = nullptr;  // [rows, ff]    silu(h1) * h3
-  void plan(ArenaPlan& plan, std::size_t rows, std::size_t ff) {
-    plan.request(h, checked_mul(checked_mul(rows, 2), ff));
-    plan.request(act, checked_mul(rows, ff));
+  DevPtr h;    // [rows, 2 ff]  x [W1; W3]^T
+  DevPtr act;  // [rows, ff]    silu(h1) * h3
+  void plan(ArenaPlan& plan, std::size_t rows, std::size_t ff, Storage s) {
+    plan.request(h, checked_mul(checked_mul(rows, 2), ff), s);
+    plan.request(act, checked_mul(rows, ff), s);
   }
 };
 
 // Backward scratch shared by every SwiGLU block of the model (sized by the largest).
-template <typename T>
 struct FfnScratch {
-  T* dh = nullptr;    // [rows, 2 ff]
-  T* dact = nullptr;  // [rows, ff]
+  DevPtr dh;    // [rows, 2 ff]
+  DevPtr dact;  // [rows, ff]
 };
 
 // out[rows, d] += FFN(x[rows, d])
 template <typename T>
-void ffn_forward(Backend<T>& be, const T* params, const SwiGluOffsets& w, int d, const T* x,
-                 int rows, const FfnActs<T>& a, T* out);
+void ffn_forward(Backend<T>& be, const T* params, const SwiGluOffsets& w, int d, CDevPtr x,
+                 int rows, const FfnActs& a, DevPtr out);
 
 // dx[rows, d] (+)= d/dx of FFN (accumulate_dx) from dout; weight gradients += into grads.
 template <typename T>
 void ffn_backward(Backend<T>& be, const T* params, T* grads, const SwiGluOffsets& w, int d,
-                  const T* x, int rows, const FfnActs<T>& a, const T* dout, T* dx,
-                  bool accumulate_dx, const FfnScratch<T>& scratch);
+                  CDevPtr x, int rows, const FfnActs& a, CDevPtr dout, DevPtr dx,
+                  bool accumulate_dx, const FfnScratch& scratch);
 
 }  // namespace moetrain

@@ -19,21 +19,21 @@ template <typename T>
 struct Model<T>::Layer {
   int index = 0;
   const LayerOffsets* w = nullptr;
-  T* an1 = nullptr;                  // [N, d]  RMSNorm(x) into attention
+  DevPtr an1;                        // [N, d]  RMSNorm(x) into attention
   T* rstd1 = nullptr;                // [N]
-  T* qkv = nullptr;                  // [N, (H + 2 Hkv) hd]  q, k (both rotated) and v
+  DevPtr qkv;                        // [N, (H + 2 Hkv) hd]  q, k (both rotated) and v
   T* att_saved = nullptr;            // [attention_saved_elems]  what the backend keeps for backward
-  T* att_out = nullptr;              // [N, H hd]
-  T* mid = nullptr;                  // [N, d]  x + Attn(...): the residual between the two blocks
-  T* an2 = nullptr;                  // [N, d]  RMSNorm(mid) into the FFN
+  DevPtr att_out;                    // [N, H hd]
+  DevPtr mid;                        // [N, d]  x + Attn(...): the residual between the two blocks
+  DevPtr an2;                        // [N, d]  RMSNorm(mid) into the FFN
   T* rstd2 = nullptr;                // [N]
-  FfnActs<T> dense;                  // dense layers
+  FfnActs dense;                     // dense layers
   std::unique_ptr<MoeLayer<T>> moe;  // MoE layers
 };
 
 template <typename T>
 struct Model<T>::Scratch {
-  FfnScratch<T> ffn;                  // the largest SwiGLU block's [rows, 2 ff], [rows, ff]
+  FfnScratch ffn;                     // the largest SwiGLU block's [rows, 2 ff], [rows, ff]
   typename MoeLayer<T>::Scratch moe;  // the MoE layers' (its ffn member aliases ffn)
 };
 
@@ -42,7 +42,7 @@ struct Model<T>::Scratch {
 // of that kind (activation_bytes, the memory estimate). Sizes are 64-bit and checked.
 template <typename T>
 void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t batch,
-                          std::size_t att_saved, Model* model) {
+                          std::size_t att_saved, Storage act, Model* model) {
   const std::size_t N = checked_mul(batch, std::size_t(cfg.seq_len)), d = std::size_t(cfg.d_model);
   const std::size_t E = std::size_t(cfg.moe.n_experts),
                     NK = checked_mul(N, std::size_t(cfg.moe.top_k));
@@ -52,9 +52,13 @@ void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t b
   const std::size_t L = std::size_t(cfg.n_layers), n_dense = std::size_t(cfg.dense_layers);
   // A dry plan's requests name stand-in slots (never bound).
   T* sink = nullptr;
+  DevPtr act_sink;
   std::int32_t* int_sink = nullptr;
   Scratch dry_scratch;
   const auto slot = [&](T* Model::*member) -> T*& { return model ? model->*member : sink; };
+  const auto act_slot = [&](DevPtr Model::*member) -> DevPtr& {
+    return model ? model->*member : act_sink;
+  };
   const auto int_slot = [&](std::int32_t* Model::*member) -> std::int32_t*& {
     return model ? model->*member : int_sink;
   };
@@ -63,19 +67,19 @@ void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t b
   plan.request(int_slot(&Model::targets_), N);
   std::size_t ffn_rows_ff = 0;  // the largest rows * ff of a SwiGLU block: sizes its scratch
   const auto layer_requests = [&](Layer& a, bool moe) {
-    plan.request(a.an1, Nd);
+    plan.request(a.an1, Nd, act);
     plan.request(a.rstd1, N);
-    plan.request(a.qkv, checked_mul(N, qkv));
+    plan.request(a.qkv, checked_mul(N, qkv), act);
     plan.request(a.att_saved, att_saved);
-    plan.request(a.att_out, checked_mul(N, out));
-    plan.request(a.mid, Nd);
-    plan.request(a.an2, Nd);
+    plan.request(a.att_out, checked_mul(N, out), act);
+    plan.request(a.mid, Nd, act);
+    plan.request(a.an2, Nd, act);
     plan.request(a.rstd2, N);
     if (!moe) {
-      a.dense.plan(plan, N, std::size_t(cfg.dense_ff));
+      a.dense.plan(plan, N, std::size_t(cfg.dense_ff), act);
       ffn_rows_ff = std::max(ffn_rows_ff, checked_mul(N, std::size_t(cfg.dense_ff)));
     } else {
-      MoeLayer<T>::plan_acts(plan, cfg, N, a.moe.get());
+      MoeLayer<T>::plan_acts(plan, cfg, N, act, a.moe.get());
       ffn_rows_ff = std::max(ffn_rows_ff, checked_mul(NK, std::size_t(cfg.moe.expert_ff)));
       if (cfg.moe.n_shared_experts > 0)
         ffn_rows_ff = std::max(ffn_rows_ff, checked_mul(N, std::size_t(cfg.moe.shared_ff)));
@@ -83,44 +87,44 @@ void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t b
   };
   if (model) {
     model->resid_.assign(L + 1, nullptr);
-    for (auto& r : model->resid_) plan.request(r, Nd);
+    for (auto& r : model->resid_) plan.request(r, Nd, act);
     for (auto& layer : model->layers_) layer_requests(*layer, layer->moe != nullptr);
   } else {
-    T* resid = nullptr;
+    DevPtr resid;
     Layer dense, moe;
     plan.set_repeat(L + 1);
-    plan.request(resid, Nd);
+    plan.request(resid, Nd, act);
     plan.set_repeat(n_dense);
     if (n_dense) layer_requests(dense, false);
     plan.set_repeat(L - n_dense);
     if (L > n_dense) layer_requests(moe, true);
     plan.set_repeat(1);
   }
-  plan.request(slot(&Model::final_norm_), Nd);
+  plan.request(act_slot(&Model::final_norm_), Nd, act);
   plan.request(slot(&Model::final_rstd_), N);
-  plan.request(slot(&Model::logits_), checked_mul(N, std::size_t(cfg.vocab_size)));
+  plan.request(act_slot(&Model::logits_), checked_mul(N, std::size_t(cfg.vocab_size)), act);
   plan.request(slot(&Model::losses_), N);
   plan.request(slot(&Model::rope_cos_), checked_mul(std::size_t(cfg.seq_len), hd / 2));
   plan.request(slot(&Model::rope_sin_), checked_mul(std::size_t(cfg.seq_len), hd / 2));
-  plan.request(slot(&Model::tmp_), Nd);
-  plan.request(slot(&Model::dres_), Nd);
-  plan.request(slot(&Model::dnorm_), Nd);
-  plan.request(slot(&Model::datt_), checked_mul(N, out));
-  plan.request(slot(&Model::dqkv_), checked_mul(N, qkv));
+  plan.request(act_slot(&Model::tmp_), Nd, act);
+  plan.request(act_slot(&Model::dres_), Nd, act);
+  plan.request(act_slot(&Model::dnorm_), Nd, act);
+  plan.request(act_slot(&Model::datt_), checked_mul(N, out), act);
+  plan.request(act_slot(&Model::dqkv_), checked_mul(N, qkv), act);
   Scratch& s = model ? *model->scratch_ : dry_scratch;
-  plan.request(s.ffn.dh, checked_mul(2, ffn_rows_ff));
-  plan.request(s.ffn.dact, ffn_rows_ff);
-  plan.request(s.moe.dyg, checked_mul(NK, d));
-  plan.request(s.moe.dxg, checked_mul(NK, d));
+  plan.request(s.ffn.dh, checked_mul(2, ffn_rows_ff), act);
+  plan.request(s.ffn.dact, ffn_rows_ff, act);
+  plan.request(s.moe.dyg, checked_mul(NK, d), act);
+  plan.request(s.moe.dxg, checked_mul(NK, d), act);
   plan.request(s.moe.dgates, NK);
   plan.request(s.moe.dlogits, checked_mul(N, E));
 }
 
 template <typename T>
 std::size_t Model<T>::activation_bytes(const ModelConfig& cfg, std::size_t batch,
-                                       std::size_t attention_saved_elems) {
+                                       std::size_t attention_saved_elems, Storage activations) {
   ArenaPlan plan = ArenaPlan::dry();
-  plan_arena(plan, cfg, batch, attention_saved_elems, nullptr);
+  plan_arena(plan, cfg, batch, attention_saved_elems, activations, nullptr);
   // Each MoE layer's router allocates its expert bias [E] on its own (64-byte rounded).
   const std::size_t bias =
       checked_add(checked_mul(std::size_t(cfg.moe.n_experts), sizeof(T)), 63) / 64 * 64;
@@ -170,8 +174,9 @@ Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch, DeviceSt
     if (layer->w->moe) layer->moe = std::make_unique<MoeLayer<T>>(cfg_, *layer->w, be_, tokens());
     layers_.push_back(std::move(layer));
   }
+  act_ = be_.activation_storage();
   ArenaPlan plan;
-  plan_arena(plan, cfg_, std::size_t(batch), be_.attention_saved_elems(att_), this);
+  plan_arena(plan, cfg_, std::size_t(batch), be_.attention_saved_elems(att_), act_, this);
   arena_ = plan.commit(be_);
   Scratch& s = *scratch_;
   s.moe.ffn = s.ffn;
@@ -257,7 +262,7 @@ void Model<T>::zero_grads() {
 
 // mid = x + o_proj(Attn(RoPE(qkv(RMSNorm(x)))))
 template <typename T>
-void Model<T>::attention_forward(Layer& a, const T* x) {
+void Model<T>::attention_forward(Layer& a, CDevPtr x) {
   const int N = tokens(), d = cfg_.d_model, hd = cfg_.head_dim;
   const LayerOffsets& w = *a.w;
   be_.rmsnorm_forward(a.an1, a.rstd1, x, params_ + w.attn_norm, N, d, cfg_.norm_eps);
@@ -268,13 +273,13 @@ void Model<T>::attention_forward(Layer& a, const T* x) {
                    cfg_.n_kv_heads, hd, rope_cos_, rope_sin_);
   be_.attention_forward(a.att_out, a.att_saved, stat_ptr(regions_.smax, a.index, cfg_.n_heads),
                         a.qkv, att_);
-  be_.copy(a.mid, x, std::size_t(N) * d * sizeof(T));
+  be_.copy(a.mid.get(), x.get(), std::size_t(N) * d * storage_bytes(act_));
   linear_forward(be_, a.mid, a.att_out, params_ + w.o_proj, N, att_.out_width(), d, true);
 }
 
 // dres_ = d/d(mid) on entry; d/dx on exit (the residual path plus the attention branch).
 template <typename T>
-void Model<T>::attention_backward(Layer& a, const T* x) {
+void Model<T>::attention_backward(Layer& a, CDevPtr x) {
   const int N = tokens(), d = cfg_.d_model, hd = cfg_.head_dim;
   const LayerOffsets& w = *a.w;
   linear_backward(be_, datt_, grads_ + w.o_proj, dres_, a.att_out, params_ + w.o_proj, N,
@@ -303,12 +308,12 @@ void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, dou
 
   for (auto& layer : layers_) {
     Layer& a = *layer;
-    const T* x = resid_[std::size_t(a.index)];
-    T* out = resid_[std::size_t(a.index) + 1];
+    const CDevPtr x = resid_[std::size_t(a.index)];
+    const DevPtr out = resid_[std::size_t(a.index) + 1];
     attention_forward(a, x);
     // FFN block: out = mid + FFN(RMSNorm(mid)).
     be_.rmsnorm_forward(a.an2, a.rstd2, a.mid, params_ + a.w->ffn_norm, N, d, cfg_.norm_eps);
-    be_.copy(out, a.mid, std::size_t(N) * d * sizeof(T));
+    be_.copy(out.get(), a.mid.get(), std::size_t(N) * d * storage_bytes(act_));
     if (a.moe) {
       a.moe->forward(params_, a.an2, out, tmp_);
       const typename Router<T>::Acts& r = a.moe->router().acts();
@@ -379,7 +384,7 @@ void Model<T>::run_backward(double grad_scale) {
   // logits_ holds d(grad_scale * objective)/dlogits, written by the fused cross-entropy.
   linear_backward(be_, dnorm_, grads_ + layout_.lm_head(), logits_, final_norm_,
                   params_ + layout_.lm_head(), N, d, V, false);
-  be_.zero(dres_, std::size_t(N) * d * sizeof(T));
+  be_.zero(dres_.get(), std::size_t(N) * d * storage_bytes(act_));
   be_.rmsnorm_backward(dres_, grads_ + layout_.final_norm(), dnorm_, resid_.back(),
                        params_ + layout_.final_norm(), final_rstd_, N, d);
 
@@ -429,7 +434,7 @@ const ForwardStats& Model<T>::forward_backward(const std::int32_t* tok, const st
 }
 
 template <typename T>
-const T* Model<T>::forward_logits(const std::int32_t* tok) {
+CDevPtr Model<T>::forward_logits(const std::int32_t* tok) {
   run_forward(tok, nullptr, 0.0, 0);
   return logits_;
 }

@@ -14,8 +14,9 @@ MemoryEstimate estimate_memory(const Config& cfg, const Backend<float>& backend,
   const AttentionShape att{cfg.data.batch_size, m.seq_len, m.n_heads, m.n_kv_heads, m.head_dim};
   const bool weight_copy =
       std::string_view(backend.name()).rfind("cuda", 0) == 0 && cfg.train.precision == "bf16";
-  MemoryEstimate e = estimate_model_memory(m, std::size_t(cfg.data.batch_size),
-                                           backend.attention_saved_elems(att), weight_copy);
+  MemoryEstimate e =
+      estimate_model_memory(m, std::size_t(cfg.data.batch_size), backend.attention_saved_elems(att),
+                            backend.activation_storage(), weight_copy);
   e.world = world;
   e.optimizer = optimizer_memory_bytes(cfg, world);
   e.total();  // checks that the sum fits

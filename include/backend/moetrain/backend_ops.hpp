@@ -3,10 +3,15 @@
 // the Backend interface (backend.hpp), CpuBackend and its free functions (src/backend/cpu/),
 // CudaBackend's declarations (src/backend/cuda/) and the ProfilingBackend wrapper.
 //
-// Each list is a macro of (X, T): X(ret, name, params, args, flops) per op, with T the element
-// type (a template parameter, or `float` for the CUDA backend). `args` forwards `params`; `flops`
-// is the op's FLOP count for the profiler (0 when it is not a matmul). The ops are grouped by
-// family: the CPU backend implements each family in the file named after it
+// Each list is a macro of (X, T, AP, CAP): X(ret, name, params, args, flops) per op, with T the
+// master type (a template parameter, or `float` for the CUDA backend): plain T* buffers hold parameters,
+// gradients, optimizer state and statistics (RMSNorm's rstd, attention's saved softmax state,
+// router logits, scores and gates, losses, S_max). Activations and GEMM operands are typed device
+// pointers, AP and CAP (DevPtr / CDevPtr, dev_ptr.hpp, in the interface; T* / const T* in the
+// CPU backend's implementations), whose storage is the backend's activation_storage() (or T, for
+// a GEMM on parameters, gradients or optimizer workspaces). `args` forwards `params`;
+// `flops` is the op's FLOP count for the profiler (0 when it is not a matmul). The ops are grouped
+// by family: the CPU backend implements each family in the file named after it
 // (src/backend/cpu/<family>.cpp) and kernels/<family>.cu holds its kernels.
 //
 // All pointers are device buffers of the backend. Activations are row-major with one row per token
@@ -16,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "moetrain/dev_ptr.hpp"
 #include "moetrain/op_shapes.hpp"
 
 // clang-format off
@@ -23,13 +29,13 @@
 // Memory (not timed by the profiler). alloc_bytes: zero-filled, 64-byte aligned. set_weights names
 // the buffer of the model's weights, so a mixed-precision backend can keep a low-precision copy of
 // them for its GEMMs (and know when a write makes that copy stale).
-#define MOETRAIN_BACKEND_MEMORY(X, T)                                                             \
-  X(void*, alloc_bytes, (std::size_t bytes), (bytes), 0)                                         \
-  X(void, free_bytes, (void* p), (p), 0)                                                         \
+#define MOETRAIN_BACKEND_MEMORY(X, T)                                                              \
+  X(void*, alloc_bytes, (std::size_t bytes), (bytes), 0)                                           \
+  X(void, free_bytes, (void* p), (p), 0)                                                           \
   X(void, upload, (void* dst, const void* host_src, std::size_t bytes), (dst, host_src, bytes), 0) \
   X(void, download, (void* host_dst, const void* src, std::size_t bytes), (host_dst, src, bytes), 0) \
-  X(void, copy, (void* dst, const void* src, std::size_t bytes), (dst, src, bytes), 0)           \
-  X(void, zero, (void* dst, std::size_t bytes), (dst, bytes), 0)                                 \
+  X(void, copy, (void* dst, const void* src, std::size_t bytes), (dst, src, bytes), 0)             \
+  X(void, zero, (void* dst, std::size_t bytes), (dst, bytes), 0)                                   \
   X(void, set_weights, (const T* weights, std::size_t count), (weights, count), 0)
 
 // gemm: row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
@@ -41,28 +47,28 @@
 //   nothing.
 // grouped_gemm_wgrad: the weight gradients of grouped_gemm, accumulated:
 //   C_g[M, N] += alpha * A[rows_g, :M]^T * B[rows_g, :N], C_g = C + g * stride_c.
-#define MOETRAIN_OPS_GEMM(X, T)                                                                   \
-  X(void, gemm, (bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,   \
-                 const T* B, int ldb, T beta, T* C, int ldc),                                     \
-    (trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), 2.0 * M * N * K)            \
-  X(void, gemm_batched, (bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A,    \
-                         int lda, std::size_t stride_a, const T* B, int ldb, std::size_t stride_b,\
-                         T beta, T* C, int ldc, std::size_t stride_c, int batch),                 \
-    (trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,          \
-     stride_c, batch), 2.0 * M * N * K * batch)                                                   \
-  X(void, grouped_gemm, (bool trans_b, int rows, int N, int K, T alpha, const T* A, int lda,      \
-                         const T* B, int ldb, std::size_t stride_b, T beta, T* C, int ldc,        \
-                         const std::int32_t* offsets, int groups),                                \
-    (trans_b, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc, offsets, groups),        \
-    2.0 * rows * N * K)                                                                           \
-  X(void, grouped_gemm_wgrad, (int rows, int M, int N, T alpha, const T* A, int lda, const T* B,  \
-                               int ldb, T* C, int ldc, std::size_t stride_c,                      \
-                               const std::int32_t* offsets, int groups),                          \
+#define MOETRAIN_OPS_GEMM(X, T, AP, CAP)                                                           \
+  X(void, gemm, (bool trans_a, bool trans_b, int M, int N, int K, T alpha, CAP A, int lda,         \
+                 CAP B, int ldb, T beta, AP C, int ldc),                                           \
+    (trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), 2.0 * M * N * K)             \
+  X(void, gemm_batched, (bool trans_a, bool trans_b, int M, int N, int K, T alpha, CAP A,          \
+                         int lda, std::size_t stride_a, CAP B, int ldb, std::size_t stride_b,      \
+                         T beta, AP C, int ldc, std::size_t stride_c, int batch),                  \
+    (trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,           \
+     stride_c, batch), 2.0 * M * N * K * batch)                                                    \
+  X(void, grouped_gemm, (bool trans_b, int rows, int N, int K, T alpha, CAP A, int lda,            \
+                         CAP B, int ldb, std::size_t stride_b, T beta, AP C, int ldc,              \
+                         const std::int32_t* offsets, int groups),                                 \
+    (trans_b, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc, offsets, groups),         \
+    2.0 * rows * N * K)                                                                            \
+  X(void, grouped_gemm_wgrad, (int rows, int M, int N, T alpha, CAP A, int lda, CAP B,             \
+                               int ldb, AP C, int ldc, std::size_t stride_c,                       \
+                               const std::int32_t* offsets, int groups),                           \
     (rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets, groups), 2.0 * rows * M * N)
 
 // add_inplace: x += y.
-#define MOETRAIN_OPS_ELEMENTWISE(X, T)                                                            \
-  X(void, add_inplace, (T* x, const T* y, std::size_t n), (x, y, n), 0)
+#define MOETRAIN_OPS_ELEMENTWISE(X, T, AP, CAP)                                                    \
+  X(void, add_inplace, (AP x, CAP y, std::size_t n), (x, y, n), 0)
 
 // Reductions and optimizer steps (fp32 or wider accumulation, deterministic). Nothing here returns
 // a value to the host: reductions add into a device double (`acc`: *acc += ...), so a step's
@@ -82,75 +88,75 @@
 // qk_clip_factors: factors and *clipped += the number of clipped q heads (see QkClipShape); all
 //   factors 1 when skipped.
 // scale_row_blocks: x[b * block_elems + i] *= factors[b] for b < blocks (factors: device, [blocks]).
-#define MOETRAIN_OPS_OPTIMIZER(X, T)                                                              \
-  X(void, sum_squares, (const T* x, std::size_t n, double* acc), (x, n, acc), 0)                 \
-  X(void, scale, (T* x, std::size_t n, double s), (x, n, s), 0)                                  \
-  X(void, scale_by, (T* x, std::size_t n, const double* factor), (x, n, factor), 0)              \
-  X(void, step_gate, (double* gate, const double* rank_sums, int world, int per_rank,            \
-                      double max_norm), (gate, rank_sums, world, per_rank, max_norm), 0)         \
-  X(void, axpby, (T* y, const T* x, std::size_t n, double a, double b), (y, x, n, a, b), 0)      \
-  X(void, transpose_batched, (T* out, const T* in, int batch, int rows, int cols),              \
-    (out, in, batch, rows, cols), 0)                                                             \
-  X(void, frobenius_normalize, (T* x, int batch, std::size_t elems, double eps),                \
-    (x, batch, elems, eps), 0)                                                                   \
-  X(void, adamw_update, (T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,   \
-                         double beta2, double eps, double weight_decay, std::int64_t t,          \
-                         const double* gate, double* acc),                                       \
-    (p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, t, gate, acc), 0)                       \
-  X(void, muon_momentum, (T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov,       \
-                          const double* gate), (M, U, G, n, mu, nesterov, gate), 0)              \
-  X(void, muon_update, (T* W, const T* O, std::size_t n, double lr, double s,                    \
-                        double weight_decay, const double* gate, double* acc),                   \
-    (W, O, n, lr, s, weight_decay, gate, acc), 0)                                                \
-  X(void, qk_clip_factors, (T* factors, double* clipped, const T* smax,                          \
-                            const std::int32_t* mats, const QkClipShape& s, const double* gate), \
-    (factors, clipped, smax, mats, s, gate), 0)                                                  \
-  X(void, scale_row_blocks, (T* x, int blocks, std::size_t block_elems, const T* factors),       \
+#define MOETRAIN_OPS_OPTIMIZER(X, T, AP, CAP)                                                      \
+  X(void, sum_squares, (const T* x, std::size_t n, double* acc), (x, n, acc), 0)                   \
+  X(void, scale, (T* x, std::size_t n, double s), (x, n, s), 0)                                    \
+  X(void, scale_by, (T* x, std::size_t n, const double* factor), (x, n, factor), 0)                \
+  X(void, step_gate, (double* gate, const double* rank_sums, int world, int per_rank,              \
+                      double max_norm), (gate, rank_sums, world, per_rank, max_norm), 0)           \
+  X(void, axpby, (T* y, const T* x, std::size_t n, double a, double b), (y, x, n, a, b), 0)        \
+  X(void, transpose_batched, (T* out, const T* in, int batch, int rows, int cols),                 \
+    (out, in, batch, rows, cols), 0)                                                               \
+  X(void, frobenius_normalize, (T* x, int batch, std::size_t elems, double eps),                   \
+    (x, batch, elems, eps), 0)                                                                     \
+  X(void, adamw_update, (T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,     \
+                         double beta2, double eps, double weight_decay, std::int64_t t,            \
+                         const double* gate, double* acc),                                         \
+    (p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, t, gate, acc), 0)                         \
+  X(void, muon_momentum, (T* M, T* U, const T* G, std::size_t n, double mu, bool nesterov,         \
+                          const double* gate), (M, U, G, n, mu, nesterov, gate), 0)                \
+  X(void, muon_update, (T* W, const T* O, std::size_t n, double lr, double s,                      \
+                        double weight_decay, const double* gate, double* acc),                     \
+    (W, O, n, lr, s, weight_decay, gate, acc), 0)                                                  \
+  X(void, qk_clip_factors, (T* factors, double* clipped, const T* smax,                            \
+                            const std::int32_t* mats, const QkClipShape& s, const double* gate),   \
+    (factors, clipped, smax, mats, s, gate), 0)                                                    \
+  X(void, scale_row_blocks, (T* x, int blocks, std::size_t block_elems, const T* factors),         \
     (x, blocks, block_elems, factors), 0)
 
 // embedding_backward: dtable[tokens[i]] += dout[i]; deterministic (no float atomics).
-#define MOETRAIN_OPS_EMBEDDING(X, T)                                                              \
-  X(void, embedding_forward, (T* out, const std::int32_t* tokens, const T* table, int n, int d), \
-    (out, tokens, table, n, d), 0)                                                               \
-  X(void, embedding_backward, (T* dtable, const T* dout, const std::int32_t* tokens, int n,      \
+#define MOETRAIN_OPS_EMBEDDING(X, T, AP, CAP)                                                      \
+  X(void, embedding_forward, (AP out, const std::int32_t* tokens, const T* table, int n,           \
+                              int d), (out, tokens, table, n, d), 0)                               \
+  X(void, embedding_backward, (T* dtable, CAP dout, const std::int32_t* tokens, int n,             \
                                int d), (dtable, dout, tokens, n, d), 0)
 
 // RMSNorm with fp32 or wider statistics; backward accumulates: dx += ..., dgain += ...
-#define MOETRAIN_OPS_RMSNORM(X, T)                                                                \
-  X(void, rmsnorm_forward, (T* out, T* rstd, const T* x, const T* gain, int n, int d,            \
-                            double eps), (out, rstd, x, gain, n, d, eps), 0)                     \
-  X(void, rmsnorm_backward, (T* dx, T* dgain, const T* dout, const T* x, const T* gain,          \
+#define MOETRAIN_OPS_RMSNORM(X, T, AP, CAP)                                                        \
+  X(void, rmsnorm_forward, (AP out, T* rstd, CAP x, const T* gain, int n, int d,                   \
+                            double eps), (out, rstd, x, gain, n, d, eps), 0)                       \
+  X(void, rmsnorm_backward, (AP dx, T* dgain, CAP dout, CAP x, const T* gain,                      \
                              const T* rstd, int n, int d), (dx, dgain, dout, x, gain, rstd, n, d), 0)
 
 // RoPE (half-split convention), in place on n_heads heads of each row. Row r is at position
 // r % seq; cos/sin tables are [seq, head_dim/2].
-#define MOETRAIN_OPS_ROPE(X, T)                                                                   \
-  X(void, rope_forward, (T* x, int ld, int rows, int seq, int n_heads, int head_dim,             \
+#define MOETRAIN_OPS_ROPE(X, T, AP, CAP)                                                           \
+  X(void, rope_forward, (AP x, int ld, int rows, int seq, int n_heads, int head_dim,               \
                          const T* cos, const T* sin), (x, ld, rows, seq, n_heads, head_dim, cos, sin), 0) \
-  X(void, rope_backward, (T* dx, int ld, int rows, int seq, int n_heads, int head_dim,           \
+  X(void, rope_backward, (AP dx, int ld, int rows, int seq, int n_heads, int head_dim,             \
                           const T* cos, const T* sin), (dx, ld, rows, seq, n_heads, head_dim, cos, sin), 0)
 
 // Causal attention. out[rows, n_heads*head_dim]; smax[h] = max over the batch, i, j<=i of
 // q_i.k_j / sqrt(hd). `saved` holds attention_saved_elems(s) elements kept for backward.
 // Backward writes (overwrites) dqkv.
-#define MOETRAIN_OPS_ATTENTION(X, T)                                                              \
-  X(void, attention_forward, (T* out, T* saved, T* smax, const T* qkv, const AttentionShape& s), \
-    (out, saved, smax, qkv, s), 0)                                                               \
-  X(void, attention_backward, (T* dqkv, const T* dout, const T* qkv, const T* saved,             \
+#define MOETRAIN_OPS_ATTENTION(X, T, AP, CAP)                                                      \
+  X(void, attention_forward, (AP out, T* saved, T* smax, CAP qkv,                                  \
+                              const AttentionShape& s), (out, saved, smax, qkv, s), 0)             \
+  X(void, attention_backward, (AP dqkv, CAP dout, CAP qkv, const T* saved,                         \
                                const AttentionShape& s), (dqkv, dout, qkv, saved, s), 0)
 
 // SwiGLU on a fused [rows, 2*ff] input (w1 x | w3 x): out = silu(h1) * h3.
-#define MOETRAIN_OPS_SWIGLU(X, T)                                                                 \
-  X(void, swiglu_forward, (T* out, const T* h, int rows, int ff), (out, h, rows, ff), 0)         \
-  X(void, swiglu_backward, (T* dh, const T* dout, const T* h, int rows, int ff),                 \
+#define MOETRAIN_OPS_SWIGLU(X, T, AP, CAP)                                                         \
+  X(void, swiglu_forward, (AP out, CAP h, int rows, int ff), (out, h, rows, ff), 0)                \
+  X(void, swiglu_backward, (AP dh, CAP dout, CAP h, int rows, int ff),                             \
     (dh, dout, h, rows, ff), 0)
 
 // losses[i] = logsumexp(logits_i) - logits_i[target_i] (0 for a negative target: padding), and
 // *loss_sum += sum_i losses[i] (a device double, may be null; deterministic). When grad_scale != 0
 // the logits are overwritten by d(grad_scale * sum_i losses[i]) / dlogits.
-#define MOETRAIN_OPS_CROSS_ENTROPY(X, T)                                                          \
-  X(void, cross_entropy, (T* losses, double* loss_sum, T* logits, const std::int32_t* targets,   \
-                         int n, int vocab, T grad_scale),                                        \
+#define MOETRAIN_OPS_CROSS_ENTROPY(X, T, AP, CAP)                                                  \
+  X(void, cross_entropy, (T* losses, double* loss_sum, AP logits, const std::int32_t* targets,     \
+                         int n, int vocab, T grad_scale),                                          \
     (losses, loss_sum, logits, targets, n, vocab, grad_scale), 0)
 
 // Router forward: from logits [tokens, E]: scores [tokens, E] (softmax probabilities or sigmoid
@@ -159,14 +165,14 @@
 // stats = {L_aux, L_z, mean router entropy}.
 // Router backward: dlogits from the gate-weight gradients `dgates` (which already carry the
 // caller's grad_scale, coming from the loss) plus grad_scale * (aux_coef * dL_aux + z_coef * dL_z).
-#define MOETRAIN_OPS_ROUTER(X, T)                                                                 \
-  X(void, router_forward, (T* scores, std::int32_t* topk, T* gates, std::int32_t* counts,        \
-                           T* stats, const T* logits, const T* bias, const RouterShape& s),      \
-    (scores, topk, gates, counts, stats, logits, bias, s), 0)                                    \
-  X(void, router_backward, (T* dlogits, const T* dgates, const T* logits, const T* scores,       \
-                            const std::int32_t* topk, const T* gates, const std::int32_t* counts,\
-                            const RouterShape& s, double aux_coef, double z_coef,                \
-                            double grad_scale),                                                  \
+#define MOETRAIN_OPS_ROUTER(X, T, AP, CAP)                                                         \
+  X(void, router_forward, (T* scores, std::int32_t* topk, T* gates, std::int32_t* counts,          \
+                           T* stats, const T* logits, const T* bias, const RouterShape& s),        \
+    (scores, topk, gates, counts, stats, logits, bias, s), 0)                                      \
+  X(void, router_backward, (T* dlogits, const T* dgates, const T* logits, const T* scores,         \
+                            const std::int32_t* topk, const T* gates, const std::int32_t* counts,  \
+                            const RouterShape& s, double aux_coef, double z_coef,                  \
+                            double grad_scale),                                                    \
     (dlogits, dgates, logits, scores, topk, gates, counts, s, aux_coef, z_coef, grad_scale), 0)
 
 // Token permutation. moe_permute groups the tokens*k assignments by expert (stable in token
@@ -174,38 +180,45 @@
 // grouped buffer, xg[row] = x[t]. moe_permute_backward: dx[t] += sum_j dxg[pos[t*k+j]].
 // moe_unpermute: y[t] = sum_j gates[t,j] * yg[pos[t*k+j]]. Its backward:
 // dyg[pos[t*k+j]] = gates[t,j] * dy[t]; dgates[t,j] = dy[t] . yg[pos[t*k+j]].
-#define MOETRAIN_OPS_MOE_PERMUTE(X, T)                                                            \
-  X(void, moe_permute, (T* xg, std::int32_t* pos, std::int32_t* offsets, const T* x,             \
-                        const std::int32_t* topk, const std::int32_t* counts, int tokens, int d, \
-                        int n_experts, int k),                                                   \
-    (xg, pos, offsets, x, topk, counts, tokens, d, n_experts, k), 0)                             \
-  X(void, moe_permute_backward, (T* dx, const T* dxg, const std::int32_t* pos, int tokens, int d,\
-                                 int k), (dx, dxg, pos, tokens, d, k), 0)                        \
-  X(void, moe_unpermute, (T* y, const T* yg, const T* gates, const std::int32_t* pos, int tokens,\
-                          int d, int k), (y, yg, gates, pos, tokens, d, k), 0)                   \
-  X(void, moe_unpermute_backward, (T* dyg, T* dgates, const T* dy, const T* yg, const T* gates,  \
-                                   const std::int32_t* pos, int tokens, int d, int k),           \
+#define MOETRAIN_OPS_MOE_PERMUTE(X, T, AP, CAP)                                                    \
+  X(void, moe_permute, (AP xg, std::int32_t* pos, std::int32_t* offsets, CAP x,                    \
+                        const std::int32_t* topk, const std::int32_t* counts, int tokens, int d,   \
+                        int n_experts, int k),                                                     \
+    (xg, pos, offsets, x, topk, counts, tokens, d, n_experts, k), 0)                               \
+  X(void, moe_permute_backward, (AP dx, CAP dxg, const std::int32_t* pos, int tokens,              \
+                                 int d,                                                            \
+                                 int k), (dx, dxg, pos, tokens, d, k), 0)                          \
+  X(void, moe_unpermute, (AP y, CAP yg, const T* gates, const std::int32_t* pos,                   \
+                          int tokens,                                                              \
+                          int d, int k), (y, yg, gates, pos, tokens, d, k), 0)                     \
+  X(void, moe_unpermute_backward, (AP dyg, T* dgates, CAP dy, CAP yg, const T* gates,              \
+                                   const std::int32_t* pos, int tokens, int d, int k),             \
     (dyg, dgates, dy, yg, gates, pos, tokens, d, k), 0)
 
-#define MOETRAIN_BACKEND_OPS(X, T)                                                                \
-  MOETRAIN_OPS_GEMM(X, T)                                                                         \
-  MOETRAIN_OPS_ELEMENTWISE(X, T)                                                                  \
-  MOETRAIN_OPS_OPTIMIZER(X, T)                                                                    \
-  MOETRAIN_OPS_EMBEDDING(X, T)                                                                    \
-  MOETRAIN_OPS_RMSNORM(X, T)                                                                      \
-  MOETRAIN_OPS_ROPE(X, T)                                                                         \
-  MOETRAIN_OPS_ATTENTION(X, T)                                                                    \
-  MOETRAIN_OPS_SWIGLU(X, T)                                                                       \
-  MOETRAIN_OPS_CROSS_ENTROPY(X, T)                                                                \
-  MOETRAIN_OPS_ROUTER(X, T)                                                                       \
-  MOETRAIN_OPS_MOE_PERMUTE(X, T)
+// The ops with the activation pointer types AP (mutable) and CAP (const): the interface's DevPtr
+// and CDevPtr; the CPU backend's implementations take T* and const T* (its activations are T).
+#define MOETRAIN_BACKEND_OPS_AS(X, T, AP, CAP)                                                     \
+  MOETRAIN_OPS_GEMM(X, T, AP, CAP)                                                                 \
+  MOETRAIN_OPS_ELEMENTWISE(X, T, AP, CAP)                                                          \
+  MOETRAIN_OPS_OPTIMIZER(X, T, AP, CAP)                                                            \
+  MOETRAIN_OPS_EMBEDDING(X, T, AP, CAP)                                                            \
+  MOETRAIN_OPS_RMSNORM(X, T, AP, CAP)                                                              \
+  MOETRAIN_OPS_ROPE(X, T, AP, CAP)                                                                 \
+  MOETRAIN_OPS_ATTENTION(X, T, AP, CAP)                                                            \
+  MOETRAIN_OPS_SWIGLU(X, T, AP, CAP)                                                               \
+  MOETRAIN_OPS_CROSS_ENTROPY(X, T, AP, CAP)                                                        \
+  MOETRAIN_OPS_ROUTER(X, T, AP, CAP)                                                               \
+  MOETRAIN_OPS_MOE_PERMUTE(X, T, AP, CAP)
+#define MOETRAIN_BACKEND_OPS(X, T) MOETRAIN_BACKEND_OPS_AS(X, T, DevPtr, CDevPtr)
 
-// Queries (const, untimed): attention_saved_elems is the size of attention's `saved` buffer;
+// Queries (const, untimed): activation_storage is the storage of the activations this backend's
+// ops take (the CPU: T; CUDA: fp32); attention_saved_elems is the size of attention's `saved` buffer;
 // available_memory_bytes what this process can still allocate on the backend's device (the CPU:
 // MemAvailable of /proc/meminfo, lowered to the cgroup v2 limit's headroom when one is set; CUDA:
 // cudaMemGetInfo's free bytes), SIZE_MAX when unknown.
-#define MOETRAIN_BACKEND_QUERIES(X, T)                                                            \
-  X(std::size_t, attention_saved_elems, (const AttentionShape& s), (s), 0)                        \
+#define MOETRAIN_BACKEND_QUERIES(X, T)                                                             \
+  X(Storage, activation_storage, (), (), 0)                                                        \
+  X(std::size_t, attention_saved_elems, (const AttentionShape& s), (s), 0)                         \
   X(std::size_t, available_memory_bytes, (), (), 0)
 
 // Expansions shared by the interface and its implementations.

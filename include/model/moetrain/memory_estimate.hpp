@@ -10,6 +10,7 @@
 #include <string>
 
 #include "moetrain/config.hpp"
+#include "moetrain/dev_ptr.hpp"
 
 namespace moetrain {
 
@@ -33,10 +34,12 @@ struct MemoryEstimate {
 std::size_t param_count(const ModelConfig& cfg);
 
 // params, grads, activations and the weight copy (`bf16_weight_copy`) for micro-batches of
-// `batch` sequences; `attention_saved_elems` is the backend's query for that attention shape.
-// The optimizer part is the optim module's (optimizer_memory_bytes). Throws SizeTooLarge.
+// `batch` sequences with activations of storage `activations`; `attention_saved_elems` is the
+// backend's query for that attention shape. The optimizer part is the optim module's
+// (optimizer_memory_bytes). Throws SizeTooLarge.
 MemoryEstimate estimate_model_memory(const ModelConfig& cfg, std::size_t batch,
-                                     std::size_t attention_saved_elems, bool bf16_weight_copy);
+                                     std::size_t attention_saved_elems, Storage activations,
+                                     bool bf16_weight_copy);
 
 // "1.50 GiB", "12.0 MiB", "512 B".
 std::string format_bytes(std::size_t bytes);

@@ -49,7 +49,7 @@ class Model {
   // computed by the same requests without allocating (attention_saved_elems: the backend's query
   // for this shape). Throws std::overflow_error when a size does not fit in 64 bits.
   static std::size_t activation_bytes(const ModelConfig& cfg, std::size_t batch,
-                                      std::size_t attention_saved_elems);
+                                      std::size_t attention_saved_elems, Storage activations);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -93,15 +93,16 @@ class Model {
   T* smax_device() const { return stats_block_->device(regions_.smax); }
   const double* loss_sums_device() const { return stats_block_->device(regions_.ce_sum); }
   int stats_slots() const { return slots_; }
-  // Forward to logits only ([tokens(), vocab] device buffer), for sampling.
-  const T* forward_logits(const std::int32_t* tokens);
+  // Forward to logits only ([tokens(), vocab] device buffer of the activation storage), for
+  // sampling.
+  CDevPtr forward_logits(const std::int32_t* tokens);
 
   const ForwardStats& stats() const { return stats_; }
 
  private:
   struct Layer;
   static void plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t batch,
-                         std::size_t att_saved, Model* model);
+                         std::size_t att_saved, Storage act, Model* model);
   // The forward statistics in the stats block, each [slots][n_layers][width] but ce_sum [slots].
   struct StatsRegions {
     typename DeviceStats<T>::template Region<double> ce_sum;
@@ -119,8 +120,8 @@ class Model {
   void run_forward(const std::int32_t* tokens, const std::int32_t* targets, double ce_grad_scale,
                    int slot);
   void run_backward(double grad_scale);
-  void attention_forward(Layer& l, const T* x);
-  void attention_backward(Layer& l, const T* x);
+  void attention_forward(Layer& l, CDevPtr x);
+  void attention_backward(Layer& l, CDevPtr x);
   static std::int64_t count_valid(const std::int32_t* targets, int n);
 
   ModelConfig cfg_;
@@ -133,23 +134,25 @@ class Model {
   void* arena_ = nullptr;
   std::vector<std::unique_ptr<Layer>> layers_;
 
-  // Activations in the arena (N = batch * seq tokens, d = d_model, V = vocab).
+  // Activations in the arena (N = batch * seq tokens, d = d_model, V = vocab), in the backend's
+  // activation storage; the integer buffers and the T statistics beside them.
+  Storage act_ = Storage::F32;
   std::int32_t* tokens_ = nullptr;   // [N]
   std::int32_t* targets_ = nullptr;  // [N]
-  std::vector<T*> resid_;            // n_layers + 1 residual streams, each [N, d]
-  T* final_norm_ = nullptr;          // [N, d]
+  std::vector<DevPtr> resid_;        // n_layers + 1 residual streams, each [N, d]
+  DevPtr final_norm_;                // [N, d]
   T* final_rstd_ = nullptr;          // [N]
-  T* logits_ = nullptr;              // [N, V]; dlogits after a training forward
+  DevPtr logits_;                    // [N, V]; dlogits after a training forward
   T* losses_ = nullptr;              // [N]
   T* rope_cos_ = nullptr;            // [seq, head_dim / 2]
   T* rope_sin_ = nullptr;            // [seq, head_dim / 2]
-  T* tmp_ = nullptr;                 // [N, d]  the MoE combine's scratch
+  DevPtr tmp_;                       // [N, d]  the MoE combine's scratch
   // Backward scratch in the arena, reused by every layer.
-  T* dres_ = nullptr;   // [N, d]  gradient of the residual stream
-  T* dnorm_ = nullptr;  // [N, d]  gradient of a norm's output
-  T* datt_ = nullptr;   // [N, n_heads * head_dim]
-  T* dqkv_ = nullptr;   // [N, (n_heads + 2 n_kv_heads) * head_dim]
-  struct Scratch;       // the FFN and MoE blocks' backward scratch (model.cpp)
+  DevPtr dres_;    // [N, d]  gradient of the residual stream
+  DevPtr dnorm_;   // [N, d]  gradient of a norm's output
+  DevPtr datt_;    // [N, n_heads * head_dim]
+  DevPtr dqkv_;    // [N, (n_heads + 2 n_kv_heads) * head_dim]
+  struct Scratch;  // the FFN and MoE blocks' backward scratch (model.cpp)
   std::unique_ptr<Scratch> scratch_;
 
   std::unique_ptr<DeviceStats<T>> own_stats_;

@@ -54,6 +54,11 @@ MOETRAIN_BACKEND_OPS(MOETRAIN_CPU_FORWARD, T)
 #undef MOETRAIN_CPU_FORWARD
 
 template <typename T>
+Storage CpuBackend<T>::activation_storage() const {
+  return storage_of<T>();
+}
+
+template <typename T>
 std::size_t CpuBackend<T>::attention_saved_elems(const AttentionShape& s) const {
   return cpu::attention_saved_elems(s);
 }

@@ -26,7 +26,7 @@ class SingleThreadedBlas {
 #define MOETRAIN_CPU_DECLARE(ret, name, params, args, flops) \
   template <typename T>                                      \
   ret name params;
-MOETRAIN_BACKEND_OPS(MOETRAIN_CPU_DECLARE, T)
+MOETRAIN_BACKEND_OPS_AS(MOETRAIN_CPU_DECLARE, T, T*, const T*)
 #undef MOETRAIN_CPU_DECLARE
 
 std::size_t attention_saved_elems(const AttentionShape& s);
@@ -41,7 +41,8 @@ std::size_t available_host_memory();
   template ret name<float> params;
 #define MOETRAIN_CPU_INSTANTIATE_F64(ret, name, params, args, flops) \
   template ret name<double> params;
-#define MOETRAIN_CPU_INSTANTIATE(family) \
-  family(MOETRAIN_CPU_INSTANTIATE_F32, float) family(MOETRAIN_CPU_INSTANTIATE_F64, double)
+#define MOETRAIN_CPU_INSTANTIATE(family)                            \
+  family(MOETRAIN_CPU_INSTANTIATE_F32, float, float*, const float*) \
+      family(MOETRAIN_CPU_INSTANTIATE_F64, double, double*, const double*)
 
 }  // namespace moetrain::cpu

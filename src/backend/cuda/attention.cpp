@@ -16,8 +16,10 @@ std::size_t CudaBackend::attention_saved_elems(const AttentionShape& s) const {
   return s.probs_elems();  // P
 }
 
-void CudaBackend::attention_forward(float* out, float* saved, float* smax, const float* qkv,
+void CudaBackend::attention_forward(DevPtr out_, float* saved, float* smax, CDevPtr qkv_,
                                     const AttentionShape& s) {
+  float* out = out_.as<float>();
+  const float* qkv = qkv_.as<const float>();
   const int T = s.seq, hd = s.head_dim, W = s.qkv_width(), Wo = s.out_width();
   const int H = s.n_heads, KV = s.n_kv_heads, group = H / KV;
   const std::size_t tt = std::size_t(T) * T, seq_stride = std::size_t(T) * W;
@@ -38,8 +40,11 @@ void CudaBackend::attention_forward(float* out, float* saved, float* smax, const
   }
 }
 
-void CudaBackend::attention_backward(float* dqkv, const float* dout, const float* qkv,
-                                     const float* saved, const AttentionShape& s) {
+void CudaBackend::attention_backward(DevPtr dqkv_, CDevPtr dout_, CDevPtr qkv_, const float* saved,
+                                     const AttentionShape& s) {
+  float* dqkv = dqkv_.as<float>();
+  const float* dout = dout_.as<const float>();
+  const float* qkv = qkv_.as<const float>();
   const int T = s.seq, hd = s.head_dim, W = s.qkv_width(), Wo = s.out_width();
   const int H = s.n_heads, KV = s.n_kv_heads, group = H / KV;
   const std::size_t tt = std::size_t(T) * T, seq_stride = std::size_t(T) * W;

@@ -96,6 +96,11 @@ void* CudaBackend::alloc_bytes(std::size_t bytes) {
   return p;
 }
 
+// Activations are fp32 on the device (bf16 storage is the next step, docs/design.md §6.1).
+Storage CudaBackend::activation_storage() const {
+  return Storage::F32;
+}
+
 std::size_t CudaBackend::available_memory_bytes() const {
   std::size_t free_bytes = 0, total_bytes = 0;
   if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
@@ -166,7 +171,9 @@ void CudaBackend::zero(void* dst, std::size_t bytes) {
 
 // ---- elementwise and optimizer steps --------------------------------------------------------
 
-void CudaBackend::add_inplace(float* x, const float* y, std::size_t n) {
+void CudaBackend::add_inplace(DevPtr x_, CDevPtr y_, std::size_t n) {
+  float* x = x_.as<float>();
+  const float* y = y_.as<const float>();
   kernels::add_inplace(x, y, n, stream_);
   wrote(x, n * sizeof(float));
 }
@@ -264,48 +271,63 @@ void CudaBackend::scale_row_blocks(float* x, int blocks, std::size_t block_elems
 
 // ---- embedding, norms, RoPE, SwiGLU, cross-entropy -----------------------------------------
 
-void CudaBackend::embedding_forward(float* out, const int32_t* tokens, const float* table, int n,
+void CudaBackend::embedding_forward(DevPtr out_, const int32_t* tokens, const float* table, int n,
                                     int d) {
+  float* out = out_.as<float>();
   kernels::embedding_forward(out, tokens, table, n, d, stream_);
 }
 
-void CudaBackend::embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int n,
+void CudaBackend::embedding_backward(float* dtable, CDevPtr dout_, const int32_t* tokens, int n,
                                      int d) {
+  const float* dout = dout_.as<const float>();
   void* ws = scratch(op_scratch_, kernels::embedding_backward_workspace_bytes(n));
   kernels::embedding_backward(dtable, dout, tokens, n, d, ws, stream_);
 }
 
-void CudaBackend::rmsnorm_forward(float* out, float* rstd, const float* x, const float* gain, int n,
+void CudaBackend::rmsnorm_forward(DevPtr out_, float* rstd, CDevPtr x_, const float* gain, int n,
                                   int d, double eps) {
+  float* out = out_.as<float>();
+  const float* x = x_.as<const float>();
   kernels::rmsnorm_forward<float>(out, rstd, x, gain, n, d, float(eps), stream_);
 }
 
-void CudaBackend::rmsnorm_backward(float* dx, float* dgain, const float* dout, const float* x,
+void CudaBackend::rmsnorm_backward(DevPtr dx_, float* dgain, CDevPtr dout_, CDevPtr x_,
                                    const float* gain, const float* rstd, int n, int d) {
+  float* dx = dx_.as<float>();
+  const float* dout = dout_.as<const float>();
+  const float* x = x_.as<const float>();
   void* ws = scratch(op_scratch_, kernels::rmsnorm_backward_workspace_bytes(n, d));
   kernels::rmsnorm_backward(dx, dgain, dout, x, gain, rstd, n, d, ws, stream_);
 }
 
-void CudaBackend::rope_forward(float* x, int ld, int rows, int seq, int n_heads, int head_dim,
+void CudaBackend::rope_forward(DevPtr x_, int ld, int rows, int seq, int n_heads, int head_dim,
                                const float* cos, const float* sin) {
+  float* x = x_.as<float>();
   kernels::rope_forward(x, ld, rows, seq, n_heads, head_dim, cos, sin, stream_);
 }
 
-void CudaBackend::rope_backward(float* dx, int ld, int rows, int seq, int n_heads, int head_dim,
+void CudaBackend::rope_backward(DevPtr dx_, int ld, int rows, int seq, int n_heads, int head_dim,
                                 const float* cos, const float* sin) {
+  float* dx = dx_.as<float>();
   kernels::rope_backward(dx, ld, rows, seq, n_heads, head_dim, cos, sin, stream_);
 }
 
-void CudaBackend::swiglu_forward(float* out, const float* h, int rows, int ff) {
+void CudaBackend::swiglu_forward(DevPtr out_, CDevPtr h_, int rows, int ff) {
+  float* out = out_.as<float>();
+  const float* h = h_.as<const float>();
   kernels::swiglu_forward(out, h, rows, ff, stream_);
 }
 
-void CudaBackend::swiglu_backward(float* dh, const float* dout, const float* h, int rows, int ff) {
+void CudaBackend::swiglu_backward(DevPtr dh_, CDevPtr dout_, CDevPtr h_, int rows, int ff) {
+  float* dh = dh_.as<float>();
+  const float* dout = dout_.as<const float>();
+  const float* h = h_.as<const float>();
   kernels::swiglu_backward(dh, dout, h, rows, ff, stream_);
 }
 
-void CudaBackend::cross_entropy(float* losses, double* loss_sum, float* logits,
+void CudaBackend::cross_entropy(float* losses, double* loss_sum, DevPtr logits_,
                                 const int32_t* targets, int n, int vocab, float grad_scale) {
+  float* logits = logits_.as<float>();
   kernels::cross_entropy(losses, logits, targets, n, vocab, grad_scale, stream_);
   if (loss_sum && n > 0)
     kernels::sum(losses, std::size_t(n), reduce_workspace(), loss_sum, true, stream_);
@@ -329,9 +351,11 @@ void CudaBackend::router_backward(float* dlogits, const float* dgates, const flo
                            aux_coef, z_coef, grad_scale, stream_);
 }
 
-void CudaBackend::moe_permute(float* xg, int32_t* pos, int32_t* offsets, const float* x,
+void CudaBackend::moe_permute(DevPtr xg_, int32_t* pos, int32_t* offsets, CDevPtr x_,
                               const int32_t* topk, const int32_t* counts, int tokens, int d,
                               int n_experts, int k) {
+  float* xg = xg_.as<float>();
+  const float* x = x_.as<const float>();
   void* ws = scratch(op_scratch_, kernels::moe_permute_workspace_bytes(tokens, n_experts, k));
   kernels::moe_permute(xg, pos, offsets, x, topk, counts, tokens, d, n_experts, k, ws, stream_);
   // The grouped GEMMs size their per-expert calls from these offsets: mirror them on the host now,
@@ -341,19 +365,26 @@ void CudaBackend::moe_permute(float* xg, int32_t* pos, int32_t* offsets, const f
   download(mirror.data(), offsets, mirror.size() * sizeof(std::int32_t));
 }
 
-void CudaBackend::moe_permute_backward(float* dx, const float* dxg, const int32_t* pos, int tokens,
+void CudaBackend::moe_permute_backward(DevPtr dx_, CDevPtr dxg_, const int32_t* pos, int tokens,
                                        int d, int k) {
+  float* dx = dx_.as<float>();
+  const float* dxg = dxg_.as<const float>();
   kernels::moe_permute_backward(dx, dxg, pos, tokens, d, k, stream_);
 }
 
-void CudaBackend::moe_unpermute(float* y, const float* yg, const float* gates, const int32_t* pos,
+void CudaBackend::moe_unpermute(DevPtr y_, CDevPtr yg_, const float* gates, const int32_t* pos,
                                 int tokens, int d, int k) {
+  float* y = y_.as<float>();
+  const float* yg = yg_.as<const float>();
   kernels::moe_unpermute(y, yg, gates, pos, tokens, d, k, stream_);
 }
 
-void CudaBackend::moe_unpermute_backward(float* dyg, float* dgates, const float* dy,
-                                         const float* yg, const float* gates, const int32_t* pos,
-                                         int tokens, int d, int k) {
+void CudaBackend::moe_unpermute_backward(DevPtr dyg_, float* dgates, CDevPtr dy_, CDevPtr yg_,
+                                         const float* gates, const int32_t* pos, int tokens, int d,
+                                         int k) {
+  float* dyg = dyg_.as<float>();
+  const float* dy = dy_.as<const float>();
+  const float* yg = yg_.as<const float>();
   kernels::moe_unpermute_backward(dyg, dgates, dy, yg, gates, pos, tokens, d, k, stream_);
 }
 

@@ -253,14 +253,20 @@ const void* CudaBackend::gemm_operand(const float* X, bool trans, int rows, int 
   return out;
 }
 
-void CudaBackend::gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
-                       const float* B, int ldb, float beta, float* C, int ldc) {
+void CudaBackend::gemm(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A_, int lda,
+                       CDevPtr B_, int ldb, float beta, DevPtr C_, int ldc) {
+  const float* A = A_.as<const float>();
+  const float* B = B_.as<const float>();
+  float* C = C_.as<float>();
   gemm_impl(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
 }
 
-void CudaBackend::gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A,
-                               int lda, std::size_t sa, const float* B, int ldb, std::size_t sb,
-                               float beta, float* C, int ldc, std::size_t sc, int batch) {
+void CudaBackend::gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A_,
+                               int lda, std::size_t sa, CDevPtr B_, int ldb, std::size_t sb,
+                               float beta, DevPtr C_, int ldc, std::size_t sc, int batch) {
+  const float* A = A_.as<const float>();
+  const float* B = B_.as<const float>();
+  float* C = C_.as<float>();
   gemm_impl(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
@@ -279,9 +285,12 @@ const std::vector<std::int32_t>& CudaBackend::host_offsets(const std::int32_t* o
 }
 
 // Per-group cuBLASLt calls for now; an empty group launches nothing.
-void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, const float* A,
-                               int lda, const float* B, int ldb, std::size_t sb, float beta,
-                               float* C, int ldc, const std::int32_t* offsets, int groups) {
+void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, CDevPtr A_, int lda,
+                               CDevPtr B_, int ldb, std::size_t sb, float beta, DevPtr C_, int ldc,
+                               const std::int32_t* offsets, int groups) {
+  const float* A = A_.as<const float>();
+  const float* B = B_.as<const float>();
+  float* C = C_.as<float>();
   const std::vector<std::int32_t>& off = host_offsets(offsets, groups, rows, "grouped_gemm");
   for (int g = 0; g < groups; ++g) {
     const std::size_t r0 = std::size_t(off[std::size_t(g)]);
@@ -291,9 +300,12 @@ void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, con
   }
 }
 
-void CudaBackend::grouped_gemm_wgrad(int rows, int M, int N, float alpha, const float* A, int lda,
-                                     const float* B, int ldb, float* C, int ldc, std::size_t sc,
+void CudaBackend::grouped_gemm_wgrad(int rows, int M, int N, float alpha, CDevPtr A_, int lda,
+                                     CDevPtr B_, int ldb, DevPtr C_, int ldc, std::size_t sc,
                                      const std::int32_t* offsets, int groups) {
+  const float* A = A_.as<const float>();
+  const float* B = B_.as<const float>();
+  float* C = C_.as<float>();
   const std::vector<std::int32_t>& off = host_offsets(offsets, groups, rows, "grouped_gemm_wgrad");
   for (int g = 0; g < groups; ++g) {
     const std::size_t r0 = std::size_t(off[std::size_t(g)]);

@@ -17,13 +17,13 @@ class Dispatcher {
   struct Acts {
     std::int32_t* pos = nullptr;      // [N*k]  row of assignment (t, j) in the grouped buffers
     std::int32_t* offsets = nullptr;  // [E+1]  first grouped row of each expert
-    T* xg = nullptr;                  // [N*k, d]  x[t] at the rows of its assignments
+    DevPtr xg;                        // [N*k, d]  x[t] at the rows of its assignments
   };
 
   // The arena requests of the grouped buffers of `rows` = N * k rows (the model's plan and the
   // memory estimate).
   static void plan_acts(ArenaPlan& plan, Acts& acts, std::size_t rows, std::size_t n_experts,
-                        std::size_t d);
+                        std::size_t d, Storage s);
 
   Dispatcher(Backend<T>& be, int tokens, int d, int n_experts, int top_k)
       : be_(be), tokens_(tokens), d_(d), experts_(n_experts), k_(top_k) {}
@@ -32,13 +32,13 @@ class Dispatcher {
   int rows() const { return tokens_ * k_; }  // grouped rows
 
   // xg, pos, offsets from x[N, d] and the router's choices topk[N, k], counts[E].
-  void dispatch(const T* x, const std::int32_t* topk, const std::int32_t* counts);
+  void dispatch(CDevPtr x, const std::int32_t* topk, const std::int32_t* counts);
   // out[N, d] += sum_j gates[t, j] * yg[pos[t k + j]]   (tmp: [N, d] scratch)
-  void combine(T* out, const T* yg, const T* gates, T* tmp);
+  void combine(DevPtr out, CDevPtr yg, const T* gates, DevPtr tmp);
   // dyg[N*k, d], dgates[N, k] from dout[N, d]
-  void combine_backward(T* dyg, T* dgates, const T* dout, const T* yg, const T* gates);
+  void combine_backward(DevPtr dyg, T* dgates, CDevPtr dout, CDevPtr yg, const T* gates);
   // dx[N, d] += sum_j dxg[pos[t k + j]]
-  void dispatch_backward(T* dx, const T* dxg);
+  void dispatch_backward(DevPtr dx, CDevPtr dxg);
 
  private:
   Backend<T>& be_;

@@ -22,20 +22,21 @@ Experts<T>::Experts(Backend<T>& be, const std::vector<SwiGluOffsets>& experts, i
 
 template <typename T>
 void Experts<T>::plan_acts(ArenaPlan& plan, Acts& a, std::size_t rows, std::size_t ff,
-                           std::size_t d) {
-  plan.request(a.h, checked_mul(checked_mul(rows, 2), ff));
-  plan.request(a.act, checked_mul(rows, ff));
-  plan.request(a.y, checked_mul(rows, d));
+                           std::size_t d, Storage s) {
+  plan.request(a.h, checked_mul(checked_mul(rows, 2), ff), s);
+  plan.request(a.act, checked_mul(rows, ff), s);
+  plan.request(a.y, checked_mul(rows, d), s);
 }
 
 template <typename T>
 void Experts<T>::plan(ArenaPlan& plan) {
-  plan_acts(plan, acts_, std::size_t(rows_), std::size_t(ff_), std::size_t(d_));
+  plan_acts(plan, acts_, std::size_t(rows_), std::size_t(ff_), std::size_t(d_),
+            be_.activation_storage());
 }
 
 // h = xg W13_e^T, act = swiglu(h), y = act W2_e^T, each over all experts at once.
 template <typename T>
-void Experts<T>::forward(const T* params, const T* xg, const std::int32_t* offsets) {
+void Experts<T>::forward(const T* params, CDevPtr xg, const std::int32_t* offsets) {
   const Acts& a = acts_;
   be_.grouped_gemm(true, rows_, 2 * ff_, d_, T(1), xg, d_, params + w13_, d_, stride_, T(0), a.h,
                    2 * ff_, offsets, experts_);
@@ -45,8 +46,8 @@ void Experts<T>::forward(const T* params, const T* xg, const std::int32_t* offse
 }
 
 template <typename T>
-void Experts<T>::backward(const T* params, T* grads, const T* xg, const std::int32_t* offsets,
-                          const T* dy, T* dxg, const FfnScratch<T>& s) {
+void Experts<T>::backward(const T* params, T* grads, CDevPtr xg, const std::int32_t* offsets,
+                          CDevPtr dy, DevPtr dxg, const FfnScratch& s) {
   const Acts& a = acts_;
   // Through W2: dact = dy W2_e, dW2_e += dy^T act.
   be_.grouped_gemm(false, rows_, ff_, d_, T(1), dy, d_, params + w2_, ff_, stride_, T(0), s.dact,

@@ -18,14 +18,14 @@ template <typename T>
 class Experts {
  public:
   struct Acts {
-    T* h = nullptr;    // [N*k, 2 ff]  xg [W1_e; W3_e]^T on expert e's rows
-    T* act = nullptr;  // [N*k, ff]    silu(h1) * h3
-    T* y = nullptr;    // [N*k, d]     act W2_e^T
+    DevPtr h;    // [N*k, 2 ff]  xg [W1_e; W3_e]^T on expert e's rows
+    DevPtr act;  // [N*k, ff]    silu(h1) * h3
+    DevPtr y;    // [N*k, d]     act W2_e^T
   };
   // The arena requests of `rows` = N * k grouped rows through experts of width ff (the model's
   // plan and the memory estimate).
   static void plan_acts(ArenaPlan& plan, Acts& acts, std::size_t rows, std::size_t ff,
-                        std::size_t d);
+                        std::size_t d, Storage s);
 
   // `experts`: the layer's expert offsets, evenly strided in the parameter buffer.
   Experts(Backend<T>& be, const std::vector<SwiGluOffsets>& experts, int rows, int d);
@@ -33,11 +33,11 @@ class Experts {
   const Acts& acts() const { return acts_; }
 
   // y from xg[N*k, d] grouped by offsets[E+1] (device).
-  void forward(const T* params, const T* xg, const std::int32_t* offsets);
+  void forward(const T* params, CDevPtr xg, const std::int32_t* offsets);
   // dxg[N*k, d] (overwritten) from dy[N*k, d]; weight gradients += into grads. The scratch is
   // shared with the other SwiGLU blocks ([N*k, 2 ff] and [N*k, ff] at least).
-  void backward(const T* params, T* grads, const T* xg, const std::int32_t* offsets, const T* dy,
-                T* dxg, const FfnScratch<T>& s);
+  void backward(const T* params, T* grads, CDevPtr xg, const std::int32_t* offsets, CDevPtr dy,
+                DevPtr dxg, const FfnScratch& s);
 
  private:
   Backend<T>& be_;

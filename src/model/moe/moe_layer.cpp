@@ -14,7 +14,7 @@ MoeLayer<T>::MoeLayer(const ModelConfig& cfg, const LayerOffsets& w, Backend<T>&
       shared_(w.shared.size()) {}
 
 template <typename T>
-void MoeLayer<T>::plan_acts(ArenaPlan& plan, const ModelConfig& cfg, std::size_t N,
+void MoeLayer<T>::plan_acts(ArenaPlan& plan, const ModelConfig& cfg, std::size_t N, Storage act,
                             MoeLayer* layer) {
   const MoeConfig& m = cfg.moe;
   const std::size_t rows = checked_mul(N, std::size_t(m.top_k));
@@ -22,26 +22,26 @@ void MoeLayer<T>::plan_acts(ArenaPlan& plan, const ModelConfig& cfg, std::size_t
     layer->router_.plan(plan, N);
     layer->dispatcher_.plan(plan);
     layer->experts_.plan(plan);
-    for (FfnActs<T>& s : layer->shared_) s.plan(plan, N, std::size_t(m.shared_ff));
+    for (FfnActs& s : layer->shared_) s.plan(plan, N, std::size_t(m.shared_ff), act);
     return;
   }
   typename Router<T>::Acts r;
   typename Dispatcher<T>::Acts g;
   typename Experts<T>::Acts x;
-  FfnActs<T> s;
+  FfnActs s;
   Router<T>::plan_acts(plan, r, m, N);
-  Dispatcher<T>::plan_acts(plan, g, rows, std::size_t(m.n_experts), std::size_t(cfg.d_model));
-  Experts<T>::plan_acts(plan, x, rows, std::size_t(m.expert_ff), std::size_t(cfg.d_model));
-  for (int i = 0; i < m.n_shared_experts; ++i) s.plan(plan, N, std::size_t(m.shared_ff));
+  Dispatcher<T>::plan_acts(plan, g, rows, std::size_t(m.n_experts), std::size_t(cfg.d_model), act);
+  Experts<T>::plan_acts(plan, x, rows, std::size_t(m.expert_ff), std::size_t(cfg.d_model), act);
+  for (int i = 0; i < m.n_shared_experts; ++i) s.plan(plan, N, std::size_t(m.shared_ff), act);
 }
 
 template <typename T>
 void MoeLayer<T>::plan(ArenaPlan& plan) {
-  plan_acts(plan, cfg_, std::size_t(tokens_), this);
+  plan_acts(plan, cfg_, std::size_t(tokens_), be_.activation_storage(), this);
 }
 
 template <typename T>
-void MoeLayer<T>::forward(const T* params, const T* x, T* out, T* tmp) {
+void MoeLayer<T>::forward(const T* params, CDevPtr x, DevPtr out, DevPtr tmp) {
   const int d = cfg_.d_model;
   router_.forward(params, x, tokens_);
   const typename Router<T>::Acts& r = router_.acts();
@@ -53,7 +53,7 @@ void MoeLayer<T>::forward(const T* params, const T* x, T* out, T* tmp) {
 }
 
 template <typename T>
-void MoeLayer<T>::backward(const T* params, T* grads, const T* x, const T* dout, T* dx,
+void MoeLayer<T>::backward(const T* params, T* grads, CDevPtr x, CDevPtr dout, DevPtr dx,
                            double grad_scale, const Scratch& s) {
   const int d = cfg_.d_model;
   const typename Dispatcher<T>::Acts& g = dispatcher_.acts();

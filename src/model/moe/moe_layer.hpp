@@ -19,25 +19,25 @@ class MoeLayer {
  public:
   // Backward scratch shared by the MoE layers (the model's arena).
   struct Scratch {
-    T* dyg = nullptr;      // [N*k, d]
-    T* dxg = nullptr;      // [N*k, d]
+    DevPtr dyg;            // [N*k, d]
+    DevPtr dxg;            // [N*k, d]
     T* dgates = nullptr;   // [N, k]
     T* dlogits = nullptr;  // [N, E]
-    FfnScratch<T> ffn;     // [N*k, 2 ff] and [N*k, ff] at least
+    FfnScratch ffn;        // [N*k, 2 ff] and [N*k, ff] at least
   };
 
   // The arena requests of one MoE layer of `tokens` tokens, bound to the parts' buffers (the
   // model's plan), or, with every part null, on a dry plan (the memory estimate).
-  static void plan_acts(ArenaPlan& plan, const ModelConfig& cfg, std::size_t tokens,
+  static void plan_acts(ArenaPlan& plan, const ModelConfig& cfg, std::size_t tokens, Storage s,
                         MoeLayer* layer);
 
   MoeLayer(const ModelConfig& cfg, const LayerOffsets& w, Backend<T>& be, int tokens);
   void plan(ArenaPlan& plan);
 
   // out[N, d] += MoE(x[N, d]);  tmp: [N, d] scratch
-  void forward(const T* params, const T* x, T* out, T* tmp);
+  void forward(const T* params, CDevPtr x, DevPtr out, DevPtr tmp);
   // dx[N, d] = d/dx (overwritten) from dout[N, d]; weight gradients += into grads.
-  void backward(const T* params, T* grads, const T* x, const T* dout, T* dx, double grad_scale,
+  void backward(const T* params, T* grads, CDevPtr x, CDevPtr dout, DevPtr dx, double grad_scale,
                 const Scratch& s);
 
   Router<T>& router() { return router_; }
@@ -51,7 +51,7 @@ class MoeLayer {
   Router<T> router_;
   Dispatcher<T> dispatcher_;
   Experts<T> experts_;
-  std::vector<FfnActs<T>> shared_;
+  std::vector<FfnActs> shared_;
 };
 
 extern template class MoeLayer<float>;

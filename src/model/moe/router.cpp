@@ -37,15 +37,15 @@ RouterShape Router<T>::shape(int tokens) const {
 }
 
 template <typename T>
-void Router<T>::forward(const T* params, const T* x, int N) {
+void Router<T>::forward(const T* params, CDevPtr x, int N) {
   const Acts& a = acts_;
   linear_forward(be_, a.logits, x, params + weight_, N, cfg_.d_model, cfg_.moe.n_experts);
   be_.router_forward(a.scores, a.topk, a.gates, a.counts, a.stats, a.logits, bias_.get(), shape(N));
 }
 
 template <typename T>
-void Router<T>::backward(const T* params, T* grads, const T* x, const T* dgates, T* dlogits, T* dx,
-                         int N, double grad_scale) {
+void Router<T>::backward(const T* params, T* grads, CDevPtr x, const T* dgates, T* dlogits,
+                         DevPtr dx, int N, double grad_scale) {
   const Acts& a = acts_;
   be_.router_backward(dlogits, dgates, a.logits, a.scores, a.topk, a.gates, a.counts, shape(N),
                       cfg_.moe.aux_loss_coef, cfg_.moe.z_loss_coef, grad_scale);

@@ -37,10 +37,10 @@ class Router {
   void plan(ArenaPlan& plan, std::size_t tokens);
   const Acts& acts() const { return acts_; }
 
-  void forward(const T* params, const T* x, int tokens);
+  void forward(const T* params, CDevPtr x, int tokens);
   // dx[N, d] = d/dx of the routing (overwritten) from the gate gradients dgates[N, k] (which carry
   // the loss's grad_scale) and grad_scale * (aux_coef L_aux + z_coef L_z); W_r's gradient += .
-  void backward(const T* params, T* grads, const T* x, const T* dgates, T* dlogits, T* dx,
+  void backward(const T* params, T* grads, CDevPtr x, const T* dgates, T* dlogits, DevPtr dx,
                 int tokens, double grad_scale);
 
   // sigmoid_bias load balancing (DeepSeek-V3), after each optimizer step with the loads summed
