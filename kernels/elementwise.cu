@@ -142,14 +142,15 @@ __global__ void __launch_bounds__(kTile* kTileRows)
 // ------------------------------------------------------------------------------- x[r, c] *= s over
 // a strided [rows, cols] matrix, one thread per element of a row; s = 0 writes zeros without
 // reading (a GEMM's beta = 0: whatever C held, NaN included, is not read).
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    scale_matrix_kernel(float* __restrict__ x, int ld, int rows, int cols, float s) {
+    scale_matrix_kernel(T* __restrict__ x, int ld, int rows, int cols, float s) {
   const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= cols) return;
   for (int r = static_cast<int>(blockIdx.y * blockDim.y + threadIdx.y); r < rows;
        r += static_cast<int>(gridDim.y * blockDim.y)) {
-    float* p = x + static_cast<std::size_t>(r) * ld + c;
-    *p = s == 0.0f ? 0.0f : *p * s;
+    T* p = x + static_cast<std::size_t>(r) * ld + c;
+    *p = from_float<T>(s == 0.0f ? 0.0f : to_float(*p) * s);
   }
 }
 
@@ -205,14 +206,15 @@ void transpose_batched(T* out, const T* in, int batch, int rows, int cols, cudaS
   launch(transpose_kernel<T>, grid, dim3(kTile, kTileRows), 0, stream, out, in, batch, rows, cols);
 }
 
-void scale_matrix(float* x, int ld, int rows, int cols, float s, cudaStream_t stream) {
+template <typename T>
+void scale_matrix(T* x, int ld, int rows, int cols, float s, cudaStream_t stream) {
   using namespace elementwise_detail;
   if (rows <= 0 || cols <= 0) return;
   const int bx = std::min(ceil_div(cols, kWarpSize) * kWarpSize, kThreads), by = kThreads / bx;
   const dim3 grid(static_cast<unsigned>(ceil_div(cols, bx)),
                   std::min(static_cast<unsigned>(ceil_div(rows, by)), kMaxGridYZ));
-  launch(scale_matrix_kernel, grid, dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)), 0,
-         stream, x, ld, rows, cols, s);
+  launch(scale_matrix_kernel<T>, grid, dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)),
+         0, stream, x, ld, rows, cols, s);
 }
 
 void convert_to_bf16(__nv_bfloat16* out, int ld_out, const float* in, int ld_in, int rows, int cols,
@@ -250,7 +252,8 @@ void convert_from_bf16(float* out, const __nv_bfloat16* in, std::size_t n, cudaS
   template void add_inplace<T>(T*, const T*, std::size_t, cudaStream_t);         \
   template void scale<T>(T*, std::size_t, float, cudaStream_t);                  \
   template void axpby<T>(T*, const T*, std::size_t, float, float, cudaStream_t); \
-  template void transpose_batched<T>(T*, const T*, int, int, int, cudaStream_t);
+  template void transpose_batched<T>(T*, const T*, int, int, int, cudaStream_t); \
+  template void scale_matrix<T>(T*, int, int, int, float, cudaStream_t);
 MOETRAIN_INSTANTIATE(float)
 MOETRAIN_INSTANTIATE(__nv_bfloat16)
 #undef MOETRAIN_INSTANTIATE

@@ -8,7 +8,7 @@
 //   add_inplace          x += y.
 //   scale                x *= s.
 //   axpby                y = a x + b y.
-//   scale_matrix         x[r, c] *= s over a strided row-major [rows, cols] fp32 matrix (row r at
+//   scale_matrix         x[r, c] *= s over a strided row-major [rows, cols] matrix (row r at
 //                        x + r * ld); s = 0 writes zeros without reading x (GEMM beta = 0
 //                        semantics); the padding columns are untouched.
 //   transpose_batched    out_i = in_i^T for `batch` contiguous row-major [rows, cols] matrices
@@ -35,7 +35,8 @@ void add_inplace(T* x, const T* y, std::size_t n, cudaStream_t stream);
 template <typename T>
 void scale(T* x, std::size_t n, float s, cudaStream_t stream);
 
-void scale_matrix(float* x, int ld, int rows, int cols, float s, cudaStream_t stream);
+template <typename T>
+void scale_matrix(T* x, int ld, int rows, int cols, float s, cudaStream_t stream);
 
 template <typename T>
 void axpby(T* y, const T* x, std::size_t n, float a, float b, cudaStream_t stream);

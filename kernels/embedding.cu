@@ -1,8 +1,8 @@
 // kernels/embedding.cu — token embedding lookup and its deterministic backward. See embedding.cuh.
 //
-// forward:  one warp per token row (grid-stride over rows), lanes copy 16-byte packs of the row
-//           (scalar elements when d or a pointer does not allow packs). Pure copy: n*d*2 bytes each
-//           way.
+// forward:  one warp per token row (grid-stride over rows), lanes copy packs of the row (16 bytes
+//           of the output; scalar elements when d or a pointer does not allow packs), converting
+//           when the table's type is not the output's. n*d elements read and written.
 // backward: keys[i] = token << 32 | i are unique, so any correct sort orders them the same way:
 //           (1) keys kernel, (2) bitonic sort: tiles of up to kSortTile keys sorted in shared
 //           memory, larger strides in global steps, (3) one warp per sorted position that starts a
@@ -11,6 +11,8 @@
 //           all; every dtable row is written by exactly one warp.
 #include "embedding.cuh"
 #include "pack.cuh"
+
+#include <type_traits>
 
 namespace moetrain::kernels {
 namespace embedding_detail {
@@ -21,10 +23,10 @@ constexpr int kDefaultMaxBlocks = 4096;  // grid-stride beyond this
 constexpr unsigned kSortTile = 2048;     // keys sorted per block in shared memory (16 KiB)
 
 // ---- forward ------------------------------------------------------------------------------------
-template <typename T, int V>
+template <typename T, typename TW, int V>
 __global__ void __launch_bounds__(kThreads)
     embedding_forward_kernel(T* __restrict__ out, const int32_t* __restrict__ tokens,
-                             const T* __restrict__ table, int n, int d) {
+                             const TW* __restrict__ table, int n, int d) {
   using P = Pack<T, V>;
   const int packs = d / V;
   const int lane = static_cast<int>(lane_id());
@@ -38,8 +40,16 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < V; ++k) zero.v[k] = from_float<T>(0.0f);
       for (int p = lane; p < packs; p += kWarpSize) dst[p] = zero;
     } else {
-      const P* src = reinterpret_cast<const P*>(table + static_cast<std::size_t>(tok) * d);
-      for (int p = lane; p < packs; p += kWarpSize) dst[p] = src[p];
+      const TW* src = table + static_cast<std::size_t>(tok) * d;
+      for (int p = lane; p < packs; p += kWarpSize) {
+        if constexpr (std::is_same_v<T, TW>) {
+          dst[p] = reinterpret_cast<const P*>(src)[p];
+        } else {
+          float v[V];
+          load(src + p * V, v);
+          store(out + static_cast<std::size_t>(row) * d + p * V, v);
+        }
+      }
     }
   }
 }
@@ -99,9 +109,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- backward: segment sums ---------------------------------------------------------------------
-template <typename T, int V>
+template <typename T, typename TW, int V>
 __global__ void __launch_bounds__(kThreads)
-    embedding_backward_kernel(T* __restrict__ dtable, const T* __restrict__ dout,
+    embedding_backward_kernel(TW* __restrict__ dtable, const T* __restrict__ dout,
                               const uint64_t* __restrict__ keys, int n, int d) {
   using P = Pack<T, V>;
   const int packs = d / V;
@@ -111,12 +121,10 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t tok = static_cast<uint32_t>(keys[p] >> 32);
     if (static_cast<int32_t>(tok) < 0) continue;                             // padding token
     if (p > 0 && static_cast<uint32_t>(keys[p - 1] >> 32) == tok) continue;  // not a segment start
-    P* row = reinterpret_cast<P*>(dtable + static_cast<std::size_t>(tok) * d);
+    TW* row = dtable + static_cast<std::size_t>(tok) * d;
     for (int c = lane; c < packs; c += kWarpSize) {
-      const P old = row[c];
       float acc[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] = to_float(old.v[k]);
+      load(row + c * V, acc);
       for (int q = p; q < n; ++q) {
         const uint64_t key = keys[q];
         if (static_cast<uint32_t>(key >> 32) != tok) break;
@@ -125,10 +133,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < V; ++k) acc[k] += to_float(g.v[k]);
       }
-      P out;
-#pragma unroll
-      for (int k = 0; k < V; ++k) out.v[k] = from_float<T>(acc[k]);
-      row[c] = out;
+      store(row + c * V, acc);
     }
   }
 }
@@ -149,19 +154,19 @@ inline unsigned grid_for(long long work_items, int per_block, int max_blocks) {
 
 }  // namespace embedding_detail
 
-template <typename T>
-void embedding_forward(T* out, const int32_t* tokens, const T* table, int n, int d,
+template <typename T, typename TW>
+void embedding_forward(T* out, const int32_t* tokens, const TW* table, int n, int d,
                        cudaStream_t stream, int max_blocks) {
   using namespace embedding_detail;
   if (n <= 0 || d <= 0) return;
   constexpr int kVec = 16 / sizeof(T);
   const dim3 grid(grid_for(n, kWarps, max_blocks));
-  if (d % kVec == 0 && aligned(out, 16) && aligned(table, 16)) {
-    launch(embedding_forward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, out, tokens, table,
-           n, d);
+  if (d % kVec == 0 && aligned(out, 16) && aligned(table, sizeof(TW) * kVec)) {
+    launch(embedding_forward_kernel<T, TW, kVec>, grid, dim3(kThreads), 0, stream, out, tokens,
+           table, n, d);
   } else {
-    launch(embedding_forward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, out, tokens, table, n,
-           d);
+    launch(embedding_forward_kernel<T, TW, 1>, grid, dim3(kThreads), 0, stream, out, tokens, table,
+           n, d);
   }
 }
 
@@ -169,8 +174,8 @@ std::size_t embedding_backward_workspace_bytes(int n) {
   return n <= 0 ? 0 : static_cast<std::size_t>(embedding_detail::sort_count(n)) * sizeof(uint64_t);
 }
 
-template <typename T>
-void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int n, int d,
+template <typename T, typename TW>
+void embedding_backward(TW* dtable, const T* dout, const int32_t* tokens, int n, int d,
                         void* workspace, cudaStream_t stream, int max_blocks) {
   using namespace embedding_detail;
   if (n <= 0 || d <= 0) return;
@@ -193,22 +198,23 @@ void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int n, 
   }
   constexpr int kVec = 16 / sizeof(T);
   const dim3 grid(grid_for(n, kWarps, max_blocks));
-  if (d % kVec == 0 && aligned(dtable, 16) && aligned(dout, 16)) {
-    launch(embedding_backward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, dtable, dout, keys,
-           n, d);
+  if (d % kVec == 0 && aligned(dtable, sizeof(TW) * kVec) && aligned(dout, 16)) {
+    launch(embedding_backward_kernel<T, TW, kVec>, grid, dim3(kThreads), 0, stream, dtable, dout,
+           keys, n, d);
   } else {
-    launch(embedding_backward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, dtable, dout, keys, n,
-           d);
+    launch(embedding_backward_kernel<T, TW, 1>, grid, dim3(kThreads), 0, stream, dtable, dout, keys,
+           n, d);
   }
 }
 
-template void embedding_forward<float>(float*, const int32_t*, const float*, int, int, cudaStream_t,
-                                       int);
-template void embedding_forward<__nv_bfloat16>(__nv_bfloat16*, const int32_t*, const __nv_bfloat16*,
-                                               int, int, cudaStream_t, int);
-template void embedding_backward<float>(float*, const float*, const int32_t*, int, int, void*,
-                                        cudaStream_t, int);
-template void embedding_backward<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*,
-                                                const int32_t*, int, int, void*, cudaStream_t, int);
+#define MOETRAIN_EMBEDDING_INSTANTIATE(T, TW)                                                   \
+  template void embedding_forward<T, TW>(T*, const int32_t*, const TW*, int, int, cudaStream_t, \
+                                         int);                                                  \
+  template void embedding_backward<T, TW>(TW*, const T*, const int32_t*, int, int, void*,       \
+                                          cudaStream_t, int);
+MOETRAIN_EMBEDDING_INSTANTIATE(float, float)
+MOETRAIN_EMBEDDING_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
+MOETRAIN_EMBEDDING_INSTANTIATE(__nv_bfloat16, float)  // bf16 activations, the fp32 master table
+#undef MOETRAIN_EMBEDDING_INSTANTIATE
 
 }  // namespace moetrain::kernels

@@ -1,8 +1,9 @@
 // kernels/embedding.cuh — token embedding lookup and its deterministic backward (embedding.cu).
 //
 // Host-side launchers in namespace moetrain::kernels, all pointers device pointers; T is the
-// storage type of the table, the activations and the gradients: float or __nv_bfloat16 (sums in
-// fp32). `max_blocks` caps the grid (0: the default); the kernels loop over whatever the grid does
+// storage type of the activations and their gradients, TW that of the table and its gradient:
+// (float, float), (bf16, bf16) or (bf16, float) — bf16 activations with the fp32 master table and
+// its fp32 gradient (sums in fp32). `max_blocks` caps the grid (0: the default); the kernels loop over whatever the grid does
 // not cover, and tests lower the cap to exercise those loops.
 //
 //   embedding_forward   out[i, :] = table[tokens[i], :] for i < n (rows of d elements); a negative
@@ -24,14 +25,14 @@
 
 namespace moetrain::kernels {
 
-template <typename T>
-void embedding_forward(T* out, const int32_t* tokens, const T* table, int n, int d,
+template <typename T, typename TW>
+void embedding_forward(T* out, const int32_t* tokens, const TW* table, int n, int d,
                        cudaStream_t stream = nullptr, int max_blocks = 0);
 
 std::size_t embedding_backward_workspace_bytes(int n);
 
-template <typename T>
-void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int n, int d,
+template <typename T, typename TW>
+void embedding_backward(TW* dtable, const T* dout, const int32_t* tokens, int n, int d,
                         void* workspace, cudaStream_t stream = nullptr, int max_blocks = 0);
 
 }  // namespace moetrain::kernels

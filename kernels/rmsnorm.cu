@@ -54,10 +54,10 @@ inline unsigned backward_blocks(int n, int d, int max_blocks) {
 }
 
 // ---- forward ------------------------------------------------------------------------------------
-template <typename T, int V>
+template <typename T, typename TG, int V>
 __global__ void __launch_bounds__(kThreads)
     rmsnorm_forward_kernel(T* __restrict__ y, float* __restrict__ rstd, const T* __restrict__ x,
-                           const T* __restrict__ gain, int n, int d, float eps) {
+                           const TG* __restrict__ gain, int n, int d, float eps) {
   const int packs = d / V, lane = static_cast<int>(lane_id());
   const int warps = static_cast<int>(block_threads()) / kWarpSize;
   for (int row = static_cast<int>(blockIdx.x) * warps + static_cast<int>(warp_id()); row < n;
@@ -84,11 +84,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- backward -----------------------------------------------------------------------------------
-template <typename T, int V>
+template <typename T, typename TG, int V>
 __global__ void __launch_bounds__(kMaxWarpsBackward* kWarpSize)
     rmsnorm_backward_kernel(T* __restrict__ dx, float* __restrict__ partial,
                             const T* __restrict__ dy, const T* __restrict__ x,
-                            const T* __restrict__ gain, const float* __restrict__ rstd, int n,
+                            const TG* __restrict__ gain, const float* __restrict__ rstd, int n,
                             int d) {
   const int packs = d / V, lane = static_cast<int>(lane_id()), warp = static_cast<int>(warp_id());
   const int warps = static_cast<int>(block_threads()) / kWarpSize;
@@ -156,21 +156,22 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace rmsnorm_detail
 
-template <typename T>
-void rmsnorm_forward(T* y, float* rstd, const T* x, const T* gain, int n, int d, float eps,
+template <typename T, typename TG>
+void rmsnorm_forward(T* y, float* rstd, const T* x, const TG* gain, int n, int d, float eps,
                      cudaStream_t stream, int max_blocks) {
   using namespace rmsnorm_detail;
   if (n <= 0 || d <= 0) return;
   constexpr int kVec = 16 / sizeof(T);
   const dim3 grid(
       grid_for(n, kThreads / kWarpSize, max_blocks > 0 ? max_blocks : kDefaultMaxBlocks));
-  const bool vec = d % kVec == 0 && aligned(y, 16) && aligned(x, 16) && aligned(gain, 16);
+  const bool vec =
+      d % kVec == 0 && aligned(y, 16) && aligned(x, 16) && aligned(gain, sizeof(TG) * kVec);
   if (vec)
-    launch(rmsnorm_forward_kernel<T, kVec>, grid, dim3(kThreads), 0, stream, y, rstd, x, gain, n, d,
-           eps);
+    launch(rmsnorm_forward_kernel<T, TG, kVec>, grid, dim3(kThreads), 0, stream, y, rstd, x, gain,
+           n, d, eps);
   else
-    launch(rmsnorm_forward_kernel<T, 1>, grid, dim3(kThreads), 0, stream, y, rstd, x, gain, n, d,
-           eps);
+    launch(rmsnorm_forward_kernel<T, TG, 1>, grid, dim3(kThreads), 0, stream, y, rstd, x, gain, n,
+           d, eps);
 }
 
 std::size_t rmsnorm_backward_workspace_bytes(int n, int d, int max_blocks) {
@@ -179,8 +180,8 @@ std::size_t rmsnorm_backward_workspace_bytes(int n, int d, int max_blocks) {
          sizeof(float);
 }
 
-template <typename T>
-void rmsnorm_backward(T* dx, T* dgain, const T* dy, const T* x, const T* gain, const float* rstd,
+template <typename T, typename TG>
+void rmsnorm_backward(T* dx, TG* dgain, const T* dy, const T* x, const TG* gain, const float* rstd,
                       int n, int d, void* workspace, cudaStream_t stream, int max_blocks) {
   using namespace rmsnorm_detail;
   if (n <= 0 || d <= 0) return;
@@ -188,29 +189,28 @@ void rmsnorm_backward(T* dx, T* dgain, const T* dy, const T* x, const T* gain, c
   float* partial = static_cast<float*>(workspace);
   const int warps = backward_warps(d);
   const unsigned blocks = backward_blocks(n, d, max_blocks);
-  const bool vec =
-      d % kVec == 0 && aligned(dx, 16) && aligned(dy, 16) && aligned(x, 16) && aligned(gain, 16);
+  const bool vec = d % kVec == 0 && aligned(dx, 16) && aligned(dy, 16) && aligned(x, 16) &&
+                   aligned(gain, sizeof(TG) * kVec);
   const std::size_t smem = warps * partial_row_floats(d, vec ? kVec : 1) * sizeof(float);
   if (vec) {
-    launch(rmsnorm_backward_kernel<T, kVec>, dim3(blocks), dim3(warps * kWarpSize), smem, stream,
-           dx, partial, dy, x, gain, rstd, n, d);
+    launch(rmsnorm_backward_kernel<T, TG, kVec>, dim3(blocks), dim3(warps * kWarpSize), smem,
+           stream, dx, partial, dy, x, gain, rstd, n, d);
   } else {
-    launch(rmsnorm_backward_kernel<T, 1>, dim3(blocks), dim3(warps * kWarpSize), smem, stream, dx,
-           partial, dy, x, gain, rstd, n, d);
+    launch(rmsnorm_backward_kernel<T, TG, 1>, dim3(blocks), dim3(warps * kWarpSize), smem, stream,
+           dx, partial, dy, x, gain, rstd, n, d);
   }
-  launch(rmsnorm_dgain_kernel<T>, dim3(grid_for(d, kThreads, kDefaultMaxBlocks)), dim3(kThreads), 0,
-         stream, dgain, partial, static_cast<int>(blocks), d);
+  launch(rmsnorm_dgain_kernel<TG>, dim3(grid_for(d, kThreads, kDefaultMaxBlocks)), dim3(kThreads),
+         0, stream, dgain, partial, static_cast<int>(blocks), d);
 }
 
-template void rmsnorm_forward<float>(float*, float*, const float*, const float*, int, int, float,
-                                     cudaStream_t, int);
-template void rmsnorm_forward<__nv_bfloat16>(__nv_bfloat16*, float*, const __nv_bfloat16*,
-                                             const __nv_bfloat16*, int, int, float, cudaStream_t,
-                                             int);
-template void rmsnorm_backward<float>(float*, float*, const float*, const float*, const float*,
-                                      const float*, int, int, void*, cudaStream_t, int);
-template void rmsnorm_backward<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
-                                              const __nv_bfloat16*, const __nv_bfloat16*,
-                                              const float*, int, int, void*, cudaStream_t, int);
+#define MOETRAIN_RMSNORM_INSTANTIATE(T, TG)                                                        \
+  template void rmsnorm_forward<T, TG>(T*, float*, const T*, const TG*, int, int, float,           \
+                                       cudaStream_t, int);                                         \
+  template void rmsnorm_backward<T, TG>(T*, TG*, const T*, const T*, const TG*, const float*, int, \
+                                        int, void*, cudaStream_t, int);
+MOETRAIN_RMSNORM_INSTANTIATE(float, float)
+MOETRAIN_RMSNORM_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
+MOETRAIN_RMSNORM_INSTANTIATE(__nv_bfloat16, float)  // bf16 activations, fp32 master gains
+#undef MOETRAIN_RMSNORM_INSTANTIATE
 
 }  // namespace moetrain::kernels

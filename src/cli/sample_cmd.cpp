@@ -2,7 +2,9 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <numeric>
@@ -20,6 +22,23 @@ namespace fs = std::filesystem;
 namespace moetrain::cli {
 
 namespace {
+
+// row.size() activations from `src` as floats, whatever their storage (bf16 on a GPU in bf16 mode:
+// widened exactly, the bits shifted into the high half of a float).
+void download_floats(Backend<float>& be, CDevPtr src, std::vector<float>& row) {
+  if (src.storage() == Storage::F32) {
+    be.download(row.data(), src.get(), row.size() * sizeof(float));
+    return;
+  }
+  if (src.storage() != Storage::BF16)
+    throw std::logic_error(std::string("sample: logits of storage ") + to_string(src.storage()));
+  std::vector<std::uint16_t> bits(row.size());
+  be.download(bits.data(), src.get(), bits.size() * sizeof(std::uint16_t));
+  for (std::size_t i = 0; i < bits.size(); ++i) {
+    const std::uint32_t u = std::uint32_t(bits[i]) << 16;
+    std::memcpy(&row[i], &u, sizeof u);
+  }
+}
 
 // Draws a token from logits / temperature restricted to the top_k largest (0: all);
 // temperature 0 is greedy.
@@ -99,9 +118,7 @@ void add_sample_command(CLI::App& app) {
       std::fill(window.begin(), window.end(), 0);  // causal: positions after len do not matter
       for (int t = 0; t < len; ++t)
         window[std::size_t(t)] = std::int32_t(ids[start + std::size_t(t)]);
-      // fp32 activations (the CPU backend; CUDA stores them in fp32 too): a row is V floats.
-      const float* logits = model->forward_logits(window.data()).as<const float>();
-      be->download(row.data(), logits + std::size_t(len - 1) * V, std::size_t(V) * sizeof(float));
+      download_floats(*be, model->forward_logits(window.data()) + std::size_t(len - 1) * V, row);
       // Only ids the tokenizer can decode.
       const std::uint32_t next =
           draw(row.data(), int(tok.vocab_size()), o->temperature, o->top_k, rng);

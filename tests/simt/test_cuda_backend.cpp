@@ -123,6 +123,7 @@ TEST_CASE("cuda backend: training steps match the CPU backend (fp32 GEMMs)", "[c
       CudaBackendOptions o;
       o.bf16 = false;
       CudaBackend gpu(o);
+      CHECK(gpu.activation_storage() == moetrain::Storage::F32);
       const Trace ref = train(cpu, cfg, 3);
       const Trace got = train(gpu, cfg, 3);
       compare(got, ref, 1e-5);
@@ -212,7 +213,7 @@ TEST_CASE("cuda backend: a non-finite gradient or loss skips the whole step on t
   CHECK(opt.step_count() == 0);
 }
 
-TEST_CASE("cuda backend: bf16 GEMMs stay within bf16 tolerance of the CPU backend",
+TEST_CASE("cuda backend: bf16 activations and GEMMs stay within bf16 tolerance of the CPU backend",
           "[cuda_backend]") {
   EACH_STREAM_SCHEDULE();
   const Config cfg = small_config(RouterType::SoftmaxTopK, OptimizerName::MuonClip);
@@ -221,6 +222,7 @@ TEST_CASE("cuda backend: bf16 GEMMs stay within bf16 tolerance of the CPU backen
   o.bf16 = true;
   o.seed = 3;
   CudaBackend gpu(o);
+  CHECK(gpu.activation_storage() == moetrain::Storage::BF16);  // the model's arena is bf16
   const Trace ref = train(cpu, cfg, 3);
   const Trace got = train(gpu, cfg, 3);
   compare(got, ref, 2e-2);
@@ -386,4 +388,63 @@ TEST_CASE("cuda backend: available memory is cudaMemGetInfo's free bytes", "[cud
   const std::size_t avail = be.available_memory_bytes();
   CHECK(avail > 0);
   CHECK(avail <= total_bytes);
+}
+
+// bf16 storage through the GEMM: bf16 operands and a bf16 C with padding between its rows (which
+// the product must leave alone), an fp32 C from bf16 activations (a weight gradient), and the
+// router's case — an fp32 C that reads the weights — which runs in fp32 on the master weights.
+TEST_CASE("cuda backend: GEMMs on bf16 activations, and the fp32 product from the weights",
+          "[cuda_backend]") {
+  EACH_STREAM_SCHEDULE();
+  using moetrain::CDevPtr;
+  using moetrain::DevPtr;
+  using moetrain::Storage;
+  using bf16 = __nv_bfloat16;
+  std::mt19937 rng(12);
+  CpuBackend<float> cpu;
+  const int M = 9, N = 6, K = 11, ldc = N + 3;
+  CudaBackendOptions o;
+  o.bf16 = true;
+  CudaBackend gpu(o);
+  const auto A =
+      kernel_test::representable<bf16>(kernel_test::random_floats(std::size_t(M) * K, rng));
+  const auto W = kernel_test::random_floats(std::size_t(N) * K, rng);  // [N, K] fp32 "weights"
+  const auto C0 =
+      kernel_test::representable<bf16>(kernel_test::random_floats(std::size_t(M) * ldc, rng));
+  kernel_test::DeviceBuffer<bf16> dA(kernel_test::to_storage<bf16>(A)),
+      dC(kernel_test::to_storage<bf16>(C0));
+  kernel_test::DeviceBuffer<float> dW(W), dF(std::size_t(M) * N);
+  gpu.set_weights(dW.ptr, W.size());
+  const CDevPtr a(dA.ptr, Storage::BF16);
+  // bf16 C = A W^T (beta 0): within bf16 rounding of the fp32 product; the padding untouched.
+  std::vector<float> ref = C0;
+  cpu.gemm(false, true, M, N, K, 1.0f, A.data(), K, W.data(), K, 0.0f, ref.data(), ldc);
+  gpu.gemm(false, true, M, N, K, 1.0f, a, K, dW.ptr, K, 0.0f, DevPtr(dC.ptr, Storage::BF16), ldc);
+  gpu.synchronize();  // the test's buffers are read on the legacy stream
+  const auto C = kernel_test::to_float(dC.download());
+  std::vector<float> got_rows, ref_rows;
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < ldc; ++c) {
+      const std::size_t i = std::size_t(r) * ldc + std::size_t(c);
+      if (c < N) {
+        got_rows.push_back(C[i]);
+        ref_rows.push_back(ref[i]);
+      } else {
+        CHECK(C[i] == C0[i]);  // between the rows: as it was, bit for bit
+      }
+    }
+  const double err_c = kernel_test::rel_error(got_rows, ref_rows);
+  CHECK(err_c <= 1e-2);
+  CHECK(err_c > 1e-6);  // the weights really were read through the bf16 copy
+  // fp32 C from the weights (the router's logits): the fp32 product of the masters.
+  gpu.gemm(false, true, M, N, K, 1.0f, a, K, dW.ptr, K, 0.0f, dF.ptr, N);
+  std::vector<float> ref_f(std::size_t(M) * N);
+  cpu.gemm(false, true, M, N, K, 1.0f, A.data(), K, W.data(), K, 0.0f, ref_f.data(), N);
+  gpu.synchronize();
+  CHECK(kernel_test::rel_error(dF.download(), ref_f) <= 1e-6);
+  // A storage mix in one elementwise op is refused, naming the op.
+  kernel_test::DeviceBuffer<float> dx(std::size_t(M) * K);
+  CHECK_THROWS_WITH(
+      gpu.add_inplace(DevPtr(dA.ptr, Storage::BF16), CDevPtr(dx.ptr), A.size()),
+      Catch::Contains("add_inplace") && Catch::Contains("bf16") && Catch::Contains("f32"));
 }

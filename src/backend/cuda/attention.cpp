@@ -16,10 +16,9 @@ std::size_t CudaBackend::attention_saved_elems(const AttentionShape& s) const {
   return s.probs_elems();  // P
 }
 
-void CudaBackend::attention_forward(DevPtr out_, float* saved, float* smax, CDevPtr qkv_,
+// q, k, v and the output are activations (f32, or bf16 in bf16 mode); S, P and dP are fp32.
+void CudaBackend::attention_forward(DevPtr out, float* saved, float* smax, CDevPtr qkv,
                                     const AttentionShape& s) {
-  float* out = out_.as<float>();
-  const float* qkv = qkv_.as<const float>();
   const int T = s.seq, hd = s.head_dim, W = s.qkv_width(), Wo = s.out_width();
   const int H = s.n_heads, KV = s.n_kv_heads, group = H / KV;
   const std::size_t tt = std::size_t(T) * T, seq_stride = std::size_t(T) * W;
@@ -40,11 +39,8 @@ void CudaBackend::attention_forward(DevPtr out_, float* saved, float* smax, CDev
   }
 }
 
-void CudaBackend::attention_backward(DevPtr dqkv_, CDevPtr dout_, CDevPtr qkv_, const float* saved,
+void CudaBackend::attention_backward(DevPtr dqkv, CDevPtr dout, CDevPtr qkv, const float* saved,
                                      const AttentionShape& s) {
-  float* dqkv = dqkv_.as<float>();
-  const float* dout = dout_.as<const float>();
-  const float* qkv = qkv_.as<const float>();
   const int T = s.seq, hd = s.head_dim, W = s.qkv_width(), Wo = s.out_width();
   const int H = s.n_heads, KV = s.n_kv_heads, group = H / KV;
   const std::size_t tt = std::size_t(T) * T, seq_stride = std::size_t(T) * W;
@@ -52,10 +48,10 @@ void CudaBackend::attention_backward(DevPtr dqkv_, CDevPtr dout_, CDevPtr qkv_, 
   const float scale = float(1.0 / std::sqrt(double(hd)));
   auto* dP =
       static_cast<float*>(scratch(attention_, std::size_t(s.batch) * head_stride * sizeof(float)));
-  zero(dqkv, std::size_t(s.rows()) * W * sizeof(float));
+  zero(dqkv.get(), std::size_t(s.rows()) * W * dqkv.element_bytes());
   for (int h = 0; h < H; ++h) {
     const int g = h / group;
-    const float* v = qkv + std::size_t(H + KV + g) * hd;
+    const CDevPtr v = qkv + std::size_t(H + KV + g) * hd;
     gemm_batched(false, true, T, T, hd, 1.0f, dout + std::size_t(h) * hd, Wo, out_stride, v, W,
                  seq_stride, 0.0f, dP + std::size_t(h) * tt, T, head_stride, s.batch);
     gemm_batched(true, false, T, hd, T, 1.0f, saved + std::size_t(h) * tt, T, head_stride,

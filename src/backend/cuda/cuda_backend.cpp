@@ -96,9 +96,9 @@ void* CudaBackend::alloc_bytes(std::size_t bytes) {
   return p;
 }
 
-// Activations are fp32 on the device (bf16 storage is the next step, docs/design.md §6.1).
+// bf16 mode keeps activations in bf16 (docs/design.md §6.1), fp32 mode in fp32.
 Storage CudaBackend::activation_storage() const {
-  return Storage::F32;
+  return bf16_ ? Storage::BF16 : Storage::F32;
 }
 
 std::size_t CudaBackend::available_memory_bytes() const {
@@ -171,11 +171,12 @@ void CudaBackend::zero(void* dst, std::size_t bytes) {
 
 // ---- elementwise and optimizer steps --------------------------------------------------------
 
-void CudaBackend::add_inplace(DevPtr x_, CDevPtr y_, std::size_t n) {
-  float* x = x_.as<float>();
-  const float* y = y_.as<const float>();
-  kernels::add_inplace(x, y, n, stream_);
-  wrote(x, n * sizeof(float));
+void CudaBackend::add_inplace(DevPtr x, CDevPtr y, std::size_t n) {
+  with_activation_type("add_inplace", {x, y}, [&](auto e) {
+    using E = decltype(e);
+    kernels::add_inplace(device_ptr<E>(x), device_ptr<E>(y), n, stream_);
+  });
+  wrote(x.get(), n * x.element_bytes());
 }
 
 double* CudaBackend::reduce_workspace() {
@@ -270,65 +271,82 @@ void CudaBackend::scale_row_blocks(float* x, int blocks, std::size_t block_elems
 }
 
 // ---- embedding, norms, RoPE, SwiGLU, cross-entropy -----------------------------------------
+// Activations in their storage (f32, or bf16 in bf16 mode); tables, gains, their gradients and the
+// statistics are fp32.
 
-void CudaBackend::embedding_forward(DevPtr out_, const int32_t* tokens, const float* table, int n,
+void CudaBackend::embedding_forward(DevPtr out, const int32_t* tokens, const float* table, int n,
                                     int d) {
-  float* out = out_.as<float>();
-  kernels::embedding_forward(out, tokens, table, n, d, stream_);
+  with_activation_type("embedding_forward", {out}, [&](auto e) {
+    using E = decltype(e);
+    kernels::embedding_forward(device_ptr<E>(out), tokens, table, n, d, stream_);
+  });
 }
 
-void CudaBackend::embedding_backward(float* dtable, CDevPtr dout_, const int32_t* tokens, int n,
+void CudaBackend::embedding_backward(float* dtable, CDevPtr dout, const int32_t* tokens, int n,
                                      int d) {
-  const float* dout = dout_.as<const float>();
   void* ws = scratch(op_scratch_, kernels::embedding_backward_workspace_bytes(n));
-  kernels::embedding_backward(dtable, dout, tokens, n, d, ws, stream_);
+  with_activation_type("embedding_backward", {dout}, [&](auto e) {
+    using E = decltype(e);
+    kernels::embedding_backward(dtable, device_ptr<E>(dout), tokens, n, d, ws, stream_);
+  });
 }
 
-void CudaBackend::rmsnorm_forward(DevPtr out_, float* rstd, CDevPtr x_, const float* gain, int n,
+void CudaBackend::rmsnorm_forward(DevPtr out, float* rstd, CDevPtr x, const float* gain, int n,
                                   int d, double eps) {
-  float* out = out_.as<float>();
-  const float* x = x_.as<const float>();
-  kernels::rmsnorm_forward<float>(out, rstd, x, gain, n, d, float(eps), stream_);
+  with_activation_type("rmsnorm_forward", {out, x}, [&](auto e) {
+    using E = decltype(e);
+    kernels::rmsnorm_forward(device_ptr<E>(out), rstd, device_ptr<E>(x), gain, n, d, float(eps),
+                             stream_);
+  });
 }
 
-void CudaBackend::rmsnorm_backward(DevPtr dx_, float* dgain, CDevPtr dout_, CDevPtr x_,
+void CudaBackend::rmsnorm_backward(DevPtr dx, float* dgain, CDevPtr dout, CDevPtr x,
                                    const float* gain, const float* rstd, int n, int d) {
-  float* dx = dx_.as<float>();
-  const float* dout = dout_.as<const float>();
-  const float* x = x_.as<const float>();
   void* ws = scratch(op_scratch_, kernels::rmsnorm_backward_workspace_bytes(n, d));
-  kernels::rmsnorm_backward(dx, dgain, dout, x, gain, rstd, n, d, ws, stream_);
+  with_activation_type("rmsnorm_backward", {dx, dout, x}, [&](auto e) {
+    using E = decltype(e);
+    kernels::rmsnorm_backward(device_ptr<E>(dx), dgain, device_ptr<E>(dout), device_ptr<E>(x), gain,
+                              rstd, n, d, ws, stream_);
+  });
 }
 
-void CudaBackend::rope_forward(DevPtr x_, int ld, int rows, int seq, int n_heads, int head_dim,
+void CudaBackend::rope_forward(DevPtr x, int ld, int rows, int seq, int n_heads, int head_dim,
                                const float* cos, const float* sin) {
-  float* x = x_.as<float>();
-  kernels::rope_forward(x, ld, rows, seq, n_heads, head_dim, cos, sin, stream_);
+  with_activation_type("rope_forward", {x}, [&](auto e) {
+    using E = decltype(e);
+    kernels::rope_forward(device_ptr<E>(x), ld, rows, seq, n_heads, head_dim, cos, sin, stream_);
+  });
 }
 
-void CudaBackend::rope_backward(DevPtr dx_, int ld, int rows, int seq, int n_heads, int head_dim,
+void CudaBackend::rope_backward(DevPtr dx, int ld, int rows, int seq, int n_heads, int head_dim,
                                 const float* cos, const float* sin) {
-  float* dx = dx_.as<float>();
-  kernels::rope_backward(dx, ld, rows, seq, n_heads, head_dim, cos, sin, stream_);
+  with_activation_type("rope_backward", {dx}, [&](auto e) {
+    using E = decltype(e);
+    kernels::rope_backward(device_ptr<E>(dx), ld, rows, seq, n_heads, head_dim, cos, sin, stream_);
+  });
 }
 
-void CudaBackend::swiglu_forward(DevPtr out_, CDevPtr h_, int rows, int ff) {
-  float* out = out_.as<float>();
-  const float* h = h_.as<const float>();
-  kernels::swiglu_forward(out, h, rows, ff, stream_);
+void CudaBackend::swiglu_forward(DevPtr out, CDevPtr h, int rows, int ff) {
+  with_activation_type("swiglu_forward", {out, h}, [&](auto e) {
+    using E = decltype(e);
+    kernels::swiglu_forward(device_ptr<E>(out), device_ptr<E>(h), rows, ff, stream_);
+  });
 }
 
-void CudaBackend::swiglu_backward(DevPtr dh_, CDevPtr dout_, CDevPtr h_, int rows, int ff) {
-  float* dh = dh_.as<float>();
-  const float* dout = dout_.as<const float>();
-  const float* h = h_.as<const float>();
-  kernels::swiglu_backward(dh, dout, h, rows, ff, stream_);
+void CudaBackend::swiglu_backward(DevPtr dh, CDevPtr dout, CDevPtr h, int rows, int ff) {
+  with_activation_type("swiglu_backward", {dh, dout, h}, [&](auto e) {
+    using E = decltype(e);
+    kernels::swiglu_backward(device_ptr<E>(dh), device_ptr<E>(dout), device_ptr<E>(h), rows, ff,
+                             stream_);
+  });
 }
 
-void CudaBackend::cross_entropy(float* losses, double* loss_sum, DevPtr logits_,
+void CudaBackend::cross_entropy(float* losses, double* loss_sum, DevPtr logits,
                                 const int32_t* targets, int n, int vocab, float grad_scale) {
-  float* logits = logits_.as<float>();
-  kernels::cross_entropy(losses, logits, targets, n, vocab, grad_scale, stream_);
+  with_activation_type("cross_entropy", {logits}, [&](auto e) {
+    using E = decltype(e);
+    kernels::cross_entropy(losses, device_ptr<E>(logits), targets, n, vocab, grad_scale, stream_);
+  });
   if (loss_sum && n > 0)
     kernels::sum(losses, std::size_t(n), reduce_workspace(), loss_sum, true, stream_);
 }
@@ -351,13 +369,15 @@ void CudaBackend::router_backward(float* dlogits, const float* dgates, const flo
                            aux_coef, z_coef, grad_scale, stream_);
 }
 
-void CudaBackend::moe_permute(DevPtr xg_, int32_t* pos, int32_t* offsets, CDevPtr x_,
+void CudaBackend::moe_permute(DevPtr xg, int32_t* pos, int32_t* offsets, CDevPtr x,
                               const int32_t* topk, const int32_t* counts, int tokens, int d,
                               int n_experts, int k) {
-  float* xg = xg_.as<float>();
-  const float* x = x_.as<const float>();
   void* ws = scratch(op_scratch_, kernels::moe_permute_workspace_bytes(tokens, n_experts, k));
-  kernels::moe_permute(xg, pos, offsets, x, topk, counts, tokens, d, n_experts, k, ws, stream_);
+  with_activation_type("moe_permute", {xg, x}, [&](auto e) {
+    using E = decltype(e);
+    kernels::moe_permute(device_ptr<E>(xg), pos, offsets, device_ptr<E>(x), topk, counts, tokens, d,
+                         n_experts, k, ws, stream_);
+  });
   // The grouped GEMMs size their per-expert calls from these offsets: mirror them on the host now,
   // the one synchronisation of an MoE layer (until the grouped GEMM reads them on the device).
   std::vector<std::int32_t>& mirror = offsets_mirror_[offsets];
@@ -365,27 +385,31 @@ void CudaBackend::moe_permute(DevPtr xg_, int32_t* pos, int32_t* offsets, CDevPt
   download(mirror.data(), offsets, mirror.size() * sizeof(std::int32_t));
 }
 
-void CudaBackend::moe_permute_backward(DevPtr dx_, CDevPtr dxg_, const int32_t* pos, int tokens,
+void CudaBackend::moe_permute_backward(DevPtr dx, CDevPtr dxg, const int32_t* pos, int tokens,
                                        int d, int k) {
-  float* dx = dx_.as<float>();
-  const float* dxg = dxg_.as<const float>();
-  kernels::moe_permute_backward(dx, dxg, pos, tokens, d, k, stream_);
+  with_activation_type("moe_permute_backward", {dx, dxg}, [&](auto e) {
+    using E = decltype(e);
+    kernels::moe_permute_backward(device_ptr<E>(dx), device_ptr<E>(dxg), pos, tokens, d, k,
+                                  stream_);
+  });
 }
 
-void CudaBackend::moe_unpermute(DevPtr y_, CDevPtr yg_, const float* gates, const int32_t* pos,
+void CudaBackend::moe_unpermute(DevPtr y, CDevPtr yg, const float* gates, const int32_t* pos,
                                 int tokens, int d, int k) {
-  float* y = y_.as<float>();
-  const float* yg = yg_.as<const float>();
-  kernels::moe_unpermute(y, yg, gates, pos, tokens, d, k, stream_);
+  with_activation_type("moe_unpermute", {y, yg}, [&](auto e) {
+    using E = decltype(e);
+    kernels::moe_unpermute(device_ptr<E>(y), device_ptr<E>(yg), gates, pos, tokens, d, k, stream_);
+  });
 }
 
-void CudaBackend::moe_unpermute_backward(DevPtr dyg_, float* dgates, CDevPtr dy_, CDevPtr yg_,
+void CudaBackend::moe_unpermute_backward(DevPtr dyg, float* dgates, CDevPtr dy, CDevPtr yg,
                                          const float* gates, const int32_t* pos, int tokens, int d,
                                          int k) {
-  float* dyg = dyg_.as<float>();
-  const float* dy = dy_.as<const float>();
-  const float* yg = yg_.as<const float>();
-  kernels::moe_unpermute_backward(dyg, dgates, dy, yg, gates, pos, tokens, d, k, stream_);
+  with_activation_type("moe_unpermute_backward", {dyg, dy, yg}, [&](auto e) {
+    using E = decltype(e);
+    kernels::moe_unpermute_backward(device_ptr<E>(dyg), dgates, device_ptr<E>(dy),
+                                    device_ptr<E>(yg), gates, pos, tokens, d, k, stream_);
+  });
 }
 
 }  // namespace moetrain

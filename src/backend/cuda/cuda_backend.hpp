@@ -10,14 +10,57 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.cuh"
 #include "moetrain/cuda_backend.hpp"
 
 namespace moetrain {
+
+// The element type of a storage on the device: float, or __nv_bfloat16.
+template <typename E>
+constexpr Storage device_storage() {
+  return std::is_same_v<E, float> ? Storage::F32 : Storage::BF16;
+}
+// A typed pointer as E, checked against its storage (the CUDA side of DevPtr::as, which knows
+// bf16).
+template <typename E>
+E* device_ptr(DevPtr p) {
+  if (p.get() && p.storage() != device_storage<E>())
+    throw std::logic_error(std::string("a ") + to_string(p.storage()) + " buffer used as " +
+                           to_string(device_storage<E>()));
+  return static_cast<E*>(p.get());
+}
+template <typename E>
+const E* device_ptr(CDevPtr p) {
+  if (p.get() && p.storage() != device_storage<E>())
+    throw std::logic_error(std::string("a ") + to_string(p.storage()) + " buffer used as " +
+                           to_string(device_storage<E>()));
+  return static_cast<const E*>(p.get());
+}
+// Calls f(E{}) with the element type of the activations `acts` of op `op`: they must share one
+// storage, f32 or bf16.
+template <typename F>
+void with_activation_type(const char* op, std::initializer_list<CDevPtr> acts, F&& f) {
+  const Storage s = acts.begin()->storage();
+  for (const CDevPtr& p : acts)
+    if (p.storage() != s)
+      throw std::invalid_argument(std::string(op) + ": activations of storage " + to_string(s) +
+                                  " and " + to_string(p.storage()) + " in one call");
+  if (s == Storage::F32)
+    f(float{});
+  else if (s == Storage::BF16)
+    f(__nv_bfloat16{});
+  else
+    throw std::invalid_argument(std::string(op) + ": the CUDA backend has no " + to_string(s) +
+                                " activations");
+}
 
 class CudaBackend final : public Backend<float> {
  public:
@@ -54,12 +97,15 @@ class CudaBackend final : public Backend<float> {
                                                 const char* op);
   // Marks the bf16 weight copy stale when [dst, dst + bytes) overlaps the weights.
   void wrote(const void* dst, std::size_t bytes);
-  // A GEMM operand as the GEMM reads it: the bf16 weight copy, a rounded copy, or the fp32 data.
-  const void* gemm_operand(const float* X, bool trans, int rows, int cols, int ld,
-                           std::size_t stride, int batch, Scratch& buf);
-  void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
-                 int lda, std::size_t stride_a, const float* B, int ldb, std::size_t stride_b,
-                 float beta, float* C, int ldc, std::size_t stride_c, int batch);
+  // A GEMM operand as the GEMM reads it: bf16 (the data itself, the bf16 weight copy, or fp32
+  // data rounded into `buf`) when `bf16_operand`, else fp32 (the data, or bf16 data widened).
+  const void* gemm_operand(CDevPtr X, bool trans, int rows, int cols, int ld, std::size_t stride,
+                           int batch, bool bf16_operand, Scratch& buf);
+  // Whether X points into the weights named by set_weights.
+  bool is_weight(CDevPtr X) const;
+  void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, CDevPtr A, int lda,
+                 std::size_t stride_a, CDevPtr B, int ldb, std::size_t stride_b, float beta,
+                 DevPtr C, int ldc, std::size_t stride_c, int batch);
 
   bool bf16_;
   bool stochastic_;  // stochastic rounding of the bf16 weight copy (else to nearest)
@@ -70,8 +116,8 @@ class CudaBackend final : public Backend<float> {
   struct GemmPlans;
   std::unique_ptr<GemmPlans> plans_;
   Scratch blas_workspace_, op_scratch_, gemm_a_, gemm_b_;
-  Scratch sim_a_, sim_b_;  // simulator build: the widened GEMM operands
-  Scratch attention_;      // attention backward: dP / dS
+  Scratch sim_a_, sim_b_, sim_c_;  // simulator build: the widened GEMM operands and bf16 result
+  Scratch attention_;              // attention backward: dP / dS
   std::map<const std::int32_t*, std::vector<std::int32_t>> offsets_mirror_;
   // Pinned staging of uploads (see upload()); bytes used since the last synchronize().
   static constexpr std::size_t kStagingBytes = std::size_t(8) << 20;

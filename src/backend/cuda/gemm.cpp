@@ -65,7 +65,7 @@ void set_batch(cublasLtMatrixLayout_t layout, int batch, std::size_t stride) {
 // type and the operands' alignment (the heuristic may pick a vectorised kernel only for aligned
 // pointers).
 struct GemmPlanKey {
-  bool ta, tb, bf16;
+  bool ta, tb, bf16, c_bf16;  // bf16 operands; a bf16 C (else fp32)
   int M, N, K, lda, ldb, ldc, batch;
   std::size_t sa, sb, sc;
   std::uint32_t align_a, align_b, align_c;
@@ -76,7 +76,8 @@ struct GemmPlanKeyHash {
   std::size_t operator()(const GemmPlanKey& k) const {
     std::size_t h = 1469598103934665603ull;
     auto mix = [&](std::uint64_t v) { h = (h ^ v) * 1099511628211ull; };
-    mix(std::uint64_t(k.ta) | std::uint64_t(k.tb) << 1 | std::uint64_t(k.bf16) << 2);
+    mix(std::uint64_t(k.ta) | std::uint64_t(k.tb) << 1 | std::uint64_t(k.bf16) << 2 |
+        std::uint64_t(k.c_bf16) << 3);
     for (int v : {k.M, k.N, k.K, k.lda, k.ldb, k.ldc, k.batch})
       mix(std::uint64_t(std::uint32_t(v)));
     for (std::size_t v : {k.sa, k.sb, k.sc}) mix(v);
@@ -123,7 +124,9 @@ std::unique_ptr<GemmPlan> make_plan(cublasLtHandle_t handle, std::uint64_t ws_by
   check_blas(
       cublasLtMatrixLayoutCreate(&plan->b, in_type, k.ta ? k.M : k.K, k.ta ? k.K : k.M, k.lda),
       "layout");
-  check_blas(cublasLtMatrixLayoutCreate(&plan->c, CUDA_R_32F, k.N, k.M, k.ldc), "layout");
+  check_blas(
+      cublasLtMatrixLayoutCreate(&plan->c, k.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, k.N, k.M, k.ldc),
+      "layout");
   set_batch(plan->a, k.batch, k.sb);
   set_batch(plan->b, k.batch, k.sa);
   set_batch(plan->c, k.batch, k.sc);
@@ -188,7 +191,7 @@ CudaBackend::~CudaBackend() {
   if (blas_) cublasLtDestroy(static_cast<cublasLtHandle_t>(blas_));
 #endif
   for (Scratch* s :
-       {&blas_workspace_, &op_scratch_, &gemm_a_, &gemm_b_, &sim_a_, &sim_b_, &attention_})
+       {&blas_workspace_, &op_scratch_, &gemm_a_, &gemm_b_, &sim_a_, &sim_b_, &sim_c_, &attention_})
     if (s->ptr) cudaFree(s->ptr);
   if (weight_copy_) cudaFree(weight_copy_);
   if (staging_) cudaFreeHost(staging_);
@@ -232,41 +235,51 @@ const __nv_bfloat16* CudaBackend::weight_copy() {
   return weight_copy_;
 }
 
-const void* CudaBackend::gemm_operand(const float* X, bool trans, int rows, int cols, int ld,
-                                      std::size_t stride, int batch, Scratch& buf) {
-  if (!bf16_) return X;
-  // Stored shape of the operand (row-major): op(X) is rows x cols.
+const void* CudaBackend::gemm_operand(CDevPtr X, bool trans, int rows, int cols, int ld,
+                                      std::size_t stride, int batch, bool bf16_operand,
+                                      Scratch& buf) {
+  // The stored span of the operand (row-major): op(X) is rows x cols.
   const int srows = trans ? cols : rows, scols = trans ? rows : cols;
-  if (weights_ && X >= weights_ && X < weights_ + weight_count_)
-    return weight_copy() + (X - weights_);
-  // Activations: rounded to nearest into a packed buffer with the caller's ld and stride kept,
-  // so the GEMM call is the same as for the fp32 data.
   const std::size_t span = std::size_t(batch - 1) * stride + std::size_t(srows - 1) * ld + scols;
+  if (X.storage() == Storage::BF16) {
+    if (bf16_operand) return X.get();
+    // An fp32 product of bf16 activations: widened (exactly) into a packed buffer.
+    auto* out = static_cast<float*>(scratch(buf, span * sizeof(float)));
+    kernels::convert_from_bf16(out, device_ptr<__nv_bfloat16>(X), span, stream_);
+    return out;
+  }
+  const float* x = X.as<const float>();
+  if (!bf16_operand) return x;
+  if (weights_ && x >= weights_ && x < weights_ + weight_count_)
+    return weight_copy() + (x - weights_);
+  // fp32 data in a bf16 product (attention's probabilities, the router's gradients, optimizer
+  // workspaces): rounded to nearest into a packed buffer with the caller's ld and stride kept, so
+  // the GEMM call is the same as for the fp32 data.
   auto* out = static_cast<__nv_bfloat16*>(scratch(buf, span * sizeof(__nv_bfloat16)));
   if (batch == 1 || stride == std::size_t(srows) * std::size_t(ld)) {
-    kernels::convert_to_bf16(out, ld, X, ld, srows * batch, scols, stream_);
+    kernels::convert_to_bf16(out, ld, x, ld, srows * batch, scols, stream_);
   } else {
     for (int i = 0; i < batch; ++i)
-      kernels::convert_to_bf16(out + std::size_t(i) * stride, ld, X + std::size_t(i) * stride, ld,
+      kernels::convert_to_bf16(out + std::size_t(i) * stride, ld, x + std::size_t(i) * stride, ld,
                                srows, scols, stream_);
   }
   return out;
 }
 
-void CudaBackend::gemm(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A_, int lda,
-                       CDevPtr B_, int ldb, float beta, DevPtr C_, int ldc) {
-  const float* A = A_.as<const float>();
-  const float* B = B_.as<const float>();
-  float* C = C_.as<float>();
+bool CudaBackend::is_weight(CDevPtr X) const {
+  if (!weights_ || X.storage() != Storage::F32) return false;
+  const auto* x = static_cast<const float*>(X.get());
+  return x >= weights_ && x < weights_ + weight_count_;
+}
+
+void CudaBackend::gemm(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A, int lda,
+                       CDevPtr B, int ldb, float beta, DevPtr C, int ldc) {
   gemm_impl(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
 }
 
-void CudaBackend::gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A_,
-                               int lda, std::size_t sa, CDevPtr B_, int ldb, std::size_t sb,
-                               float beta, DevPtr C_, int ldc, std::size_t sc, int batch) {
-  const float* A = A_.as<const float>();
-  const float* B = B_.as<const float>();
-  float* C = C_.as<float>();
+void CudaBackend::gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A,
+                               int lda, std::size_t sa, CDevPtr B, int ldb, std::size_t sb,
+                               float beta, DevPtr C, int ldc, std::size_t sc, int batch) {
   gemm_impl(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
@@ -285,12 +298,9 @@ const std::vector<std::int32_t>& CudaBackend::host_offsets(const std::int32_t* o
 }
 
 // Per-group cuBLASLt calls for now; an empty group launches nothing.
-void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, CDevPtr A_, int lda,
-                               CDevPtr B_, int ldb, std::size_t sb, float beta, DevPtr C_, int ldc,
+void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, CDevPtr A, int lda,
+                               CDevPtr B, int ldb, std::size_t sb, float beta, DevPtr C, int ldc,
                                const std::int32_t* offsets, int groups) {
-  const float* A = A_.as<const float>();
-  const float* B = B_.as<const float>();
-  float* C = C_.as<float>();
   const std::vector<std::int32_t>& off = host_offsets(offsets, groups, rows, "grouped_gemm");
   for (int g = 0; g < groups; ++g) {
     const std::size_t r0 = std::size_t(off[std::size_t(g)]);
@@ -300,12 +310,9 @@ void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, CDe
   }
 }
 
-void CudaBackend::grouped_gemm_wgrad(int rows, int M, int N, float alpha, CDevPtr A_, int lda,
-                                     CDevPtr B_, int ldb, DevPtr C_, int ldc, std::size_t sc,
+void CudaBackend::grouped_gemm_wgrad(int rows, int M, int N, float alpha, CDevPtr A, int lda,
+                                     CDevPtr B, int ldb, DevPtr C, int ldc, std::size_t sc,
                                      const std::int32_t* offsets, int groups) {
-  const float* A = A_.as<const float>();
-  const float* B = B_.as<const float>();
-  float* C = C_.as<float>();
   const std::vector<std::int32_t>& off = host_offsets(offsets, groups, rows, "grouped_gemm_wgrad");
   for (int g = 0; g < groups; ++g) {
     const std::size_t r0 = std::size_t(off[std::size_t(g)]);
@@ -316,28 +323,48 @@ void CudaBackend::grouped_gemm_wgrad(int rows, int M, int N, float alpha, CDevPt
   }
 }
 
-void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, const float* A,
-                            int lda, std::size_t sa, const float* B, int ldb, std::size_t sb,
-                            float beta, float* C, int ldc, std::size_t sc, int batch) {
+void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A, int lda,
+                            std::size_t sa, CDevPtr B, int ldb, std::size_t sb, float beta,
+                            DevPtr C, int ldc, std::size_t sc, int batch) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
-  wrote(C, (std::size_t(batch - 1) * sc + std::size_t(M - 1) * ldc + N) * sizeof(float));
+  const bool c_bf16 = C.storage() == Storage::BF16;
+  for (const Storage st : {A.storage(), B.storage(), C.storage()})
+    if (st == Storage::F64) throw std::invalid_argument("gemm: the CUDA backend has no f64 GEMM");
+  const std::size_t c_span = std::size_t(batch - 1) * sc + std::size_t(M - 1) * ldc + N;
+  wrote(C.get(), c_span * C.element_bytes());
   if (K <= 0) {  // an empty sum: C = beta * C, in one launch (none when beta = 1)
     if (beta == 1.0f) return;
+    if (c_bf16) {
+      auto* c = device_ptr<__nv_bfloat16>(C);
+      if (batch == 1 || sc == std::size_t(M) * std::size_t(ldc)) {
+        kernels::scale_matrix(c, ldc, M * batch, N, beta, stream_);
+      } else {
+        for (int i = 0; i < batch; ++i)
+          kernels::scale_matrix(c + std::size_t(i) * sc, ldc, M, N, beta, stream_);
+      }
+      return;
+    }
+    float* c = C.as<float>();
     if (batch == 1 || sc == std::size_t(M) * std::size_t(ldc)) {
-      kernels::scale_matrix(C, ldc, M * batch, N, beta, stream_);
+      kernels::scale_matrix(c, ldc, M * batch, N, beta, stream_);
     } else {
       for (int i = 0; i < batch; ++i)
-        kernels::scale_matrix(C + std::size_t(i) * sc, ldc, M, N, beta, stream_);
+        kernels::scale_matrix(c + std::size_t(i) * sc, ldc, M, N, beta, stream_);
     }
     return;
   }
-  const void* a = gemm_operand(A, ta, M, K, lda, sa, batch, gemm_a_);
-  const void* b = gemm_operand(B, tb, K, N, ldb, sb, batch, gemm_b_);
+  // bf16 mode multiplies bf16 operands with fp32 accumulation, except a product kept in fp32 that
+  // reads weights — the router's logits — which runs in fp32 on the master weights.
+  const bool bf16_operands = bf16_ && !(!c_bf16 && (is_weight(A) || is_weight(B)));
+  if (c_bf16 && !bf16_operands)
+    throw std::invalid_argument("gemm: a bf16 result needs bf16 operands (bf16 mode)");
+  const void* a = gemm_operand(A, ta, M, K, lda, sa, batch, bf16_operands, gemm_a_);
+  const void* b = gemm_operand(B, tb, K, N, ldb, sb, batch, bf16_operands, gemm_b_);
 #if defined(MOETRAIN_SIMT)
   // Widen the operands the GPU would read back to fp32 and multiply on the CPU.
   auto widen = [&](const void* x, bool trans, int rows, int cols, int ld, std::size_t stride,
                    Scratch& buf) -> const float* {
-    if (!bf16_) return static_cast<const float*>(x);
+    if (!bf16_operands) return static_cast<const float*>(x);
     const int srows = trans ? cols : rows, scols = trans ? rows : cols;
     const std::size_t span = std::size_t(batch - 1) * stride + std::size_t(srows - 1) * ld + scols;
     auto* out = static_cast<float*>(scratch(buf, span * sizeof(float)));
@@ -346,15 +373,28 @@ void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, 
   };
   const float* fa = widen(a, ta, M, K, lda, sa, sim_a_);
   const float* fb = widen(b, tb, K, N, ldb, sb, sim_b_);
+  // A bf16 C is widened (exactly) into fp32, multiplied into there and rounded back to nearest:
+  // the elements between the rows round-trip unchanged.
+  float* fc = nullptr;
+  if (c_bf16) {
+    fc = static_cast<float*>(scratch(sim_c_, c_span * sizeof(float)));
+    kernels::convert_from_bf16(fc, device_ptr<__nv_bfloat16>(CDevPtr(C)), c_span, stream_);
+  } else {
+    fc = C.as<float>();
+  }
   // On the stream, as cuBLASLt runs: after the kernels that wrote the operands, before later ones.
   simt::enqueue_host(stream_, [=] {
     CpuBackend<float> cpu;
-    cpu.gemm_batched(ta, tb, M, N, K, alpha, fa, lda, sa, fb, ldb, sb, beta, C, ldc, sc, batch);
+    cpu.gemm_batched(ta, tb, M, N, K, alpha, fa, lda, sa, fb, ldb, sb, beta, fc, ldc, sc, batch);
   });
+  if (c_bf16)
+    kernels::convert_to_bf16(device_ptr<__nv_bfloat16>(C), int(c_span), fc, int(c_span), 1,
+                             int(c_span), stream_);
 #else
   const GemmPlanKey key{ta,
                         tb,
-                        bf16_,
+                        bf16_operands,
+                        c_bf16,
                         M,
                         N,
                         K,
@@ -367,13 +407,13 @@ void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, 
                         sc,
                         alignment_of(a),
                         alignment_of(b),
-                        alignment_of(C)};
+                        alignment_of(C.get())};
   std::unique_ptr<GemmPlan>& slot = plans_->plans[key];
   if (!slot) slot = make_plan(static_cast<cublasLtHandle_t>(blas_), blas_workspace_.bytes, key);
   const GemmPlan& plan = *slot;
   check_blas(cublasLtMatmul(static_cast<cublasLtHandle_t>(blas_), plan.desc, &alpha, b, plan.a, a,
-                            plan.b, &beta, C, plan.c, C, plan.c, &plan.algo, blas_workspace_.ptr,
-                            blas_workspace_.bytes, stream_),
+                            plan.b, &beta, C.get(), plan.c, C.get(), plan.c, &plan.algo,
+                            blas_workspace_.ptr, blas_workspace_.bytes, stream_),
              "matmul");
 #endif
 }
