@@ -212,7 +212,8 @@
 #define MOETRAIN_BACKEND_OPS(X, T) MOETRAIN_BACKEND_OPS_AS(X, T, DevPtr, CDevPtr)
 
 // Queries (const, untimed): activation_storage is the storage of the activations this backend's
-// ops take (the CPU: T; CUDA: fp32); attention_saved_elems is the size of attention's `saved` buffer;
+// ops take (the CPU: T; CUDA: bf16 in bf16 mode, else fp32); attention_saved_elems is the
+// size of attention's `saved` buffer;
 // available_memory_bytes what this process can still allocate on the backend's device (the CPU:
 // MemAvailable of /proc/meminfo, lowered to the cgroup v2 limit's headroom when one is set; CUDA:
 // cudaMemGetInfo's free bytes), SIZE_MAX when unknown.

@@ -3,10 +3,11 @@
 // twice: against the CUDA toolkit (nvcc kernels, cuBLASLt) and against the SIMT simulator
 // (tests/simt), where GEMMs run on the CPU backend.
 //
-// Precision: activations, gradients, optimizer state and the master weights are fp32. In bf16 mode
-// the GEMMs read bf16 operands and accumulate in fp32: activations are rounded to nearest on their
-// way in, and weights come from a bf16 copy of the master weights, rewritten with stochastic
-// rounding whenever the masters change (the backend sees every write into the weight buffer).
+// Precision (docs/design.md §6.1): master weights, their gradients, optimizer state and statistics
+// are fp32. In bf16 mode activations are stored in bf16 and the GEMMs read bf16 operands with fp32
+// accumulation; weights come from a bf16 copy of the master weights, rewritten (to nearest, or
+// stochastically) whenever the masters change (the backend sees every write into the weight
+// buffer); an fp32 product from the weights (the router's logits) reads the fp32 masters.
 #pragma once
 
 #include <cstdint>
