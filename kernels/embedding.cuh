@@ -3,8 +3,8 @@
 // Host-side launchers in namespace moetrain::kernels, all pointers device pointers; T is the
 // storage type of the activations and their gradients, TW that of the table and its gradient:
 // (float, float), (bf16, bf16) or (bf16, float) — bf16 activations with the fp32 master table and
-// its fp32 gradient (sums in fp32). `max_blocks` caps the grid (0: the default); the kernels loop over whatever the grid does
-// not cover, and tests lower the cap to exercise those loops.
+// its fp32 gradient (sums in fp32). `max_blocks` caps the grid (0: the default); the kernels loop
+// over whatever the grid does not cover, and tests lower the cap to exercise those loops.
 //
 //   embedding_forward   out[i, :] = table[tokens[i], :] for i < n (rows of d elements); a negative
 //                       token gives a zero row. Tokens must be below the table's row count.

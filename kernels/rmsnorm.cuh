@@ -3,8 +3,8 @@
 // Host-side launchers in namespace moetrain::kernels, all pointers device pointers; T is the
 // storage type of the activations and their gradients, TG that of the gain and its gradient:
 // (float, float), (bf16, bf16), or (bf16, float) — bf16 activations with the fp32 master gain and
-// its fp32 gradient. Statistics and all sums are fp32; rstd is saved in fp32. `max_blocks` caps the grid (0: the default); the kernels loop
-// over the rows the grid does not cover.
+// its fp32 gradient. Statistics and all sums are fp32; rstd is saved in fp32. `max_blocks` caps the
+// grid (0: the default); the kernels loop over the rows the grid does not cover.
 //
 //   rmsnorm_forward    y = x * rstd * gain, rstd[i] = 1 / sqrt(mean(x_i^2) + eps).
 //   rmsnorm_backward   With xhat = x * rstd and gh = dy * gain:

@@ -4,14 +4,14 @@
 // CudaBackend's declarations (src/backend/cuda/) and the ProfilingBackend wrapper.
 //
 // Each list is a macro of (X, T, AP, CAP): X(ret, name, params, args, flops) per op, with T the
-// master type (a template parameter, or `float` for the CUDA backend): plain T* buffers hold parameters,
-// gradients, optimizer state and statistics (RMSNorm's rstd, attention's saved softmax state,
-// router logits, scores and gates, losses, S_max). Activations and GEMM operands are typed device
-// pointers, AP and CAP (DevPtr / CDevPtr, dev_ptr.hpp, in the interface; T* / const T* in the
-// CPU backend's implementations), whose storage is the backend's activation_storage() (or T, for
-// a GEMM on parameters, gradients or optimizer workspaces). `args` forwards `params`;
-// `flops` is the op's FLOP count for the profiler (0 when it is not a matmul). The ops are grouped
-// by family: the CPU backend implements each family in the file named after it
+// master type (a template parameter, or `float` for the CUDA backend): plain T* buffers hold
+// parameters, gradients, optimizer state and statistics (RMSNorm's rstd, attention's saved softmax
+// state, router logits, scores and gates, losses, S_max). Activations and GEMM operands are typed
+// device pointers, AP and CAP (DevPtr / CDevPtr, dev_ptr.hpp, in the interface; T* / const T* in
+// the CPU backend's implementations), whose storage is the backend's activation_storage() (or T,
+// for a GEMM on parameters, gradients or optimizer workspaces). `args` forwards `params`; `flops`
+// is the op's FLOP count for the profiler (0 when it is not a matmul). The ops are grouped by
+// family: the CPU backend implements each family in the file named after it
 // (src/backend/cpu/<family>.cpp) and kernels/<family>.cu holds its kernels.
 //
 // All pointers are device buffers of the backend. Activations are row-major with one row per token
