@@ -125,7 +125,7 @@ StepResult Trainer::train_step(double lr) {
   const std::uint64_t bytes0 = comm_.bytes_moved();
 
   // The micro-batches and the optimizer step are enqueued without reading anything back; one
-  // download of the stats block then brings the whole step's statistics (docs/design.md §6).
+  // download of the stats block then brings the whole step's statistics (docs/design.md §7.1).
   model_->zero_grads();
   Batch batch;
   for (int micro = 0; micro < ga; ++micro) {

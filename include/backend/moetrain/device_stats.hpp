@@ -1,7 +1,7 @@
 // DeviceStats: the small device values of a training step — the loss sums, S_max, router
 // statistics and expert loads the model writes, the gradient norm, verdict and update sums the
 // optimizer writes — in one allocation, so the host reads a whole step with one download: the one
-// synchronisation of a step on an asynchronous backend (docs/design.md §6).
+// synchronisation of a step on an asynchronous backend (docs/design.md §2.3, §7.1).
 //
 // Each user reserves its typed regions before allocate() (the trainer shares one DeviceStats
 // between its model and optimizer; either makes its own when used alone) and resolves them with

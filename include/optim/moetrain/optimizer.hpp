@@ -43,7 +43,7 @@ struct OptimizerStats {
 // The NonFiniteError message of a skipped step (`step`: the optimizer step it would have been).
 std::string skipped_step_message(const OptimizerStats& st, std::int64_t step);
 
-// What a step reads on the device besides parameters and gradients (docs/design.md §4).
+// What a step reads on the device besides parameters and gradients (docs/design.md §4.4, §4.5).
 template <typename T>
 struct StepInputs {
   // S_max of this rank's micro-batches, [smax_slots][n_layers][n_heads], for QK-clip: reduced
