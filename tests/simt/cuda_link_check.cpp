@@ -4,6 +4,7 @@
 // by hand it reports the devices it sees.
 #include <cstdio>
 
+#include "mma_test_kernels.hpp"
 #include "test_kernels.hpp"
 
 int main() {
@@ -24,6 +25,10 @@ int main() {
       reinterpret_cast<const void*>(&stale_shared),
       reinterpret_cast<const void*>(&sync_heavy),
       reinterpret_cast<const void*>(&write_per_thread),
+      reinterpret_cast<const void*>(&moetrain::mma_test::mma_fragments),
+      reinterpret_cast<const void*>(&moetrain::mma_test::ldmatrix_fragments),
+      reinterpret_cast<const void*>(&moetrain::mma_test::gemm_bf16),
+      reinterpret_cast<const void*>(&moetrain::mma_test::mma_bug),
   };
   int devices = 0;
   const cudaError_t status = cudaGetDeviceCount(&devices);

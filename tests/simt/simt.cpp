@@ -106,7 +106,9 @@ simt_ctx_trampoline:
 namespace {
 
 using simt::Schedule;
+using simt::detail::AlignedOp;
 using simt::detail::Barrier;
+using simt::detail::CallSite;
 using simt::detail::LaunchDesc;
 using simt::detail::Op;
 
@@ -144,6 +146,7 @@ struct Fiber {
   std::uint64_t in = 0;   // collective: this lane's value
   std::uint64_t out = 0;  // collective/barrier: this lane's result
   int arg = 0;            // collective: source lane / delta / lane mask
+  void* data = nullptr;   // Op::Aligned: this lane's operand block
   int pred = 0;           // barrier predicate
 };
 
@@ -152,7 +155,11 @@ struct Pending {  // a warp collective some lanes wait in
   unsigned mask;
   unsigned arrived;
   int width;
+  const AlignedOp* aligned;  // Op::Aligned: the instruction and where the first lane called it
+  CallSite site;
 };
+
+constexpr unsigned kAllLanes = 0xffffffffu;
 
 struct Warp {
   unsigned exists = 0;  // lanes that exist in this block
@@ -186,6 +193,9 @@ struct Run {
   int first_exited = -1;
   int first_at_barrier = -1;
   Warp warps[kMaxThreads / 32];
+  // the executable's static TLS block (the static __shared__ arrays), for in_shared()
+  const unsigned char* tls_data = nullptr;
+  size_t tls_size = 0;
   // error raised inside a fiber
   std::exception_ptr error;
   bool aborted = false;
@@ -303,8 +313,23 @@ const char* op_name(Op op) {
       return "__reduce_or_sync";
     case Op::ReduceXor:
       return "__reduce_xor_sync";
+    case Op::Aligned:
+      return "a .sync.aligned instruction";
   }
   return "?";
+}
+
+// "file:line:column" of a call site, the file without its directories.
+std::string site_str(const CallSite& site) {
+  const char* file = site.file ? site.file : "?";
+  if (const char* slash = std::strrchr(file, '/')) file = slash + 1;
+  return std::string(file) + ":" + std::to_string(site.line) + ":" + std::to_string(site.column);
+}
+
+// What lanes wait in: the collective's name, or the aligned instruction and its call site.
+std::string pending_name(const Pending& p) {
+  if (p.op == Op::Aligned) return std::string(p.aligned->name) + " at " + site_str(p.site);
+  return op_name(p.op);
 }
 
 const char* barrier_name(Barrier b) {
@@ -521,7 +546,7 @@ void thread_exit(Fiber* f) {
     const Pending& p = w.pending[i];
     if (p.mask >> f->lane & 1u) {
       fail(thread_str(*f) + " exited while lanes " + lanes_str(p.arrived) +
-           " of its warp wait for it in " + op_name(p.op) + " (mask " + hex(p.mask) + ")");
+           " of its warp wait for it in " + pending_name(p) + " (mask " + hex(p.mask) + ")");
     }
   }
 }
@@ -742,7 +767,7 @@ SIMT_HOT void complete(Warp& w, int index) {
 
 [[noreturn]] SIMT_COLD void divergent(const Fiber* f, Op op, int width, const Pending& p) {
   fail(thread_str(*f) + " calls " + op_name(op) + " (width " + std::to_string(width) +
-       ") while lanes " + lanes_str(p.arrived) + " of its warp wait in " + op_name(p.op) +
+       ") while lanes " + lanes_str(p.arrived) + " of its warp wait in " + pending_name(p) +
        " (width " + std::to_string(p.width) + ") with the same mask " + hex(p.mask) +
        ": divergent warp collectives");
 }
@@ -770,7 +795,7 @@ SIMT_HOT std::uint64_t collective(Op op, unsigned mask, std::uint64_t value, int
   }
   if (index < 0) {
     index = w.npending++;
-    w.pending[index] = Pending{op, mask, 0u, width};
+    w.pending[index] = Pending{op, mask, 0u, width, nullptr, CallSite{nullptr, 0, 0}};
   }
   f->state = State::AtWarp;
   f->op = op;
@@ -780,6 +805,73 @@ SIMT_HOT std::uint64_t collective(Op op, unsigned mask, std::uint64_t value, int
   if (w.pending[index].arrived == mask) complete(w, index);
   reschedule();
   return g_cur->out;
+}
+
+// .sync.aligned instructions (mma.sync, ldmatrix): a full-warp collective whose lanes must all
+// execute the same instruction, i.e. the same AlignedOp from the same call site.
+bool same_instruction(const Pending& p, const AlignedOp& op, const CallSite& site) {
+  if (p.op != Op::Aligned) return false;
+  if (p.aligned != &op && std::strcmp(p.aligned->name, op.name) != 0) return false;
+  return p.site.line == site.line && p.site.column == site.column &&
+         (p.site.file == site.file || std::strcmp(p.site.file, site.file) == 0);
+}
+
+[[noreturn]] SIMT_COLD void bad_aligned(const Fiber* f, const AlignedOp& op, const CallSite& site) {
+  const Run& r = g_run;
+  const Warp& w = r.warps[f->warp];
+  const std::string call = thread_str(*f) + " executes " + op.name + " at " + site_str(site);
+  if (w.exists != kAllLanes) {
+    fail(call + ", which needs all 32 lanes of the warp, but lanes " + lanes_str(~w.exists) +
+         " do not exist (block of " + std::to_string(r.nthreads) + " threads)");
+  }
+  fail(call + ", which needs all 32 lanes of the warp, but lanes " + lanes_str(w.exited) +
+       " have exited");
+}
+
+[[noreturn]] SIMT_COLD void divergent_aligned(const Fiber* f, const AlignedOp& op,
+                                              const CallSite& site, const Pending& p) {
+  fail(thread_str(*f) + " executes " + op.name + " at " + site_str(site) + " while lanes " +
+       lanes_str(p.arrived) + " of its warp wait in " + pending_name(p) +
+       ": divergent warp collectives (.aligned: every lane of the warp must execute the same "
+       "instruction)");
+}
+
+SIMT_HOT void complete_aligned(Warp& w, int index) {
+  const Pending p = w.pending[index];
+  w.pending[index] = w.pending[--w.npending];
+  const unsigned base = static_cast<unsigned>(&w - g_run.warps) * 32;
+  void* data[32];
+  for (unsigned l = 0; l < 32; ++l) data[l] = fiber_at(base + l)->data;
+  p.aligned->exec(data);  // may throw (an operand error): the launch fails with it
+  for (unsigned l = 0; l < 32; ++l) {
+    fiber_at(base + l)->state = State::Ready;
+    make_ready(base + l);
+  }
+}
+
+SIMT_HOT void aligned_collective(const AlignedOp& op, void* data, const CallSite& site) {
+  Fiber* f = g_cur;
+  if (!f) outside_kernel(op.name);
+  Warp& w = g_run.warps[f->warp];
+  if (w.exists != kAllLanes || w.exited) bad_aligned(f, op, site);
+  int index = -1;
+  for (int i = 0; i < w.npending; ++i) {
+    if (w.pending[i].mask == kAllLanes) {
+      if (!same_instruction(w.pending[i], op, site)) divergent_aligned(f, op, site, w.pending[i]);
+      index = i;
+      break;
+    }
+  }
+  if (index < 0) {
+    index = w.npending++;
+    w.pending[index] = Pending{Op::Aligned, kAllLanes, 0u, 32, &op, site};
+  }
+  f->state = State::AtWarp;
+  f->op = Op::Aligned;
+  f->data = data;
+  w.pending[index].arrived |= 1u << f->lane;
+  if (w.pending[index].arrived == kAllLanes) complete_aligned(w, index);
+  reschedule();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -845,7 +937,7 @@ std::string deadlock_report() {
     for (int i = 0; i < w.npending; ++i) {
       const Pending& p = w.pending[i];
       const unsigned missing = p.mask & ~p.arrived;
-      os << "; warp " << wi << ": lanes " << lanes_str(p.arrived) << " wait in " << op_name(p.op)
+      os << "; warp " << wi << ": lanes " << lanes_str(p.arrived) << " wait in " << pending_name(p)
          << " (mask " << hex(p.mask) << ") for lanes " << lanes_str(missing);
       unsigned at_bar = 0, elsewhere = 0;
       for (unsigned l = 0; l < 32; ++l) {
@@ -1034,6 +1126,25 @@ unsigned int active_mask() {
   return w.exists & ~w.exited;
 }
 
+void warp_aligned(const AlignedOp& op, void* data, const CallSite& site) {
+  aligned_collective(op, data, site);
+}
+
+void lane_error(unsigned lane, const std::string& what) {
+  Fiber* f = g_cur;
+  if (!f) outside_kernel("simt::detail::lane_error");
+  fail(thread_str(*fiber_at(f->warp * 32 + (lane & 31u))) + " " + what);
+}
+
+bool in_shared(const void* p, std::size_t bytes) {
+  if (!g_cur) outside_kernel("simt::detail::in_shared");
+  const auto within = [&](const void* base, std::size_t size) {
+    const auto a = reinterpret_cast<std::uintptr_t>(p), b = reinterpret_cast<std::uintptr_t>(base);
+    return a >= b && a - b <= size && bytes <= size - (a - b);
+  };
+  return within(g_dynamic_smem, g_run.desc->smem_bytes) || within(g_run.tls_data, g_run.tls_size);
+}
+
 void run_launch(const LaunchDesc& d) {
   validate(d);
   init_schedule_from_env();
@@ -1070,6 +1181,8 @@ void run_launch(const LaunchDesc& d) {
 
   const TlsBlock tls = exe_tls_block();
   TlsGuard tls_guard(tls);
+  r.tls_data = tls.data;
+  r.tls_size = tls.size;
   struct InLaunch {
     InLaunch() {
       g_launch_owner = pthread_self();

@@ -8,8 +8,9 @@
 //   Blocks run one after another on the calling thread. The threads of a block run as fibers
 //   (cooperative user-space threads with their own stacks, switched by a few instructions). A
 //   thread runs until it reaches __syncthreads() or a warp collective (__shfl_*_sync,
-//   __ballot_sync, __any_sync, __all_sync, __syncwarp, __reduce_*_sync), then the schedule picks
-//   the next thread:
+//   __ballot_sync, __any_sync, __all_sync, __syncwarp, __reduce_*_sync, and the .sync.aligned
+//   instructions mma.sync and ldmatrix of kernels/mma.cuh), then the schedule picks the next
+//   thread:
 //     Schedule::forward()     rounds over the ready threads in ascending linear thread index,
 //     Schedule::reverse()     the same in descending order,
 //     Schedule::random(seed)  any ready thread, drawn at random at every switch (repeatable:
@@ -62,6 +63,10 @@
 //     [1, 32]. Collectives with different, overlapping masks may be pending at once (legal since
 //     Volta: lanes 0-15 may reach a full-warp __syncwarp while lanes 16-31 still shuffle among
 //     themselves); lanes that end up waiting for each other are reported as a deadlock;
+//   * a .sync.aligned instruction (mma.sync, ldmatrix of kernels/mma.cuh, through warp_aligned)
+//     that not every lane of a full warp executes, or that lanes execute from different call
+//     sites (divergent control flow); its operand errors (a misaligned or non-shared ldmatrix row
+//     address);
 //   * a block in which no thread can make progress (deadlock), with the state of every waiting
 //     warp;
 //   * an invalid launch configuration (zero or too large dims, more than 1024 threads, dynamic
@@ -946,6 +951,7 @@ enum class Op : std::uint8_t {
   ReduceAnd,
   ReduceOr,
   ReduceXor,
+  Aligned,  // a .sync.aligned instruction (warp_aligned below)
 };
 // Blocks the calling thread until every lane of `mask` calls the same collective; returns this
 // lane's result (the 64-bit pattern of the value read, or the ballot/reduction).
@@ -953,6 +959,34 @@ std::uint64_t warp_collective(Op op, unsigned int mask, std::uint64_t value, int
 enum class Barrier : std::uint8_t { Sync, Count, And, Or };
 int block_barrier(Barrier kind, int predicate);
 unsigned int active_mask();
+
+// Warp-synchronous instructions of PTX's .sync.aligned kind (mma.sync, ldmatrix: kernels/mma.cuh).
+// All 32 lanes of the warp must execute the same instruction: the same AlignedOp, called from the
+// same source location (PTX: "all threads in the warp must execute the same instruction"; two call
+// sites in the branches of a lane-dependent condition are two instructions). `data` is the calling
+// lane's operand block; when the last lane arrives, `op.exec` runs once, on that lane's fiber, with
+// the 32 lanes' blocks indexed by lane: it reads every lane's operands before it writes any
+// result, since a lane's outputs may alias its inputs. Errors (simt::Error): a warp with fewer than
+// 32 threads or an exited lane, lanes executing different instructions, a lane exiting while
+// others wait, deadlocks.
+struct AlignedOp {
+  const char* name;                  // the PTX instruction, for messages
+  void (*exec)(void* const* lanes);  // lanes[0..31]: each lane's `data`
+};
+struct CallSite {
+  const char* file;
+  unsigned line;
+  unsigned column;
+};
+void warp_aligned(const AlignedOp& op, void* data, const CallSite& site);
+// For an AlignedOp's exec: throws simt::Error naming the kernel, block and the thread of `lane` in
+// the running warp, followed by `what` (e.g. "gives ldmatrix ... a misaligned row address").
+[[noreturn]] void lane_error(unsigned lane, const std::string& what);
+// Whether [p, p + bytes) lies in the running block's shared memory: its dynamic shared memory, or
+// the executable's static TLS block, which holds the static __shared__ arrays (and any other
+// thread_local of the executable: the simulator cannot tell those apart). Global (cudaMalloc) and
+// local (stack) memory are not shared.
+bool in_shared(const void* p, std::size_t bytes);
 
 template <typename T>
 inline T shfl(Op op, unsigned int mask, T var, int arg, int width) {
