@@ -1,0 +1,122 @@
+// tests/simt/test_flash_attention.cpp — kernels/flash_attention.cu (causal flash attention on
+// mma.sync) in the SIMT simulator against the CPU backend's attention on the same bf16-rounded
+// q, k, v: the output within the bf16 tolerance, S_max equal (to fp32 rounding) to a brute-force
+// maximum of q_i . k_j / sqrt(hd) over the batch and j <= i, and the saved logsumexp against a
+// double-precision evaluation; MHA and GQA (4 query heads per kv head), head_dim 64 and 128,
+// sequences of 1, 17, 64 and 129 (one, several and partial query blocks), batch 2, outputs
+// poisoned with NaN first, under several schedules.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "flash_attention.cuh"
+#include "kernel_test_util.hpp"
+#include "moetrain/cpu_backend.hpp"
+
+namespace {
+
+using namespace kernel_test;
+
+struct Case {
+  int batch, seq, heads, kv_heads, hd;
+};
+
+void run_case(const Case& c, unsigned seed) {
+  const int B = c.batch, T = c.seq, H = c.heads, KV = c.kv_heads, hd = c.hd;
+  const int W = (H + 2 * KV) * hd, Wo = H * hd;
+  const size_t rows = size_t(B) * T;
+  std::mt19937 rng(seed);
+  // Logits of a few units: a softmax that is neither flat nor one-hot.
+  const std::vector<float> qkv = representable<bf16>(random_floats(rows * W, rng, 1.2f));
+
+  const moetrain::AttentionShape shape{B, T, H, KV, hd};
+  moetrain::CpuBackend<float> cpu;
+  std::vector<float> ref_out(rows * Wo), probs(cpu.attention_saved_elems(shape)), ref_smax(H);
+  cpu.attention_forward(ref_out.data(), probs.data(), ref_smax.data(), qkv.data(), shape);
+
+  // Brute force, in double: S_max and the logsumexp of each row.
+  const double scale = 1.0 / std::sqrt(double(hd));
+  std::vector<double> smax(H, -std::numeric_limits<double>::infinity()), lse(size_t(B) * H * T);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) {
+      const int g = h / (H / KV);
+      for (int i = 0; i < T; ++i) {
+        std::vector<double> s(size_t(i) + 1);
+        for (int j = 0; j <= i; ++j) {
+          double dot = 0;
+          for (int d = 0; d < hd; ++d)
+            dot += double(qkv[(size_t(b) * T + i) * W + size_t(h) * hd + d]) *
+                   double(qkv[(size_t(b) * T + j) * W + size_t(H + g) * hd + d]);
+          s[size_t(j)] = dot * scale;
+        }
+        const double m = *std::max_element(s.begin(), s.end());
+        smax[size_t(h)] = std::max(smax[size_t(h)], m);
+        double sum = 0;
+        for (double x : s) sum += std::exp(x - m);
+        lse[(size_t(b) * H + h) * T + i] = m + std::log(sum);
+      }
+    }
+
+  DeviceBuffer<bf16> d_qkv(to_storage<bf16>(qkv)), d_out(rows * Wo);
+  DeviceBuffer<float> d_lse(size_t(B) * H * T), d_smax(static_cast<size_t>(H));
+  const mk::FlashShape fs{B, T, H, KV, hd};
+  DeviceBuffer<unsigned char> d_ws(mk::flash_attention_workspace_bytes(fs));
+  for (const Schedule& s : test_schedules()) {
+    ScopedSchedule scope(s);
+    INFO("batch " << B << " seq " << T << " heads " << H << "/" << KV << " hd " << hd
+                  << " schedule " << s.name());
+    d_out.poison();
+    d_lse.poison();
+    d_smax.poison();
+    d_ws.poison();
+    mk::flash_attention_forward(d_out.ptr, d_lse.ptr, d_smax.ptr, d_qkv.ptr, fs, d_ws.ptr, nullptr);
+    const auto out = to_float(d_out.download());
+    const auto got_lse = d_lse.download(), got_smax = d_smax.download();
+    REQUIRE_FALSE(has_nan(out));
+    REQUIRE_FALSE(has_nan(got_lse));
+    REQUIRE_FALSE(has_nan(got_smax));
+    const double e_out = rel_error(out, ref_out);
+    INFO("output relative error " << e_out);
+    CHECK(e_out <= 2e-2);
+    for (int h = 0; h < H; ++h) {
+      INFO("head " << h << ": S_max " << got_smax[size_t(h)] << ", brute force " << smax[size_t(h)]
+                   << ", CPU backend " << ref_smax[size_t(h)]);
+      CHECK(std::fabs(got_smax[size_t(h)] - smax[size_t(h)]) <=
+            1e-5 * std::max(1.0, std::fabs(smax[size_t(h)])));
+    }
+    double e_lse = 0;
+    for (size_t i = 0; i < lse.size(); ++i)
+      e_lse = std::max(e_lse, std::fabs(double(got_lse[i]) - lse[i]));
+    INFO("logsumexp max abs error " << e_lse);
+    CHECK(e_lse <= 1e-4);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("flash attention forward matches the CPU backend, with the exact S_max",
+          "[simt][kernels][flash]") {
+  const Case cases[] = {
+      {2, 1, 4, 4, 64},     // one row
+      {2, 17, 4, 1, 64},    // GQA, one partial query block
+      {2, 64, 4, 4, 128},   // exactly one block
+      {2, 129, 4, 1, 64},   // GQA, three query blocks, the last of one row
+      {1, 129, 2, 2, 128},  // hd 128 across blocks
+  };
+  unsigned seed = 1;
+  for (const Case& c : cases) run_case(c, seed++);
+}
+
+TEST_CASE("flash attention forward refuses unsupported shapes", "[simt][kernels][flash]") {
+  DeviceBuffer<unsigned char> ws(1024);
+  CHECK_THROWS_WITH(mk::flash_attention_forward(nullptr, nullptr, nullptr, nullptr,
+                                                mk::FlashShape{1, 4, 2, 2, 96}, ws.ptr, nullptr),
+                    Catch::Contains("head_dim 96"));
+  CHECK_THROWS_WITH(mk::flash_attention_forward(nullptr, nullptr, nullptr, nullptr,
+                                                mk::FlashShape{1, 4, 3, 2, 64}, ws.ptr, nullptr),
+                    Catch::Contains("n_kv_heads"));
+}
