@@ -15,6 +15,7 @@
 // block's rows is this block's S_max partial, reduced over blocks and the batch by a second kernel.
 #include "flash_attention.cuh"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -197,8 +198,236 @@ __global__ void __launch_bounds__(kWarpSize)
   if (lane_id() == 0) smax[h] = mx;
 }
 
+// ---- backward
+// ------------------------------------------------------------------------------------ Delta[b, h,
+// i] = sum_d dO[i, d] O[i, d] (fp32 from bf16): the softmax backward's row term. One warp per row.
+template <int HD>
+__global__ void __launch_bounds__(kThreads)
+    flash_delta_kernel(float* __restrict__ delta, const __nv_bfloat16* __restrict__ out,
+                       const __nv_bfloat16* __restrict__ dout, FlashShape s) {
+  const int rows = s.batch * s.n_heads * s.seq;
+  const std::size_t Wo = static_cast<std::size_t>(s.n_heads) * HD;
+  for (int r = static_cast<int>(blockIdx.x) * kWarps + static_cast<int>(warp_id()); r < rows;
+       r += static_cast<int>(gridDim.x) * kWarps) {
+    const int i = r % s.seq, h = r / s.seq % s.n_heads, b = r / (s.seq * s.n_heads);
+    const std::size_t off =
+        (static_cast<std::size_t>(b) * s.seq + i) * Wo + static_cast<std::size_t>(h) * HD;
+    float acc = 0.0f;
+    for (int d = static_cast<int>(lane_id()); d < HD; d += kWarpSize)
+      acc += bf16_to_float(out[off + d]) * bf16_to_float(dout[off + d]);
+    acc = warp_sum(acc);
+    if (lane_id() == 0) delta[r] = acc;  // r = (b * H + h) * seq + i
+  }
+}
+
+// dK and dV of one block of 64 keys of kv head `kv` (grid: key blocks, kv heads, sequences). Warp
+// w owns keys 16 w .. 16 w + 15 and keeps their k and v as A fragments; for each query head of
+// the group in order, and each query block at or below the diagonal, it forms the transposed
+// products directly (rows = keys): S^T = k q^T, P^T = exp(S^T scale - lse), dP^T = v dO^T,
+// dS^T = P^T (dP^T - Delta), then dV += P^T dO and dK += dS^T q. The sums over queries and over
+// the group's heads run in that fixed order in registers: no atomics, the same bits every run.
+template <int HD>
+__global__ void __launch_bounds__(kThreads)
+    flash_dkdv_kernel(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ qkv,
+                      const __nv_bfloat16* __restrict__ dout, const float* __restrict__ lse,
+                      const float* __restrict__ delta, FlashShape s, float scale) {
+  constexpr int LD = kRowLd<HD>, kSteps = HD / 16, kDTiles = HD / 8, kNTiles = kBlockM / 8;
+  const int kb = static_cast<int>(blockIdx.x), kv = static_cast<int>(blockIdx.y),
+            b = static_cast<int>(blockIdx.z);
+  const int T = s.seq, H = s.n_heads, KV = s.n_kv_heads, group = H / KV;
+  const std::size_t W = static_cast<std::size_t>(H + 2 * KV) * HD,
+                    Wo = static_cast<std::size_t>(H) * HD;
+  const __nv_bfloat16* base = qkv + static_cast<std::size_t>(b) * T * W;
+  const __nv_bfloat16* dbase = dout + static_cast<std::size_t>(b) * T * Wo;
+  __nv_bfloat16* ks = dynamic_smem<__nv_bfloat16>();  // [64][LD] each: k, v, then q and dO
+  __nv_bfloat16* vs = ks + kBlockN * LD;
+  __nv_bfloat16* qs = vs + kBlockN * LD;
+  __nv_bfloat16* dos = qs + kBlockM * LD;
+  __shared__ float lse_s[kBlockM], delta_s[kBlockM];
+
+  const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
+  const int g = lane / 4, t = lane % 4;
+  const int key_a = kb * kBlockN + warp * 16 + g, key_b = key_a + 8;  // this lane's two keys
+
+  load_tile<HD>(ks, base + static_cast<std::size_t>(H + kv) * HD, W, kb * kBlockN, T);
+  load_tile<HD>(vs, base + static_cast<std::size_t>(H + KV + kv) * HD, W, kb * kBlockN, T);
+  __syncthreads();
+  // This warp's 16 rows of k and v as A fragments are re-read from shared memory where they are
+  // used: with them in registers next to dK, dV and the 16 x 64 P^T and dS^T, hd 128 would spill.
+  const __nv_bfloat16* k_rows = ks + (warp * 16 + lane % 16) * LD + lane / 16 * 8;
+  const __nv_bfloat16* v_rows = vs + (warp * 16 + lane % 16) * LD + lane / 16 * 8;
+  float dk[kDTiles][4], dv[kDTiles][4];
+  for (int d = 0; d < kDTiles; ++d)
+    for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.0f;
+
+  const int q_blocks = ceil_div(T, kBlockM);
+  for (int hi = 0; hi < group; ++hi) {
+    const int h = kv * group + hi;
+    for (int qb = kb; qb < q_blocks; ++qb) {
+      __syncthreads();  // the previous query block is no longer read
+      load_tile<HD>(qs, base + static_cast<std::size_t>(h) * HD, W, qb * kBlockM, T);
+      load_tile<HD>(dos, dbase + static_cast<std::size_t>(h) * HD, Wo, qb * kBlockM, T);
+      for (int r = static_cast<int>(threadIdx.x); r < kBlockM; r += kThreads) {
+        const int i = qb * kBlockM + r;
+        const std::size_t at = (static_cast<std::size_t>(b) * H + h) * T + i;
+        lse_s[r] = i < T ? lse[at] : INFINITY;  // a row past the sequence: P = 0
+        delta_s[r] = i < T ? delta[at] : 0.0f;
+      }
+      __syncthreads();
+      float pt[kNTiles][4], dst[kNTiles][4];  // P^T and dS^T: 16 keys x 64 queries
+      for (int n = 0; n < kNTiles; ++n) {
+        float st[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dpt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int kk = 0; kk < kSteps; ++kk) {
+          uint32_t qf[2], df[2];  // q and dO stored [query][d]: transposed B operands
+          ldmatrix_x2(qf, qs + (n * 8 + lane % 8) * LD + kk * 16 + lane / 8 % 2 * 8);
+          ldmatrix_x2(df, dos + (n * 8 + lane % 8) * LD + kk * 16 + lane / 8 % 2 * 8);
+          uint32_t ka[4], va[4];
+          ldmatrix_x4(ka, k_rows + kk * 16);
+          ldmatrix_x4(va, v_rows + kk * 16);
+          mma_m16n8k16_bf16(st, ka, qf, st);
+          mma_m16n8k16_bf16(dpt, va, df, dpt);
+        }
+        for (int e = 0; e < 4; ++e) {
+          const int r = n * 8 + 2 * t + (e & 1), i = qb * kBlockM + r;
+          const int j = e < 2 ? key_a : key_b;
+          const float p = (j <= i && i < T && j < T) ? expf(st[e] * scale - lse_s[r]) : 0.0f;
+          pt[n][e] = p;
+          dst[n][e] = p * (dpt[e] - delta_s[r]);
+        }
+      }
+      for (int kq = 0; kq < kBlockM / 16; ++kq) {
+        const uint32_t pa[4] = {pack_bf16(pt[2 * kq][0], pt[2 * kq][1]),
+                                pack_bf16(pt[2 * kq][2], pt[2 * kq][3]),
+                                pack_bf16(pt[2 * kq + 1][0], pt[2 * kq + 1][1]),
+                                pack_bf16(pt[2 * kq + 1][2], pt[2 * kq + 1][3])};
+        const uint32_t sa[4] = {pack_bf16(dst[2 * kq][0], dst[2 * kq][1]),
+                                pack_bf16(dst[2 * kq][2], dst[2 * kq][3]),
+                                pack_bf16(dst[2 * kq + 1][0], dst[2 * kq + 1][1]),
+                                pack_bf16(dst[2 * kq + 1][2], dst[2 * kq + 1][3])};
+        for (int d = 0; d < kDTiles; ++d) {
+          uint32_t df[2], qf[2];  // dO and q stored [query][d]: row-major B operands
+          ldmatrix_x2_trans(df, dos + (kq * 16 + lane % 16) * LD + d * 8);
+          ldmatrix_x2_trans(qf, qs + (kq * 16 + lane % 16) * LD + d * 8);
+          mma_m16n8k16_bf16(dv[d], pa, df, dv[d]);
+          mma_m16n8k16_bf16(dk[d], sa, qf, dk[d]);
+        }
+      }
+    }
+  }
+  for (int half = 0; half < 2; ++half) {
+    const int j = half ? key_b : key_a;
+    if (j >= T) continue;
+    __nv_bfloat16* row = dqkv + (static_cast<std::size_t>(b) * T + j) * W + 2 * t;
+    __nv_bfloat16* dk_row = row + static_cast<std::size_t>(H + kv) * HD;
+    __nv_bfloat16* dv_row = row + static_cast<std::size_t>(H + KV + kv) * HD;
+    for (int d = 0; d < kDTiles; ++d) {
+      *reinterpret_cast<uint32_t*>(dk_row + d * 8) =
+          pack_bf16(dk[d][2 * half] * scale, dk[d][2 * half + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv_row + d * 8) =
+          pack_bf16(dv[d][2 * half], dv[d][2 * half + 1]);
+    }
+  }
+}
+
+// dQ of one block of 64 queries of head h (grid: query blocks, heads, sequences), walking the key
+// blocks as the forward does: P from the saved logsumexp, dP = dO v^T, dS = P (dP - Delta),
+// dQ += dS k, summed over the key blocks in order in registers.
+template <int HD>
+__global__ void __launch_bounds__(kThreads)
+    flash_dq_kernel(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ qkv,
+                    const __nv_bfloat16* __restrict__ dout, const float* __restrict__ lse,
+                    const float* __restrict__ delta, FlashShape s, float scale) {
+  constexpr int LD = kRowLd<HD>, kSteps = HD / 16, kDTiles = HD / 8, kNTiles = kBlockN / 8;
+  const int qb = static_cast<int>(blockIdx.x), h = static_cast<int>(blockIdx.y),
+            b = static_cast<int>(blockIdx.z);
+  const int T = s.seq, H = s.n_heads, KV = s.n_kv_heads, kv = h / (H / KV);
+  const std::size_t W = static_cast<std::size_t>(H + 2 * KV) * HD,
+                    Wo = static_cast<std::size_t>(H) * HD;
+  const __nv_bfloat16* base = qkv + static_cast<std::size_t>(b) * T * W;
+  __nv_bfloat16* qs = dynamic_smem<__nv_bfloat16>();  // [64][LD] each: q, dO, then k and v
+  __nv_bfloat16* dos = qs + kBlockM * LD;
+  __nv_bfloat16* ks = dos + kBlockM * LD;
+  __nv_bfloat16* vs = ks + kBlockN * LD;
+
+  const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
+  const int g = lane / 4, t = lane % 4;
+  const int row_a = qb * kBlockM + warp * 16 + g, row_b = row_a + 8;
+
+  load_tile<HD>(qs, base + static_cast<std::size_t>(h) * HD, W, qb * kBlockM, T);
+  load_tile<HD>(dos, dout + static_cast<std::size_t>(b) * T * Wo + static_cast<std::size_t>(h) * HD,
+                Wo, qb * kBlockM, T);
+  __syncthreads();
+  uint32_t qa[kSteps][4], da[kSteps][4];
+  for (int kk = 0; kk < kSteps; ++kk) {
+    ldmatrix_x4(qa[kk], qs + (warp * 16 + lane % 16) * LD + kk * 16 + lane / 16 * 8);
+    ldmatrix_x4(da[kk], dos + (warp * 16 + lane % 16) * LD + kk * 16 + lane / 16 * 8);
+  }
+  const std::size_t row0 = (static_cast<std::size_t>(b) * H + h) * T;
+  const float lse_a = row_a < T ? lse[row0 + row_a] : INFINITY,
+              lse_b = row_b < T ? lse[row0 + row_b] : INFINITY;
+  const float delta_a = row_a < T ? delta[row0 + row_a] : 0.0f,
+              delta_b = row_b < T ? delta[row0 + row_b] : 0.0f;
+  float dq[kDTiles][4];
+  for (int d = 0; d < kDTiles; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
+
+  for (int kb = 0; kb <= qb; ++kb) {
+    __syncthreads();  // the previous key block is no longer read
+    load_tile<HD>(ks, base + static_cast<std::size_t>(H + kv) * HD, W, kb * kBlockN, T);
+    load_tile<HD>(vs, base + static_cast<std::size_t>(H + KV + kv) * HD, W, kb * kBlockN, T);
+    __syncthreads();
+    float ds[kNTiles][4];
+    for (int n = 0; n < kNTiles; ++n) {
+      float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int kk = 0; kk < kSteps; ++kk) {
+        uint32_t kf[2], vf[2];  // k and v stored [key][d]: transposed B operands
+        ldmatrix_x2(kf, ks + (n * 8 + lane % 8) * LD + kk * 16 + lane / 8 % 2 * 8);
+        ldmatrix_x2(vf, vs + (n * 8 + lane % 8) * LD + kk * 16 + lane / 8 % 2 * 8);
+        mma_m16n8k16_bf16(sc, qa[kk], kf, sc);
+        mma_m16n8k16_bf16(dp, da[kk], vf, dp);
+      }
+      for (int e = 0; e < 4; ++e) {
+        const int j = kb * kBlockN + n * 8 + 2 * t + (e & 1), i = e < 2 ? row_a : row_b;
+        const float p =
+            (j <= i && j < T && i < T) ? expf(sc[e] * scale - (e < 2 ? lse_a : lse_b)) : 0.0f;
+        ds[n][e] = p * (dp[e] - (e < 2 ? delta_a : delta_b));
+      }
+    }
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t sa[4] = {pack_bf16(ds[2 * kk][0], ds[2 * kk][1]),
+                              pack_bf16(ds[2 * kk][2], ds[2 * kk][3]),
+                              pack_bf16(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
+                              pack_bf16(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
+      for (int d = 0; d < kDTiles; ++d) {
+        uint32_t kf[2];  // k stored [key][d]: the row-major B operand
+        ldmatrix_x2_trans(kf, ks + (kk * 16 + lane % 16) * LD + d * 8);
+        mma_m16n8k16_bf16(dq[d], sa, kf, dq[d]);
+      }
+    }
+  }
+  for (int half = 0; half < 2; ++half) {
+    const int i = half ? row_b : row_a;
+    if (i >= T) continue;
+    __nv_bfloat16* dst =
+        dqkv + (static_cast<std::size_t>(b) * T + i) * W + static_cast<std::size_t>(h) * HD + 2 * t;
+    for (int d = 0; d < kDTiles; ++d)
+      *reinterpret_cast<uint32_t*>(dst + d * 8) =
+          pack_bf16(dq[d][2 * half] * scale, dq[d][2 * half + 1] * scale);
+  }
+}
+
 int query_blocks(const FlashShape& s) {
   return ceil_div(s.seq, kBlockM);
+}
+
+void check_shape(const FlashShape& s, const char* op) {
+  if (s.head_dim != 64 && s.head_dim != 128)
+    throw std::invalid_argument(std::string(op) + ": head_dim " + std::to_string(s.head_dim) +
+                                " (64 or 128)");
+  if (s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0)
+    throw std::invalid_argument(std::string(op) + ": n_heads " + std::to_string(s.n_heads) +
+                                " is not a multiple of n_kv_heads " + std::to_string(s.n_kv_heads));
+  if (s.n_heads > 65535 || s.batch > 65535)
+    throw std::invalid_argument(std::string(op) + ": more than 65535 heads or sequences");
 }
 
 }  // namespace flash_detail
@@ -208,34 +437,62 @@ std::size_t flash_attention_workspace_bytes(const FlashShape& s) {
          sizeof(float);
 }
 
+std::size_t flash_attention_backward_workspace_bytes(const FlashShape& s) {
+  return static_cast<std::size_t>(s.batch) * s.n_heads * s.seq * sizeof(float);  // Delta
+}
+
 void flash_attention_forward(__nv_bfloat16* out, float* lse, float* smax, const __nv_bfloat16* qkv,
                              const FlashShape& s, void* workspace, cudaStream_t stream) {
   using namespace flash_detail;
   if (s.batch <= 0 || s.seq <= 0 || s.n_heads <= 0) return;
-  if (s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0)
-    throw std::invalid_argument("flash_attention_forward: n_heads " + std::to_string(s.n_heads) +
-                                " is not a multiple of n_kv_heads " + std::to_string(s.n_kv_heads));
-  if (s.n_heads > 65535 || s.batch > 65535)
-    throw std::invalid_argument("flash_attention_forward: more than 65535 heads or sequences");
+  check_shape(s, "flash_attention_forward");
   const dim3 grid(static_cast<unsigned>(query_blocks(s)), static_cast<unsigned>(s.n_heads),
                   static_cast<unsigned>(s.batch));
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
   auto* partial = static_cast<float*>(workspace);
-  switch (s.head_dim) {
-    case 64:
-      launch(flash_forward_kernel<64>, grid, dim3(kThreads), smem_bytes<64>(), stream, out, lse,
-             partial, qkv, s, scale);
-      break;
-    case 128:
-      launch(flash_forward_kernel<128>, grid, dim3(kThreads), smem_bytes<128>(), stream, out, lse,
-             partial, qkv, s, scale);
-      break;
-    default:
-      throw std::invalid_argument("flash_attention_forward: head_dim " +
-                                  std::to_string(s.head_dim) + " (64 or 128)");
-  }
+  if (s.head_dim == 64)
+    launch(flash_forward_kernel<64>, grid, dim3(kThreads), smem_bytes<64>(), stream, out, lse,
+           partial, qkv, s, scale);
+  else
+    launch(flash_forward_kernel<128>, grid, dim3(kThreads), smem_bytes<128>(), stream, out, lse,
+           partial, qkv, s, scale);
   launch(flash_smax_kernel, dim3(static_cast<unsigned>(s.n_heads)), dim3(kWarpSize), 0, stream,
          smax, partial, s.batch, s.n_heads, query_blocks(s));
+}
+
+namespace {
+template <int HD>
+void backward_hd(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
+                 const __nv_bfloat16* out, const float* lse, const FlashShape& s, float* delta,
+                 float scale, cudaStream_t stream) {
+  using namespace flash_detail;
+  const int rows = s.batch * s.n_heads * s.seq;
+  launch(flash_delta_kernel<HD>,
+         dim3(static_cast<unsigned>(std::min(ceil_div(rows, kWarps), 4096))), dim3(kThreads), 0,
+         stream, delta, out, dout, s);
+  const unsigned blocks = static_cast<unsigned>(query_blocks(s));
+  const std::size_t smem = 4 * std::size_t(kBlockM) * kRowLd<HD> * sizeof(__nv_bfloat16);
+  launch(flash_dkdv_kernel<HD>,
+         dim3(blocks, static_cast<unsigned>(s.n_kv_heads), static_cast<unsigned>(s.batch)),
+         dim3(kThreads), smem, stream, dqkv, qkv, dout, lse, delta, s, scale);
+  launch(flash_dq_kernel<HD>,
+         dim3(blocks, static_cast<unsigned>(s.n_heads), static_cast<unsigned>(s.batch)),
+         dim3(kThreads), smem, stream, dqkv, qkv, dout, lse, delta, s, scale);
+}
+}  // namespace
+
+void flash_attention_backward(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                              const __nv_bfloat16* qkv, const __nv_bfloat16* out, const float* lse,
+                              const FlashShape& s, void* workspace, cudaStream_t stream) {
+  using namespace flash_detail;
+  if (s.batch <= 0 || s.seq <= 0 || s.n_heads <= 0) return;
+  check_shape(s, "flash_attention_backward");
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+  auto* delta = static_cast<float*>(workspace);
+  if (s.head_dim == 64)
+    backward_hd<64>(dqkv, dout, qkv, out, lse, s, delta, scale, stream);
+  else
+    backward_hd<128>(dqkv, dout, qkv, out, lse, s, delta, scale, stream);
 }
 
 }  // namespace moetrain::kernels

@@ -15,6 +15,11 @@
 //                             and the batch by a second kernel (a max is exact, so the value does
 //                             not depend on the order). head_dim 64 or 128. `workspace` holds
 //                             flash_attention_workspace_bytes(s).
+//   flash_attention_backward  FA2's backward from the saved logsumexp: Delta = rowsum(dO o O);
+//                             dK, dV per key block (k, v in registers, walking the query blocks
+//                             and the group's query heads in a fixed order), then dQ per query
+//                             block (walking the key blocks); no float atomics, so gradients are
+//                             bit-identical run to run. A kv head's dK, dV sum its query heads.
 #pragma once
 
 #include <cstddef>
@@ -31,5 +36,13 @@ std::size_t flash_attention_workspace_bytes(const FlashShape& s);
 
 void flash_attention_forward(__nv_bfloat16* out, float* lse, float* smax, const __nv_bfloat16* qkv,
                              const FlashShape& s, void* workspace, cudaStream_t stream);
+
+// dqkv (the fused layout of qkv; every q, k and v element of the batch's rows is written) from
+// dout ([batch * seq, H * hd] bf16) and the forward's qkv, out and lse. `workspace` holds
+// flash_attention_backward_workspace_bytes(s).
+std::size_t flash_attention_backward_workspace_bytes(const FlashShape& s);
+void flash_attention_backward(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                              const __nv_bfloat16* qkv, const __nv_bfloat16* out, const float* lse,
+                              const FlashShape& s, void* workspace, cudaStream_t stream);
 
 }  // namespace moetrain::kernels

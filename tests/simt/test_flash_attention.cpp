@@ -1,14 +1,16 @@
 // tests/simt/test_flash_attention.cpp — kernels/flash_attention.cu (causal flash attention on
 // mma.sync) in the SIMT simulator against the CPU backend's attention on the same bf16-rounded
-// q, k, v: the output within the bf16 tolerance, S_max equal (to fp32 rounding) to a brute-force
-// maximum of q_i . k_j / sqrt(hd) over the batch and j <= i, and the saved logsumexp against a
-// double-precision evaluation; MHA and GQA (4 query heads per kv head), head_dim 64 and 128,
-// sequences of 1, 17, 64 and 129 (one, several and partial query blocks), batch 2, outputs
-// poisoned with NaN first, under several schedules.
+// q, k, v: the output and dq, dk, dv within the bf16 tolerance (and the gradients bit-identical
+// run to run), S_max equal (to fp32 rounding) to a brute-force maximum of q_i . k_j / sqrt(hd)
+// over the batch and j <= i, and the saved logsumexp against a double-precision evaluation; MHA and
+// GQA (4 query heads per kv head), head_dim 64 and 128, sequences of 1, 17, 64 and 129 (one,
+// several and partial query blocks), batch 2, outputs poisoned with NaN first, under several
+// schedules.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -37,6 +39,17 @@ void run_case(const Case& c, unsigned seed) {
   moetrain::CpuBackend<float> cpu;
   std::vector<float> ref_out(rows * Wo), probs(cpu.attention_saved_elems(shape)), ref_smax(H);
   cpu.attention_forward(ref_out.data(), probs.data(), ref_smax.data(), qkv.data(), shape);
+  const std::vector<float> dout = representable<bf16>(random_floats(rows * Wo, rng));
+  std::vector<float> ref_dqkv(rows * W);
+  cpu.attention_backward(ref_dqkv.data(), dout.data(), qkv.data(), probs.data(), shape);
+  // The three parts of dqkv, compared on their own (dk and dv sum a GQA group's heads).
+  const auto part = [&](const std::vector<float>& x, int col0, int cols) {
+    std::vector<float> out;
+    for (size_t r = 0; r < rows; ++r)
+      out.insert(out.end(), x.begin() + std::ptrdiff_t(r * W + size_t(col0)),
+                 x.begin() + std::ptrdiff_t(r * W + size_t(col0 + cols)));
+    return out;
+  };
 
   // Brute force, in double: S_max and the logsumexp of each row.
   const double scale = 1.0 / std::sqrt(double(hd));
@@ -61,10 +74,13 @@ void run_case(const Case& c, unsigned seed) {
       }
     }
 
-  DeviceBuffer<bf16> d_qkv(to_storage<bf16>(qkv)), d_out(rows * Wo);
+  DeviceBuffer<bf16> d_qkv(to_storage<bf16>(qkv)), d_out(rows * Wo), d_dout(to_storage<bf16>(dout)),
+      d_dqkv(rows * W);
   DeviceBuffer<float> d_lse(size_t(B) * H * T), d_smax(static_cast<size_t>(H));
   const mk::FlashShape fs{B, T, H, KV, hd};
-  DeviceBuffer<unsigned char> d_ws(mk::flash_attention_workspace_bytes(fs));
+  DeviceBuffer<unsigned char> d_ws(mk::flash_attention_workspace_bytes(fs)),
+      d_bws(mk::flash_attention_backward_workspace_bytes(fs));
+  std::vector<bf16> first_dqkv;
   for (const Schedule& s : test_schedules()) {
     ScopedSchedule scope(s);
     INFO("batch " << B << " seq " << T << " heads " << H << "/" << KV << " hd " << hd
@@ -93,12 +109,31 @@ void run_case(const Case& c, unsigned seed) {
       e_lse = std::max(e_lse, std::fabs(double(got_lse[i]) - lse[i]));
     INFO("logsumexp max abs error " << e_lse);
     CHECK(e_lse <= 1e-4);
+
+    d_dqkv.poison();
+    d_bws.poison();
+    mk::flash_attention_backward(d_dqkv.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, fs,
+                                 d_bws.ptr, nullptr);
+    const auto dqkv_bits = d_dqkv.download();
+    const auto dqkv = to_float(dqkv_bits);
+    REQUIRE_FALSE(has_nan(dqkv));
+    const double e_dq = rel_error(part(dqkv, 0, H * hd), part(ref_dqkv, 0, H * hd));
+    const double e_dk = rel_error(part(dqkv, H * hd, KV * hd), part(ref_dqkv, H * hd, KV * hd));
+    const double e_dv =
+        rel_error(part(dqkv, (H + KV) * hd, KV * hd), part(ref_dqkv, (H + KV) * hd, KV * hd));
+    INFO("relative errors: dq " << e_dq << " dk " << e_dk << " dv " << e_dv);
+    CHECK(e_dq <= 2e-2);
+    CHECK(e_dk <= 2e-2);
+    CHECK(e_dv <= 2e-2);
+    // Deterministic: the same bits under every schedule (no atomics, fixed summation orders).
+    if (first_dqkv.empty()) first_dqkv = dqkv_bits;
+    CHECK(std::memcmp(first_dqkv.data(), dqkv_bits.data(), dqkv_bits.size() * sizeof(bf16)) == 0);
   }
 }
 
 }  // namespace
 
-TEST_CASE("flash attention forward matches the CPU backend, with the exact S_max",
+TEST_CASE("flash attention forward and backward match the CPU backend, with the exact S_max",
           "[simt][kernels][flash]") {
   const Case cases[] = {
       {2, 1, 4, 4, 64},     // one row
@@ -111,7 +146,7 @@ TEST_CASE("flash attention forward matches the CPU backend, with the exact S_max
   for (const Case& c : cases) run_case(c, seed++);
 }
 
-TEST_CASE("flash attention forward refuses unsupported shapes", "[simt][kernels][flash]") {
+TEST_CASE("flash attention refuses unsupported shapes", "[simt][kernels][flash]") {
   DeviceBuffer<unsigned char> ws(1024);
   CHECK_THROWS_WITH(mk::flash_attention_forward(nullptr, nullptr, nullptr, nullptr,
                                                 mk::FlashShape{1, 4, 2, 2, 96}, ws.ptr, nullptr),
@@ -119,4 +154,7 @@ TEST_CASE("flash attention forward refuses unsupported shapes", "[simt][kernels]
   CHECK_THROWS_WITH(mk::flash_attention_forward(nullptr, nullptr, nullptr, nullptr,
                                                 mk::FlashShape{1, 4, 3, 2, 64}, ws.ptr, nullptr),
                     Catch::Contains("n_kv_heads"));
+  CHECK_THROWS_WITH(mk::flash_attention_backward(nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                 mk::FlashShape{1, 4, 2, 2, 32}, ws.ptr, nullptr),
+                    Catch::Contains("flash_attention_backward: head_dim 32"));
 }
