@@ -141,6 +141,7 @@ TEST_CASE("flash attention forward and backward match the CPU backend, with the 
       {2, 64, 4, 4, 128},   // exactly one block
       {2, 129, 4, 1, 64},   // GQA, three query blocks, the last of one row
       {1, 129, 2, 2, 128},  // hd 128 across blocks
+      {2, 256, 4, 1, 128},  // GQA at hd 128, four full blocks
   };
   unsigned seed = 1;
   for (const Case& c : cases) run_case(c, seed++);
