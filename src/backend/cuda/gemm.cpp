@@ -334,23 +334,18 @@ void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, 
   wrote(C.get(), c_span * C.element_bytes());
   if (K <= 0) {  // an empty sum: C = beta * C, in one launch (none when beta = 1)
     if (beta == 1.0f) return;
-    if (c_bf16) {
-      auto* c = device_ptr<__nv_bfloat16>(C);
+    const auto scale_c = [&](auto* c) {
       if (batch == 1 || sc == std::size_t(M) * std::size_t(ldc)) {
         kernels::scale_matrix(c, ldc, M * batch, N, beta, stream_);
       } else {
         for (int i = 0; i < batch; ++i)
           kernels::scale_matrix(c + std::size_t(i) * sc, ldc, M, N, beta, stream_);
       }
-      return;
-    }
-    float* c = C.as<float>();
-    if (batch == 1 || sc == std::size_t(M) * std::size_t(ldc)) {
-      kernels::scale_matrix(c, ldc, M * batch, N, beta, stream_);
-    } else {
-      for (int i = 0; i < batch; ++i)
-        kernels::scale_matrix(c + std::size_t(i) * sc, ldc, M, N, beta, stream_);
-    }
+    };
+    if (c_bf16)
+      scale_c(device_ptr<__nv_bfloat16>(C));
+    else
+      scale_c(C.as<float>());
     return;
   }
   // bf16 mode multiplies bf16 operands with fp32 accumulation, except a product kept in fp32 that
