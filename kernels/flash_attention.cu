@@ -19,6 +19,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "mma.cuh"
 
@@ -419,10 +420,26 @@ int query_blocks(const FlashShape& s) {
   return ceil_div(s.seq, kBlockM);
 }
 
+// Calls f(std::integral_constant<int, hd>) for the head sizes the kernels are built for.
+template <typename F>
+void with_head_dim(int hd, const char* op, F&& f) {
+  switch (hd) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      throw std::invalid_argument(std::string(op) + ": head_dim " + std::to_string(hd) +
+                                  " (16, 32, 64 or 128)");
+  }
+}
+
 void check_shape(const FlashShape& s, const char* op) {
-  if (s.head_dim != 64 && s.head_dim != 128)
-    throw std::invalid_argument(std::string(op) + ": head_dim " + std::to_string(s.head_dim) +
-                                " (64 or 128)");
+  with_head_dim(s.head_dim, op, [](auto) {});
   if (s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0)
     throw std::invalid_argument(std::string(op) + ": n_heads " + std::to_string(s.n_heads) +
                                 " is not a multiple of n_kv_heads " + std::to_string(s.n_kv_heads));
@@ -450,12 +467,11 @@ void flash_attention_forward(__nv_bfloat16* out, float* lse, float* smax, const 
                   static_cast<unsigned>(s.batch));
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
   auto* partial = static_cast<float*>(workspace);
-  if (s.head_dim == 64)
-    launch(flash_forward_kernel<64>, grid, dim3(kThreads), smem_bytes<64>(), stream, out, lse,
+  with_head_dim(s.head_dim, "flash_attention_forward", [&](auto hd) {
+    constexpr int HD = decltype(hd)::value;
+    launch(flash_forward_kernel<HD>, grid, dim3(kThreads), smem_bytes<HD>(), stream, out, lse,
            partial, qkv, s, scale);
-  else
-    launch(flash_forward_kernel<128>, grid, dim3(kThreads), smem_bytes<128>(), stream, out, lse,
-           partial, qkv, s, scale);
+  });
   launch(flash_smax_kernel, dim3(static_cast<unsigned>(s.n_heads)), dim3(kWarpSize), 0, stream,
          smax, partial, s.batch, s.n_heads, query_blocks(s));
 }
@@ -489,10 +505,9 @@ void flash_attention_backward(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
   check_shape(s, "flash_attention_backward");
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
   auto* delta = static_cast<float*>(workspace);
-  if (s.head_dim == 64)
-    backward_hd<64>(dqkv, dout, qkv, out, lse, s, delta, scale, stream);
-  else
-    backward_hd<128>(dqkv, dout, qkv, out, lse, s, delta, scale, stream);
+  with_head_dim(s.head_dim, "flash_attention_backward", [&](auto hd) {
+    backward_hd<decltype(hd)::value>(dqkv, dout, qkv, out, lse, s, delta, scale, stream);
+  });
 }
 
 }  // namespace moetrain::kernels

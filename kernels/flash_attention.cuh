@@ -13,8 +13,8 @@
 //                             smax[h] = max over the batch, i and j <= i of q_i . k_j / sqrt(hd)
 //                             (fp32 dot products of the bf16 inputs), reduced over query blocks
 //                             and the batch by a second kernel (a max is exact, so the value does
-//                             not depend on the order). head_dim 64 or 128. `workspace` holds
-//                             flash_attention_workspace_bytes(s).
+//                             not depend on the order). head_dim 16, 32, 64 or 128. `workspace`
+//                             holds flash_attention_workspace_bytes(s).
 //   flash_attention_backward  FA2's backward from the saved logsumexp: Delta = rowsum(dO o O);
 //                             dK, dV per key block (k, v in registers, walking the query blocks
 //                             and the group's query heads in a fixed order), then dQ per query

@@ -251,9 +251,9 @@ run_check() {
     local sanitizer
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     step racecheck 50 "$sanitizer" --tool racecheck --error-exitcode 1 \
-      "$bin/moetrain_gpu_tests" "attention kernels:*,rmsnorm kernels:*,cross_entropy kernel:*,router kernels:*"
+      "$bin/moetrain_gpu_tests" "flash attention*,mma*,rmsnorm kernels:*,cross_entropy kernel:*,router kernels:*"
     step memcheck 50 "$sanitizer" --tool memcheck --error-exitcode 1 \
-      "$bin/moetrain_gpu_tests" "cuda backend: bf16 GEMMs*,moe_permute kernels:*,embedding kernels:*"
+      "$bin/moetrain_gpu_tests" "cuda backend: bf16 activations*,moe_permute kernels:*,embedding kernels:*"
 
     # 4. bench on the GPU-scale config: MFU against the GEMM peak measured through the backend.
     step bench 45 "$bin/moetrain" bench --config configs/gpu_moe_small.json --steps 5 --warmup 2 \

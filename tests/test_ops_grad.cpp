@@ -91,7 +91,7 @@ TEST_CASE("attention backward matches finite differences (MHA and GQA)", "[grad]
     };
     loss();
     std::vector<double> dqkv(qkv.size(), std::numeric_limits<double>::quiet_NaN());
-    be.attention_backward(dqkv.data(), R.data(), qkv.data(), saved.data(), s);
+    be.attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), saved.data(), s);
     INFO("H=" << H << " Hkv=" << Hkv);
     CHECK(fd_relative_error(loss, qkv.data(), dqkv, all_indices(qkv.size())) < kTol);
   }

@@ -408,8 +408,9 @@ const std::vector<Field>& fields() {
     t.push_back(one_of(MOETRAIN_FIELD(train.backend), {"auto", "cpu", "cuda"},
                        "Compute backend; auto: cuda when a GPU is present, else cpu"));
     t.push_back(one_of(MOETRAIN_FIELD(train.precision), {"bf16", "fp32"},
-                       "GEMM operands on the cuda backend (fp32 master weights and accumulation "
-                       "either way); the cpu backend computes in fp32"));
+                       "Activations and GEMM operands on the cuda backend (fp32 master weights and "
+                       "accumulation either way; attention's flash kernels read bf16 in both); the "
+                       "cpu backend computes in fp32"));
     t.push_back(one_of(
         MOETRAIN_FIELD(train.bf16_weight_rounding), {"nearest", "stochastic"},
         "Rounding of the bf16 copy of the fp32 master weights that bf16 GEMMs read (cuda): "

@@ -284,7 +284,7 @@ void Model<T>::attention_backward(Layer& a, CDevPtr x) {
   const LayerOffsets& w = *a.w;
   linear_backward(be_, datt_, grads_ + w.o_proj, dres_, a.att_out, params_ + w.o_proj, N,
                   att_.out_width(), d, false);
-  be_.attention_backward(dqkv_, datt_, a.qkv, a.att_saved, att_);
+  be_.attention_backward(dqkv_, datt_, a.qkv, a.att_out, a.att_saved, att_);
   be_.rope_backward(dqkv_, att_.qkv_width(), N, cfg_.seq_len, cfg_.n_heads, hd, rope_cos_,
                     rope_sin_);
   be_.rope_backward(dqkv_ + std::size_t(cfg_.n_heads) * hd, att_.qkv_width(), N, cfg_.seq_len,

@@ -1,10 +1,11 @@
 // The CUDA backend as a whole, in the simulator: training steps (forward, backward, optimizer
 // update, expert-bias update) of a small MoE on CudaBackend against the same steps on
-// CpuBackend<float>. fp32 GEMMs must agree to fp32 rounding; bf16 GEMMs (bf16 operands, fp32
-// accumulation, bf16 weight copy with stochastic rounding) to bf16 tolerance. Plus the bf16 weight
-// copy itself: stochastic rounding brackets, determinism, refresh after every write. Every test
-// runs under both stream schedules (eager and deferred), so a missing synchronisation of the
-// backend's stream shows.
+// CpuBackend<float>, within the bf16 tolerance in both modes: bf16 mode stores activations in bf16
+// and multiplies bf16 operands (fp32 accumulation, bf16 weight copy), and the flash attention of
+// both modes reads bf16 (the fp32 GEMMs themselves are checked to fp32 rounding on their own). Plus
+// the bf16 weight copy itself: stochastic rounding brackets, determinism, refresh after every
+// write. Every test runs under both stream schedules (eager and deferred), so a missing
+// synchronisation of the backend's stream shows.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -37,7 +38,7 @@ Config small_config(RouterType router, OptimizerName optimizer) {
   Config c = tiny_config({.vocab = 37,
                           .d_model = 32,
                           .layers = 2,
-                          .head_dim = 8,
+                          .head_dim = 16,  // the smallest the flash kernels take
                           .seq = 8,
                           .dense_ff = 24,
                           .expert_ff = 16,
@@ -112,7 +113,8 @@ void compare(const Trace& gpu, const Trace& cpu, double tol) {
 
 }  // namespace
 
-TEST_CASE("cuda backend: training steps match the CPU backend (fp32 GEMMs)", "[cuda_backend]") {
+TEST_CASE("cuda backend: training steps in fp32 mode match the CPU backend (attention in bf16)",
+          "[cuda_backend]") {
   EACH_STREAM_SCHEDULE();
   for (const RouterType router : {RouterType::SoftmaxTopK, RouterType::SigmoidBias}) {
     for (const OptimizerName optimizer : {OptimizerName::AdamW, OptimizerName::MuonClip}) {
@@ -126,7 +128,7 @@ TEST_CASE("cuda backend: training steps match the CPU backend (fp32 GEMMs)", "[c
       CHECK(gpu.activation_storage() == moetrain::Storage::F32);
       const Trace ref = train(cpu, cfg, 3);
       const Trace got = train(gpu, cfg, 3);
-      compare(got, ref, 1e-5);
+      compare(got, ref, 2e-2);
       CHECK(got.clipped == ref.clipped);
       if (optimizer == OptimizerName::MuonClip) CHECK(ref.clipped > 0);
     }

@@ -41,7 +41,8 @@ void run_case(const Case& c, unsigned seed) {
   cpu.attention_forward(ref_out.data(), probs.data(), ref_smax.data(), qkv.data(), shape);
   const std::vector<float> dout = representable<bf16>(random_floats(rows * Wo, rng));
   std::vector<float> ref_dqkv(rows * W);
-  cpu.attention_backward(ref_dqkv.data(), dout.data(), qkv.data(), probs.data(), shape);
+  cpu.attention_backward(ref_dqkv.data(), dout.data(), qkv.data(), ref_out.data(), probs.data(),
+                         shape);
   // The three parts of dqkv, compared on their own (dk and dv sum a GQA group's heads).
   const auto part = [&](const std::vector<float>& x, int col0, int cols) {
     std::vector<float> out;
@@ -142,6 +143,8 @@ TEST_CASE("flash attention forward and backward match the CPU backend, with the 
       {2, 129, 4, 1, 64},   // GQA, three query blocks, the last of one row
       {1, 129, 2, 2, 128},  // hd 128 across blocks
       {2, 256, 4, 1, 128},  // GQA at hd 128, four full blocks
+      {2, 70, 4, 2, 16},    // the small heads of configs/ci.json
+      {2, 33, 2, 1, 32},
   };
   unsigned seed = 1;
   for (const Case& c : cases) run_case(c, seed++);
@@ -151,11 +154,11 @@ TEST_CASE("flash attention refuses unsupported shapes", "[simt][kernels][flash]"
   DeviceBuffer<unsigned char> ws(1024);
   CHECK_THROWS_WITH(mk::flash_attention_forward(nullptr, nullptr, nullptr, nullptr,
                                                 mk::FlashShape{1, 4, 2, 2, 96}, ws.ptr, nullptr),
-                    Catch::Contains("head_dim 96"));
+                    Catch::Contains("head_dim 96 (16, 32, 64 or 128)"));
   CHECK_THROWS_WITH(mk::flash_attention_forward(nullptr, nullptr, nullptr, nullptr,
                                                 mk::FlashShape{1, 4, 3, 2, 64}, ws.ptr, nullptr),
                     Catch::Contains("n_kv_heads"));
   CHECK_THROWS_WITH(mk::flash_attention_backward(nullptr, nullptr, nullptr, nullptr, nullptr,
-                                                 mk::FlashShape{1, 4, 2, 2, 32}, ws.ptr, nullptr),
-                    Catch::Contains("flash_attention_backward: head_dim 32"));
+                                                 mk::FlashShape{1, 4, 2, 2, 48}, ws.ptr, nullptr),
+                    Catch::Contains("flash_attention_backward: head_dim 48"));
 }

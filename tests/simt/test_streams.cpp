@@ -377,7 +377,7 @@ TEST_CASE("cuda backend: one host synchronisation per optimizer step, plus the e
   small.model.d_model = 64;
   small.model.seq_len = 16;
   small.model.dense_ff = small.model.moe.expert_ff = small.model.moe.shared_ff = 32;
-  small.model.head_dim = 8;
+  small.model.head_dim = 16;  // the smallest the flash kernels take
   small.data.batch_size = 2;
   const StepCounts moe_small = counts_per_step(small);
   WARN("per optimizer step: configs/ci.json "

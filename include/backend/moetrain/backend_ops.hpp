@@ -137,13 +137,14 @@
                           const T* cos, const T* sin), (dx, ld, rows, seq, n_heads, head_dim, cos, sin), 0)
 
 // Causal attention. out[rows, n_heads*head_dim]; smax[h] = max over the batch, i, j<=i of
-// q_i.k_j / sqrt(hd). `saved` holds attention_saved_elems(s) elements kept for backward.
-// Backward writes (overwrites) dqkv.
+// q_i.k_j / sqrt(hd). `saved` holds attention_saved_elems(s) elements kept for backward (the CPU:
+// the probabilities; CUDA: the logsumexp of each row). Backward writes (overwrites) dqkv from
+// dout and the forward's qkv, out and saved.
 #define MOETRAIN_OPS_ATTENTION(X, T, AP, CAP)                                                      \
   X(void, attention_forward, (AP out, T* saved, T* smax, CAP qkv,                                  \
                               const AttentionShape& s), (out, saved, smax, qkv, s), 0)             \
-  X(void, attention_backward, (AP dqkv, CAP dout, CAP qkv, const T* saved,                         \
-                               const AttentionShape& s), (dqkv, dout, qkv, saved, s), 0)
+  X(void, attention_backward, (AP dqkv, CAP dout, CAP qkv, CAP out, const T* saved,                \
+                               const AttentionShape& s), (dqkv, dout, qkv, out, saved, s), 0)
 
 // SwiGLU on a fused [rows, 2*ff] input (w1 x | w3 x): out = silu(h1) * h3.
 #define MOETRAIN_OPS_SWIGLU(X, T, AP, CAP)                                                         \

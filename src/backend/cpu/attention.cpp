@@ -66,8 +66,8 @@ void attention_forward(T* out, T* probs, T* smax, const T* qkv, const AttentionS
 // dP = dO V^T;  dV += P^T dO;  dS = P * (dP - rowsum(dP * P));
 // dQ = dS K / sqrt(hd);  dK += dS^T Q / sqrt(hd).
 template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs,
-                        const AttentionShape& s) {
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* /*out: P suffices*/,
+                        const T* probs, const AttentionShape& s) {
   const int Tq = s.seq, hd = s.head_dim, ld = s.qkv_width(), ldo = s.out_width();
   const int group = s.n_heads / s.n_kv_heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));

@@ -102,6 +102,9 @@ class CudaBackend final : public Backend<float> {
   // data rounded into `buf`) when `bf16_operand`, else fp32 (the data, or bf16 data widened).
   const void* gemm_operand(CDevPtr X, bool trans, int rows, int cols, int ld, std::size_t stride,
                            int batch, bool bf16_operand, Scratch& buf);
+  // An attention operand of `elems` elements as bf16: the activation itself, or (fp32 mode) its
+  // rounding into `buf`.
+  const __nv_bfloat16* attention_input(CDevPtr x, std::size_t elems, Scratch& buf);
   // Whether X points into the weights named by set_weights.
   bool is_weight(CDevPtr X) const;
   void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, CDevPtr A, int lda,
@@ -118,7 +121,8 @@ class CudaBackend final : public Backend<float> {
   std::unique_ptr<GemmPlans> plans_;
   Scratch blas_workspace_, op_scratch_, gemm_a_, gemm_b_;
   Scratch sim_a_, sim_b_, sim_c_;  // simulator build: the widened GEMM operands and bf16 result
-  Scratch attention_;              // attention backward: dP / dS
+  // fp32 mode: bf16 copies of attention's inputs and outputs for the flash kernels.
+  Scratch attention_qkv_, attention_out_, attention_dout_, attention_dqkv_;
   std::map<const std::int32_t*, std::vector<std::int32_t>> offsets_mirror_;
   // Pinned staging of uploads (see upload()); bytes used since the last synchronize().
   static constexpr std::size_t kStagingBytes = std::size_t(8) << 20;
