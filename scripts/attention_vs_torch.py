@@ -8,7 +8,9 @@ file; `moetrain_attention_dump` runs our attention forward on each backend and w
 the reference is torch.nn.functional.scaled_dot_product_attention (causal, enable_gqa) in float64
 on the CPU. Reported per shape and backend: relative error ||ours - ref|| / ||ref||, max |ours -
 ref|, S_max against the reference's, and the time per forward next to SDPA's on the GPU (fp32 and
-bf16, CUDA events), as causal TFLOP/s (2 B H T^2 hd per forward) and as a ratio to SDPA bf16. With --matmul-peak, also PyTorch's bf16 8192^3 matmul rate (the ceiling that
+bf16, CUDA events), as causal TFLOP/s (2 B H T^2 hd per forward) and as a ratio to SDPA bf16;
+with PyTorch, the same for the backward (dqkv against autograd through the float64 reference;
+2.5 times the forward's FLOPs; SDPA's backward time is its forward + backward less its forward). With --matmul-peak, also PyTorch's bf16 8192^3 matmul rate (the ceiling that
 `moetrain bench`'s MFU can be read against). Without PyTorch the reference is plain Python (small
 shapes only), so the comparison runs anywhere. Writes DIR/attention.json and DIR/attention.md.
 """
@@ -94,6 +96,19 @@ def torch_reference(qkv, shape):
     return out.transpose(1, 2).reshape(-1).tolist(), smax.tolist(), how
 
 
+def torch_grads(qkv, dout, shape):
+    """dqkv in the fused layout, by autograd through the float64 reference."""
+    b, t, h, hkv, hd = shape
+    x = qkv.double().view(b, t, h + 2 * hkv, hd).clone().requires_grad_(True)
+    q, k, v = (y.transpose(1, 2) for y in (x[:, :, :h], x[:, :, h:h + hkv], x[:, :, h + hkv:]))
+    kk, vv = (y.repeat_interleave(h // hkv, dim=1) for y in (k, v))
+    s = q @ kk.transpose(-1, -2) / math.sqrt(hd)
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -math.inf)
+    out = (torch.softmax(s, dim=-1) @ vv).transpose(1, 2)
+    out.backward(dout.double().view(b, t, h, hd))
+    return x.grad.reshape(-1).tolist()
+
+
 def python_reference(qkv, shape):
     b, t, h, hkv, hd = shape
     w = (h + 2 * hkv) * hd
@@ -129,15 +144,23 @@ def errors(got, ref):
     return math.sqrt(num / den) if den > 0 else math.sqrt(num), worst, bad
 
 
-def time_sdpa(qkv, shape, dtype, iters):
-    q, k, v = (x.to("cuda", dtype) for x in split_heads(qkv, shape))
+def time_sdpa(qkv, shape, dtype, iters, backward=False):
+    """ms per SDPA forward, or per forward + backward."""
+    q, k, v = (x.to("cuda", dtype).requires_grad_(backward) for x in split_heads(qkv, shape))
     f = torch.nn.functional.scaled_dot_product_attention
+    dout = torch.randn_like(q) if backward else None
+
+    def once():
+        out = f(q, k, v, is_causal=True, enable_gqa=True)
+        if backward:
+            out.backward(dout)
+
     for _ in range(3):
-        f(q, k, v, is_causal=True, enable_gqa=True)
+        once()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        f(q, k, v, is_causal=True, enable_gqa=True)
+        once()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
@@ -198,16 +221,34 @@ def main():
                                                  python_reference)(qkv, shape)
         else:
             entry["reference"] = "none (timed only)"
+        # The backward needs PyTorch (autograd reference, and the output gradient's generator).
+        extra = []
+        ref_grad = None
+        if torch is not None:
+            g = torch.Generator().manual_seed(2000 + idx)
+            dout = torch.randn(b * t * h * hd, generator=g, dtype=torch.float32)
+            path_dout = os.path.join(args.out, f"dout_{idx}.f32")
+            write_floats(dout, path_dout)
+            extra = [path_dout]
+            if not timing_only:
+                ref_grad = torch_grads(qkv, dout, shape)
         if gpu:
             entry["sdpa_ms_fp32"] = time_sdpa(qkv, shape, torch.float32, args.iters)
             entry["sdpa_ms_bf16"] = time_sdpa(qkv, shape, torch.bfloat16, args.iters)
             entry["sdpa_tflops_bf16"] = causal_tflops(shape, entry["sdpa_ms_bf16"])
+            both = time_sdpa(qkv, shape, torch.bfloat16, args.iters, backward=True)
+            entry["sdpa_ms_backward_bf16"] = max(both - entry["sdpa_ms_bf16"], 0.0)
+            entry["sdpa_tflops_backward_bf16"] = 2.5 * causal_tflops(
+                shape, entry["sdpa_ms_backward_bf16"])
         for backend in args.backends.split(","):
             if timing_only and not backend.startswith("cuda"):
                 continue
             path_out = os.path.join(args.out, f"out_{idx}_{backend}.f32")
             iters = args.iters if backend.startswith("cuda") else min(args.iters, 3)
             cmd = [args.dump, backend, *map(str, shape), path_in, path_out, str(iters)]
+            path_dqkv = os.path.join(args.out, f"dqkv_{idx}_{backend}.f32")
+            if extra:
+                cmd += [extra[0], path_dqkv]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             item = {"backend": backend}
             entry["results"].append(item)
@@ -220,6 +261,12 @@ def main():
             item["tflops"] = causal_tflops(shape, info["ms_per_forward"])
             if "sdpa_ms_bf16" in entry and info["ms_per_forward"] > 0:
                 item["vs_sdpa_bf16"] = entry["sdpa_ms_bf16"] / info["ms_per_forward"]
+            if extra and info.get("ms_per_backward", 0) > 0:
+                item["ms_per_backward"] = info["ms_per_backward"]
+                item["tflops_backward"] = 2.5 * causal_tflops(shape, info["ms_per_backward"])
+                if entry.get("sdpa_ms_backward_bf16", 0) > 0:
+                    item["backward_vs_sdpa_bf16"] = (entry["sdpa_ms_backward_bf16"]
+                                                     / info["ms_per_backward"])
             if timing_only:
                 item["ok"] = True
                 continue
@@ -229,7 +276,12 @@ def main():
                         smax_max_abs_error=max(abs(a - c) for a, c in zip(info["smax"], ref_smax)))
             # The CUDA backend's flash kernels read bf16 q, k, v in both modes (about 2^-8 relative
             # per operand); the CPU's fp32 path differs by summation order only.
-            item["ok"] = bad == 0 and rel <= (2e-2 if backend.startswith("cuda") else 1e-5)
+            tol = 2e-2 if backend.startswith("cuda") else 1e-5
+            item["ok"] = bad == 0 and rel <= tol
+            if ref_grad is not None:
+                grel, gworst, gbad = errors(read_floats(path_dqkv), ref_grad)
+                item.update(grad_rel_error=grel, grad_max_abs_error=gworst, grad_nonfinite=gbad)
+                item["ok"] = item["ok"] and gbad == 0 and grel <= tol
             ok = ok and item["ok"]
     res["ok"] = ok
     with open(os.path.join(args.out, "attention.json"), "w") as f:
@@ -247,7 +299,9 @@ def main():
         lines.append(f"{name}: reference {e['reference']}")
         if "sdpa_ms_fp32" in e:
             lines.append(f"{name}: SDPA {e['sdpa_ms_fp32']:.3f} ms fp32, "
-                         f"{e['sdpa_ms_bf16']:.3f} ms bf16 ({e['sdpa_tflops_bf16']:.0f} TFLOP/s)")
+                         f"{e['sdpa_ms_bf16']:.3f} ms bf16 ({e['sdpa_tflops_bf16']:.0f} TFLOP/s); "
+                         f"backward bf16 {e['sdpa_ms_backward_bf16']:.3f} ms "
+                         f"({e['sdpa_tflops_backward_bf16']:.0f} TFLOP/s)")
         for it in e["results"]:
             if "error" in it:
                 lines.append(f"{name} {it['backend']}: FAILED: {it['error']}")
@@ -255,7 +309,12 @@ def main():
                 lines.append(f"{name} {it['backend']}: {it['ms_per_forward']:.3f} ms per forward, "
                              f"{it['tflops']:.3g} TFLOP/s"
                              + (f", {it['vs_sdpa_bf16']:.2f}x SDPA bf16's speed"
-                                if "vs_sdpa_bf16" in it else ""))
+                                if "vs_sdpa_bf16" in it else "")
+                             + (f"; backward {it['ms_per_backward']:.3f} ms, "
+                                f"{it['tflops_backward']:.3g} TFLOP/s"
+                                + (f", {it['backward_vs_sdpa_bf16']:.2f}x SDPA bf16's speed"
+                                   if "backward_vs_sdpa_bf16" in it else "")
+                                if "ms_per_backward" in it else ""))
             else:
                 lines.append(
                     f"{name} {it['backend']}: rel error {it['rel_error']:.2e}, max abs "
@@ -263,6 +322,12 @@ def main():
                     f"{it['ms_per_forward']:.3f} ms per forward ({it['tflops']:.3g} TFLOP/s"
                     + (f", {it['vs_sdpa_bf16']:.2f}x SDPA bf16's speed" if "vs_sdpa_bf16" in it
                        else "") + ")"
+                    + (f"; dqkv rel error {it['grad_rel_error']:.2e}" if "grad_rel_error" in it
+                       else "")
+                    + (f"; backward {it['ms_per_backward']:.3f} ms ({it['tflops_backward']:.3g} "
+                       "TFLOP/s" + (f", {it['backward_vs_sdpa_bf16']:.2f}x SDPA bf16's speed"
+                                    if "backward_vs_sdpa_bf16" in it else "") + ")"
+                       if "ms_per_backward" in it else "")
                     + ("" if it["ok"] else "  <-- over tolerance or non-finite"))
     with open(os.path.join(args.out, "attention.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,11 +1,15 @@
-// moetrain_attention_dump: our causal attention forward on given inputs, for comparisons with other
-// implementations (scripts/attention_vs_torch.py, run by scripts/gpu_check.sh).
+// moetrain_attention_dump: our causal attention forward (and backward) on given inputs, for
+// comparisons with other implementations (scripts/attention_vs_torch.py, run by
+// scripts/gpu_check.sh).
 //   moetrain_attention_dump BACKEND BATCH SEQ HEADS KV_HEADS HEAD_DIM QKV_IN OUT ITERS
-// BACKEND: cpu, cuda-fp32 or cuda-bf16 (GEMMs on bf16 operands). QKV_IN holds the fused qkv rows
-// (float32, native byte order, [BATCH*SEQ, (HEADS + 2*KV_HEADS) * HEAD_DIM], the layout of
-// AttentionShape); OUT receives the output [BATCH*SEQ, HEADS * HEAD_DIM] of the first forward.
-// Then ITERS more forwards are timed (wall clock, each run to completion), and one JSON line is
-// printed: {"backend", "ms_per_forward", "iters", "smax"}.
+//                           [DOUT_IN DQKV_OUT]
+// BACKEND: cpu, cuda-fp32 or cuda-bf16. QKV_IN holds the fused qkv rows (float32, native byte
+// order, [BATCH*SEQ, (HEADS + 2*KV_HEADS) * HEAD_DIM], the layout of AttentionShape); OUT receives
+// the output [BATCH*SEQ, HEADS * HEAD_DIM] of the first forward. With DOUT_IN (the output's
+// gradient, OUT's layout), DQKV_OUT receives the backward's dqkv (QKV_IN's layout). Then ITERS
+// more forwards (and backwards) are timed (wall clock, each run to completion), and one JSON line
+// is printed: {"backend", "ms_per_forward", "ms_per_backward" (0 without DOUT_IN), "iters",
+// "smax"}.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -45,11 +49,14 @@ std::vector<float> read_floats(const std::string& path, std::size_t n) {
 }
 
 int run(int argc, char** argv) {
-  if (argc != 10) {
-    std::fprintf(stderr, "usage: %s BACKEND BATCH SEQ HEADS KV_HEADS HEAD_DIM QKV_IN OUT ITERS\n",
+  if (argc != 10 && argc != 12) {
+    std::fprintf(stderr,
+                 "usage: %s BACKEND BATCH SEQ HEADS KV_HEADS HEAD_DIM QKV_IN OUT ITERS "
+                 "[DOUT_IN DQKV_OUT]\n",
                  argv[0]);
     return 2;
   }
+  const bool backward = argc == 12;
   const AttentionShape s{std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]),
                          std::atoi(argv[5]), std::atoi(argv[6])};
   const int iters = std::atoi(argv[9]);
@@ -81,9 +88,29 @@ int run(int argc, char** argv) {
   be->download(&last, d_out.get(), sizeof last);  // the timed forwards have finished
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  double backward_seconds = 0;
+  if (backward) {
+    const std::vector<float> dout = read_floats(argv[10], out_n);
+    moetrain::DeviceBuffer<float, float> d_dout(*be, out_n), d_dqkv(*be, in_n);
+    be->upload(d_dout.get(), dout.data(), out_n * sizeof(float));
+    be->attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_saved.get(), s);
+    std::vector<float> dqkv(in_n);
+    be->download(dqkv.data(), d_dqkv.get(), in_n * sizeof(float));
+    std::ofstream f(argv[11], std::ios::binary);
+    if (!f.write(reinterpret_cast<const char*>(dqkv.data()), std::streamsize(in_n * sizeof(float))))
+      throw std::runtime_error(std::string(argv[11]) + ": write failed");
+    const auto b0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i)
+      be->attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_saved.get(),
+                             s);
+    be->download(&last, d_dqkv.get(), sizeof last);
+    backward_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - b0).count();
+  }
   const nlohmann::json r = {{"backend", be->name()},
                             {"iters", iters},
                             {"ms_per_forward", iters > 0 ? seconds / iters * 1e3 : 0.0},
+                            {"ms_per_backward", iters > 0 ? backward_seconds / iters * 1e3 : 0.0},
                             {"smax", smax}};
   std::printf("%s\n", r.dump().c_str());
   return 0;
