@@ -104,6 +104,61 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The weight gradients: C_g[M, N] += alpha A[rows_g, :M]^T B[rows_g, :N] (grid: M / 64, N / 64,
+// groups). Each block walks its group's rows 32 at a time in order, so the sum over rows has one
+// fixed order: deterministic without atomics. A group without rows adds nothing.
+template <typename TC>
+__global__ void __launch_bounds__(kThreads)
+    grouped_wgrad_kernel(int M, int N, float alpha, const __nv_bfloat16* __restrict__ A, int lda,
+                         const __nv_bfloat16* __restrict__ B, int ldb, TC* __restrict__ C, int ldc,
+                         std::size_t stride_c, const std::int32_t* __restrict__ offsets) {
+  const int g = static_cast<int>(blockIdx.z), lo = offsets[g], hi = offsets[g + 1];
+  if (hi <= lo) return;
+  const int m0 = static_cast<int>(blockIdx.x) * kBM, n0 = static_cast<int>(blockIdx.y) * kBN;
+  constexpr int kLdT = kBM + 8;  // tiles stored [row][m] and [row][n]
+  __shared__ __align__(16) __nv_bfloat16 at[kBK * kLdT];
+  __shared__ __align__(16) __nv_bfloat16 bt[kBK * kLdT];
+  const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
+  const __nv_bfloat16 zero = float_to_bf16(0.0f);
+  float acc[kBN / 8][4];
+  for (int n = 0; n < kBN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  for (int r0 = lo; r0 < hi; r0 += kBK) {
+    __syncthreads();
+    for (int i = static_cast<int>(threadIdx.x); i < kBK * kBM; i += kThreads) {
+      const int r = i / kBM, c = i % kBM, gr = r0 + r;
+      at[r * kLdT + c] =
+          (gr < hi && m0 + c < M) ? A[static_cast<std::size_t>(gr) * lda + m0 + c] : zero;
+      bt[r * kLdT + c] =
+          (gr < hi && n0 + c < N) ? B[static_cast<std::size_t>(gr) * ldb + n0 + c] : zero;
+    }
+    __syncthreads();
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      // A^T's fragment from the tile stored [row][m]: transposed 8x8 loads (rows kk*16 + 0..15).
+      uint32_t a[4];
+      ldmatrix_x4_trans(
+          a, at + (kk * 16 + lane / 16 * 8 + lane % 8) * kLdT + warp * 16 + lane / 8 % 2 * 8);
+      for (int n = 0; n < kBN / 8; ++n) {
+        uint32_t b[2];
+        ldmatrix_x2_trans(b, bt + (kk * 16 + lane % 16) * kLdT + n * 8);
+        mma_m16n8k16_bf16(acc[n], a, b, acc[n]);
+      }
+    }
+  }
+  TC* Cg = C + static_cast<std::size_t>(g) * stride_c;
+  const int g4 = lane / 4, t4 = lane % 4;
+  for (int half = 0; half < 2; ++half) {
+    const int r = m0 + warp * 16 + g4 + 8 * half;
+    if (r >= M) continue;
+    for (int n = 0; n < kBN / 8; ++n)
+      for (int e = 0; e < 2; ++e) {
+        const int c = n0 + n * 8 + 2 * t4 + e;
+        if (c >= N) continue;
+        TC* dst = Cg + static_cast<std::size_t>(r) * ldc + c;
+        *dst = from_float<TC>(to_float(*dst) + alpha * acc[n][2 * half + e]);
+      }
+  }
+}
+
 }  // namespace grouped_detail
 
 template <typename TC>
@@ -129,10 +184,29 @@ void grouped_gemm(bool trans_b, int rows, int N, int K, float alpha, const __nv_
            ldb, stride_b, beta, C, ldc, offsets, groups);
 }
 
+template <typename TC>
+void grouped_gemm_wgrad(int M, int N, float alpha, const __nv_bfloat16* A, int lda,
+                        const __nv_bfloat16* B, int ldb, TC* C, int ldc, std::size_t stride_c,
+                        const std::int32_t* offsets, int groups, cudaStream_t stream) {
+  using namespace grouped_detail;
+  if (M <= 0 || N <= 0 || groups <= 0) return;
+  if ((M + kBM - 1) / kBM > 65535 || (N + kBN - 1) / kBN > 65535 || groups > 65535)
+    throw std::invalid_argument("grouped_gemm_wgrad: M " + std::to_string(M) + ", N " +
+                                std::to_string(N) + " or " + std::to_string(groups) +
+                                " groups too large for the grid");
+  const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM),
+                  static_cast<unsigned>((N + kBN - 1) / kBN), static_cast<unsigned>(groups));
+  launch(grouped_wgrad_kernel<TC>, grid, dim3(kThreads), 0, stream, M, N, alpha, A, lda, B, ldb, C,
+         ldc, stride_c, offsets);
+}
+
 #define MOETRAIN_GROUPED_GEMM(TC)                                                         \
   template void grouped_gemm<TC>(bool, int, int, int, float, const __nv_bfloat16*, int,   \
                                  const __nv_bfloat16*, int, std::size_t, float, TC*, int, \
-                                 const std::int32_t*, int, cudaStream_t);
+                                 const std::int32_t*, int, cudaStream_t);                 \
+  template void grouped_gemm_wgrad<TC>(int, int, float, const __nv_bfloat16*, int,        \
+                                       const __nv_bfloat16*, int, TC*, int, std::size_t,  \
+                                       const std::int32_t*, int, cudaStream_t);
 MOETRAIN_GROUPED_GEMM(float)
 MOETRAIN_GROUPED_GEMM(__nv_bfloat16)
 #undef MOETRAIN_GROUPED_GEMM

@@ -10,6 +10,10 @@
 //                  accumulation, C fp32 or bf16 (TC); beta = 0 does not read C. A group without
 //                  rows costs its blocks one scan of the offsets. offsets is a device array of
 //                  groups + 1 entries, offsets[groups] <= rows; `rows` only sizes the launch.
+//   grouped_gemm_wgrad
+//                  C_g[M, N] += alpha A[rows_g, :M]^T B[rows_g, :N], C_g = C + g * stride_c: the
+//                  experts' weight gradients, each summed over its rows in row order by one block
+//                  per 64 x 64 tile (deterministic, no atomics); a group without rows adds nothing.
 #pragma once
 
 #include <cstddef>
@@ -23,5 +27,10 @@ template <typename TC>
 void grouped_gemm(bool trans_b, int rows, int N, int K, float alpha, const __nv_bfloat16* A,
                   int lda, const __nv_bfloat16* B, int ldb, std::size_t stride_b, float beta, TC* C,
                   int ldc, const std::int32_t* offsets, int groups, cudaStream_t stream);
+
+template <typename TC>
+void grouped_gemm_wgrad(int M, int N, float alpha, const __nv_bfloat16* A, int lda,
+                        const __nv_bfloat16* B, int ldb, TC* C, int ldc, std::size_t stride_c,
+                        const std::int32_t* offsets, int groups, cudaStream_t stream);
 
 }  // namespace moetrain::kernels
