@@ -41,6 +41,18 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return uint32_t(bf16_bits(float_to_bf16(lo))) | uint32_t(bf16_bits(float_to_bf16(hi))) << 16;
 }
 
+// The accumulator fragments of n8 tiles 2 kk and 2 kk + 1 (a 16 x 16 block of a 16 x 64 product,
+// e.g. P) rounded to bf16 as the A fragment of keys 16 kk .. 16 kk + 15 of the next product: the
+// accumulator layout (rows g, g + 8; columns 2 t, 2 t + 1) is the A layout, register for register.
+template <int kTiles>
+__device__ __forceinline__ void a_fragment(uint32_t (&a)[4], const float (&acc)[kTiles][4],
+                                           int kk) {
+  a[0] = pack_bf16(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = pack_bf16(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = pack_bf16(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = pack_bf16(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
 // Rows [row0, row0 + 64) of one head's hd columns of qkv (row stride ld) into a shared tile;
 // rows at or past `rows` are zero. 16-byte chunks, all threads of the block.
 template <int HD>
@@ -143,11 +155,8 @@ __global__ void __launch_bounds__(kThreads)
       l_b += sc[n][2] + sc[n][3];
     }
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      // p's accumulator fragments of key tiles 2 kk and 2 kk + 1 are an A fragment of keys 16 kk..
-      const uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]),
-                              pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+      uint32_t pa[4];
+      a_fragment(pa, sc, kk);
       for (int d = 0; d < kDTiles; ++d) {
         uint32_t vf[2];  // v stored [key][d]: the row-major B operand, transposed by ldmatrix
         ldmatrix_x2_trans(vf, vs + (kk * 16 + lane % 16) * LD + d * 8);
@@ -297,14 +306,10 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       for (int kq = 0; kq < kBlockM / 16; ++kq) {
-        const uint32_t pa[4] = {pack_bf16(pt[2 * kq][0], pt[2 * kq][1]),
-                                pack_bf16(pt[2 * kq][2], pt[2 * kq][3]),
-                                pack_bf16(pt[2 * kq + 1][0], pt[2 * kq + 1][1]),
-                                pack_bf16(pt[2 * kq + 1][2], pt[2 * kq + 1][3])};
-        const uint32_t sa[4] = {pack_bf16(dst[2 * kq][0], dst[2 * kq][1]),
-                                pack_bf16(dst[2 * kq][2], dst[2 * kq][3]),
-                                pack_bf16(dst[2 * kq + 1][0], dst[2 * kq + 1][1]),
-                                pack_bf16(dst[2 * kq + 1][2], dst[2 * kq + 1][3])};
+        uint32_t pa[4];
+        a_fragment(pa, pt, kq);
+        uint32_t sa[4];
+        a_fragment(sa, dst, kq);
         for (int d = 0; d < kDTiles; ++d) {
           uint32_t df[2], qf[2];  // dO and q stored [query][d]: row-major B operands
           ldmatrix_x2_trans(df, dos + (kq * 16 + lane % 16) * LD + d * 8);
@@ -394,10 +399,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t sa[4] = {pack_bf16(ds[2 * kk][0], ds[2 * kk][1]),
-                              pack_bf16(ds[2 * kk][2], ds[2 * kk][3]),
-                              pack_bf16(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
-                              pack_bf16(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
+      uint32_t sa[4];
+      a_fragment(sa, ds, kk);
       for (int d = 0; d < kDTiles; ++d) {
         uint32_t kf[2];  // k stored [key][d]: the row-major B operand
         ldmatrix_x2_trans(kf, ks + (kk * 16 + lane % 16) * LD + d * 8);

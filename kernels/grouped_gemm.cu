@@ -22,6 +22,29 @@ constexpr int kBM = 64, kBN = 64, kBK = 32, kWarps = 4, kThreads = kWarps * kWar
 constexpr int kLdA = kBK + 8;  // row strides in elements: 16-byte rows, shifted banks
 constexpr int kLdBt = kBK + 8, kLdB = kBN + 8;
 
+// Stores a warp's 16 x 64 accumulator (rows row0 .. row0 + 15 of C, columns col0 ..): C = alpha
+// acc + beta C (beta = 0 does not read C), rows at or past row_end and columns at or past N
+// skipped. Thread 4 g + t holds rows g and g + 8, columns 2 t and 2 t + 1 of each n8.
+template <typename TC>
+__device__ __forceinline__ void store_tile(TC* C, int ldc, int row0, int row_end, int col0, int N,
+                                           const float (&acc)[kBN / 8][4], float alpha,
+                                           float beta) {
+  const int lane = static_cast<int>(lane_id()), g4 = lane / 4, t4 = lane % 4;
+  for (int half = 0; half < 2; ++half) {
+    const int r = row0 + g4 + 8 * half;
+    if (r >= row_end) continue;
+    for (int n = 0; n < kBN / 8; ++n)
+      for (int e = 0; e < 2; ++e) {
+        const int c = col0 + n * 8 + 2 * t4 + e;
+        if (c >= N) continue;
+        TC* dst = C + static_cast<std::size_t>(r) * ldc + c;
+        float v = alpha * acc[n][2 * half + e];
+        if (beta != 0.0f) v += beta * to_float(*dst);
+        *dst = from_float<TC>(v);
+      }
+  }
+}
+
 template <typename TC, bool kTransB>
 __global__ void __launch_bounds__(kThreads)
     grouped_gemm_kernel(int N, int K, float alpha, const __nv_bfloat16* __restrict__ A, int lda,
@@ -87,21 +110,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // Thread 4 g + t holds rows g and g + 8 of the warp's 16, columns 2 t and 2 t + 1 of each n8.
-  const int g4 = lane / 4, t4 = lane % 4;
-  for (int half = 0; half < 2; ++half) {
-    const int r = row0 + warp * 16 + g4 + 8 * half;
-    if (r >= row_end) continue;
-    for (int n = 0; n < kBN / 8; ++n)
-      for (int e = 0; e < 2; ++e) {
-        const int c = col0 + n * 8 + 2 * t4 + e;
-        if (c >= N) continue;
-        TC* dst = C + static_cast<std::size_t>(r) * ldc + c;
-        float v = alpha * acc[n][2 * half + e];
-        if (beta != 0.0f) v += beta * to_float(*dst);
-        *dst = from_float<TC>(v);
-      }
-  }
+  store_tile(C, ldc, row0 + warp * 16, row_end, col0, N, acc, alpha, beta);
 }
 
 // The weight gradients: C_g[M, N] += alpha A[rows_g, :M]^T B[rows_g, :N] (grid: M / 64, N / 64,
@@ -144,19 +153,9 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  TC* Cg = C + static_cast<std::size_t>(g) * stride_c;
-  const int g4 = lane / 4, t4 = lane % 4;
-  for (int half = 0; half < 2; ++half) {
-    const int r = m0 + warp * 16 + g4 + 8 * half;
-    if (r >= M) continue;
-    for (int n = 0; n < kBN / 8; ++n)
-      for (int e = 0; e < 2; ++e) {
-        const int c = n0 + n * 8 + 2 * t4 + e;
-        if (c >= N) continue;
-        TC* dst = Cg + static_cast<std::size_t>(r) * ldc + c;
-        *dst = from_float<TC>(to_float(*dst) + alpha * acc[n][2 * half + e]);
-      }
-  }
+  // Accumulated: C_g += alpha acc.
+  store_tile(C + static_cast<std::size_t>(g) * stride_c, ldc, m0 + warp * 16, M, n0, N, acc, alpha,
+             1.0f);
 }
 
 }  // namespace grouped_detail
