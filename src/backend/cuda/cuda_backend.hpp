@@ -29,21 +29,15 @@ template <typename E>
 constexpr Storage device_storage() {
   return std::is_same_v<E, float> ? Storage::F32 : Storage::BF16;
 }
-// A typed pointer as E, checked against its storage (the CUDA side of DevPtr::as, which knows
-// bf16).
-template <typename E>
-E* device_ptr(DevPtr p) {
+// A typed pointer as E (const E for a CDevPtr), checked against its storage (the CUDA side of
+// DevPtr::as, which knows bf16).
+template <typename E, typename V>
+auto device_ptr(BasicDevPtr<V> p) {
+  using Out = std::conditional_t<std::is_const_v<V>, const E, E>;
   if (p.get() && p.storage() != device_storage<E>())
     throw std::logic_error(std::string("a ") + to_string(p.storage()) + " buffer used as " +
                            to_string(device_storage<E>()));
-  return static_cast<E*>(p.get());
-}
-template <typename E>
-const E* device_ptr(CDevPtr p) {
-  if (p.get() && p.storage() != device_storage<E>())
-    throw std::logic_error(std::string("a ") + to_string(p.storage()) + " buffer used as " +
-                           to_string(device_storage<E>()));
-  return static_cast<const E*>(p.get());
+  return static_cast<Out*>(p.get());
 }
 // Calls f(E{}) with the element type of the activations `acts` of op `op`: they must share one
 // storage, f32 or bf16.
