@@ -50,6 +50,34 @@ struct DeviceBuffer {
   }
 };
 
+// A stream (cudaStreamCreateWithFlags) and an event (no timing), destroyed at scope exit.
+struct Stream {
+  cudaStream_t s = nullptr;
+  explicit Stream(unsigned flags) { MOETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, flags)); }
+  ~Stream() { cudaStreamDestroy(s); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  void sync() const { MOETRAIN_CUDA_CHECK(cudaStreamSynchronize(s)); }
+};
+struct Event {
+  cudaEvent_t e = nullptr;
+  Event() { MOETRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
+  ~Event() { cudaEventDestroy(e); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+};
+
+// start, start + 1, ..., start + n - 1; and v times s.
+inline std::vector<float> iota_floats(size_t n, float start) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = start + float(i);
+  return v;
+}
+inline std::vector<float> times(std::vector<float> v, float s) {
+  for (float& x : v) x *= s;
+  return v;
+}
+
 // ||out - ref|| / ||ref|| (||out - ref|| when ref is zero).
 
 inline double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
@@ -81,6 +109,10 @@ inline float from_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+// Every element holds the poison bytes 0xFF (cudaMalloc's fill, an async download not arrived).
+inline bool all_poison(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float x) { return bits_of(x) == 0xffffffffu; });
 }
 
 template <typename T>

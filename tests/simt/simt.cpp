@@ -18,6 +18,7 @@
 #include <mutex>
 #include <new>
 #include <sstream>
+#include <thread>
 #include <unordered_map>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -1223,9 +1224,12 @@ long long clock64() {
 // host functions). Under the eager schedule an item runs when it is enqueued; under deferred only
 // when the host needs it done: drain(q, n) runs q's first n items, each after the items of other
 // streams it depends on. A dependency is always on work enqueued earlier, so draining terminates.
+// A capturing stream records its work as the nodes of its capture instead; a graph launch is one
+// item that runs the nodes in order.
 // ------------------------------------------------------------------------------------------------
 namespace simt::detail {
 struct Queue;
+struct Capture;
 struct Dep {  // "queue q has run its first `count` items"
   std::shared_ptr<Queue> q;
   std::uint64_t count;
@@ -1234,6 +1238,21 @@ struct Item {
   std::function<void()> run;
   std::vector<Dep> deps;
 };
+// Work as submitted to a stream: `run` does it (once per launch when captured: it is called, never
+// moved from); `at_enqueue` runs when it is enqueued (an async copy to the host poisons its
+// destination); `host_items` counts the enqueue_host items in it (for Stats).
+struct Work {
+  explicit Work(std::function<void()> r, std::function<void()> at = {}, std::uint64_t hosts = 0)
+      : run(std::move(r)), at_enqueue(std::move(at)), host_items(hosts) {}
+  std::function<void()> run;
+  std::function<void()> at_enqueue;
+  std::uint64_t host_items;
+};
+using Nodes = std::vector<Work>;
+// Stream capture: what each stream of a capture has waited for is a vector clock over the
+// capture's streams: seen[k] = how many nodes of stream k precede the stream's next node
+// (seen[member] counts its own nodes). An event recorded in the capture keeps the recording
+// stream's clock; a wait on it merges that clock into the waiting stream's.
 struct Queue {
   Queue(bool is_legacy, bool is_blocking) : legacy(is_legacy), blocking(is_blocking) {}
   const bool legacy;    // the legacy default stream (nullptr, cudaStreamLegacy)
@@ -1242,6 +1261,17 @@ struct Queue {
   std::deque<Item> items;
   std::uint64_t enqueued = 0, completed = 0;
   bool pending() const { return completed < enqueued; }
+  std::shared_ptr<Capture> capture;  // the capture the stream takes part in (null: none)
+  std::size_t member = 0;            // its index in capture->streams
+  std::vector<std::uint64_t> seen;
+};
+struct Capture {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
+  std::thread::id thread;                       // that began it
+  std::vector<std::shared_ptr<Queue>> streams;  // [0]: the origin, then the streams that joined
+  Nodes nodes;                                  // in recording order
+  bool invalidated = false;
+  bool ended = false;
 };
 }  // namespace simt::detail
 
@@ -1251,20 +1281,39 @@ struct CUstream_st {
 struct CUevent_st {
   // Host time at which the last record's marker ran.
   std::shared_ptr<std::chrono::steady_clock::time_point> t;
-  // The last record: complete once q has run its first `count` items (q null: never recorded).
+  // The last record: complete once q has run its first `count` items (q null: never recorded, or
+  // recorded in a capture).
+  std::shared_ptr<simt::detail::Queue> q;
+  std::uint64_t count = 0;
+  // Recorded in a capture: that capture and the recording stream's clock then.
+  std::shared_ptr<simt::detail::Capture> capture;
+  std::vector<std::uint64_t> seen;
+};
+struct CUgraph_st {
+  std::shared_ptr<const simt::detail::Nodes> nodes;
+};
+struct CUgraphExec_st {
+  std::shared_ptr<const simt::detail::Nodes> nodes;
+  std::uint64_t host_items = 0;
+  // The last launch: complete once q has run its first `count` items (a launch waits for it).
   std::shared_ptr<simt::detail::Queue> q;
   std::uint64_t count = 0;
 };
 
 namespace {
+using simt::detail::Capture;
 using simt::detail::Dep;
 using simt::detail::Item;
+using simt::detail::Nodes;
 using simt::detail::Queue;
+using simt::detail::Work;
 
 std::mutex g_stream_mutex;
 thread_local bool t_in_item = false;  // running a work item (a kernel, a copy, a host function)
 simt::StreamSchedule g_stream_schedule = simt::StreamSchedule::Eager;
 std::atomic<std::uint64_t> g_sync_count{0};
+std::vector<std::shared_ptr<Capture>> g_captures;  // the captures under way
+thread_local cudaStreamCaptureMode t_capture_mode = cudaStreamCaptureModeGlobal;
 
 // Every stream with work or a handle; [0] is the legacy stream.
 std::vector<std::shared_ptr<Queue>>& queues() {
@@ -1363,6 +1412,108 @@ bool event_pending(const CUevent_st* e) {
   return e->q && e->q->completed < e->count;
 }
 
+// ---- stream capture (the rules are in simt.hpp) ----
+
+// Takes every stream of `c` out of capture mode.
+void end_capture(Capture& c) {
+  for (const auto& q : c.streams) {
+    q->capture.reset();
+    q->member = 0;
+    q->seen.clear();
+  }
+  c.streams.clear();
+  c.ended = true;
+  g_captures.erase(std::remove_if(g_captures.begin(), g_captures.end(),
+                                  [&](const std::shared_ptr<Capture>& p) { return p.get() == &c; }),
+                   g_captures.end());
+}
+
+// The capture `e` was last recorded in, if it is still under way (an ended one's record is
+// forgotten: the event is as if never recorded).
+const std::shared_ptr<Capture>& captured(CUevent_st* e) {
+  if (e->capture && e->capture->ended) {
+    e->capture.reset();
+    e->seen.clear();
+  }
+  return e->capture;
+}
+
+void merge_clock(std::vector<std::uint64_t>& into, const std::vector<std::uint64_t>& from) {
+  if (into.size() < from.size()) into.resize(from.size(), 0);
+  for (std::size_t k = 0; k < from.size(); ++k) into[k] = std::max(into[k], from[k]);
+}
+
+// Any use of the legacy stream while a blocking stream captures: invalidates those captures.
+cudaError_t legacy_conflict() {
+  cudaError_t rc = cudaSuccess;
+  for (const auto& c : g_captures) {
+    for (const auto& q : c->streams) {
+      if (q->blocking) {
+        c->invalidated = true;
+        rc = cudaErrorStreamCaptureImplicit;
+        break;
+      }
+    }
+  }
+  return rc;
+}
+
+// A potentially unsafe call (cudaMalloc, cudaFree, ...) by the calling thread: prohibited by the
+// captures the capture modes name, which it invalidates.
+cudaError_t unsafe_call() {
+  if (t_capture_mode == cudaStreamCaptureModeRelaxed) return cudaSuccess;
+  const std::thread::id me = std::this_thread::get_id();
+  cudaError_t rc = cudaSuccess;
+  for (const auto& c : g_captures) {
+    const bool prohibits = c->thread == me ? c->mode != cudaStreamCaptureModeRelaxed
+                                           : t_capture_mode == cudaStreamCaptureModeGlobal &&
+                                                 c->mode == cudaStreamCaptureModeGlobal;
+    if (prohibits) {
+      c->invalidated = true;
+      rc = cudaErrorStreamCaptureUnsupported;
+    }
+  }
+  return rc;
+}
+
+// Submits work to stream q: records it when q captures, else enqueues it (deps: what it waits
+// for besides q's order).
+cudaError_t submit(const std::shared_ptr<Queue>& q, Work w, std::vector<Dep> deps = {}) {
+  if (q->capture) {
+    Capture& c = *q->capture;
+    if (c.invalidated) return cudaErrorStreamCaptureInvalidated;
+    c.nodes.push_back(std::move(w));
+    ++q->seen[q->member];
+    ++g_stats.captured_nodes;
+    return cudaSuccess;
+  }
+  if (q->legacy)
+    if (const cudaError_t e = legacy_conflict(); e != cudaSuccess) return e;
+  if (w.at_enqueue) w.at_enqueue();
+  g_stats.host_items += w.host_items;
+  enqueue(q, std::move(w.run), std::move(deps));
+  return cudaSuccess;
+}
+
+// What a call that names stream q, to wait for it or query it, must fail with.
+cudaError_t sync_conflict(const std::shared_ptr<Queue>& q) {
+  if (q->capture) {
+    q->capture->invalidated = true;
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  return q->legacy ? legacy_conflict() : cudaSuccess;
+}
+
+// What a call that waits for or queries event e must fail with (potentially_unsafe: a query or
+// synchronize, which the capture modes may forbid).
+cudaError_t event_conflict(CUevent_st* e, bool potentially_unsafe) {
+  if (const auto& c = captured(e)) {
+    c->invalidated = true;
+    return cudaErrorCapturedEvent;
+  }
+  return potentially_unsafe ? unsafe_call() : cudaSuccess;
+}
+
 cudaError_t set_error(cudaError_t e);
 
 // drain_all for the calls that release resources (cudaFree, cudaFreeHost, cudaDeviceReset), which
@@ -1444,12 +1595,32 @@ const char* cudaGetErrorName(cudaError_t e) {
       return "cudaErrorInvalidDevice";
     case cudaErrorInvalidResourceHandle:
       return "cudaErrorInvalidResourceHandle";
+    case cudaErrorIllegalState:
+      return "cudaErrorIllegalState";
     case cudaErrorNotReady:
       return "cudaErrorNotReady";
     case cudaErrorLaunchFailure:
       return "cudaErrorLaunchFailure";
     case cudaErrorNotSupported:
       return "cudaErrorNotSupported";
+    case cudaErrorStreamCaptureUnsupported:
+      return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated:
+      return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorStreamCaptureMerge:
+      return "cudaErrorStreamCaptureMerge";
+    case cudaErrorStreamCaptureUnmatched:
+      return "cudaErrorStreamCaptureUnmatched";
+    case cudaErrorStreamCaptureUnjoined:
+      return "cudaErrorStreamCaptureUnjoined";
+    case cudaErrorStreamCaptureIsolation:
+      return "cudaErrorStreamCaptureIsolation";
+    case cudaErrorStreamCaptureImplicit:
+      return "cudaErrorStreamCaptureImplicit";
+    case cudaErrorCapturedEvent:
+      return "cudaErrorCapturedEvent";
+    case cudaErrorStreamCaptureWrongThread:
+      return "cudaErrorStreamCaptureWrongThread";
     case cudaErrorUnknown:
       return "cudaErrorUnknown";
   }
@@ -1480,12 +1651,32 @@ const char* cudaGetErrorString(cudaError_t e) {
       return "invalid device ordinal";
     case cudaErrorInvalidResourceHandle:
       return "invalid resource handle";
+    case cudaErrorIllegalState:
+      return "the operation cannot be performed in the present state";
     case cudaErrorNotReady:
       return "device not ready";
     case cudaErrorLaunchFailure:
       return "unspecified launch failure";
     case cudaErrorNotSupported:
       return "operation not supported";
+    case cudaErrorStreamCaptureUnsupported:
+      return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated:
+      return "operation failed due to a previous error during capture";
+    case cudaErrorStreamCaptureMerge:
+      return "operation would result in a merge of separate capture sequences";
+    case cudaErrorStreamCaptureUnmatched:
+      return "capture was not ended in the same stream as it began";
+    case cudaErrorStreamCaptureUnjoined:
+      return "capturing stream has unjoined work";
+    case cudaErrorStreamCaptureIsolation:
+      return "dependency created on uncaptured work in another stream";
+    case cudaErrorStreamCaptureImplicit:
+      return "operation would make the legacy stream depend on a capturing blocking stream";
+    case cudaErrorCapturedEvent:
+      return "operation not permitted on an event last recorded in a capturing stream";
+    case cudaErrorStreamCaptureWrongThread:
+      return "attempt to terminate a thread-local capture sequence from another thread";
     case cudaErrorUnknown:
       return "unknown error";
   }
@@ -1499,25 +1690,44 @@ cudaError_t cudaPeekAtLastError() {
   return static_cast<cudaError_t>(g_last_error.load());
 }
 
-cudaError_t cudaMalloc(void** ptr, size_t bytes) {
-  return alloc(g_device_allocs, ptr, bytes);
+namespace {
+// Allocating and freeing are potentially unsafe during a capture (the modes decide). A work item
+// (which holds the stream state) is not checked: it must not call the runtime at all.
+cudaError_t alloc_conflict() {
+  if (t_in_item) return cudaSuccess;
+  StreamLock lock;
+  return unsafe_call();
 }
-cudaError_t cudaFree(void* ptr) {
+cudaError_t checked_alloc(std::unordered_map<void*, size_t>& table, void** ptr, size_t bytes) {
+  if (const cudaError_t e = alloc_conflict(); e != cudaSuccess) {
+    if (ptr) *ptr = nullptr;
+    return set_error(e);
+  }
+  return alloc(table, ptr, bytes);
+}
+cudaError_t checked_release(std::unordered_map<void*, size_t>& table, void* ptr) {
+  if (const cudaError_t e = alloc_conflict(); e != cudaSuccess) return set_error(e);
   // An implicit device synchronize: no pending work may still use the memory.
   const cudaError_t drained = ptr ? drain_all_quietly(true) : cudaSuccess;
-  const cudaError_t e = release(g_device_allocs, ptr);
+  const cudaError_t e = release(table, ptr);
   return e != cudaSuccess ? e : drained;
+}
+}  // namespace
+
+cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  return checked_alloc(g_device_allocs, ptr, bytes);
+}
+cudaError_t cudaFree(void* ptr) {
+  return checked_release(g_device_allocs, ptr);
 }
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
-  return alloc(g_host_allocs, ptr, bytes);
+  return checked_alloc(g_host_allocs, ptr, bytes);
 }
 cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int) {
-  return alloc(g_host_allocs, ptr, bytes);
+  return checked_alloc(g_host_allocs, ptr, bytes);
 }
 cudaError_t cudaFreeHost(void* ptr) {
-  const cudaError_t drained = ptr ? drain_all_quietly(true) : cudaSuccess;
-  const cudaError_t e = release(g_host_allocs, ptr);
-  return e != cudaSuccess ? e : drained;
+  return checked_release(g_host_allocs, ptr);
 }
 
 namespace {
@@ -1540,16 +1750,19 @@ cudaError_t copy_rows(void* dst, size_t dpitch, const void* src, size_t spitch, 
   };
   StreamLock lock;
   if (async) {
+    std::function<void()> poison;
     if (kind == cudaMemcpyDeviceToHost)
-      for (size_t row = 0; row < height; ++row) std::memset(d + row * dpitch, kPoison, width);
-    enqueue(queue_of(stream), run);
-  } else if (kind == cudaMemcpyDeviceToDevice) {
-    enqueue(legacy_queue(), run);
-  } else {
-    ++g_sync_count;
-    enqueue(legacy_queue(), run);
-    drain(legacy_queue(), legacy_queue()->enqueued);
+      poison = [=] {
+        for (size_t row = 0; row < height; ++row) std::memset(d + row * dpitch, kPoison, width);
+      };
+    return set_error(submit(queue_of(stream), Work{run, poison}));
   }
+  if (kind == cudaMemcpyDeviceToDevice) return set_error(submit(legacy_queue(), Work{run}));
+  if (const cudaError_t e = legacy_conflict(); e != cudaSuccess) return set_error(e);
+  if (const cudaError_t e = unsafe_call(); e != cudaSuccess) return set_error(e);
+  ++g_sync_count;
+  enqueue(legacy_queue(), run);
+  drain(legacy_queue(), legacy_queue()->enqueued);
   return cudaSuccess;
 }
 
@@ -1557,8 +1770,7 @@ cudaError_t fill_bytes(void* dst, int value, size_t bytes, cudaStream_t stream) 
   if (bytes == 0) return cudaSuccess;
   if (!dst) return set_error(cudaErrorInvalidValue);
   StreamLock lock;
-  enqueue(queue_of(stream), [=] { std::memset(dst, value, bytes); });
-  return cudaSuccess;
+  return set_error(submit(queue_of(stream), Work{[=] { std::memset(dst, value, bytes); }}));
 }
 }  // namespace
 
@@ -1606,14 +1818,22 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int flags) {
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
   if (!s || s == cudaStreamLegacy) return set_error(cudaErrorInvalidResourceHandle);
   StreamLock lock;
+  cudaError_t rc = cudaSuccess;
+  if (const std::shared_ptr<Capture> c = s->q->capture) {  // a copy: end_capture resets it
+    c->invalidated = true;
+    if (c->streams.front() == s->q) end_capture(*c);
+    rc = set_error(cudaErrorStreamCaptureInvalidated);
+  }
   s->q->destroyed = true;  // its pending work still runs when something orders it
   delete s;
-  return cudaSuccess;
+  return rc;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   StreamLock lock;
+  const std::shared_ptr<Queue> q = queue_of(s);
+  if (const cudaError_t e = sync_conflict(q); e != cudaSuccess) return set_error(e);
   ++g_sync_count;
-  drain_stream(queue_of(s));
+  drain_stream(q);
   return cudaSuccess;
 }
 // A query that finds work pending says so and lets the work run (the device makes progress while
@@ -1621,6 +1841,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
 cudaError_t cudaStreamQuery(cudaStream_t s) {
   StreamLock lock;
   const std::shared_ptr<Queue> q = queue_of(s);
+  if (const cudaError_t e = sync_conflict(q); e != cudaSuccess) return set_error(e);
   if (!stream_pending(q)) return cudaSuccess;
   drain_stream(q);
   return cudaErrorNotReady;
@@ -1628,14 +1849,41 @@ cudaError_t cudaStreamQuery(cudaStream_t s) {
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int) {
   if (!e) return set_error(cudaErrorInvalidResourceHandle);
   StreamLock lock;
-  if (event_pending(e)) enqueue(queue_of(s), [] {}, {Dep{e->q, e->count}});
+  const std::shared_ptr<Queue> q = queue_of(s);
+  const std::shared_ptr<Capture> c = captured(e);
+  if (q->legacy) {
+    if (const cudaError_t err = legacy_conflict(); err != cudaSuccess) return set_error(err);
+    if (c) {  // the legacy stream cannot join a capture
+      c->invalidated = true;
+      return set_error(cudaErrorStreamCaptureUnsupported);
+    }
+  }
+  if (q->capture && q->capture->invalidated) return set_error(cudaErrorStreamCaptureInvalidated);
+  if (c) {
+    if (q->capture && q->capture != c) {
+      q->capture->invalidated = c->invalidated = true;
+      return set_error(cudaErrorStreamCaptureMerge);
+    }
+    if (!q->capture) {  // a fork: q joins the capture
+      q->capture = c;
+      q->member = c->streams.size();
+      q->seen.assign(c->streams.size() + 1, 0);
+      c->streams.push_back(q);
+    }
+    merge_clock(q->seen, e->seen);
+    return c->invalidated ? set_error(cudaErrorStreamCaptureInvalidated) : cudaSuccess;
+  }
+  if (q->capture) {  // uncaptured work cannot order captured work
+    q->capture->invalidated = true;
+    return set_error(cudaErrorStreamCaptureIsolation);
+  }
+  if (event_pending(e)) enqueue(q, [] {}, {Dep{e->q, e->count}});
   return cudaSuccess;
 }
 cudaError_t cudaLaunchHostFunc(cudaStream_t s, cudaHostFn_t fn, void* user_data) {
   if (!fn) return set_error(cudaErrorInvalidValue);
   StreamLock lock;
-  enqueue(queue_of(s), [fn, user_data] { fn(user_data); });
-  return cudaSuccess;
+  return set_error(submit(queue_of(s), Work{[fn, user_data] { fn(user_data); }}));
 }
 cudaError_t cudaEventCreate(cudaEvent_t* e) {
   return cudaEventCreateWithFlags(e, cudaEventDefault);
@@ -1652,17 +1900,31 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   if (!e) return set_error(cudaErrorInvalidResourceHandle);
   StreamLock lock;
-  auto t = std::make_shared<std::chrono::steady_clock::time_point>();
   const std::shared_ptr<Queue> q = queue_of(s);
+  if (q->capture) {  // orders the captured work only: no marker
+    if (q->capture->invalidated) return set_error(cudaErrorStreamCaptureInvalidated);
+    e->t.reset();
+    e->q.reset();
+    e->count = 0;
+    e->capture = q->capture;
+    e->seen = q->seen;
+    return cudaSuccess;
+  }
+  if (q->legacy)
+    if (const cudaError_t err = legacy_conflict(); err != cudaSuccess) return set_error(err);
+  auto t = std::make_shared<std::chrono::steady_clock::time_point>();
   enqueue(q, [t] { *t = std::chrono::steady_clock::now(); });  // the marker
   e->t = std::move(t);
   e->q = q;
   e->count = q->enqueued;
+  e->capture.reset();
+  e->seen.clear();
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   if (!e) return set_error(cudaErrorInvalidResourceHandle);
   StreamLock lock;
+  if (const cudaError_t err = event_conflict(e, true); err != cudaSuccess) return set_error(err);
   ++g_sync_count;
   if (e->q) drain(e->q, e->count);
   return cudaSuccess;
@@ -1670,6 +1932,7 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 cudaError_t cudaEventQuery(cudaEvent_t e) {
   if (!e) return set_error(cudaErrorInvalidResourceHandle);
   StreamLock lock;
+  if (const cudaError_t err = event_conflict(e, true); err != cudaSuccess) return set_error(err);
   if (!event_pending(e)) return cudaSuccess;
   drain(e->q, e->count);
   return cudaErrorNotReady;
@@ -1677,6 +1940,8 @@ cudaError_t cudaEventQuery(cudaEvent_t e) {
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
   if (!ms || !start || !end) return set_error(cudaErrorInvalidValue);
   StreamLock lock;
+  for (CUevent_st* e : {start, end})
+    if (const cudaError_t err = event_conflict(e, false); err != cudaSuccess) return set_error(err);
   if (!start->q || !end->q) return set_error(cudaErrorInvalidResourceHandle);
   if (event_pending(start) || event_pending(end)) return cudaErrorNotReady;
   *ms = std::chrono::duration<float, std::milli>(*end->t - *start->t).count();
@@ -1684,11 +1949,22 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) 
 }
 cudaError_t cudaDeviceSynchronize() {
   StreamLock lock;
+  if (!g_captures.empty()) {  // it would wait for capturing streams
+    for (const auto& c : g_captures) c->invalidated = true;
+    return set_error(cudaErrorStreamCaptureUnsupported);
+  }
   ++g_sync_count;
   drain_all();
   return cudaSuccess;
 }
 cudaError_t cudaDeviceReset() {
+  {
+    StreamLock lock;  // ends every capture: their graphs are lost
+    while (!g_captures.empty()) {
+      const std::shared_ptr<Capture> c = g_captures.back();
+      end_capture(*c);
+    }
+  }
   return drain_all_quietly(false);
 }
 cudaError_t cudaGetDeviceCount(int* count) {
@@ -1739,6 +2015,129 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
   return cudaSuccess;
 }
 
+// ---- stream capture and graphs -----------------------------------------------------------------
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode) {
+  if (mode != cudaStreamCaptureModeGlobal && mode != cudaStreamCaptureModeThreadLocal &&
+      mode != cudaStreamCaptureModeRelaxed)
+    return set_error(cudaErrorInvalidValue);
+  StreamLock lock;
+  if (!s || s == cudaStreamLegacy) return set_error(cudaErrorStreamCaptureUnsupported);
+  const std::shared_ptr<Queue>& q = s->q;
+  if (q->capture) return set_error(cudaErrorIllegalState);
+  auto c = std::make_shared<Capture>();
+  c->mode = mode;
+  c->thread = std::this_thread::get_id();
+  c->streams.push_back(q);
+  q->capture = c;
+  q->member = 0;
+  q->seen.assign(1, 0);
+  g_captures.push_back(std::move(c));
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* graph) {
+  if (!graph) return set_error(cudaErrorInvalidValue);
+  *graph = nullptr;
+  StreamLock lock;
+  const std::shared_ptr<Queue> q = queue_of(s);
+  if (q->legacy)
+    if (const cudaError_t e = legacy_conflict(); e != cudaSuccess) return set_error(e);
+  const std::shared_ptr<Capture> c = q->capture;
+  if (!c) return set_error(cudaErrorIllegalState);
+  if (c->streams.front() != q) {
+    c->invalidated = true;
+    return set_error(cudaErrorStreamCaptureUnmatched);
+  }
+  if (c->mode != cudaStreamCaptureModeRelaxed && c->thread != std::this_thread::get_id())
+    return set_error(cudaErrorStreamCaptureWrongThread);
+  // Joined: the origin has seen all the work of every other stream of the capture.
+  bool joined = true;
+  for (std::size_t k = 1; k < c->streams.size(); ++k) {
+    const std::uint64_t own = c->streams[k]->seen[k];
+    if (own > 0 && (k >= q->seen.size() || q->seen[k] < own)) joined = false;
+  }
+  end_capture(*c);
+  if (c->invalidated) return set_error(cudaErrorStreamCaptureInvalidated);
+  if (!joined) return set_error(cudaErrorStreamCaptureUnjoined);
+  *graph = new CUgraph_st{std::make_shared<const Nodes>(std::move(c->nodes))};
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status) {
+  if (!status) return set_error(cudaErrorInvalidValue);
+  StreamLock lock;
+  const std::shared_ptr<Queue> q = queue_of(s);
+  if (q->legacy) {
+    for (const auto& c : g_captures)
+      for (const auto& b : c->streams)
+        if (b->blocking) return set_error(cudaErrorStreamCaptureImplicit);  // not invalidating
+    *status = cudaStreamCaptureStatusNone;
+    return cudaSuccess;
+  }
+  *status = !q->capture               ? cudaStreamCaptureStatusNone
+            : q->capture->invalidated ? cudaStreamCaptureStatusInvalidated
+                                      : cudaStreamCaptureStatusActive;
+  return cudaSuccess;
+}
+
+cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode) {
+  if (!mode || (*mode != cudaStreamCaptureModeGlobal && *mode != cudaStreamCaptureModeThreadLocal &&
+                *mode != cudaStreamCaptureModeRelaxed))
+    return set_error(cudaErrorInvalidValue);
+  std::swap(*mode, t_capture_mode);
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph,
+                                 unsigned long long flags) {
+  constexpr unsigned long long known =
+      cudaGraphInstantiateFlagAutoFreeOnLaunch | cudaGraphInstantiateFlagUpload |
+      cudaGraphInstantiateFlagDeviceLaunch | cudaGraphInstantiateFlagUseNodePriority;
+  if (!exec || !graph || (flags & ~known) != 0) return set_error(cudaErrorInvalidValue);
+  auto* x = new CUgraphExec_st{};
+  x->nodes = graph->nodes;  // immutable: the graph may be destroyed, the exec keeps its nodes
+  for (const Work& w : *x->nodes) x->host_items += w.host_items;
+  *exec = x;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
+  if (!exec) return set_error(cudaErrorInvalidValue);
+  StreamLock lock;
+  const std::shared_ptr<Queue> q = queue_of(s);
+  std::shared_ptr<const Nodes> nodes = exec->nodes;
+  Work w{[nodes] {
+           for (const Work& n : *nodes) n.run();
+         },
+         [nodes] {
+           for (const Work& n : *nodes)
+             if (n.at_enqueue) n.at_enqueue();
+         },
+         exec->host_items};
+  if (q->capture) return set_error(submit(q, std::move(w)));  // a child graph node
+  if (q->legacy)
+    if (const cudaError_t e = legacy_conflict(); e != cudaSuccess) return set_error(e);
+  std::vector<Dep> deps;  // after the exec's previous launch
+  if (exec->q && exec->q->completed < exec->count) deps.push_back(Dep{exec->q, exec->count});
+  // Counted before it is enqueued: under the eager schedule the graph runs (and may throw) there.
+  ++g_stats.graph_launches;
+  exec->q = q;
+  exec->count = q->enqueued + 1;
+  return set_error(submit(q, std::move(w), std::move(deps)));
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  if (!exec) return set_error(cudaErrorInvalidValue);
+  delete exec;  // a pending launch keeps the nodes
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+  if (!graph) return set_error(cudaErrorInvalidValue);
+  delete graph;
+  return cudaSuccess;
+}
+
 // ------------------------------------------------------------------------------------------------
 // The simulator's stream API
 // ------------------------------------------------------------------------------------------------
@@ -1780,10 +2179,17 @@ ScopedStreamSchedule::~ScopedStreamSchedule() {
   }
 }
 
+namespace {
+[[noreturn]] void capture_refused(const std::string& what, cudaError_t e) {
+  throw Error("simt: " + what + " refused: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) +
+              ")");
+}
+}  // namespace
+
 void enqueue_host(cudaStream_t stream, std::function<void()> fn) {
   StreamLock lock;
-  ++g_stats.host_items;
-  enqueue(queue_of(stream), std::move(fn));
+  if (const cudaError_t e = submit(queue_of(stream), Work{std::move(fn), {}, 1}); e != cudaSuccess)
+    capture_refused("host work (enqueue_host)", e);
 }
 
 std::size_t pending_work() {
@@ -1803,12 +2209,22 @@ void reset_sync_count() {
 
 namespace detail {
 void enqueue_launch(const LaunchDesc& probe, cudaStream_t stream, std::function<void()> run) {
-  validate(probe);
+  try {
+    validate(probe);
+  } catch (const Error&) {
+    if (!t_in_item) {  // a failed launch invalidates the stream's capture, as in CUDA
+      StreamLock lock;
+      if (const auto& c = queue_of(stream)->capture) c->invalidated = true;
+    }
+    throw;
+  }
   if (g_in_launch.load() && pthread_equal(g_launch_owner, pthread_self())) {
     throw Error("simt: kernel '" + kernel_name(probe.kernel) + "' launched from inside a kernel");
   }
   StreamLock lock;
-  enqueue(queue_of(stream), std::move(run));
+  const std::shared_ptr<Queue> q = queue_of(stream);
+  if (const cudaError_t e = submit(q, Work{std::move(run)}); e != cudaSuccess)
+    capture_refused("launch of kernel '" + kernel_name(probe.kernel) + "'", e);
 }
 }  // namespace detail
 

@@ -54,6 +54,62 @@
 //   and cudaDeviceReset (destructors call them), which print it and return
 //   cudaErrorLaunchFailure.
 //
+// Stream capture and graphs (CUDA's semantics)
+//   cudaStreamBeginCapture(s, mode) puts a created stream (not the legacy one) in capture mode: the
+//   work then enqueued on it (kernel launches, cudaMemcpyAsync / cudaMemcpy2DAsync,
+//   cudaMemsetAsync, cudaLaunchHostFunc, enqueue_host, cudaGraphLaunch as a child graph) is
+//   recorded, not run: kernel arguments as launch() converted them at the call, copies and memsets
+//   with their pointers, sizes and values. Several streams share a capture as in CUDA: an event
+//   recorded on a capturing stream and waited for by another stream makes that stream join the
+//   capture (a fork); cudaStreamEndCapture on the origin stream takes every stream of the capture
+//   out of capture mode and fails with cudaErrorStreamCaptureUnjoined (and no graph) unless the
+//   origin has waited, through events, directly or not, for all the work of every joined stream. A
+//   graph keeps its work in the order it was recorded, which is consistent with the dependencies
+//   (every dependency is on earlier work), and runs it in that order. cudaGraphInstantiate makes an
+//   executable graph; cudaGraphLaunch(exec, s) enqueues it on s as one work item in s's order,
+//   after the exec's previous launch (on any stream), as in CUDA: under the deferred schedule it
+//   runs when something orders it, like any work. Every launch runs the same recorded work with the
+//   same arguments and pointers, reading the buffers as they are then; an async copy to the host
+//   poisons its destination at each launch. An event recorded during a capture only orders the
+//   captured work (nothing of it runs at a launch); once the capture ends it is as if never
+//   recorded. An error of a graph's kernel is thrown by the call that runs the graph (its later
+//   nodes do not run).
+//   What fails, with CUDA's error codes. Each failure but those of the last item invalidates the
+//   capture concerned (CUDA: "any associated capture graphs are invalidated"): its streams' later
+//   work fails with cudaErrorStreamCaptureInvalidated (kernel launches and enqueue_host throw
+//   simt::Error naming it, as the CUDA build's launch() throws), cudaStreamIsCapturing says
+//   cudaStreamCaptureStatusInvalidated, and cudaStreamEndCapture returns
+//   cudaErrorStreamCaptureInvalidated and a null graph and ends the capture, after which the
+//   streams work normally.
+//     * cudaStreamSynchronize / cudaStreamQuery of a capturing stream, cudaDeviceSynchronize while
+//       any capture is under way: cudaErrorStreamCaptureUnsupported;
+//     * cudaEventSynchronize / cudaEventQuery / cudaEventElapsedTime of an event last recorded in a
+//       capture under way: cudaErrorCapturedEvent;
+//     * any use of the legacy stream (work, an event record or wait, cudaMemcpy, cudaMemset, its
+//       synchronize or query) while a blocking stream captures: cudaErrorStreamCaptureImplicit;
+//     * the potentially unsafe calls, by the capture modes of cudaThreadExchangeStreamCaptureMode
+//       (the thread's, initially global) and of cudaStreamBeginCapture: cudaMalloc,
+//       cudaMallocHost, cudaHostAlloc, cudaFree, cudaFreeHost (nullptr too), cudaEventSynchronize /
+//       cudaEventQuery of other events, blocking copies to or from the host. A thread whose mode is
+//       not relaxed may not make them while it has a capture not begun relaxed, nor, when its mode
+//       is global, while another thread has a capture begun global:
+//       cudaErrorStreamCaptureUnsupported;
+//     * a wait of a capturing stream on an event not recorded in its capture:
+//       cudaErrorStreamCaptureIsolation (recorded in another capture: cudaErrorStreamCaptureMerge,
+//       invalidating both); a wait of the legacy stream on a captured event:
+//       cudaErrorStreamCaptureUnsupported;
+//     * cudaStreamEndCapture on a stream that joined a capture: cudaErrorStreamCaptureUnmatched; a
+//       launch with an invalid configuration on a capturing stream (simt::Error);
+//     * destroying a capturing stream: returns cudaErrorStreamCaptureInvalidated (the stream is
+//       destroyed; the origin's destruction ends its capture, and the graph is lost);
+//     * not invalidating: cudaStreamIsCapturing of the legacy stream while a blocking stream
+//       captures (cudaErrorStreamCaptureImplicit); cudaStreamEndCapture from another thread than
+//       the one that began a capture not begun relaxed (cudaErrorStreamCaptureWrongThread).
+//   cudaStreamBeginCapture of the legacy stream fails with cudaErrorStreamCaptureUnsupported, of a
+//   stream already capturing and cudaStreamEndCapture of a stream not capturing with
+//   cudaErrorIllegalState. A call that fails because of a capture runs nothing and waits for
+//   nothing: sync_count() does not count it.
+//
 // Checks (each throws simt::Error, a std::runtime_error, naming the kernel, block and thread)
 //   * a thread waits at __syncthreads while another thread of the block has exited (or exits while
 //     others wait), or threads of a block call different barrier kinds;
@@ -696,9 +752,19 @@ enum cudaError_t : int {
   cudaErrorNoDevice = 100,
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
+  cudaErrorIllegalState = 401,
   cudaErrorNotReady = 600,
   cudaErrorLaunchFailure = 719,
   cudaErrorNotSupported = 801,
+  cudaErrorStreamCaptureUnsupported = 900,
+  cudaErrorStreamCaptureInvalidated = 901,
+  cudaErrorStreamCaptureMerge = 902,
+  cudaErrorStreamCaptureUnmatched = 903,
+  cudaErrorStreamCaptureUnjoined = 904,
+  cudaErrorStreamCaptureIsolation = 905,
+  cudaErrorStreamCaptureImplicit = 906,
+  cudaErrorCapturedEvent = 907,
+  cudaErrorStreamCaptureWrongThread = 908,
   cudaErrorUnknown = 999,
 };
 typedef cudaError_t cudaError;
@@ -718,8 +784,12 @@ enum cudaFuncAttribute : int {
 
 struct CUstream_st;
 struct CUevent_st;
+struct CUgraph_st;
+struct CUgraphExec_st;
 typedef CUstream_st* cudaStream_t;
 typedef CUevent_st* cudaEvent_t;
+typedef CUgraph_st* cudaGraph_t;          // a captured graph (cudaStreamEndCapture)
+typedef CUgraphExec_st* cudaGraphExec_t;  // an executable graph (cudaGraphInstantiate)
 typedef void (*cudaHostFn_t)(void* user_data);
 // The legacy default stream by name (nullptr means the same).
 #define cudaStreamLegacy (reinterpret_cast<cudaStream_t>(0x1))
@@ -730,6 +800,25 @@ inline constexpr unsigned int cudaEventDefault = 0x00;
 inline constexpr unsigned int cudaEventBlockingSync = 0x01;
 inline constexpr unsigned int cudaEventDisableTiming = 0x02;
 inline constexpr unsigned int cudaHostAllocDefault = 0x00;
+
+enum cudaStreamCaptureStatus : int {
+  cudaStreamCaptureStatusNone = 0,
+  cudaStreamCaptureStatusActive = 1,
+  cudaStreamCaptureStatusInvalidated = 2,
+};
+enum cudaStreamCaptureMode : int {
+  cudaStreamCaptureModeGlobal = 0,
+  cudaStreamCaptureModeThreadLocal = 1,
+  cudaStreamCaptureModeRelaxed = 2,
+};
+// Accepted by cudaGraphInstantiate (they change nothing here: no graph allocates or runs on a
+// device).
+enum cudaGraphInstantiateFlags : int {
+  cudaGraphInstantiateFlagAutoFreeOnLaunch = 1,
+  cudaGraphInstantiateFlagUpload = 2,
+  cudaGraphInstantiateFlagDeviceLaunch = 4,
+  cudaGraphInstantiateFlagUseNodePriority = 8,
+};
 
 struct cudaDeviceProp {
   char name[256];
@@ -810,6 +899,16 @@ cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
+// Stream capture and graphs (see "Stream capture and graphs" at the top).
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph);
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status);
+cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph,
+                                 unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
 template <typename T>
 inline cudaError_t cudaFuncSetAttribute(T* func, cudaFuncAttribute attr, int value) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
@@ -899,7 +998,10 @@ class ScopedStreamSchedule {
 };
 
 // Enqueues host work on a stream, in order with its kernels and copies (what a library call such
-// as a cuBLAS GEMM is in the simulator build). `fn` must not call the CUDA runtime.
+// as a cuBLAS GEMM is in the simulator build). `fn` must not call the CUDA runtime. On a capturing
+// stream `fn` is recorded and runs at every launch of the graph (it is called, never moved from);
+// where the capture forbids the work (an invalidated capture, the legacy stream while a blocking
+// stream captures) it throws simt::Error naming the CUDA error.
 void enqueue_host(cudaStream_t stream, std::function<void()> fn);
 // Work items enqueued and not run yet, over all streams.
 std::size_t pending_work();
@@ -907,16 +1009,21 @@ std::size_t pending_work();
 // Calls that make the host wait for the device: cudaStreamSynchronize, cudaEventSynchronize,
 // cudaDeviceSynchronize, cudaFree / cudaFreeHost (an implicit device synchronize), and blocking
 // copies (cudaMemcpy / cudaMemcpy2D other than device to device, cudaMemcpyToSymbol /
-// FromSymbol), whatever the stream schedule.
+// FromSymbol), whatever the stream schedule; not one that a stream capture made fail (it did not
+// wait), nor cudaGraphLaunch (asynchronous, like any launch).
 std::uint64_t sync_count();
 void reset_sync_count();
 
 struct Stats {
-  std::uint64_t launches = 0;
+  std::uint64_t launches = 0;  // kernel launches run (a graph's kernels at each of its launches)
   std::uint64_t blocks = 0;
-  std::uint64_t threads = 0;     // thread instances run
-  std::uint64_t switches = 0;    // fiber context switches
-  std::uint64_t host_items = 0;  // enqueue_host calls (the simulator build's GEMMs)
+  std::uint64_t threads = 0;   // thread instances run
+  std::uint64_t switches = 0;  // fiber context switches
+  // enqueue_host items enqueued (the simulator build's GEMMs): a call outside a capture, and each
+  // launch of a graph its captured items (a captured call counts in captured_nodes instead).
+  std::uint64_t host_items = 0;
+  std::uint64_t graph_launches = 0;  // cudaGraphLaunch calls that enqueued a graph (not captured)
+  std::uint64_t captured_nodes = 0;  // work items recorded by stream captures instead of enqueued
 };
 Stats stats();
 void reset_stats();
@@ -1010,14 +1117,18 @@ struct LaunchDesc {
 };
 void run_launch(const LaunchDesc& desc);
 // Checks the configuration of `probe` (kernel, grid, block, smem_bytes) and enqueues `run` on
-// `stream` (a kernel launch, in order with the stream's other work).
+// `stream` (a kernel launch, in order with the stream's other work), or records it when `stream`
+// captures (then `run` runs at every launch of the graph). Throws simt::Error for a bad
+// configuration (invalidating the stream's capture) and for a launch the capture forbids (naming
+// the CUDA error, which the CUDA build's launch() throws as well).
 void enqueue_launch(const LaunchDesc& probe, cudaStream_t stream, std::function<void()> run);
 }  // namespace detail
 
 // Enqueues kernel<<<grid, block, smem_bytes, stream>>>(args...) on `stream`: the configuration is
 // checked now; the kernel runs on the calling thread now (eager stream schedule) or when something
-// orders it (deferred). Arguments are converted to the kernel's parameter types once, at the call;
-// every thread gets a copy.
+// orders it (deferred), or, on a capturing stream, at every launch of the graph. Arguments are
+// converted to the kernel's parameter types once, at the call; every thread of every run gets a
+// copy.
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_bytes,
             cudaStream_t stream, Args&&... args) {

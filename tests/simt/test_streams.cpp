@@ -29,15 +29,12 @@ using simt::StreamSchedule;
 
 constexpr std::size_t kN = 300;
 
-std::vector<float> iota(float start) {
-  std::vector<float> v(kN);
-  for (std::size_t i = 0; i < kN; ++i) v[i] = start + float(i);
-  return v;
-}
+using kernel_test::Event;
+using kernel_test::Stream;
+using kernel_test::times;
 
-std::vector<float> times(std::vector<float> v, float s) {
-  for (float& x : v) x *= s;
-  return v;
+std::vector<float> iota(float start) {
+  return kernel_test::iota_floats(kN, start);
 }
 
 // Host copy of a device buffer through a blocking cudaMemcpy (ordered with the legacy stream).
@@ -47,30 +44,7 @@ std::vector<float> read_legacy(const float* d) {
   return h;
 }
 
-struct Stream {
-  cudaStream_t s = nullptr;
-  explicit Stream(unsigned flags) { MOETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, flags)); }
-  ~Stream() { cudaStreamDestroy(s); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-};
-
-struct Event {
-  cudaEvent_t e = nullptr;
-  Event() { MOETRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
-  ~Event() { cudaEventDestroy(e); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-};
-
-bool all_poison(const std::vector<float>& v) {
-  for (float x : v) {
-    std::uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    if (u != 0xffffffffu) return false;
-  }
-  return true;
-}
+using kernel_test::all_poison;
 
 }  // namespace
 
