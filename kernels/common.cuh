@@ -17,6 +17,8 @@
 //                                        bad configuration throws), and opts in to more than 48 KiB
 //                                        of dynamic shared memory; SIMT: runs the whole grid before
 //                                        it returns (errors throw).
+//   host_launch_count()                  launch() calls so far (the backend adds its library calls
+//                                        and graph launches): launches per step in bench.
 //   ceil_div(a, b)                       host/device integer helper for grid sizes.
 //   dynamic_smem<T>()                    the launch's dynamic shared memory as T* (16-byte
 //   aligned).
@@ -83,6 +85,13 @@ namespace moetrain::kernels {
                            cudaGetErrorString(status) + ")");
 }
 
+// Host-side launches so far: every launch() call (one captured into a graph included), plus what
+// the backend adds for its library calls and graph launches. `moetrain bench` reports it per step.
+inline unsigned long long& host_launch_count() {
+  static unsigned long long count = 0;
+  return count;
+}
+
 }  // namespace moetrain::kernels
 
 #if defined(__CUDACC__) || defined(MOETRAIN_SIMT)
@@ -102,6 +111,7 @@ template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
             Args&&... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "launch: wrong number of kernel arguments");
+  ++host_launch_count();
 #if defined(MOETRAIN_SIMT)
   ::simt::launch(kernel, grid, block, smem_bytes, stream, std::forward<Args>(args)...);
 #else

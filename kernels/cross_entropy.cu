@@ -4,7 +4,7 @@
 // thread keeps an online (max, sum of exp(x - max)) over its packs (rescaling its sum only when a
 // pack raises its max); block_max then block_sum (common.cuh: fixed order, deterministic) combine
 // the threads' pairs into the row's logsumexp. The target logit is read before the reductions'
-// barriers, so no thread has overwritten it yet. Pass 2 (when grad_scale != 0) re-reads the row —
+// barriers, so no thread has overwritten it yet. Pass 2 (with a grad_scale) re-reads the row —
 // 64 KiB in bf16 at vocab 32768, still in L2 — and writes grad_scale * (softmax - onehot) over it.
 #include "cross_entropy.cuh"
 #include "pack.cuh"
@@ -18,7 +18,10 @@ constexpr int kDefaultMaxBlocks = 32768;
 template <typename T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
     cross_entropy_kernel(float* __restrict__ losses, T* __restrict__ logits,
-                         const int32_t* __restrict__ targets, int n, int vocab, float grad_scale) {
+                         const int32_t* __restrict__ targets, int n, int vocab,
+                         const float* __restrict__ grad_scale_ptr) {
+  const bool grad = grad_scale_ptr != nullptr;
+  const float grad_scale = grad ? *grad_scale_ptr : 0.0f;
   const int packs = vocab / V;
   const int tid = static_cast<int>(thread_rank()), nt = static_cast<int>(block_threads());
   for (int row = static_cast<int>(blockIdx.x); row < n; row += static_cast<int>(gridDim.x)) {
@@ -27,7 +30,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (y < 0 || y >= vocab) {
       const float fill = y < 0 ? 0.0f : NAN;
       if (tid == 0) losses[row] = fill;
-      if (grad_scale != 0.0f) {
+      if (grad) {
         float f[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) f[k] = fill;
@@ -53,7 +56,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float row_max = block_max(m);
     const float row_sum = block_sum(m == -INFINITY ? 0.0f : s * expf(m - row_max));
     if (tid == 0) losses[row] = row_max + logf(row_sum) - xt;
-    if (grad_scale != 0.0f) {
+    if (grad) {
       const float scale = grad_scale / row_sum;
       for (int p = tid; p < packs; p += nt) {
         float a[V];
@@ -73,7 +76,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 template <typename T>
 void cross_entropy(float* losses, T* logits, const int32_t* targets, int n, int vocab,
-                   float grad_scale, cudaStream_t stream, int max_blocks) {
+                   const float* grad_scale, cudaStream_t stream, int max_blocks) {
   using namespace cross_entropy_detail;
   if (n <= 0) return;
   if (vocab <= 0) throw std::invalid_argument("cross_entropy: vocab must be positive");
@@ -95,9 +98,9 @@ void cross_entropy(float* losses, T* logits, const int32_t* targets, int n, int 
   }
 }
 
-template void cross_entropy<float>(float*, float*, const int32_t*, int, int, float, cudaStream_t,
-                                   int);
-template void cross_entropy<__nv_bfloat16>(float*, __nv_bfloat16*, const int32_t*, int, int, float,
-                                           cudaStream_t, int);
+template void cross_entropy<float>(float*, float*, const int32_t*, int, int, const float*,
+                                   cudaStream_t, int);
+template void cross_entropy<__nv_bfloat16>(float*, __nv_bfloat16*, const int32_t*, int, int,
+                                           const float*, cudaStream_t, int);
 
 }  // namespace moetrain::kernels

@@ -7,9 +7,9 @@
 //
 //   cross_entropy  for each of the n rows of `logits` [n, vocab]:
 //                    losses[i] = logsumexp(logits_i) - logits_i[targets[i]]
-//                  and, when grad_scale != 0, overwrites the row with
-//                    dlogits_i = grad_scale * (softmax(logits_i) - onehot(targets[i])).
-//                  A negative target is padding: loss 0 and (when grad_scale != 0) a zero row. A
+//                  and, when grad_scale (a device scalar) is not null, overwrites the row with
+//                    dlogits_i = *grad_scale * (softmax(logits_i) - onehot(targets[i])).
+//                  A negative target is padding: loss 0 and (with grad_scale) a zero row. A
 //                  target >= vocab is an error: its loss and gradient row are NaN.
 #pragma once
 
@@ -22,6 +22,6 @@ namespace moetrain::kernels {
 
 template <typename T>
 void cross_entropy(float* losses, T* logits, const int32_t* targets, int n, int vocab,
-                   float grad_scale, cudaStream_t stream = nullptr, int max_blocks = 0);
+                   const float* grad_scale, cudaStream_t stream = nullptr, int max_blocks = 0);
 
 }  // namespace moetrain::kernels

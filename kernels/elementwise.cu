@@ -1,10 +1,9 @@
-// kernels/elementwise.cu — elementwise ops, batched transpose, precision conversions. See
+// kernels/elementwise.cu — elementwise ops and precision conversions. See
 // elementwise.cuh.
 //
 // All bandwidth-bound. The 1D ops share one grid-stride kernel that gives each thread 16-byte packs
 // (when every pointer allows) and then the few leftover elements; an op is a small functor whose
-// apply<V>(i) handles elements [i, i + V). The transpose goes through a 32x32 shared tile so that
-// both the read of a row of `in` and the write of a row of `out` are coalesced.
+// apply<V>(i) handles elements [i, i + V).
 #include "elementwise.cuh"
 #include "pack.cuh"
 
@@ -16,7 +15,6 @@ namespace elementwise_detail {
 constexpr int kThreads = 256;
 constexpr std::size_t kMaxBlocks = 65536;  // beyond that the grid-stride loops take over
 constexpr unsigned kMaxGridYZ = 65535;     // CUDA's limit on grid.y and grid.z
-constexpr int kTile = 32, kTileRows = 8;   // transpose: a 32x32 tile, 32x8 threads
 
 // ---- 1D ops -------------------------------------------------------------------------------------
 // out = a x + b y. With a = b = 1 it is exactly x + y (even when contracted to an fma). No
@@ -105,39 +103,6 @@ void map(const Op& op, std::size_t n, bool vec, cudaStream_t stream) {
   }
 }
 
-// ---- transpose ----------------------------------------------------------------------------------
-// Block (x, y, z) moves tile (rows y, columns x) of matrix z, striding over rows and matrices the
-// grid does not cover (the loop bounds are uniform over the block, so the barriers are too). The
-// tile is fp32 whatever T (bf16 round-trips exactly) and padded to 33 columns, so that reading a
-// column of it touches 32 different banks.
-template <typename T>
-__global__ void __launch_bounds__(kTile* kTileRows)
-    transpose_kernel(T* __restrict__ out, const T* __restrict__ in, int batch, int rows, int cols) {
-  __shared__ float tile[kTile][kTile + 1];
-  const std::size_t elems = static_cast<std::size_t>(rows) * cols;
-  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
-  const int c0 = static_cast<int>(blockIdx.x) * kTile;
-  for (int b = static_cast<int>(blockIdx.z); b < batch; b += static_cast<int>(gridDim.z)) {
-    const T* src = in + b * elems;
-    T* dst = out + b * elems;
-    for (int r0 = static_cast<int>(blockIdx.y) * kTile; r0 < rows;
-         r0 += static_cast<int>(gridDim.y) * kTile) {
-      for (int k = ty; k < kTile; k += kTileRows) {
-        const int r = r0 + k, c = c0 + tx;
-        if (r < rows && c < cols)
-          tile[k][tx] = to_float(src[static_cast<std::size_t>(r) * cols + c]);
-      }
-      __syncthreads();
-      for (int k = ty; k < kTile; k += kTileRows) {
-        const int c = c0 + k, r = r0 + tx;
-        if (c < cols && r < rows)
-          dst[static_cast<std::size_t>(c) * rows + r] = from_float<T>(tile[tx][k]);
-      }
-      __syncthreads();  // the next tile overwrites this one
-    }
-  }
-}
-
 // ---- strided scale
 // ------------------------------------------------------------------------------- x[r, c] *= s over
 // a strided [rows, cols] matrix, one thread per element of a row; s = 0 writes zeros without
@@ -197,16 +162,6 @@ void scale(T* x, std::size_t n, float s, cudaStream_t stream) {
 }
 
 template <typename T>
-void transpose_batched(T* out, const T* in, int batch, int rows, int cols, cudaStream_t stream) {
-  using namespace elementwise_detail;
-  if (batch <= 0 || rows <= 0 || cols <= 0) return;
-  const dim3 grid(static_cast<unsigned>(ceil_div(cols, kTile)),
-                  std::min(static_cast<unsigned>(ceil_div(rows, kTile)), kMaxGridYZ),
-                  std::min(static_cast<unsigned>(batch), kMaxGridYZ));
-  launch(transpose_kernel<T>, grid, dim3(kTile, kTileRows), 0, stream, out, in, batch, rows, cols);
-}
-
-template <typename T>
 void scale_matrix(T* x, int ld, int rows, int cols, float s, cudaStream_t stream) {
   using namespace elementwise_detail;
   if (rows <= 0 || cols <= 0) return;
@@ -252,7 +207,6 @@ void convert_from_bf16(float* out, const __nv_bfloat16* in, std::size_t n, cudaS
   template void add_inplace<T>(T*, const T*, std::size_t, cudaStream_t);         \
   template void scale<T>(T*, std::size_t, float, cudaStream_t);                  \
   template void axpby<T>(T*, const T*, std::size_t, float, float, cudaStream_t); \
-  template void transpose_batched<T>(T*, const T*, int, int, int, cudaStream_t); \
   template void scale_matrix<T>(T*, int, int, int, float, cudaStream_t);
 MOETRAIN_INSTANTIATE(float)
 MOETRAIN_INSTANTIATE(__nv_bfloat16)

@@ -1,6 +1,6 @@
-// kernels/elementwise.cuh — elementwise ops, batched transpose and precision conversions
+// kernels/elementwise.cuh — elementwise ops and precision conversions
 // (elementwise.cu). CPU references: src/backend/cpu/elementwise.cpp (add_inplace) and
-// optimizer_ops.cpp (scale, axpby, transpose_batched).
+// optimizer_ops.cpp (scale, axpby).
 //
 // Host-side launchers in namespace moetrain::kernels, all pointers device pointers; T is float or
 // __nv_bfloat16 (math in fp32, bf16 results rounded to nearest even). Empty sizes launch nothing.
@@ -11,8 +11,6 @@
 //   scale_matrix         x[r, c] *= s over a strided row-major [rows, cols] matrix (row r at
 //                        x + r * ld); s = 0 writes zeros without reading x (GEMM beta = 0
 //                        semantics); the padding columns are untouched.
-//   transpose_batched    out_i = in_i^T for `batch` contiguous row-major [rows, cols] matrices
-//                        (out_i is [cols, rows]). out must not alias in.
 //   convert_to_bf16      out[r, c] = bf16(in[r, c]) for a strided row-major [rows, cols] matrix,
 //                        round to nearest even (float_to_bf16); out's padding columns are
 //                        untouched.
@@ -40,9 +38,6 @@ void scale_matrix(T* x, int ld, int rows, int cols, float s, cudaStream_t stream
 
 template <typename T>
 void axpby(T* y, const T* x, std::size_t n, float a, float b, cudaStream_t stream);
-
-template <typename T>
-void transpose_batched(T* out, const T* in, int batch, int rows, int cols, cudaStream_t stream);
 
 void convert_to_bf16(__nv_bfloat16* out, int ld_out, const float* in, int ld_in, int rows, int cols,
                      cudaStream_t stream);

@@ -258,8 +258,9 @@ run_check() {
     # 4. bench on the GPU-scale config: MFU against the GEMM peak measured through the backend.
     step bench 45 "$bin/moetrain" bench --config configs/gpu_moe_small.json --steps 5 --warmup 2 \
       --peak-size 8192 --json
+    # Per-phase device time (CUDA events around each op, ops eager), launches and syncs per step.
     step bench_profile 30 "$bin/moetrain" bench --config configs/gpu_moe_small.json --steps 3 \
-      --warmup 1 --profile
+      --warmup 2 --profile
 
     # 5. 50 steps of configs/ci.json on cuda (bf16 and fp32 GEMMs) and on cpu, on a corpus made of
     # the repository's docs; then the loss differences.
@@ -342,10 +343,13 @@ if ran:
                f"- GEMM peak through the backend (8192^3): {bench['sgemm_peak_gflops']:.0f} "
                f"GFLOP/s; MFU {100 * bench['mfu']:.1f}% of it",
                f"- optimizer ({bench['optimizer']}) step {bench['optimizer_seconds'] * 1e3:.1f} ms",
+               f"- host: {bench.get('host_launches_per_step', float('nan')):.0f} launches and "
+               f"{bench.get('host_syncs_per_step', float('nan')):.1f} syncs per step (CUDA graphs)",
                ""]
     except (ValueError, KeyError) as e:
         md += ["## bench", "", f"no result ({e}):", "```", tail("bench"), "```", ""]
-    md += ["## bench --profile (wall time per backend op)", "", "```", tail("bench_profile", 40),
+    md += ["## bench --profile (device time per phase and per op, CUDA events)", "", "```",
+           tail("bench_profile", 60),
            "```", ""]
     tr = {m: losses(m) for m in ("cuda-bf16", "cuda-fp32", "cpu")}
     report["train_losses"] = tr

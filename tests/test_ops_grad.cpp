@@ -144,14 +144,14 @@ TEST_CASE("cross-entropy writes the scaled gradient of the summed loss", "[grad]
   std::vector<double> losses(static_cast<std::size_t>(n));
   auto loss = [&] {
     auto l = logits;
-    be.cross_entropy(losses.data(), nullptr, l.data(), tgt.data(), n, V, 0.0);
+    be.cross_entropy(losses.data(), nullptr, l.data(), tgt.data(), n, V, nullptr);
     double s = 0;
     for (double v : losses) s += v;
     return scale * s;
   };
   auto grad = logits;
   double sum = 0.5;  // the op adds to it
-  be.cross_entropy(losses.data(), &sum, grad.data(), tgt.data(), n, V, scale);
+  be.cross_entropy(losses.data(), &sum, grad.data(), tgt.data(), n, V, &scale);
   double direct = 0;  // the op's order: the rows in order, then added to what was there
   for (double v : losses) direct += v;
   CHECK(sum == 0.5 + direct);
@@ -172,7 +172,8 @@ TEST_CASE("cross-entropy: a negative target is padding with no loss and no gradi
   std::vector<std::int32_t> tgt = {2, -1, 0};
   std::vector<float> losses(3, -7.f);
   double sum = 0;
-  be.cross_entropy(losses.data(), &sum, logits.data(), tgt.data(), n, V, 1.f);
+  const float one = 1.f;
+  be.cross_entropy(losses.data(), &sum, logits.data(), tgt.data(), n, V, &one);
   CHECK(sum == double(losses[0]) + double(losses[2]));  // the padding row adds nothing
   CHECK(losses[1] == 0.f);
   for (int v = 0; v < V; ++v) CHECK(logits[std::size_t(V + v)] == 0.f);

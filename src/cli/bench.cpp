@@ -1,6 +1,8 @@
 // `moetrain bench`: times forward+backward of the configured model on random tokens and reports
 // model FLOPs utilisation against the GEMM peak of its backend (cblas_sgemm on the CPU, cuBLASLt on
-// a GPU), measured in the same run.
+// a GPU), measured in the same run. On the CUDA backend it also counts the host's launches and
+// synchronisations per step, and --profile breaks a step into phases by device time (CUDA events
+// around each op); on the CPU --profile times each op by wall clock.
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -27,7 +29,7 @@ struct BenchOptions {
   std::string config;
   std::vector<std::string> overrides;
   int steps = 5;
-  int warmup = 1;
+  int warmup = 2;  // on CUDA: the eager warm-up of a micro-batch, then its graph capture
   int peak_size = 2048;
   bool json = false;
   bool profile = false;
@@ -52,10 +54,18 @@ void run_bench(const BenchOptions& o) {
   // for each op to finish (a download synchronises an asynchronous backend), so per-op times are
   // device times on a GPU too.
   DeviceBuffer<float, float> probe(be, 1);
-  auto profiler = std::make_unique<ProfilingBackend<float>>(be, [&be, p = probe.get()] {
-    float x;
-    be.download(&x, p, sizeof x);
-  });
+  DeviceMarkers* markers = dynamic_cast<DeviceMarkers*>(&be);
+  auto profiler = std::make_unique<ProfilingBackend<float>>(
+      be,
+      [&be, p = probe.get()] {
+        float x;
+        be.download(&x, p, sizeof x);
+      },
+      markers);
+  const auto host_counts = [markers] {
+    return markers ? std::pair{markers->host_launches(), markers->host_syncs()}
+                   : std::pair<std::uint64_t, std::uint64_t>{0, 0};
+  };
   Backend<float>& run_be = o.profile ? *profiler : static_cast<Backend<float>&>(be);
   Model<float> model(m, run_be, B);
   model.init_weights(cfg.train.seed);
@@ -70,6 +80,7 @@ void run_bench(const BenchOptions& o) {
   profiler->reset();
   double total = 0, best = 1e30;
   double loss = 0;
+  const auto fb0 = host_counts();
   for (int i = 0; i < o.steps; ++i) {
     const auto t0 = Clock::now();
     model.zero_grads();
@@ -77,7 +88,9 @@ void run_bench(const BenchOptions& o) {
     const double s = seconds_since(t0);
     total += s;
     best = std::min(best, s);
+    profiler->collect();  // forward_backward's stats download has synchronised
   }
+  const auto fb1 = host_counts();
   const double mean = total / o.steps;
 
   // One optimizer step (Muon's Newton-Schulz included) per train.grad_accum micro-batches.
@@ -86,13 +99,42 @@ void run_bench(const BenchOptions& o) {
   std::vector<float> grads(model.layout().total());
   run_be.download(grads.data(), model.grads(), grads.size() * sizeof(float));
   double opt_total = 0;
+  profiler->set_phase("optimizer");
+  OpProfile opt_warm;
+  auto opt0 = host_counts();
   for (int i = 0; i < o.steps + 1; ++i) {
     run_be.upload(model.grads(), grads.data(), grads.size() * sizeof(float));
+    if (i == 1) opt0 = host_counts();
     const auto t0 = Clock::now();
-    opt.step(model.params(), model.grads(), cfg.optim.lr, smax);
-    if (i > 0) opt_total += seconds_since(t0);  // the first step warms up
+    opt.step(model.params(), model.grads(), cfg.optim.lr, smax);  // downloads its stats
+    if (i > 0) opt_total += seconds_since(t0);                    // the first step warms up
+    profiler->collect();
+    if (i == 0)
+      opt_warm =
+          profiler->phases().count("optimizer") ? profiler->phases().at("optimizer") : OpProfile{};
   }
+  const auto opt1 = host_counts();
+  profiler->set_phase("");
   const double opt_s = opt_total / o.steps;
+  // Per step of the run (grad_accum micro-batches and one optimizer step): launches, syncs, and the
+  // phases' device time.
+  const double ga = cfg.train.grad_accum;
+  const double launches_per_step =
+      (double(fb1.first - fb0.first) * ga + double(opt1.first - opt0.first)) / o.steps;
+  const double syncs_per_step =
+      (double(fb1.second - fb0.second) * ga + double(opt1.second - opt0.second)) / o.steps;
+  std::vector<std::pair<std::string, double>> phase_s;  // seconds per step
+  for (const char* ph : {"attention", "experts", "other GEMMs", "elementwise", "optimizer"}) {
+    const auto it = profiler->phases().find(ph);
+    double s = it == profiler->phases().end() ? 0.0 : it->second.seconds;
+    if (std::string(ph) == "optimizer")
+      s = (s - opt_warm.seconds) / o.steps;
+    else
+      s = s / o.steps * ga;
+    phase_s.emplace_back(ph, s);
+  }
+  double phase_total = 0;
+  for (const auto& [ph, s] : phase_s) phase_total += s;
   const double step_s = mean * cfg.train.grad_accum + opt_s;
   const double opt_share = opt_s / step_s;
   const FlopCount f = flops_per_token(m);
@@ -117,6 +159,17 @@ void run_bench(const BenchOptions& o) {
                         {"grad_accum", cfg.train.grad_accum},
                         {"optimizer_share", opt_share},
                         {"loss", loss}};
+    if (markers) {
+      r["host_launches_per_step"] = launches_per_step;
+      r["host_syncs_per_step"] = syncs_per_step;
+    }
+    if (o.profile) {
+      nlohmann::json ph = nlohmann::json::object();
+      for (const auto& [name, s] : phase_s) ph[name] = s;
+      ph["communication"] = 0.0;  // one process: no collective
+      r["phase_seconds_per_step"] = ph;
+      r["phase_clock"] = markers ? "device (CUDA events)" : "wall (a sync after each op)";
+    }
     std::printf("%s\n", r.dump(2).c_str());
     return;
   }
@@ -150,7 +203,19 @@ void run_bench(const BenchOptions& o) {
       "%.1f%% of the step (%.2f s fwd+bwd + %.2f s optimizer)\n",
       to_string(cfg.optim.name), opt_s * 1e3, cfg.train.grad_accum, N * cfg.train.grad_accum,
       100 * opt_share, mean * cfg.train.grad_accum, opt_s);
+  if (markers)
+    std::printf(
+        "  host       %.0f launches and %.1f synchronisations per step (kernels, library calls and "
+        "graph launches; train.cuda_graphs=%s)\n",
+        launches_per_step, syncs_per_step, cfg.train.cuda_graphs ? "true" : "false");
   if (!o.profile) return;
+  std::printf("  phases per step (%d micro-batch(es) + one optimizer step; %s, ops run eagerly):\n",
+              cfg.train.grad_accum,
+              markers ? "device time from CUDA events" : "wall time, a sync after each op");
+  for (const auto& [name, s] : phase_s)
+    std::printf("    %-24s %8.2f ms %5.1f%%\n", name.c_str(), s * 1e3,
+                phase_total > 0 ? 100 * s / phase_total : 0.0);
+  std::printf("    %-24s %8.2f ms        (one process: no collective)\n", "communication", 0.0);
   std::printf(
       "  per-op time per step (backend calls, each waited for; GEMMs inside attention count as "
       "attention):\n");

@@ -417,6 +417,10 @@ const std::vector<Field>& fields() {
         "nearest is deterministic (a resume repeats it exactly); stochastic is unbiased, so the "
         "copy's rounding errors average out over steps instead of repeating (the masters stay "
         "fp32 either way, so no update is lost)"));
+    t.push_back(boolean(MOETRAIN_FIELD(train.cuda_graphs),
+                        "Capture each micro-batch's forward+backward as a CUDA graph once and "
+                        "replay it (cuda): one launch per micro-batch instead of thousands; false "
+                        "runs every op eagerly (for debugging and per-op profiles)"));
     t.push_back(number(MOETRAIN_FIELD(train.spike_std), above(0),
                        "Loss-spike counter: a loss above its running mean by this many stds"));
     t.push_back(integer(MOETRAIN_FIELD(train.watchdog_seconds), at_least(0),

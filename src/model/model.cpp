@@ -65,6 +65,7 @@ void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t b
 
   plan.request(int_slot(&Model::tokens_), N);
   plan.request(int_slot(&Model::targets_), N);
+  plan.request(slot(&Model::ce_scale_), 1);
   std::size_t ffn_rows_ff = 0;  // the largest rows * ff of a SwiGLU block: sizes its scratch
   const auto layer_requests = [&](Layer& a, bool moe) {
     plan.request(a.an1, Nd, act);
@@ -296,14 +297,24 @@ void Model<T>::attention_backward(Layer& a, CDevPtr x) {
 }
 
 template <typename T>
-void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, double ce_grad_scale,
-                           int slot) {
-  const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size;
+void Model<T>::stage_inputs(const std::int32_t* tok, const std::int32_t* tgt, const T* ce_scale,
+                            int slot) {
+  const std::size_t N = std::size_t(tokens());
   if (slot < 0 || slot >= slots_)
     throw std::invalid_argument("Model: statistics slot " + std::to_string(slot) + " of " +
                                 std::to_string(slots_));
   slot_ = slot;
-  be_.upload(tokens_, tok, std::size_t(N) * sizeof(std::int32_t));
+  be_.upload(tokens_, tok, N * sizeof(std::int32_t));
+  if (tgt) {
+    be_.upload(targets_, tgt, N * sizeof(std::int32_t));
+    slot_valid_[std::size_t(slot)] = count_valid(tgt, int(N));
+  }
+  if (ce_scale) be_.upload(ce_scale_, ce_scale, sizeof(T));
+}
+
+template <typename T>
+void Model<T>::enqueue_forward(bool loss, bool grad) {
+  const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size;
   be_.embedding_forward(resid_[0], tokens_, params_ + layout_.embed(), N, d);
 
   for (auto& layer : layers_) {
@@ -328,12 +339,10 @@ void Model<T>::run_forward(const std::int32_t* tok, const std::int32_t* tgt, dou
   be_.rmsnorm_forward(final_norm_, final_rstd_, resid_.back(), params_ + layout_.final_norm(), N, d,
                       cfg_.norm_eps);
   linear_forward(be_, logits_, final_norm_, params_ + layout_.lm_head(), N, d, V);
-  if (!tgt) return;
-  be_.upload(targets_, tgt, std::size_t(N) * sizeof(std::int32_t));
-  double* ce_sum = stats_block_->device(regions_.ce_sum) + slot;
+  if (!loss) return;
+  double* ce_sum = stats_block_->device(regions_.ce_sum) + slot_;
   be_.zero(ce_sum, sizeof(double));
-  be_.cross_entropy(losses_, ce_sum, logits_, targets_, N, V, T(ce_grad_scale));
-  slot_valid_[std::size_t(slot)] = count_valid(tgt, N);
+  be_.cross_entropy(losses_, ce_sum, logits_, targets_, N, V, grad ? ce_scale_ : nullptr);
 }
 
 template <typename T>
@@ -379,7 +388,7 @@ ForwardStats Model<T>::slot_stats(int slot) const {
 }
 
 template <typename T>
-void Model<T>::run_backward(double grad_scale) {
+void Model<T>::enqueue_backward(double grad_scale) {
   const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size;
   // logits_ holds d(grad_scale * objective)/dlogits, written by the fused cross-entropy.
   linear_backward(be_, dnorm_, grads_ + layout_.lm_head(), logits_, final_norm_,
@@ -407,7 +416,8 @@ void Model<T>::run_backward(double grad_scale) {
 template <typename T>
 const ForwardStats& Model<T>::forward(const std::int32_t* tok, const std::int32_t* tgt) {
   if (!tgt) throw std::invalid_argument("Model::forward: targets required");
-  run_forward(tok, tgt, 0.0, 0);
+  stage_inputs(tok, tgt, nullptr, 0);
+  enqueue_forward(true, false);
   stats_block_->download();
   stats_ = slot_stats(0);
   return stats_;
@@ -420,8 +430,18 @@ void Model<T>::forward_backward_async(const std::int32_t* tok, const std::int32_
   if (grad_scale == 0) throw std::invalid_argument("Model::forward_backward: grad_scale is 0");
   const std::int64_t valid = count_valid(tgt, tokens());
   if (valid == 0) throw std::invalid_argument("Model::forward_backward: every target is padding");
-  run_forward(tok, tgt, grad_scale / double(valid), slot);
-  run_backward(grad_scale);
+  const T ce_scale = T(grad_scale / double(valid));
+  stage_inputs(tok, tgt, &ce_scale, slot);
+  // The same ops with the same arguments for each (slot, grad_scale): one recording each.
+  std::size_t scale_index = 0;
+  while (scale_index < repeat_scales_.size() && repeat_scales_[scale_index] != grad_scale)
+    ++scale_index;
+  if (scale_index == repeat_scales_.size()) repeat_scales_.push_back(grad_scale);
+  const std::uint64_t id = std::uint64_t(scale_index) * std::uint64_t(slots_) + std::uint64_t(slot);
+  be_.run_repeated({this, id}, [&] {
+    enqueue_forward(true, true);
+    enqueue_backward(grad_scale);
+  });
 }
 
 template <typename T>
@@ -435,7 +455,8 @@ const ForwardStats& Model<T>::forward_backward(const std::int32_t* tok, const st
 
 template <typename T>
 CDevPtr Model<T>::forward_logits(const std::int32_t* tok) {
-  run_forward(tok, nullptr, 0.0, 0);
+  stage_inputs(tok, nullptr, nullptr, 0);
+  enqueue_forward(false, false);
   return logits_;
 }
 

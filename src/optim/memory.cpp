@@ -123,7 +123,7 @@ std::size_t optimizer_memory_bytes(const Config& cfg, int world) {
       ws = std::max(ws, w.ws);
       s = std::max(s, w.s);
     }
-    std::size_t b = buffer_bytes(r.elems) + 3 * buffer_bytes(ws) + 2 * buffer_bytes(s);
+    std::size_t b = buffer_bytes(r.elems) + 2 * buffer_bytes(ws) + 2 * buffer_bytes(s);
     // QK-clip's factors [qk, heads] and its matrix list [qk, 2] (int32, the size of a float).
     if (cfg.optim.name == OptimizerName::MuonClip)
       b += buffer_bytes(r.qk * heads) + buffer_bytes(2 * r.qk);

@@ -31,11 +31,10 @@ Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan) : o_(o), plan_(plan), be
     max_s = std::max(max_s, w.s);
   }
   momentum_ = DeviceBuffer<T, T>(be_, plan.own_elems());
-  ws_u_ = DeviceBuffer<T, T>(be_, max_ws);
   ws_x_ = DeviceBuffer<T, T>(be_, max_ws);
   ws_y_ = DeviceBuffer<T, T>(be_, max_ws);
   ws_s_ = DeviceBuffer<T, T>(be_, max_s);
-  ws_s2_ = DeviceBuffer<T, T>(be_, max_s);
+  ws_p_ = DeviceBuffer<T, T>(be_, max_s);
 }
 
 template <typename T>
@@ -52,41 +51,41 @@ void Muon<T>::batch(const MatrixGroup& g, std::size_t first, int count, T* param
                     const double* gate, double* acc) {
   const int A = g.rows, B = g.cols;
   const std::size_t elems = std::size_t(A) * B;
-  const bool transposed = A > B;  // work on the wide orientation: X is [m, n], m <= n
-  const int rows = transposed ? B : A, cols = transposed ? A : B;
-  const std::size_t mm = std::size_t(rows) * rows;
+  // Newton-Schulz iterates on the wide orientation (the Gram matrix over the smaller side). A tall
+  // matrix (A > B) stays stored [A, B]: its Gram matrix is X^T X and its product X P, so nothing
+  // is transposed.
+  const bool tall = A > B;
+  const int m = std::min(A, B), wide = std::max(A, B);
+  const std::size_t mm = std::size_t(m) * m;
   const std::vector<OwnedMatrix>& mats = plan_.matrices();
   orthogonalised_ += count;
 
-  // Momentum per matrix (its state sits at its slot); U contiguous.
+  // Momentum per matrix (its state sits at its slot); the update direction U into X, contiguous.
   for (int i = 0; i < count; ++i) {
     const OwnedMatrix& mt = mats[g.mats[first + std::size_t(i)]];
-    be_.muon_momentum(momentum_.get() + mt.slot, ws_u_.get() + std::size_t(i) * elems,
+    be_.muon_momentum(momentum_.get() + mt.slot, ws_x_.get() + std::size_t(i) * elems,
                       plan_.matrix_grad(mt), elems, o_.momentum, o_.nesterov, gate);
   }
-  if (transposed)
-    be_.transpose_batched(ws_x_.get(), ws_u_.get(), count, A, B);
-  else
-    be_.copy(ws_x_.get(), ws_u_.get(), elems * std::size_t(count) * sizeof(T));
   be_.frobenius_normalize(ws_x_.get(), count, elems, kNsEps);
   T *X = ws_x_.get(), *Y = ws_y_.get();
+  T *S = ws_s_.get(), *P = ws_p_.get();
+  const T* none = nullptr;
   for (int it = 0; it < o_.ns_steps; ++it) {
-    // S = X X^T;  S2 = c S S + b S;  Y = a X + S2 X
-    be_.gemm_batched(false, true, rows, rows, cols, T(1), X, cols, elems, X, cols, elems, T(0),
-                     ws_s_.get(), rows, mm, count);
-    be_.gemm_batched(false, false, rows, rows, rows, T(kNsC), ws_s_.get(), rows, mm, ws_s_.get(),
-                     rows, mm, T(0), ws_s2_.get(), rows, mm, count);
-    be_.axpby(ws_s2_.get(), ws_s_.get(), mm * std::size_t(count), kNsB, 1.0);
-    be_.copy(Y, X, elems * std::size_t(count) * sizeof(T));
-    be_.gemm_batched(false, false, rows, cols, rows, T(1), ws_s2_.get(), rows, mm, X, cols, elems,
-                     T(kNsA), Y, cols, elems, count);
+    // S = X X^T (wide); P = c S S + b S + a I (S is symmetric: S S is its Gram matrix too);
+    // Y = P X (wide), i.e. X P when tall: X_{k+1} = a X + b S X + c S^2 X.
+    be_.symmetric_gemm_batched(tall, m, wide, T(1), X, B, elems, T(0), none, m, mm, T(0), S, m, mm,
+                               count);
+    be_.symmetric_gemm_batched(false, m, m, T(kNsC), S, m, mm, T(kNsB), S, m, mm, T(kNsA), P, m, mm,
+                               count);
+    if (tall)
+      be_.gemm_batched(false, false, A, B, B, T(1), X, B, elems, P, B, mm, T(0), Y, B, elems,
+                       count);
+    else
+      be_.gemm_batched(false, false, A, B, A, T(1), P, A, mm, X, B, elems, T(0), Y, B, elems,
+                       count);
     std::swap(X, Y);
   }
-  T* O = X;
-  if (transposed) {
-    be_.transpose_batched(ws_u_.get(), X, count, rows, cols);  // back to [A, B]
-    O = ws_u_.get();
-  }
+  const T* O = X;
   const double scale = o_.muon_scale == MuonScale::Original
                            ? std::sqrt(std::max(1.0, double(A) / double(B)))
                            : 0.2 * std::sqrt(double(std::max(A, B)));

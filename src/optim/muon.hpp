@@ -7,8 +7,8 @@
 
 namespace moetrain {
 
-// The Newton-Schulz workspace of one group of `matrices` same-shape matrices: U, X and Y hold
-// `ws` elements each, S and S2 `s` each; the owner allocates the largest group's (the memory
+// The Newton-Schulz workspace of one group of `matrices` same-shape matrices: X and Y hold `ws`
+// elements each, S and P `s` each; the owner allocates the largest group's (the memory
 // estimate shares this).
 struct MuonWorkspace {
   std::size_t ws = 0, s = 0;
@@ -34,8 +34,9 @@ class Muon final : public MatrixOptimizer<T> {
   Zero1Plan<T>& plan_;
   Backend<T>& be_;
   DeviceBuffer<T, T> momentum_;  // [own elems], each matrix at its slot
-  // Newton-Schulz workspace for one batch: U, X, Y [batch, m, n]; S, S2 [batch, m, m].
-  DeviceBuffer<T, T> ws_u_, ws_x_, ws_y_, ws_s_, ws_s2_;
+  // Newton-Schulz workspace for one batch of [A, B] matrices, m = min(A, B): X, Y [batch, A, B]
+  // (ping-pong), S, P [batch, m, m].
+  DeviceBuffer<T, T> ws_x_, ws_y_, ws_s_, ws_p_;
   int orthogonalised_ = 0;
 };
 

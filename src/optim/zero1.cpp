@@ -5,10 +5,11 @@
 
 namespace moetrain {
 
-// Newton-Schulz cost of an m x n matrix, m <= n (docs/design.md §5): about 5 (4 m^2 n + 2 m^3).
+// Newton-Schulz FLOPs per iteration of an m x n matrix, m <= n (docs/design.md §4.3): two Gram
+// products (upper triangles only) and one general product, 3 m^2 n + m^3.
 double ns_cost(int rows, int cols) {
   const double m = std::min(rows, cols), n = std::max(rows, cols);
-  return 4 * m * m * n + 2 * m * m * m;
+  return 3 * m * m * n + m * m * m;
 }
 
 std::vector<int> assign_matrix_owners(const std::vector<std::pair<int, int>>& shapes, int world) {

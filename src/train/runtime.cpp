@@ -34,6 +34,7 @@ Runtime make_runtime(const Config& cfg, bool quiet) {
     options.bf16 = cfg.train.precision == "bf16";
     options.stochastic_weight_rounding = cfg.train.bf16_weight_rounding == "stochastic";
     options.seed = cfg.train.seed;
+    options.graphs = cfg.train.cuda_graphs;
     if (log)
       spdlog::info("backend: {} -> cuda ({} GPU(s), device 0: {}; {} GEMMs)", wanted, gpus.count,
                    gpus.name, cfg.train.precision);

@@ -1,5 +1,5 @@
 // tests/simt/test_elementwise.cpp — kernels/elementwise.cu in the SIMT simulator, fp32 and bf16:
-// add / add_inplace / scale / axpby and transpose_batched against the CPU backend (with out
+// add / add_inplace / scale / axpby against the CPU backend (with out
 // aliasing an input, sizes that leave part of a pack or of a block, pointers offset by one element
 // so only the scalar path applies, NaN-poisoned outputs); the bf16 conversions bit for bit against
 // the definitions in common.cuh (round-to-nearest-even ties, strided rows whose padding stays
@@ -82,28 +82,6 @@ void run_linear(size_t n, size_t offset, unsigned seed) {
     put(pa, a_s);
     mk::axpby(pb, pa, n, alpha, beta, nullptr);
     expect_close(get(pb, n), r_axpby, "axpby");
-  }
-}
-
-template <typename T>
-void run_transpose(int batch, int rows, int cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  const size_t total = size_t(batch) * rows * cols;
-  const std::vector<float> in = representable<T>(random_floats(total, rng));
-  std::vector<float> ref(total);
-  moetrain::CpuBackend<float>().transpose_batched(ref.data(), in.data(), batch, rows, cols);
-
-  DeviceBuffer<T> d_in(to_storage<T>(in)), d_out(total);
-  for (const Schedule& sch : test_schedules()) {
-    ScopedSchedule scope(sch);
-    INFO("transpose batch " << batch << " rows " << rows << " cols " << cols << " "
-                            << (std::is_same_v<T, float> ? "fp32" : "bf16") << " schedule "
-                            << sch.name());
-    d_out.poison();
-    mk::transpose_batched(d_out.ptr, d_in.ptr, batch, rows, cols, nullptr);
-    const std::vector<T> out = d_out.download();
-    expect_close(out, ref, "transpose_batched");
-    CHECK(to_float(out) == ref);  // a transpose moves values, it does not round them
   }
 }
 
@@ -253,17 +231,6 @@ TEST_CASE("elementwise kernels: add, add_inplace, scale, axpby match the CPU bac
                 g_max_err[1]);
 }
 
-TEST_CASE("elementwise kernels: transpose_batched matches the CPU backend",
-          "[simt][kernels][elementwise]") {
-  const int shapes[][3] = {{1, 1, 1}, {3, 37, 50}, {2, 64, 32}, {1, 5, 100}, {2, 100, 7}};
-  unsigned seed = 20;
-  for (const auto& s : shapes) {
-    run_transpose<float>(s[0], s[1], s[2], seed);
-    run_transpose<bf16>(s[0], s[1], s[2], seed);
-    ++seed;
-  }
-}
-
 TEST_CASE("elementwise kernels: convert_to_bf16 rounds to nearest even, strided",
           "[simt][kernels][elementwise]") {
   // Scalar path (odd widths or strides) and 4-wide packs, with and without padding columns.
@@ -350,9 +317,6 @@ TEST_CASE("elementwise kernels: empty sizes launch nothing", "[simt][kernels][el
   CHECK_NOTHROW(mk::scale_matrix(f, 4, 0, 4, 2.0f, nullptr));
   CHECK_NOTHROW(mk::scale_matrix(f, 4, 3, 0, 2.0f, nullptr));
   CHECK_NOTHROW(mk::axpby(h, h, 0, 1.0f, 2.0f, nullptr));
-  CHECK_NOTHROW(mk::transpose_batched(f, f, 0, 3, 4, nullptr));
-  CHECK_NOTHROW(mk::transpose_batched(h, h, 2, 0, 4, nullptr));
-  CHECK_NOTHROW(mk::transpose_batched(f, f, 2, 3, 0, nullptr));
   CHECK_NOTHROW(mk::convert_to_bf16(h, 4, f, 4, 0, 4, nullptr));
   CHECK_NOTHROW(mk::convert_to_bf16(h, 4, f, 4, 3, 0, nullptr));
   CHECK_NOTHROW(mk::convert_to_bf16_stochastic(h, f, 0, 1, nullptr));

@@ -278,13 +278,15 @@ namespace {
 // Host synchronisations of one optimizer step on the CUDA backend, taken as the trainer takes it
 // (src/train/trainer.cpp, train_step): the micro-batches and the optimizer step enqueued into one
 // shared stats block, one download of it, the router bias update. What may synchronise: that
-// download, and each MoE layer's expert-offsets download in forward (until the grouped GEMM reads
-// the offsets on the device). The count depends on the model's structure (layers, experts,
-// matrices), not on its sizes, so configs/gpu_moe_small.json is measured at its structure with
-// small dimensions; docs/perf.md quotes these numbers.
+// download; the grouped expert GEMMs read the expert offsets on the device. The launch count
+// depends on the model's structure (layers, experts, matrices), not on its sizes or its routing,
+// so configs/gpu_moe_small.json is measured at its structure with small dimensions; docs/perf.md
+// quotes these numbers.
 struct StepCounts {
   std::uint64_t syncs = 0;
-  std::uint64_t launches = 0;  // our kernels plus the GEMM calls (each at least one on a GPU)
+  std::uint64_t launches = 0;       // our kernels plus the GEMM calls (each at least one on a GPU)
+  std::uint64_t host_launches = 0;  // what the host launched: with CUDA graphs, one per micro-batch
+                                    // replay plus the optimizer's kernels
 };
 
 StepCounts counts_per_step(const moetrain::Config& cfg) {
@@ -303,10 +305,13 @@ StepCounts counts_per_step(const moetrain::Config& cfg) {
     tgt[i] = std::int32_t((i * 104729 + 3) % std::size_t(cfg.model.vocab_size));
   }
   std::vector<StepCounts> per_step;
-  for (int step = 0; step < 3; ++step) {
+  // Step 1 runs eagerly and grows scratch buffers (dropping the recordings), step 2 warms the
+  // graphs up again, step 3 captures them and step 4 replays (test_cuda_graphs.cpp).
+  for (int step = 0; step < 4; ++step) {
     be.synchronize();  // the previous step's uploads (the bias update) are not this step's
     simt::reset_sync_count();
     simt::reset_stats();
+    const std::uint64_t host0 = be.host_launches();
     model.zero_grads();
     for (int micro = 0; micro < ga; ++micro)
       model.forward_backward_async(tok.data(), tgt.data(), 1.0 / ga, micro);
@@ -325,12 +330,17 @@ StepCounts counts_per_step(const moetrain::Config& cfg) {
       }
     }
     model.update_router_biases(load, cfg.model.moe.bias_update_rate);
-    per_step.push_back({simt::sync_count(), simt::stats().launches + simt::stats().host_items});
+    per_step.push_back({simt::sync_count(), simt::stats().launches + simt::stats().host_items,
+                        be.host_launches() - host0});
   }
-  // A fixed number of host syncs per step. The launches vary with the routing: an expert that got
-  // no token runs no GEMM (the grouped-GEMM issue makes the launch shape static).
-  CHECK(per_step[1].syncs == per_step[2].syncs);
-  return per_step[2];
+  // A fixed sequence of device work: the same syncs and launches every step, whatever the routing.
+  for (int s = 0; s < 3; ++s) {
+    CHECK(per_step[std::size_t(s)].syncs == per_step[3].syncs);
+    CHECK(per_step[std::size_t(s)].launches == per_step[3].launches);
+  }
+  // Replayed: the host launches ga graphs instead of the micro-batches' kernels.
+  CHECK(per_step[3].host_launches < per_step[1].host_launches);
+  return per_step[3];
 }
 
 int moe_layers(const moetrain::Config& cfg) {
@@ -339,8 +349,7 @@ int moe_layers(const moetrain::Config& cfg) {
 
 }  // namespace
 
-TEST_CASE("cuda backend: one host synchronisation per optimizer step, plus the expert offsets",
-          "[simt][streams][syncs]") {
+TEST_CASE("cuda backend: one host synchronisation per optimizer step", "[simt][streams][syncs]") {
   const std::string configs = std::string(MOETRAIN_SOURCE_DIR) + "/configs/";
   const moetrain::Config ci = moetrain::load_config(configs + "ci.json");
   const StepCounts ci_counts = counts_per_step(ci);
@@ -355,14 +364,16 @@ TEST_CASE("cuda backend: one host synchronisation per optimizer step, plus the e
   small.data.batch_size = 2;
   const StepCounts moe_small = counts_per_step(small);
   WARN("per optimizer step: configs/ci.json "
-       << ci_counts.syncs << " host syncs, " << ci_counts.launches
-       << " launches; with grad_accum 3 " << accum_counts.syncs
-       << " host syncs; gpu_moe_small structure " << moe_small.syncs << " host syncs, "
-       << moe_small.launches << " launches");
-  // The bar of docs/perf.md: <= 2 + one per MoE layer per micro-batch. What runs today: exactly
-  // the stats download plus the offsets.
-  CHECK(ci_counts.syncs <= std::uint64_t(2 + moe_layers(ci)));
-  CHECK(ci_counts.syncs == std::uint64_t(1 + moe_layers(ci)));
-  CHECK(accum_counts.syncs == std::uint64_t(1 + 3 * moe_layers(ci_accum)));
-  CHECK(moe_small.syncs == std::uint64_t(1 + moe_layers(small)));
+       << ci_counts.syncs << " host syncs, " << ci_counts.launches << " launches ("
+       << ci_counts.host_launches << " by the host, with CUDA graphs); with "
+       << "grad_accum 3 " << accum_counts.syncs << " host syncs; gpu_moe_small structure "
+       << moe_small.syncs << " host syncs, " << moe_small.launches << " launches ("
+       << moe_small.host_launches << " by the host)");
+  // The bar of issue 15 is <= 2 on configs/ci.json; what runs is exactly the one stats download,
+  // whatever the number of MoE layers and micro-batches.
+  REQUIRE(moe_layers(ci) > 0);
+  REQUIRE(moe_layers(small) > 1);
+  CHECK(ci_counts.syncs == 1);
+  CHECK(accum_counts.syncs == 1);
+  CHECK(moe_small.syncs == 1);
 }

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <utility>
 
 #include "moetrain/backend_ops.hpp"
@@ -23,6 +24,21 @@ class Backend {
   MOETRAIN_BACKEND_MEMORY(MOETRAIN_OP_PURE, T)
   MOETRAIN_BACKEND_OPS(MOETRAIN_OP_PURE, T)
   MOETRAIN_BACKEND_QUERIES(MOETRAIN_QUERY_PURE, T)
+
+  // Device work that repeats. `work` only enqueues ops — no upload, download, allocation or free —
+  // and enqueues the same ops with the same arguments every time it is called with this key (the
+  // data it reads may change: they sit in device buffers). A backend may record it once and replay
+  // the recording on later calls instead of calling `work` (CudaBackend: a CUDA graph). The
+  // default calls `work` every time.
+  struct RepeatKey {
+    const void* owner;  // e.g. the model, whose buffers the work uses
+    std::uint64_t id;   // which of the owner's repeated works
+    bool operator==(const RepeatKey&) const = default;
+  };
+  virtual void run_repeated(const RepeatKey& key, const std::function<void()>& work) {
+    (void)key;
+    work();
+  }
 };
 
 // An owning device allocation of `count` elements of U (zero-filled; none, and a null pointer,

@@ -47,6 +47,11 @@
 //   nothing.
 // grouped_gemm_wgrad: the weight gradients of grouped_gemm, accumulated:
 //   C_g[M, N] += alpha * A[rows_g, :M]^T * B[rows_g, :N], C_g = C + g * stride_c.
+// symmetric_gemm_batched: D_i[n, n] = alpha * op(X_i) op(X_i)^T + beta * C_i + shift * I for
+//   i < batch, op(X_i) [n, k], k >= 1 (trans: X_i is stored [k, n], so D_i = X_i^T X_i). C_i is symmetric
+//   and only its upper triangle is read (not at all when beta = 0); C may be D. D_i is written in
+//   full and exactly symmetric. A Gram product: half the multiply-adds of a general one (only the
+//   upper triangle is computed, then mirrored).
 #define MOETRAIN_OPS_GEMM(X, T, AP, CAP)                                                           \
   X(void, gemm, (bool trans_a, bool trans_b, int M, int N, int K, T alpha, CAP A, int lda,         \
                  CAP B, int ldb, T beta, AP C, int ldc),                                           \
@@ -64,7 +69,13 @@
   X(void, grouped_gemm_wgrad, (int rows, int M, int N, T alpha, CAP A, int lda, CAP B,             \
                                int ldb, AP C, int ldc, std::size_t stride_c,                       \
                                const std::int32_t* offsets, int groups),                           \
-    (rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets, groups), 2.0 * rows * M * N)
+    (rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets, groups), 2.0 * rows * M * N) \
+  X(void, symmetric_gemm_batched, (bool trans, int n, int k, T alpha, CAP X, int ldx,              \
+                                   std::size_t stride_x, T beta, CAP C, int ldc,                   \
+                                   std::size_t stride_c, T shift, AP D, int ldd,                   \
+                                   std::size_t stride_d, int batch),                               \
+    (trans, n, k, alpha, X, ldx, stride_x, beta, C, ldc, stride_c, shift, D, ldd, stride_d, batch), \
+    1.0 * n * (n + 1) * k * batch)
 
 // add_inplace: x += y.
 #define MOETRAIN_OPS_ELEMENTWISE(X, T, AP, CAP)                                                    \
@@ -80,7 +91,7 @@
 //   sums, in rank order): gate[kGradSumSquares] = the sum over ranks (in rank order);
 //   gate[kSkip] = 1 when that or a loss is not finite, else 0; gate[kClipCoef] = max_norm /
 //   (sqrt(sum) + 1e-6) when max_norm > 0, not skipped and that is below 1, else 1.
-// axpby: y = a * x + b * y.  transpose_batched: out_i = in_i^T for `batch` row-major [rows, cols].
+// axpby: y = a * x + b * y.
 // frobenius_normalize: X_i /= (||X_i||_F + eps) for `batch` contiguous matrices of `elems`.
 // adamw_update: bias-corrected, decoupled decay; *acc += sum of (m_hat / (sqrt(v_hat) + eps))^2.
 // muon_momentum: M = mu * M + G; U = G + mu * M (Nesterov) or M. Skipped: U is not written either.
@@ -95,8 +106,6 @@
   X(void, step_gate, (double* gate, const double* rank_sums, int world, int per_rank,              \
                       double max_norm), (gate, rank_sums, world, per_rank, max_norm), 0)           \
   X(void, axpby, (T* y, const T* x, std::size_t n, double a, double b), (y, x, n, a, b), 0)        \
-  X(void, transpose_batched, (T* out, const T* in, int batch, int rows, int cols),                 \
-    (out, in, batch, rows, cols), 0)                                                               \
   X(void, frobenius_normalize, (T* x, int batch, std::size_t elems, double eps),                   \
     (x, batch, elems, eps), 0)                                                                     \
   X(void, adamw_update, (T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,     \
@@ -153,11 +162,12 @@
     (dh, dout, h, rows, ff), 0)
 
 // losses[i] = logsumexp(logits_i) - logits_i[target_i] (0 for a negative target: padding), and
-// *loss_sum += sum_i losses[i] (a device double, may be null; deterministic). When grad_scale != 0
-// the logits are overwritten by d(grad_scale * sum_i losses[i]) / dlogits.
+// *loss_sum += sum_i losses[i] (a device double, may be null; deterministic). When grad_scale is
+// not null the logits are overwritten by d(s * sum_i losses[i]) / dlogits, s = *grad_scale read on
+// the device (a device scalar, so a captured step replays with each micro-batch's own scale).
 #define MOETRAIN_OPS_CROSS_ENTROPY(X, T, AP, CAP)                                                  \
   X(void, cross_entropy, (T* losses, double* loss_sum, AP logits, const std::int32_t* targets,     \
-                         int n, int vocab, T grad_scale),                                          \
+                         int n, int vocab, const T* grad_scale),                                          \
     (losses, loss_sum, logits, targets, n, vocab, grad_scale), 0)
 
 // Router forward: from logits [tokens, E]: scores [tokens, E] (softmax probabilities or sigmoid

@@ -28,6 +28,9 @@ struct CudaBackendOptions {
   // The bf16 weight copy: round to nearest (false), or stochastically from `seed` (true).
   bool stochastic_weight_rounding = false;
   std::uint64_t seed = 0;
+  // Backend::run_repeated as CUDA graphs: captured on a key's second call, replayed from its third
+  // (false: every call runs its ops eagerly).
+  bool graphs = true;
 };
 std::unique_ptr<Backend<float>> make_cuda_backend(const CudaBackendOptions& options);
 

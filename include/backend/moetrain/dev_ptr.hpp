@@ -62,11 +62,12 @@ class BasicDevPtr {
     return {static_cast<V*>(static_cast<Byte*>(p_) + elems * storage_bytes(s_)), s_};
   }
 
-  // The pointer as its own element type U (float or double); any other U throws.
+  // The pointer as its own element type U (float or double); any other U throws (a null pointer
+  // is null as any type).
   template <typename U>
   U* as() const {
     static_assert(!std::is_const_v<V> || std::is_const_v<U>, "as: a const buffer stays const");
-    if (storage_of<U>() != s_)
+    if (p_ && storage_of<U>() != s_)
       throw std::logic_error(std::string("a ") + to_string(s_) + " buffer used as " +
                              to_string(storage_of<U>()));
     return static_cast<U*>(p_);

@@ -106,6 +106,7 @@ struct TrainConfig {
   std::string precision = "bf16";  // bf16 | fp32: GEMM operands on the cuda backend
   // nearest | stochastic: how the cuda backend rounds its bf16 copy of the master weights
   std::string bf16_weight_rounding = "nearest";
+  bool cuda_graphs = true;     // replay each micro-batch's forward+backward as a CUDA graph
   double spike_std = 3.0;      // a loss above its running mean by this many running stds
   int watchdog_seconds = 600;  // exit if a step or evaluation makes no progress this long
 };

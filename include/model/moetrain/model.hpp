@@ -117,9 +117,15 @@ class Model {
            (std::size_t(slot_) * std::size_t(cfg_.n_layers) + std::size_t(layer)) *
                std::size_t(width);
   }
-  void run_forward(const std::int32_t* tokens, const std::int32_t* targets, double ce_grad_scale,
-                   int slot);
-  void run_backward(double grad_scale);
+  // Uploads a micro-batch (tokens; targets and their count of valid ones when given; the
+  // cross-entropy gradient's scale when given) and selects its statistics slot.
+  void stage_inputs(const std::int32_t* tokens, const std::int32_t* targets, const T* ce_scale,
+                    int slot);
+  // The device work of a forward from the staged inputs (with the loss when `loss`, and dlogits in
+  // place of the logits when also `grad`) and of a backward: ops only, no host transfer, so a
+  // micro-batch's forward and backward repeat as one recording (Backend::run_repeated).
+  void enqueue_forward(bool loss, bool grad);
+  void enqueue_backward(double grad_scale);
   void attention_forward(Layer& l, CDevPtr x);
   void attention_backward(Layer& l, CDevPtr x);
   static std::int64_t count_valid(const std::int32_t* targets, int n);
@@ -139,6 +145,7 @@ class Model {
   Storage act_ = Storage::F32;
   std::int32_t* tokens_ = nullptr;   // [N]
   std::int32_t* targets_ = nullptr;  // [N]
+  T* ce_scale_ = nullptr;            // [1]   the cross-entropy gradient's scale (a device scalar)
   std::vector<DevPtr> resid_;        // n_layers + 1 residual streams, each [N, d]
   DevPtr final_norm_;                // [N, d]
   T* final_rstd_ = nullptr;          // [N]
@@ -160,6 +167,7 @@ class Model {
   int slots_ = 1, slot_ = 0;
   StatsRegions regions_;
   std::vector<std::int64_t> slot_valid_;  // [slots] valid targets of each slot's forward
+  std::vector<double> repeat_scales_;     // the grad_scales seen: with the slot, a repeat key
   ForwardStats stats_;
 };
 

@@ -2,6 +2,7 @@
 // that parallelise over many small GEMMs hold a SingleThreadedBlas.
 #include <cblas.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -78,6 +79,37 @@ void grouped_gemm_wgrad(int rows, int M, int N, T alpha, const T* A, int lda, co
     const std::size_t r0 = std::size_t(offsets[g]);
     gemm<T>(true, false, M, N, offsets[g + 1] - offsets[g], alpha, A + r0 * std::size_t(lda), lda,
             B + r0 * std::size_t(ldb), ldb, T(1), C + stride_c * std::size_t(g), ldc);
+  }
+}
+
+// Gram products through BLAS's syrk (the upper triangle), then mirrored; one matrix per thread.
+template <typename T>
+void symmetric_gemm_batched(bool trans, int n, int k, T alpha, const T* X, int ldx,
+                            std::size_t stride_x, T beta, const T* C, int ldc, std::size_t stride_c,
+                            T shift, T* D, int ldd, std::size_t stride_d, int batch) {
+  if (n <= 0 || batch <= 0) return;
+  if (k <= 0)
+    throw std::invalid_argument("symmetric_gemm_batched: k = " + std::to_string(k) +
+                                " (a Gram product needs k >= 1)");
+  std::optional<SingleThreadedBlas> one_thread_each;  // one matrix alone keeps OpenBLAS's threads
+  if (batch > 1) one_thread_each.emplace();
+#pragma omp parallel for schedule(dynamic, 1) if (batch > 1)
+  for (int b = 0; b < batch; ++b) {
+    const T* x = X + stride_x * std::size_t(b);
+    T* d = D + stride_d * std::size_t(b);
+    if (beta != T(0) && C + stride_c * std::size_t(b) != d) {
+      const T* c = C + stride_c * std::size_t(b);
+      for (int i = 0; i < n; ++i)
+        for (int j = i; j < n; ++j) d[std::size_t(i) * ldd + j] = c[std::size_t(i) * ldc + j];
+    }
+    if constexpr (sizeof(T) == sizeof(float))
+      cblas_ssyrk(CblasRowMajor, CblasUpper, tr(trans), n, k, alpha, x, ldx, beta, d, ldd);
+    else
+      cblas_dsyrk(CblasRowMajor, CblasUpper, tr(trans), n, k, alpha, x, ldx, beta, d, ldd);
+    for (int i = 0; i < n; ++i) {
+      d[std::size_t(i) * ldd + i] += shift;
+      for (int j = i + 1; j < n; ++j) d[std::size_t(j) * ldd + i] = d[std::size_t(i) * ldd + j];
+    }
   }
 }
 

@@ -85,17 +85,6 @@ void axpby(T* y, const T* x, std::size_t n, double a, double b) {
   for (std::size_t i = 0; i < n; ++i) y[i] = fa * x[i] + fb * y[i];
 }
 
-template <typename T>
-void transpose_batched(T* out, const T* in, int batch, int rows, int cols) {
-  const std::size_t elems = std::size_t(rows) * cols;
-#pragma omp parallel for collapse(2) \
-    schedule(static) if (elems * std::size_t(batch) >= kParallelMin)
-  for (int b = 0; b < batch; ++b)
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < cols; ++c)
-        out[b * elems + std::size_t(c) * rows + r] = in[b * elems + std::size_t(r) * cols + c];
-}
-
 // One matrix per thread at a time; each norm is a serial sum, so the result is deterministic.
 template <typename T>
 void frobenius_normalize(T* x, int batch, std::size_t elems, double eps) {

@@ -61,12 +61,33 @@ std::unique_ptr<Backend<float>> make_cuda_backend(const CudaBackendOptions& opti
 }
 
 void CudaBackend::synchronize() {
+  refuse_in_capture("synchronize");
+  ++syncs_;
   MOETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   staging_used_ = 0;  // every upload enqueued so far has run: its staging bytes are free again
 }
 
+int CudaBackend::mark() {
+  if (markers_used_ == markers_.size()) {
+    cudaEvent_t e = nullptr;
+    MOETRAIN_CUDA_CHECK(cudaEventCreate(&e));
+    markers_.push_back(e);
+  }
+  MOETRAIN_CUDA_CHECK(cudaEventRecord(markers_[markers_used_], stream_));
+  return int(markers_used_++);
+}
+
+double CudaBackend::seconds(int from, int to) {
+  float ms = 0;
+  MOETRAIN_CUDA_CHECK(
+      cudaEventElapsedTime(&ms, markers_.at(std::size_t(from)), markers_.at(std::size_t(to))));
+  return double(ms) * 1e-3;
+}
+
 void* CudaBackend::scratch(Scratch& s, std::size_t bytes) {
   if (bytes <= s.bytes) return s.ptr;
+  refuse_in_capture("a scratch buffer's growth");
+  drop_recordings();
   if (s.ptr) {
     synchronize();  // earlier launches may still read the old buffer
     MOETRAIN_CUDA_CHECK(cudaFree(s.ptr));
@@ -89,6 +110,7 @@ void CudaBackend::wrote(const void* dst, std::size_t bytes) {
 // ---- memory ---------------------------------------------------------------------------------
 
 void* CudaBackend::alloc_bytes(std::size_t bytes) {
+  refuse_in_capture("alloc_bytes");
   void* p = nullptr;
   const std::size_t rounded = std::max<std::size_t>((bytes + 63) / 64 * 64, 64);
   MOETRAIN_CUDA_CHECK(cudaMalloc(&p, rounded));  // 256-byte aligned
@@ -112,8 +134,9 @@ std::size_t CudaBackend::available_memory_bytes() const {
 
 void CudaBackend::free_bytes(void* p) {
   if (!p) return;
+  refuse_in_capture("free_bytes");
+  drop_recordings();
   synchronize();
-  offsets_mirror_.clear();  // its keys may point into the freed block
   if (p == weights_) {
     weights_ = nullptr;
     weight_count_ = 0;
@@ -123,6 +146,7 @@ void CudaBackend::free_bytes(void* p) {
 
 void CudaBackend::upload(void* dst, const void* src, std::size_t bytes) {
   if (!bytes) return;
+  refuse_in_capture("upload");
   // The caller may reuse `src` as soon as this returns, so the bytes go through pinned staging
   // first; a staging byte is written again only after a synchronize() has run the copy that read
   // it. A step's uploads (tokens, targets, expert biases) fit, so they cost no synchronisation.
@@ -145,6 +169,7 @@ void CudaBackend::upload(void* dst, const void* src, std::size_t bytes) {
 
 void CudaBackend::download(void* dst, const void* src, std::size_t bytes) {
   if (!bytes) return;
+  refuse_in_capture("download");
   MOETRAIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
   synchronize();
 }
@@ -221,11 +246,6 @@ void CudaBackend::scale(float* x, std::size_t n, double s) {
 void CudaBackend::axpby(float* y, const float* x, std::size_t n, double a, double b) {
   kernels::axpby(y, x, n, float(a), float(b), stream_);
   wrote(y, n * sizeof(float));
-}
-
-void CudaBackend::transpose_batched(float* out, const float* in, int batch, int rows, int cols) {
-  kernels::transpose_batched(out, in, batch, rows, cols, stream_);
-  wrote(out, std::size_t(batch) * rows * cols * sizeof(float));
 }
 
 void CudaBackend::frobenius_normalize(float* x, int batch, std::size_t elems, double eps) {
@@ -342,7 +362,7 @@ void CudaBackend::swiglu_backward(DevPtr dh, CDevPtr dout, CDevPtr h, int rows, 
 }
 
 void CudaBackend::cross_entropy(float* losses, double* loss_sum, DevPtr logits,
-                                const int32_t* targets, int n, int vocab, float grad_scale) {
+                                const int32_t* targets, int n, int vocab, const float* grad_scale) {
   with_activation_type("cross_entropy", {logits}, [&](auto e) {
     using E = decltype(e);
     kernels::cross_entropy(losses, device_ptr<E>(logits), targets, n, vocab, grad_scale, stream_);
@@ -378,11 +398,6 @@ void CudaBackend::moe_permute(DevPtr xg, int32_t* pos, int32_t* offsets, CDevPtr
     kernels::moe_permute(device_ptr<E>(xg), pos, offsets, device_ptr<E>(x), topk, counts, tokens, d,
                          n_experts, k, ws, stream_);
   });
-  // The grouped GEMMs size their per-expert calls from these offsets: mirror them on the host now,
-  // the one synchronisation of an MoE layer (until the grouped GEMM reads them on the device).
-  std::vector<std::int32_t>& mirror = offsets_mirror_[offsets];
-  mirror.resize(std::size_t(n_experts) + 1);
-  download(mirror.data(), offsets, mirror.size() * sizeof(std::int32_t));
 }
 
 void CudaBackend::moe_permute_backward(DevPtr dx, CDevPtr dxg, const int32_t* pos, int tokens,

@@ -12,7 +12,6 @@
 
 #include <cstdint>
 #include <initializer_list>
-#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -21,6 +20,7 @@
 
 #include "common.cuh"
 #include "moetrain/cuda_backend.hpp"
+#include "moetrain/profiling_backend.hpp"
 
 namespace moetrain {
 
@@ -57,7 +57,7 @@ void with_activation_type(const char* op, std::initializer_list<CDevPtr> acts, F
                                 " activations");
 }
 
-class CudaBackend final : public Backend<float> {
+class CudaBackend final : public Backend<float>, public DeviceMarkers {
  public:
   explicit CudaBackend(const CudaBackendOptions& options);
   ~CudaBackend() override;
@@ -72,6 +72,22 @@ class CudaBackend final : public Backend<float> {
   MOETRAIN_BACKEND_OPS(MOETRAIN_OP_OVERRIDE, float)
   MOETRAIN_BACKEND_QUERIES(MOETRAIN_QUERY_OVERRIDE, float)
 
+  // CUDA graphs (graphs.cpp): a key's first call runs eagerly, its second captures and launches a
+  // graph, later ones replay it.
+  void run_repeated(const RepeatKey& key, const std::function<void()>& work) override;
+  struct GraphStats {
+    std::uint64_t captures = 0, replays = 0;
+  };
+  GraphStats graph_stats() const { return graph_stats_; }
+
+  // DeviceMarkers (bench): CUDA events on the stream; launches (kernels, cuBLASLt calls, graph
+  // launches) and synchronisations so far.
+  int mark() override;
+  double seconds(int from, int to) override;
+  void clear_markers() override { markers_used_ = 0; }
+  std::uint64_t host_launches() const override { return kernels::host_launch_count(); }
+  std::uint64_t host_syncs() const override { return syncs_; }
+
   // The bf16 copy of the weights as the GEMMs would read it now (refreshed if stale); null in
   // fp32 mode or before set_weights. For tests.
   const __nv_bfloat16* weight_copy();
@@ -85,11 +101,14 @@ class CudaBackend final : public Backend<float> {
   void* scratch(Scratch& s, std::size_t bytes);
   // The partials workspace of the reducing kernels (kernels/optimizer.cuh).
   double* reduce_workspace();
-  // The host copy of a device offsets array of groups + 1 entries: the mirror moe_permute made of
-  // it (moe_permute is what writes expert offsets), else a download now. Checks that it ends at
-  // `rows` (errors name `op`).
-  const std::vector<std::int32_t>& host_offsets(const std::int32_t* offsets, int groups, int rows,
-                                                const char* op);
+  // A grouped GEMM operand as bf16 (see gemm_operand), and C *= beta over rows x N.
+  const __nv_bfloat16* bf16_operand(CDevPtr X, int rows, int cols, int ld, std::size_t stride,
+                                    int batch, Scratch& buf);
+  void scale_rows(DevPtr C, int rows, int N, int ldc, float beta);
+  // Throws (naming `what`) while run_repeated captures: the op would not be replayed.
+  void refuse_in_capture(const char* what) const;
+  // Destroys every recorded graph (device memory they use is being freed or moved).
+  void drop_recordings();
   // Marks the bf16 weight copy stale when [dst, dst + bytes) overlaps the weights.
   void wrote(const void* dst, std::size_t bytes);
   // A GEMM operand as the GEMM reads it: bf16 (the data itself, the bf16 weight copy, or fp32
@@ -117,7 +136,6 @@ class CudaBackend final : public Backend<float> {
   Scratch sim_a_, sim_b_, sim_c_;  // simulator build: the widened GEMM operands and bf16 result
   // fp32 mode: bf16 copies of attention's inputs and outputs for the flash kernels.
   Scratch attention_qkv_, attention_out_, attention_dout_, attention_dqkv_;
-  std::map<const std::int32_t*, std::vector<std::int32_t>> offsets_mirror_;
   // Pinned staging of uploads (see upload()); bytes used since the last synchronize().
   static constexpr std::size_t kStagingBytes = std::size_t(8) << 20;
   void* staging_ = nullptr;
@@ -128,6 +146,20 @@ class CudaBackend final : public Backend<float> {
   __nv_bfloat16* weight_copy_ = nullptr;
   bool weight_copy_stale_ = true;
   std::uint64_t weight_copy_version_ = 0;
+
+  struct Recording {  // one run_repeated key: its calls so far and its graph once captured
+    RepeatKey key;
+    int calls = 0;
+    cudaGraphExec_t exec = nullptr;
+  };
+  bool graphs_;
+  bool capturing_ = false;
+  std::vector<Recording> recordings_;
+  GraphStats graph_stats_;
+
+  std::vector<cudaEvent_t> markers_;  // a pool: the first markers_used_ are recorded
+  std::size_t markers_used_ = 0;
+  std::uint64_t syncs_ = 0;
 };
 
 }  // namespace moetrain

@@ -15,11 +15,14 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 
 #include "backend/cuda/cuda_backend.hpp"
 #include "elementwise.cuh"
+#include "grouped_gemm.cuh"
+#include "symmetric_gemm.cuh"
 
 #if defined(MOETRAIN_SIMT)
 #include "moetrain/cpu_backend.hpp"
@@ -173,7 +176,8 @@ CudaBackend::CudaBackend(const CudaBackendOptions& options)
     : bf16_(options.bf16),
       stochastic_(options.stochastic_weight_rounding),
       seed_(options.seed),
-      plans_(std::make_unique<GemmPlans>()) {
+      plans_(std::make_unique<GemmPlans>()),
+      graphs_(options.graphs) {
   if (options.device >= 0) MOETRAIN_CUDA_CHECK(cudaSetDevice(options.device));
   MOETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 #if !defined(MOETRAIN_SIMT)
@@ -186,6 +190,8 @@ CudaBackend::CudaBackend(const CudaBackendOptions& options)
 
 CudaBackend::~CudaBackend() {
   cudaStreamSynchronize(stream_);
+  drop_recordings();
+  for (cudaEvent_t e : markers_) cudaEventDestroy(e);
   plans_.reset();  // their descriptors before the handle
 #if !defined(MOETRAIN_SIMT)
   if (blas_) cublasLtDestroy(static_cast<cublasLtHandle_t>(blas_));
@@ -199,6 +205,8 @@ CudaBackend::~CudaBackend() {
 }
 
 void CudaBackend::set_weights(const float* weights, std::size_t count) {
+  refuse_in_capture("set_weights");
+  drop_recordings();
   weights_ = weights;
   weight_count_ = count;
   if (weight_copy_) {
@@ -250,7 +258,7 @@ const void* CudaBackend::gemm_operand(CDevPtr X, bool trans, int rows, int cols,
   }
   const float* x = X.as<const float>();
   if (!bf16_operand) return x;
-  if (weights_ && x >= weights_ && x < weights_ + weight_count_)
+  if (weight_copy_ && x >= weights_ && x < weights_ + weight_count_)
     return weight_copy() + (x - weights_);
   // fp32 data in a bf16 product (attention's probabilities, the router's gradients, optimizer
   // workspaces): rounded to nearest into a packed buffer with the caller's ld and stride kept, so
@@ -283,44 +291,84 @@ void CudaBackend::gemm_batched(bool ta, bool tb, int M, int N, int K, float alph
   gemm_impl(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
-const std::vector<std::int32_t>& CudaBackend::host_offsets(const std::int32_t* offsets, int groups,
-                                                           int rows, const char* op) {
-  std::vector<std::int32_t>& h = offsets_mirror_[offsets];
-  if (h.size() != std::size_t(groups) + 1) {
-    h.resize(std::size_t(groups) + 1);
-    download(h.data(), offsets, h.size() * sizeof(std::int32_t));
-  }
-  if (h[std::size_t(groups)] != rows)
-    throw std::invalid_argument(std::string(op) + ": offsets end at " +
-                                std::to_string(h[std::size_t(groups)]) +
-                                ", expected rows = " + std::to_string(rows));
-  return h;
+// A grouped GEMM operand as bf16: the activation itself, the bf16 weight copy, or fp32 data
+// rounded into `buf` (fp32 mode: the tensor-core kernels take bf16 only).
+const __nv_bfloat16* CudaBackend::bf16_operand(CDevPtr X, int rows, int cols, int ld,
+                                               std::size_t stride, int batch, Scratch& buf) {
+  return static_cast<const __nv_bfloat16*>(
+      gemm_operand(X, false, rows, cols, ld, stride, batch, true, buf));
 }
 
-// Per-group cuBLASLt calls for now; an empty group launches nothing.
+// C scaled by beta over rows x N: a grouped product of an empty sum (K = 0); the groups cover
+// every row (offsets[groups] == rows).
+void CudaBackend::scale_rows(DevPtr C, int rows, int N, int ldc, float beta) {
+  if (beta == 1.0f) return;
+  if (C.storage() == Storage::BF16)
+    kernels::scale_matrix(device_ptr<__nv_bfloat16>(C), ldc, rows, N, beta, stream_);
+  else
+    kernels::scale_matrix(C.as<float>(), ldc, rows, N, beta, stream_);
+}
+
+// One launch for all groups (kernels/grouped_gemm.cu): each block finds its group and row tile
+// from the offsets on the device, so the host never reads them.
 void CudaBackend::grouped_gemm(bool tb, int rows, int N, int K, float alpha, CDevPtr A, int lda,
                                CDevPtr B, int ldb, std::size_t sb, float beta, DevPtr C, int ldc,
                                const std::int32_t* offsets, int groups) {
-  const std::vector<std::int32_t>& off = host_offsets(offsets, groups, rows, "grouped_gemm");
-  for (int g = 0; g < groups; ++g) {
-    const std::size_t r0 = std::size_t(off[std::size_t(g)]);
-    const int m = off[std::size_t(g) + 1] - int(r0);
-    gemm_impl(false, tb, m, N, K, alpha, A + r0 * std::size_t(lda), lda, 0, B + sb * std::size_t(g),
-              ldb, 0, beta, C + r0 * std::size_t(ldc), ldc, 0, 1);
-  }
+  if (rows <= 0 || N <= 0 || groups <= 0) return;
+  wrote(C.get(), (std::size_t(rows - 1) * ldc + N) * C.element_bytes());
+  if (K <= 0) return scale_rows(C, rows, N, ldc, beta);
+  const __nv_bfloat16* a = bf16_operand(A, rows, K, lda, 0, 1, gemm_a_);
+  const __nv_bfloat16* b = bf16_operand(B, tb ? N : K, tb ? K : N, ldb, sb, groups, gemm_b_);
+  if (C.storage() == Storage::BF16)
+    kernels::grouped_gemm(tb, rows, N, K, alpha, a, lda, b, ldb, sb, beta,
+                          device_ptr<__nv_bfloat16>(C), ldc, offsets, groups, stream_);
+  else
+    kernels::grouped_gemm(tb, rows, N, K, alpha, a, lda, b, ldb, sb, beta, C.as<float>(), ldc,
+                          offsets, groups, stream_);
 }
 
 void CudaBackend::grouped_gemm_wgrad(int rows, int M, int N, float alpha, CDevPtr A, int lda,
                                      CDevPtr B, int ldb, DevPtr C, int ldc, std::size_t sc,
                                      const std::int32_t* offsets, int groups) {
-  const std::vector<std::int32_t>& off = host_offsets(offsets, groups, rows, "grouped_gemm_wgrad");
-  for (int g = 0; g < groups; ++g) {
-    const std::size_t r0 = std::size_t(off[std::size_t(g)]);
-    const int k = off[std::size_t(g) + 1] - int(r0);
-    if (k == 0) continue;  // accumulating an empty sum: nothing to do
-    gemm_impl(true, false, M, N, k, alpha, A + r0 * std::size_t(lda), lda, 0,
-              B + r0 * std::size_t(ldb), ldb, 0, 1.0f, C + sc * std::size_t(g), ldc, 0, 1);
-  }
+  if (rows <= 0 || M <= 0 || N <= 0 || groups <= 0) return;
+  wrote(C.get(), (std::size_t(groups - 1) * sc + std::size_t(M - 1) * ldc + N) * C.element_bytes());
+  const __nv_bfloat16* a = bf16_operand(A, rows, M, lda, 0, 1, gemm_a_);
+  const __nv_bfloat16* b = bf16_operand(B, rows, N, ldb, 0, 1, gemm_b_);
+  if (C.storage() == Storage::BF16)
+    kernels::grouped_gemm_wgrad(M, N, alpha, a, lda, b, ldb, device_ptr<__nv_bfloat16>(C), ldc, sc,
+                                offsets, groups, stream_);
+  else
+    kernels::grouped_gemm_wgrad(M, N, alpha, a, lda, b, ldb, C.as<float>(), ldc, sc, offsets,
+                                groups, stream_);
+}
+
+// Gram products on mma.sync (kernels/symmetric_gemm.cu): only the upper tiles, mirrored. The
+// operands are rounded to bf16 as the kernel loads them (Newton-Schulz's workspaces are fp32), in
+// both precision modes.
+void CudaBackend::symmetric_gemm_batched(bool trans, int n, int k, float alpha, CDevPtr X, int ldx,
+                                         std::size_t sx, float beta, CDevPtr C, int ldc,
+                                         std::size_t sc, float shift, DevPtr D, int ldd,
+                                         std::size_t sd, int batch) {
+  if (n <= 0 || batch <= 0) return;
+  if (beta != 0.0f && C.storage() != D.storage())
+    throw std::invalid_argument("symmetric_gemm_batched: C and D differ in storage");
+  wrote(D.get(), (std::size_t(batch - 1) * sd + std::size_t(n - 1) * ldd + n) * D.element_bytes());
+  const auto run = [&](const auto* x, auto* d) {
+    using TD = std::remove_pointer_t<decltype(d)>;
+    const TD* c = beta != 0.0f ? device_ptr<TD>(C) : nullptr;
+    kernels::symmetric_gemm_batched(trans, n, k, alpha, x, ldx, sx, beta, c, ldc, sc, shift, d, ldd,
+                                    sd, batch, stream_);
+  };
+  const auto with_d = [&](const auto* x) {
+    if (D.storage() == Storage::BF16)
+      run(x, device_ptr<__nv_bfloat16>(D));
+    else
+      run(x, D.as<float>());
+  };
+  if (X.storage() == Storage::BF16)
+    with_d(device_ptr<__nv_bfloat16>(X));
+  else
+    with_d(X.as<const float>());
 }
 
 void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A, int lda,
@@ -353,6 +401,7 @@ void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, 
   const bool bf16_operands = bf16_ && !(!c_bf16 && (is_weight(A) || is_weight(B)));
   if (c_bf16 && !bf16_operands)
     throw std::invalid_argument("gemm: a bf16 result needs bf16 operands (bf16 mode)");
+  ++kernels::host_launch_count();  // the library call
   const void* a = gemm_operand(A, ta, M, K, lda, sa, batch, bf16_operands, gemm_a_);
   const void* b = gemm_operand(B, tb, K, N, ldb, sb, batch, bf16_operands, gemm_b_);
 #if defined(MOETRAIN_SIMT)
