@@ -207,39 +207,6 @@ struct RefOptimizer {
   double grad_norm = 0, rms_adamw = 0, rms_muon = 0;
 };
 
-// Eigenvalues of a symmetric n x n matrix by cyclic Jacobi rotations.
-std::vector<double> sym_eigenvalues(Mat a, int n) {
-  auto at = [&](int i, int j) -> double& { return a[std::size_t(i * n + j)]; };
-  for (int sweep = 0; sweep < 100; ++sweep) {
-    double off = 0;
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j < n; ++j)
-        if (i != j) off += at(i, j) * at(i, j);
-    if (off < 1e-26) break;
-    for (int p = 0; p < n; ++p)
-      for (int q = p + 1; q < n; ++q) {
-        if (std::abs(at(p, q)) < 1e-300) continue;
-        const double theta = (at(q, q) - at(p, p)) / (2 * at(p, q));
-        const double t =
-            (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1));
-        const double c = 1 / std::sqrt(t * t + 1), s = t * c;
-        for (int k = 0; k < n; ++k) {  // columns p, q
-          const double akp = at(k, p), akq = at(k, q);
-          at(k, p) = c * akp - s * akq;
-          at(k, q) = s * akp + c * akq;
-        }
-        for (int k = 0; k < n; ++k) {  // rows p, q
-          const double apk = at(p, k), aqk = at(q, k);
-          at(p, k) = c * apk - s * aqk;
-          at(q, k) = s * apk + c * aqk;
-        }
-      }
-  }
-  std::vector<double> ev(static_cast<std::size_t>(n));
-  for (int i = 0; i < n; ++i) ev[std::size_t(i)] = at(i, i);
-  return ev;
-}
-
 }  // namespace
 
 TEST_CASE("AdamW: one and three steps follow the formula with per-group settings", "[optim]") {
@@ -404,7 +371,7 @@ TEST_CASE("Muon: NS5 output has singular values in about 0.6 to 1.25", "[optim]"
     const int m = std::min(A, B);
     const Mat gram =
         A <= B ? matmul(O, transpose(O, A, B), A, B, A) : matmul(transpose(O, A, B), O, B, A, B);
-    for (double ev : sym_eigenvalues(gram, m)) {
+    for (double ev : moetrain::test::sym_eigenvalues(gram, m)) {
       CHECK(std::sqrt(std::max(ev, 0.0)) > 0.6);
       CHECK(std::sqrt(std::max(ev, 0.0)) < 1.25);
     }

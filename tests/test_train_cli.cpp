@@ -292,3 +292,34 @@ TEST_CASE("train: backend auto falls back to the CPU with one log line and cuda 
   REQUIRE(cpu.exit_code == 0);
   CHECK(cpu.output.find("backend: auto") == std::string::npos);
 }
+
+TEST_CASE("bench --profile: the step's phases by time, as text and JSON", "[cli][bench]") {
+  const std::string cmd = binary() + " bench --config " + source_dir() +
+                          "/configs/ci.json --steps 2 --warmup 1 --peak-size 64 --profile";
+  const CommandResult text = run_command(cmd);
+  INFO(text.output);
+  REQUIRE(text.exit_code == 0);
+  CHECK_THAT(text.output, Catch::Contains("phases per step") && Catch::Contains("attention") &&
+                              Catch::Contains("experts") && Catch::Contains("other GEMMs") &&
+                              Catch::Contains("elementwise") && Catch::Contains("optimizer") &&
+                              Catch::Contains("communication"));
+  const CommandResult js = run_command(cmd + " --json");
+  INFO(js.output);
+  REQUIRE(js.exit_code == 0);
+  const nlohmann::json r = nlohmann::json::parse(js.output.substr(js.output.find("{\n")));
+  const nlohmann::json& ph = r.at("phase_seconds_per_step");
+  // Each phase of this MoE model does work; a CPU run has no collective and no device counters.
+  for (const char* name : {"attention", "experts", "other GEMMs", "elementwise", "optimizer"}) {
+    INFO(name);
+    CHECK(ph.at(name).get<double>() > 0);
+  }
+  CHECK(ph.at("communication").get<double>() == 0);
+  CHECK(r.at("phase_clock") == "wall (a sync after each op)");
+  CHECK_FALSE(r.contains("host_launches_per_step"));
+  // The phases are the ops' times, each measured inside a timed step: together at most the step
+  // (grad_accum forward+backwards and one optimizer step).
+  double sum = 0;
+  for (const auto& [k, v] : ph.items()) sum += v.get<double>();
+  CHECK(sum <= 1.01 * (r.at("step_seconds_mean").get<double>() * r.at("grad_accum").get<double>() +
+                       r.at("optimizer_seconds").get<double>()));
+}

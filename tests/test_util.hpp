@@ -1,14 +1,17 @@
-// Helpers shared by the tests (tests/ and tests/simt/): a scratch directory, and the builder of
-// the tiny model configurations the gradient, optimizer, checkpoint and backend tests run on.
+// Helpers shared by the tests (tests/ and tests/simt/): a scratch directory, the builder of the
+// tiny model configurations the gradient, optimizer, checkpoint and backend tests run on, and a
+// symmetric eigenvalue reference.
 #pragma once
 
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <system_error>
+#include <vector>
 
 #include "moetrain/config.hpp"
 
@@ -95,6 +98,40 @@ inline Config tiny_config(const TinyShape& s = {}) {
 // The model part of tiny_config(s).
 inline ModelConfig tiny_model(const TinyShape& s = {}) {
   return tiny_config(s).model;
+}
+
+// Eigenvalues of a symmetric n x n row-major matrix by cyclic Jacobi rotations (an independent
+// reference for singular values: those of O are the square roots of its Gram matrix's).
+inline std::vector<double> sym_eigenvalues(std::vector<double> a, int n) {
+  auto at = [&](int i, int j) -> double& { return a[std::size_t(i * n + j)]; };
+  for (int sweep = 0; sweep < 100; ++sweep) {
+    double off = 0;
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j)
+        if (i != j) off += at(i, j) * at(i, j);
+    if (off < 1e-26) break;
+    for (int p = 0; p < n; ++p)
+      for (int q = p + 1; q < n; ++q) {
+        if (std::abs(at(p, q)) < 1e-300) continue;
+        const double theta = (at(q, q) - at(p, p)) / (2 * at(p, q));
+        const double t =
+            (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1));
+        const double c = 1 / std::sqrt(t * t + 1), s = t * c;
+        for (int k = 0; k < n; ++k) {  // columns p, q
+          const double akp = at(k, p), akq = at(k, q);
+          at(k, p) = c * akp - s * akq;
+          at(k, q) = s * akp + c * akq;
+        }
+        for (int k = 0; k < n; ++k) {  // rows p, q
+          const double apk = at(p, k), aqk = at(q, k);
+          at(p, k) = c * apk - s * aqk;
+          at(q, k) = s * apk + c * aqk;
+        }
+      }
+  }
+  std::vector<double> ev(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) ev[std::size_t(i)] = at(i, i);
+  return ev;
 }
 
 }  // namespace moetrain::test
