@@ -284,14 +284,14 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename TIn, typename TOut>
 __global__ void __launch_bounds__(kThreads)
-    frobenius_scale_kernel(TOut* out, const TIn* in, std::size_t elems, double eps,
-                           const double* __restrict__ partials) {
+    frobenius_scale_kernel(TOut* out, const TIn* in, std::size_t elems, double norm_scale,
+                           double eps, const double* __restrict__ partials) {
   __shared__ float factor;
   if (threadIdx.x == 0) {
     double ss = 0.0;
     for (unsigned c = 0; c < gridDim.x; ++c)
       ss += partials[static_cast<std::size_t>(blockIdx.y) * gridDim.x + c];
-    factor = static_cast<float>(1.0 / (sqrt(ss) + eps));
+    factor = static_cast<float>(1.0 / (norm_scale * sqrt(ss) + eps));
   }
   __syncthreads();
   const float f = factor;
@@ -449,15 +449,15 @@ std::size_t frobenius_workspace_elems(int batch, std::size_t elems) {
 }
 
 template <typename TIn, typename TOut>
-void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems, double eps,
-                         double* workspace, cudaStream_t stream) {
+void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems, double norm_scale,
+                         double eps, double* workspace, cudaStream_t stream) {
   if (batch <= 0 || elems == 0) return;
   if (batch > 65535)
     throw std::invalid_argument("frobenius_normalize: batch " + std::to_string(batch) + " > 65535");
   const dim3 grid(frobenius_chunks(elems), batch);
   launch(frobenius_partial_kernel<TIn>, grid, dim3(kThreads), 0, stream, in, elems, workspace);
-  launch(frobenius_scale_kernel<TIn, TOut>, grid, dim3(kThreads), 0, stream, out, in, elems, eps,
-         static_cast<const double*>(workspace));
+  launch(frobenius_scale_kernel<TIn, TOut>, grid, dim3(kThreads), 0, stream, out, in, elems,
+         norm_scale, eps, static_cast<const double*>(workspace));
 }
 
 template <typename TW>
@@ -498,9 +498,9 @@ MOETRAIN_MUON_UPDATE(float, __nv_bfloat16)
 MOETRAIN_MUON_UPDATE(__nv_bfloat16, float)
 MOETRAIN_MUON_UPDATE(__nv_bfloat16, __nv_bfloat16)
 #undef MOETRAIN_MUON_UPDATE
-#define MOETRAIN_FROBENIUS(TI, TO)                                                             \
-  template void frobenius_normalize<TI, TO>(TO*, const TI*, int, std::size_t, double, double*, \
-                                            cudaStream_t);
+#define MOETRAIN_FROBENIUS(TI, TO)                                                            \
+  template void frobenius_normalize<TI, TO>(TO*, const TI*, int, std::size_t, double, double, \
+                                            double*, cudaStream_t);
 MOETRAIN_FROBENIUS(float, float)
 MOETRAIN_FROBENIUS(float, __nv_bfloat16)
 MOETRAIN_FROBENIUS(__nv_bfloat16, __nv_bfloat16)

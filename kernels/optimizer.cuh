@@ -89,12 +89,13 @@ void muon_update(TW* w, __nv_bfloat16* w_copy, const TO* O, std::size_t n, float
                  const double* skip, double* workspace, double* out_sumsq, bool accumulate,
                  cudaStream_t stream);
 
-// out_b = in_b / (||in_b||_F + eps) for `batch` contiguous matrices of `elems` elements (norm in
-// double, deterministic; out may alias in when TIn == TOut). bf16 outputs round to nearest.
+// out_b = in_b / (norm_scale ||in_b||_F + eps) for `batch` contiguous matrices of `elems` elements
+// (norm in double, deterministic; out may alias in when TIn == TOut). bf16 outputs round to
+// nearest.
 std::size_t frobenius_workspace_elems(int batch, std::size_t elems);
 template <typename TIn, typename TOut>
-void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems, double eps,
-                         double* workspace, cudaStream_t stream);
+void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems, double norm_scale,
+                         double eps, double* workspace, cudaStream_t stream);
 
 // QK-clip row scaling: w[b * block_elems + i] *= factors[b] for b < row_blocks (a block is a
 // contiguous run of rows, e.g. the head_dim rows of one head of q_proj or k_proj, block_elems =

@@ -144,6 +144,7 @@ class Cfg:
         "model.moe.aux_loss_coef": 0.01, "model.moe.z_loss_coef": 0.0,
         "optim.weight_decay": 0.1, "optim.beta1": 0.9, "optim.beta2": 0.95, "optim.eps": 1e-8,
         "optim.momentum": 0.95, "optim.nesterov": True, "optim.ns_steps": 5,
+        "optim.ns_coefficients": "muon",
         "optim.muon_scale": "match_rms_adamw", "optim.qk_clip_tau": 100.0,
         "optim.qk_clip_alpha": 0.5, "optim.grad_clip": 1.0,
     }
@@ -169,6 +170,9 @@ class Cfg:
         o = lambda key: g("optim." + key)
         self.wd, self.beta1, self.beta2, self.adam_eps = float(o("weight_decay")), float(o("beta1")), float(o("beta2")), float(o("eps"))
         self.momentum, self.nesterov, self.ns_steps = float(o("momentum")), bool(o("nesterov")), int(o("ns_steps"))
+        self.ns_coefficients = str(o("ns_coefficients"))
+        if self.ns_coefficients not in ("muon", "polar_express"):
+            raise ValueError("optim.ns_coefficients: unknown value %r" % self.ns_coefficients)
         self.muon_scale = str(o("muon_scale"))
         if self.muon_scale not in ("match_rms_adamw", "original"):
             raise ValueError("optim.muon_scale: unknown value %r" % self.muon_scale)
@@ -355,15 +359,27 @@ def forward(c, P, tokens, targets, expert_bias):
 # ---------------------------------------------------------------------------------------------
 
 NS_COEFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (arXiv 2505.16932) as modded-nanogpt and Dion list it; ../shared/OPTIMIZERS.md §1.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
-def newton_schulz(U, steps):
-    a, b, cc = NS_COEFS
-    X = U / (torch.linalg.norm(U) + 1e-7)
+def newton_schulz(U, steps, coefficients="muon"):
+    if coefficients == "polar_express":
+        X = U / (1.02 * torch.linalg.norm(U) + 1e-6)
+        coefs = [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
+    else:
+        X = U / (torch.linalg.norm(U) + 1e-7)
+        coefs = [NS_COEFS] * steps
     transposed = X.shape[0] > X.shape[1]
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for a, b, cc in coefs:
         S = X @ X.T
         X = a * X + (b * S + cc * S @ S) @ X
     return X.T if transposed else X
@@ -389,7 +405,7 @@ def adamw_update(p, g, lr, wd, b1, b2, eps, t=1):
 def muon_update(c, p, g, lr, wd):
     M = g  # M = mu * 0 + G
     U = g + c.momentum * M if c.nesterov else M
-    O = newton_schulz(U, c.ns_steps)
+    O = newton_schulz(U, c.ns_steps, c.ns_coefficients)
     A, B = p.shape
     s = 0.2 * math.sqrt(max(A, B)) if c.muon_scale == "match_rms_adamw" else math.sqrt(max(1.0, A / B))
     return p - lr * (s * O + wd * p)

@@ -380,6 +380,123 @@ TEST_CASE("Muon: NS5 output has singular values in about 0.6 to 1.25", "[optim]"
   CHECK(checked > 10);
 }
 
+namespace {
+
+// The Newton-Schulz output O of one Muon step whose only nonzero gradient is `g` on tensor `name`
+// (no momentum, no decay, lr 1: W_old - W_new = s * O).
+Mat ns_output(NsCoefficients coefficients, const std::string& name, const Mat& g) {
+  Config cfg = optim_config(OptimizerName::Muon);
+  cfg.optim.momentum = 0;
+  cfg.optim.nesterov = false;
+  cfg.optim.muon_group.lr_scale = 1;
+  cfg.optim.muon_group.weight_decay = 0;
+  cfg.optim.ns_coefficients = coefficients;
+  const ParamLayout layout(cfg.model);
+  const ParamTensor& t = layout.find(name);
+  REQUIRE(g.size() == t.numel);
+  CpuBackend<double> be;
+  Optimizer<double> opt(cfg, layout, be);
+  const Mat p = random_vector(layout.total(), 3, 1.0);
+  Mat grad(layout.total(), 0.0);
+  std::copy(g.begin(), g.end(), grad.begin() + std::ptrdiff_t(t.offset));
+  Device<double> dp(be, p), dg(be, grad);
+  opt.step(dp.get(), dg.get(), 1.0, {});
+  const Mat after = dp.download();
+  const double s = muon_scale(cfg.optim.muon_scale, int(t.shape[0]), int(t.shape[1]));
+  Mat O(t.numel);
+  for (std::size_t i = 0; i < t.numel; ++i) O[i] = (p[t.offset + i] - after[t.offset + i]) / s;
+  return O;
+}
+
+// `cols` orthonormal columns of length n (Gram-Schmidt of random vectors), row-major [n, cols].
+Mat orthonormal_columns(int n, int cols, std::uint64_t seed) {
+  Mat q = random_vector(std::size_t(n) * cols, seed, 1.0);
+  for (int j = 0; j < cols; ++j) {
+    for (int i = 0; i < j; ++i) {
+      double dot = 0;
+      for (int r = 0; r < n; ++r)
+        dot += q[std::size_t(r * cols + i)] * q[std::size_t(r * cols + j)];
+      for (int r = 0; r < n; ++r)
+        q[std::size_t(r * cols + j)] -= dot * q[std::size_t(r * cols + i)];
+    }
+    double norm = 0;
+    for (int r = 0; r < n; ++r) norm += q[std::size_t(r * cols + j)] * q[std::size_t(r * cols + j)];
+    for (int r = 0; r < n; ++r) q[std::size_t(r * cols + j)] /= std::sqrt(norm);
+  }
+  return q;
+}
+
+}  // namespace
+
+TEST_CASE("Newton-Schulz coefficients: a rank-1 gradient s u v^T maps to c(s) u v^T",
+          "[optim][ns]") {
+  // ../shared/OPTIMIZERS.md §1: NS5 gives 0.696436 for any s; Polar Express 0.903692 at s = 1,
+  // 0.903579 at 3.7, 0.903539 at 100, tending to 0.903537 (its normalisation adds 1e-6).
+  const std::string name = "layers.1.attn.k_proj.weight";  // [6, 8]
+  const Mat u = orthonormal_columns(6, 1, 7), v = orthonormal_columns(8, 1, 8);
+  const struct {
+    NsCoefficients c;
+    double s, want;
+  } cases[] = {{NsCoefficients::Muon, 1.0, 0.696436},
+               {NsCoefficients::Muon, 100.0, 0.696436},
+               {NsCoefficients::PolarExpress, 1.0, 0.903692},
+               {NsCoefficients::PolarExpress, 3.7, 0.903579},
+               {NsCoefficients::PolarExpress, 100.0, 0.903539},
+               {NsCoefficients::PolarExpress, 1e6, 0.903537}};
+  for (const auto& c : cases) {
+    INFO(to_string(c.c) << " s = " << c.s);
+    Mat g(48);
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 8; ++j)
+        g[std::size_t(i * 8 + j)] = c.s * u[std::size_t(i)] * v[std::size_t(j)];
+    const Mat O = ns_output(c.c, name, g);
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 8; ++j)
+        CHECK(O[std::size_t(i * 8 + j)] ==
+              Approx(c.want * u[std::size_t(i)] * v[std::size_t(j)]).margin(1e-6));
+  }
+}
+
+TEST_CASE(
+    "Newton-Schulz coefficients: singular values land in each polynomial's band, singular "
+    "vectors are kept",
+    "[optim][ns]") {
+  // G = U diag(sigma) V^T on a tall [12, 8] matrix with sigma / ||G||_F from 1 down to 1e-3:
+  // Polar Express maps x = sigma / (1.02 ||G||_F) in [1e-3, 1] / 1.02 into [0.8466, 1.1411], NS5
+  // maps sigma / ||G||_F into [0.47, 1.20] (OPTIMIZERS.md §1).
+  const std::string name = "layers.1.attn.q_proj.weight";  // [12, 8]
+  const int A = 12, B = 8;
+  const Mat U = orthonormal_columns(A, B, 21), V = orthonormal_columns(B, B, 22);
+  // sigma_k / ||G||_F = rel_k / sqrt(sum rel^2) (sqrt(sum) = 1.21): from 0.83 down to 1.07e-3.
+  const double rel[B] = {1.0, 0.6, 0.3, 0.1, 0.03, 0.01, 0.003, 0.0013};
+  double frob = 0;
+  for (double r : rel) frob += r * r;
+  Mat g(std::size_t(A) * B, 0.0);
+  for (int i = 0; i < A; ++i)
+    for (int j = 0; j < B; ++j)
+      for (int k = 0; k < B; ++k)  // sigma_k = rel_k * ||G||_F with ||G||_F = 5 (any scale)
+        g[std::size_t(i * B + j)] +=
+            U[std::size_t(i * B + k)] * 5.0 * rel[k] / std::sqrt(frob) * V[std::size_t(j * B + k)];
+  for (const NsCoefficients c : {NsCoefficients::Muon, NsCoefficients::PolarExpress}) {
+    INFO(to_string(c));
+    const Mat O = ns_output(c, name, g);
+    // U^T O V: diagonal (the singular vectors are G's), its diagonal the singular values.
+    const Mat D = matmul(matmul(transpose(U, A, B), O, B, A, B), V, B, B, B);
+    const double lo = c == NsCoefficients::Muon ? 0.47 : 0.8466;
+    const double hi = c == NsCoefficients::Muon ? 1.20 : 1.1411;
+    for (int i = 0; i < B; ++i)
+      for (int j = 0; j < B; ++j) {
+        const double d = D[std::size_t(i * B + j)];
+        if (i == j) {
+          CHECK(d >= lo);
+          CHECK(d <= hi);
+        } else {
+          CHECK(std::abs(d) < 1e-9);
+        }
+      }
+  }
+}
+
 TEST_CASE("global gradient-norm clipping", "[optim]") {
   // AdamW's first update is g / (|g| + eps) elementwise: with eps = 1e-3 against gradients of
   // about 1e-2 it depends on the gradient's scale, so the updated weights show whether (and by

@@ -90,6 +90,7 @@ struct Variant {
   double route_scale;
   bool expert_bias;
   bool custom_groups;  // non-default per-group lr scales and weight decays
+  NsCoefficients ns = NsCoefficients::Muon;
 };
 
 Config make_config(const Variant& v) {
@@ -117,6 +118,7 @@ Config make_config(const Variant& v) {
     c.optim.adamw_group.lr_scale = 1.5;
     c.optim.adamw_group.weight_decay = 0.2;
   }
+  c.optim.ns_coefficients = v.ns;
   c.data.batch_size = 3;
   return c;
 }
@@ -362,8 +364,9 @@ TEST_CASE("moetrain matches its PyTorch twin: softmax_topk, MHA, a dense layer",
 }
 
 TEST_CASE(
-    "moetrain matches its PyTorch twin: sigmoid_bias, GQA, shared expert, expert bias, groups",
+    "moetrain matches its PyTorch twin: sigmoid_bias, GQA, shared expert, expert bias, groups, "
+    "Polar Express",
     "[twin]") {
-  run_variant(
-      {"sigmoid_bias GQA shared bias", RouterType::SigmoidBias, 4, 2, 1, 0, 2.5, true, true});
+  run_variant({"sigmoid_bias GQA shared bias polar_express", RouterType::SigmoidBias, 4, 2, 1, 0,
+               2.5, true, true, NsCoefficients::PolarExpress});
 }

@@ -280,6 +280,7 @@ Field one_of(const char* path, Access access, std::vector<std::string> choices,
 // The config spellings of the enums, in enumerator order (config.hpp).
 constexpr std::array<const char*, 3> kOptimizerNames = {"adamw", "muon", "muonclip"};
 constexpr std::array<const char*, 2> kMuonScales = {"match_rms_adamw", "original"};
+constexpr std::array<const char*, 2> kNsCoefficients = {"muon", "polar_express"};
 constexpr std::array<const char*, 3> kLrSchedules = {"cosine", "wsd", "constant"};
 
 template <std::size_t N>
@@ -371,6 +372,12 @@ const std::vector<Field>& fields() {
     t.push_back(boolean(MOETRAIN_FIELD(optim.nesterov), "Muon: Nesterov momentum"));
     t.push_back(
         integer(MOETRAIN_FIELD(optim.ns_steps), at_least(1), "Muon: Newton-Schulz iterations"));
+    t.push_back(one_of(
+        MOETRAIN_FIELD(optim.ns_coefficients), spellings(kNsCoefficients),
+        "Newton-Schulz polynomials: muon (3.4445, -4.775, 2.0315) every iteration after X / "
+        "(||X||_F + 1e-7); polar_express, the 5 per-iteration polynomials of Polar Express "
+        "(arXiv 2505.16932, as modded-nanogpt and Dion use them) after X / (1.02 ||X||_F + 1e-6), "
+        "iterations past the fifth repeating the last"));
     t.push_back(one_of(MOETRAIN_FIELD(optim.muon_scale), spellings(kMuonScales),
                        "Muon scale: 0.2*sqrt(max(A,B)) (AdamW-like RMS) or sqrt(max(1,A/B))"));
     t.push_back(number(MOETRAIN_FIELD(optim.qk_clip_tau), above(0),
@@ -590,6 +597,9 @@ const char* to_string(OptimizerName v) {
 }
 const char* to_string(MuonScale v) {
   return kMuonScales.at(static_cast<std::size_t>(v));
+}
+const char* to_string(NsCoefficients v) {
+  return kNsCoefficients.at(static_cast<std::size_t>(v));
 }
 const char* to_string(LrSchedule v) {
   return kLrSchedules.at(static_cast<std::size_t>(v));

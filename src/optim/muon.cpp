@@ -7,9 +7,29 @@ namespace moetrain {
 
 namespace {
 
-// Newton-Schulz quintic coefficients (Muon).
-constexpr double kNsA = 3.4445, kNsB = -4.7750, kNsC = 2.0315;
-constexpr double kNsEps = 1e-7;
+// Newton-Schulz quintics x -> a x + b x^3 + c x^5 (optim.ns_coefficients).
+struct Quintic {
+  double a, b, c;
+};
+// Muon's, every iteration, after X / (||X||_F + 1e-7).
+constexpr Quintic kMuonQuintic{3.4445, -4.7750, 2.0315};
+// Polar Express (arXiv 2505.16932), the list of modded-nanogpt's and Dion's polar_express: its
+// safety factor 1.02 is built into the first four and applied in the normalisation
+// X / (1.02 ||X||_F + 1e-6). ../shared/OPTIMIZERS.md §1.
+constexpr Quintic kPolarExpress[] = {
+    {8.156554524902461, -22.48329292557795, 15.878769915207462},
+    {4.042929935166739, -2.808917465908714, 0.5000178451051316},
+    {3.8916678022926607, -2.772484153217685, 0.5060648178503393},
+    {3.285753657755655, -2.3681294933425376, 0.46449024233003106},
+    {2.3465413258596377, -1.7097828382687081, 0.42323551169305323},
+};
+constexpr int kPolarExpressSteps = int(sizeof kPolarExpress / sizeof kPolarExpress[0]);
+
+// Iteration `it`'s polynomial; Polar Express repeats its last (its converged regime) past five.
+Quintic quintic(NsCoefficients c, int it) {
+  if (c == NsCoefficients::Muon) return kMuonQuintic;
+  return kPolarExpress[std::min(it, kPolarExpressSteps - 1)];
+}
 // Matrices orthogonalised together at most: bounds the workspace on large models.
 constexpr int kMaxBatch = 64;
 
@@ -66,16 +86,18 @@ void Muon<T>::batch(const MatrixGroup& g, std::size_t first, int count, T* param
     be_.muon_momentum(momentum_.get() + mt.slot, ws_x_.get() + std::size_t(i) * elems,
                       plan_.matrix_grad(mt), elems, o_.momentum, o_.nesterov, gate);
   }
-  be_.frobenius_normalize(ws_x_.get(), count, elems, kNsEps);
+  const bool pe = o_.ns_coefficients == NsCoefficients::PolarExpress;
+  be_.frobenius_normalize(ws_x_.get(), count, elems, pe ? 1.02 : 1.0, pe ? 1e-6 : 1e-7);
   T *X = ws_x_.get(), *Y = ws_y_.get();
   T *S = ws_s_.get(), *P = ws_p_.get();
   const T* none = nullptr;
   for (int it = 0; it < o_.ns_steps; ++it) {
+    const Quintic q = quintic(o_.ns_coefficients, it);
     // S = X X^T (wide); P = c S S + b S + a I (S is symmetric: S S is its Gram matrix too);
     // Y = P X (wide), i.e. X P when tall: X_{k+1} = a X + b S X + c S^2 X.
     be_.symmetric_gemm_batched(tall, m, wide, T(1), X, B, elems, T(0), none, m, mm, T(0), S, m, mm,
                                count);
-    be_.symmetric_gemm_batched(false, m, m, T(kNsC), S, m, mm, T(kNsB), S, m, mm, T(kNsA), P, m, mm,
+    be_.symmetric_gemm_batched(false, m, m, T(q.c), S, m, mm, T(q.b), S, m, mm, T(q.a), P, m, mm,
                                count);
     if (tall)
       be_.gemm_batched(false, false, A, B, B, T(1), X, B, elems, P, B, mm, T(0), Y, B, elems,

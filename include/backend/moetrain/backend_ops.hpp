@@ -92,7 +92,8 @@
 //   gate[kSkip] = 1 when that or a loss is not finite, else 0; gate[kClipCoef] = max_norm /
 //   (sqrt(sum) + 1e-6) when max_norm > 0, not skipped and that is below 1, else 1.
 // axpby: y = a * x + b * y.
-// frobenius_normalize: X_i /= (||X_i||_F + eps) for `batch` contiguous matrices of `elems`.
+// frobenius_normalize: X_i /= (norm_scale * ||X_i||_F + eps) for `batch` contiguous matrices of
+//   `elems`.
 // adamw_update: bias-corrected, decoupled decay; *acc += sum of (m_hat / (sqrt(v_hat) + eps))^2.
 // muon_momentum: M = mu * M + G; U = G + mu * M (Nesterov) or M. Skipped: U is not written either.
 // muon_update: W -= lr * (s * O + wd * W); *acc += sum of (s * O)^2.
@@ -106,8 +107,8 @@
   X(void, step_gate, (double* gate, const double* rank_sums, int world, int per_rank,              \
                       double max_norm), (gate, rank_sums, world, per_rank, max_norm), 0)           \
   X(void, axpby, (T* y, const T* x, std::size_t n, double a, double b), (y, x, n, a, b), 0)        \
-  X(void, frobenius_normalize, (T* x, int batch, std::size_t elems, double eps),                   \
-    (x, batch, elems, eps), 0)                                                                     \
+  X(void, frobenius_normalize, (T* x, int batch, std::size_t elems, double norm_scale,            \
+                                double eps), (x, batch, elems, norm_scale, eps), 0)                                                                     \
   X(void, adamw_update, (T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1,     \
                          double beta2, double eps, double weight_decay, std::int64_t t,            \
                          const double* gate, double* acc),                                         \

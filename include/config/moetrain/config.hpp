@@ -66,9 +66,11 @@ struct GroupConfig {
 // config spelling.
 enum class OptimizerName { AdamW, Muon, MuonClip };
 enum class MuonScale { MatchRmsAdamW, Original };
+enum class NsCoefficients { Muon, PolarExpress };
 enum class LrSchedule { Cosine, Wsd, Constant };
 const char* to_string(OptimizerName v);
 const char* to_string(MuonScale v);
+const char* to_string(NsCoefficients v);
 const char* to_string(LrSchedule v);
 
 struct OptimConfig {
@@ -82,6 +84,7 @@ struct OptimConfig {
   double momentum = 0.95;
   bool nesterov = true;
   int ns_steps = 5;
+  NsCoefficients ns_coefficients = NsCoefficients::Muon;
   MuonScale muon_scale = MuonScale::MatchRmsAdamW;
   double qk_clip_tau = 100.0;
   double qk_clip_alpha = 0.5;

@@ -87,13 +87,13 @@ void axpby(T* y, const T* x, std::size_t n, double a, double b) {
 
 // One matrix per thread at a time; each norm is a serial sum, so the result is deterministic.
 template <typename T>
-void frobenius_normalize(T* x, int batch, std::size_t elems, double eps) {
+void frobenius_normalize(T* x, int batch, std::size_t elems, double norm_scale, double eps) {
 #pragma omp parallel for schedule(static) if (batch > 1)
   for (int b = 0; b < batch; ++b) {
     T* xb = x + std::size_t(b) * elems;
     double ss = 0;
     for (std::size_t i = 0; i < elems; ++i) ss += double(xb[i]) * xb[i];
-    const T f = T(1.0 / (std::sqrt(ss) + eps));
+    const T f = T(1.0 / (norm_scale * std::sqrt(ss) + eps));
     for (std::size_t i = 0; i < elems; ++i) xb[i] *= f;
   }
 }

@@ -248,11 +248,12 @@ void CudaBackend::axpby(float* y, const float* x, std::size_t n, double a, doubl
   wrote(y, n * sizeof(float));
 }
 
-void CudaBackend::frobenius_normalize(float* x, int batch, std::size_t elems, double eps) {
+void CudaBackend::frobenius_normalize(float* x, int batch, std::size_t elems, double norm_scale,
+                                      double eps) {
   if (!batch || !elems) return;
   auto* ws = static_cast<double*>(
       scratch(op_scratch_, kernels::frobenius_workspace_elems(batch, elems) * sizeof(double)));
-  kernels::frobenius_normalize<float, float>(x, x, batch, elems, eps, ws, stream_);
+  kernels::frobenius_normalize<float, float>(x, x, batch, elems, norm_scale, eps, ws, stream_);
   wrote(x, std::size_t(batch) * elems * sizeof(float));
 }
 
