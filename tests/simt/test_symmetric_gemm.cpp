@@ -215,8 +215,10 @@ TEST_CASE("symmetric GEMM matches a double reference over sizes, layouts and typ
       }
 }
 
-TEST_CASE("symmetric GEMM refuses an empty sum and what the grid cannot hold; empty is a no-op",
-          "[simt][kernels][symmetric]") {
+TEST_CASE(
+    "symmetric GEMM refuses an empty sum and what the grid cannot hold, and does nothing when "
+    "empty",
+    "[simt][kernels][symmetric]") {
   float* none = nullptr;
   auto call = [&](int n, int k, float beta, int batch) {
     mk::symmetric_gemm_batched<float, float>(false, n, k, 1.0f, none, 1, 0, beta, none, 1, 0, 0.0f,
