@@ -183,7 +183,7 @@ TEST_CASE("config: config_to_json -> config_from_json round trip", "[config]") {
       "optim": {"name": "adamw", "lr": 0.0005, "muon_group": {"lr_scale": 0.5, "weight_decay": 0.0}, "adamw_group": {"lr_scale": 2.0, "weight_decay": 0.05}, "beta1": 0.8, "beta2": 0.99,
                 "eps": 1e-10, "momentum": 0.9, "nesterov": false, "ns_steps": 6,
                 "ns_coefficients": "polar_express",
-                "muon_scale": "original", "qk_clip_tau": 50.0, "qk_clip_alpha": 1.0,
+                "muon_scale": "original", "qk_clip": true, "qk_clip_tau": 50.0, "qk_clip_alpha": 1.0,
                 "grad_clip": 0.0, "schedule": "wsd", "warmup_steps": 0, "min_lr_ratio": 0.0,
                 "decay_fraction": 1.0},
       "train": {"steps": 7, "grad_accum": 2, "seed": 18446744073709551615, "eval_interval": 0,

@@ -47,11 +47,15 @@ TEST_CASE("2 ranks with batch B/2 match 1 rank with batch B after 5 steps of eac
   const std::string common =
       "--set train.steps=5 --set train.eval_interval=0 --set model.moe.aux_loss_coef=0 "
       "--set optim.qk_clip_tau=0.05";
-  for (const char* opt : {"adamw", "muon", "muonclip"}) {
+  // adamw_qk_clip: QK-clip on AdamW's q and k, which every rank clips in its own copy.
+  for (const char* opt : {"adamw", "muon", "muonclip", "adamw_qk_clip"}) {
     INFO(opt);
+    const bool adamw_clip = std::string(opt) == "adamw_qk_clip";
     const fs::path one = tmp.path / (std::string(opt) + "_1"),
                    two = tmp.path / (std::string(opt) + "_2");
-    const std::string extra = common + " --set optim.name=" + opt;
+    const std::string extra =
+        common + (adamw_clip ? std::string(" --set optim.name=adamw --set optim.qk_clip=true")
+                             : " --set optim.name=" + std::string(opt));
     const auto r1 = run_command(train_cmd(1, one.string(), extra));
     INFO(r1.output);
     REQUIRE(r1.exit_code == 0);
@@ -95,23 +99,30 @@ TEST_CASE("2 ranks with batch B/2 match 1 rank with batch B after 5 steps of eac
     CHECK(z20["orthogonalised_last_step"].get<int>() + z21["orthogonalised_last_step"].get<int>() ==
           int(all.size()));
     CHECK(z1["orthogonalised_last_step"].get<int>() == int(all.size()));
-    if (std::string(opt) != "adamw") CHECK(!m0.empty());
+    if (std::string(opt).rfind("adamw", 0) != 0) CHECK(!m0.empty());
     // Bytes per step against the ZeRO-1 lower bound (a reduce-scatter of the fp32 gradients and
     // an all-gather of the weights, each (N-1)/N * 4 * P bytes for N = 2): padding to equal
     // shards and the scalar all-reduces (loss, S_max, expert loads) add only a little.
     double params = 0;
     for (const auto& [name, t] : a) params += double(t.to_f64().size());
     const double bound = 2.0 * 0.5 * 4.0 * params;
-    auto last_bytes = [](const fs::path& run) {
-      double bytes = -1;
+    // A field of the last metrics record that has it (-1: none).
+    auto last = [](const fs::path& run, const char* key) {
+      double value = -1;
       std::istringstream lines(read_file(run / "metrics.jsonl"));
       for (std::string line; std::getline(lines, line);) {
         const auto rec = nlohmann::json::parse(line);
-        if (rec.contains("comm_bytes")) bytes = rec["comm_bytes"].get<double>();
+        if (rec.contains(key)) value = rec[key].get<double>();
       }
-      return bytes;
+      return value;
     };
+    auto last_bytes = [&](const fs::path& run) { return last(run, "comm_bytes"); };
     CHECK(last_bytes(one) == 0);
+    // The clipped heads of the last step: counted once in the cluster, as on one rank.
+    auto last_clipped = [&](const fs::path& run) { return last(run, "clipped_heads"); };
+    CHECK(last_clipped(two) == last_clipped(one));
+    if (adamw_clip || std::string(opt) == "muonclip") CHECK(last_clipped(one) > 0);
+    if (std::string(opt) == "adamw" || std::string(opt) == "muon") CHECK(last_clipped(one) == 0);
     const double sent = last_bytes(two);
     INFO("bytes per step " << sent << ", lower bound " << bound);
     CHECK(sent >= bound);

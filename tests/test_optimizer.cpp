@@ -561,8 +561,10 @@ TEST_CASE("global gradient-norm clipping", "[optim]") {
   }
 }
 
-TEST_CASE("MuonClip: QK-clip scales q rows by gamma^alpha, k rows by min gamma^(1-alpha)",
-          "[optim]") {
+TEST_CASE(
+    "QK-clip scales q rows by gamma^alpha, k rows by min gamma^(1-alpha), after any "
+    "optimizer",
+    "[optim]") {
   const double tau = 100;
   // Per layer and query head; 100 equals tau (not clipped), negative logits never clip.
   const std::vector<std::vector<double>> smax = {{150, 50, 100, 400}, {-3, 250, 120, 99}};
@@ -570,74 +572,84 @@ TEST_CASE("MuonClip: QK-clip scales q rows by gamma^alpha, k rows by min gamma^(
   struct Shape {
     int heads, kv_heads;
   };
-  for (const Shape sh : {Shape{4, 4}, Shape{4, 2}, Shape{4, 1}})
-    for (const double alpha : {0.5, 1.0}) {
-      INFO("heads " << sh.heads << "/" << sh.kv_heads << ", alpha " << alpha);
-      Config cfg = optim_config(OptimizerName::MuonClip);
-      cfg.model = optim_model(sh.heads, sh.kv_heads);
-      cfg.optim.qk_clip_tau = tau;
-      cfg.optim.qk_clip_alpha = alpha;
-      const ParamLayout layout(cfg.model);
-      const std::size_t n = layout.total();
-      CpuBackend<double> be;
-      Optimizer<double> opt(cfg, layout, be);
-      const Mat p = random_vector(n, 41, 0.3);
-      Device<double> dp(be, p), dg(be, random_vector(n, 42));
-      // lr 0: the optimizer update leaves every weight as it was, so only the clip acts.
-      const OptimizerStats st = opt.step(dp.get(), dg.get(), 0.0, smax);
-      CHECK(st.clipped_heads == expected_clipped);
-      const Mat after = dp.download();
-      const std::size_t hd = std::size_t(cfg.model.head_dim), d = std::size_t(cfg.model.d_model);
-      const std::size_t head = hd * d;  // elements of one head's rows
-      const int group = sh.heads / sh.kv_heads;
-      for (int l = 0; l < cfg.model.n_layers; ++l) {
-        const std::string pre = "layers." + std::to_string(l) + ".attn.";
-        const ParamTensor& q = layout.find(pre + "q_proj.weight");
-        const ParamTensor& k = layout.find(pre + "k_proj.weight");
-        std::vector<double> gamma(std::size_t(sh.heads));
-        for (int h = 0; h < sh.heads; ++h) {
-          const double s = smax[std::size_t(l)][std::size_t(h)];
-          gamma[std::size_t(h)] = s > tau ? tau / s : 1.0;
-        }
-        std::vector<double> qf(std::size_t(sh.heads)), kf(std::size_t(sh.kv_heads));
-        for (int h = 0; h < sh.heads; ++h) {
-          INFO("layer " << l << " q head " << h);
-          const double f = std::pow(gamma[std::size_t(h)], alpha);
-          const std::size_t o = q.offset + std::size_t(h) * head;
-          for (std::size_t i = 0; i < head; ++i)
-            REQUIRE(after[o + i] == Approx(p[o + i] * f).epsilon(1e-15).margin(0));
-          qf[std::size_t(h)] = after[o] / p[o];
-        }
-        for (int g = 0; g < sh.kv_heads; ++g) {
-          INFO("layer " << l << " kv head " << g);
-          double gmin = 1;
+  // muonclip; adamw + qk_clip (q and k in AdamW's shard: every rank clips its copy); muon +
+  // qk_clip (the same as muonclip).
+  struct Clipped {
+    OptimizerName name;
+    bool qk_clip;
+  };
+  for (const Clipped oc : {Clipped{OptimizerName::MuonClip, false},
+                           Clipped{OptimizerName::AdamW, true}, Clipped{OptimizerName::Muon, true}})
+    for (const Shape sh : {Shape{4, 4}, Shape{4, 2}, Shape{4, 1}})
+      for (const double alpha : {0.5, 1.0}) {
+        INFO(to_string(oc.name) << " qk_clip " << oc.qk_clip << ", heads " << sh.heads << "/"
+                                << sh.kv_heads << ", alpha " << alpha);
+        Config cfg = optim_config(oc.name);
+        cfg.optim.qk_clip = oc.qk_clip;
+        cfg.model = optim_model(sh.heads, sh.kv_heads);
+        cfg.optim.qk_clip_tau = tau;
+        cfg.optim.qk_clip_alpha = alpha;
+        const ParamLayout layout(cfg.model);
+        const std::size_t n = layout.total();
+        CpuBackend<double> be;
+        Optimizer<double> opt(cfg, layout, be);
+        const Mat p = random_vector(n, 41, 0.3);
+        Device<double> dp(be, p), dg(be, random_vector(n, 42));
+        // lr 0: the optimizer update leaves every weight as it was, so only the clip acts.
+        const OptimizerStats st = opt.step(dp.get(), dg.get(), 0.0, smax);
+        CHECK(st.clipped_heads == expected_clipped);
+        const Mat after = dp.download();
+        const std::size_t hd = std::size_t(cfg.model.head_dim), d = std::size_t(cfg.model.d_model);
+        const std::size_t head = hd * d;  // elements of one head's rows
+        const int group = sh.heads / sh.kv_heads;
+        for (int l = 0; l < cfg.model.n_layers; ++l) {
+          const std::string pre = "layers." + std::to_string(l) + ".attn.";
+          const ParamTensor& q = layout.find(pre + "q_proj.weight");
+          const ParamTensor& k = layout.find(pre + "k_proj.weight");
+          std::vector<double> gamma(std::size_t(sh.heads));
+          for (int h = 0; h < sh.heads; ++h) {
+            const double s = smax[std::size_t(l)][std::size_t(h)];
+            gamma[std::size_t(h)] = s > tau ? tau / s : 1.0;
+          }
+          std::vector<double> qf(std::size_t(sh.heads)), kf(std::size_t(sh.kv_heads));
+          for (int h = 0; h < sh.heads; ++h) {
+            INFO("layer " << l << " q head " << h);
+            const double f = std::pow(gamma[std::size_t(h)], alpha);
+            const std::size_t o = q.offset + std::size_t(h) * head;
+            for (std::size_t i = 0; i < head; ++i)
+              REQUIRE(after[o + i] == Approx(p[o + i] * f).epsilon(1e-15).margin(0));
+            qf[std::size_t(h)] = after[o] / p[o];
+          }
+          for (int g = 0; g < sh.kv_heads; ++g) {
+            INFO("layer " << l << " kv head " << g);
+            double gmin = 1;
+            for (int h = 0; h < sh.heads; ++h)
+              if (h / group == g) gmin = std::min(gmin, gamma[std::size_t(h)]);
+            const double f = std::pow(gmin, 1 - alpha);
+            const std::size_t o = k.offset + std::size_t(g) * head;
+            for (std::size_t i = 0; i < head; ++i)
+              REQUIRE(after[o + i] == Approx(p[o + i] * f).epsilon(1e-15).margin(0));
+            kf[std::size_t(g)] = after[o] / p[o];
+          }
+          // Every head's logits q_h . k_g shrink by at least gamma_h.
           for (int h = 0; h < sh.heads; ++h)
-            if (h / group == g) gmin = std::min(gmin, gamma[std::size_t(h)]);
-          const double f = std::pow(gmin, 1 - alpha);
-          const std::size_t o = k.offset + std::size_t(g) * head;
-          for (std::size_t i = 0; i < head; ++i)
-            REQUIRE(after[o + i] == Approx(p[o + i] * f).epsilon(1e-15).margin(0));
-          kf[std::size_t(g)] = after[o] / p[o];
+            CHECK(qf[std::size_t(h)] * kf[std::size_t(h / group)] <=
+                  gamma[std::size_t(h)] * (1 + 1e-12));
+          // v_proj, o_proj untouched, bit for bit.
+          for (const char* name : {"v_proj.weight", "o_proj.weight"}) {
+            const ParamTensor& t = layout.find(pre + name);
+            CHECK(std::memcmp(after.data() + t.offset, p.data() + t.offset,
+                              t.numel * sizeof(double)) == 0);
+          }
         }
-        // Every head's logits q_h . k_g shrink by at least gamma_h.
-        for (int h = 0; h < sh.heads; ++h)
-          CHECK(qf[std::size_t(h)] * kf[std::size_t(h / group)] <=
-                gamma[std::size_t(h)] * (1 + 1e-12));
-        // v_proj, o_proj untouched, bit for bit.
-        for (const char* name : {"v_proj.weight", "o_proj.weight"}) {
-          const ParamTensor& t = layout.find(pre + name);
-          CHECK(std::memcmp(after.data() + t.offset, p.data() + t.offset,
-                            t.numel * sizeof(double)) == 0);
-        }
+        // Nothing else moved either (every other tensor is bit-identical).
+        for (const ParamTensor& t : layout.tensors())
+          if (t.role != ParamRole::AttnQ && t.role != ParamRole::AttnK) {
+            INFO(t.name);
+            CHECK(std::memcmp(after.data() + t.offset, p.data() + t.offset,
+                              t.numel * sizeof(double)) == 0);
+          }
       }
-      // Nothing else moved either (every other tensor is bit-identical).
-      for (const ParamTensor& t : layout.tensors())
-        if (t.role != ParamRole::AttnQ && t.role != ParamRole::AttnK) {
-          INFO(t.name);
-          CHECK(std::memcmp(after.data() + t.offset, p.data() + t.offset,
-                            t.numel * sizeof(double)) == 0);
-        }
-    }
 }
 
 TEST_CASE("MuonClip: no head above tau leaves q and k alone", "[optim]") {

@@ -380,10 +380,13 @@ const std::vector<Field>& fields() {
         "iterations past the fifth repeating the last"));
     t.push_back(one_of(MOETRAIN_FIELD(optim.muon_scale), spellings(kMuonScales),
                        "Muon scale: 0.2*sqrt(max(A,B)) (AdamW-like RMS) or sqrt(max(1,A/B))"));
+    t.push_back(boolean(MOETRAIN_FIELD(optim.qk_clip),
+                        "QK-clip after the update of any optimizer (adamw + QK-clip, muon + "
+                        "QK-clip = muonclip); muonclip always clips"));
     t.push_back(number(MOETRAIN_FIELD(optim.qk_clip_tau), above(0),
-                       "MuonClip: attention-logit threshold tau of QK-clip"));
+                       "QK-clip: attention-logit threshold tau"));
     t.push_back(number(MOETRAIN_FIELD(optim.qk_clip_alpha), closed(0, 1),
-                       "MuonClip: share of the clip applied to q (the rest to k)"));
+                       "QK-clip: share of the clip applied to q (the rest to k)"));
     t.push_back(number(MOETRAIN_FIELD(optim.grad_clip), at_least(0),
                        "Global gradient-norm clip (0 disables)"));
     t.push_back(one_of(MOETRAIN_FIELD(optim.schedule), spellings(kLrSchedules),

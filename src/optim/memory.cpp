@@ -78,10 +78,18 @@ std::size_t optimizer_memory_bytes(const Config& cfg, int world) {
   DeviceStats<float> sizing;
   reserve_optimizer_stats(sizing, cfg, world);
   bytes += (sizing.bytes() + 63) / 64 * 64;
-  if (!matrix_group) return bytes;
+  const std::size_t heads = std::size_t(std::max(c.n_heads, c.n_kv_heads));
+  if (!matrix_group) {
+    // QK-clip on AdamW's q and k (every rank clips its copy): factors [2 L, heads], the matrix
+    // list [2 L, 2] (int32, the size of a float), and a rank's uncounted sum (a double).
+    if (qk_clip_enabled(cfg.optim)) {
+      const std::size_t qk = 2 * std::size_t(c.n_layers);
+      bytes += buffer_bytes(qk * heads) + buffer_bytes(2 * qk) + buffer_bytes(2);
+    }
+    return bytes;
+  }
 
   const std::size_t count = n_dense * dense.size() + n_moe * moe.size();
-  const std::size_t heads = std::size_t(std::max(c.n_heads, c.n_kv_heads));
   std::vector<RankShare> ranks(R);
   constexpr std::size_t kExactLimit = std::size_t(1) << 22;
   if (count <= kExactLimit) {
@@ -125,8 +133,7 @@ std::size_t optimizer_memory_bytes(const Config& cfg, int world) {
     }
     std::size_t b = buffer_bytes(r.elems) + 2 * buffer_bytes(ws) + 2 * buffer_bytes(s);
     // QK-clip's factors [qk, heads] and its matrix list [qk, 2] (int32, the size of a float).
-    if (cfg.optim.name == OptimizerName::MuonClip)
-      b += buffer_bytes(r.qk * heads) + buffer_bytes(2 * r.qk);
+    if (qk_clip_enabled(cfg.optim)) b += buffer_bytes(r.qk * heads) + buffer_bytes(2 * r.qk);
     worst = std::max(worst, b);
   }
   // The matrix staging: send and gather [R * part], receive [part].

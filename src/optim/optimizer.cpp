@@ -47,8 +47,7 @@ struct Optimizer<T>::Impl {
         plan(cfg, layout, be, external ? *external : *local, has_matrix_group(c.optim.name)),
         adamw(cfg.optim, plan),
         matrices(make_matrix_optimizer(cfg.optim, plan)),
-        clip(cfg.optim.name == OptimizerName::MuonClip ? std::make_unique<QkClip<T>>(cfg, plan)
-                                                       : nullptr),
+        clip(qk_clip_enabled(cfg.optim) ? std::make_unique<QkClip<T>>(cfg, layout, plan) : nullptr),
         own_stats(shared ? nullptr : std::make_unique<DeviceStats<T>>(be)),
         stats(shared ? *shared : *own_stats),
         regions(reserve_optimizer_stats(stats, cfg, plan.comm().world())) {
@@ -142,7 +141,8 @@ void Optimizer<T>::step_async(T* params, const T* grads, double lr, const StepIn
   s.adamw.step(lr, t_, gate, sums + 0);
   plan.gather_adamw_params(params);
 
-  // 3. The matrix optimizer and QK-clip on the owned matrices, then every owner's matrices back.
+  // 3. The matrix optimizer and QK-clip (on the owned matrices, or on every rank's copy of q and k
+  //    when they are AdamW's, gathered above), then every owner's matrices back.
   if (s.matrices) s.matrices->step(params, lr * o.muon_group.lr_scale, t_, gate, sums + 1);
   if (s.clip) {
     const ModelConfig& m = s.cfg.model;

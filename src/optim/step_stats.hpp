@@ -28,7 +28,7 @@ OptimizerStatsRegions<T> reserve_optimizer_stats(DeviceStats<T>& stats, const Co
   r.gathered = stats.template reserve<double>(per_rank * std::size_t(world));
   r.gate = stats.template reserve<double>(StepGate::kSize);
   r.sums = stats.template reserve<double>(3);
-  if (cfg.optim.name == OptimizerName::MuonClip)
+  if (qk_clip_enabled(cfg.optim))
     r.smax_in =
         stats.template reserve<T>(std::size_t(cfg.model.n_layers) * std::size_t(cfg.model.n_heads));
   return r;

@@ -86,6 +86,7 @@ struct OptimConfig {
   int ns_steps = 5;
   NsCoefficients ns_coefficients = NsCoefficients::Muon;
   MuonScale muon_scale = MuonScale::MatchRmsAdamW;
+  bool qk_clip = false;  // QK-clip after any optimizer's update (muonclip: always)
   double qk_clip_tau = 100.0;
   double qk_clip_alpha = 0.5;
   double grad_clip = 1.0;  // 0 disables
@@ -173,6 +174,11 @@ void apply_override(nlohmann::json& j, const std::string& assignment);
 nlohmann::json config_to_json(const Config& c);
 
 // Derived quantities.
+// Whether the step applies QK-clip: optim.qk_clip, or optim.name muonclip (Muon + QK-clip).
+inline bool qk_clip_enabled(const OptimConfig& o) {
+  return o.qk_clip || o.name == OptimizerName::MuonClip;
+}
+
 inline bool is_moe_layer(const ModelConfig& m, int layer) {
   return layer >= m.dense_layers;
 }
