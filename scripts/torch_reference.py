@@ -17,8 +17,8 @@ Inputs
                       optional, zeros when absent).
 Output (F64 unless noted)
   objective, ce, grad_norm [1]; aux, z [n_layers]; smax [n_layers, n_heads];
-  load I64 [n_layers, n_experts]; grad.<name>; adamw.<name>, muon.<name>, muonclip.<name>
-  (every parameter after one optimizer step from fresh state).
+  load I64 [n_layers, n_experts]; grad.<name>; adamw.<name>, muon.<name>, muonclip.<name>,
+  adamw_qk_clip.<name> (every parameter after one optimizer step from fresh state).
 
 Objective = CE mean over non-padding targets + sum_l aux_coef * L_aux_l + sum_l z_coef * L_z_l,
 with the top-k selection and the load fractions f_e held constant.
@@ -412,7 +412,8 @@ def muon_update(c, p, g, lr, wd):
 
 
 def optimizer_step(c, name, params, grads, lr, smax, roles, adamw_groups_by_role=True):
-    """params, grads: {name: tensor}; returns the new parameters. name: adamw | muon | muonclip.
+    """params, grads: {name: tensor}; returns the new parameters. name: adamw | muon | muonclip |
+    adamw_qk_clip (AdamW, then QK-clip: optim.qk_clip with adamw).
 
     Groups are by role (docs/design.md §4): hidden matrices form the Muon group (lr_scale and weight
     decay of optim.muon_group), the rest the AdamW group (optim.adamw_group); norm gains never
@@ -425,12 +426,12 @@ def optimizer_step(c, name, params, grads, lr, smax, roles, adamw_groups_by_role
         grp = c.groups["muon_group" if role in MUON_ROLES else "adamw_group"]
         lr_g = lr * grp["lr_scale"]
         wd = 0.0 if role == "norm" else grp["weight_decay"]
-        if name != "adamw" and role in MUON_ROLES:
+        if name in ("muon", "muonclip") and role in MUON_ROLES:
             new[n] = muon_update(c, p, grads[n], lr_g, wd)
         else:
             b1, b2, eps = grp["beta1"], grp["beta2"], grp["eps"]
             new[n] = adamw_update(p, grads[n], lr_g, wd, b1, b2, eps)
-    if name == "muonclip":
+    if name in ("muonclip", "adamw_qk_clip"):
         qk_clip(c, new, smax)
     return new
 
@@ -499,7 +500,7 @@ def run(cfg_doc, weights, batch, lr, dtype):
         out["grad." + n] = grads[n].double().numpy()
     with torch.no_grad():
         params = {n: P[n].detach() for n in P}
-        for opt in ("adamw", "muon", "muonclip"):
+        for opt in ("adamw", "muon", "muonclip", "adamw_qk_clip"):
             new = optimizer_step(c, opt, params, grads, lr, smax, roles)
             for n in P:
                 out[opt + "." + n] = new[n].double().numpy()
@@ -635,7 +636,8 @@ def self_test():
         out = load_safetensors(paths["out.st"])
         names = [n for n, _, _ in param_shapes(c)]
         need = ["objective", "ce", "aux", "z", "smax", "load", "grad_norm"] + \
-               ["%s.%s" % (p, n) for p in ("grad", "adamw", "muon", "muonclip") for n in names]
+               ["%s.%s" % (p, n) for p in ("grad", "adamw", "muon", "muonclip", "adamw_qk_clip")
+                for n in names]
         missing = [n for n in need if n not in out]
         q0 = "layers.0.attn.q_proj.weight"
         clipped = [l for l in range(c.L)

@@ -281,12 +281,22 @@ MaxErrors run_variant(const Variant& v) {
 
   // One step of each optimizer from fresh state.
   std::map<std::string, std::vector<float>> after;
-  for (const OptimizerName id :
-       {OptimizerName::AdamW, OptimizerName::Muon, OptimizerName::MuonClip}) {
-    const std::string name = to_string(id);
+  // adamw_qk_clip: optim.name adamw with optim.qk_clip (QK-clip after AdamW).
+  struct Step {
+    const char* name;
+    OptimizerName id;
+    bool qk_clip;
+  };
+  for (const Step step :
+       {Step{"adamw", OptimizerName::AdamW, false}, Step{"muon", OptimizerName::Muon, false},
+        Step{"muonclip", OptimizerName::MuonClip, false},
+        Step{"adamw_qk_clip", OptimizerName::AdamW, true}}) {
+    const std::string name = step.name;
+    const OptimizerName id = step.id;
     INFO("optimizer " << name);
     Config oc = cfg;
     oc.optim.name = id;
+    oc.optim.qk_clip = step.qk_clip;
     float* params = static_cast<float*>(be.alloc_bytes(P * sizeof(float)));
     float* grads = static_cast<float*>(be.alloc_bytes(P * sizeof(float)));
     be.upload(params, p0.data(), P * sizeof(float));
@@ -301,7 +311,7 @@ MaxErrors run_variant(const Variant& v) {
     be.free_bytes(params);
     be.free_bytes(grads);
     stat_check("grad_norm", os.grad_norm, tensor(out, "grad_norm")[0], 1e-5);
-    if (id == OptimizerName::MuonClip) {
+    if (qk_clip_enabled(oc.optim)) {
       int expect_clipped = 0;
       for (double s : all) expect_clipped += s > tau;
       CHECK(os.clipped_heads == expect_clipped);
@@ -337,15 +347,20 @@ MaxErrors run_variant(const Variant& v) {
     for (const char* proj : {"q_proj", "k_proj", "v_proj"}) {
       const std::string n = "layers." + std::to_string(l) + ".attn." + proj + ".weight";
       const ParamTensor& t = layout.find(n);
-      const bool twin_differs = tensor(out, "muon." + n) != tensor(out, "muonclip." + n);
-      const bool ours_differs =
-          !std::equal(after["muon"].begin() + std::ptrdiff_t(t.offset),
-                      after["muon"].begin() + std::ptrdiff_t(t.offset + t.numel),
-                      after["muonclip"].begin() + std::ptrdiff_t(t.offset));
       const bool expect = clipped && std::string(proj) != "v_proj";
       INFO(n << ": clipped layer " << clipped);
-      CHECK(twin_differs == expect);
-      CHECK(ours_differs == expect);
+      for (const auto& [plain, with_clip] :
+           {std::pair{"muon", "muonclip"}, std::pair{"adamw", "adamw_qk_clip"}}) {
+        INFO(plain << " against " << with_clip);
+        const bool twin_differs = tensor(out, std::string(plain) + "." + n) !=
+                                  tensor(out, std::string(with_clip) + "." + n);
+        const bool ours_differs =
+            !std::equal(after[plain].begin() + std::ptrdiff_t(t.offset),
+                        after[plain].begin() + std::ptrdiff_t(t.offset + t.numel),
+                        after[with_clip].begin() + std::ptrdiff_t(t.offset));
+        CHECK(twin_differs == expect);
+        CHECK(ours_differs == expect);
+      }
     }
   }
   CHECK(clipped_layers > 0);
