@@ -380,6 +380,32 @@ TEST_CASE("cuda backend: GEMM layouts (transposes, leading dimensions, batches, 
       }
 }
 
+TEST_CASE("cuda backend: an empty sum (K = 0) scales C by beta, padding and gaps untouched",
+          "[cuda_backend]") {
+  EACH_STREAM_SCHEDULE();
+  std::mt19937 rng(3);
+  const int M = 4, N = 5, ldc = N + 2, batch = 3;
+  // Matrices back to back (one launch over all rows) and with gaps between them (one per matrix).
+  for (const std::size_t sc : {std::size_t(M) * ldc, std::size_t(M) * ldc + 3})
+    for (const float beta : {0.0f, 0.5f, 1.0f}) {
+      INFO("stride " << sc << " beta " << beta);
+      const auto C0 = kernel_test::random_floats(sc * batch, rng);
+      std::vector<float> want = C0;
+      for (int b = 0; b < batch; ++b)
+        for (int r = 0; r < M; ++r)
+          for (int c = 0; c < N; ++c) {
+            float& v = want[std::size_t(b) * sc + std::size_t(r) * ldc + std::size_t(c)];
+            v = beta == 0.0f ? 0.0f : beta * v;
+          }
+      CudaBackend gpu(CudaBackendOptions{});
+      kernel_test::DeviceBuffer<float> dA(std::size_t(1)), dB(std::size_t(1)), dC(C0);
+      gpu.gemm_batched(false, false, M, N, 0, 0.7f, dA.ptr, 1, 0, dB.ptr, ldc, 0, beta, dC.ptr, ldc,
+                       sc, batch);
+      gpu.synchronize();
+      CHECK(dC.download() == want);
+    }
+}
+
 TEST_CASE("cuda backend: available memory is cudaMemGetInfo's free bytes", "[cuda_backend]") {
   EACH_STREAM_SCHEDULE();
   CudaBackendOptions o;

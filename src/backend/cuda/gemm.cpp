@@ -299,8 +299,9 @@ const __nv_bfloat16* CudaBackend::bf16_operand(CDevPtr X, int rows, int cols, in
       gemm_operand(X, false, rows, cols, ld, stride, batch, true, buf));
 }
 
-// C scaled by beta over rows x N: a grouped product of an empty sum (K = 0); the groups cover
-// every row (offsets[groups] == rows).
+// C *= beta over rows x N (row stride ldc): a product of an empty sum (K = 0), with BLAS's beta
+// semantics (beta = 0 writes zeros without reading C); nothing when beta = 1. A grouped product's
+// groups cover every row (offsets[groups] == rows).
 void CudaBackend::scale_rows(DevPtr C, int rows, int N, int ldc, float beta) {
   if (beta == 1.0f) return;
   if (C.storage() == Storage::BF16)
@@ -381,19 +382,9 @@ void CudaBackend::gemm_impl(bool ta, bool tb, int M, int N, int K, float alpha, 
   const std::size_t c_span = std::size_t(batch - 1) * sc + std::size_t(M - 1) * ldc + N;
   wrote(C.get(), c_span * C.element_bytes());
   if (K <= 0) {  // an empty sum: C = beta * C, in one launch (none when beta = 1)
-    if (beta == 1.0f) return;
-    const auto scale_c = [&](auto* c) {
-      if (batch == 1 || sc == std::size_t(M) * std::size_t(ldc)) {
-        kernels::scale_matrix(c, ldc, M * batch, N, beta, stream_);
-      } else {
-        for (int i = 0; i < batch; ++i)
-          kernels::scale_matrix(c + std::size_t(i) * sc, ldc, M, N, beta, stream_);
-      }
-    };
-    if (c_bf16)
-      scale_c(device_ptr<__nv_bfloat16>(C));
-    else
-      scale_c(C.as<float>());
+    if (batch == 1 || sc == std::size_t(M) * std::size_t(ldc))
+      return scale_rows(C, M * batch, N, ldc, beta);
+    for (int i = 0; i < batch; ++i) scale_rows(C + std::size_t(i) * sc, M, N, ldc, beta);
     return;
   }
   // bf16 mode multiplies bf16 operands with fp32 accumulation, except a product kept in fp32 that

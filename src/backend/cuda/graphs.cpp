@@ -10,6 +10,7 @@
 // usable.
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "backend/cuda/cuda_backend.hpp"
 
@@ -50,8 +51,7 @@ void CudaBackend::run_repeated(const RepeatKey& key, const std::function<void()>
       cudaStreamEndCapture(stream_, &graph);
       if (graph) cudaGraphDestroy(graph);
       cudaGetLastError();
-      for (std::size_t i = 0; i < recordings_.size(); ++i)
-        if (recordings_[i].key == key) recordings_.erase(recordings_.begin() + std::ptrdiff_t(i));
+      std::erase_if(recordings_, [&](const Recording& r) { return r.key == key; });
       throw;
     }
     capturing_ = false;
