@@ -1,5 +1,5 @@
-// kernels/optimizer.cu — AdamW, Muon and QK-clip elementwise steps and their reductions (contract:
-// optimizer.cuh; CPU reference src/backend/cpu/optimizer_ops.cpp).
+// kernels/optimizer.cu — AdamW, Muon, QK-clip, NorMuon, AdaMuon and SOAP elementwise steps and
+// their reductions (contract: optimizer.cuh; CPU reference src/backend/cpu/optimizer_ops.cpp).
 //
 // Every kernel is a grid-stride loop over the elements with coalesced 4-byte (fp32) or 2-byte
 // (bf16) accesses, fp32 arithmetic, and — where a sum of squares is wanted — a per-thread double
@@ -332,7 +332,156 @@ int scale_chunks(std::size_t elems) {
   return static_cast<int>(std::clamp<std::size_t>((elems + per - 1) / per, 1, kScaleMaxChunks));
 }
 
+// ---- NorMuon, AdaMuon, SOAP -------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads) sign_kernel(float* __restrict__ x, std::size_t n) {
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride)
+    x[i] = static_cast<float>((x[i] > 0.0f) - (x[i] < 0.0f));
+}
+
+// Grid (rows, batch): row r of O_b, its second moment and its division; in_sq / out_sq [batch,
+// rows] receive the row's sum of squares before and after.
+__global__ void __launch_bounds__(kThreads)
+    second_moment_rows_kernel(float* __restrict__ O, float* __restrict__ v, int rows, int cols,
+                              bool per_row, float beta, float eps, double* __restrict__ in_sq,
+                              double* __restrict__ out_sq, const double* __restrict__ skip) {
+  const bool skip_v = skipped(skip);
+  const std::size_t b = blockIdx.y, r = blockIdx.x, C = static_cast<std::size_t>(cols);
+  const std::size_t row0 = (b * rows + r) * C;
+  float* o = O + row0;
+  double sq = 0.0;
+  for (std::size_t c = threadIdx.x; c < C; c += kThreads) sq += static_cast<double>(o[c]) * o[c];
+  sq = block_sum(sq);  // every thread has it
+  double after = 0.0;
+  if (per_row) {
+    float* vr = v + b * rows + r;
+    const float vn = beta * *vr + (1.0f - beta) * static_cast<float>(sq / static_cast<double>(C));
+    __syncthreads();  // every thread read *vr before it changes
+    if (threadIdx.x == 0 && !skip_v) *vr = vn;
+    const float f = 1.0f / (sqrtf(vn) + eps);
+    for (std::size_t c = threadIdx.x; c < C; c += kThreads) {
+      const float y = o[c] * f;
+      o[c] = y;
+      after += static_cast<double>(y) * y;
+    }
+  } else {
+    float* vr = v + row0;
+    for (std::size_t c = threadIdx.x; c < C; c += kThreads) {
+      const float x = o[c];
+      const float vn = beta * vr[c] + (1.0f - beta) * x * x;
+      if (!skip_v) vr[c] = vn;
+      const float y = x / (sqrtf(vn) + eps);
+      o[c] = y;
+      after += static_cast<double>(y) * y;
+    }
+  }
+  after = block_sum(after);
+  if (threadIdx.x == 0) {
+    in_sq[b * rows + r] = sq;
+    out_sq[b * rows + r] = after;
+  }
+}
+
+// One block per matrix: its factor target / (||O_b||_F + eps) from the row sums, in row order.
+__global__ void __launch_bounds__(kThreads)
+    second_moment_factor_kernel(double* __restrict__ factor, const double* __restrict__ in_sq,
+                                const double* __restrict__ out_sq, int rows, double target_norm,
+                                float eps) {
+  const std::size_t b = blockIdx.x;
+  double in = 0.0, out = 0.0;
+  for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) {
+    in += in_sq[b * rows + r];
+    out += out_sq[b * rows + r];
+  }
+  in = block_sum(in);
+  out = block_sum(out);
+  if (threadIdx.x == 0) {
+    const double target = target_norm > 0.0 ? target_norm : sqrt(in);
+    factor[b] = static_cast<double>(static_cast<float>(target / (sqrt(out) + eps)));
+  }
+}
+
+// Grid (chunks, batch): O_b *= factor[b].
+__global__ void __launch_bounds__(kThreads)
+    scale_matrices_kernel(float* __restrict__ O, std::size_t elems,
+                          const double* __restrict__ factor) {
+  const float f = static_cast<float>(factor[blockIdx.y]);
+  float* o = O + static_cast<std::size_t>(blockIdx.y) * elems;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * kThreads;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * kThreads + threadIdx.x; i < elems;
+       i += stride)
+    o[i] *= f;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    lerp_kernel(float* __restrict__ x, const float* __restrict__ y, std::size_t n, float beta,
+                const double* __restrict__ skip) {
+  if (skipped(skip)) return;
+  const float a = 1.0f - beta;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride)
+    x[i] = beta == 0.0f ? y[i] : beta * x[i] + a * y[i];
+}
+
+__global__ void __launch_bounds__(kThreads)
+    soap_precondition_kernel(float* D, float* __restrict__ v, const float* m,
+                             const float* __restrict__ g, std::size_t n, float beta2, float eps,
+                             const double* __restrict__ skip) {
+  const bool skip_v = skipped(skip);
+  const float a = 1.0f - beta2;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const float vi = beta2 * v[i] + a * g[i] * g[i];
+    if (!skip_v) v[i] = vi;
+    D[i] = m[i] / (sqrtf(vi) + eps);
+  }
+}
+
 }  // namespace
+
+void sign_inplace(float* x, std::size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  launch(sign_kernel, dim3(grid_for(n)), dim3(kThreads), 0, stream, x, n);
+}
+
+std::size_t second_moment_workspace_elems(int batch, int rows) {
+  return static_cast<std::size_t>(std::max(batch, 0)) * (2 * static_cast<std::size_t>(rows) + 1);
+}
+
+void second_moment_normalize(float* O, float* v, int batch, int rows, int cols, bool per_row,
+                             float beta, float eps, double target_norm, double* workspace,
+                             const double* skip, cudaStream_t stream) {
+  if (batch <= 0 || rows <= 0 || cols <= 0) return;
+  if (batch > 65535)
+    throw std::invalid_argument("second_moment_normalize: batch " + std::to_string(batch) +
+                                " > 65535");
+  const std::size_t R = static_cast<std::size_t>(batch) * rows;
+  double *in_sq = workspace, *out_sq = workspace + R, *factor = workspace + 2 * R;
+  launch(second_moment_rows_kernel, dim3(rows, batch), dim3(kThreads), 0, stream, O, v, rows, cols,
+         per_row, beta, eps, in_sq, out_sq, skip);
+  launch(second_moment_factor_kernel, dim3(batch), dim3(kThreads), 0, stream, factor,
+         static_cast<const double*>(in_sq), static_cast<const double*>(out_sq), rows, target_norm,
+         eps);
+  const std::size_t elems = static_cast<std::size_t>(rows) * cols;
+  launch(scale_matrices_kernel, dim3(scale_chunks(elems), batch), dim3(kThreads), 0, stream, O,
+         elems, static_cast<const double*>(factor));
+}
+
+void lerp_update(float* x, const float* y, std::size_t n, float beta, const double* skip,
+                 cudaStream_t stream) {
+  if (n == 0) return;
+  launch(lerp_kernel, dim3(grid_for(n)), dim3(kThreads), 0, stream, x, y, n, beta, skip);
+}
+
+void soap_precondition(float* D, float* v, const float* m, const float* g, std::size_t n,
+                       float beta2, float eps, const double* skip, cudaStream_t stream) {
+  if (n == 0) return;
+  launch(soap_precondition_kernel, dim3(grid_for(n)), dim3(kThreads), 0, stream, D, v, m, g, n,
+         beta2, eps, skip);
+}
 
 std::size_t optimizer_workspace_elems() {
   return kReduceMaxBlocks;

@@ -1,4 +1,5 @@
-// kernels/optimizer.cuh — elementwise and reduction steps of AdamW, Muon and MuonClip
+// kernels/optimizer.cuh — elementwise and reduction steps of AdamW, Muon, MuonClip, NorMuon,
+// AdaMuon and SOAP
 // (docs/design.md §4) on the GPU. Host-side launchers only; kernels in optimizer.cu. CPU
 // references: src/backend/cpu/optimizer_ops.cpp (Backend::adamw_update, sum_squares, muon_momentum,
 // muon_update, frobenius_normalize, scale) and src/optim/optimizer.cpp (how they are used).
@@ -104,5 +105,30 @@ void frobenius_normalize(TOut* out, const TIn* in, int batch, std::size_t elems,
 template <typename TW>
 void scale_row_blocks(TW* w, __nv_bfloat16* w_copy, int row_blocks, std::size_t block_elems,
                       const float* factors, cudaStream_t stream);
+
+// ---- NorMuon, AdaMuon, SOAP (Backend::sign_inplace, second_moment_normalize, lerp_update,
+// soap_precondition; fp32) ----------------------------------------------------------------------
+
+// x = sign(x), sign(0) = 0.
+void sign_inplace(float* x, std::size_t n, cudaStream_t stream);
+
+// For `batch` contiguous [rows, cols] matrices O_b (Backend::second_moment_normalize): v_b = beta
+// v_b + (1 - beta) r_b, r_b = the per-row mean of O_b^2 (per_row; v [batch, rows]) or O_b^2 (v
+// [batch, rows, cols]); O_b /= sqrt(v_b) + eps; then O_b *= target / (||O_b||_F + eps), target =
+// target_norm if > 0, else O_b's norm on entry. One block per row (sums in double, fixed order),
+// then one per matrix. `workspace`: second_moment_workspace_elems(batch, rows) doubles. Skipped:
+// v is not written.
+std::size_t second_moment_workspace_elems(int batch, int rows);
+void second_moment_normalize(float* O, float* v, int batch, int rows, int cols, bool per_row,
+                             float beta, float eps, double target_norm, double* workspace,
+                             const double* skip, cudaStream_t stream);
+
+// x = beta x + (1 - beta) y, exactly y when beta = 0; skipped: nothing written.
+void lerp_update(float* x, const float* y, std::size_t n, float beta, const double* skip,
+                 cudaStream_t stream);
+
+// v = beta2 v + (1 - beta2) g^2 (not written when skipped); D = m / (sqrt(v) + eps). D may alias m.
+void soap_precondition(float* D, float* v, const float* m, const float* g, std::size_t n,
+                       float beta2, float eps, const double* skip, cudaStream_t stream);
 
 }  // namespace moetrain::kernels

@@ -151,7 +151,7 @@ TEST_CASE("config: the schema documents every field once, with its default", "[c
     return std::string("(missing)");
   };
   CHECK(type_of("model.moe.router") == "one of softmax_topk|sigmoid_bias");
-  CHECK(type_of("optim.name") == "one of adamw|muon|muonclip");
+  CHECK(type_of("optim.name") == "one of adamw|muon|muonclip|normuon|adamuon|soap");
   CHECK(type_of("optim.muon_scale") == "one of match_rms_adamw|original");
   CHECK(type_of("optim.schedule") == "one of cosine|wsd|constant");
   CHECK(type_of("train.backend") == "one of auto|cpu|cuda");
@@ -183,7 +183,9 @@ TEST_CASE("config: config_to_json -> config_from_json round trip", "[config]") {
       "optim": {"name": "adamw", "lr": 0.0005, "muon_group": {"lr_scale": 0.5, "weight_decay": 0.0}, "adamw_group": {"lr_scale": 2.0, "weight_decay": 0.05}, "beta1": 0.8, "beta2": 0.99,
                 "eps": 1e-10, "momentum": 0.9, "nesterov": false, "ns_steps": 6,
                 "ns_coefficients": "polar_express",
-                "muon_scale": "original", "qk_clip": true, "qk_clip_tau": 50.0, "qk_clip_alpha": 1.0,
+                "muon_scale": "original", "normuon_beta2": 0.9, "normuon_scale": "match_rms_adamw",
+                "soap_beta1": 0.9, "soap_beta2": 0.99, "soap_shampoo_beta": 0.5,
+                "soap_precondition_frequency": 4, "soap_max_precond_dim": 64, "qk_clip": true, "qk_clip_tau": 50.0, "qk_clip_alpha": 1.0,
                 "grad_clip": 0.0, "schedule": "wsd", "warmup_steps": 0, "min_lr_ratio": 0.0,
                 "decay_fraction": 1.0},
       "train": {"steps": 7, "grad_accum": 2, "seed": 18446744073709551615, "eval_interval": 0,
@@ -267,9 +269,11 @@ TEST_CASE("config: wrong JSON types are rejected", "[config]") {
   }
   SECTION("enum fields") {
     CHECK(error_from(with("optim.name", "sgd")) ==
-          rejection("optim.name", "sgd", R"(one of "adamw", "muon", "muonclip")"));
+          rejection("optim.name", "sgd",
+                    R"(one of "adamw", "muon", "muonclip", "normuon", "adamuon", "soap")"));
     CHECK(error_from(with("optim.name", 1)) ==
-          rejection("optim.name", 1, R"(one of "adamw", "muon", "muonclip")"));
+          rejection("optim.name", 1,
+                    R"(one of "adamw", "muon", "muonclip", "normuon", "adamuon", "soap")"));
     CHECK(error_from(with("model.moe.router", "topk")) ==
           rejection("model.moe.router", "topk", R"(one of "softmax_topk", "sigmoid_bias")"));
     CHECK(error_from(with("optim.muon_scale", "rms")) ==
@@ -543,8 +547,9 @@ TEST_CASE("config: apply_override", "[config]") {
           "--set: model.d_model: expected an integer >= 1, got 0");
     CHECK(message_of([&] { moetrain::apply_override(j, "model.d_model=abc"); }) ==
           R"(--set: model.d_model: expected an integer >= 1, got "abc")");
-    CHECK(message_of([&] { moetrain::apply_override(j, "optim.name=sgd"); }) ==
-          R"(--set: optim.name: expected one of "adamw", "muon", "muonclip", got "sgd")");
+    CHECK(
+        message_of([&] { moetrain::apply_override(j, "optim.name=sgd"); }) ==
+        R"(--set: optim.name: expected one of "adamw", "muon", "muonclip", "normuon", "adamuon", "soap", got "sgd")");
     CHECK(j == json::object());
   }
   SECTION("a section that is not an object") {

@@ -278,7 +278,8 @@ Field one_of(const char* path, Access access, std::vector<std::string> choices,
 }
 
 // The config spellings of the enums, in enumerator order (config.hpp).
-constexpr std::array<const char*, 3> kOptimizerNames = {"adamw", "muon", "muonclip"};
+constexpr std::array<const char*, 6> kOptimizerNames = {"adamw",   "muon",    "muonclip",
+                                                        "normuon", "adamuon", "soap"};
 constexpr std::array<const char*, 2> kMuonScales = {"match_rms_adamw", "original"};
 constexpr std::array<const char*, 2> kNsCoefficients = {"muon", "polar_express"};
 constexpr std::array<const char*, 3> kLrSchedules = {"cosine", "wsd", "constant"};
@@ -353,8 +354,10 @@ const std::vector<Field>& fields() {
                         "Sequences per micro-batch per rank"));
     t.push_back(boolean(MOETRAIN_FIELD(data.shuffle), "Shuffle the order of training sequences"));
     // optim
-    t.push_back(one_of(MOETRAIN_FIELD(optim.name), spellings(kOptimizerNames),
-                       "Optimizer of the 2D hidden weights (the rest always uses AdamW)"));
+    t.push_back(
+        one_of(MOETRAIN_FIELD(optim.name), spellings(kOptimizerNames),
+               "Optimizer of the 2D hidden weights (the rest always uses AdamW): adamw, muon, "
+               "muonclip (muon + QK-clip), normuon, adamuon or soap"));
     t.push_back(number(MOETRAIN_FIELD(optim.lr), above(0), "Peak learning rate"));
     t.push_back(number(MOETRAIN_FIELD(optim.muon_group.lr_scale), above(0),
                        "Muon group (2D hidden weights): learning-rate multiplier"));
@@ -367,11 +370,15 @@ const std::vector<Field>& fields() {
                        "AdamW group: decoupled weight decay (RMSNorm gains: none)"));
     t.push_back(number(MOETRAIN_FIELD(optim.beta1), half_open(0, 1), "AdamW beta1"));
     t.push_back(number(MOETRAIN_FIELD(optim.beta2), half_open(0, 1), "AdamW beta2"));
-    t.push_back(number(MOETRAIN_FIELD(optim.eps), above(0), "AdamW epsilon"));
-    t.push_back(number(MOETRAIN_FIELD(optim.momentum), half_open(0, 1), "Muon momentum"));
-    t.push_back(boolean(MOETRAIN_FIELD(optim.nesterov), "Muon: Nesterov momentum"));
     t.push_back(
-        integer(MOETRAIN_FIELD(optim.ns_steps), at_least(1), "Muon: Newton-Schulz iterations"));
+        number(MOETRAIN_FIELD(optim.eps), above(0), "AdamW epsilon (also AdaMuon's and SOAP's)"));
+    t.push_back(
+        number(MOETRAIN_FIELD(optim.momentum), half_open(0, 1),
+               "Momentum of Muon, NorMuon and AdaMuon (AdaMuon: also its second moment's decay)"));
+    t.push_back(
+        boolean(MOETRAIN_FIELD(optim.nesterov), "Muon, NorMuon, AdaMuon: Nesterov momentum"));
+    t.push_back(integer(MOETRAIN_FIELD(optim.ns_steps), at_least(1),
+                        "Muon, NorMuon, AdaMuon: Newton-Schulz iterations"));
     t.push_back(one_of(
         MOETRAIN_FIELD(optim.ns_coefficients), spellings(kNsCoefficients),
         "Newton-Schulz polynomials: muon (3.4445, -4.775, 2.0315) every iteration after X / "
@@ -380,6 +387,22 @@ const std::vector<Field>& fields() {
         "iterations past the fifth repeating the last"));
     t.push_back(one_of(MOETRAIN_FIELD(optim.muon_scale), spellings(kMuonScales),
                        "Muon scale: 0.2*sqrt(max(A,B)) (AdamW-like RMS) or sqrt(max(1,A/B))"));
+    t.push_back(number(MOETRAIN_FIELD(optim.normuon_beta2), half_open(0, 1),
+                       "NorMuon: decay of the per-row second moment of the orthogonalised update"));
+    t.push_back(one_of(MOETRAIN_FIELD(optim.normuon_scale), spellings(kMuonScales),
+                       "NorMuon scale: original (the reference code: the Frobenius norm of the "
+                       "orthogonalised update kept, times sqrt(max(1,A/B))) or match_rms_adamw "
+                       "(the paper: rescaled to RMS 0.2, as AdamW's)"));
+    t.push_back(number(MOETRAIN_FIELD(optim.soap_beta1), half_open(0, 1),
+                       "SOAP: first-moment decay (in the original basis)"));
+    t.push_back(number(MOETRAIN_FIELD(optim.soap_beta2), half_open(0, 1),
+                       "SOAP: second-moment decay (in the eigenbasis)"));
+    t.push_back(number(MOETRAIN_FIELD(optim.soap_shampoo_beta), half_open(-1, 1),
+                       "SOAP: decay of the factors G G^T and G^T G; negative: optim.soap_beta2"));
+    t.push_back(integer(MOETRAIN_FIELD(optim.soap_precondition_frequency), at_least(1),
+                        "SOAP: steps between eigenbasis refreshes (one power iteration and QR)"));
+    t.push_back(integer(MOETRAIN_FIELD(optim.soap_max_precond_dim), at_least(1),
+                        "SOAP: a side longer than this is not rotated (identity basis)"));
     t.push_back(boolean(MOETRAIN_FIELD(optim.qk_clip),
                         "QK-clip after the update of any optimizer (adamw + QK-clip, muon + "
                         "QK-clip = muonclip); muonclip always clips"));

@@ -1,13 +1,14 @@
 // optimizer_memory_bytes: what Optimizer<float> allocates per rank, from the config alone. It
 // walks the matrices as ParamLayout orders them and assigns owners with the plan's own function,
-// so the ZeRO-1 partition, the momentum and the Newton-Schulz workspace come out as the plan and
-// Muon size them.
+// so the ZeRO-1 partition, the matrix optimizer's state and its workspace come out as the plan and
+// the optimizers (Muon, NorMuon, AdaMuon, SOAP) size them.
 #include <algorithm>
 #include <map>
 #include <utility>
 
 #include "moetrain/optimizer.hpp"
-#include "optim/muon.hpp"
+#include "optim/newton_schulz.hpp"
+#include "optim/soap.hpp"
 #include "optim/step_stats.hpp"
 #include "optim/zero1.hpp"
 
@@ -43,7 +44,7 @@ std::size_t buffer_bytes(std::size_t elems) {  // an allocation of elems floats 
 
 // Per rank: the elements of its matrices, and per shape the number of them.
 struct RankShare {
-  std::size_t elems = 0, qk = 0;
+  std::size_t elems = 0, qk = 0, soap_state = 0;
   std::map<std::pair<int, int>, std::size_t> groups;
 };
 
@@ -105,33 +106,56 @@ std::size_t optimizer_memory_bytes(const Config& cfg, int world) {
       RankShare& r = ranks[std::size_t(owner[i])];
       r.elems += std::size_t(all[i].rows) * std::size_t(all[i].cols);
       r.qk += all[i].qk;
+      r.soap_state += soap_sizes(cfg.optim, all[i].rows, all[i].cols, 1).state;
       ++r.groups[shapes[i]];
     }
   } else {
     // Too many matrices to walk: bound every rank by an even share plus the largest matrix, with
     // the workspace of a rank owning every shape.
-    std::size_t largest = 0, qk = 0;
+    std::size_t largest = 0, qk = 0, soap_largest = 0, soap_total = 0;
     RankShare& r = ranks[0];
     for (const auto* v : {&dense, &moe})
       for (const MatrixKind& m : *v) {
         largest = std::max(largest, std::size_t(m.rows) * std::size_t(m.cols));
+        const std::size_t soap = soap_sizes(cfg.optim, m.rows, m.cols, 1).state;
+        soap_largest = std::max(soap_largest, soap);
+        soap_total += soap * (v == &dense ? n_dense : n_moe);
         qk += m.qk;
         r.groups[{m.rows, m.cols}] = kExactLimit;
       }
     r.elems = (matrix_elems + R - 1) / R + largest;
+    r.soap_state = (soap_total + R - 1) / R + soap_largest;
     r.qk = (qk * std::size_t(c.n_layers) + R - 1) / R + 1;
     ranks.resize(1);
   }
   std::size_t part = 0, worst = 0;
   for (const RankShare& r : ranks) part = std::max(part, r.elems);
+  const OptimizerName name = cfg.optim.name;
   for (const RankShare& r : ranks) {
-    std::size_t ws = 0, s = 0;
-    for (const auto& [shape, n] : r.groups) {
-      const MuonWorkspace w = muon_workspace(shape.first, shape.second, n);
-      ws = std::max(ws, w.ws);
-      s = std::max(s, w.s);
+    std::size_t b = 0;
+    if (name == OptimizerName::Soap) {
+      // Its state in one buffer; four [batch, A, B] and two [batch, n, n] workspaces.
+      std::size_t ab = 0, sq = 0;
+      for (const auto& [shape, n] : r.groups) {
+        const SoapSizes z = soap_sizes(cfg.optim, shape.first, shape.second, n);
+        ab = std::max(ab, z.workspace_ab);
+        sq = std::max(sq, z.workspace_sq);
+      }
+      b = buffer_bytes(r.soap_state) + 4 * buffer_bytes(ab) + 2 * buffer_bytes(sq);
+    } else {
+      // The momentum, NorMuon's per-row or AdaMuon's per-element second moment, and the
+      // Newton-Schulz workspace.
+      std::size_t ws = 0, s = 0, rows = 0;
+      for (const auto& [shape, n] : r.groups) {
+        const NewtonSchulzWorkspace w = newton_schulz_workspace(shape.first, shape.second, n);
+        ws = std::max(ws, w.ws);
+        s = std::max(s, w.s);
+        rows += n * std::size_t(shape.first);
+      }
+      b = buffer_bytes(r.elems) + 2 * buffer_bytes(ws) + 2 * buffer_bytes(s);
+      if (name == OptimizerName::NorMuon) b += buffer_bytes(rows);
+      if (name == OptimizerName::AdaMuon) b += buffer_bytes(r.elems);
     }
-    std::size_t b = buffer_bytes(r.elems) + 2 * buffer_bytes(ws) + 2 * buffer_bytes(s);
     // QK-clip's factors [qk, heads] and its matrix list [qk, 2] (int32, the size of a float).
     if (qk_clip_enabled(cfg.optim)) b += buffer_bytes(r.qk * heads) + buffer_bytes(2 * r.qk);
     worst = std::max(worst, b);

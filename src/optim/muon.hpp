@@ -1,19 +1,19 @@
 // Muon (docs/design.md §4) on the matrices this rank owns: momentum (Nesterov or plain), then the
-// update orthogonalised by Newton-Schulz, batched over same-shape matrices, scaled and applied
-// with decoupled weight decay.
+// update orthogonalised by Newton-Schulz (optim/newton_schulz.hpp), scaled and applied with
+// decoupled weight decay.
 #pragma once
 
+#include "optim/newton_schulz.hpp"
 #include "optim/update_rule.hpp"
 
 namespace moetrain {
 
-// The Newton-Schulz workspace of one group of `matrices` same-shape matrices: X and Y hold `ws`
-// elements each, S and P `s` each; the owner allocates the largest group's (the memory
-// estimate shares this).
-struct MuonWorkspace {
-  std::size_t ws = 0, s = 0;
-};
-MuonWorkspace muon_workspace(int rows, int cols, std::size_t matrices);
+// Momentum per matrix (M at its slot of `momentum`) and the update direction U of `count`
+// matrices of group g from index `first`, contiguous into `out` (Muon, NorMuon, AdaMuon).
+template <typename T>
+void momentum_directions(const OptimConfig& o, Zero1Plan<T>& plan, T* momentum,
+                         const MatrixGroup& g, std::size_t first, int count, T* out,
+                         const double* gate);
 
 template <typename T>
 class Muon final : public MatrixOptimizer<T> {
@@ -25,18 +25,11 @@ class Muon final : public MatrixOptimizer<T> {
   int transformed_last_step() const override { return orthogonalised_; }
 
  private:
-  // Momentum, Newton-Schulz and the update for `count` matrices of group g from index `first`;
-  // *acc += the sum of squares of s * O over them.
-  void batch(const MatrixGroup& g, std::size_t first, int count, T* params, double lr,
-             const double* gate, double* acc);
-
   const OptimConfig& o_;
   Zero1Plan<T>& plan_;
   Backend<T>& be_;
   DeviceBuffer<T, T> momentum_;  // [own elems], each matrix at its slot
-  // Newton-Schulz workspace for one batch of [A, B] matrices, m = min(A, B): X, Y [batch, A, B]
-  // (ping-pong), S, P [batch, m, m].
-  DeviceBuffer<T, T> ws_x_, ws_y_, ws_s_, ws_p_;
+  NewtonSchulz<T> ns_;
   int orthogonalised_ = 0;
 };
 

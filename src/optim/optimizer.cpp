@@ -7,9 +7,12 @@
 #include <stdexcept>
 #include <tuple>
 
+#include "optim/adamuon.hpp"
 #include "optim/adamw.hpp"
 #include "optim/muon.hpp"
+#include "optim/normuon.hpp"
 #include "optim/qk_clip.hpp"
+#include "optim/soap.hpp"
 #include "optim/step_stats.hpp"
 #include "optim/zero1.hpp"
 
@@ -32,6 +35,12 @@ std::unique_ptr<MatrixOptimizer<T>> make_matrix_optimizer(const OptimConfig& o,
     case OptimizerName::Muon:
     case OptimizerName::MuonClip:
       return std::make_unique<Muon<T>>(o, plan);
+    case OptimizerName::NorMuon:
+      return std::make_unique<NorMuon<T>>(o, plan);
+    case OptimizerName::AdaMuon:
+      return std::make_unique<AdaMuon<T>>(o, plan);
+    case OptimizerName::Soap:
+      return std::make_unique<Soap<T>>(o, plan);
   }
   throw std::logic_error("make_matrix_optimizer: unknown optim.name");
 }

@@ -23,6 +23,17 @@ struct StateTensor {
   std::vector<std::int64_t> shape;
 };
 
+// Per-matrix state laid out group by group, each group's matrices contiguous (so a batch of them
+// is one strided buffer): the offset of each group's first matrix, `per_matrix(rows, cols)`
+// elements per matrix; the total is the last entry.
+template <typename F>
+std::vector<std::size_t> group_state_offsets(const std::vector<MatrixGroup>& groups, F per_matrix) {
+  std::vector<std::size_t> off{0};
+  for (const MatrixGroup& g : groups)
+    off.push_back(off.back() + g.mats.size() * std::size_t(per_matrix(g.rows, g.cols)));
+  return off;
+}
+
 // The update of the matrices this rank owns (Zero1Plan::own_groups), from their averaged and
 // clipped gradients (Zero1Plan::matrix_grad), written into params.
 template <typename T>

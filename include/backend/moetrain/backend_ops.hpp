@@ -100,6 +100,15 @@
 // qk_clip_factors: factors and *clipped += the number of clipped q heads (see QkClipShape); all
 //   factors 1 when skipped.
 // scale_row_blocks: x[b * block_elems + i] *= factors[b] for b < blocks (factors: device, [blocks]).
+// sign_inplace: x = sign(x) (sign(0) = 0).
+// second_moment_normalize: for `batch` contiguous [rows, cols] matrices O_b, with r the per-row
+//   mean of O_b^2 ([rows], per_row) or O_b^2 itself: v_b = beta v_b + (1 - beta) r (v: [batch,
+//   rows] or [batch, rows, cols]); O_b = O_b / (sqrt(v_b) + eps), broadcast along rows when
+//   per_row; then O_b *= target / (||O_b||_F + eps), target = target_norm when > 0, else the
+//   Frobenius norm O_b had on entry. Skipped: v is not written (O may be).
+// lerp_update: x = beta * x + (1 - beta) * y (exactly y when beta = 0).
+// soap_precondition: v = beta2 * v + (1 - beta2) * g^2; D = m / (sqrt(v) + eps). Skipped: v is
+//   not written (D may be).
 #define MOETRAIN_OPS_OPTIMIZER(X, T, AP, CAP)                                                      \
   X(void, sum_squares, (const T* x, std::size_t n, double* acc), (x, n, acc), 0)                   \
   X(void, scale, (T* x, std::size_t n, double s), (x, n, s), 0)                                    \
@@ -122,7 +131,34 @@
                             const std::int32_t* mats, const QkClipShape& s, const double* gate),   \
     (factors, clipped, smax, mats, s, gate), 0)                                                    \
   X(void, scale_row_blocks, (T* x, int blocks, std::size_t block_elems, const T* factors),         \
-    (x, blocks, block_elems, factors), 0)
+    (x, blocks, block_elems, factors), 0)                                                          \
+  X(void, sign_inplace, (T* x, std::size_t n), (x, n), 0)                                          \
+  X(void, second_moment_normalize, (T* O, T* v, int batch, int rows, int cols, bool per_row,       \
+                                    double beta, double eps, double target_norm,                   \
+                                    const double* gate),                                           \
+    (O, v, batch, rows, cols, per_row, beta, eps, target_norm, gate), 0)                           \
+  X(void, lerp_update, (T* x, const T* y, std::size_t n, double beta, const double* gate),         \
+    (x, y, n, beta, gate), 0)                                                                      \
+  X(void, soap_precondition, (T* D, T* v, const T* m, const T* g, std::size_t n, double beta2,     \
+                              double eps, const double* gate),                                     \
+    (D, v, m, g, n, beta2, eps, gate), 0)
+
+// Dense linear algebra on `batch` contiguous row-major n x n matrices (optimizer workspaces): the
+// CPU through LAPACK (OpenBLAS), CUDA through cuSOLVER.
+// symmetric_eigenvectors_batched: Q_i's columns are eigenvectors of the symmetric P_i, ordered
+//   by descending eigenvalue (LAPACK ?syevd; each column's sign as the solver gives it).
+// qr_orthonormalize_batched: Q_i = the Q of A_i = Q_i R_i (Householder, ?geqrf + ?orgqr).
+// sort_eigenbasis: SOAP's refresh ordering. With e_j = (Q_i^T P Q_i)_jj = sum_r Q_i[r, j] PQ_i[r,
+//   j] (PQ_i = P Q_i) and o the stable order of descending e (NaN last): sorted_i[:, j] =
+//   PQ_i[:, o_j], and v_out_i = v_i [v_rows, v_cols] with its rows (v_rows_axis; v_rows = n) or
+//   columns (v_cols = n) permuted by o.
+#define MOETRAIN_OPS_LINALG(X, T, AP, CAP)                                                         \
+  X(void, symmetric_eigenvectors_batched, (T* Q, const T* P, int n, int batch),                    \
+    (Q, P, n, batch), 0)                                                                           \
+  X(void, qr_orthonormalize_batched, (T* Q, const T* A, int n, int batch), (Q, A, n, batch), 0)    \
+  X(void, sort_eigenbasis, (T* sorted, T* v_out, const T* Q, const T* PQ, const T* v, int n,       \
+                            int batch, int v_rows, int v_cols, bool v_rows_axis),                  \
+    (sorted, v_out, Q, PQ, v, n, batch, v_rows, v_cols, v_rows_axis), 0)
 
 // embedding_backward: dtable[tokens[i]] += dout[i]; deterministic (no float atomics).
 #define MOETRAIN_OPS_EMBEDDING(X, T, AP, CAP)                                                      \
@@ -213,6 +249,7 @@
   MOETRAIN_OPS_GEMM(X, T, AP, CAP)                                                                 \
   MOETRAIN_OPS_ELEMENTWISE(X, T, AP, CAP)                                                          \
   MOETRAIN_OPS_OPTIMIZER(X, T, AP, CAP)                                                            \
+  MOETRAIN_OPS_LINALG(X, T, AP, CAP)                                                               \
   MOETRAIN_OPS_EMBEDDING(X, T, AP, CAP)                                                            \
   MOETRAIN_OPS_RMSNORM(X, T, AP, CAP)                                                              \
   MOETRAIN_OPS_ROPE(X, T, AP, CAP)                                                                 \

@@ -64,7 +64,7 @@ struct GroupConfig {
 
 // Enumerators in the order of the schema's choices (src/config/config.cpp); to_string gives the
 // config spelling.
-enum class OptimizerName { AdamW, Muon, MuonClip };
+enum class OptimizerName { AdamW, Muon, MuonClip, NorMuon, AdaMuon, Soap };
 enum class MuonScale { MatchRmsAdamW, Original };
 enum class NsCoefficients { Muon, PolarExpress };
 enum class LrSchedule { Cosine, Wsd, Constant };
@@ -86,7 +86,18 @@ struct OptimConfig {
   int ns_steps = 5;
   NsCoefficients ns_coefficients = NsCoefficients::Muon;
   MuonScale muon_scale = MuonScale::MatchRmsAdamW;
-  bool qk_clip = false;  // QK-clip after any optimizer's update (muonclip: always)
+  // NorMuon (../shared/OPTIMIZERS.md §2): the per-row second moment's decay, and the scale:
+  // original (the reference code: ||O||_F kept, times sqrt(max(1, A/B))) or match_rms_adamw (the
+  // paper: 0.2 sqrt(AB) / ||O_hat||_F, an update RMS of 0.2 as AdamW's).
+  double normuon_beta2 = 0.95;
+  MuonScale normuon_scale = MuonScale::Original;
+  // SOAP (§4): Adam in the eigenbasis of the Shampoo factors L = EMA(G G^T), R = EMA(G^T G).
+  double soap_beta1 = 0.95;
+  double soap_beta2 = 0.95;
+  double soap_shampoo_beta = -1;  // the factors' decay; negative: soap_beta2
+  int soap_precondition_frequency = 10;
+  int soap_max_precond_dim = 10000;  // a longer side is not rotated
+  bool qk_clip = false;              // QK-clip after any optimizer's update (muonclip: always)
   double qk_clip_tau = 100.0;
   double qk_clip_alpha = 0.5;
   double grad_clip = 1.0;  // 0 disables

@@ -1,5 +1,6 @@
-// The elementwise and reduction steps of AdamW and Muon. Reductions accumulate in double over
-// fixed per-thread ranges, added in thread order: deterministic for a fixed thread count.
+// The elementwise and reduction steps of AdamW, Muon, NorMuon, AdaMuon and SOAP. Reductions
+// accumulate in double over fixed per-thread ranges, added in thread order: deterministic for a
+// fixed thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -183,6 +184,74 @@ void scale_row_blocks(T* x, int blocks, std::size_t block_elems, const T* factor
     const T f = factors[b];
 #pragma omp parallel for schedule(static) if (block_elems >= kParallelMin)
     for (std::size_t i = 0; i < block_elems; ++i) block[i] *= f;
+  }
+}
+
+template <typename T>
+void sign_inplace(T* x, std::size_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (std::size_t i = 0; i < n; ++i) x[i] = T((x[i] > T(0)) - (x[i] < T(0)));
+}
+
+// One matrix per thread at a time, every sum serial: deterministic.
+template <typename T>
+void second_moment_normalize(T* O, T* v, int batch, int rows, int cols, bool per_row, double beta,
+                             double eps, double target_norm, const double* gate) {
+  const bool skip = skipped(gate);
+  const std::size_t R = std::size_t(rows), C = std::size_t(cols), elems = R * C;
+#pragma omp parallel for schedule(static) if (batch > 1)
+  for (int b = 0; b < batch; ++b) {
+    T* o = O + std::size_t(b) * elems;
+    T* vb = v + std::size_t(b) * (per_row ? R : elems);
+    double in_sq = 0, out_sq = 0;
+    for (std::size_t r = 0; r < R; ++r) {
+      T* row = o + r * C;
+      double row_sq = 0;
+      for (std::size_t c = 0; c < C; ++c) row_sq += double(row[c]) * row[c];
+      in_sq += row_sq;
+      if (per_row) {
+        const double vr = beta * vb[r] + (1 - beta) * (row_sq / double(C));
+        if (!skip) vb[r] = T(vr);
+        const double f = 1.0 / (std::sqrt(double(T(vr))) + eps);
+        for (std::size_t c = 0; c < C; ++c) row[c] = T(row[c] * f);
+      } else {
+        for (std::size_t c = 0; c < C; ++c) {
+          const double x = row[c];
+          const T vi = T(beta * vb[r * C + c] + (1 - beta) * x * x);
+          if (!skip) vb[r * C + c] = vi;
+          row[c] = T(x / (std::sqrt(double(vi)) + eps));
+        }
+      }
+      for (std::size_t c = 0; c < C; ++c) out_sq += double(row[c]) * row[c];
+    }
+    const double target = target_norm > 0 ? target_norm : std::sqrt(in_sq);
+    const T f = T(target / (std::sqrt(out_sq) + eps));
+    for (std::size_t i = 0; i < elems; ++i) o[i] *= f;
+  }
+}
+
+template <typename T>
+void lerp_update(T* x, const T* y, std::size_t n, double beta, const double* gate) {
+  if (skipped(gate)) return;
+  if (beta == 0) {
+    std::copy_n(y, n, x);
+    return;
+  }
+  const T b = T(beta), a = T(1 - beta);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (std::size_t i = 0; i < n; ++i) x[i] = b * x[i] + a * y[i];
+}
+
+template <typename T>
+void soap_precondition(T* D, T* v, const T* m, const T* g, std::size_t n, double beta2, double eps,
+                       const double* gate) {
+  const bool skip = skipped(gate);
+  const T b = T(beta2), a = T(1 - beta2), e = T(eps);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (std::size_t i = 0; i < n; ++i) {
+    const T vi = b * v[i] + a * g[i] * g[i];
+    if (!skip) v[i] = vi;
+    D[i] = m[i] / (std::sqrt(vi) + e);
   }
 }
 

@@ -285,6 +285,37 @@ void CudaBackend::muon_update(float* W, const float* O, std::size_t n, double lr
   wrote(W, n * sizeof(float));
 }
 
+void CudaBackend::sign_inplace(float* x, std::size_t n) {
+  kernels::sign_inplace(x, n, stream_);
+  wrote(x, n * sizeof(float));
+}
+
+void CudaBackend::second_moment_normalize(float* O, float* v, int batch, int rows, int cols,
+                                          bool per_row, double beta, double eps, double target_norm,
+                                          const double* gate) {
+  if (batch <= 0 || rows <= 0 || cols <= 0) return;
+  auto* ws = static_cast<double*>(
+      scratch(op_scratch_, kernels::second_moment_workspace_elems(batch, rows) * sizeof(double)));
+  kernels::second_moment_normalize(O, v, batch, rows, cols, per_row, float(beta), float(eps),
+                                   target_norm, ws, skip_of(gate), stream_);
+  const std::size_t elems = std::size_t(batch) * std::size_t(rows) * std::size_t(cols);
+  wrote(O, elems * sizeof(float));
+  wrote(v, (per_row ? std::size_t(batch) * std::size_t(rows) : elems) * sizeof(float));
+}
+
+void CudaBackend::lerp_update(float* x, const float* y, std::size_t n, double beta,
+                              const double* gate) {
+  kernels::lerp_update(x, y, n, float(beta), skip_of(gate), stream_);
+  wrote(x, n * sizeof(float));
+}
+
+void CudaBackend::soap_precondition(float* D, float* v, const float* m, const float* g,
+                                    std::size_t n, double beta2, double eps, const double* gate) {
+  kernels::soap_precondition(D, v, m, g, n, float(beta2), float(eps), skip_of(gate), stream_);
+  wrote(D, n * sizeof(float));
+  wrote(v, n * sizeof(float));
+}
+
 void CudaBackend::scale_row_blocks(float* x, int blocks, std::size_t block_elems,
                                    const float* factors) {
   kernels::scale_row_blocks<float>(x, nullptr, blocks, block_elems, factors, stream_);

@@ -118,6 +118,9 @@ class CudaBackend final : public Backend<float>, public DeviceMarkers {
   // An attention operand of `elems` elements as bf16: the activation itself, or (fp32 mode) its
   // rounding into `buf`.
   const __nv_bfloat16* attention_input(CDevPtr x, std::size_t elems, Scratch& buf);
+  // The cuSOLVER handle on the stream, created at first use; destroyed with the backend.
+  void* solver();
+  void destroy_solver();
   // Whether X points into the weights named by set_weights.
   bool is_weight(CDevPtr X) const;
   void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, CDevPtr A, int lda,
@@ -128,7 +131,11 @@ class CudaBackend final : public Backend<float>, public DeviceMarkers {
   bool stochastic_;  // stochastic rounding of the bf16 weight copy (else to nearest)
   std::uint64_t seed_;
   cudaStream_t stream_ = nullptr;
-  void* blas_ = nullptr;  // cublasLtHandle_t in the CUDA build (opaque: no cuBLAS in this header)
+  void* blas_ = nullptr;    // cublasLtHandle_t in the CUDA build (opaque: no cuBLAS in this header)
+  void* solver_ = nullptr;  // cusolverDnHandle_t in the CUDA build (linalg.cpp)
+  // The dense solvers' matrices (column-major), results, device workspace and infos (linalg.cpp).
+  Scratch solver_a_, solver_w_, solver_ws_, solver_info_;
+  std::vector<char> solver_host_ws_;
   // cuBLASLt descriptors, layouts and algorithms cached per GEMM shape (gemm.cpp).
   struct GemmPlans;
   std::unique_ptr<GemmPlans> plans_;

@@ -193,11 +193,13 @@ CudaBackend::~CudaBackend() {
   drop_recordings();
   for (cudaEvent_t e : markers_) cudaEventDestroy(e);
   plans_.reset();  // their descriptors before the handle
+  destroy_solver();
 #if !defined(MOETRAIN_SIMT)
   if (blas_) cublasLtDestroy(static_cast<cublasLtHandle_t>(blas_));
 #endif
   for (Scratch* s : {&blas_workspace_, &op_scratch_, &gemm_a_, &gemm_b_, &sim_a_, &sim_b_, &sim_c_,
-                     &attention_qkv_, &attention_out_, &attention_dout_, &attention_dqkv_})
+                     &attention_qkv_, &attention_out_, &attention_dout_, &attention_dqkv_,
+                     &solver_a_, &solver_w_, &solver_ws_, &solver_info_})
     if (s->ptr) cudaFree(s->ptr);
   if (weight_copy_) cudaFree(weight_copy_);
   if (staging_) cudaFreeHost(staging_);
