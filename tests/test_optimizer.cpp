@@ -667,8 +667,13 @@ TEST_CASE("MuonClip: no head above tau leaves q and k alone", "[optim]") {
 
 TEMPLATE_TEST_CASE("optimizer state round trip continues bit for bit", "[optim]", float, double) {
   using T = TestType;
-  Config cfg = optim_config(OptimizerName::MuonClip);
+  const OptimizerName name = GENERATE(OptimizerName::MuonClip, OptimizerName::NorMuon,
+                                      OptimizerName::AdaMuon, OptimizerName::Soap);
+  INFO(to_string(name));
+  Config cfg = optim_config(name);
   cfg.optim.grad_clip = 1.0;
+  cfg.optim.qk_clip = true;
+  cfg.optim.soap_precondition_frequency = 2;  // the resumed step refreshes SOAP's bases
   const ParamLayout layout(cfg.model);
   const std::size_t n = layout.total();
   const std::vector<std::vector<double>> smax = {{150, 50, 100, 400}, {-3, 250, 120, 99}};
@@ -768,7 +773,12 @@ TEST_CASE("load_state errors name the source and the tensor", "[optim]") {
 }
 
 TEST_CASE("a non-finite gradient throws and changes nothing", "[optim]") {
-  Config cfg = optim_config(OptimizerName::MuonClip);
+  const OptimizerName name = GENERATE(OptimizerName::MuonClip, OptimizerName::NorMuon,
+                                      OptimizerName::AdaMuon, OptimizerName::Soap);
+  INFO(to_string(name));
+  Config cfg = optim_config(name);
+  cfg.optim.qk_clip = true;
+  cfg.optim.soap_precondition_frequency = 1;
   cfg.optim.grad_clip = 1.0;
   const ParamLayout layout(cfg.model);
   const std::size_t n = layout.total();
@@ -789,11 +799,28 @@ TEST_CASE("a non-finite gradient throws and changes nothing", "[optim]") {
       CHECK(std::memcmp(dp.download().data(), p.data(), n * sizeof(double)) == 0);
       CHECK(opt.step_count() == 0);
       // The optimizer is still usable: the next finite step is a fresh optimizer's first step.
-      const Mat good = random_vector(n, 93, 0.1);
+      const Mat good = random_vector(n, 93, 0.1), good2 = random_vector(n, 94, 0.1);
       dg.upload(good);
+      opt.step(dp.get(), dg.get(), 0.05, smax);
+      // A later bad step leaves parameters and state (SOAP: factors, bases, with a refresh due)
+      // as they were, too.
+      const Mat p1 = dp.download();
+      const TensorMap s1 = opt.state();
+      dg.upload(g);
+      REQUIRE_THROWS_AS(opt.step(dp.get(), dg.get(), 0.05, smax), std::runtime_error);
+      CHECK(std::memcmp(dp.download().data(), p1.data(), n * sizeof(double)) == 0);
+      const TensorMap s2 = opt.state();
+      REQUIRE(s2.size() == s1.size());
+      for (const auto& [key, t] : s1) {
+        INFO(key);
+        CHECK(s2.at(key).data == t.data);
+      }
+      dg.upload(good2);
       opt.step(dp.get(), dg.get(), 0.05, smax);
       Optimizer<double> fresh(cfg, layout, be);
       Device<double> fp(be, p), fg(be, good);
+      fresh.step(fp.get(), fg.get(), 0.05, smax);
+      fg.upload(good2);
       fresh.step(fp.get(), fg.get(), 0.05, smax);
       CHECK(std::memcmp(dp.download().data(), fp.download().data(), n * sizeof(double)) == 0);
     }
