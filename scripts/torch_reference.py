@@ -7,6 +7,9 @@ for moetrain's hand-written forward/backward and optimizers. Computes in float64
   /usr/bin/python3 scripts/torch_reference.py --config CFG.json --weights W.safetensors \
       --batch BATCH.safetensors --lr LR --out OUT.safetensors [--dtype float64|float32]
   /usr/bin/python3 scripts/torch_reference.py --self-test
+  /usr/bin/python3 scripts/torch_reference.py --optimizer-steps normuon|adamuon|soap \
+      --config CFG.json --params P.safetensors --state S.safetensors --grads G1 [G2 ...] \
+      --lr LR --out OUT.safetensors
 
 Inputs
   CFG.json            a moetrain config (nested sections, or flat "a.b.c" keys), head_dim resolved
@@ -18,7 +21,11 @@ Inputs
 Output (F64 unless noted)
   objective, ce, grad_norm [1]; aux, z [n_layers]; smax [n_layers, n_heads];
   load I64 [n_layers, n_experts]; grad.<name>; adamw.<name>, muon.<name>, muonclip.<name>,
-  adamw_qk_clip.<name> (every parameter after one optimizer step from fresh state).
+  adamw_qk_clip.<name>, normuon.<name>, adamuon.<name>, soap.<name> (every parameter after one
+  optimizer step from fresh state; soap's first step leaves the matrices as they are).
+--optimizer-steps: the matrix group's matrices and their optimizer state under moetrain's names
+  (normuon.momentum.<name>, soap.QL.<name>, ...) after one step per gradient file, from the
+  optimizer state moetrain saved (Optimizer::state: its tensors and "step").
 
 Objective = CE mean over non-padding targets + sum_l aux_coef * L_aux_l + sum_l z_coef * L_z_l,
 with the top-k selection and the load fractions f_e held constant.
@@ -147,6 +154,9 @@ class Cfg:
         "optim.ns_coefficients": "muon",
         "optim.muon_scale": "match_rms_adamw", "optim.qk_clip_tau": 100.0,
         "optim.qk_clip_alpha": 0.5, "optim.grad_clip": 1.0,
+        "optim.normuon_beta2": 0.95, "optim.normuon_scale": "original",
+        "optim.soap_beta1": 0.95, "optim.soap_beta2": 0.95, "optim.soap_shampoo_beta": -1.0,
+        "optim.soap_precondition_frequency": 10, "optim.soap_max_precond_dim": 10000,
     }
 
     def __init__(self, doc):
@@ -176,6 +186,15 @@ class Cfg:
         self.muon_scale = str(o("muon_scale"))
         if self.muon_scale not in ("match_rms_adamw", "original"):
             raise ValueError("optim.muon_scale: unknown value %r" % self.muon_scale)
+        self.normuon_beta2 = float(o("normuon_beta2"))
+        self.normuon_scale = str(o("normuon_scale"))
+        if self.normuon_scale not in ("match_rms_adamw", "original"):
+            raise ValueError("optim.normuon_scale: unknown value %r" % self.normuon_scale)
+        self.soap_beta1, self.soap_beta2 = float(o("soap_beta1")), float(o("soap_beta2"))
+        sb = float(o("soap_shampoo_beta"))
+        self.soap_shampoo_beta = self.soap_beta2 if sb < 0 else sb
+        self.soap_f = int(o("soap_precondition_frequency"))
+        self.soap_max_dim = int(o("soap_max_precond_dim"))
         self.tau, self.alpha, self.grad_clip = float(o("qk_clip_tau")), float(o("qk_clip_alpha")), float(o("grad_clip"))
         # Per-group overrides (optional sections optim.muon_group / optim.adamw_group).
         self.groups = {}
@@ -411,6 +430,139 @@ def muon_update(c, p, g, lr, wd):
     return p - lr * (s * O + wd * p)
 
 
+# The matrix optimizers of ../shared/OPTIMIZERS.md §2-4 as their reference code writes them (the
+# lerp momentum M = mu M + (1 - mu) G, U = (1 - mu) G + mu M; SOAP's first moment kept in the
+# rotated basis), on one matrix and its state dict (empty: fresh), returning the new matrix.
+# moetrain keeps M = mu M + G and SOAP's m unrotated; matrix_state_in / matrix_state_out convert.
+
+def lerp_momentum(c, st, g):
+    mu = c.momentum
+    M = st.get("M", torch.zeros_like(g))
+    M = mu * M + (1 - mu) * g
+    st["M"] = M
+    return (1 - mu) * g + mu * M if c.nesterov else M
+
+
+def normuon_update(c, p, g, lr, wd, st):
+    U = lerp_momentum(c, st, g)
+    O = newton_schulz(U, c.ns_steps, c.ns_coefficients)
+    A, B = p.shape
+    v = st.get("v", torch.zeros(A, 1, dtype=p.dtype))
+    v = c.normuon_beta2 * v + (1 - c.normuon_beta2) * (O * O).mean(dim=1, keepdim=True)
+    st["v"] = v
+    Oh = O / (v.sqrt() + 1e-10)
+    if c.normuon_scale == "original":
+        Oh = Oh * torch.linalg.norm(O) / (torch.linalg.norm(Oh) + 1e-10) * math.sqrt(max(1.0, A / B))
+    else:  # the paper's: RMS 0.2
+        Oh = Oh * 0.2 * math.sqrt(A * B) / torch.linalg.norm(Oh)
+    return p * (1 - lr * wd) - lr * Oh
+
+
+def adamuon_update(c, p, g, lr, wd, st):
+    U = lerp_momentum(c, st, g)
+    O = newton_schulz(torch.sign(U), c.ns_steps, c.ns_coefficients)
+    A, B = p.shape
+    V = st.get("V", torch.zeros_like(p))
+    V = c.momentum * V + (1 - c.momentum) * O * O
+    st["V"] = V
+    eps = c.adam_eps
+    Oh = O / (V.sqrt() + eps)
+    Oh = Oh * 0.2 * math.sqrt(A * B) / (torch.linalg.norm(Oh) + eps)
+    return p * (1 - lr * wd) - lr * Oh
+
+
+def soap_update(c, p, g, lr, wd, st):
+    """soap.py's step on one matrix: st holds m (rotated), v, L, R, QL, QR (absent: not rotated)
+    and the step count t (the first call only initialises)."""
+    A, B = p.shape
+    bs, b1, b2, eps = c.soap_shampoo_beta, c.soap_beta1, c.soap_beta2, c.adam_eps
+    sides = [("L", "QL", A, g @ g.T), ("R", "QR", B, g.T @ g)]
+
+    def rot(x):  # into the eigenbasis
+        if "QL" in st:
+            x = st["QL"].T @ x
+        return x @ st["QR"] if "QR" in st else x
+
+    def unrot(x):
+        if "QL" in st:
+            x = st["QL"] @ x
+        return x @ st["QR"].T if "QR" in st else x
+
+    if "t" not in st:  # the first call: factors and eigenbases, no update
+        for P, Q, n, gg in sides:
+            if n <= c.soap_max_dim:
+                st[P] = (1 - bs) * gg
+                w, vec = torch.linalg.eigh(st[P])
+                st[Q] = torch.flip(vec, dims=[1])  # descending eigenvalues
+        st["t"], st["m"], st["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+        return p
+    st["t"] += 1
+    t = st["t"]
+    gt = rot(g)
+    st["m"] = b1 * st["m"] + (1 - b1) * gt
+    st["v"] = b2 * st["v"] + (1 - b2) * gt * gt
+    N = unrot(st["m"] / (st["v"].sqrt() + eps))
+    p = p - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * N
+    p = p - lr * wd * p
+    m_o = unrot(st["m"])
+    for P, Q, n, gg in sides:
+        if P in st:
+            st[P] = bs * st[P] + (1 - bs) * gg
+    if t % c.soap_f == 0:
+        for axis, (P, Q, n, gg) in enumerate(sides):
+            if P not in st:
+                continue
+            est = torch.diag(st[Q].T @ st[P] @ st[Q])
+            order = torch.argsort(est, descending=True, stable=True)
+            st["v"] = st["v"].index_select(axis, order)
+            st[Q], _ = torch.linalg.qr(st[P] @ st[Q][:, order])
+    st["m"] = rot(m_o)
+    return p
+
+
+MATRIX_UPDATES = {"normuon": normuon_update, "adamuon": adamuon_update, "soap": soap_update}
+# moetrain's state tensor names per optimizer: (its name, the twin's key).
+MATRIX_STATE = {"normuon": (("momentum", "M"), ("v", "v")),
+                "adamuon": (("momentum", "M"), ("v", "V")),
+                "soap": (("m", "m"), ("v", "v"), ("L", "L"), ("R", "R"), ("QL", "QL"), ("QR", "QR"))}
+
+
+def matrix_state_in(c, opt, name, state, step, dtype):
+    """The twin's state of matrix `name` from moetrain's state tensors (optimizer step `step`)."""
+    st = {}
+    for ours, key in MATRIX_STATE[opt]:
+        full = "%s.%s.%s" % (opt, ours, name)
+        if full in state:
+            st[key] = torch.tensor(state[full], dtype=dtype)
+    if "v" in st and opt == "normuon":
+        st["v"] = st["v"].reshape(-1, 1)
+    if "M" in st:
+        st["M"] = (1 - c.momentum) * st["M"]
+    if opt == "soap" and step >= 1:
+        st["t"] = step - 1
+        rot = st["m"]
+        if "QL" in st:
+            rot = st["QL"].T @ rot
+        st["m"] = rot @ st["QR"] if "QR" in st else rot
+    return st
+
+
+def matrix_state_out(c, opt, name, st):
+    out = {}
+    st = dict(st)
+    if "M" in st:
+        st["M"] = st["M"] / (1 - c.momentum)
+    if opt == "soap":
+        raw = st["m"]
+        if "QL" in st:
+            raw = st["QL"] @ raw
+        st["m"] = raw @ st["QR"].T if "QR" in st else raw
+    for ours, key in MATRIX_STATE[opt]:
+        if key in st:
+            out["%s.%s.%s" % (opt, ours, name)] = st[key].double().numpy()
+    return out
+
+
 def optimizer_step(c, name, params, grads, lr, smax, roles, adamw_groups_by_role=True):
     """params, grads: {name: tensor}; returns the new parameters. name: adamw | muon | muonclip |
     adamw_qk_clip (AdamW, then QK-clip: optim.qk_clip with adamw).
@@ -428,6 +580,8 @@ def optimizer_step(c, name, params, grads, lr, smax, roles, adamw_groups_by_role
         wd = 0.0 if role == "norm" else grp["weight_decay"]
         if name in ("muon", "muonclip") and role in MUON_ROLES:
             new[n] = muon_update(c, p, grads[n], lr_g, wd)
+        elif name in MATRIX_UPDATES and role in MUON_ROLES:
+            new[n] = MATRIX_UPDATES[name](c, p, grads[n], lr_g, wd, {})
         else:
             b1, b2, eps = grp["beta1"], grp["beta2"], grp["eps"]
             new[n] = adamw_update(p, grads[n], lr_g, wd, b1, b2, eps)
@@ -500,10 +654,35 @@ def run(cfg_doc, weights, batch, lr, dtype):
         out["grad." + n] = grads[n].double().numpy()
     with torch.no_grad():
         params = {n: P[n].detach() for n in P}
-        for opt in ("adamw", "muon", "muonclip", "adamw_qk_clip"):
+        for opt in ("adamw", "muon", "muonclip", "adamw_qk_clip", "normuon", "adamuon", "soap"):
             new = optimizer_step(c, opt, params, grads, lr, smax, roles)
             for n in P:
                 out[opt + "." + n] = new[n].double().numpy()
+    return out
+
+
+def run_optimizer_steps(cfg_doc, params, state, grads, lr, opt, dtype):
+    """`len(grads)` steps of matrix optimizer `opt` on every matrix of the matrix group, from
+    moetrain's parameters and optimizer state (no gradient clipping: optim.grad_clip must be 0).
+    Returns the matrices and their state in moetrain's names."""
+    c = Cfg(cfg_doc)
+    if c.grad_clip != 0:
+        raise ValueError("--optimizer-steps: optim.grad_clip must be 0 (the matrices alone are stepped)")
+    if opt not in MATRIX_UPDATES:
+        raise ValueError("--optimizer-steps: unknown optimizer %r" % opt)
+    step = int(np.asarray(state["step"]).reshape(-1)[0])
+    grp = c.groups["muon_group"]
+    out = {}
+    for n, shape, role in param_shapes(c):
+        if role not in MUON_ROLES:
+            continue
+        p = torch.tensor(params[n], dtype=dtype)
+        st = matrix_state_in(c, opt, n, state, step, dtype)
+        for g in grads:
+            p = MATRIX_UPDATES[opt](c, p, torch.tensor(g[n], dtype=dtype), lr * grp["lr_scale"],
+                                    grp["weight_decay"], st)
+        out[n] = p.double().numpy()
+        out.update(matrix_state_out(c, opt, n, st))
     return out
 
 
@@ -662,9 +841,27 @@ def main(argv=None):
     ap.add_argument("--out")
     ap.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     ap.add_argument("--self-test", action="store_true", help="check autograd against finite differences")
+    ap.add_argument("--optimizer-steps", metavar="NAME", choices=sorted(MATRIX_UPDATES),
+                    help="step the matrices with this optimizer from --params and --state, one step "
+                         "per gradient file of --grads")
+    ap.add_argument("--params")
+    ap.add_argument("--state")
+    ap.add_argument("--grads", nargs="+")
     a = ap.parse_args(argv)
     if a.self_test:
         return self_test()
+    if a.optimizer_steps:
+        for req in ("config", "params", "state", "grads", "lr", "out"):
+            if getattr(a, req) is None:
+                ap.error("--%s is required with --optimizer-steps" % req)
+        with open(a.config) as fh:
+            cfg_doc = json.load(fh)
+        dtype = torch.float64 if a.dtype == "float64" else torch.float32
+        out = run_optimizer_steps(cfg_doc, load_safetensors(a.params), load_safetensors(a.state),
+                                  [load_safetensors(g) for g in a.grads], a.lr, a.optimizer_steps,
+                                  dtype)
+        save_safetensors(a.out, out, {"producer": "scripts/torch_reference.py", "dtype": a.dtype})
+        return 0
     for req in ("config", "weights", "batch", "lr", "out"):
         if getattr(a, req) is None:
             ap.error("--%s is required" % req)

@@ -290,7 +290,9 @@ MaxErrors run_variant(const Variant& v) {
   for (const Step step :
        {Step{"adamw", OptimizerName::AdamW, false}, Step{"muon", OptimizerName::Muon, false},
         Step{"muonclip", OptimizerName::MuonClip, false},
-        Step{"adamw_qk_clip", OptimizerName::AdamW, true}}) {
+        Step{"adamw_qk_clip", OptimizerName::AdamW, true},
+        Step{"normuon", OptimizerName::NorMuon, false},
+        Step{"adamuon", OptimizerName::AdaMuon, false}, Step{"soap", OptimizerName::Soap, false}}) {
     const std::string name = step.name;
     const OptimizerName id = step.id;
     INFO("optimizer " << name);
@@ -384,4 +386,173 @@ TEST_CASE(
     "[twin]") {
   run_variant({"sigmoid_bias GQA shared bias polar_express", RouterType::SigmoidBias, 4, 2, 1, 0,
                2.5, true, true, NsCoefficients::PolarExpress});
+}
+
+namespace {
+
+// Matrices of the matrix group after two steps of `opt` from a state moetrain built over three
+// steps (so momenta, second moments and SOAP's factors have history), here in float and in the
+// twin in float64 from the same parameters, state and gradients. Returns the largest errors.
+struct StateErrors {
+  double param = 0, update = 0, state = 0;
+};
+StateErrors run_from_state(const char* opt, Config cfg) {
+  TempDir dir(std::string("twin_") + opt);
+  require_torch(dir);
+  cfg.optim.grad_clip = 0;  // the twin steps the matrices alone
+  cfg = config_from_json(config_to_json(cfg), "test_torch_twin");
+  const ParamLayout layout(cfg.model);
+  const std::size_t P = layout.total();
+  CpuBackend<float> be;
+  Optimizer<float> optimizer(cfg, layout, be);
+  Rng rng(5);
+  auto random = [&](double scale) {
+    std::vector<float> v(P);
+    for (float& x : v) x = float(scale * rng.normal());
+    return v;
+  };
+  std::vector<float> host = random(0.1);
+  DeviceBuffer<float, float> p(be, P), g(be, P);
+  be.upload(p.get(), host.data(), P * sizeof(float));
+  const double lr = 2e-3;
+  for (int s = 0; s < 3; ++s) {
+    const std::vector<float> gr = random(0.05);
+    be.upload(g.get(), gr.data(), P * sizeof(float));
+    optimizer.step(p.get(), g.get(), lr, {});
+  }
+  std::vector<float> p3(P);
+  be.download(p3.data(), p.get(), P * sizeof(float));
+  save_safetensors(dir.file("state.safetensors"), optimizer.state());
+  auto save_params = [&](const std::vector<float>& v, const std::string& file) {
+    TensorMap w;
+    for (const ParamTensor& t : layout.tensors())
+      w[t.name] = HostTensor::f32(t.shape, v.data() + t.offset);
+    save_safetensors(dir.file(file), w);
+  };
+  save_params(p3, "params.safetensors");
+  std::vector<std::string> grad_files;
+  for (int s = 0; s < 2; ++s) {
+    const std::vector<float> gr = random(0.05);
+    grad_files.push_back("grads" + std::to_string(s) + ".safetensors");
+    save_params(gr, grad_files.back());
+    be.upload(g.get(), gr.data(), P * sizeof(float));
+    optimizer.step(p.get(), g.get(), lr, {});
+  }
+  std::vector<float> p5(P);
+  be.download(p5.data(), p.get(), P * sizeof(float));
+  const TensorMap ours = optimizer.state();
+
+  std::ofstream(dir.file("config.json")) << config_to_json(cfg).dump(2);
+  const std::string script = std::string(MOETRAIN_SOURCE_DIR) + "/scripts/torch_reference.py";
+  std::ostringstream cmd;
+  cmd.precision(17);
+  cmd << kPython << " " << quote(script) << " --optimizer-steps " << opt << " --config "
+      << quote(dir.file("config.json")) << " --params " << quote(dir.file("params.safetensors"))
+      << " --state " << quote(dir.file("state.safetensors")) << " --grads";
+  for (const std::string& f : grad_files) cmd << " " << quote(dir.file(f));
+  cmd << " --lr " << lr << " --out " << quote(dir.file("twin.safetensors"));
+  const int rc = run_logged(cmd.str(), dir.file("twin.log"));
+  INFO("twin command: " << cmd.str() << "\ntwin output:\n" << slurp(dir.file("twin.log")));
+  REQUIRE(rc == 0);
+  const TensorMap twin = load_safetensors(dir.file("twin.safetensors"));
+
+  StateErrors e;
+  int matrices = 0, states = 0;
+  for (const ParamTensor& t : layout.tensors()) {
+    if (!is_hidden_matrix(t.role)) continue;
+    INFO(opt << " " << t.name);
+    REQUIRE(twin.count(t.name) == 1);
+    const std::vector<double> ref = twin.at(t.name).to_f64();
+    const auto got = to_double(p5, t.offset, t.numel), before = to_double(p3, t.offset, t.numel);
+    std::vector<double> du(t.numel), dr(t.numel);
+    for (std::size_t i = 0; i < t.numel; ++i)
+      du[i] = got[i] - before[i], dr[i] = ref[i] - before[i];
+    const double perr = rel_err(got, ref), uerr = rel_err(du, dr);
+    INFO("parameter error " << perr << ", update error " << uerr);
+    CHECK(perr <= 1e-5);
+    CHECK(uerr <= 1e-3);
+    e.param = std::max(e.param, perr);
+    e.update = std::max(e.update, uerr);
+    ++matrices;
+  }
+  for (const auto& [name, t] : ours) {
+    if (name == "step" || name == "world_rank" || name.rfind("adamw.", 0) == 0) continue;
+    INFO(name);
+    REQUIRE(twin.count(name) == 1);
+    std::vector<double> got = t.to_f64();
+    const std::vector<double> ref = twin.at(name).to_f64();
+    REQUIRE(got.size() == ref.size());
+    // A basis is defined up to each column's sign: align ours with the twin's first.
+    if (name.rfind("soap.Q", 0) == 0) {
+      const std::size_t n = std::size_t(std::llround(std::sqrt(double(got.size()))));
+      for (std::size_t c = 0; c < n; ++c) {
+        double dot = 0;
+        for (std::size_t r = 0; r < n; ++r) dot += got[r * n + c] * ref[r * n + c];
+        if (dot < 0)
+          for (std::size_t r = 0; r < n; ++r) got[r * n + c] = -got[r * n + c];
+      }
+    }
+    const double err = rel_err(got, ref);
+    INFO("state error " << err);
+    CHECK(err <= 1e-4);
+    e.state = std::max(e.state, err);
+    ++states;
+  }
+  CHECK(matrices > 10);
+  CHECK(states >= 2 * matrices);
+  std::printf("torch twin [%s from state]: max errors: param %.2e, update %.2e, state %.2e\n", opt,
+              e.param, e.update, e.state);
+  return e;
+}
+
+Config state_config() {
+  Config c = tiny_config({.vocab = 29,
+                          .d_model = 16,
+                          .heads = 4,
+                          .kv_heads = 2,
+                          .head_dim = 4,
+                          .seq = 8,
+                          .dense_layers = 1,
+                          .dense_ff = 24,
+                          .expert_ff = 12,
+                          .shared = 1,
+                          .shared_ff = 8});
+  c.optim.muon_group.lr_scale = 0.7;
+  c.optim.muon_group.weight_decay = 0.05;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("NorMuon matches its PyTorch twin over two steps from moetrain's state", "[twin]") {
+  Config c = state_config();
+  c.optim.name = OptimizerName::NorMuon;
+  c.optim.normuon_beta2 = 0.9;
+  run_from_state("normuon", c);
+  c.optim.normuon_scale = MuonScale::MatchRmsAdamW;
+  c.optim.ns_coefficients = NsCoefficients::PolarExpress;
+  run_from_state("normuon", c);
+}
+
+TEST_CASE("AdaMuon matches its PyTorch twin over two steps from moetrain's state", "[twin]") {
+  Config c = state_config();
+  c.optim.name = OptimizerName::AdaMuon;
+  run_from_state("adamuon", c);
+  c.optim.nesterov = false;
+  run_from_state("adamuon", c);
+}
+
+TEST_CASE("SOAP matches its PyTorch twin over two steps from moetrain's state, with a refresh",
+          "[twin]") {
+  // The reference's steps 3 and 4 (optimizer steps 4 and 5): frequency 4 refreshes in the second.
+  Config c = state_config();
+  c.optim.name = OptimizerName::Soap;
+  c.optim.soap_precondition_frequency = 4;
+  c.optim.soap_beta1 = 0.9;
+  c.optim.soap_shampoo_beta = 0.8;
+  run_from_state("soap", c);
+  // Frequency 1: both steps refresh; a short side is not rotated when max_precond_dim excludes it.
+  c.optim.soap_precondition_frequency = 1;
+  c.optim.soap_max_precond_dim = 16;
+  run_from_state("soap", c);
 }

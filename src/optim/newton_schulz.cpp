@@ -57,7 +57,7 @@ NewtonSchulz<T>::NewtonSchulz(const OptimConfig& o, Backend<T>& be,
 }
 
 template <typename T>
-T* NewtonSchulz<T>::run(int A, int B, int count) {
+T* NewtonSchulz<T>::run(int A, int B, int count, double eps_scale) {
   const std::size_t elems = std::size_t(A) * B;
   // Newton-Schulz iterates on the wide orientation (the Gram matrix over the smaller side). A tall
   // matrix (A > B) stays stored [A, B]: its Gram matrix is X^T X and its product X P, so nothing
@@ -66,7 +66,7 @@ T* NewtonSchulz<T>::run(int A, int B, int count) {
   const int m = std::min(A, B), wide = std::max(A, B);
   const std::size_t mm = std::size_t(m) * m;
   const bool pe = o_.ns_coefficients == NsCoefficients::PolarExpress;
-  be_.frobenius_normalize(x_.get(), count, elems, pe ? 1.02 : 1.0, pe ? 1e-6 : 1e-7);
+  be_.frobenius_normalize(x_.get(), count, elems, pe ? 1.02 : 1.0, (pe ? 1e-6 : 1e-7) * eps_scale);
   T *X = x_.get(), *Y = y_.get();
   T *S = s_.get(), *P = p_.get();
   const T* none = nullptr;

@@ -32,7 +32,9 @@ class NewtonSchulz {
   T* input() { return x_.get(); }
   // Orthogonalises them (normalised by the Frobenius norm first); returns the results, contiguous
   // [count, rows, cols], in the workspace (the caller may overwrite them until the next run).
-  T* run(int rows, int cols, int count);
+  // The normalisation's epsilon is multiplied by eps_scale: inputs 1 / eps_scale times those of a
+  // reference then normalise exactly as the reference's do.
+  T* run(int rows, int cols, int count, double eps_scale = 1.0);
 
  private:
   const OptimConfig& o_;

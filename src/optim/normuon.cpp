@@ -32,7 +32,10 @@ void NorMuon<T>::step(T* params, double lr, std::int64_t, const double* gate, do
     for (std::size_t first = 0; first < g.mats.size(); first += kMaxNewtonSchulzBatch) {
       const int count = int(std::min<std::size_t>(kMaxNewtonSchulzBatch, g.mats.size() - first));
       momentum_directions(o_, plan_, momentum_.get(), g, first, count, ns_.input(), gate);
-      T* O = ns_.run(A, B, count);
+      // The reference's lerp momentum, M = mu M + (1 - mu) G and U = (1 - mu) G + mu M, is
+      // (1 - mu) times Muon's: so is its Newton-Schulz input, whose normalisation therefore
+      // adds its epsilon to (1 - mu) times the norm here.
+      T* O = ns_.run(A, B, count, 1.0 / (1.0 - o_.momentum));
       be_.second_moment_normalize(O, v_.get() + v_offsets_[gi] + first * std::size_t(A), count, A,
                                   B, /*per_row=*/true, o_.normuon_beta2, kEps, target, gate);
       for (int i = 0; i < count; ++i)
