@@ -1,4 +1,4 @@
-// QK-clip (optim.qk_clip; MuonClip = Muon + QK-clip, docs/design.md §4.4), after the update, on
+// QK-clip (optim.qk_clip; MuonClip = Muon + QK-clip, docs/design.md §4.7), after the update, on
 // the q and k matrices: those this rank owns when they are in the matrix group (each clipped once
 // in the cluster, before the owners' gather), or every rank's full copy when they are in the
 // AdamW group (after its gather every rank holds them, and all compute the same factors from the

@@ -4,9 +4,12 @@
 //              w1/w2/w3, each matrix orthogonalised on its own) with Muon; the rest (embeddings,
 //              lm_head, norm gains, routers) with AdamW;
 //   muonclip : muon, then per-head QK-clip from the step's recorded S_max.
+//   normuon, adamuon, soap : those matrix optimizers on the matrix group, AdamW on the rest
+//              (src/optim/normuon.cpp, adamuon.cpp, soap.cpp);
+// and with optim.qk_clip any of them is followed by QK-clip.
 // Global gradient-norm clipping happens first, over all parameters. The work is split over the
-// ranks by ZeRO-1 (src/optim/zero1.hpp); the update rules are src/optim/adamw.cpp, muon.cpp and
-// qk_clip.cpp.
+// ranks by ZeRO-1 (src/optim/zero1.hpp); the update rules are src/optim/adamw.cpp, the matrix
+// optimizers' files and qk_clip.cpp.
 #pragma once
 
 #include <cstdint>
@@ -43,7 +46,7 @@ struct OptimizerStats {
 // The NonFiniteError message of a skipped step (`step`: the optimizer step it would have been).
 std::string skipped_step_message(const OptimizerStats& st, std::int64_t step);
 
-// What a step reads on the device besides parameters and gradients (docs/design.md §4.4, §4.5).
+// What a step reads on the device besides parameters and gradients (docs/design.md §4.7, §4.8).
 template <typename T>
 struct StepInputs {
   // S_max of this rank's micro-batches, [smax_slots][n_layers][n_heads], for QK-clip: reduced
