@@ -97,21 +97,6 @@ double rel_l2(const Mat& a, const Mat& b) {
   for (std::size_t i = 0; i < a.size(); ++i) d[i] = a[i] - b[i];
   return norm(d) / std::max(norm(b), 1e-300);
 }
-// a [n, k] times b [k, m], row-major.
-Mat matmul(const Mat& a, const Mat& b, int n, int k, int m) {
-  Mat c(std::size_t(n) * std::size_t(m), 0.0);
-  for (int i = 0; i < n; ++i)
-    for (int q = 0; q < k; ++q)
-      for (int j = 0; j < m; ++j)
-        c[std::size_t(i * m + j)] += a[std::size_t(i * k + q)] * b[std::size_t(q * m + j)];
-  return c;
-}
-Mat transpose(const Mat& a, int r, int c) {
-  Mat t(a.size());
-  for (int i = 0; i < r; ++i)
-    for (int j = 0; j < c; ++j) t[std::size_t(j * r + i)] = a[std::size_t(i * c + j)];
-  return t;
-}
 // max |Q^T Q - I| of an n x n matrix.
 double orthogonality_error(const Mat& q, int n) {
   const Mat qtq = matmul(transpose(q, n, n), q, n, n, n);

@@ -93,25 +93,6 @@ Mat slice(const Mat& v, std::size_t off, std::size_t n) {
   return Mat(v.begin() + std::ptrdiff_t(off), v.begin() + std::ptrdiff_t(off + n));
 }
 
-// a [n, k] times b [k, m], row-major.
-Mat matmul(const Mat& a, const Mat& b, int n, int k, int m) {
-  Mat c(std::size_t(n) * std::size_t(m), 0.0);
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < m; ++j) {
-      double s = 0;
-      for (int q = 0; q < k; ++q) s += a[std::size_t(i * k + q)] * b[std::size_t(q * m + j)];
-      c[std::size_t(i * m + j)] = s;
-    }
-  return c;
-}
-
-Mat transpose(const Mat& a, int r, int c) {
-  Mat t(a.size());
-  for (int i = 0; i < r; ++i)
-    for (int j = 0; j < c; ++j) t[std::size_t(j * r + i)] = a[std::size_t(i * c + j)];
-  return t;
-}
-
 // NS5 of docs/design.md §4 on an [A, B] matrix: X = U / (|U|_F + 1e-7); work on X^T when A > B;
 // X = a X + (b S + c S S) X with S = X X^T; transpose back.
 Mat ns5(const Mat& U, int A, int B, int steps) {

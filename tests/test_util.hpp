@@ -134,4 +134,25 @@ inline std::vector<double> sym_eigenvalues(std::vector<double> a, int n) {
   return ev;
 }
 
+// a [n, k] times b [k, m], row-major, in double (the tests' plain-loop reference product).
+inline std::vector<double> matmul(const std::vector<double>& a, const std::vector<double>& b, int n,
+                                  int k, int m) {
+  std::vector<double> c(std::size_t(n) * std::size_t(m), 0.0);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < m; ++j) {
+      double s = 0;
+      for (int q = 0; q < k; ++q) s += a[std::size_t(i * k + q)] * b[std::size_t(q * m + j)];
+      c[std::size_t(i * m + j)] = s;
+    }
+  return c;
+}
+
+// The transpose of a row-major [r, c] matrix.
+inline std::vector<double> transpose(const std::vector<double>& a, int r, int c) {
+  std::vector<double> t(a.size());
+  for (int i = 0; i < r; ++i)
+    for (int j = 0; j < c; ++j) t[std::size_t(j * r + i)] = a[std::size_t(i * c + j)];
+  return t;
+}
+
 }  // namespace moetrain::test

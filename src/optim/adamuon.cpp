@@ -20,27 +20,15 @@ AdaMuon<T>::AdaMuon(const OptimConfig& o, Zero1Plan<T>& plan)
 
 template <typename T>
 void AdaMuon<T>::step(T* params, double lr, std::int64_t, const double* gate, double* acc) {
-  orthogonalised_ = 0;
-  const std::vector<MatrixGroup>& groups = plan_.own_groups();
-  for (std::size_t gi = 0; gi < groups.size(); ++gi) {
-    const MatrixGroup& g = groups[gi];
-    const int A = g.rows, B = g.cols;
-    const std::size_t elems = std::size_t(A) * B;
-    const double target = 0.2 * std::sqrt(double(A) * double(B));  // RMS 0.2
-    for (std::size_t first = 0; first < g.mats.size(); first += kMaxNewtonSchulzBatch) {
-      const int count = int(std::min<std::size_t>(kMaxNewtonSchulzBatch, g.mats.size() - first));
-      momentum_directions(o_, plan_, momentum_.get(), g, first, count, ns_.input(), gate);
-      be_.sign_inplace(ns_.input(), std::size_t(count) * elems);
-      T* O = ns_.run(A, B, count);
-      be_.second_moment_normalize(O, v_.get() + v_offsets_[gi] + first * elems, count, A, B,
-                                  /*per_row=*/false, o_.momentum, o_.eps, target, gate);
-      for (int i = 0; i < count; ++i)
-        be_.muon_update(params + plan_.matrices()[g.mats[first + std::size_t(i)]].offset,
-                        O + std::size_t(i) * elems, elems, lr, 1.0, o_.muon_group.weight_decay,
-                        gate, acc);
-      orthogonalised_ += count;
-    }
-  }
+  orthogonalised_ = orthogonalised_step(
+      o_, plan_, ns_, momentum_.get(), params, lr, gate, acc, /*sign_input=*/true, 1.0,
+      [&](std::size_t gi, const MatrixGroup& g, std::size_t first, int count, T* O) {
+        const std::size_t elems = std::size_t(g.rows) * std::size_t(g.cols);
+        const double target = 0.2 * std::sqrt(double(elems));  // RMS 0.2
+        be_.second_moment_normalize(O, v_.get() + v_offsets_[gi] + first * elems, count, g.rows,
+                                    g.cols, /*per_row=*/false, o_.momentum, o_.eps, target, gate);
+        return 1.0;
+      });
 }
 
 template <typename T>

@@ -6,18 +6,6 @@
 namespace moetrain {
 
 template <typename T>
-void momentum_directions(const OptimConfig& o, Zero1Plan<T>& plan, T* momentum,
-                         const MatrixGroup& g, std::size_t first, int count, T* out,
-                         const double* gate) {
-  const std::size_t elems = std::size_t(g.rows) * std::size_t(g.cols);
-  for (int i = 0; i < count; ++i) {
-    const OwnedMatrix& mt = plan.matrices()[g.mats[first + std::size_t(i)]];
-    plan.backend().muon_momentum(momentum + mt.slot, out + std::size_t(i) * elems,
-                                 plan.matrix_grad(mt), elems, o.momentum, o.nesterov, gate);
-  }
-}
-
-template <typename T>
 Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan)
     : o_(o),
       plan_(plan),
@@ -27,24 +15,14 @@ Muon<T>::Muon(const OptimConfig& o, Zero1Plan<T>& plan)
 
 template <typename T>
 void Muon<T>::step(T* params, double lr, std::int64_t, const double* gate, double* acc) {
-  orthogonalised_ = 0;
-  for (const MatrixGroup& g : plan_.own_groups()) {
-    const int A = g.rows, B = g.cols;
-    const std::size_t elems = std::size_t(A) * B;
-    const double scale = o_.muon_scale == MuonScale::Original
-                             ? std::sqrt(std::max(1.0, double(A) / double(B)))
-                             : 0.2 * std::sqrt(double(std::max(A, B)));
-    for (std::size_t first = 0; first < g.mats.size(); first += kMaxNewtonSchulzBatch) {
-      const int count = int(std::min<std::size_t>(kMaxNewtonSchulzBatch, g.mats.size() - first));
-      momentum_directions(o_, plan_, momentum_.get(), g, first, count, ns_.input(), gate);
-      const T* O = ns_.run(A, B, count);
-      for (int i = 0; i < count; ++i)
-        be_.muon_update(params + plan_.matrices()[g.mats[first + std::size_t(i)]].offset,
-                        O + std::size_t(i) * elems, elems, lr, scale, o_.muon_group.weight_decay,
-                        gate, acc);
-      orthogonalised_ += count;
-    }
-  }
+  const MuonScale mode = o_.muon_scale;
+  orthogonalised_ =
+      orthogonalised_step(o_, plan_, ns_, momentum_.get(), params, lr, gate, acc, false, 1.0,
+                          [mode](std::size_t, const MatrixGroup& g, std::size_t, int, T*) {
+                            return mode == MuonScale::Original
+                                       ? std::sqrt(std::max(1.0, double(g.rows) / double(g.cols)))
+                                       : 0.2 * std::sqrt(double(std::max(g.rows, g.cols)));
+                          });
 }
 
 template <typename T>
@@ -59,12 +37,6 @@ std::vector<StateTensor<T>> Muon<T>::state() {
   return out;
 }
 
-template void momentum_directions<float>(const OptimConfig&, Zero1Plan<float>&, float*,
-                                         const MatrixGroup&, std::size_t, int, float*,
-                                         const double*);
-template void momentum_directions<double>(const OptimConfig&, Zero1Plan<double>&, double*,
-                                          const MatrixGroup&, std::size_t, int, double*,
-                                          const double*);
 template class Muon<float>;
 template class Muon<double>;
 

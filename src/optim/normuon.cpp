@@ -19,32 +19,20 @@ NorMuon<T>::NorMuon(const OptimConfig& o, Zero1Plan<T>& plan)
 
 template <typename T>
 void NorMuon<T>::step(T* params, double lr, std::int64_t, const double* gate, double* acc) {
-  orthogonalised_ = 0;
-  const std::vector<MatrixGroup>& groups = plan_.own_groups();
-  for (std::size_t gi = 0; gi < groups.size(); ++gi) {
-    const MatrixGroup& g = groups[gi];
-    const int A = g.rows, B = g.cols;
-    const std::size_t elems = std::size_t(A) * B;
-    const bool original = o_.normuon_scale == MuonScale::Original;
-    // original: ||O_hat||_F = ||O||_F, then sqrt(max(1, A/B)); the paper's: 0.2 sqrt(AB) total.
-    const double target = original ? 0.0 : 0.2 * std::sqrt(double(A) * double(B));
-    const double scale = original ? std::sqrt(std::max(1.0, double(A) / double(B))) : 1.0;
-    for (std::size_t first = 0; first < g.mats.size(); first += kMaxNewtonSchulzBatch) {
-      const int count = int(std::min<std::size_t>(kMaxNewtonSchulzBatch, g.mats.size() - first));
-      momentum_directions(o_, plan_, momentum_.get(), g, first, count, ns_.input(), gate);
-      // The reference's lerp momentum, M = mu M + (1 - mu) G and U = (1 - mu) G + mu M, is
-      // (1 - mu) times Muon's: so is its Newton-Schulz input, whose normalisation therefore
-      // adds its epsilon to (1 - mu) times the norm here.
-      T* O = ns_.run(A, B, count, 1.0 / (1.0 - o_.momentum));
-      be_.second_moment_normalize(O, v_.get() + v_offsets_[gi] + first * std::size_t(A), count, A,
-                                  B, /*per_row=*/true, o_.normuon_beta2, kEps, target, gate);
-      for (int i = 0; i < count; ++i)
-        be_.muon_update(params + plan_.matrices()[g.mats[first + std::size_t(i)]].offset,
-                        O + std::size_t(i) * elems, elems, lr, scale, o_.muon_group.weight_decay,
-                        gate, acc);
-      orthogonalised_ += count;
-    }
-  }
+  const bool original = o_.normuon_scale == MuonScale::Original;
+  // The reference's lerp momentum, M = mu M + (1 - mu) G and U = (1 - mu) G + mu M, is (1 - mu)
+  // times Muon's: so is its Newton-Schulz input, whose normalisation therefore adds its epsilon
+  // to (1 - mu) times the norm here.
+  orthogonalised_ = orthogonalised_step(
+      o_, plan_, ns_, momentum_.get(), params, lr, gate, acc, false, 1.0 / (1.0 - o_.momentum),
+      [&](std::size_t gi, const MatrixGroup& g, std::size_t first, int count, T* O) {
+        const int A = g.rows, B = g.cols;
+        // original: ||O_hat||_F = ||O||_F, then sqrt(max(1, A/B)); the paper's: 0.2 sqrt(AB).
+        const double target = original ? 0.0 : 0.2 * std::sqrt(double(A) * double(B));
+        be_.second_moment_normalize(O, v_.get() + v_offsets_[gi] + first * std::size_t(A), count, A,
+                                    B, /*per_row=*/true, o_.normuon_beta2, kEps, target, gate);
+        return original ? std::sqrt(std::max(1.0, double(A) / double(B))) : 1.0;
+      });
 }
 
 template <typename T>
