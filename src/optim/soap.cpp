@@ -118,7 +118,6 @@ void Soap<T>::batch(std::size_t gi, std::size_t first, int count, T* params, dou
   // The factors (from zero on the first step: L = (1 - bs) G G^T), through the workspace so that a
   // skipped step leaves them as they were.
   T *S1 = sq1_.get(), *S2 = sq2_.get();
-  const T* none = nullptr;
   const bool refresh = ts >= 1 && ts % o_.soap_precondition_frequency == 0;
   struct Side {
     bool on;
@@ -130,9 +129,12 @@ void Soap<T>::batch(std::size_t gi, std::size_t first, int count, T* params, dou
     const Side& sd = sides[k];
     if (!sd.on) continue;
     const std::size_t nn = std::size_t(sd.n) * sd.n;
-    // G G^T (left: trans = false, n = A, k = B) or G^T G (right: X stored [k = A, n = B]).
-    be_.symmetric_gemm_batched(k == 1, sd.n, k == 0 ? B : A, T(1), G, B, ab, T(0), none, sd.n, nn,
-                               T(0), S1, sd.n, nn, count);
+    // G G^T (left) or G^T G (right) as a general product, not symmetric_gemm_batched: the GPU's
+    // Gram kernel rounds its operands to bf16 (right for Newton-Schulz), and an eigenbasis is as
+    // sensitive as the gaps of its factor are small, so SOAP's factors take the backend's GEMM
+    // precision (fp32 in fp32 mode; docs/design.md §4.6).
+    be_.gemm_batched(k == 1, k == 0, sd.n, sd.n, k == 0 ? B : A, T(1), G, B, ab, G, B, ab, T(0), S1,
+                     sd.n, nn, count);
     be_.lerp_update(sd.P, S1, std::size_t(count) * nn, shampoo_beta_, gate);
     if (ts == 0) {
       be_.symmetric_eigenvectors_batched(S2, sd.P, sd.n, count);

@@ -51,7 +51,9 @@
 //   i < batch, op(X_i) [n, k], k >= 1 (trans: X_i is stored [k, n], so D_i = X_i^T X_i). C_i is symmetric
 //   and only its upper triangle is read (not at all when beta = 0); C may be D. D_i is written in
 //   full and exactly symmetric. A Gram product: half the multiply-adds of a general one (only the
-//   upper triangle is computed, then mirrored).
+//   upper triangle is computed, then mirrored). Precision: the CUDA backend reads X as bf16 in
+//   both modes (tensor cores, fp32 accumulation: Newton-Schulz's need); a product that needs fp32
+//   operands on the GPU uses gemm_batched.
 #define MOETRAIN_OPS_GEMM(X, T, AP, CAP)                                                           \
   X(void, gemm, (bool trans_a, bool trans_b, int M, int N, int K, T alpha, CAP A, int lda,         \
                  CAP B, int ldb, T beta, AP C, int ldc),                                           \
