@@ -13,12 +13,15 @@ the runs and the comparison:
 
 Run again with the same OUT, a half-finished sweep continues: finished runs are kept, an
 interrupted run resumes from its last checkpoint (or starts over without one).
+--compact: each finished run keeps only what the report reads (config.json, harness.json,
+metrics.jsonl.gz, its log gzipped; no checkpoints, about 200 KB a run), so that a sweep's results
+can be committed and a sweep continued from them on another machine (results/optimizer_sweep).
 
 Usage (normally through scripts/compare_optimizers.sh, which builds moetrain first):
   compare_optimizers.py [--config BASE.json] [--optimizers adamw,muon,...]
       [--lrs OPT=LR,LR,... ...] [--out DIR] [--quick] [--mpirun N] [--binary PATH]
-      [--set path=value ...]
-  compare_optimizers.py --report-only --out DIR
+      [--compact] [--set path=value ...]
+  compare_optimizers.py --report-only [--compact] --out DIR
   compare_optimizers.py --self-test
 
 Default learning-rate grid: 5 values a factor 2 apart (x1/4 ... x4) around each optimizer's
@@ -29,6 +32,7 @@ original scale leaves updates about 2.5x smaller in RMS than match_rms_adamw's 0
 """
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -108,6 +112,21 @@ def read_done(path):
         return None
 
 
+def compact_run(path):
+    """Shrinks a finished run to what the report reads; idempotent."""
+    metrics = os.path.join(path, "metrics.jsonl")
+    for src in (metrics, path + ".log"):
+        if os.path.isfile(src):
+            with open(src, "rb") as fin, gzip.open(src + ".gz.tmp", "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            os.replace(src + ".gz.tmp", src + ".gz")
+            os.remove(src)
+    shutil.rmtree(os.path.join(path, "checkpoints"), ignore_errors=True)
+    for name in ("tokenizer.json", "train.lock"):
+        if os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+
+
 def train_one(a, opt, lr, path, sets):
     """Trains (or resumes) one run; returns its harness record."""
     cmd = [a.binary, "train", "--config", a.config]
@@ -161,12 +180,18 @@ def sweep(a):
         json.dump({"config": a.config, "sets": sets, "grids": grids, "mpirun": a.mpirun}, f,
                   indent=1)
     todo = [(o, lr) for o, lr in jobs if read_done(run_dir(a.out, o, lr)) is None]
+    if a.compact:
+        for o, lr in jobs:
+            if (o, lr) not in todo:
+                compact_run(run_dir(a.out, o, lr))
     done = len(jobs) - len(todo)
     print("%s: %d runs (%d done before), report in %s" % (PROG, len(jobs), done, a.out),
           flush=True)
     spent = []
     for o, lr in todo:
         rec = train_one(a, o, lr, run_dir(a.out, o, lr), sets)
+        if a.compact and rec["exit_code"] == 0:
+            compact_run(run_dir(a.out, o, lr))
         done += 1
         spent.append(rec["seconds"])
         eta = sum(spent) / len(spent) * (len(jobs) - done)
@@ -382,6 +407,14 @@ def self_test():
         check(by["soap"]["lr"] is None and by["soap"]["failed"] == 1, "a failed optimizer is listed")
         md = open(os.path.join(out, "report.md")).read()
         check("| muon | 0.002 (grid edge) | 3.9000 |" in md, "report row")
+        muon = run_dir(out, "muon", 2e-3)
+        os.makedirs(os.path.join(muon, "checkpoints", "step_20"))
+        compact_run(muon)
+        compact_run(muon)  # idempotent
+        check(sorted(os.listdir(muon)) == ["config.json", "harness.json", "metrics.jsonl.gz"],
+              "a compacted run keeps config, harness record and gzipped metrics")
+        rows2, _ = build_report(out, jobs)
+        check(rows2 == rows, "the report from a compacted run is the same")
         check(all(os.path.isfile(os.path.join(out, n)) for n in
                   ("lr_sensitivity.png", "val_loss.png", "smax.png")), "figures written")
         try:
@@ -410,6 +443,7 @@ def main(argv=None):
                                                      "moetrain"))
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--compact", action="store_true")
     ap.add_argument("--self-test", action="store_true")
     a = ap.parse_args(argv)
     if a.self_test:
@@ -432,6 +466,11 @@ def main(argv=None):
             with open(os.path.join(a.out, "sweep.json"), encoding="utf-8") as f:
                 grids = json.load(f)["grids"]
             jobs = [(o, lr) for o in grids for lr in grids[o]]
+            if a.compact:
+                for o, lr in jobs:
+                    rec = read_done(run_dir(a.out, o, lr))
+                    if rec is not None and rec.get("exit_code") == 0:
+                        compact_run(run_dir(a.out, o, lr))
         else:
             if not os.path.isfile(a.binary):
                 raise SweepError("%s: no moetrain binary (build it, or pass --binary)" % a.binary)

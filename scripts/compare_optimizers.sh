@@ -4,6 +4,8 @@
 #
 #   scripts/compare_optimizers.sh --quick                  # Brown corpus, 6 optimizers x 3 lrs
 #   scripts/compare_optimizers.sh                          # the default sweep: 6 x 5 lrs, 800 steps
+#   scripts/compare_optimizers.sh --out results/optimizer_sweep --compact   # ... continuing the
+#                                                          # committed one (README, "Choosing an optimizer")
 #   scripts/compare_optimizers.sh --optimizers adamw,muon --lrs adamw=1e-3,3e-3 --out runs/x
 #
 # Sets up and builds first (scripts/setup.sh) and fetches the Brown corpus when data/brown is

@@ -19,6 +19,7 @@ the first run's.
 """
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -75,13 +76,16 @@ def load_run(path):
         raise RunError(f"{path}: no such run directory")
     run = Run(path)
     metrics = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(metrics) and os.path.isfile(metrics + ".gz"):
+        metrics += ".gz"  # a finished run kept compact (compare_optimizers.py --compact)
     if not os.path.isfile(metrics):
         raise RunError(f"{metrics}: file missing (is '{path}' a moetrain run directory?)")
     try:
-        with open(metrics, encoding="utf-8") as f:
+        opener = gzip.open if metrics.endswith(".gz") else open
+        with opener(metrics, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
-    except OSError as e:
-        raise RunError(f"{metrics}: cannot read ({e.strerror})") from None
+    except (OSError, EOFError) as e:
+        raise RunError(f"{metrics}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     last = max((i for i, s in enumerate(lines) if s.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():

@@ -1,6 +1,7 @@
 // scripts/compare_optimizers.py end to end on the CI config: a sweep of two optimizers over
 // learning-rate grids writes its runs, report and figures; a second invocation redoes only the
-// run whose completion record was removed; bad arguments are refused naming the flag.
+// run whose completion record was removed; --compact shrinks the finished runs and reports the same
+// table from them; bad arguments are refused naming the flag.
 #include <catch2/catch.hpp>
 
 #include <string>
@@ -51,6 +52,21 @@ TEST_CASE("compare_optimizers: a sweep, its report, and a resumed sweep", "[cli]
   CHECK(again.output.find("3 runs (2 done before)") != std::string::npos);
   CHECK(again.output.find("[3/3] adamw lr 0.004: ok") != std::string::npos);
   CHECK(again.output.find("soap lr 0.002: ok") == std::string::npos);
+  const std::string md_again = read_file(out / "report.md");
+
+  // Compacted (--compact): each finished run keeps config, completion record and gzipped metrics;
+  // the sweep counts them as done and reports the same table from them.
+  const auto compact = run_command(harness(out, args + " --compact"));
+  INFO(compact.output);
+  REQUIRE(compact.exit_code == 0);
+  CHECK(compact.output.find("3 runs (3 done before)") != std::string::npos);
+  for (const char* run : {"adamw_lr0.001", "adamw_lr0.004", "soap_lr0.002"}) {
+    INFO(run);
+    CHECK(fs::exists(out / "runs" / run / "metrics.jsonl.gz"));
+    CHECK_FALSE(fs::exists(out / "runs" / run / "metrics.jsonl"));
+    CHECK_FALSE(fs::exists(out / "runs" / run / "checkpoints"));
+  }
+  CHECK(read_file(out / "report.md") == md_again);
 }
 
 TEST_CASE("compare_optimizers: bad arguments are refused naming the flag", "[cli][sweep]") {
