@@ -10,6 +10,8 @@ for moetrain's hand-written forward/backward and optimizers. Computes in float64
   /usr/bin/python3 scripts/torch_reference.py --optimizer-steps normuon|adamuon|soap \
       --config CFG.json --params P.safetensors --state S.safetensors --grads G1 [G2 ...] \
       --lr LR --out OUT.safetensors
+  /usr/bin/python3 scripts/torch_reference.py --bench-steps N [--warmup W] [--threads T] \
+      --config CFG.json --weights W.safetensors --batch BATCH.safetensors   (timing, float32)
 
 Inputs
   CFG.json            a moetrain config (nested sections, or flat "a.b.c" keys), head_dim resolved
@@ -832,6 +834,34 @@ def self_test():
     return 0 if ok else 1
 
 
+def bench(cfg_doc, weights, batch, steps, warmup, threads):
+    """Times forward+backward in float32 on `threads` threads: the PyTorch side of
+    scripts/bench_vs_torch.py (the same weights and batch as `moetrain bench --dump`)."""
+    import time
+    torch.set_num_threads(threads)
+    c = Cfg(cfg_doc)
+    P = {n: torch.tensor(weights[n], dtype=torch.float32, requires_grad=True)
+         for n, _, _ in param_shapes(c)}
+    tokens = torch.tensor(batch["tokens"].astype(np.int64))
+    targets = torch.tensor(batch["targets"].astype(np.int64))
+    expert_bias = torch.zeros(c.L, c.E, dtype=torch.float32)
+    times, loss = [], None
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        for p in P.values():
+            p.grad = None
+        obj, _ = forward(c, P, tokens, targets, expert_bias)
+        obj.backward()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        loss = obj.item()
+    n = tokens.numel()
+    mean = sum(times) / len(times)
+    return {"tokens_per_step": n, "step_seconds_mean": mean, "step_seconds_best": min(times),
+            "tokens_per_second": n / mean, "loss": loss, "threads": threads,
+            "torch": torch.__version__}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config")
@@ -847,9 +877,25 @@ def main(argv=None):
     ap.add_argument("--params")
     ap.add_argument("--state")
     ap.add_argument("--grads", nargs="+")
+    ap.add_argument("--bench-steps", type=int, metavar="N",
+                    help="time N forward+backward passes in float32 of --weights on --batch, print "
+                         "JSON (scripts/bench_vs_torch.py)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     if a.self_test:
         return self_test()
+    if a.bench_steps is not None:
+        for req in ("config", "weights", "batch"):
+            if getattr(a, req) is None:
+                ap.error("--%s is required with --bench-steps" % req)
+        if a.bench_steps < 1 or a.warmup < 0 or a.threads < 1:
+            ap.error("--bench-steps and --threads must be >= 1, --warmup >= 0")
+        with open(a.config) as fh:
+            cfg_doc = json.load(fh)
+        print(json.dumps(bench(cfg_doc, load_safetensors(a.weights), load_safetensors(a.batch),
+                               a.bench_steps, a.warmup, a.threads), indent=1))
+        return 0
     if a.optimizer_steps:
         for req in ("config", "params", "state", "grads", "lr", "out"):
             if getattr(a, req) is None:

@@ -6,6 +6,8 @@
 #include <signal.h>
 
 #include <chrono>
+#include <cmath>
+#include <fstream>
 #include <thread>
 
 #include "cli_fixture.hpp"
@@ -322,4 +324,44 @@ TEST_CASE("bench --profile: the step's phases by time, as text and JSON", "[cli]
   for (const auto& [k, v] : ph.items()) sum += v.get<double>();
   CHECK(sum <= 1.01 * (r.at("step_seconds_mean").get<double>() * r.at("grad_accum").get<double>() +
                        r.at("optimizer_seconds").get<double>()));
+}
+
+TEST_CASE("bench_vs_torch: moetrain and the PyTorch twin time the same weights and batch",
+          "[cli][bench]") {
+  TempDir tmp("bench_vs_torch");
+  const std::string script = "/usr/bin/python3 " + source_dir() + "/scripts/bench_vs_torch.py " +
+                             source_dir() + "/configs/ci.json --binary " + binary();
+  const fs::path out = tmp.path / "bench.json";
+  const CommandResult r = run_command(script + " --rounds 2 --steps 1 --warmup 0 --threads 1 " +
+                                      "--json " + out.string());
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.output.find("median ratio") != std::string::npos);
+  const nlohmann::json j = nlohmann::json::parse(read_file(out));
+  REQUIRE(j.at("rounds").size() == 2);
+  CHECK(j["rounds"][0]["first"] == "moetrain");  // alternating
+  CHECK(j["rounds"][1]["first"] == "torch");
+  for (const auto& round : j["rounds"]) {
+    // The same model, weights and batch: the twin's float32 loss is moetrain's.
+    const double lm = round.at("loss_moetrain").get<double>(), lt = round["loss_torch"];
+    CHECK(std::abs(lm - lt) < 1e-4 * std::abs(lm));
+    CHECK(round.at("moetrain_tokens_per_s").get<double>() > 0);
+    CHECK(round.at("torch_tokens_per_s").get<double>() > 0);
+    CHECK(round.at("torch_mfu").get<double>() > 0);
+  }
+  const CommandResult bad = run_command(script + " --rounds 0");
+  CHECK(bad.exit_code == 2);
+  CHECK(bad.output.find("--rounds") != std::string::npos);
+}
+
+TEST_CASE("bench --dump: an unwritable folder is an error naming it", "[cli][bench]") {
+  TempDir tmp("bench_dump");
+  const fs::path file = tmp.path / "a_file";
+  { std::ofstream(file) << "x"; }
+  const CommandResult r = run_command(binary() + " bench --config " + source_dir() +
+                                      "/configs/ci.json --steps 1 --warmup 0 --peak-size 64 " +
+                                      "--dump " + (file / "sub").string());
+  INFO(r.output);
+  CHECK(r.exit_code != 0);
+  CHECK(r.output.find((file / "sub").string()) != std::string::npos);
 }

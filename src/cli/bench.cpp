@@ -5,6 +5,7 @@
 // around each op); on the CPU --profile times each op by wall clock.
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -12,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.hpp"
+#include "moetrain/checkpoint.hpp"
 #include "moetrain/config.hpp"
 #include "moetrain/flops.hpp"
 #include "moetrain/memory_check.hpp"
@@ -20,6 +22,7 @@
 #include "moetrain/profiling_backend.hpp"
 #include "moetrain/rng.hpp"
 #include "moetrain/runtime.hpp"
+#include "moetrain/safetensors.hpp"
 
 namespace moetrain::cli {
 
@@ -33,6 +36,7 @@ struct BenchOptions {
   int peak_size = 2048;
   bool json = false;
   bool profile = false;
+  std::string dump;  // a folder for the weights and the batch timed (scripts/bench_vs_torch.py)
 };
 
 using Clock = std::chrono::steady_clock;
@@ -72,6 +76,15 @@ void run_bench(const BenchOptions& o) {
   Rng rng(cfg.train.seed + 1);
   std::vector<std::int32_t> tokens(std::size_t(N) + 1);
   for (auto& t : tokens) t = std::int32_t(rng.below(std::uint64_t(m.vocab_size)));
+  if (!o.dump.empty()) {
+    // The PyTorch twin's inputs (scripts/torch_reference.py): the same weights and batch.
+    std::filesystem::create_directories(o.dump);
+    save_safetensors(o.dump + "/weights.safetensors", weights_to_tensors(model));
+    TensorMap batch;
+    batch["tokens"] = HostTensor::i32({B, T}, tokens.data());
+    batch["targets"] = HostTensor::i32({B, T}, tokens.data() + 1);
+    save_safetensors(o.dump + "/batch.safetensors", batch);
+  }
 
   for (int i = 0; i < o.warmup; ++i) {
     model.zero_grads();
@@ -240,6 +253,9 @@ void add_bench_command(CLI::App& app) {
       ->check(CLI::Range(64, 8192));
   cmd->add_flag("--json", opts->json, "Print the results as JSON");
   cmd->add_flag("--profile", opts->profile, "Also print the time per backend op");
+  cmd->add_option("--dump", opts->dump,
+                  "Write the timed weights and batch to this folder (weights.safetensors, "
+                  "batch.safetensors: the PyTorch twin's inputs)");
   cmd->callback([opts] { run_bench(*opts); });
 }
 
