@@ -127,6 +127,14 @@ def compact_run(path):
             os.remove(os.path.join(path, name))
 
 
+def compact_finished(out, jobs):
+    """compact_run on every run of `jobs` that finished successfully."""
+    for o, lr in jobs:
+        rec = read_done(run_dir(out, o, lr))
+        if rec is not None and rec.get("exit_code") == 0:
+            compact_run(run_dir(out, o, lr))
+
+
 def train_one(a, opt, lr, path, sets):
     """Trains (or resumes) one run; returns its harness record."""
     cmd = [a.binary, "train", "--config", a.config]
@@ -181,9 +189,7 @@ def sweep(a):
                   indent=1)
     todo = [(o, lr) for o, lr in jobs if read_done(run_dir(a.out, o, lr)) is None]
     if a.compact:
-        for o, lr in jobs:
-            if (o, lr) not in todo:
-                compact_run(run_dir(a.out, o, lr))
+        compact_finished(a.out, jobs)
     done = len(jobs) - len(todo)
     print("%s: %d runs (%d done before), report in %s" % (PROG, len(jobs), done, a.out),
           flush=True)
@@ -467,10 +473,7 @@ def main(argv=None):
                 grids = json.load(f)["grids"]
             jobs = [(o, lr) for o in grids for lr in grids[o]]
             if a.compact:
-                for o, lr in jobs:
-                    rec = read_done(run_dir(a.out, o, lr))
-                    if rec is not None and rec.get("exit_code") == 0:
-                        compact_run(run_dir(a.out, o, lr))
+                compact_finished(a.out, jobs)
         else:
             if not os.path.isfile(a.binary):
                 raise SweepError("%s: no moetrain binary (build it, or pass --binary)" % a.binary)
