@@ -77,47 +77,104 @@ TEST_CASE("rope backward is the transpose of the rotation", "[grad][ops]") {
   for (std::size_t i = 0; i < x.size(); ++i) CHECK(y[i] == Approx(x[i]).margin(1e-12));
 }
 
-TEST_CASE("attention backward matches finite differences (MHA and GQA)", "[grad][ops]") {
+namespace {
+// Relative error of attention_backward against finite differences of <out, R> at every
+// stride-th entry of a random qkv.
+double attention_fd_error(const AttentionShape& s, std::uint64_t qkv_seed, std::uint64_t r_seed,
+                          std::size_t stride) {
   CpuBackend<double> be;
+  auto qkv = random_vector(std::size_t(s.rows()) * s.qkv_width(), qkv_seed);
+  auto R = random_vector(std::size_t(s.rows()) * s.out_width(), r_seed);
+  std::vector<double> out(R.size()), saved(be.attention_saved_elems(s)),
+      smax(std::size_t(s.n_heads));
+  auto loss = [&] {
+    be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
+    return dot(out, R);
+  };
+  loss();
+  std::vector<double> dqkv(qkv.size(), std::numeric_limits<double>::quiet_NaN());
+  be.attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), saved.data(), s);
+  std::vector<std::size_t> idx;
+  for (std::size_t i = 0; i < qkv.size(); i += stride) idx.push_back(i);
+  return fd_relative_error(loss, qkv.data(), dqkv, idx);
+}
+}  // namespace
+
+TEST_CASE("attention backward matches finite differences (MHA and GQA)", "[grad][ops]") {
   for (auto [H, Hkv] : {std::pair{2, 2}, std::pair{4, 2}, std::pair{4, 1}}) {
-    const AttentionShape s{2, 5, H, Hkv, 4};
-    auto qkv = random_vector(std::size_t(s.rows()) * s.qkv_width(), 8);
-    auto R = random_vector(std::size_t(s.rows()) * s.out_width(), 9);
-    std::vector<double> out(R.size()), saved(be.attention_saved_elems(s)),
-        smax(static_cast<std::size_t>(H));
-    auto loss = [&] {
-      be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
-      return dot(out, R);
-    };
-    loss();
-    std::vector<double> dqkv(qkv.size(), std::numeric_limits<double>::quiet_NaN());
-    be.attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), saved.data(), s);
     INFO("H=" << H << " Hkv=" << Hkv);
-    CHECK(fd_relative_error(loss, qkv.data(), dqkv, all_indices(qkv.size())) < kTol);
+    CHECK(attention_fd_error(AttentionShape{2, 5, H, Hkv, 4}, 8, 9, 1) < kTol);
   }
+}
+
+// The CPU's attention is tiled in 64-row query and key blocks: T = 150 has three blocks of each,
+// the last one partial, so the online softmax's rescaling across key blocks, the skipped blocks
+// above the diagonal and the partial tiles all enter these checks. Every 7th entry covers all
+// rows' blocks and the q, k and v columns of every head (7 and the row width 32 are coprime).
+TEST_CASE("attention backward matches finite differences across query and key blocks",
+          "[grad][ops]") {
+  CHECK(attention_fd_error(AttentionShape{1, 150, 4, 2, 4}, 21, 22, 7) < kTol);
+}
+
+TEST_CASE("attention forward equals a materialised causal softmax across blocks", "[ops]") {
+  CpuBackend<double> be;
+  const AttentionShape s{2, 150, 4, 1, 8};
+  const auto qkv = random_vector(std::size_t(s.rows()) * s.qkv_width(), 23, 1.5);
+  std::vector<double> out(std::size_t(s.rows()) * s.out_width()),
+      saved(be.attention_saved_elems(s)), smax(std::size_t(s.n_heads));
+  be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
+  const int ld = s.qkv_width(), hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
+  double worst = 0;
+  for (int b = 0; b < s.batch; ++b)
+    for (int h = 0; h < s.n_heads; ++h) {
+      const int g = h / group;
+      for (int i = 0; i < s.seq; ++i) {
+        std::vector<double> p(std::size_t(i) + 1);
+        double mx = -1e300, sum = 0;
+        for (int j = 0; j <= i; ++j) {
+          double d = 0;
+          for (int c = 0; c < hd; ++c)
+            d += qkv[std::size_t((b * s.seq + i) * ld + h * hd + c)] *
+                 qkv[std::size_t((b * s.seq + j) * ld + (s.n_heads + g) * hd + c)];
+          p[std::size_t(j)] = d / std::sqrt(double(hd));
+          mx = std::max(mx, p[std::size_t(j)]);
+        }
+        for (double& x : p) sum += (x = std::exp(x - mx));
+        for (int c = 0; c < hd; ++c) {
+          double o = 0;
+          for (int j = 0; j <= i; ++j)
+            o += p[std::size_t(j)] / sum *
+                 qkv[std::size_t((b * s.seq + j) * ld + (s.n_heads + s.n_kv_heads + g) * hd + c)];
+          worst = std::max(
+              worst, std::abs(o - out[std::size_t((b * s.seq + i) * s.out_width() + h * hd + c)]));
+        }
+      }
+    }
+  CHECK(worst < 1e-12);
 }
 
 TEST_CASE("attention records S_max equal to a brute-force maximum", "[ops][smax]") {
   CpuBackend<float> be;
-  const AttentionShape s{3, 7, 4, 2, 8};
-  auto q64 = random_vector(std::size_t(s.rows()) * s.qkv_width(), 10, 2.0);
-  std::vector<float> qkv(q64.begin(), q64.end());
-  std::vector<float> out(std::size_t(s.rows()) * s.out_width()), saved(be.attention_saved_elems(s)),
-      smax(std::size_t(s.n_heads));
-  be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
-  const int ld = s.qkv_width(), hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
-  for (int h = 0; h < s.n_heads; ++h) {
-    double best = -1e300;
-    for (int b = 0; b < s.batch; ++b)
-      for (int i = 0; i < s.seq; ++i)
-        for (int j = 0; j <= i; ++j) {
-          double dotp = 0;
-          for (int c = 0; c < hd; ++c)
-            dotp += double(qkv[std::size_t((b * s.seq + i) * ld + h * hd + c)]) *
-                    qkv[std::size_t((b * s.seq + j) * ld + (s.n_heads + h / group) * hd + c)];
-          best = std::max(best, dotp / std::sqrt(double(hd)));
-        }
-    CHECK(double(smax[std::size_t(h)]) == Approx(best).epsilon(1e-5));
+  for (const AttentionShape s : {AttentionShape{3, 7, 4, 2, 8}, AttentionShape{2, 150, 4, 2, 8}}) {
+    auto q64 = random_vector(std::size_t(s.rows()) * s.qkv_width(), 10, 2.0);
+    std::vector<float> qkv(q64.begin(), q64.end());
+    std::vector<float> out(std::size_t(s.rows()) * s.out_width()),
+        saved(be.attention_saved_elems(s)), smax(std::size_t(s.n_heads));
+    be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
+    const int ld = s.qkv_width(), hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
+    for (int h = 0; h < s.n_heads; ++h) {
+      double best = -1e300;
+      for (int b = 0; b < s.batch; ++b)
+        for (int i = 0; i < s.seq; ++i)
+          for (int j = 0; j <= i; ++j) {
+            double dotp = 0;
+            for (int c = 0; c < hd; ++c)
+              dotp += double(qkv[std::size_t((b * s.seq + i) * ld + h * hd + c)]) *
+                      qkv[std::size_t((b * s.seq + j) * ld + (s.n_heads + h / group) * hd + c)];
+            best = std::max(best, dotp / std::sqrt(double(hd)));
+          }
+      CHECK(double(smax[std::size_t(h)]) == Approx(best).epsilon(1e-5));
+    }
   }
 }
 
@@ -133,6 +190,35 @@ TEST_CASE("swiglu backward matches finite differences", "[grad][ops]") {
   };
   be.swiglu_backward(dh.data(), R.data(), h.data(), rows, ff);
   CHECK(fd_relative_error(loss, h.data(), dh, all_indices(h.size())) < kTol);
+}
+
+// float over a wide range of pre-activations (exp(-a) underflowing and saturating) and rows no
+// vector width divides, against the formulas in double.
+TEST_CASE("swiglu in float matches its formulas in double", "[ops]") {
+  CpuBackend<float> be;
+  const int rows = 3, ff = 1037;
+  auto h64 = random_vector(std::size_t(rows) * 2 * ff, 14, 30.0);
+  h64[0] = 100.0;   // exp(-a) below float's range
+  h64[1] = -100.0;  // exp(-a) above it
+  const std::vector<float> h(h64.begin(), h64.end());
+  const auto g64 = random_vector(std::size_t(rows) * ff, 15);
+  const std::vector<float> g(g64.begin(), g64.end());
+  std::vector<float> out(std::size_t(rows) * ff), dh(h.size());
+  be.swiglu_forward(out.data(), h.data(), rows, ff);
+  be.swiglu_backward(dh.data(), g.data(), h.data(), rows, ff);
+  double worst = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < ff; ++i) {
+      const std::size_t ia = std::size_t(r) * 2 * ff + i, ib = ia + ff,
+                        io = std::size_t(r) * ff + i;
+      const double a = h[ia], b = h[ib], sig = 1.0 / (1.0 + std::exp(-a));
+      const double o = a * sig * b, da = g[io] * b * sig * (1.0 + a * (1.0 - sig)),
+                   db = g[io] * a * sig;
+      worst = std::max({worst, std::abs(o - out[io]) / (1.0 + std::abs(o)),
+                        std::abs(da - dh[ia]) / (1.0 + std::abs(da)),
+                        std::abs(db - dh[ib]) / (1.0 + std::abs(db))});
+    }
+  CHECK(worst < 1e-5);
 }
 
 TEST_CASE("cross-entropy writes the scaled gradient of the summed loss", "[grad][ops]") {
@@ -179,6 +265,38 @@ TEST_CASE("cross-entropy: a negative target is padding with no loss and no gradi
   for (int v = 0; v < V; ++v) CHECK(logits[std::size_t(V + v)] == 0.f);
   CHECK(losses[0] > 0.f);
   CHECK(losses[2] > 0.f);
+}
+
+// float, a vocabulary as wide as the real ones (and no multiple of a vector width), against the
+// same quantities in double: the vectorised exp of the row, the log of its float sum.
+TEST_CASE("cross-entropy in float over a real-sized vocabulary matches double", "[ops]") {
+  CpuBackend<float> be;
+  const int n = 6, V = 4099;
+  const auto l64 = random_vector(std::size_t(n) * V, 31, 4.0);
+  const std::vector<float> logits(l64.begin(), l64.end());
+  const std::vector<std::int32_t> tgt = {0, 4098, 17, 17, 2048, 3};
+  std::vector<float> losses(std::size_t(n), -1.f), kept = logits;
+  be.cross_entropy(losses.data(), nullptr, kept.data(), tgt.data(), n, V, nullptr);
+  CHECK(kept == logits);  // without a gradient the logits are left as they were
+  std::vector<float> grad = logits, grad_losses(static_cast<std::size_t>(n));
+  const float scale = 0.25f;
+  be.cross_entropy(grad_losses.data(), nullptr, grad.data(), tgt.data(), n, V, &scale);
+  double worst_grad = 0;
+  for (int i = 0; i < n; ++i) {
+    const double* row = l64.data() + std::size_t(i) * V;
+    double mx = row[0], z = 0;
+    for (int v = 1; v < V; ++v) mx = std::max(mx, double(float(row[v])));
+    for (int v = 0; v < V; ++v) z += std::exp(double(float(row[v])) - mx);
+    const int y = tgt[std::size_t(i)];
+    const double loss = mx + std::log(z) - double(float(row[y]));
+    CHECK(losses[std::size_t(i)] == Approx(loss).epsilon(1e-6));
+    CHECK(grad_losses[std::size_t(i)] == losses[std::size_t(i)]);
+    for (int v = 0; v < V; ++v) {
+      const double g = scale * (std::exp(double(float(row[v])) - mx) / z - (v == y ? 1.0 : 0.0));
+      worst_grad = std::max(worst_grad, std::abs(g - grad[std::size_t(i) * V + v]));
+    }
+  }
+  CHECK(worst_grad < 1e-7);
 }
 
 TEST_CASE("router backward matches finite differences (both routers, aux and z losses)",

@@ -118,7 +118,7 @@ void add_sample_command(CLI::App& app) {
       std::fill(window.begin(), window.end(), 0);  // causal: positions after len do not matter
       for (int t = 0; t < len; ++t)
         window[std::size_t(t)] = std::int32_t(ids[start + std::size_t(t)]);
-      download_floats(*be, model->forward_logits(window.data()) + std::size_t(len - 1) * V, row);
+      download_floats(*be, model->forward_logits(window.data(), len - 1), row);
       // Only ids the tokenizer can decode.
       const std::uint32_t next =
           draw(row.data(), int(tok.vocab_size()), o->temperature, o->top_k, rng);

@@ -57,8 +57,8 @@ std::size_t MemoryEstimate::total() const {
 }
 
 MemoryEstimate estimate_model_memory(const ModelConfig& cfg, std::size_t batch,
-                                     std::size_t attention_saved_elems, Storage activations,
-                                     bool bf16_weight_copy) {
+                                     std::size_t attention_saved_elems, int head_chunk_rows,
+                                     Storage activations, bool bf16_weight_copy) {
   MemoryEstimate e;
   e.param_count = param_count(cfg);
   const char* what = "the parameter bytes (model.*)";
@@ -66,7 +66,8 @@ MemoryEstimate estimate_model_memory(const ModelConfig& cfg, std::size_t batch,
   e.grads = e.params;
   if (bf16_weight_copy) e.weight_copy = mul(e.param_count, 2, what);
   try {
-    e.activations = Model<float>::activation_bytes(cfg, batch, attention_saved_elems, activations);
+    e.activations = Model<float>::activation_bytes(cfg, batch, attention_saved_elems,
+                                                   head_chunk_rows, activations);
   } catch (const SizeOverflow&) {
     throw SizeTooLarge(
         "too large: the activations (data.batch_size * model.seq_len tokens times model.d_model, "

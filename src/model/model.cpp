@@ -42,7 +42,7 @@ struct Model<T>::Scratch {
 // of that kind (activation_bytes, the memory estimate). Sizes are 64-bit and checked.
 template <typename T>
 void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t batch,
-                          std::size_t att_saved, Storage act, Model* model) {
+                          std::size_t att_saved, int head_rows, Storage act, Model* model) {
   const std::size_t N = checked_mul(batch, std::size_t(cfg.seq_len)), d = std::size_t(cfg.d_model);
   const std::size_t E = std::size_t(cfg.moe.n_experts),
                     NK = checked_mul(N, std::size_t(cfg.moe.top_k));
@@ -103,7 +103,8 @@ void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t b
   }
   plan.request(act_slot(&Model::final_norm_), Nd, act);
   plan.request(slot(&Model::final_rstd_), N);
-  plan.request(act_slot(&Model::logits_), checked_mul(N, std::size_t(cfg.vocab_size)), act);
+  plan.request(act_slot(&Model::logits_),
+               checked_mul(std::size_t(head_rows), std::size_t(cfg.vocab_size)), act);
   plan.request(slot(&Model::losses_), N);
   plan.request(slot(&Model::rope_cos_), checked_mul(std::size_t(cfg.seq_len), hd / 2));
   plan.request(slot(&Model::rope_sin_), checked_mul(std::size_t(cfg.seq_len), hd / 2));
@@ -123,9 +124,12 @@ void Model<T>::plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t b
 
 template <typename T>
 std::size_t Model<T>::activation_bytes(const ModelConfig& cfg, std::size_t batch,
-                                       std::size_t attention_saved_elems, Storage activations) {
+                                       std::size_t attention_saved_elems, int head_chunk_rows,
+                                       Storage activations) {
+  if (head_chunk_rows <= 0)
+    throw std::invalid_argument("Model::activation_bytes: head_chunk_rows must be >= 1");
   ArenaPlan plan = ArenaPlan::dry();
-  plan_arena(plan, cfg, batch, attention_saved_elems, activations, nullptr);
+  plan_arena(plan, cfg, batch, attention_saved_elems, head_chunk_rows, activations, nullptr);
   // Each MoE layer's router allocates its expert bias [E] on its own (64-byte rounded).
   const std::size_t bias =
       checked_add(checked_mul(std::size_t(cfg.moe.n_experts), sizeof(T)), 63) / 64 * 64;
@@ -176,8 +180,13 @@ Model<T>::Model(const ModelConfig& cfg, Backend<T>& backend, int batch, DeviceSt
     layers_.push_back(std::move(layer));
   }
   act_ = be_.activation_storage();
+  head_rows_ = be_.head_chunk_rows(tokens(), cfg_.vocab_size);
+  if (head_rows_ < 1 || head_rows_ > tokens())
+    throw std::logic_error("Model: the backend's head_chunk_rows " + std::to_string(head_rows_) +
+                           " is not in 1.." + std::to_string(tokens()));
   ArenaPlan plan;
-  plan_arena(plan, cfg_, std::size_t(batch), be_.attention_saved_elems(att_), act_, this);
+  plan_arena(plan, cfg_, std::size_t(batch), be_.attention_saved_elems(att_), head_rows_, act_,
+             this);
   arena_ = plan.commit(be_);
   Scratch& s = *scratch_;
   s.moe.ffn = s.ffn;
@@ -338,11 +347,23 @@ void Model<T>::enqueue_forward(bool loss, bool grad) {
 
   be_.rmsnorm_forward(final_norm_, final_rstd_, resid_.back(), params_ + layout_.final_norm(), N, d,
                       cfg_.norm_eps);
-  linear_forward(be_, logits_, final_norm_, params_ + layout_.lm_head(), N, d, V);
   if (!loss) return;
+  // The head in chunks of head_rows_ tokens: lm_head, cross-entropy (dlogits over the logits),
+  // and in training the head's backward at once, while the chunk is still in cache — dnorm_ =
+  // dlogits W for the chunk's rows, dW += dlogits^T x — so no [N, V] buffer exists.
   double* ce_sum = stats_block_->device(regions_.ce_sum) + slot_;
   be_.zero(ce_sum, sizeof(double));
-  be_.cross_entropy(losses_, ce_sum, logits_, targets_, N, V, grad ? ce_scale_ : nullptr);
+  const T* W = params_ + layout_.lm_head();
+  for (int r0 = 0; r0 < N; r0 += head_rows_) {
+    const int n = std::min(head_rows_, N - r0);
+    const std::size_t at = std::size_t(r0) * std::size_t(d);
+    linear_forward(be_, logits_, final_norm_ + at, W, n, d, V);
+    be_.cross_entropy(losses_ + r0, ce_sum, logits_, targets_ + r0, n, V,
+                      grad ? ce_scale_ : nullptr);
+    if (grad)
+      linear_backward(be_, dnorm_ + at, grads_ + layout_.lm_head(), logits_, final_norm_ + at, W, n,
+                      d, V, false);
+  }
 }
 
 template <typename T>
@@ -389,10 +410,9 @@ ForwardStats Model<T>::slot_stats(int slot) const {
 
 template <typename T>
 void Model<T>::enqueue_backward(double grad_scale) {
-  const int N = tokens(), d = cfg_.d_model, V = cfg_.vocab_size;
-  // logits_ holds d(grad_scale * objective)/dlogits, written by the fused cross-entropy.
-  linear_backward(be_, dnorm_, grads_ + layout_.lm_head(), logits_, final_norm_,
-                  params_ + layout_.lm_head(), N, d, V, false);
+  const int N = tokens(), d = cfg_.d_model;
+  // The training forward's chunked head left dnorm_ = d(grad_scale * objective)/d final_norm_
+  // and added the lm_head's gradient.
   be_.zero(dres_.get(), std::size_t(N) * d * storage_bytes(act_));
   be_.rmsnorm_backward(dres_, grads_ + layout_.final_norm(), dnorm_, resid_.back(),
                        params_ + layout_.final_norm(), final_rstd_, N, d);
@@ -454,9 +474,15 @@ const ForwardStats& Model<T>::forward_backward(const std::int32_t* tok, const st
 }
 
 template <typename T>
-CDevPtr Model<T>::forward_logits(const std::int32_t* tok) {
+CDevPtr Model<T>::forward_logits(const std::int32_t* tok, int row) {
+  if (row < 0 || row >= tokens())
+    throw std::invalid_argument("Model::forward_logits: row " + std::to_string(row) +
+                                " is not a token of the batch (0.." + std::to_string(tokens() - 1) +
+                                ")");
   stage_inputs(tok, nullptr, nullptr, 0);
   enqueue_forward(false, false);
+  linear_forward(be_, logits_, final_norm_ + std::size_t(row) * std::size_t(cfg_.d_model),
+                 params_ + layout_.lm_head(), 1, cfg_.d_model, cfg_.vocab_size);
   return logits_;
 }
 

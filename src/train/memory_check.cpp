@@ -14,8 +14,13 @@ MemoryEstimate estimate_memory(const Config& cfg, const Backend<float>& backend,
   const AttentionShape att{cfg.data.batch_size, m.seq_len, m.n_heads, m.n_kv_heads, m.head_dim};
   const bool weight_copy =
       std::string_view(backend.name()).rfind("cuda", 0) == 0 && cfg.train.precision == "bf16";
+  // The head's chunk for the micro-batch's tokens (an int count; a larger batch is refused as too
+  // large by the estimate itself).
+  const long long tokens = std::min<long long>((long long)cfg.data.batch_size * m.seq_len,
+                                               std::numeric_limits<int>::max());
   MemoryEstimate e =
       estimate_model_memory(m, std::size_t(cfg.data.batch_size), backend.attention_saved_elems(att),
+                            backend.head_chunk_rows(int(tokens), m.vocab_size),
                             backend.activation_storage(), weight_copy);
   e.world = world;
   e.optimizer = optimizer_memory_bytes(cfg, world);

@@ -185,8 +185,8 @@
                           const T* cos, const T* sin), (dx, ld, rows, seq, n_heads, head_dim, cos, sin), 0)
 
 // Causal attention. out[rows, n_heads*head_dim]; smax[h] = max over the batch, i, j<=i of
-// q_i.k_j / sqrt(hd). `saved` holds attention_saved_elems(s) elements kept for backward (the CPU:
-// the probabilities; CUDA: the logsumexp of each row). Backward writes (overwrites) dqkv from
+// q_i.k_j / sqrt(hd). `saved` holds attention_saved_elems(s) elements kept for backward (both
+// backends: the logsumexp of each row, [B, H, T]). Backward writes (overwrites) dqkv from
 // dout and the forward's qkv, out and saved.
 #define MOETRAIN_OPS_ATTENTION(X, T, AP, CAP)                                                      \
   X(void, attention_forward, (AP out, T* saved, T* smax, CAP qkv,                                  \
@@ -264,13 +264,18 @@
 
 // Queries (const, untimed): activation_storage is the storage of the activations this backend's
 // ops take (the CPU: T; CUDA: bf16 in bf16 mode, else fp32); attention_saved_elems is the
-// size of attention's `saved` buffer;
+// size of attention's `saved` buffer; head_chunk_rows the rows (1 ... rows) the model's lm_head
+// and cross-entropy run at a time, so only [head_chunk_rows, vocab] logits ever exist (the CPU: a
+// chunk of about 1 MiB of fp32 logits, which stays in its core's L2 from the lm_head GEMM through
+// cross-entropy to the two gradient GEMMs; CUDA: chunks of up to 64 Mi logits, large enough that
+// each GEMM still fills the GPU);
 // available_memory_bytes what this process can still allocate on the backend's device (the CPU:
 // MemAvailable of /proc/meminfo, lowered to the cgroup v2 limit's headroom when one is set; CUDA:
 // cudaMemGetInfo's free bytes), SIZE_MAX when unknown.
 #define MOETRAIN_BACKEND_QUERIES(X, T)                                                             \
   X(Storage, activation_storage, (), (), 0)                                                        \
   X(std::size_t, attention_saved_elems, (const AttentionShape& s), (s), 0)                         \
+  X(int, head_chunk_rows, (int rows, int vocab), (rows, vocab), 0)                                 \
   X(std::size_t, available_memory_bytes, (), (), 0)
 
 // Expansions shared by the interface and its implementations.

@@ -34,12 +34,12 @@ struct MemoryEstimate {
 std::size_t param_count(const ModelConfig& cfg);
 
 // params, grads, activations and the weight copy (`bf16_weight_copy`) for micro-batches of
-// `batch` sequences with activations of storage `activations`; `attention_saved_elems` is the
-// backend's query for that attention shape. The optimizer part is the optim module's
-// (optimizer_memory_bytes). Throws SizeTooLarge.
+// `batch` sequences with activations of storage `activations`; `attention_saved_elems` and
+// `head_chunk_rows` are the backend's queries for that shape. The optimizer part is the optim
+// module's (optimizer_memory_bytes). Throws SizeTooLarge.
 MemoryEstimate estimate_model_memory(const ModelConfig& cfg, std::size_t batch,
-                                     std::size_t attention_saved_elems, Storage activations,
-                                     bool bf16_weight_copy);
+                                     std::size_t attention_saved_elems, int head_chunk_rows,
+                                     Storage activations, bool bf16_weight_copy);
 
 // "1.50 GiB", "12.0 MiB", "512 B".
 std::string format_bytes(std::size_t bytes);

@@ -46,10 +46,12 @@ class Model {
   Model(const ModelConfig& cfg, Backend<T>& backend, int batch, DeviceStats<T>* stats = nullptr,
         int stats_slots = 1);
   // The bytes of the activation arena such a model allocates (and its routers' expert biases),
-  // computed by the same requests without allocating (attention_saved_elems: the backend's query
-  // for this shape). Throws std::overflow_error when a size does not fit in 64 bits.
+  // computed by the same requests without allocating (attention_saved_elems and head_chunk_rows:
+  // the backend's queries for this shape). Throws std::overflow_error when a size does not fit in
+  // 64 bits.
   static std::size_t activation_bytes(const ModelConfig& cfg, std::size_t batch,
-                                      std::size_t attention_saved_elems, Storage activations);
+                                      std::size_t attention_saved_elems, int head_chunk_rows,
+                                      Storage activations);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -93,16 +95,16 @@ class Model {
   T* smax_device() const { return stats_block_->device(regions_.smax); }
   const double* loss_sums_device() const { return stats_block_->device(regions_.ce_sum); }
   int stats_slots() const { return slots_; }
-  // Forward to logits only ([tokens(), vocab] device buffer of the activation storage), for
-  // sampling.
-  CDevPtr forward_logits(const std::int32_t* tokens);
+  // Forward to the logits of token `row` (0 <= row < tokens()) only: a [vocab] device buffer of
+  // the activation storage, valid until the next forward. For sampling.
+  CDevPtr forward_logits(const std::int32_t* tokens, int row);
 
   const ForwardStats& stats() const { return stats_; }
 
  private:
   struct Layer;
   static void plan_arena(ArenaPlan& plan, const ModelConfig& cfg, std::size_t batch,
-                         std::size_t att_saved, Storage act, Model* model);
+                         std::size_t att_saved, int head_rows, Storage act, Model* model);
   // The forward statistics in the stats block, each [slots][n_layers][width] but ce_sum [slots].
   struct StatsRegions {
     typename DeviceStats<T>::template Region<double> ce_sum;
@@ -149,7 +151,8 @@ class Model {
   std::vector<DevPtr> resid_;        // n_layers + 1 residual streams, each [N, d]
   DevPtr final_norm_;                // [N, d]
   T* final_rstd_ = nullptr;          // [N]
-  DevPtr logits_;                    // [N, V]; dlogits after a training forward
+  int head_rows_ = 0;                // rows of one lm_head + cross-entropy chunk (backend's query)
+  DevPtr logits_;                    // [head_rows_, V]  one chunk's logits, then its dlogits
   T* losses_ = nullptr;              // [N]
   T* rope_cos_ = nullptr;            // [seq, head_dim / 2]
   T* rope_sin_ = nullptr;            // [seq, head_dim / 2]

@@ -1,9 +1,13 @@
-// Causal multi-head attention with GQA over the fused qkv buffer, and its backward.
+// Causal multi-head attention with GQA over the fused qkv buffer, and its backward, tiled as flash
+// attention is: no T x T matrix exists, key blocks above the diagonal are never computed.
 //
-// Per (batch, head): S = Q K^T / sqrt(hd) as one GEMM, causal softmax row by row (recording the
-// largest pre-softmax logit for QK-clip), O = P V as a second GEMM. P is kept for the backward.
-// Work is split over (batch, kv head) pairs so that the query heads sharing a kv head accumulate
-// their dK, dV in a fixed order on one thread: deterministic, no atomics.
+// Forward, per (batch, head) and query block: for each key block up to the diagonal, S = Q K^T /
+// sqrt(hd) into a [kBlock, kBlock] tile, an online softmax over it (the running row max m — also
+// S_max's source for QK-clip — and the running sum l, the output rescaled by exp(m_old - m_new)),
+// O += P V. The row's logsumexp m + log l is saved for backward (B*H*T values).
+// Backward, per (batch, kv head) so that the query heads sharing a kv head accumulate their dK, dV
+// in a fixed order on one thread (deterministic, no atomics): each tile's P is recomputed from the
+// logsumexp, and dV += P^T dO, dS = P (dO V^T - rowsum(dO O)), dK += dS^T Q, dQ += dS K.
 #include <omp.h>
 
 #include <algorithm>
@@ -12,62 +16,96 @@
 #include <vector>
 
 #include "backend/cpu/ops.hpp"
+#include "backend/cpu/vector_exp.hpp"
 
 namespace moetrain::cpu {
 
+namespace {
+// Rows of a query block and of a key block: a [64, 64] score tile and a [64, hd] output block stay
+// in L1/L2 while they are reused, and the tile GEMMs are large enough for OpenBLAS's kernels.
+constexpr int kBlock = 64;
+}  // namespace
+
 std::size_t attention_saved_elems(const AttentionShape& s) {
-  return s.probs_elems();  // P
+  return std::size_t(s.batch) * std::size_t(s.n_heads) * std::size_t(s.seq);  // logsumexp
 }
 
 template <typename T>
-void attention_forward(T* out, T* probs, T* smax, const T* qkv, const AttentionShape& s) {
+void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s) {
   const int Tq = s.seq, hd = s.head_dim, ld = s.qkv_width(), ldo = s.out_width();
   const int group = s.n_heads / s.n_kv_heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
+  const T neg_inf = -std::numeric_limits<T>::infinity();
   const int tasks = s.batch * s.n_heads;
-  std::vector<T> head_max(std::size_t(tasks), -std::numeric_limits<T>::infinity());
+  std::vector<T> head_max(std::size_t(tasks), neg_inf);
 
   SingleThreadedBlas blas_per_task;
-#pragma omp parallel for schedule(static)
-  for (int task = 0; task < tasks; ++task) {
-    const int b = task / s.n_heads, h = task % s.n_heads, g = h / group;
-    const T* base = qkv + std::size_t(b) * Tq * ld;
-    const T* q = base + std::size_t(h) * hd;
-    const T* k = base + std::size_t(s.n_heads + g) * hd;
-    const T* v = base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
-    T* P = probs + std::size_t(task) * Tq * Tq;
-    gemm<T>(false, true, Tq, Tq, hd, scale, q, ld, k, ld, T(0), P, Tq);
-    T mx_all = -std::numeric_limits<T>::infinity();
-    for (int i = 0; i < Tq; ++i) {
-      T* row = P + std::size_t(i) * Tq;
-      T mx = row[0];
-      for (int j = 1; j <= i; ++j) mx = std::max(mx, row[j]);
-      mx_all = std::max(mx_all, mx);
-      T sum = 0;
-      for (int j = 0; j <= i; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
+#pragma omp parallel
+  {
+    std::vector<T> S(std::size_t(kBlock) * kBlock);  // [kBlock q rows, kBlock keys]
+    std::vector<T> m(kBlock), l(kBlock);             // running row max and sum of the block
+#pragma omp for schedule(static)
+    for (int task = 0; task < tasks; ++task) {
+      const int b = task / s.n_heads, h = task % s.n_heads, g = h / group;
+      const T* base = qkv + std::size_t(b) * Tq * ld;
+      const T* q = base + std::size_t(h) * hd;
+      const T* k = base + std::size_t(s.n_heads + g) * hd;
+      const T* v = base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
+      T* o = out + std::size_t(b) * Tq * ldo + std::size_t(h) * hd;  // [Tq, hd] at stride ldo
+      T* lse_h = lse + std::size_t(task) * Tq;
+      T mx_all = neg_inf;
+      for (int i0 = 0; i0 < Tq; i0 += kBlock) {
+        const int nq = std::min(kBlock, Tq - i0);
+        std::fill_n(m.begin(), nq, neg_inf);
+        std::fill_n(l.begin(), nq, T(0));
+        for (int r = 0; r < nq; ++r) std::fill_n(o + std::size_t(i0 + r) * ldo, hd, T(0));
+        // Key blocks that hold some j <= i of this block's rows: those starting before its end.
+        for (int j0 = 0; j0 < i0 + nq; j0 += kBlock) {
+          const int nk = std::min(kBlock, i0 + nq - j0);
+          gemm<T>(false, true, nq, nk, hd, scale, q + std::size_t(i0) * ld, ld,
+                  k + std::size_t(j0) * ld, ld, T(0), S.data(), kBlock);
+          for (int r = 0; r < nq; ++r) {
+            T* row = S.data() + std::size_t(r) * kBlock;
+            const int valid = std::clamp(i0 + r - j0 + 1, 0, nk);  // keys j <= i
+            std::fill(row + valid, row + nk, T(0));
+            if (valid == 0) continue;
+            T mx = row[0];
+            for (int j = 1; j < valid; ++j) mx = std::max(mx, row[j]);
+            mx_all = std::max(mx_all, mx);
+            const T m_new = std::max(m[r], mx);
+            const T sum = exp_shifted_sum(row, valid, m_new);
+            if (m[r] != m_new) {  // rescale what earlier key blocks added (nothing the first time)
+              const T alpha = std::exp(m[r] - m_new);
+              T* orow = o + std::size_t(i0 + r) * ldo;
+              for (int c = 0; c < hd; ++c) orow[c] *= alpha;
+              l[r] *= alpha;
+            }
+            l[r] += sum;
+            m[r] = m_new;
+          }
+          gemm<T>(false, false, nq, hd, nk, T(1), S.data(), kBlock, v + std::size_t(j0) * ld, ld,
+                  T(1), o + std::size_t(i0) * ldo, ldo);
+        }
+        for (int r = 0; r < nq; ++r) {
+          const T inv = T(1) / l[r];
+          T* orow = o + std::size_t(i0 + r) * ldo;
+          for (int c = 0; c < hd; ++c) orow[c] *= inv;
+          lse_h[i0 + r] = m[r] + std::log(l[r]);
+        }
       }
-      const T inv = T(1) / sum;
-      for (int j = 0; j <= i; ++j) row[j] *= inv;
-      std::fill(row + i + 1, row + Tq, T(0));
+      head_max[std::size_t(task)] = mx_all;
     }
-    head_max[std::size_t(task)] = mx_all;
-    gemm<T>(false, false, Tq, hd, Tq, T(1), P, Tq, v, ld, T(0),
-            out + std::size_t(b) * Tq * ldo + std::size_t(h) * hd, ldo);
   }
   for (int h = 0; h < s.n_heads; ++h) {
-    T m = -std::numeric_limits<T>::infinity();
-    for (int b = 0; b < s.batch; ++b) m = std::max(m, head_max[std::size_t(b) * s.n_heads + h]);
-    smax[h] = m;
+    T mh = neg_inf;
+    for (int b = 0; b < s.batch; ++b) mh = std::max(mh, head_max[std::size_t(b) * s.n_heads + h]);
+    smax[h] = mh;
   }
 }
 
-// dP = dO V^T;  dV += P^T dO;  dS = P * (dP - rowsum(dP * P));
-// dQ = dS K / sqrt(hd);  dK += dS^T Q / sqrt(hd).
 template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* /*out: P suffices*/,
-                        const T* probs, const AttentionShape& s) {
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+                        const AttentionShape& s) {
   const int Tq = s.seq, hd = s.head_dim, ld = s.qkv_width(), ldo = s.out_width();
   const int group = s.n_heads / s.n_kv_heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
@@ -76,7 +114,9 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* /*out: P 
   SingleThreadedBlas blas_per_task;
 #pragma omp parallel
   {
-    std::vector<T> dP(std::size_t(Tq) * Tq);
+    std::vector<T> P(std::size_t(kBlock) * kBlock), dS(std::size_t(kBlock) * kBlock);
+    std::vector<T> D(
+        static_cast<std::size_t>(Tq));  // rowsum(dO * O) = rowsum(dP * P), per query row
 #pragma omp for schedule(static)
     for (int task = 0; task < tasks; ++task) {
       const int b = task / s.n_kv_heads, g = task % s.n_kv_heads;
@@ -94,20 +134,44 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* /*out: P 
       for (int h = g * group; h < (g + 1) * group; ++h) {
         const T* q = base + std::size_t(h) * hd;
         T* dq = dbase + std::size_t(h) * hd;
-        const T* P = probs + (std::size_t(b) * s.n_heads + h) * Tq * Tq;
         const T* dO = dout + row0 * ldo + std::size_t(h) * hd;
-        gemm<T>(false, true, Tq, Tq, hd, T(1), dO, ldo, v, ld, T(0), dP.data(), Tq);
-        gemm<T>(true, false, Tq, hd, Tq, T(1), P, Tq, dO, ldo, T(1), dv, ld);
+        const T* O = out + row0 * ldo + std::size_t(h) * hd;
+        const T* lse_h = lse + (std::size_t(b) * s.n_heads + h) * Tq;
         for (int i = 0; i < Tq; ++i) {
-          T* dpi = dP.data() + std::size_t(i) * Tq;
-          const T* pi = P + std::size_t(i) * Tq;
+          const T* a = dO + std::size_t(i) * ldo;
+          const T* c = O + std::size_t(i) * ldo;
           T dot = 0;
-          for (int j = 0; j <= i; ++j) dot += dpi[j] * pi[j];
-          for (int j = 0; j <= i; ++j) dpi[j] = pi[j] * (dpi[j] - dot);
-          std::fill(dpi + i + 1, dpi + Tq, T(0));
+          for (int e = 0; e < hd; ++e) dot += a[e] * c[e];
+          D[std::size_t(i)] = dot;
+          std::fill_n(dq + std::size_t(i) * ld, hd, T(0));
         }
-        gemm<T>(false, false, Tq, hd, Tq, scale, dP.data(), Tq, k, ld, T(0), dq, ld);
-        gemm<T>(true, false, Tq, hd, Tq, scale, dP.data(), Tq, q, ld, T(1), dk, ld);
+        for (int j0 = 0; j0 < Tq; j0 += kBlock) {
+          const int nk = std::min(kBlock, Tq - j0);
+          // Query blocks with some row i >= j0: from the one holding row j0 to the end.
+          for (int i0 = j0 / kBlock * kBlock; i0 < Tq; i0 += kBlock) {
+            const int nq = std::min(kBlock, Tq - i0);
+            gemm<T>(false, true, nq, nk, hd, scale, q + std::size_t(i0) * ld, ld,
+                    k + std::size_t(j0) * ld, ld, T(0), P.data(), kBlock);
+            gemm<T>(false, true, nq, nk, hd, T(1), dO + std::size_t(i0) * ldo, ldo,
+                    v + std::size_t(j0) * ld, ld, T(0), dS.data(), kBlock);
+            for (int r = 0; r < nq; ++r) {
+              T* p = P.data() + std::size_t(r) * kBlock;
+              T* ds = dS.data() + std::size_t(r) * kBlock;
+              const int valid = std::clamp(i0 + r - j0 + 1, 0, nk);
+              exp_shifted_sum(p, valid, lse_h[i0 + r]);
+              const T Di = D[std::size_t(i0 + r)];
+              for (int j = 0; j < valid; ++j) ds[j] = p[j] * (ds[j] - Di);
+              std::fill(p + valid, p + nk, T(0));
+              std::fill(ds + valid, ds + nk, T(0));
+            }
+            gemm<T>(true, false, nk, hd, nq, T(1), P.data(), kBlock, dO + std::size_t(i0) * ldo,
+                    ldo, T(1), dv + std::size_t(j0) * ld, ld);
+            gemm<T>(true, false, nk, hd, nq, scale, dS.data(), kBlock, q + std::size_t(i0) * ld, ld,
+                    T(1), dk + std::size_t(j0) * ld, ld);
+            gemm<T>(false, false, nq, hd, nk, scale, dS.data(), kBlock, k + std::size_t(j0) * ld,
+                    ld, T(1), dq + std::size_t(i0) * ld, ld);
+          }
+        }
       }
     }
   }

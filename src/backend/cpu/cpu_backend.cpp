@@ -1,5 +1,6 @@
 #include "moetrain/cpu_backend.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -61,6 +62,13 @@ Storage CpuBackend<T>::activation_storage() const {
 template <typename T>
 std::size_t CpuBackend<T>::attention_saved_elems(const AttentionShape& s) const {
   return cpu::attention_saved_elems(s);
+}
+
+template <typename T>
+int CpuBackend<T>::head_chunk_rows(int rows, int vocab) const {
+  // 2^18 logits (1 MiB of fp32), but at least 16 rows so that the GEMMs keep their efficiency.
+  const int chunk = std::max(16, (1 << 18) / std::max(vocab, 1));
+  return std::clamp(chunk, 1, std::max(rows, 1));
 }
 
 template <typename T>

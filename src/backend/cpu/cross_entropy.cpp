@@ -1,9 +1,13 @@
 // Fused softmax cross-entropy: per-token loss, and dlogits written over the logits. A negative
-// target marks padding (evaluation's last batch): zero loss and zero gradient.
+// target marks padding (evaluation's last batch): zero loss and zero gradient. The exp of a row
+// is vector_exp's, in place when the gradient is wanted (the row becomes the softmax, then the
+// gradient); without one on a per-thread copy, so the logits stay as they were.
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "backend/cpu/ops.hpp"
+#include "backend/cpu/vector_exp.hpp"
 
 namespace moetrain::cpu {
 
@@ -12,24 +16,28 @@ void cross_entropy(T* losses, double* loss_sum, T* logits, const int32_t* target
                    const T* grad_scale_ptr) {
   const bool grad = grad_scale_ptr != nullptr;
   const T grad_scale = grad ? *grad_scale_ptr : T(0);
-#pragma omp parallel for schedule(static)
-  for (int i = 0; i < n; ++i) {
-    T* row = logits + std::size_t(i) * vocab;
-    const int y = targets[i];
-    if (y < 0) {  // padding: no loss, no gradient
-      losses[i] = T(0);
-      if (grad) std::fill_n(row, vocab, T(0));
-      continue;
-    }
-    const T mx = *std::max_element(row, row + vocab);
-    double sum = 0;
-    for (int v = 0; v < vocab; ++v) sum += std::exp(double(row[v] - mx));
-    const double lse = double(mx) + std::log(sum);
-    losses[i] = T(lse - double(row[y]));
-    if (grad) {
-      const T inv = T(1.0 / sum);
-      for (int v = 0; v < vocab; ++v) row[v] = std::exp(row[v] - mx) * inv * grad_scale;
-      row[y] -= grad_scale;
+#pragma omp parallel
+  {
+    std::vector<T> copy(grad ? 0 : std::size_t(vocab));
+#pragma omp for schedule(static)
+    for (int i = 0; i < n; ++i) {
+      T* row = logits + std::size_t(i) * vocab;
+      const int y = targets[i];
+      if (y < 0) {  // padding: no loss, no gradient
+        losses[i] = T(0);
+        if (grad) std::fill_n(row, vocab, T(0));
+        continue;
+      }
+      const T mx = *std::max_element(row, row + vocab);
+      const T target_logit = row[y];
+      T* e = grad ? row : std::copy_n(row, vocab, copy.data()) - vocab;
+      const T sum = exp_shifted_sum(e, vocab, mx);
+      losses[i] = T(double(mx) + std::log(double(sum)) - double(target_logit));
+      if (grad) {
+        const T s = grad_scale / sum;
+        for (int v = 0; v < vocab; ++v) row[v] *= s;
+        row[y] -= grad_scale;
+      }
     }
   }
   if (!loss_sum) return;

@@ -16,14 +16,27 @@ namespace {
 // and far more when another process shares the cores.
 constexpr std::size_t kParallelMin = std::size_t(1) << 18;
 
+// Sum over b <= i < e of f(i) in 8 interleaved partial sums (lane j takes i = b + j mod 8),
+// added in lane order: a serial sum's single chain of dependent adds would keep the compiler from
+// vectorising f (it may not reorder float additions); eight independent ones it can.
+template <typename F>
+double range_sum(std::size_t b, std::size_t e, F f) {
+  constexpr std::size_t kLanes = 8;
+  double lane[kLanes] = {};
+  std::size_t i = b;
+  for (; i + kLanes <= e; i += kLanes)
+    for (std::size_t j = 0; j < kLanes; ++j) lane[j] += f(i + j);
+  double tail = 0;
+  for (; i < e; ++i) tail += f(i);
+  double s = 0;
+  for (double l : lane) s += l;
+  return s + tail;
+}
+
 // Sum over i < n of f(i), parallel over fixed ranges, deterministic for a given n.
 template <typename F>
 double reduce_sum(std::size_t n, F f) {
-  if (n < kParallelMin) {
-    double s = 0;
-    for (std::size_t i = 0; i < n; ++i) s += f(i);
-    return s;
-  }
+  if (n < kParallelMin) return range_sum(0, n, f);
   const int nt = omp_get_max_threads();
   std::vector<double> part(std::size_t(nt), 0.0);
 #pragma omp parallel
@@ -31,9 +44,7 @@ double reduce_sum(std::size_t n, F f) {
     const int id = omp_get_thread_num(), k = omp_get_num_threads();
     const std::size_t b = n * std::size_t(id) / std::size_t(k);
     const std::size_t e = n * std::size_t(id + 1) / std::size_t(k);
-    double s = 0;
-    for (std::size_t i = b; i < e; ++i) s += f(i);
-    part[std::size_t(id)] = s;
+    part[std::size_t(id)] = range_sum(b, e, f);
   }
   double s = 0;
   for (double v : part) s += v;
@@ -86,14 +97,14 @@ void axpby(T* y, const T* x, std::size_t n, double a, double b) {
   for (std::size_t i = 0; i < n; ++i) y[i] = fa * x[i] + fb * y[i];
 }
 
-// One matrix per thread at a time; each norm is a serial sum, so the result is deterministic.
+// One matrix per thread at a time; each norm is one thread's range_sum, so the result is
+// deterministic.
 template <typename T>
 void frobenius_normalize(T* x, int batch, std::size_t elems, double norm_scale, double eps) {
 #pragma omp parallel for schedule(static) if (batch > 1)
   for (int b = 0; b < batch; ++b) {
     T* xb = x + std::size_t(b) * elems;
-    double ss = 0;
-    for (std::size_t i = 0; i < elems; ++i) ss += double(xb[i]) * xb[i];
+    const double ss = range_sum(0, elems, [xb](std::size_t i) { return double(xb[i]) * xb[i]; });
     const T f = T(1.0 / (norm_scale * std::sqrt(ss) + eps));
     for (std::size_t i = 0; i < elems; ++i) xb[i] *= f;
   }

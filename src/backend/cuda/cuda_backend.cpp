@@ -123,6 +123,13 @@ Storage CudaBackend::activation_storage() const {
   return bf16_ ? Storage::BF16 : Storage::F32;
 }
 
+int CudaBackend::head_chunk_rows(int rows, int vocab) const {
+  // 64 Mi logits (128 MiB in bf16): one chunk for the configs of this repository; at 16 Ki tokens
+  // of a 128 Ki vocabulary four chunks, each GEMM still 4 Ki rows.
+  const long long chunk = std::max(1LL, (1LL << 26) / std::max(vocab, 1));
+  return int(std::clamp<long long>(chunk, 1, std::max(rows, 1)));
+}
+
 std::size_t CudaBackend::available_memory_bytes() const {
   std::size_t free_bytes = 0, total_bytes = 0;
   if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
