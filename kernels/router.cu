@@ -70,6 +70,42 @@ __device__ __forceinline__ double warp_logsumexp(const float* __restrict__ l, in
   return static_cast<double>(mx) + log(s);
 }
 
+// log sigmoid(x) = -log(1 + e^-x), finite for every finite x. The sigmoid router normalises its
+// scores in the log domain (relative to the largest), so that a token whose scores all underflow
+// still has gates and a distribution (the CPU reference does the same).
+__device__ __forceinline__ double log_sigmoid(double x) {
+  return fmin(x, 0.0) - log1p(exp(-fabs(x)));
+}
+
+// The largest log score of the chosen experts and the sum of their scores relative to it, in slot
+// order (every lane computes the same): nu_j = exp(log_sigmoid(l_j) - top) / z.
+struct ChosenShare {
+  double top, z;
+};
+__device__ __forceinline__ ChosenShare chosen_share(const float* __restrict__ l, const int32_t* sel,
+                                                    int K) {
+  ChosenShare c{log_sigmoid(l[sel[0]]), 0.0};
+  for (int j = 1; j < K; ++j) c.top = fmax(c.top, log_sigmoid(l[sel[j]]));
+  for (int j = 0; j < K; ++j) c.z += exp(log_sigmoid(l[sel[j]]) - c.top);
+  return c;
+}
+
+// The sigmoid router's distribution q_e = s_e / sum(s) = exp(log_sigmoid(l_e) - top) * inv: top is
+// the largest logit's log score, inv the reciprocal warp sum (every lane gets both).
+struct SigmoidDistribution {
+  double top, inv;
+};
+__device__ __forceinline__ SigmoidDistribution sigmoid_distribution(const float* __restrict__ l,
+                                                                    int E, unsigned lane) {
+  float mx = -INFINITY;
+  for (int e = static_cast<int>(lane); e < E; e += 32) mx = fmaxf(mx, l[e]);
+  const double top = log_sigmoid(static_cast<double>(warp_max(mx)));
+  double z = 0.0;
+  for (int e = static_cast<int>(lane); e < E; e += 32)
+    z += exp(log_sigmoid(static_cast<double>(l[e])) - top);
+  return {top, 1.0 / warp_sum(z)};
+}
+
 __global__ void __launch_bounds__(kRouterThreads)
     router_forward_kernel(float* __restrict__ scores, int32_t* __restrict__ topk,
                           float* __restrict__ gates, const float* __restrict__ logits,
@@ -104,14 +140,12 @@ __global__ void __launch_bounds__(kRouterThreads)
     float* out_sc = scores + static_cast<std::size_t>(t) * E;
     const double lse = warp_logsumexp(l, E, lane);
 
-    double zall = 0.0;
     for (int e = static_cast<int>(lane); e < E; e += 32) {
       const double le = l[e];
       const float v =
           sigmoid ? static_cast<float>(1.0 / (1.0 + exp(-le))) : static_cast<float>(exp(le - lse));
       sc[e] = v;
       out_sc[e] = v;
-      zall += v;
     }
 
     // Top-k: k rounds of a warp arg-max over the experts not yet taken (bit i of `taken` is expert
@@ -143,23 +177,29 @@ __global__ void __launch_bounds__(kRouterThreads)
     }
     __syncwarp();  // sel and sc of every lane are visible to the whole warp
 
-    double zsel = 0.0;
-    for (int j = 0; j < K; ++j) zsel += static_cast<double>(sc[sel[j]]);  // slot order, as the CPU
-    const double gscale = sigmoid ? dims.route_scale / zsel : 1.0 / zsel;
+    // Gates: softmax p_j / sum of chosen p, or r s_j / sum of chosen s (slot order, as the CPU).
+    ChosenShare share{0.0, 0.0};
+    if (sigmoid) {
+      share = chosen_share(l, sel, K);
+    } else {
+      for (int j = 0; j < K; ++j) share.z += static_cast<double>(sc[sel[j]]);
+    }
     for (int j = static_cast<int>(lane); j < K; j += 32) {
       const int e = sel[j];
       topk[static_cast<std::size_t>(t) * K + j] = e;
-      gates[static_cast<std::size_t>(t) * K + j] =
-          static_cast<float>(static_cast<double>(sc[e]) * gscale);
+      gates[static_cast<std::size_t>(t) * K + j] = static_cast<float>(
+          sigmoid ? dims.route_scale * (exp(log_sigmoid(l[e]) - share.top) / share.z)
+                  : static_cast<double>(sc[e]) / share.z);
       atomicAdd(&scount[e], 1);
     }
 
     // Router distribution q, its entropy, and the z statistic.
-    double inv = 1.0;
-    if (sigmoid) inv = 1.0 / warp_sum(zall);
+    SigmoidDistribution dist{0.0, 1.0};
+    if (sigmoid) dist = sigmoid_distribution(l, E, lane);
     double ent = 0.0;
     for (int e = static_cast<int>(lane); e < E; e += 32) {
-      const double q = static_cast<double>(sc[e]) * inv;
+      const double q =
+          sigmoid ? exp(log_sigmoid(l[e]) - dist.top) * dist.inv : static_cast<double>(sc[e]);
       acc[e] += q;
       if (q > 0.0) ent -= q * log(q);
     }
@@ -240,20 +280,20 @@ __global__ void __launch_bounds__(kRouterThreads)
     const float* dw = dgates + static_cast<std::size_t>(t) * K;
     float* dl = dlogits + row;
 
-    double wdw = 0.0, zsel = 0.0;
-    for (int j = 0; j < K; ++j) {
-      wdw += static_cast<double>(w[j]) * dw[j];
-      if (sigmoid) zsel += static_cast<double>(sc[sel[j]]);
-    }
-    double inv = 1.0, zall = 0.0;
+    double wdw = 0.0;
+    for (int j = 0; j < K; ++j) wdw += static_cast<double>(w[j]) * dw[j];
+    ChosenShare share{0.0, 1.0};
+    SigmoidDistribution dist{0.0, 1.0};
     if (sigmoid) {
-      for (int e = static_cast<int>(lane); e < E; e += 32) zall += sc[e];
-      zall = warp_sum(zall);
-      inv = 1.0 / zall;
+      share = chosen_share(l, sel, K);
+      dist = sigmoid_distribution(l, E, lane);
     }
+    // q_e: the softmax p, or s_e / sum(s) from the logits as in the forward.
+    auto q_of = [&](int e) {
+      return sigmoid ? exp(log_sigmoid(l[e]) - dist.top) * dist.inv : static_cast<double>(sc[e]);
+    };
     double qc = 0.0;
-    for (int e = static_cast<int>(lane); e < E; e += 32)
-      qc += static_cast<double>(sc[e]) * inv * c[e];
+    for (int e = static_cast<int>(lane); e < E; e += 32) qc += q_of(e) * c[e];
     qc = warp_sum(qc);
     const double lse = z_coef != 0.0 ? warp_logsumexp(l, E, lane) : 0.0;
 
@@ -264,18 +304,18 @@ __global__ void __launch_bounds__(kRouterThreads)
           slot = j;
           break;
         }
-      const double se = sc[e];
       float out;
       if (!sigmoid) {
         // Aux: softmax backward of c. Gates = softmax of the chosen logits.
-        out = static_cast<float>(grad_scale * se * (c[e] - qc));
+        out = static_cast<float>(grad_scale * static_cast<double>(sc[e]) * (c[e] - qc));
         if (slot >= 0) out += static_cast<float>(w[slot] * (dw[slot] - wdw));
       } else {
-        // w_j = r s_j / Z (Z = sum of chosen s); q = s / sum(s); then through the sigmoid.
-        double dsc = 0.0;
-        if (slot >= 0) dsc += (dims.route_scale * dw[slot] - wdw) / zsel;
-        dsc += grad_scale * (c[e] - qc) / zall;
-        out = static_cast<float>(dsc * se * (1.0 - se));
+        // w_j = r nu_j (nu_j = s_j / sum of chosen s), q = s / sum(s); through ds/dl = s (1 - s)
+        // the s cancels into nu and q, and 1 - s_e = sigmoid(-l_e).
+        double dsc = grad_scale * q_of(e) * (c[e] - qc);
+        if (slot >= 0)
+          dsc += exp(log_sigmoid(l[e]) - share.top) / share.z * (dims.route_scale * dw[slot] - wdw);
+        out = static_cast<float>(dsc / (1.0 + exp(static_cast<double>(l[e]))));
       }
       if (z_coef != 0.0)
         out += static_cast<float>(grad_scale * z_coef * 2.0 * lse *

@@ -392,6 +392,62 @@ TEST_CASE("router forward: selection, gates, aux and z against a direct evaluati
   }
 }
 
+// Logits far below zero: every sigmoid score underflows (to 0 in float below about -103, in double
+// below about -745), and gates, distribution and gradient must still be those of the limit, where
+// s_e = e^l_e: gates = r softmax(chosen logits).
+TEST_CASE("sigmoid router with underflowing scores: finite gates and gradients of the limit",
+          "[grad][ops][router]") {
+  const int N = 5, E = 6, K = 2;
+  const double r = 2.5;
+  const RouterShape s{N, E, K, RouterType::SigmoidBias, r};
+  auto bias = random_vector(std::size_t(E), 21, 0.3);  // picks the experts: every score is 0
+  {
+    // Float, logits about -150: the chosen gates against r softmax of their logits in double.
+    CpuBackend<float> be;
+    auto l64 = random_vector(std::size_t(N) * E, 22, 2.0);
+    std::vector<float> logits(l64.size()), bias32(bias.begin(), bias.end());
+    for (std::size_t i = 0; i < l64.size(); ++i) logits[i] = float(l64[i] - 150.0);
+    std::vector<float> scores(logits.size()), gates(std::size_t(N) * K), stats(3),
+        dgates(std::size_t(N) * K, 1.0f), dl(logits.size());
+    std::vector<std::int32_t> topk(std::size_t(N) * K), counts(static_cast<std::size_t>(E));
+    be.router_forward(scores.data(), topk.data(), gates.data(), counts.data(), stats.data(),
+                      logits.data(), bias32.data(), s);
+    be.router_backward(dl.data(), dgates.data(), logits.data(), scores.data(), topk.data(),
+                       gates.data(), counts.data(), s, 0.1, 0.01, 1.0);
+    for (float v : scores) CHECK(v == 0.0f);
+    for (float v : stats) CHECK(std::isfinite(v));
+    for (float v : dl) CHECK(std::isfinite(v));
+    for (int t = 0; t < N; ++t) {
+      double z = 0;
+      for (int j = 0; j < K; ++j)
+        z += std::exp(double(logits[std::size_t(t * E + topk[t * K + j])]));
+      for (int j = 0; j < K; ++j) {
+        const double want = r * std::exp(double(logits[std::size_t(t * E + topk[t * K + j])])) / z;
+        CHECK(gates[std::size_t(t * K + j)] == Approx(want).epsilon(1e-6));
+      }
+    }
+  }
+  // Double, logits about -800: the backward against finite differences, aux and z losses on.
+  CpuBackend<double> be;
+  auto logits = random_vector(std::size_t(N) * E, 23, 1.5);
+  for (auto& x : logits) x -= 800.0;
+  auto R = random_vector(std::size_t(N) * K, 24);
+  std::vector<double> scores(logits.size()), gates(std::size_t(N) * K), stats(3);
+  std::vector<std::int32_t> topk(std::size_t(N) * K), counts(static_cast<std::size_t>(E));
+  const double aux = 0.1, zc = 1e-4;
+  auto loss = [&] {
+    be.router_forward(scores.data(), topk.data(), gates.data(), counts.data(), stats.data(),
+                      logits.data(), bias.data(), s);
+    return dot(gates, R) + aux * stats[0] + zc * stats[1];
+  };
+  loss();
+  for (double v : scores) CHECK(v == 0.0);
+  std::vector<double> dl(logits.size());
+  be.router_backward(dl.data(), R.data(), logits.data(), scores.data(), topk.data(), gates.data(),
+                     counts.data(), s, aux, zc, 1.0);
+  CHECK(fd_relative_error(loss, logits.data(), dl, all_indices(logits.size())) < kTol);
+}
+
 TEST_CASE("router top-k ties go to the lower expert index", "[ops][router]") {
   CpuBackend<float> be;
   const int N = 3, E = 6, K = 2;

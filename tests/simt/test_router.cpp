@@ -32,7 +32,8 @@ struct Case {
   int tokens, experts, k;
   bool sigmoid;
   double route_scale;
-  bool ties;  // logits from a few levels (many exactly equal scores); zero bias
+  bool ties;            // logits from a few levels (many exactly equal scores); zero bias
+  float offset = 0.0f;  // added to every logit: -150 makes every sigmoid score underflow to 0
 };
 
 double g_max_err = 0;  // reported by the last test case
@@ -43,7 +44,7 @@ void run_case(const Case& c, unsigned seed) {
   std::normal_distribution<float> normal(0.0f, 1.5f);
   std::vector<float> logits(size_t(N) * E), bias(E), dgates(size_t(N) * K);
   const float levels[] = {-1.0f, 0.0f, 0.25f, 1.0f};
-  for (auto& x : logits) x = c.ties ? levels[rng() % 4] : normal(rng);
+  for (auto& x : logits) x = (c.ties ? levels[rng() % 4] : normal(rng)) + c.offset;
   for (auto& b : bias) b = c.ties ? 0.0f : 0.1f * normal(rng);
   for (auto& x : dgates) x = normal(rng);
   if (c.ties) {
@@ -140,6 +141,8 @@ TEST_CASE("router kernels: forward and backward match the CPU backend", "[simt][
       {"sigmoid_bias ties E=33 k=7", 88, 33, 7, true, 1.5, true},
       {"softmax E=1000 k=8 (more than 48 KiB of shared memory)", 41, 1000, 8, false, 1.0, false},
       {"sigmoid_bias E=1 k=1", 19, 1, 1, true, 1.0, false},
+      {"sigmoid_bias E=48 k=4, scores underflow (logits about -150)", 37, 48, 4, true, 2.0, false,
+       -150.0f},
   };
   unsigned seed = 100;
   for (const Case& c : cases) run_case(c, seed++);

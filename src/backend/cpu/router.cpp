@@ -7,6 +7,7 @@
 // tokens of the full distribution q (p, or s normalised to sum 1). L_z = mean_t logsumexp(l_t)^2.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -25,13 +26,38 @@ double log_sum_exp(const T* l, int E) {
   return mx + std::log(s);
 }
 
-// The router distribution q of one token (softmax probabilities, or sigmoid scores normalised).
+// log sigmoid(x) = -log(1 + e^-x), finite for every finite x.
+double log_sigmoid(double x) {
+  return std::min(x, 0.0) - std::log1p(std::exp(-std::abs(x)));
+}
+
+// The router distribution q of one token: the softmax probabilities, or the sigmoid scores
+// normalised to sum 1. The sigmoid case is normalised in the log domain, relative to the largest
+// score (log sigmoid is monotone, so that is the largest logit's), so that a token whose scores all
+// underflow still has a distribution.
 template <typename T>
-void distribution(double* q, const T* scores, int E, RouterType type) {
+void distribution(double* q, const T* scores, const T* l, int E, RouterType type) {
+  if (type == RouterType::SoftmaxTopK) {
+    for (int e = 0; e < E; ++e) q[e] = scores[e];
+    return;
+  }
+  double lmax = l[0];
+  for (int e = 1; e < E; ++e) lmax = std::max(lmax, double(l[e]));
+  const double top = log_sigmoid(lmax);
   double z = 0;
-  for (int e = 0; e < E; ++e) z += scores[e];
-  const double inv = type == RouterType::SoftmaxTopK ? 1.0 : 1.0 / z;
-  for (int e = 0; e < E; ++e) q[e] = scores[e] * inv;
+  for (int e = 0; e < E; ++e) z += q[e] = std::exp(log_sigmoid(l[e]) - top);
+  for (int e = 0; e < E; ++e) q[e] /= z;
+}
+
+// The chosen sigmoid scores normalised to sum 1 (nu_j = s_j / sum of chosen s, in slot order),
+// in the log domain for the same reason.
+template <typename T>
+void chosen_share(double* nu, const T* l, const int32_t* sel, int K) {
+  double top = log_sigmoid(l[sel[0]]);
+  for (int j = 1; j < K; ++j) top = std::max(top, log_sigmoid(l[sel[j]]));
+  double z = 0;
+  for (int j = 0; j < K; ++j) z += nu[j] = std::exp(log_sigmoid(l[sel[j]]) - top);
+  for (int j = 0; j < K; ++j) nu[j] /= z;
 }
 
 }  // namespace
@@ -47,7 +73,8 @@ void router_forward(T* scores, int32_t* topk, T* gates, int32_t* counts, T* stat
 #pragma omp parallel
   {
     double* acc = partial.data() + std::size_t(omp_get_thread_num()) * (E + 2);
-    std::vector<double> q(static_cast<std::size_t>(E)), key(static_cast<std::size_t>(E));
+    std::vector<double> q(static_cast<std::size_t>(E)), key(static_cast<std::size_t>(E)),
+        nu(static_cast<std::size_t>(K));
 #pragma omp for schedule(static)
     for (int t = 0; t < N; ++t) {
       const T* l = logits + std::size_t(t) * E;
@@ -70,12 +97,16 @@ void router_forward(T* scores, int32_t* topk, T* gates, int32_t* counts, T* stat
         }
         sel[p] = e;
       }
-      double zsel = 0;
-      for (int j = 0; j < K; ++j) zsel += sc[sel[j]];
-      const double gscale = sigmoid ? s.route_scale / zsel : 1.0 / zsel;
-      for (int j = 0; j < K; ++j) gates[std::size_t(t) * K + j] = T(sc[sel[j]] * gscale);
+      if (sigmoid) {
+        chosen_share(nu.data(), l, sel, K);
+        for (int j = 0; j < K; ++j) gates[std::size_t(t) * K + j] = T(s.route_scale * nu[j]);
+      } else {
+        double zsel = 0;
+        for (int j = 0; j < K; ++j) zsel += sc[sel[j]];
+        for (int j = 0; j < K; ++j) gates[std::size_t(t) * K + j] = T(sc[sel[j]] / zsel);
+      }
 
-      distribution(q.data(), sc, E, s.type);
+      distribution(q.data(), sc, l, E, s.type);
       double ent = 0;
       for (int e = 0; e < E; ++e) {
         acc[e] += q[e];
@@ -110,7 +141,8 @@ void router_backward(T* dlogits, const T* dgates, const T* logits, const T* scor
 
 #pragma omp parallel
   {
-    std::vector<double> dsc(static_cast<std::size_t>(E)), q(static_cast<std::size_t>(E));
+    std::vector<double> dsc(static_cast<std::size_t>(E)), q(static_cast<std::size_t>(E)),
+        nu(static_cast<std::size_t>(K));
 #pragma omp for schedule(static)
     for (int t = 0; t < N; ++t) {
       const T* l = logits + std::size_t(t) * E;
@@ -124,7 +156,7 @@ void router_backward(T* dlogits, const T* dgates, const T* logits, const T* scor
       for (int j = 0; j < K; ++j) wdw += double(w[j]) * dw[j];
 
       // Aux loss through the distribution q.
-      distribution(q.data(), sc, E, s.type);
+      distribution(q.data(), sc, l, E, s.type);
       double qc = 0;
       for (int e = 0; e < E; ++e) qc += q[e] * c[e];
 
@@ -134,15 +166,14 @@ void router_backward(T* dlogits, const T* dgates, const T* logits, const T* scor
         for (int e = 0; e < E; ++e) dl[e] = T(grad_scale * q[e] * (c[e] - qc));
         for (int j = 0; j < K; ++j) dl[sel[j]] += T(w[j] * (dw[j] - wdw));
       } else {
-        // w_j = r s_j / Z, Z = sum of chosen s: ds_j = (r dw_j - sum_i w_i dw_i) / Z.
-        double z = 0, zall = 0;
-        for (int j = 0; j < K; ++j) z += sc[sel[j]];
-        for (int e = 0; e < E; ++e) zall += sc[e];
-        for (int j = 0; j < K; ++j) dsc[sel[j]] += (s.route_scale * dw[j] - wdw) / z;
-        for (int e = 0; e < E; ++e) dsc[e] += grad_scale * (c[e] - qc) / zall;  // q = s / sum(s)
+        // w_j = r nu_j with nu_j = s_j / Z (Z = sum of chosen s), and q = s / sum(s); through
+        // ds/dl = s (1 - s) the s cancels into nu and q:
+        // dl_j = (1 - s_j) [nu_j (r dw_j - sum_i w_i dw_i) + grad_scale q_j (c_j - qc)].
+        chosen_share(nu.data(), l, sel, K);
+        for (int j = 0; j < K; ++j) dsc[sel[j]] += nu[j] * (s.route_scale * dw[j] - wdw);
         for (int e = 0; e < E; ++e) {
-          const double se = sc[e];
-          dl[e] = T(dsc[e] * se * (1.0 - se));
+          dsc[e] += grad_scale * q[e] * (c[e] - qc);
+          dl[e] = T(dsc[e] / (1.0 + std::exp(double(l[e]))));  // 1 - s_e = sigmoid(-l_e)
         }
       }
       if (z_coef != 0) {
