@@ -118,10 +118,20 @@ void run_case(const Case& c, unsigned seed) {
     const auto dqkv_bits = d_dqkv.download();
     const auto dqkv = to_float(dqkv_bits);
     REQUIRE_FALSE(has_nan(dqkv));
-    const double e_dq = rel_error(part(dqkv, 0, H * hd), part(ref_dqkv, 0, H * hd));
-    const double e_dk = rel_error(part(dqkv, H * hd, KV * hd), part(ref_dqkv, H * hd, KV * hd));
-    const double e_dv =
-        rel_error(part(dqkv, (H + KV) * hd, KV * hd), part(ref_dqkv, (H + KV) * hd, KV * hd));
+    const auto ref_dv = part(ref_dqkv, (H + KV) * hd, KV * hd);
+    const double e_dv = rel_error(part(dqkv, (H + KV) * hd, KV * hd), ref_dv);
+    // At T = 1 each softmax has one entry: the exact dq and dk are zero, and both backends give
+    // rounding noise only (P (dP - D) with D = rowsum(dO o O) = dP up to rounding). There the
+    // error is measured against the gradient's scale, dv's norm, instead of the noise's own.
+    auto grad_error = [&](const std::vector<float>& got, const std::vector<float>& ref) {
+      if (T > 1) return rel_error(got, ref);
+      double num = 0, den = 0;
+      for (size_t i = 0; i < got.size(); ++i) num += (double(got[i]) - ref[i]) * (got[i] - ref[i]);
+      for (float x : ref_dv) den += double(x) * x;
+      return std::sqrt(num / den);
+    };
+    const double e_dq = grad_error(part(dqkv, 0, H * hd), part(ref_dqkv, 0, H * hd));
+    const double e_dk = grad_error(part(dqkv, H * hd, KV * hd), part(ref_dqkv, H * hd, KV * hd));
     INFO("relative errors: dq " << e_dq << " dk " << e_dk << " dv " << e_dv);
     CHECK(e_dq <= 2e-2);
     CHECK(e_dk <= 2e-2);
