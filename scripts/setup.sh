@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config ccache clang-format
           nlohmann-json3-dev libspdlog-dev libcli11-dev catch2
-          libopenblas-openmp-dev libopenmpi-dev openmpi-bin
+          libopenblas-openmp-dev libdnnl-dev libopenmpi-dev openmpi-bin
           python3-numpy python3-torch python3-matplotlib)
 missing=()
 for p in "${packages[@]}"; do

@@ -155,7 +155,7 @@ TEST_CASE("config: the schema documents every field once, with its default", "[c
   CHECK(type_of("optim.muon_scale") == "one of match_rms_adamw|original");
   CHECK(type_of("optim.schedule") == "one of cosine|wsd|constant");
   CHECK(type_of("train.backend") == "one of auto|cpu|cuda");
-  CHECK(type_of("train.precision") == "one of bf16|fp32");
+  CHECK(type_of("train.precision") == "one of auto|bf16|fp32");
   CHECK(type_of("model.d_model") == "integer");
   CHECK(type_of("optim.lr") == "number");
   CHECK(type_of("data.shuffle") == "boolean");
@@ -283,7 +283,7 @@ TEST_CASE("config: wrong JSON types are rejected", "[config]") {
     CHECK(error_from(with("train.backend", "gpu")) ==
           rejection("train.backend", "gpu", R"(one of "auto", "cpu", "cuda")"));
     CHECK(error_from(with("train.precision", "fp16")) ==
-          rejection("train.precision", "fp16", R"(one of "bf16", "fp32")"));
+          rejection("train.precision", "fp16", R"(one of "auto", "bf16", "fp32")"));
     CHECK(config_from_json(with("model.moe.router", "sigmoid_bias"), "t").model.moe.router ==
           moetrain::RouterType::SigmoidBias);
   }

@@ -122,8 +122,10 @@ TEST_CASE("the same seed gives bit-identical losses and gradients", "[model][det
   cfg.d_model = 32;
   cfg.seq_len = 16;
   cfg.init_std = 0.02;
+  const bool bf16 = GENERATE(false, true);  // the float backend's GEMMs in fp32 and bf16
+  INFO("bf16 GEMMs " << bf16);
   auto run = [&](std::uint64_t seed) {
-    CpuBackend<float> be;
+    CpuBackend<float> be(CpuBackendOptions{bf16});
     Model<float> model(cfg, be, 4);
     model.init_weights(seed);
     Rng rng(seed);

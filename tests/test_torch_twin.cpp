@@ -91,6 +91,10 @@ struct Variant {
   bool expert_bias;
   bool custom_groups;  // non-default per-group lr scales and weight decays
   NsCoefficients ns = NsCoefficients::Muon;
+  // The float backend's model GEMMs with bf16 operands (train.precision = bf16 on the CPU): the
+  // forward statistics and gradients are checked at bf16 tolerance; the optimizer steps, whose
+  // arithmetic does not depend on the GEMMs' precision, are the fp32 variants' to check.
+  bool bf16 = false;
 };
 
 Config make_config(const Variant& v) {
@@ -158,7 +162,7 @@ MaxErrors run_variant(const Variant& v) {
   // both meaningful.
   const double lr = 1e-3;
 
-  CpuBackend<float> be;
+  CpuBackend<float> be(CpuBackendOptions{v.bf16});
   Model<float> model(mc, be, B);
   model.init_weights(2024);
   const ParamLayout& layout = model.layout();
@@ -245,9 +249,12 @@ MaxErrors run_variant(const Variant& v) {
     CHECK(err <= tol);
   };
 
-  // Forward statistics.
-  stat_check("objective", stats.objective, tensor(out, "objective")[0], 1e-5);
-  stat_check("ce", stats.ce, tensor(out, "ce")[0], 1e-5);
+  // Forward statistics. bf16 operands: relative errors of about 2^-9 per factor, averaged over a
+  // sum; the tolerances allow some ten times that.
+  const double stat_tol = v.bf16 ? 1e-2 : 1e-5, smax_tol = v.bf16 ? 2e-2 : 1e-4,
+               grad_tol = v.bf16 ? 3e-2 : 1e-4;
+  stat_check("objective", stats.objective, tensor(out, "objective")[0], stat_tol);
+  stat_check("ce", stats.ce, tensor(out, "ce")[0], stat_tol);
   const auto& aux = tensor(out, "aux");
   const auto& z = tensor(out, "z");
   const auto& smax = tensor(out, "smax");
@@ -256,11 +263,11 @@ MaxErrors run_variant(const Variant& v) {
   REQUIRE(load.size() == std::size_t(L) * E);
   for (int l = 0; l < L; ++l) {
     const std::size_t li = std::size_t(l);
-    stat_check("aux[" + std::to_string(l) + "]", stats.aux[li], aux[li], 1e-5);
-    stat_check("z[" + std::to_string(l) + "]", stats.z[li], z[li], 1e-5);
+    stat_check("aux[" + std::to_string(l) + "]", stats.aux[li], aux[li], stat_tol);
+    stat_check("z[" + std::to_string(l) + "]", stats.z[li], z[li], stat_tol);
     for (int h = 0; h < H; ++h)
       stat_check("smax[" + std::to_string(l) + "][" + std::to_string(h) + "]",
-                 stats.smax[li][std::size_t(h)], smax[li * H + std::size_t(h)], 1e-4);
+                 stats.smax[li][std::size_t(h)], smax[li * H + std::size_t(h)], smax_tol);
     std::vector<std::int64_t> want(load.begin() + std::ptrdiff_t(li * E),
                                    load.begin() + std::ptrdiff_t((li + 1) * E));
     std::vector<std::int64_t> got(std::size_t(E), 0);
@@ -276,7 +283,11 @@ MaxErrors run_variant(const Variant& v) {
     const double err = rel_err(to_double(g0, t.offset, t.numel), ref);
     mx.grad = std::max(mx.grad, err);
     INFO("grad." << t.name << " relative error " << err << " (twin norm " << norm2(ref) << ")");
-    CHECK(err <= 1e-4);
+    CHECK(err <= grad_tol);
+  }
+  if (v.bf16) {
+    std::printf("torch twin [%s]: max errors: stats %.2e, grad %.2e\n", v.name, mx.stats, mx.grad);
+    return mx;
   }
 
   // One step of each optimizer from fresh state.
@@ -386,6 +397,13 @@ TEST_CASE(
     "[twin]") {
   run_variant({"sigmoid_bias GQA shared bias polar_express", RouterType::SigmoidBias, 4, 2, 1, 0,
                2.5, true, true, NsCoefficients::PolarExpress});
+}
+
+TEST_CASE("moetrain with bf16 GEMMs on the CPU matches its PyTorch twin at bf16 tolerance",
+          "[twin]") {
+  Variant v{"bf16 sigmoid_bias GQA shared", RouterType::SigmoidBias, 4, 2, 1, 1, 2.5, true, false};
+  v.bf16 = true;
+  run_variant(v);
 }
 
 namespace {

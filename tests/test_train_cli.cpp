@@ -295,6 +295,24 @@ TEST_CASE("train: backend auto falls back to the CPU with one log line and cuda 
   CHECK(cpu.output.find("backend: auto") == std::string::npos);
 }
 
+// train.precision on the CPU: auto and fp32 keep fp32 GEMMs, bf16 gives oneDNN bf16 operands;
+// bench names the backend it ran (cpu-fp32 / cpu-bf16) in its JSON.
+TEST_CASE("bench: train.precision chooses the CPU's GEMM operands", "[cli][bench]") {
+  const std::string cmd = binary() + " bench --config " + source_dir() +
+                          "/configs/ci.json --set train.backend=cpu --steps 1 --warmup 0 "
+                          "--peak-size 64 --json";
+  for (const auto& [precision, backend] :
+       {std::pair{"auto", "cpu-fp32"}, std::pair{"fp32", "cpu-fp32"},
+        std::pair{"bf16", "cpu-bf16"}}) {
+    const CommandResult r = run_command(cmd + " --set train.precision=" + precision);
+    INFO(precision << ":\n" << r.output);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.output.find(std::string("\"backend\": \"") + backend + "\"") != std::string::npos);
+    CHECK((r.output.find("cpu with bf16 GEMM operands") != std::string::npos) ==
+          (std::string(precision) == "bf16"));
+  }
+}
+
 TEST_CASE("bench --profile: the step's phases by time, as text and JSON", "[cli][bench]") {
   const std::string cmd = binary() + " bench --config " + source_dir() +
                           "/configs/ci.json --steps 2 --warmup 1 --peak-size 64 --profile";

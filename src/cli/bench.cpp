@@ -158,6 +158,7 @@ void run_bench(const BenchOptions& o) {
   const std::size_t total_params = model.layout().total();
   if (o.json) {
     nlohmann::json r = {{"config", o.config},
+                        {"backend", be.name()},
                         {"tokens_per_step", N},
                         {"params", total_params},
                         {"step_seconds_mean", mean},
@@ -206,8 +207,8 @@ void run_bench(const BenchOptions& o) {
       "steps (+%d warm-up)\n",
       N, B, T, mean * 1e3, best * 1e3, o.steps, o.warmup);
   std::printf("  throughput %.0f tokens/s, %.1f GFLOP/s\n", tok_s, gflops);
-  // The backend's own gemm: cblas_sgemm on the CPU, cuBLASLt (bf16 operands rounded on the way
-  // in, under train.precision = bf16) on a GPU.
+  // The backend's own gemm, in the run's precision: oneDNN's matmul on the CPU, cuBLASLt on a GPU
+  // (bf16 operands rounded on the way in when train.precision gives bf16 GEMMs).
   std::printf("  GEMM peak  %.1f GFLOP/s (the backend's gemm %dx%dx%d, best of 3, same run)\n",
               peak, o.peak_size, o.peak_size, o.peak_size);
   std::printf("  MFU        %.1f%% of the measured GEMM peak\n", 100 * mfu);

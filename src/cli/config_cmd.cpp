@@ -79,7 +79,7 @@ void run_config(const ConfigOptions& o) {
                "memory estimate (1 rank; R ranks each hold about 1/R of the optimizer state): "
                "%s\n",
                describe(e).c_str());
-  if (cfg.train.backend != "cpu" && cfg.train.precision == "bf16")
+  if (cfg.train.backend != "cpu" && bf16_gemms(cfg.train, true))
     std::fprintf(stderr, "on a GPU in bf16 add the weights' bf16 copy: %s\n",
                  format_bytes(e.param_count * 2).c_str());
   std::fprintf(stderr, "host memory: %s\n", describe_available(cpu).c_str());

@@ -440,10 +440,11 @@ const std::vector<Field>& fields() {
         path_string(MOETRAIN_FIELD(train.out_dir), "Directory of logs, metrics and checkpoints"));
     t.push_back(one_of(MOETRAIN_FIELD(train.backend), {"auto", "cpu", "cuda"},
                        "Compute backend; auto: cuda when a GPU is present, else cpu"));
-    t.push_back(one_of(MOETRAIN_FIELD(train.precision), {"bf16", "fp32"},
-                       "Activations and GEMM operands on the cuda backend (fp32 master weights and "
-                       "accumulation either way; attention's flash kernels read bf16 in both); the "
-                       "cpu backend computes in fp32"));
+    t.push_back(one_of(MOETRAIN_FIELD(train.precision), {"auto", "bf16", "fp32"},
+                       "GEMM operands, fp32 master weights and accumulation either way; auto: bf16 "
+                       "on cuda, fp32 on cpu. cuda bf16 also stores activations in bf16 "
+                       "(attention's flash kernels read bf16 in all modes); cpu bf16 rounds only "
+                       "the model GEMMs' operands (oneDNN, the CPU's BF16 units)"));
     t.push_back(one_of(
         MOETRAIN_FIELD(train.bf16_weight_rounding), {"nearest", "stochastic"},
         "Rounding of the bf16 copy of the fp32 master weights that bf16 GEMMs read (cuda): "

@@ -13,7 +13,7 @@ MemoryEstimate estimate_memory(const Config& cfg, const Backend<float>& backend,
   const ModelConfig& m = cfg.model;
   const AttentionShape att{cfg.data.batch_size, m.seq_len, m.n_heads, m.n_kv_heads, m.head_dim};
   const bool weight_copy =
-      std::string_view(backend.name()).rfind("cuda", 0) == 0 && cfg.train.precision == "bf16";
+      std::string_view(backend.name()).rfind("cuda", 0) == 0 && bf16_gemms(cfg.train, true);
   // The head's chunk for the micro-batch's tokens (an int count; a larger batch is refused as too
   // large by the estimate itself).
   const long long tokens = std::min<long long>((long long)cfg.data.batch_size * m.seq_len,

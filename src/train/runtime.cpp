@@ -25,19 +25,22 @@ Runtime make_runtime(const Config& cfg, bool quiet) {
   if (!cuda) {
     if (log && wanted == "auto")
       spdlog::info("backend: auto -> cpu (no usable GPU: {})", gpus.error);
-    rt.backend = std::make_unique<CpuBackend<float>>();
+    CpuBackendOptions options;
+    options.bf16 = bf16_gemms(cfg.train, false);
+    if (log && options.bf16) spdlog::info("backend: cpu with bf16 GEMM operands (oneDNN)");
+    rt.backend = std::make_unique<CpuBackend<float>>(options);
   } else {
     CudaBackendOptions options;
     // The device is the current one: NcclComm, built first in a multi-rank job, made the rank's
     // own GPU current; a single process uses device 0.
     options.device = -1;
-    options.bf16 = cfg.train.precision == "bf16";
+    options.bf16 = bf16_gemms(cfg.train, true);
     options.stochastic_weight_rounding = cfg.train.bf16_weight_rounding == "stochastic";
     options.seed = cfg.train.seed;
     options.graphs = cfg.train.cuda_graphs;
     if (log)
       spdlog::info("backend: {} -> cuda ({} GPU(s), device 0: {}; {} GEMMs)", wanted, gpus.count,
-                   gpus.name, cfg.train.precision);
+                   gpus.name, options.bf16 ? "bf16" : "fp32");
     rt.backend = make_cuda_backend(options);
   }
   if (!rt.comm) rt.comm = make_local_comm(*rt.backend);

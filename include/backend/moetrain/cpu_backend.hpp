@@ -1,19 +1,40 @@
 // CpuBackend: the Backend on the host, in float (training) or double (gradient checks).
-// GEMMs go through OpenBLAS, loops are parallel with OpenMP; the ops live in src/backend/cpu/,
-// one file per family of backend_ops.hpp.
+// The float backend's model GEMMs (gemm, grouped_gemm, grouped_gemm_wgrad) run on oneDNN's matmul,
+// with fp32 or bf16 operands (CpuBackendOptions::bf16) and fp32 accumulation; the rest (double, the
+// batched optimizer products) on OpenBLAS; loops are parallel with OpenMP. The ops live in
+// src/backend/cpu/, one file per family of backend_ops.hpp.
 #pragma once
+
+#include <memory>
 
 #include "moetrain/backend.hpp"
 
 namespace moetrain {
 
+namespace cpu {
+class OnednnMatmul;
+}
+
+struct CpuBackendOptions {
+  // train.precision = bf16: the model GEMMs round their fp32 operands to bf16 (nearest even) and
+  // accumulate in fp32; activations, weights and everything else stay fp32. float only.
+  bool bf16 = false;
+};
+
 template <typename T>
 class CpuBackend final : public Backend<T> {
  public:
+  explicit CpuBackend(const CpuBackendOptions& options = {});
+  ~CpuBackend() override;
   const char* name() const override;
+  bool bf16() const { return bf16_; }
   MOETRAIN_BACKEND_MEMORY(MOETRAIN_OP_OVERRIDE, T)
   MOETRAIN_BACKEND_OPS(MOETRAIN_OP_OVERRIDE, T)
   MOETRAIN_BACKEND_QUERIES(MOETRAIN_QUERY_OVERRIDE, T)
+
+ private:
+  bool bf16_;
+  std::unique_ptr<cpu::OnednnMatmul> matmul_;  // float only
 };
 
 extern template class CpuBackend<float>;

@@ -118,7 +118,7 @@ struct TrainConfig {
   int keep_checkpoints = 2;
   std::string out_dir = "runs/default";
   std::string backend = "auto";    // auto | cpu | cuda
-  std::string precision = "bf16";  // bf16 | fp32: GEMM operands on the cuda backend
+  std::string precision = "auto";  // auto | bf16 | fp32: GEMM operands (auto: bf16 on cuda)
   // nearest | stochastic: how the cuda backend rounds its bf16 copy of the master weights
   std::string bf16_weight_rounding = "nearest";
   bool cuda_graphs = true;     // replay each micro-batch's forward+backward as a CUDA graph
@@ -132,6 +132,12 @@ struct Config {
   OptimConfig optim;
   TrainConfig train;
 };
+
+// Whether train.precision gives the backend bf16 GEMM operands: bf16 does, fp32 does not, auto does
+// on cuda (its tensor cores) and not on the cpu (fp32: the CPU's reference numbers).
+inline bool bf16_gemms(const TrainConfig& t, bool cuda) {
+  return t.precision == "bf16" || (t.precision == "auto" && cuda);
+}
 
 // A config problem: `what()` names the source (file or flag), the JSON path and the expected form.
 class ConfigError : public std::runtime_error {

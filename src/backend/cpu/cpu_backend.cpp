@@ -4,14 +4,28 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <type_traits>
 
+#include "backend/cpu/onednn_matmul.hpp"
 #include "backend/cpu/ops.hpp"
 
 namespace moetrain {
 
 template <typename T>
+CpuBackend<T>::CpuBackend(const CpuBackendOptions& options) : bf16_(options.bf16) {
+  if constexpr (std::is_same_v<T, float>)
+    matmul_ = std::make_unique<cpu::OnednnMatmul>(options.bf16);
+  else if (options.bf16)
+    throw std::invalid_argument("CpuBackend<double>: bf16 GEMMs are for the float backend only");
+}
+template <typename T>
+CpuBackend<T>::~CpuBackend() = default;
+
+template <typename T>
 const char* CpuBackend<T>::name() const {
-  return sizeof(T) == 8 ? "cpu-fp64" : "cpu-fp32";
+  if (sizeof(T) == 8) return "cpu-fp64";
+  return bf16_ ? "cpu-bf16" : "cpu-fp32";
 }
 
 template <typename T>
@@ -51,8 +65,70 @@ void CpuBackend<T>::set_weights(const T*, std::size_t) {}  // one precision: no 
   ret CpuBackend<T>::name params {                           \
     return cpu::name<T> args;                                \
   }
-MOETRAIN_BACKEND_OPS(MOETRAIN_CPU_FORWARD, T)
-#undef MOETRAIN_CPU_FORWARD
+// Every family but the GEMMs', whose model products the float backend gives to oneDNN.
+#define MOETRAIN_CPU_FORWARD_FAMILY(family) family(MOETRAIN_CPU_FORWARD, T, DevPtr, CDevPtr)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ELEMENTWISE)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_OPTIMIZER)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_LINALG)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_EMBEDDING)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_RMSNORM)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ROPE)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ATTENTION)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_SWIGLU)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_CROSS_ENTROPY)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ROUTER)
+MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_MOE_PERMUTE)
+#undef MOETRAIN_CPU_FORWARD_FAMILY
+
+template <typename T>
+void CpuBackend<T>::gemm(bool ta, bool tb, int M, int N, int K, T alpha, CDevPtr A, int lda,
+                         CDevPtr B, int ldb, T beta, DevPtr C, int ldc) {
+  if constexpr (std::is_same_v<T, float>)
+    matmul_->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  else
+    cpu::gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+template <typename T>
+void CpuBackend<T>::grouped_gemm(bool tb, int rows, int N, int K, T alpha, CDevPtr A, int lda,
+                                 CDevPtr B, int ldb, std::size_t stride_b, T beta, DevPtr C,
+                                 int ldc, const std::int32_t* offsets, int groups) {
+  if constexpr (std::is_same_v<T, float>)
+    matmul_->grouped_gemm(tb, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc, offsets,
+                          groups);
+  else
+    cpu::grouped_gemm<T>(tb, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc, offsets,
+                         groups);
+}
+
+template <typename T>
+void CpuBackend<T>::grouped_gemm_wgrad(int rows, int M, int N, T alpha, CDevPtr A, int lda,
+                                       CDevPtr B, int ldb, DevPtr C, int ldc, std::size_t stride_c,
+                                       const std::int32_t* offsets, int groups) {
+  if constexpr (std::is_same_v<T, float>)
+    matmul_->grouped_gemm_wgrad(rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets,
+                                groups);
+  else
+    cpu::grouped_gemm_wgrad<T>(rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets,
+                               groups);
+}
+
+// Newton-Schulz's and SOAP's many small same-shape products: one per thread on OpenBLAS.
+template <typename T>
+void CpuBackend<T>::gemm_batched(bool ta, bool tb, int M, int N, int K, T alpha, CDevPtr A, int lda,
+                                 std::size_t sa, CDevPtr B, int ldb, std::size_t sb, T beta,
+                                 DevPtr C, int ldc, std::size_t sc, int batch) {
+  cpu::gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+}
+
+template <typename T>
+void CpuBackend<T>::symmetric_gemm_batched(bool trans, int n, int k, T alpha, CDevPtr X, int ldx,
+                                           std::size_t sx, T beta, CDevPtr Cm, int ldc,
+                                           std::size_t sc, T shift, DevPtr D, int ldd,
+                                           std::size_t sd, int batch) {
+  cpu::symmetric_gemm_batched<T>(trans, n, k, alpha, X, ldx, sx, beta, Cm, ldc, sc, shift, D, ldd,
+                                 sd, batch);
+}
 
 template <typename T>
 Storage CpuBackend<T>::activation_storage() const {

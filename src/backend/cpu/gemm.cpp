@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "backend/cpu/grouped_gemm.hpp"
 #include "backend/cpu/ops.hpp"
 
 namespace moetrain::cpu {
@@ -51,35 +52,20 @@ void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, T alpha, cons
             B + stride_b * std::size_t(i), ldb, beta, C + stride_c * std::size_t(i), ldc);
 }
 
-// One GEMM per group, each as large as its rows: the groups' GEMMs are few and uneven (experts'
-// loads), so OpenBLAS threads each of them rather than one thread taking a group.
 template <typename T>
 void grouped_gemm(bool trans_b, int rows, int N, int K, T alpha, const T* A, int lda, const T* B,
                   int ldb, std::size_t stride_b, T beta, T* C, int ldc, const std::int32_t* offsets,
                   int groups) {
-  if (offsets[groups] != rows)
-    throw std::invalid_argument("grouped_gemm: offsets end at " + std::to_string(offsets[groups]) +
-                                ", expected rows = " + std::to_string(rows));
-  for (int g = 0; g < groups; ++g) {
-    const std::size_t r0 = std::size_t(offsets[g]);
-    gemm<T>(false, trans_b, offsets[g + 1] - offsets[g], N, K, alpha, A + r0 * std::size_t(lda),
-            lda, B + stride_b * std::size_t(g), ldb, beta, C + r0 * std::size_t(ldc), ldc);
-  }
+  grouped_gemm_with<T>(gemm<T>, trans_b, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc,
+                       offsets, groups);
 }
 
 template <typename T>
 void grouped_gemm_wgrad(int rows, int M, int N, T alpha, const T* A, int lda, const T* B, int ldb,
                         T* C, int ldc, std::size_t stride_c, const std::int32_t* offsets,
                         int groups) {
-  if (offsets[groups] != rows)
-    throw std::invalid_argument("grouped_gemm_wgrad: offsets end at " +
-                                std::to_string(offsets[groups]) +
-                                ", expected rows = " + std::to_string(rows));
-  for (int g = 0; g < groups; ++g) {
-    const std::size_t r0 = std::size_t(offsets[g]);
-    gemm<T>(true, false, M, N, offsets[g + 1] - offsets[g], alpha, A + r0 * std::size_t(lda), lda,
-            B + r0 * std::size_t(ldb), ldb, T(1), C + stride_c * std::size_t(g), ldc);
-  }
+  grouped_gemm_wgrad_with<T>(gemm<T>, rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets,
+                             groups);
 }
 
 // Gram products through BLAS's syrk (the upper triangle), then mirrored; one matrix per thread.

@@ -1,0 +1,205 @@
+// The float CPU backend's model GEMMs on oneDNN (src/backend/cpu/onednn_matmul.cpp): gemm,
+// grouped_gemm and grouped_gemm_wgrad against direct sums in double, in fp32 and with bf16
+// operands, over transposes, padded leading dimensions, alpha and beta, odd sizes and empty
+// groups. The bf16 reference rounds the operands by its own rule (the nearer of the two bf16
+// neighbours, ties to the even one), so the bf16 check is of the rounding and the product both.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "moetrain/cpu_backend.hpp"
+
+namespace {
+
+using moetrain::CpuBackend;
+using moetrain::CpuBackendOptions;
+
+std::vector<float> random_floats(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// x rounded to bf16 (8 significant bits): of the two bf16 values around x, the nearer; a tie
+// goes to the one whose last kept bit is 0.
+double bf16_reference(float x) {
+  if (x == 0.0f || !std::isfinite(x)) return x;
+  int e;
+  std::frexp(double(x), &e);                  // |x| = m 2^e, m in [0.5, 1)
+  const double ulp = std::ldexp(1.0, e - 8);  // spacing of 8-bit significands at this binade
+  const double lo = std::floor(double(x) / ulp) * ulp, hi = lo + ulp;
+  const double dlo = double(x) - lo, dhi = hi - double(x);
+  if (dlo < dhi) return lo;
+  if (dhi < dlo) return hi;
+  return std::fmod(std::abs(lo / ulp), 2.0) == 0.0 ? lo : hi;
+}
+
+// C[M,N] = alpha op(A) op(B) + beta C0 in double, the operands optionally rounded to bf16.
+std::vector<double> reference(bool ta, bool tb, int M, int N, int K, double alpha,
+                              const std::vector<float>& A, int lda, const std::vector<float>& B,
+                              int ldb, double beta, const std::vector<float>& C0, int ldc,
+                              bool bf16) {
+  auto rd = [bf16](float x) { return bf16 ? bf16_reference(x) : double(x); };
+  std::vector<double> C(C0.begin(), C0.end());
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      double s = 0;
+      for (int k = 0; k < K; ++k)
+        s += rd(ta ? A[std::size_t(k) * lda + i] : A[std::size_t(i) * lda + k]) *
+             rd(tb ? B[std::size_t(j) * ldb + k] : B[std::size_t(k) * ldb + j]);
+      double& c = C[std::size_t(i) * ldc + j];
+      c = alpha * s + (beta == 0 ? 0.0 : beta * c);
+    }
+  return C;
+}
+
+// Largest |got - ref| over the M x N block, relative to the largest |ref| there.
+double max_rel_error(const std::vector<float>& got, const std::vector<double>& ref, int M, int N,
+                     int ldc) {
+  double err = 0, scale = 0;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      const std::size_t at = std::size_t(i) * ldc + j;
+      if (!std::isfinite(got[at])) return INFINITY;
+      err = std::max(err, std::abs(got[at] - ref[at]));
+      scale = std::max(scale, std::abs(ref[at]));
+    }
+  return err / scale;
+}
+
+}  // namespace
+
+TEST_CASE("bf16_reference rounds to nearest with ties to even", "[ops][onednn]") {
+  // Around 1 the bf16 spacing is 2^-7 = 4/512.
+  CHECK(bf16_reference(1.0f) == 1.0);
+  CHECK(bf16_reference(1.0f + 1.0f / 512) == 1.0);              // nearer the lower neighbour
+  CHECK(bf16_reference(1.0f + 3.0f / 512) == 1.0 + 4.0 / 512);  // nearer the upper neighbour
+  CHECK(bf16_reference(1.0f + 2.0f / 512) == 1.0);              // a tie: 1 is the even one
+  CHECK(bf16_reference(1.0f + 6.0f / 512) == 1.0 + 8.0 / 512);  // a tie: 1 + 2^-6 is even
+  CHECK(bf16_reference(-3.0f - 1.0f / 256) == -3.0);            // spacing 2^-6 in [2, 4)
+}
+
+TEST_CASE("float gemm on oneDNN matches double sums, fp32 and bf16 operands", "[ops][onednn]") {
+  for (const bool bf16 : {false, true}) {
+    CpuBackend<float> be(CpuBackendOptions{bf16});
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true})
+        for (const auto& [alpha, beta] :
+             {std::pair{1.0f, 0.0f}, std::pair{0.5f, 1.0f}, std::pair{-2.0f, 0.25f}}) {
+          const int M = 37, N = 29, K = 53;
+          const int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+          const auto A = random_floats(std::size_t(ta ? K : M) * lda, 1);
+          const auto B = random_floats(std::size_t(tb ? N : K) * ldb, 2);
+          auto C = random_floats(std::size_t(M) * ldc, 3);
+          if (beta == 0.0f)  // beta = 0 must overwrite, not scale: NaN must not survive
+            for (float& c : C) c = std::numeric_limits<float>::quiet_NaN();
+          const auto ref = reference(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bf16);
+          const auto C0 = C;
+          be.gemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+          INFO("bf16 " << bf16 << " ta " << ta << " tb " << tb << " alpha " << alpha << " beta "
+                       << beta);
+          CHECK(max_rel_error(C, ref, M, N, ldc) < 1e-5);
+          for (int i = 0; i < M; ++i)  // the padding columns of C are not written
+            for (int j = N; j < ldc; ++j) {
+              const std::size_t at = std::size_t(i) * ldc + j;
+              CHECK(std::memcmp(&C[at], &C0[at], sizeof(float)) == 0);
+            }
+        }
+  }
+}
+
+TEST_CASE("bf16 gemm differs from fp32 by bf16 rounding only", "[ops][onednn]") {
+  // The same product in both modes against the unrounded double sum: fp32 to float rounding,
+  // bf16 to its 8-bit operands (relative error about 2^-8 per factor, averaged over K).
+  const int M = 64, N = 48, K = 256;
+  const auto A = random_floats(std::size_t(M) * K, 4), B = random_floats(std::size_t(N) * K, 5);
+  const std::vector<float> zero(std::size_t(M) * N, 0.0f);
+  const auto exact = reference(false, true, M, N, K, 1.0, A, K, B, K, 0.0, zero, N, false);
+  double err[2];
+  for (const bool bf16 : {false, true}) {
+    CpuBackend<float> be(CpuBackendOptions{bf16});
+    std::vector<float> C(zero.size());
+    be.gemm(false, true, M, N, K, 1.0f, A.data(), K, B.data(), K, 0.0f, C.data(), N);
+    err[bf16] = max_rel_error(C, exact, M, N, N);
+  }
+  INFO("fp32 error " << err[0] << ", bf16 error " << err[1]);
+  CHECK(err[0] < 1e-5);
+  CHECK(err[1] > 1e-4);  // the operands really were rounded
+  CHECK(err[1] < 2e-2);
+}
+
+TEST_CASE("gemm with an empty sum scales C by beta", "[ops][onednn]") {
+  CpuBackend<float> be;
+  std::vector<float> C = {1, 2, 3, 4, 5, 6};
+  be.gemm(false, false, 2, 3, 0, 1.0f, nullptr, 1, nullptr, 3, 0.5f, C.data(), 3);
+  CHECK(C == std::vector<float>{0.5f, 1, 1.5f, 2, 2.5f, 3});
+  be.gemm(false, false, 2, 3, 0, 1.0f, nullptr, 1, nullptr, 3, 0.0f, C.data(), 3);
+  CHECK(C == std::vector<float>(6, 0.0f));
+}
+
+TEST_CASE("grouped GEMMs on oneDNN match per-group double sums, with empty groups",
+          "[ops][onednn]") {
+  // Expert-like groups of uneven sizes, two of them empty; the rows change between calls as the
+  // experts' loads do.
+  for (const bool bf16 : {false, true}) {
+    CpuBackend<float> be(CpuBackendOptions{bf16});
+    for (const std::vector<std::int32_t>& offsets :
+         {std::vector<std::int32_t>{0, 7, 7, 30, 31, 45},
+          std::vector<std::int32_t>{0, 0, 12, 13, 40, 45}}) {
+      const int groups = 5, rows = 45, N = 19, K = 23;
+      const auto A = random_floats(std::size_t(rows) * K, 6);
+      const auto B = random_floats(std::size_t(groups) * N * K, 7);  // each B_g [N, K]
+      auto C = random_floats(std::size_t(rows) * N, 8);
+      const auto C0 = C;
+      be.grouped_gemm(true, rows, N, K, 1.0f, A.data(), K, B.data(), K, std::size_t(N) * K, 1.0f,
+                      C.data(), N, offsets.data(), groups);
+      // weight gradients: W_g[K, N] += A_g^T C_g over the group's rows
+      auto W = random_floats(std::size_t(groups) * K * N, 9);
+      const auto W0 = W;
+      be.grouped_gemm_wgrad(rows, K, N, 1.0f, A.data(), K, C0.data(), N, W.data(), N,
+                            std::size_t(K) * N, offsets.data(), groups);
+      INFO("bf16 " << bf16);
+      for (int g = 0; g < groups; ++g) {
+        const int r0 = offsets[std::size_t(g)], n = offsets[std::size_t(g) + 1] - r0;
+        INFO("group " << g << " of " << n << " rows");
+        const std::vector<float> Ag(A.begin() + std::ptrdiff_t(r0) * K, A.end());
+        const std::vector<float> Bg(B.begin() + std::ptrdiff_t(g) * N * K, B.end());
+        const std::vector<float> Cg0(C0.begin() + std::ptrdiff_t(r0) * N, C0.end());
+        const std::vector<float> Cg(C.begin() + std::ptrdiff_t(r0) * N, C.end());
+        if (n > 0) {
+          const auto ref = reference(false, true, n, N, K, 1.0, Ag, K, Bg, K, 1.0, Cg0, N, bf16);
+          CHECK(max_rel_error(Cg, ref, n, N, N) < 1e-5);
+        }
+        const std::vector<float> Wg0(W0.begin() + std::ptrdiff_t(g) * K * N, W0.end());
+        const std::vector<float> Wg(W.begin() + std::ptrdiff_t(g) * K * N, W.end());
+        const auto wref = reference(true, false, K, N, n, 1.0, Ag, K, Cg0, N, 1.0, Wg0, N, bf16);
+        CHECK(max_rel_error(Wg, wref, K, N, N) < 1e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("grouped GEMMs refuse offsets that do not end at rows", "[ops][onednn]") {
+  CpuBackend<float> be;
+  const std::vector<std::int32_t> offsets = {0, 3, 5};
+  std::vector<float> A(6 * 2, 1.0f), B(2 * 2 * 2, 1.0f), C(6 * 2, 0.0f);
+  CHECK_THROWS_WITH(be.grouped_gemm(false, 6, 2, 2, 1.0f, A.data(), 2, B.data(), 2, 4, 0.0f,
+                                    C.data(), 2, offsets.data(), 2),
+                    "grouped_gemm: offsets end at 5, expected rows = 6");
+  CHECK_THROWS_WITH(be.grouped_gemm_wgrad(6, 2, 2, 1.0f, A.data(), 2, C.data(), 2, B.data(), 2, 4,
+                                          offsets.data(), 2),
+                    "grouped_gemm_wgrad: offsets end at 5, expected rows = 6");
+}
+
+TEST_CASE("the double backend refuses bf16 GEMMs", "[ops][onednn]") {
+  CHECK_THROWS_WITH(CpuBackend<double>(CpuBackendOptions{true}),
+                    Catch::Contains("bf16 GEMMs are for the float backend only"));
+}
