@@ -203,3 +203,53 @@ TEST_CASE("the double backend refuses bf16 GEMMs", "[ops][onednn]") {
   CHECK_THROWS_WITH(CpuBackend<double>(CpuBackendOptions{true}),
                     Catch::Contains("bf16 GEMMs are for the float backend only"));
 }
+
+// In bf16 the products read weight operands from a bf16 copy of the buffer named by set_weights;
+// every write through the backend (an op's output, upload, copy, zero) must make the next product
+// see the new values.
+TEST_CASE("bf16 products read the weights' copy, refreshed after every write through the backend",
+          "[ops][onednn]") {
+  CpuBackend<float> be(CpuBackendOptions{true});
+  const int M = 9, N = 12, K = 20;
+  const std::size_t n = std::size_t(N) * K + 7;  // [N, K] and a tail
+  auto* W = static_cast<float*>(be.alloc_bytes(n * sizeof(float)));
+  auto host = random_floats(n, 10);
+  be.upload(W, host.data(), n * sizeof(float));
+  be.set_weights(W, n);
+  const auto x = random_floats(std::size_t(M) * K, 11);
+  const std::vector<float> zero(std::size_t(M) * N, 0.0f);
+  auto product = [&] {  // x W^T, W read from the weights
+    std::vector<float> C(zero.size());
+    be.gemm(false, true, M, N, K, 1.0f, x.data(), K, W, K, 0.0f, C.data(), N);
+    return C;
+  };
+  auto expect = [&](const char* what) {
+    INFO(what);
+    std::vector<float> w(W, W + std::size_t(N) * K);
+    const auto ref = reference(false, true, M, N, K, 1.0, x, K, w, K, 0.0, zero, N, true);
+    CHECK(max_rel_error(product(), ref, M, N, N) < 1e-5);
+  };
+  expect("first use");
+  const auto before = product();
+  be.scale(W, n, 2.0);  // an op's mutable output
+  const auto doubled = product();
+  for (std::size_t i = 0; i < before.size(); ++i) CHECK(doubled[i] == 2.0f * before[i]);
+  const auto row = random_floats(std::size_t(K), 12);
+  be.upload(W + std::size_t(5) * K, row.data(), row.size() * sizeof(float));
+  expect("after an upload into row 5");
+  be.copy(W, x.data(), std::size_t(K) * sizeof(float));
+  expect("after a copy into row 0");
+  // The weights as the transposed A operand, at an offset into the buffer: C = W[2:, :]^T-ish.
+  {
+    std::vector<float> C(std::size_t(K) * 3, 0.0f);
+    const auto y = random_floats(std::size_t(4) * 3, 13);
+    be.gemm(true, false, K, 3, 4, 1.0f, W + std::size_t(2) * K, K, y.data(), 3, 0.0f, C.data(), 3);
+    std::vector<float> w(W + std::size_t(2) * K, W + std::size_t(6) * K);
+    const std::vector<float> z(C.size(), 0.0f);
+    const auto ref = reference(true, false, K, 3, 4, 1.0, w, K, y, 3, 0.0, z, 3, true);
+    CHECK(max_rel_error(C, ref, K, 3, 3) < 1e-5);
+  }
+  be.zero(W, n * sizeof(float));
+  CHECK(product() == zero);
+  be.free_bytes(W);
+}

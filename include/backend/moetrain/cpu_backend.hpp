@@ -33,6 +33,10 @@ class CpuBackend final : public Backend<T> {
   MOETRAIN_BACKEND_QUERIES(MOETRAIN_QUERY_OVERRIDE, T)
 
  private:
+  void wrote(const void* dst, std::size_t bytes);
+  template <typename... Args>
+  void note_writes(const Args&... args);
+
   bool bf16_;
   std::unique_ptr<cpu::OnednnMatmul> matmul_;  // float only
 };

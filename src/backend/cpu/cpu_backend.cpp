@@ -42,6 +42,7 @@ void CpuBackend<T>::free_bytes(void* p) {
 }
 template <typename T>
 void CpuBackend<T>::upload(void* dst, const void* src, std::size_t bytes) {
+  wrote(dst, bytes);
   if (bytes) std::memcpy(dst, src, bytes);
 }
 template <typename T>
@@ -50,19 +51,46 @@ void CpuBackend<T>::download(void* dst, const void* src, std::size_t bytes) {
 }
 template <typename T>
 void CpuBackend<T>::copy(void* dst, const void* src, std::size_t bytes) {
+  wrote(dst, bytes);
   if (bytes) std::memmove(dst, src, bytes);
 }
 template <typename T>
 void CpuBackend<T>::zero(void* dst, std::size_t bytes) {
+  wrote(dst, bytes);
   if (bytes) std::memset(dst, 0, bytes);
 }
 
+// bf16: the weights' bf16 copy lives in the matmul, which must hear of every write that may touch
+// the weights. A memory op names its bytes; an op's mutable pointer arguments (T*, DevPtr) are
+// checked where they start, which is exact because the parameter buffer is an allocation of its
+// own: a pointer into another allocation never reaches it.
 template <typename T>
-void CpuBackend<T>::set_weights(const T*, std::size_t) {}  // one precision: no copy to keep
+void CpuBackend<T>::set_weights(const T* weights, std::size_t count) {
+  if constexpr (std::is_same_v<T, float>)
+    if (bf16_) matmul_->set_weights(weights, count);
+}
+template <typename T>
+void CpuBackend<T>::wrote(const void* dst, std::size_t bytes) {
+  if (bf16_) matmul_->wrote(dst, bytes);
+}
+template <typename T>
+template <typename... Args>
+void CpuBackend<T>::note_writes(const Args&... args) {
+  if (!bf16_) return;
+  auto one = [this](const auto& a) {
+    using A = std::decay_t<decltype(a)>;
+    if constexpr (std::is_same_v<A, T*>)
+      wrote(a, sizeof(T));
+    else if constexpr (std::is_same_v<A, DevPtr>)
+      wrote(a.get(), 1);
+  };
+  (one(args), ...);
+}
 
 #define MOETRAIN_CPU_FORWARD(ret, name, params, args, flops) \
   template <typename T>                                      \
   ret CpuBackend<T>::name params {                           \
+    note_writes args;                                        \
     return cpu::name<T> args;                                \
   }
 // Every family but the GEMMs', whose model products the float backend gives to oneDNN.
@@ -83,6 +111,7 @@ MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_MOE_PERMUTE)
 template <typename T>
 void CpuBackend<T>::gemm(bool ta, bool tb, int M, int N, int K, T alpha, CDevPtr A, int lda,
                          CDevPtr B, int ldb, T beta, DevPtr C, int ldc) {
+  note_writes(C);
   if constexpr (std::is_same_v<T, float>)
     matmul_->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   else
@@ -93,6 +122,7 @@ template <typename T>
 void CpuBackend<T>::grouped_gemm(bool tb, int rows, int N, int K, T alpha, CDevPtr A, int lda,
                                  CDevPtr B, int ldb, std::size_t stride_b, T beta, DevPtr C,
                                  int ldc, const std::int32_t* offsets, int groups) {
+  note_writes(C);
   if constexpr (std::is_same_v<T, float>)
     matmul_->grouped_gemm(tb, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc, offsets,
                           groups);
@@ -105,6 +135,7 @@ template <typename T>
 void CpuBackend<T>::grouped_gemm_wgrad(int rows, int M, int N, T alpha, CDevPtr A, int lda,
                                        CDevPtr B, int ldb, DevPtr C, int ldc, std::size_t stride_c,
                                        const std::int32_t* offsets, int groups) {
+  note_writes(C);
   if constexpr (std::is_same_v<T, float>)
     matmul_->grouped_gemm_wgrad(rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets,
                                 groups);
@@ -118,6 +149,7 @@ template <typename T>
 void CpuBackend<T>::gemm_batched(bool ta, bool tb, int M, int N, int K, T alpha, CDevPtr A, int lda,
                                  std::size_t sa, CDevPtr B, int ldb, std::size_t sb, T beta,
                                  DevPtr C, int ldc, std::size_t sc, int batch) {
+  note_writes(C);
   cpu::gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
@@ -126,6 +158,7 @@ void CpuBackend<T>::symmetric_gemm_batched(bool trans, int n, int k, T alpha, CD
                                            std::size_t sx, T beta, CDevPtr Cm, int ldc,
                                            std::size_t sc, T shift, DevPtr D, int ldd,
                                            std::size_t sd, int batch) {
+  note_writes(D);
   cpu::symmetric_gemm_batched<T>(trans, n, k, alpha, X, ldx, sx, beta, Cm, ldc, sc, shift, D, ldd,
                                  sd, batch);
 }

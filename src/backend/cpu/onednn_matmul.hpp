@@ -1,10 +1,10 @@
 // The CPU backend's float GEMMs on oneDNN's matmul: fp32 operands, or (train.precision = bf16)
-// bf16 operands rounded to nearest even from the fp32 data by oneDNN's reorder, with fp32
-// accumulation and an fp32 C either way. oneDNN picks its kernel from the CPU at run time (AMX,
-// AVX-512-BF16, AVX-512, AVX2); on the model's skinny products (K = d_model) its fp32 kernels are
-// faster than OpenBLAS's sgemm, and bf16 about twice as fast again where the CPU has BF16 units.
-// Double (the finite-difference checks), the batched optimizer products and the GEMMs inside
-// attention's tiles stay on OpenBLAS (gemm.cpp).
+// bf16 operands rounded to nearest even (weights from a bf16 copy of the parameter buffer, other
+// data packed per call), with fp32 accumulation and an fp32 C either way. oneDNN picks its kernel
+// from the CPU at run time (AMX, AVX-512-BF16, AVX-512, AVX2); on the model's skinny products (K =
+// d_model) its fp32 kernels are faster than OpenBLAS's sgemm, and bf16 about twice as fast again
+// where the CPU has BF16 units. Double (the finite-difference checks), the batched optimizer
+// products and the GEMMs inside attention's tiles stay on OpenBLAS (gemm.cpp).
 #pragma once
 
 #include <cstddef>
@@ -21,6 +21,12 @@ class OnednnMatmul {
   OnednnMatmul& operator=(const OnednnMatmul&) = delete;
 
   bool bf16() const { return bf16_; }
+
+  // bf16: the model's parameter buffer (backend_ops.hpp's set_weights). Products read a weight
+  // operand from a bf16 copy of it, rewritten whole on first use after `wrote` saw a write that
+  // overlaps it, instead of rounding the weights again on every call.
+  void set_weights(const float* weights, std::size_t count);
+  void wrote(const void* dst, std::size_t bytes);
 
   // Row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C (backend_ops.hpp's gemm).
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
