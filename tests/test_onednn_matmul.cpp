@@ -253,3 +253,78 @@ TEST_CASE("bf16 products read the weights' copy, refreshed after every write thr
   CHECK(product() == zero);
   be.free_bytes(W);
 }
+
+TEST_CASE("batched gemm on oneDNN matches per-matrix double sums, with gaps between matrices",
+          "[ops][onednn]") {
+  for (const bool bf16 : {false, true}) {
+    CpuBackend<float> be(CpuBackendOptions{bf16});
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true}) {
+        const int M = 13, N = 10, K = 17, batch = 3;
+        const int lda = (ta ? M : K) + 1, ldb = (tb ? K : N) + 2, ldc = N + 3;
+        const std::size_t sa = std::size_t(ta ? K : M) * lda + 5,
+                          sb = std::size_t(tb ? N : K) * ldb + 3, sc = std::size_t(M) * ldc + 4;
+        const auto A = random_floats(sa * batch, 14), B = random_floats(sb * batch, 15);
+        auto C = random_floats(sc * batch, 16);
+        const auto C0 = C;
+        be.gemm_batched(ta, tb, M, N, K, 0.75f, A.data(), lda, sa, B.data(), ldb, sb, 0.5f,
+                        C.data(), ldc, sc, batch);
+        INFO("bf16 " << bf16 << " ta " << ta << " tb " << tb);
+        for (int b = 0; b < batch; ++b) {
+          auto from = [b](const std::vector<float>& v, std::size_t stride) {
+            return std::vector<float>(v.begin() + std::ptrdiff_t(stride) * b, v.end());
+          };
+          const auto ref = reference(ta, tb, M, N, K, 0.75, from(A, sa), lda, from(B, sb), ldb, 0.5,
+                                     from(C0, sc), ldc, bf16);
+          CHECK(max_rel_error(from(C, sc), ref, M, N, ldc) < 1e-5);
+        }
+        // The gaps between C's matrices are not written.
+        for (int b = 0; b + 1 < batch; ++b)
+          for (std::size_t i = std::size_t(M) * ldc; i < sc; ++i) {
+            const std::size_t at = sc * std::size_t(b) + i;
+            CHECK(std::memcmp(&C[at], &C0[at], sizeof(float)) == 0);
+          }
+      }
+  }
+}
+
+TEST_CASE("float Gram products on oneDNN: alpha X X^T + beta C + shift I, exactly symmetric",
+          "[ops][onednn][ns]") {
+  for (const bool bf16 : {false, true})
+    for (const bool trans : {false, true})
+      for (const bool in_place : {false, true}) {
+        CpuBackend<float> be(CpuBackendOptions{bf16});
+        const int n = 11, k = 19, batch = 3, ldx = (trans ? n : k) + 2, ldd = n + 1;
+        const std::size_t sx = std::size_t(trans ? k : n) * ldx + 3, sd = std::size_t(n) * ldd + 2;
+        const auto X = random_floats(sx * batch, 17);
+        auto C = random_floats(sd * batch, 18);
+        for (int b = 0; b < batch; ++b)  // the lower triangle of C must not be read
+          for (int i = 0; i < n; ++i)
+            for (int j = 0; j < i; ++j)
+              C[sd * std::size_t(b) + std::size_t(i) * ldd + j] =
+                  std::numeric_limits<float>::quiet_NaN();
+        const auto C0 = C;
+        std::vector<float> D(C.size(), 0.0f);
+        float* out = in_place ? C.data() : D.data();
+        be.symmetric_gemm_batched(trans, n, k, 0.5f, X.data(), ldx, sx, 2.0f, C.data(), ldd, sd,
+                                  0.25f, out, ldd, sd, batch);
+        INFO("bf16 " << bf16 << " trans " << trans << " in place " << in_place);
+        for (int b = 0; b < batch; ++b) {
+          const std::vector<float> x(X.begin() + std::ptrdiff_t(sx) * b, X.end());
+          // op(X) op(X)^T as a general product of op(X) [n, k] and op(X)^T [k, n].
+          std::vector<float> c0(std::size_t(n) * ldd);
+          for (int i = 0; i < n; ++i)  // C's upper triangle, mirrored
+            for (int j = 0; j < n; ++j)
+              c0[std::size_t(i) * ldd + j] =
+                  C0[sd * std::size_t(b) + std::size_t(std::min(i, j)) * ldd + std::max(i, j)];
+          auto ref = reference(trans, !trans, n, n, k, 0.5, x, ldx, x, ldx, 2.0, c0, ldd, bf16);
+          for (int i = 0; i < n; ++i) ref[std::size_t(i) * ldd + i] += 0.25;
+          const std::vector<float> d(out + sd * std::size_t(b), out + sd * std::size_t(b + 1) - 2);
+          CHECK(max_rel_error(d, ref, n, n, ldd) < 1e-5);
+          for (int i = 0; i < n; ++i)
+            for (int j = 0; j < i; ++j)
+              CHECK(std::memcmp(&d[std::size_t(i) * ldd + j], &d[std::size_t(j) * ldd + i],
+                                sizeof(float)) == 0);
+        }
+      }
+}

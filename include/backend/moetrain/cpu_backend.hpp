@@ -1,7 +1,7 @@
 // CpuBackend: the Backend on the host, in float (training) or double (gradient checks).
-// The float backend's model GEMMs (gemm, grouped_gemm, grouped_gemm_wgrad) run on oneDNN's matmul,
-// with fp32 or bf16 operands (CpuBackendOptions::bf16) and fp32 accumulation; the rest (double, the
-// batched optimizer products) on OpenBLAS; loops are parallel with OpenMP. The ops live in
+// The float backend's GEMM ops run on oneDNN's matmul, with fp32 or bf16 operands
+// (CpuBackendOptions::bf16) and fp32 accumulation; double's (the gradient checks) and the GEMMs
+// inside attention's tiles on OpenBLAS; loops are parallel with OpenMP. The ops live in
 // src/backend/cpu/, one file per family of backend_ops.hpp.
 #pragma once
 

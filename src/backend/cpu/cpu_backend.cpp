@@ -144,13 +144,17 @@ void CpuBackend<T>::grouped_gemm_wgrad(int rows, int M, int N, T alpha, CDevPtr 
                                groups);
 }
 
-// Newton-Schulz's and SOAP's many small same-shape products: one per thread on OpenBLAS.
+// Newton-Schulz's and SOAP's many same-shape products: one oneDNN primitive for the batch (float),
+// one matrix per thread on OpenBLAS (double).
 template <typename T>
 void CpuBackend<T>::gemm_batched(bool ta, bool tb, int M, int N, int K, T alpha, CDevPtr A, int lda,
                                  std::size_t sa, CDevPtr B, int ldb, std::size_t sb, T beta,
                                  DevPtr C, int ldc, std::size_t sc, int batch) {
   note_writes(C);
-  cpu::gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+  if constexpr (std::is_same_v<T, float>)
+    matmul_->gemm_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+  else
+    cpu::gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
 template <typename T>
@@ -159,8 +163,12 @@ void CpuBackend<T>::symmetric_gemm_batched(bool trans, int n, int k, T alpha, CD
                                            std::size_t sc, T shift, DevPtr D, int ldd,
                                            std::size_t sd, int batch) {
   note_writes(D);
-  cpu::symmetric_gemm_batched<T>(trans, n, k, alpha, X, ldx, sx, beta, Cm, ldc, sc, shift, D, ldd,
-                                 sd, batch);
+  if constexpr (std::is_same_v<T, float>)
+    matmul_->symmetric_gemm_batched(trans, n, k, alpha, X, ldx, sx, beta, Cm, ldc, sc, shift, D,
+                                    ldd, sd, batch);
+  else
+    cpu::symmetric_gemm_batched<T>(trans, n, k, alpha, X, ldx, sx, beta, Cm, ldc, sc, shift, D, ldd,
+                                   sd, batch);
 }
 
 template <typename T>

@@ -1,5 +1,7 @@
-// GEMM through OpenBLAS (row-major). Large GEMMs use OpenBLAS's own (OpenMP) threads; callers
-// that parallelise over many small GEMMs hold a SingleThreadedBlas.
+// GEMM through OpenBLAS (row-major): the double backend's GEMM ops, and the float tile GEMMs that
+// attention runs inside its own parallel loop (the float backend's GEMM ops are oneDNN's,
+// onednn_matmul.cpp). Large GEMMs use OpenBLAS's own (OpenMP) threads; callers that parallelise
+// over many small GEMMs hold a SingleThreadedBlas.
 #include <cblas.h>
 
 #include <optional>

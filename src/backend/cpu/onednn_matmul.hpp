@@ -3,8 +3,9 @@
 // data packed per call), with fp32 accumulation and an fp32 C either way. oneDNN picks its kernel
 // from the CPU at run time (AMX, AVX-512-BF16, AVX-512, AVX2); on the model's skinny products (K =
 // d_model) its fp32 kernels are faster than OpenBLAS's sgemm, and bf16 about twice as fast again
-// where the CPU has BF16 units. Double (the finite-difference checks), the batched optimizer
-// products and the GEMMs inside attention's tiles stay on OpenBLAS (gemm.cpp).
+// where the CPU has BF16 units; one batched primitive beats a matrix per thread on OpenBLAS for
+// Newton-Schulz's products. Double (the finite-difference checks) and the GEMMs inside attention's
+// tiles stay on OpenBLAS (gemm.cpp).
 #pragma once
 
 #include <cstddef>
@@ -31,6 +32,15 @@ class OnednnMatmul {
   // Row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C (backend_ops.hpp's gemm).
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
             const float* B, int ldb, float beta, float* C, int ldc);
+  // backend_ops.hpp's gemm_batched: one batched primitive for all matrices.
+  void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
+                    int lda, std::size_t stride_a, const float* B, int ldb, std::size_t stride_b,
+                    float beta, float* C, int ldc, std::size_t stride_c, int batch);
+  // backend_ops.hpp's symmetric_gemm_batched.
+  void symmetric_gemm_batched(bool trans, int n, int k, float alpha, const float* X, int ldx,
+                              std::size_t stride_x, float beta, const float* C, int ldc,
+                              std::size_t stride_c, float shift, float* D, int ldd,
+                              std::size_t stride_d, int batch);
   // backend_ops.hpp's grouped_gemm and grouped_gemm_wgrad, one product per non-empty group.
   void grouped_gemm(bool trans_b, int rows, int N, int K, float alpha, const float* A, int lda,
                     const float* B, int ldb, std::size_t stride_b, float beta, float* C, int ldc,
