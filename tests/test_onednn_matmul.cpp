@@ -5,14 +5,15 @@
 // neighbours, ties to the even one), so the bf16 check is of the rounding and the product both.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <random>
 #include <stdexcept>
 #include <vector>
 
+#include "gradcheck.hpp"
 #include "moetrain/cpu_backend.hpp"
 
 namespace {
@@ -21,11 +22,8 @@ using moetrain::CpuBackend;
 using moetrain::CpuBackendOptions;
 
 std::vector<float> random_floats(std::size_t n, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
+  const std::vector<double> v = moetrain::test::random_vector(n, seed);
+  return std::vector<float>(v.begin(), v.end());
 }
 
 // x rounded to bf16 (8 significant bits): of the two bf16 values around x, the nearer; a tie
