@@ -3,6 +3,8 @@
 // final weights of a straight `moetrain train` run of the same config and seed.
 #include <catch2/catch.hpp>
 
+#include <memory>
+
 #include "cli_fixture.hpp"
 #include "moetrain/communicator.hpp"
 #include "moetrain/config.hpp"
@@ -33,7 +35,57 @@ std::vector<nlohmann::json> step_lines(const fs::path& run) {
   return out;
 }
 
+// The runtime's communicator, with its host collectives counted.
+class CountingComm final : public moetrain::Communicator {
+ public:
+  explicit CountingComm(std::unique_ptr<moetrain::Communicator> inner) : inner_(std::move(inner)) {}
+  int rank() const override { return inner_->rank(); }
+  int world() const override { return inner_->world(); }
+  const char* name() const override { return inner_->name(); }
+  void all_reduce(void* d, std::size_t n, moetrain::DType t, moetrain::ReduceOp op) override {
+    inner_->all_reduce(d, n, t, op);
+  }
+  void reduce_scatter(const void* s, void* r, std::size_t n, moetrain::DType t,
+                      moetrain::ReduceOp op) override {
+    inner_->reduce_scatter(s, r, n, t, op);
+  }
+  void all_gather(const void* s, void* r, std::size_t n, moetrain::DType t) override {
+    inner_->all_gather(s, r, n, t);
+  }
+  void broadcast(void* d, std::size_t bytes, int root) override {
+    inner_->broadcast(d, bytes, root);
+  }
+  void barrier() override { inner_->barrier(); }
+  void reduce_host(double* sums, std::size_t n_sums, double* maxes, std::size_t n_maxes) override {
+    ++host_collectives;
+    inner_->reduce_host(sums, n_sums, maxes, n_maxes);
+  }
+  int host_collectives = 0;
+
+ private:
+  std::unique_ptr<moetrain::Communicator> inner_;
+};
+
 }  // namespace
+
+// The step's host scalars — losses, S_max, expert loads, and the optimizer's update-RMS and
+// clipped-head sums — travel in one host collective; the only other one per step is the stop
+// verdict (signals, --stop-at, a failed metrics write), which follows the step's log.
+TEST_CASE("Trainer: two host collectives per step, the statistics in one", "[train][trainer]") {
+  TempDir tmp("trainer_collectives");
+  auto overrides = ci_overrides((tmp.path / "run").string());
+  overrides.push_back("model.moe.router=sigmoid_bias");  // expert loads feed the bias update
+  const moetrain::Config cfg = moetrain::load_config(source_dir() + "/configs/ci.json", overrides);
+  moetrain::Runtime rt = moetrain::make_runtime(cfg);
+  auto counting = std::make_unique<CountingComm>(std::move(rt.comm));
+  CountingComm* comm = counting.get();
+  rt.comm = std::move(counting);
+  moetrain::Trainer t(cfg, rt, moetrain::TrainOptions{});
+  const int before = comm->host_collectives;
+  REQUIRE(t.run() == 0);
+  CHECK(t.step() == 5);
+  CHECK(comm->host_collectives - before == 2 * 5);
+}
 
 TEST_CASE("Trainer: stop_at and resume in-process equal a straight binary run",
           "[train][trainer]") {

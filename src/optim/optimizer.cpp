@@ -164,12 +164,25 @@ void Optimizer<T>::step_async(T* params, const T* grads, double lr, const StepIn
 }
 
 template <typename T>
+std::vector<double> Optimizer<T>::local_sums() const {
+  return impl_->stats.host(impl_->regions.sums);
+}
+
+template <typename T>
 OptimizerStats Optimizer<T>::finish_step() {
+  std::vector<double> totals = local_sums();
+  impl_->plan.comm().reduce_host(totals.data(), totals.size(), nullptr, 0);
+  return finish_step(totals);
+}
+
+template <typename T>
+OptimizerStats Optimizer<T>::finish_step(const std::vector<double>& totals) {
   Impl& s = *impl_;
   Zero1Plan<T>& plan = s.plan;
+  if (totals.size() != s.regions.sums.count)
+    throw std::invalid_argument("Optimizer::finish_step: " + std::to_string(totals.size()) +
+                                " sums, expected " + std::to_string(s.regions.sums.count));
   const std::vector<double> gate = s.stats.host(s.regions.gate);
-  std::vector<double> totals = s.stats.host(s.regions.sums);
-  plan.comm().reduce_host(totals.data(), totals.size(), nullptr, 0);
   OptimizerStats st;
   st.grad_norm = std::sqrt(gate[StepGate::kGradSumSquares]);
   if (gate[StepGate::kSkip] != 0) {

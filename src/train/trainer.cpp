@@ -160,7 +160,8 @@ StepResult Trainer::train_step(double lr) {
   }
 
   // Average the logged losses over ranks (sum / world); S_max (max) and expert loads (sum) feed
-  // the bias update: all of them in one collective. (QK-clip reduced S_max on the device.)
+  // the bias update; the optimizer's sums (update RMS, clipped heads) follow: all of them in one
+  // host collective per step. (QK-clip reduced S_max on the device.)
   t0 = Clock::now();
   const int world = comm_.world();
   std::vector<double> sums = {r.objective, r.ce}, maxes;
@@ -171,6 +172,9 @@ StepResult Trainer::train_step(double lr) {
     for (auto c : r.load[l]) sums.push_back(double(c));
     maxes.insert(maxes.end(), r.smax[l].begin(), r.smax[l].end());
   }
+  const std::size_t n_stats = sums.size();
+  const std::vector<double> opt_sums = opt_->local_sums();
+  sums.insert(sums.end(), opt_sums.begin(), opt_sums.end());
   comm_.reduce_host(sums.data(), sums.size(), maxes.data(), maxes.size());
   r.objective = sums[0] / world;
   r.ce = sums[1] / world;
@@ -183,7 +187,8 @@ StepResult Trainer::train_step(double lr) {
     std::copy(maxes.begin() + std::ptrdiff_t(l * std::size_t(H)),
               maxes.begin() + std::ptrdiff_t((l + 1) * std::size_t(H)), r.smax[l].begin());
   }
-  r.opt = opt_->finish_step();
+  r.opt =
+      opt_->finish_step(std::vector<double>(sums.begin() + std::ptrdiff_t(n_stats), sums.end()));
   r.comm_s = since(t0);
   // After the reductions, so every rank sees the same verdict. The optimizer's gate made every
   // update op of the step a no-op for a non-finite cross-entropy or gradient norm (the router

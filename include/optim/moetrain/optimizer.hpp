@@ -81,6 +81,11 @@ class Optimizer {
   // After the stats block's download that followed step_async: the step's statistics (reduced
   // over ranks: one host collective).
   OptimizerStats finish_step();
+  // The same in two halves, so that a caller can reduce these sums over ranks in its own host
+  // collective with its other statistics: this rank's sums of the step (after the download), then
+  // the statistics from those sums summed over all ranks.
+  std::vector<double> local_sums() const;
+  OptimizerStats finish_step(const std::vector<double>& summed_over_ranks);
   // step_async with `smax` [layer][query head] of this step (already reduced over ranks), then
   // a download of the stats block and finish_step; throws NonFiniteError for a skipped step.
   OptimizerStats step(T* params, const T* grads, double lr,
