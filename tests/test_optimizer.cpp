@@ -844,3 +844,15 @@ TEST_CASE("update_rms_muon and update_rms_adamw match their definitions", "[opti
     before = after;
   }
 }
+
+TEST_CASE("finish_step refuses sums of another length than its own", "[optim]") {
+  const Config cfg = optim_config(OptimizerName::MuonClip);
+  const ParamLayout layout(cfg.model);
+  CpuBackend<double> be;
+  Optimizer<double> opt(cfg, layout, be);
+  const std::size_t n = opt.local_sums().size();
+  REQUIRE(n > 0);
+  CHECK_THROWS_WITH(
+      opt.finish_step(std::vector<double>(n + 1, 0.0)),
+      "Optimizer::finish_step: " + std::to_string(n + 1) + " sums, expected " + std::to_string(n));
+}
