@@ -27,7 +27,6 @@ class CpuBackend final : public Backend<T> {
   explicit CpuBackend(const CpuBackendOptions& options = {});
   ~CpuBackend() override;
   const char* name() const override;
-  bool bf16() const { return bf16_; }
   MOETRAIN_BACKEND_MEMORY(MOETRAIN_OP_OVERRIDE, T)
   MOETRAIN_BACKEND_OPS(MOETRAIN_OP_OVERRIDE, T)
   MOETRAIN_BACKEND_QUERIES(MOETRAIN_QUERY_OVERRIDE, T)

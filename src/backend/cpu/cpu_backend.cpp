@@ -93,7 +93,7 @@ void CpuBackend<T>::note_writes(const Args&... args) {
     note_writes args;                                        \
     return cpu::name<T> args;                                \
   }
-// Every family but the GEMMs', whose model products the float backend gives to oneDNN.
+// Every family but the GEMMs' (below).
 #define MOETRAIN_CPU_FORWARD_FAMILY(family) family(MOETRAIN_CPU_FORWARD, T, DevPtr, CDevPtr)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ELEMENTWISE)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_OPTIMIZER)
@@ -108,68 +108,19 @@ MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ROUTER)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_MOE_PERMUTE)
 #undef MOETRAIN_CPU_FORWARD_FAMILY
 
-template <typename T>
-void CpuBackend<T>::gemm(bool ta, bool tb, int M, int N, int K, T alpha, CDevPtr A, int lda,
-                         CDevPtr B, int ldb, T beta, DevPtr C, int ldc) {
-  note_writes(C);
-  if constexpr (std::is_same_v<T, float>)
-    matmul_->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  else
-    cpu::gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-template <typename T>
-void CpuBackend<T>::grouped_gemm(bool tb, int rows, int N, int K, T alpha, CDevPtr A, int lda,
-                                 CDevPtr B, int ldb, std::size_t stride_b, T beta, DevPtr C,
-                                 int ldc, const std::int32_t* offsets, int groups) {
-  note_writes(C);
-  if constexpr (std::is_same_v<T, float>)
-    matmul_->grouped_gemm(tb, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc, offsets,
-                          groups);
-  else
-    cpu::grouped_gemm<T>(tb, rows, N, K, alpha, A, lda, B, ldb, stride_b, beta, C, ldc, offsets,
-                         groups);
-}
-
-template <typename T>
-void CpuBackend<T>::grouped_gemm_wgrad(int rows, int M, int N, T alpha, CDevPtr A, int lda,
-                                       CDevPtr B, int ldb, DevPtr C, int ldc, std::size_t stride_c,
-                                       const std::int32_t* offsets, int groups) {
-  note_writes(C);
-  if constexpr (std::is_same_v<T, float>)
-    matmul_->grouped_gemm_wgrad(rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets,
-                                groups);
-  else
-    cpu::grouped_gemm_wgrad<T>(rows, M, N, alpha, A, lda, B, ldb, C, ldc, stride_c, offsets,
-                               groups);
-}
-
-// Newton-Schulz's and SOAP's many same-shape products: one oneDNN primitive for the batch (float),
-// one matrix per thread on OpenBLAS (double).
-template <typename T>
-void CpuBackend<T>::gemm_batched(bool ta, bool tb, int M, int N, int K, T alpha, CDevPtr A, int lda,
-                                 std::size_t sa, CDevPtr B, int ldb, std::size_t sb, T beta,
-                                 DevPtr C, int ldc, std::size_t sc, int batch) {
-  note_writes(C);
-  if constexpr (std::is_same_v<T, float>)
-    matmul_->gemm_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
-  else
-    cpu::gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
-}
-
-template <typename T>
-void CpuBackend<T>::symmetric_gemm_batched(bool trans, int n, int k, T alpha, CDevPtr X, int ldx,
-                                           std::size_t sx, T beta, CDevPtr Cm, int ldc,
-                                           std::size_t sc, T shift, DevPtr D, int ldd,
-                                           std::size_t sd, int batch) {
-  note_writes(D);
-  if constexpr (std::is_same_v<T, float>)
-    matmul_->symmetric_gemm_batched(trans, n, k, alpha, X, ldx, sx, beta, Cm, ldc, sc, shift, D,
-                                    ldd, sd, batch);
-  else
-    cpu::symmetric_gemm_batched<T>(trans, n, k, alpha, X, ldx, sx, beta, Cm, ldc, sc, shift, D, ldd,
-                                   sd, batch);
-}
+// The GEMM family: oneDNN's for float (the matmul holds the bf16 state), OpenBLAS's for double.
+#define MOETRAIN_CPU_FORWARD_GEMM(ret, name, params, args, flops) \
+  template <typename T>                                           \
+  ret CpuBackend<T>::name params {                                \
+    note_writes args;                                             \
+    if constexpr (std::is_same_v<T, float>)                       \
+      return matmul_->name args;                                  \
+    else                                                          \
+      return cpu::name<T> args;                                   \
+  }
+MOETRAIN_OPS_GEMM(MOETRAIN_CPU_FORWARD_GEMM, T, DevPtr, CDevPtr)
+#undef MOETRAIN_CPU_FORWARD_GEMM
+#undef MOETRAIN_CPU_FORWARD
 
 template <typename T>
 Storage CpuBackend<T>::activation_storage() const {

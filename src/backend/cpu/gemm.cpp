@@ -5,9 +5,8 @@
 #include <cblas.h>
 
 #include <optional>
-#include <stdexcept>
-#include <string>
 
+#include "backend/cpu/gram.hpp"
 #include "backend/cpu/grouped_gemm.hpp"
 #include "backend/cpu/ops.hpp"
 
@@ -76,31 +75,27 @@ void symmetric_gemm_batched(bool trans, int n, int k, T alpha, const T* X, int l
                             std::size_t stride_x, T beta, const T* C, int ldc, std::size_t stride_c,
                             T shift, T* D, int ldd, std::size_t stride_d, int batch) {
   if (n <= 0 || batch <= 0) return;
-  if (k <= 0)
-    throw std::invalid_argument("symmetric_gemm_batched: k = " + std::to_string(k) +
-                                " (a Gram product needs k >= 1)");
+  check_gram_sum(k);
   std::optional<SingleThreadedBlas> one_thread_each;  // one matrix alone keeps OpenBLAS's threads
   if (batch > 1) one_thread_each.emplace();
 #pragma omp parallel for schedule(dynamic, 1) if (batch > 1)
   for (int b = 0; b < batch; ++b) {
     const T* x = X + stride_x * std::size_t(b);
     T* d = D + stride_d * std::size_t(b);
-    if (beta != T(0) && C + stride_c * std::size_t(b) != d) {
-      const T* c = C + stride_c * std::size_t(b);
-      for (int i = 0; i < n; ++i)
-        for (int j = i; j < n; ++j) d[std::size_t(i) * ldd + j] = c[std::size_t(i) * ldc + j];
-    }
+    if (beta != T(0) && C + stride_c * std::size_t(b) != d)
+      copy_upper(d, ldd, C + stride_c * std::size_t(b), ldc, n);
     if constexpr (sizeof(T) == sizeof(float))
       cblas_ssyrk(CblasRowMajor, CblasUpper, tr(trans), n, k, alpha, x, ldx, beta, d, ldd);
     else
       cblas_dsyrk(CblasRowMajor, CblasUpper, tr(trans), n, k, alpha, x, ldx, beta, d, ldd);
-    for (int i = 0; i < n; ++i) {
-      d[std::size_t(i) * ldd + i] += shift;
-      for (int j = i + 1; j < n; ++j) d[std::size_t(j) * ldd + i] = d[std::size_t(i) * ldd + j];
-    }
+    shift_and_mirror_upper(d, ldd, n, shift);
   }
 }
 
-MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_GEMM)
+// The double backend's GEMM ops; of the float ones only gemm, for attention's tiles (the float
+// backend's GEMM ops are oneDNN's).
+MOETRAIN_OPS_GEMM(MOETRAIN_CPU_INSTANTIATE_F64, double, double*, const double*)
+template void gemm<float>(bool, bool, int, int, int, float, const float*, int, const float*, int,
+                          float, float*, int);
 
 }  // namespace moetrain::cpu

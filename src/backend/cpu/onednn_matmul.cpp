@@ -1,6 +1,5 @@
 #include "backend/cpu/onednn_matmul.hpp"
 
-#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -9,6 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "backend/cpu/gram.hpp"
 #include "backend/cpu/grouped_gemm.hpp"
 
 namespace moetrain::cpu {
@@ -231,30 +231,19 @@ void OnednnMatmul::symmetric_gemm_batched(bool trans, int n, int k, float alpha,
                                           int ldc, std::size_t stride_c, float shift, float* D,
                                           int ldd, std::size_t stride_d, int batch) {
   if (n <= 0 || batch <= 0) return;
-  if (k <= 0)
-    throw std::invalid_argument("symmetric_gemm_batched: k = " + std::to_string(k) +
-                                " (a Gram product needs k >= 1)");
+  check_gram_sum(k);
   if (beta != 0.0f && C != D) {  // D = C's upper triangle, to be summed into
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < batch; ++b)
-      for (int i = 0; i < n; ++i) {
-        const float* c = C + stride_c * std::size_t(b) + std::size_t(i) * ldc;
-        float* d = D + stride_d * std::size_t(b) + std::size_t(i) * ldd;
-        std::copy(c + i, c + n, d + i);
-      }
+      copy_upper(D + stride_d * std::size_t(b), ldd, C + stride_c * std::size_t(b), ldc, n);
   }
   // op(X) [n, k] times op(X)^T: the same storage read with the other orientation. Below the
   // diagonal C's garbage may enter D (beta != 0); the mirror below overwrites it.
   gemm_batched(trans, !trans, n, n, k, alpha, X, ldx, stride_x, X, ldx, stride_x, beta, D, ldd,
                stride_d, batch);
 #pragma omp parallel for schedule(static)
-  for (int b = 0; b < batch; ++b) {
-    float* d = D + stride_d * std::size_t(b);
-    for (int i = 0; i < n; ++i) {
-      d[std::size_t(i) * ldd + i] += shift;
-      for (int j = 0; j < i; ++j) d[std::size_t(i) * ldd + j] = d[std::size_t(j) * ldd + i];
-    }
-  }
+  for (int b = 0; b < batch; ++b)
+    shift_and_mirror_upper(D + stride_d * std::size_t(b), ldd, n, shift);
 }
 
 void OnednnMatmul::grouped_gemm(bool trans_b, int rows, int N, int K, float alpha, const float* A,

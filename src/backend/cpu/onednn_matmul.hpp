@@ -21,8 +21,6 @@ class OnednnMatmul {
   OnednnMatmul(const OnednnMatmul&) = delete;
   OnednnMatmul& operator=(const OnednnMatmul&) = delete;
 
-  bool bf16() const { return bf16_; }
-
   // bf16: the model's parameter buffer (backend_ops.hpp's set_weights). Products read a weight
   // operand from a bf16 copy of it, rewritten whole on first use after `wrote` saw a write that
   // overlaps it, instead of rounding the weights again on every call.
