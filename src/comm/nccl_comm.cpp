@@ -6,9 +6,14 @@
 #define OMPI_SKIP_MPICXX 1
 #endif
 
-#include <cuda_runtime.h>
 #include <mpi.h>
+#if defined(MOETRAIN_SIMT)
+// The SIMT build: the simulator's CUDA runtime (force-included) and NCCL over MPI on its streams.
+#include "nccl_shim.hpp"
+#else
+#include <cuda_runtime.h>
 #include <nccl.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -118,15 +123,16 @@ struct NcclComm::Impl {
   }
 
   // Polls rather than cudaStreamSynchronize: when a peer fails, NCCL's kernel keeps spinning and
-  // the stream never drains; only the communicator's async error reports it.
+  // the stream never drains; only the communicator's async error reports it. The error is read
+  // once more after the stream drained, so a failure reported as the work ends is not missed.
   void wait(const std::string& what) {
     for (;;) {
       const cudaError_t q = cudaStreamQuery(stream);
-      if (q == cudaSuccess) return;
-      if (q != cudaErrorNotReady) check(q, what + " (stream)");
+      if (q != cudaSuccess && q != cudaErrorNotReady) check(q, what + " (stream)");
       ncclResult_t async = ncclSuccess;
       check(ncclCommGetAsyncError(comm, &async), what);
       if (async != ncclSuccess && async != ncclInProgress) check(async, what);
+      if (q == cudaSuccess) return;
       std::this_thread::yield();
     }
   }

@@ -97,10 +97,11 @@ std::string progress_line(const StepResult& r, const StepInfo& info, std::int64_
       r.opt.clipped_heads, format_duration(eta_s));
 }
 
-nlohmann::json shard_report(int rank, int world, const std::string& optimizer_name,
+nlohmann::json shard_report(const Communicator& comm, const std::string& optimizer_name,
                             const Optimizer<float>& opt) {
-  return {{"rank", rank},
-          {"world", world},
+  return {{"rank", comm.rank()},
+          {"world", comm.world()},
+          {"communicator", comm.name()},
           {"pid", ::getpid()},
           {"optimizer", optimizer_name},
           {"optimizer_state_bytes", opt.state_bytes()},

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moetrain/communicator.hpp"
 #include "moetrain/config.hpp"
 #include "moetrain/optimizer.hpp"
 
@@ -46,8 +47,9 @@ nlohmann::json eval_record(std::int64_t step, std::int64_t tokens, double val_lo
 std::string progress_line(const StepResult& r, const StepInfo& info, std::int64_t total_steps,
                           double eta_s);
 
-// <out_dir>/zero1_rank<R>.json: how ZeRO-1 split the optimizer across ranks (after a step).
-nlohmann::json shard_report(int rank, int world, const std::string& optimizer_name,
+// <out_dir>/zero1_rank<R>.json: how ZeRO-1 split the optimizer across ranks (after a step), and
+// over which communicator (local, mpi, nccl).
+nlohmann::json shard_report(const Communicator& comm, const std::string& optimizer_name,
                             const Optimizer<float>& opt);
 
 }  // namespace moetrain

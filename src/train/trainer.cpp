@@ -244,7 +244,7 @@ void Trainer::log_step(const StepResult& r, double lr, double step_s, bool spike
 void Trainer::write_shard_report() {
   write_text_atomically(
       (fs::path(out_dir_) / ("zero1_rank" + std::to_string(comm_.rank()) + ".json")).string(),
-      shard_report(comm_.rank(), comm_.world(), to_string(cfg_.optim.name), *opt_).dump(2) + "\n");
+      shard_report(comm_, to_string(cfg_.optim.name), *opt_).dump(2) + "\n");
 }
 
 std::string Trainer::after_divergence() {

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <deque>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -1537,15 +1538,16 @@ cudaError_t drain_all_quietly(bool count_sync) {
 
 namespace {
 std::mutex g_alloc_mutex;
-std::unordered_map<void*, size_t> g_device_allocs;
-std::unordered_map<void*, size_t> g_host_allocs;
+// Ordered by address, so an interior pointer finds its allocation (cudaPointerGetAttributes).
+std::map<const void*, size_t> g_device_allocs;
+std::map<const void*, size_t> g_host_allocs;
 
 cudaError_t set_error(cudaError_t e) {
   if (e != cudaSuccess) g_last_error = e;
   return e;
 }
 
-cudaError_t alloc(std::unordered_map<void*, size_t>& table, void** ptr, size_t bytes) {
+cudaError_t alloc(std::map<const void*, size_t>& table, void** ptr, size_t bytes) {
   if (!ptr) return set_error(cudaErrorInvalidValue);
   *ptr = nullptr;
   if (bytes == 0) return cudaSuccess;
@@ -1558,7 +1560,7 @@ cudaError_t alloc(std::unordered_map<void*, size_t>& table, void** ptr, size_t b
   return cudaSuccess;
 }
 
-cudaError_t release(std::unordered_map<void*, size_t>& table, void* ptr) {
+cudaError_t release(std::map<const void*, size_t>& table, void* ptr) {
   if (!ptr) return cudaSuccess;
   {
     std::lock_guard<std::mutex> lock(g_alloc_mutex);
@@ -1698,14 +1700,14 @@ cudaError_t alloc_conflict() {
   StreamLock lock;
   return unsafe_call();
 }
-cudaError_t checked_alloc(std::unordered_map<void*, size_t>& table, void** ptr, size_t bytes) {
+cudaError_t checked_alloc(std::map<const void*, size_t>& table, void** ptr, size_t bytes) {
   if (const cudaError_t e = alloc_conflict(); e != cudaSuccess) {
     if (ptr) *ptr = nullptr;
     return set_error(e);
   }
   return alloc(table, ptr, bytes);
 }
-cudaError_t checked_release(std::unordered_map<void*, size_t>& table, void* ptr) {
+cudaError_t checked_release(std::map<const void*, size_t>& table, void* ptr) {
   if (const cudaError_t e = alloc_conflict(); e != cudaSuccess) return set_error(e);
   // An implicit device synchronize: no pending work may still use the memory.
   const cudaError_t drained = ptr ? drain_all_quietly(true) : cudaSuccess;
@@ -1967,22 +1969,53 @@ cudaError_t cudaDeviceReset() {
   }
   return drain_all_quietly(false);
 }
+namespace {
+// The current device is per host thread, as in CUDA.
+thread_local int t_device = 0;
+}  // namespace
+
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return set_error(cudaErrorInvalidValue);
-  *count = 1;
+  *count = simt::device_count();
   return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int device) {
-  return device == 0 ? cudaSuccess : set_error(cudaErrorInvalidDevice);
+  if (device < 0 || device >= simt::device_count()) return set_error(cudaErrorInvalidDevice);
+  t_device = device;
+  return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* device) {
   if (!device) return set_error(cudaErrorInvalidValue);
-  *device = 0;
+  *device = t_device;
+  return cudaSuccess;
+}
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* ptr) {
+  if (!attr) return set_error(cudaErrorInvalidValue);
+  *attr = cudaPointerAttributes{};
+  attr->device = -2;  // CUDA's value for memory that belongs to no device
+  if (!ptr) return cudaSuccess;
+  if (simt::device_extent(ptr) > 0) {
+    attr->type = cudaMemoryTypeDevice;
+    attr->device = t_device;
+    attr->devicePointer = const_cast<void*>(ptr);
+    return cudaSuccess;
+  }
+  std::lock_guard<std::mutex> lock(g_alloc_mutex);
+  auto it = g_host_allocs.upper_bound(ptr);
+  if (it != g_host_allocs.begin()) {
+    --it;
+    const auto* base = static_cast<const unsigned char*>(it->first);
+    if (static_cast<const unsigned char*>(ptr) < base + it->second) {
+      attr->type = cudaMemoryTypeHost;
+      attr->device = t_device;
+      attr->devicePointer = attr->hostPointer = const_cast<void*>(ptr);
+    }
+  }
   return cudaSuccess;
 }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
   if (!p) return set_error(cudaErrorInvalidValue);
-  if (device != 0) return set_error(cudaErrorInvalidDevice);
+  if (device < 0 || device >= simt::device_count()) return set_error(cudaErrorInvalidDevice);
   *p = cudaDeviceProp{};
   std::snprintf(p->name, sizeof p->name, "moetrain SIMT simulator (sm_80 limits)");
   size_t free_bytes = 0;
@@ -2190,6 +2223,34 @@ void enqueue_host(cudaStream_t stream, std::function<void()> fn) {
   StreamLock lock;
   if (const cudaError_t e = submit(queue_of(stream), Work{std::move(fn), {}, 1}); e != cudaSuccess)
     capture_refused("host work (enqueue_host)", e);
+}
+
+int device_count() {
+  static const int count = [] {
+    const char* text = std::getenv("MOETRAIN_SIMT_DEVICES");
+    if (!text || !*text) return 1;
+    char* end = nullptr;
+    const long n = std::strtol(text, &end, 10);
+    if (*end != '\0' || n < 1 || n > 64) {
+      std::fprintf(stderr,
+                   "simt: MOETRAIN_SIMT_DEVICES=%s is not a device count from 1 to 64; using 1\n",
+                   text);
+      return 1;
+    }
+    return int(n);
+  }();
+  return count;
+}
+
+std::size_t device_extent(const void* ptr) {
+  if (!ptr) return 0;
+  std::lock_guard<std::mutex> lock(g_alloc_mutex);
+  auto it = g_device_allocs.upper_bound(ptr);
+  if (it == g_device_allocs.begin()) return 0;
+  --it;
+  const auto* base = static_cast<const unsigned char*>(it->first);
+  const auto* p = static_cast<const unsigned char*>(ptr);
+  return p < base + it->second ? std::size_t(base + it->second - p) : 0;
 }
 
 std::size_t pending_work() {

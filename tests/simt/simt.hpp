@@ -820,6 +820,19 @@ enum cudaGraphInstantiateFlags : int {
   cudaGraphInstantiateFlagUseNodePriority = 8,
 };
 
+enum cudaMemoryType : int {
+  cudaMemoryTypeUnregistered = 0,
+  cudaMemoryTypeHost = 1,
+  cudaMemoryTypeDevice = 2,
+  cudaMemoryTypeManaged = 3,
+};
+struct cudaPointerAttributes {
+  cudaMemoryType type;
+  int device;
+  void* devicePointer;
+  void* hostPointer;
+};
+
 struct cudaDeviceProp {
   char name[256];
   size_t totalGlobalMem;
@@ -898,6 +911,9 @@ cudaError_t cudaGetDeviceCount(int* count);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
+// Device memory (cudaMalloc), pinned host memory (cudaMallocHost / cudaHostAlloc) or neither
+// (cudaMemoryTypeUnregistered, device -2), interior pointers included, as in CUDA 11 and later.
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* ptr);
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
 // Stream capture and graphs (see "Stream capture and graphs" at the top).
 cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
@@ -1005,6 +1021,14 @@ class ScopedStreamSchedule {
 void enqueue_host(cudaStream_t stream, std::function<void()> fn);
 // Work items enqueued and not run yet, over all streams.
 std::size_t pending_work();
+
+// The simulated machine's GPUs: 1, or the value of the environment variable MOETRAIN_SIMT_DEVICES
+// (1 to 64), read once. They share one memory and one set of streams; only cudaSetDevice /
+// cudaGetDevice (per host thread) and the checks of a device number tell them apart, which is what
+// host code that picks a GPU per rank needs.
+int device_count();
+// Bytes from `ptr` to the end of the cudaMalloc allocation that holds it; 0 if none does.
+std::size_t device_extent(const void* ptr);
 
 // Calls that make the host wait for the device: cudaStreamSynchronize, cudaEventSynchronize,
 // cudaDeviceSynchronize, cudaFree / cudaFreeHost (an implicit device synchronize), and blocking
