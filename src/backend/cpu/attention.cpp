@@ -8,21 +8,22 @@
 // Backward, per (batch, kv head) so that the query heads sharing a kv head accumulate their dK, dV
 // in a fixed order on one thread (deterministic, no atomics): each tile's P is recomputed from the
 // logsumexp, and dV += P^T dO, dS = P (dO V^T - rowsum(dO O)), dK += dS^T Q, dQ += dS K.
-#include <omp.h>
-
+// The tile products are tile_gemm's, on the thread that owns the task; K (and V) are transposed
+// once per task so that Q K^T (dO V^T) reads them as rows.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "backend/cpu/ops.hpp"
+#include "backend/cpu/tile_gemm.hpp"
 #include "backend/cpu/vector_exp.hpp"
 
 namespace moetrain::cpu {
 
 namespace {
 // Rows of a query block and of a key block: a [64, 64] score tile and a [64, hd] output block stay
-// in L1/L2 while they are reused, and the tile GEMMs are large enough for OpenBLAS's kernels.
+// in L1/L2 while they are reused.
 constexpr int kBlock = 64;
 }  // namespace
 
@@ -39,11 +40,11 @@ void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionSha
   const int tasks = s.batch * s.n_heads;
   std::vector<T> head_max(std::size_t(tasks), neg_inf);
 
-  SingleThreadedBlas blas_per_task;
 #pragma omp parallel
   {
     std::vector<T> S(std::size_t(kBlock) * kBlock);  // [kBlock q rows, kBlock keys]
     std::vector<T> m(kBlock), l(kBlock);             // running row max and sum of the block
+    std::vector<T> kt(std::size_t(hd) * Tq);         // [hd, Tq]: the task's K transposed
 #pragma omp for schedule(static)
     for (int task = 0; task < tasks; ++task) {
       const int b = task / s.n_heads, h = task % s.n_heads, g = h / group;
@@ -53,6 +54,7 @@ void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionSha
       const T* v = base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
       T* o = out + std::size_t(b) * Tq * ldo + std::size_t(h) * hd;  // [Tq, hd] at stride ldo
       T* lse_h = lse + std::size_t(task) * Tq;
+      transpose_block(kt.data(), k, Tq, hd, ld);
       T mx_all = neg_inf;
       for (int i0 = 0; i0 < Tq; i0 += kBlock) {
         const int nq = std::min(kBlock, Tq - i0);
@@ -62,8 +64,8 @@ void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionSha
         // Key blocks that hold some j <= i of this block's rows: those starting before its end.
         for (int j0 = 0; j0 < i0 + nq; j0 += kBlock) {
           const int nk = std::min(kBlock, i0 + nq - j0);
-          gemm<T>(false, true, nq, nk, hd, scale, q + std::size_t(i0) * ld, ld,
-                  k + std::size_t(j0) * ld, ld, T(0), S.data(), kBlock);
+          tile_gemm(nq, nk, hd, scale, q + std::size_t(i0) * ld, ld, 1, kt.data() + j0, Tq,
+                    S.data(), kBlock, false);
           for (int r = 0; r < nq; ++r) {
             T* row = S.data() + std::size_t(r) * kBlock;
             const int valid = std::clamp(i0 + r - j0 + 1, 0, nk);  // keys j <= i
@@ -83,8 +85,8 @@ void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionSha
             l[r] += sum;
             m[r] = m_new;
           }
-          gemm<T>(false, false, nq, hd, nk, T(1), S.data(), kBlock, v + std::size_t(j0) * ld, ld,
-                  T(1), o + std::size_t(i0) * ldo, ldo);
+          tile_gemm(nq, hd, nk, T(1), S.data(), kBlock, 1, v + std::size_t(j0) * ld, ld,
+                    o + std::size_t(i0) * ldo, ldo, true);
         }
         for (int r = 0; r < nq; ++r) {
           const T inv = T(1) / l[r];
@@ -111,10 +113,10 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
   const T scale = T(1.0 / std::sqrt(double(hd)));
   const int tasks = s.batch * s.n_kv_heads;
 
-  SingleThreadedBlas blas_per_task;
 #pragma omp parallel
   {
     std::vector<T> P(std::size_t(kBlock) * kBlock), dS(std::size_t(kBlock) * kBlock);
+    std::vector<T> kt(std::size_t(hd) * Tq), vt(std::size_t(hd) * Tq);  // [hd, Tq] each
     std::vector<T> D(
         static_cast<std::size_t>(Tq));  // rowsum(dO * O) = rowsum(dP * P), per query row
 #pragma omp for schedule(static)
@@ -127,6 +129,8 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
       const T* v = base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
       T* dk = dbase + std::size_t(s.n_heads + g) * hd;
       T* dv = dbase + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
+      transpose_block(kt.data(), k, Tq, hd, ld);
+      transpose_block(vt.data(), v, Tq, hd, ld);
       for (int i = 0; i < Tq; ++i) {
         std::fill_n(dk + std::size_t(i) * ld, hd, T(0));
         std::fill_n(dv + std::size_t(i) * ld, hd, T(0));
@@ -150,10 +154,10 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
           // Query blocks with some row i >= j0: from the one holding row j0 to the end.
           for (int i0 = j0 / kBlock * kBlock; i0 < Tq; i0 += kBlock) {
             const int nq = std::min(kBlock, Tq - i0);
-            gemm<T>(false, true, nq, nk, hd, scale, q + std::size_t(i0) * ld, ld,
-                    k + std::size_t(j0) * ld, ld, T(0), P.data(), kBlock);
-            gemm<T>(false, true, nq, nk, hd, T(1), dO + std::size_t(i0) * ldo, ldo,
-                    v + std::size_t(j0) * ld, ld, T(0), dS.data(), kBlock);
+            tile_gemm(nq, nk, hd, scale, q + std::size_t(i0) * ld, ld, 1, kt.data() + j0, Tq,
+                      P.data(), kBlock, false);
+            tile_gemm(nq, nk, hd, T(1), dO + std::size_t(i0) * ldo, ldo, 1, vt.data() + j0, Tq,
+                      dS.data(), kBlock, false);
             for (int r = 0; r < nq; ++r) {
               T* p = P.data() + std::size_t(r) * kBlock;
               T* ds = dS.data() + std::size_t(r) * kBlock;
@@ -164,12 +168,13 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
               std::fill(p + valid, p + nk, T(0));
               std::fill(ds + valid, ds + nk, T(0));
             }
-            gemm<T>(true, false, nk, hd, nq, T(1), P.data(), kBlock, dO + std::size_t(i0) * ldo,
-                    ldo, T(1), dv + std::size_t(j0) * ld, ld);
-            gemm<T>(true, false, nk, hd, nq, scale, dS.data(), kBlock, q + std::size_t(i0) * ld, ld,
-                    T(1), dk + std::size_t(j0) * ld, ld);
-            gemm<T>(false, false, nq, hd, nk, scale, dS.data(), kBlock, k + std::size_t(j0) * ld,
-                    ld, T(1), dq + std::size_t(i0) * ld, ld);
+            // P^T and dS^T as the left operands: a(m, k) = P[k][m].
+            tile_gemm(nk, hd, nq, T(1), P.data(), 1, kBlock, dO + std::size_t(i0) * ldo, ldo,
+                      dv + std::size_t(j0) * ld, ld, true);
+            tile_gemm(nk, hd, nq, scale, dS.data(), 1, kBlock, q + std::size_t(i0) * ld, ld,
+                      dk + std::size_t(j0) * ld, ld, true);
+            tile_gemm(nq, hd, nk, scale, dS.data(), kBlock, 1, k + std::size_t(j0) * ld, ld,
+                      dq + std::size_t(i0) * ld, ld, true);
           }
         }
       }

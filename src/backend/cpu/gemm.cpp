@@ -1,10 +1,7 @@
-// GEMM through OpenBLAS (row-major): the double backend's GEMM ops, and the float tile GEMMs that
-// attention runs inside its own parallel loop (the float backend's GEMM ops are oneDNN's,
-// onednn_matmul.cpp). Large GEMMs use OpenBLAS's own (OpenMP) threads; callers that parallelise
-// over many small GEMMs hold a SingleThreadedBlas.
+// GEMM through OpenBLAS (row-major): the double backend's GEMM ops (the float backend's are
+// oneDNN's, onednn_matmul.cpp). Each call uses OpenBLAS's own (OpenMP) threads; a batch runs its
+// matrices one after another, since OpenBLAS is not safe to call from several threads at once.
 #include <cblas.h>
-
-#include <optional>
 
 #include "backend/cpu/gram.hpp"
 #include "backend/cpu/grouped_gemm.hpp"
@@ -18,13 +15,6 @@ CBLAS_TRANSPOSE tr(bool t) {
 }
 }  // namespace
 
-SingleThreadedBlas::SingleThreadedBlas() : saved_(openblas_get_num_threads()) {
-  openblas_set_num_threads(1);
-}
-SingleThreadedBlas::~SingleThreadedBlas() {
-  openblas_set_num_threads(saved_);
-}
-
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda, const T* B,
           int ldb, T beta, T* C, int ldc) {
@@ -37,17 +27,10 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, 
                 ldc);
 }
 
-// Many small GEMMs (Newton-Schulz over all experts of a layer): one per thread at a time.
 template <typename T>
 void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,
                   std::size_t stride_a, const T* B, int ldb, std::size_t stride_b, T beta, T* C,
                   int ldc, std::size_t stride_c, int batch) {
-  if (batch == 1) {
-    gemm<T>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    return;
-  }
-  SingleThreadedBlas one_thread_each;
-#pragma omp parallel for schedule(dynamic, 1)
   for (int i = 0; i < batch; ++i)
     gemm<T>(trans_a, trans_b, M, N, K, alpha, A + stride_a * std::size_t(i), lda,
             B + stride_b * std::size_t(i), ldb, beta, C + stride_c * std::size_t(i), ldc);
@@ -69,16 +52,13 @@ void grouped_gemm_wgrad(int rows, int M, int N, T alpha, const T* A, int lda, co
                              groups);
 }
 
-// Gram products through BLAS's syrk (the upper triangle), then mirrored; one matrix per thread.
+// Gram products through BLAS's syrk (the upper triangle), then mirrored.
 template <typename T>
 void symmetric_gemm_batched(bool trans, int n, int k, T alpha, const T* X, int ldx,
                             std::size_t stride_x, T beta, const T* C, int ldc, std::size_t stride_c,
                             T shift, T* D, int ldd, std::size_t stride_d, int batch) {
   if (n <= 0 || batch <= 0) return;
   check_gram_sum(k);
-  std::optional<SingleThreadedBlas> one_thread_each;  // one matrix alone keeps OpenBLAS's threads
-  if (batch > 1) one_thread_each.emplace();
-#pragma omp parallel for schedule(dynamic, 1) if (batch > 1)
   for (int b = 0; b < batch; ++b) {
     const T* x = X + stride_x * std::size_t(b);
     T* d = D + stride_d * std::size_t(b);
@@ -92,10 +72,6 @@ void symmetric_gemm_batched(bool trans, int n, int k, T alpha, const T* X, int l
   }
 }
 
-// The double backend's GEMM ops; of the float ones only gemm, for attention's tiles (the float
-// backend's GEMM ops are oneDNN's).
 MOETRAIN_OPS_GEMM(MOETRAIN_CPU_INSTANTIATE_F64, double, double*, const double*)
-template void gemm<float>(bool, bool, int, int, int, float, const float*, int, const float*, int,
-                          float, float*, int);
 
 }  // namespace moetrain::cpu

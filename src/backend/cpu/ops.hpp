@@ -10,19 +10,6 @@
 
 namespace moetrain::cpu {
 
-// While alive, OpenBLAS runs each call on the calling thread. Needed around OpenMP regions that
-// call gemm from several threads: OpenBLAS's own threading inside them is many times slower.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas();
-  ~SingleThreadedBlas();
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int saved_;
-};
-
 #define MOETRAIN_CPU_DECLARE(ret, name, params, args, flops) \
   template <typename T>                                      \
   ret name params;

@@ -1,0 +1,35 @@
+// Small dense products inside the CPU's fused kernels (attention's 64 x 64 tiles), run on the
+// calling thread:
+//   C[m][0:N] = (accumulate ? C[m][0:N] : 0) + alpha * sum over k < K of a(m, k) * B[k][0:N],
+//   a(m, k) = A[m * a_row + k * a_col]   (A, or its transpose, at any strides),
+// for m < M. Every element's sum runs over k in order, so a result depends neither on M or N nor on
+// the thread. The AVX-512, AVX2 and baseline forms are picked at load time by the CPU (like
+// vector_exp.hpp's, not by -march); the first two fuse each multiply-add, the baseline rounds the
+// product first, so across instruction-set levels the last bits may differ.
+//
+// Why not BLAS: the caller parallelises over tiles itself, and OpenBLAS is not safe to call from
+// several OpenMP threads at once (its buffer pool, NUM_PARALLEL); asking it for one thread
+// (openblas_set_num_threads) sets OpenMP's thread count too, which made the caller's own loop run
+// on one thread.
+#pragma once
+
+#include <cstddef>
+
+namespace moetrain::cpu {
+
+void tile_gemm(int M, int N, int K, float alpha, const float* A, std::ptrdiff_t a_row,
+               std::ptrdiff_t a_col, const float* B, int ldb, float* C, int ldc, bool accumulate);
+void tile_gemm(int M, int N, int K, double alpha, const double* A, std::ptrdiff_t a_row,
+               std::ptrdiff_t a_col, const double* B, int ldb, double* C, int ldc, bool accumulate);
+
+// dst[c * rows + r] = src[r * ld + c] for r < rows, c < cols: a block's transpose, so that a
+// product with B^T (attention's Q K^T) reads B's columns as rows.
+template <typename T>
+void transpose_block(T* dst, const T* src, int rows, int cols, int ld) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c)
+      dst[std::size_t(c) * std::size_t(rows) + std::size_t(r)] =
+          src[std::size_t(r) * std::size_t(ld) + std::size_t(c)];
+}
+
+}  // namespace moetrain::cpu
