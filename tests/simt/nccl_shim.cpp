@@ -33,6 +33,14 @@ struct State {
   std::size_t pending = 0;  // enqueued, not run
 };
 
+}  // namespace
+
+struct ncclComm {
+  std::shared_ptr<State> state;
+};
+
+namespace {
+
 std::size_t g_pending = 0;         // over all communicators (the simulator runs work on one thread)
 std::size_t g_fail_countdown = 0;  // fail_collective_at
 thread_local std::string t_last_error;
@@ -64,55 +72,41 @@ bool mpi_ready() {
   return initialized && !finalized;
 }
 
-// Element size and MPI type; 0 for the types the shim does not reduce or does not know.
-std::size_t type_size(ncclDataType_t t) {
+// An element type's size and MPI type; size 0 for the types the shim does not reduce or know.
+struct TypeInfo {
+  std::size_t size;
+  MPI_Datatype mpi;
+};
+TypeInfo type_info(ncclDataType_t t) {
   switch (t) {
     case ncclInt8:
+      return {1, MPI_INT8_T};
     case ncclUint8:
-      return 1;
+      return {1, MPI_UINT8_T};
     case ncclInt32:
+      return {4, MPI_INT32_T};
     case ncclUint32:
-    case ncclFloat32:
-      return 4;
+      return {4, MPI_UINT32_T};
     case ncclInt64:
+      return {8, MPI_INT64_T};
     case ncclUint64:
+      return {8, MPI_UINT64_T};
+    case ncclFloat32:
+      return {4, MPI_FLOAT};
     case ncclFloat64:
-      return 8;
+      return {8, MPI_DOUBLE};
     case ncclFloat16:
     case ncclBfloat16:
-      return 0;
+      break;
   }
-  return 0;
-}
-
-MPI_Datatype mpi_type(ncclDataType_t t) {
-  switch (t) {
-    case ncclInt8:
-      return MPI_INT8_T;
-    case ncclUint8:
-      return MPI_UINT8_T;
-    case ncclInt32:
-      return MPI_INT32_T;
-    case ncclUint32:
-      return MPI_UINT32_T;
-    case ncclInt64:
-      return MPI_INT64_T;
-    case ncclUint64:
-      return MPI_UINT64_T;
-    case ncclFloat32:
-      return MPI_FLOAT;
-    case ncclFloat64:
-      return MPI_DOUBLE;
-    default:
-      return MPI_DATATYPE_NULL;
-  }
+  return {0, MPI_DATATYPE_NULL};
 }
 
 ncclResult_t check_type(ncclDataType_t t, const char* call) {
   const int v = int(t);
   if (v < 0 || v > int(ncclBfloat16))
     return fail(ncclInvalidArgument, std::string(call) + ": invalid datatype " + std::to_string(v));
-  if (type_size(t) == 0)
+  if (type_info(t).size == 0)
     return fail(ncclInvalidArgument, std::string(call) +
                                          ": fp16 and bf16 are not reduced by the simulator's "
                                          "NCCL (tests/simt/nccl_shim.hpp)");
@@ -155,20 +149,6 @@ ncclResult_t check_buffer(const void* p, std::size_t bytes, const char* what, co
 }
 
 // The checks every collective makes on its communicator and count.
-ncclResult_t check_comm(ncclComm_t comm, std::size_t count, const char* call);
-
-// Enqueues `move` (the MPI transfer) on `stream`, or keeps it for the group's end.
-ncclResult_t submit(ncclComm_t comm, cudaStream_t stream, std::function<int(State&)> move,
-                    const char* call);
-
-}  // namespace
-
-struct ncclComm {
-  std::shared_ptr<State> state;
-};
-
-namespace {
-
 ncclResult_t check_comm(ncclComm_t comm, std::size_t count, const char* call) {
   if (!comm || !comm->state) return fail(ncclInvalidArgument, std::string(call) + ": comm is null");
   const State& s = *comm->state;
@@ -181,6 +161,13 @@ ncclResult_t check_comm(ncclComm_t comm, std::size_t count, const char* call) {
   return ncclSuccess;
 }
 
+// A collective enqueued or held by a group has run, or will not.
+void settle(State& s) {
+  --s.pending;
+  --g_pending;
+}
+
+// Enqueues `move` (the MPI transfer) on `stream`, or keeps it for the group's end.
 ncclResult_t submit(ncclComm_t comm, cudaStream_t stream, std::function<int(State&)> move,
                     const char* call) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -192,8 +179,7 @@ ncclResult_t submit(ncclComm_t comm, cudaStream_t stream, std::function<int(Stat
   std::shared_ptr<State> state = comm->state;
   const std::string name = call;
   auto run = [state, move = std::move(move), name] {
-    --state->pending;
-    --g_pending;
+    settle(*state);
     if (state->aborted || state->async != ncclSuccess) return;
     if (g_fail_countdown > 0 && --g_fail_countdown == 0) {
       state->async = ncclRemoteError;
@@ -216,8 +202,7 @@ ncclResult_t submit(ncclComm_t comm, cudaStream_t stream, std::function<int(Stat
   try {
     simt::enqueue_host(stream, std::move(run));
   } catch (const std::exception& e) {
-    --state->pending;
-    --g_pending;
+    settle(*state);
     return fail(ncclUnhandledCudaError, name + ": " + e.what());
   }
   return ncclSuccess;
@@ -369,7 +354,7 @@ ncclResult_t collective(Kind kind, const char* call, const void* sendbuff, void*
     return fail(ncclInvalidArgument, std::string(call) + ": root " + std::to_string(root) +
                                          " is not a rank of the communicator");
   if (count == 0) return ncclSuccess;
-  const std::size_t bytes = count * type_size(datatype);
+  const std::size_t bytes = count * type_info(datatype).size;
   // Blocks of `count` elements in each buffer; a broadcast reads the send buffer on the root only.
   const bool is_root = comm->state->rank == root;
   const std::size_t send_blocks = kind == Kind::ReduceScatter           ? std::size_t(n)
@@ -384,7 +369,7 @@ ncclResult_t collective(Kind kind, const char* call, const void* sendbuff, void*
   if (ncclResult_t rc = check_buffer(recvbuff, recv_blocks * bytes, "recvbuff", call);
       rc != ncclSuccess)
     return rc;
-  const MPI_Datatype type = mpi_type(datatype);
+  const MPI_Datatype type = type_info(datatype).mpi;
   const int c = int(count);
   return submit(
       comm, stream,
@@ -455,15 +440,13 @@ ncclResult_t ncclGroupEnd() {
   ncclResult_t result = ncclSuccess;
   for (Deferred& d : group) {
     if (result != ncclSuccess) {  // the rest of a group that failed to enqueue does not run
-      --d.state->pending;
-      --g_pending;
+      settle(*d.state);
       continue;
     }
     try {
       simt::enqueue_host(d.stream, std::move(d.run));
     } catch (const std::exception& e) {
-      --d.state->pending;
-      --g_pending;
+      settle(*d.state);
       result = fail(ncclUnhandledCudaError, std::string("ncclGroupEnd: ") + e.what());
     }
   }

@@ -1547,6 +1547,17 @@ cudaError_t set_error(cudaError_t e) {
   return e;
 }
 
+// Bytes from ptr to the end of the allocation of `table` that holds it (0: none); the caller holds
+// g_alloc_mutex.
+size_t extent_in(const std::map<const void*, size_t>& table, const void* ptr) {
+  auto it = table.upper_bound(ptr);
+  if (it == table.begin()) return 0;
+  --it;
+  const auto* end = static_cast<const unsigned char*>(it->first) + it->second;
+  const auto* p = static_cast<const unsigned char*>(ptr);
+  return p < end ? size_t(end - p) : 0;
+}
+
 cudaError_t alloc(std::map<const void*, size_t>& table, void** ptr, size_t bytes) {
   if (!ptr) return set_error(cudaErrorInvalidValue);
   *ptr = nullptr;
@@ -2001,15 +2012,10 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* pt
     return cudaSuccess;
   }
   std::lock_guard<std::mutex> lock(g_alloc_mutex);
-  auto it = g_host_allocs.upper_bound(ptr);
-  if (it != g_host_allocs.begin()) {
-    --it;
-    const auto* base = static_cast<const unsigned char*>(it->first);
-    if (static_cast<const unsigned char*>(ptr) < base + it->second) {
-      attr->type = cudaMemoryTypeHost;
-      attr->device = t_device;
-      attr->devicePointer = attr->hostPointer = const_cast<void*>(ptr);
-    }
+  if (extent_in(g_host_allocs, ptr) > 0) {
+    attr->type = cudaMemoryTypeHost;
+    attr->device = t_device;
+    attr->devicePointer = attr->hostPointer = const_cast<void*>(ptr);
   }
   return cudaSuccess;
 }
@@ -2245,12 +2251,7 @@ int device_count() {
 std::size_t device_extent(const void* ptr) {
   if (!ptr) return 0;
   std::lock_guard<std::mutex> lock(g_alloc_mutex);
-  auto it = g_device_allocs.upper_bound(ptr);
-  if (it == g_device_allocs.begin()) return 0;
-  --it;
-  const auto* base = static_cast<const unsigned char*>(it->first);
-  const auto* p = static_cast<const unsigned char*>(ptr);
-  return p < base + it->second ? std::size_t(base + it->second - p) : 0;
+  return extent_in(g_device_allocs, ptr);
 }
 
 std::size_t pending_work() {

@@ -33,19 +33,15 @@ moetrain::MpiComm& world() {
 }
 
 // A raw NCCL communicator over every rank (the unique id from rank 0, as NcclComm does).
-ncclComm_t raw_comm() {
-  ncclUniqueId id{};
-  if (world().rank() == 0) REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
-  world().broadcast(&id, sizeof id, 0);
-  ncclComm_t comm = nullptr;
-  REQUIRE(ncclCommInitRank(&comm, world().world(), id, world().rank()) == ncclSuccess);
-  return comm;
-}
-
 struct RawComm {
-  ncclComm_t c = raw_comm();
+  ncclComm_t c = nullptr;
+  RawComm() {
+    ncclUniqueId id{};
+    if (world().rank() == 0) REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    world().broadcast(&id, sizeof id, 0);
+    REQUIRE(ncclCommInitRank(&c, world().world(), id, world().rank()) == ncclSuccess);
+  }
   ~RawComm() { ncclCommDestroy(c); }
-  RawComm() = default;
   RawComm(const RawComm&) = delete;
   RawComm& operator=(const RawComm&) = delete;
 };
