@@ -49,7 +49,11 @@ int as_int(std::size_t count, int rank, const char* what) {
 
 }  // namespace
 
-MpiComm::MpiComm() {
+struct MpiComm::Requests {
+  std::vector<MPI_Request> pending;
+};
+
+MpiComm::MpiComm() : started_(std::make_unique<Requests>()) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) {
@@ -74,6 +78,7 @@ void MpiComm::abort_job(int code) noexcept {
 }
 
 void MpiComm::all_reduce(void* data, std::size_t count, DType type, ReduceOp op) {
+  const BlockedTimer timer(*this);
   check(MPI_Allreduce(MPI_IN_PLACE, data, as_int(count, rank_, "all-reduce"), mpi_type(type),
                       mpi_op(op), MPI_COMM_WORLD),
         rank_, "all-reduce");
@@ -82,6 +87,7 @@ void MpiComm::all_reduce(void* data, std::size_t count, DType type, ReduceOp op)
 
 void MpiComm::reduce_scatter(const void* send, void* recv, std::size_t count, DType type,
                              ReduceOp op) {
+  const BlockedTimer timer(*this);
   check(MPI_Reduce_scatter_block(send, recv, as_int(count, rank_, "reduce-scatter"), mpi_type(type),
                                  mpi_op(op), MPI_COMM_WORLD),
         rank_, "reduce-scatter");
@@ -89,6 +95,7 @@ void MpiComm::reduce_scatter(const void* send, void* recv, std::size_t count, DT
 }
 
 void MpiComm::all_gather(const void* send, void* recv, std::size_t count, DType type) {
+  const BlockedTimer timer(*this);
   check(MPI_Allgather(send, as_int(count, rank_, "all-gather"), mpi_type(type), recv, int(count),
                       mpi_type(type), MPI_COMM_WORLD),
         rank_, "all-gather");
@@ -96,21 +103,54 @@ void MpiComm::all_gather(const void* send, void* recv, std::size_t count, DType 
 }
 
 void MpiComm::broadcast(void* data, std::size_t bytes, int root) {
+  const BlockedTimer timer(*this);
   check(MPI_Bcast(data, as_int(bytes, rank_, "broadcast"), MPI_BYTE, root, MPI_COMM_WORLD), rank_,
         "broadcast");
   if (rank_ == root) bytes_moved_ += bytes;
 }
 
 void MpiComm::barrier() {
+  const BlockedTimer timer(*this);
   check(MPI_Barrier(MPI_COMM_WORLD), rank_, "barrier");
 }
 
 void MpiComm::reduce_host(double* sums, std::size_t n_sums, double* maxes, std::size_t n_maxes) {
+  // Timed by all_gather.
   std::vector<double> mine(sums, sums + n_sums);
   mine.insert(mine.end(), maxes, maxes + n_maxes);
   std::vector<double> all(mine.size() * std::size_t(world_));
   all_gather(mine.data(), all.data(), mine.size(), DType::F64);
   reduce_gathered(all, world_, sums, n_sums, maxes, n_maxes);
+}
+
+void MpiComm::reduce_scatter_start(const void* send, void* recv, std::size_t count, DType type,
+                                   ReduceOp op) {
+  const BlockedTimer timer(*this);
+  MPI_Request request = MPI_REQUEST_NULL;
+  check(MPI_Ireduce_scatter_block(send, recv, as_int(count, rank_, "reduce-scatter"),
+                                  mpi_type(type), mpi_op(op), MPI_COMM_WORLD, &request),
+        rank_, "reduce-scatter start");
+  started_->pending.push_back(request);
+  bytes_moved_ += count * type_size(type) * std::uint64_t(world_ - 1);
+}
+
+void MpiComm::progress() {
+  std::vector<MPI_Request>& p = started_->pending;
+  if (p.empty()) return;
+  const BlockedTimer timer(*this);
+  int done = 0;
+  check(MPI_Testall(int(p.size()), p.data(), &done, MPI_STATUSES_IGNORE), rank_,
+        "reduce-scatter progress");
+  if (done) p.clear();
+}
+
+void MpiComm::finish_started() {
+  std::vector<MPI_Request>& p = started_->pending;
+  if (p.empty()) return;
+  const BlockedTimer timer(*this);
+  const int rc = MPI_Waitall(int(p.size()), p.data(), MPI_STATUSES_IGNORE);
+  p.clear();
+  check(rc, rank_, "reduce-scatter wait");
 }
 
 }  // namespace moetrain

@@ -90,8 +90,15 @@ std::size_t aligned(std::size_t bytes) {
 struct NcclComm::Impl {
   int rank = 0;
   int device = -1;
-  cudaStream_t stream = nullptr;
+  cudaStream_t stream = nullptr;  // every collective's, blocking and started
   ncclComm_t comm = nullptr;
+  // Started collectives: the backend's stream, and the events that order it with `stream` (ready:
+  // the backend's work before a start; done: the started collectives, before the backend's later
+  // work).
+  cudaStream_t compute = nullptr;
+  cudaEvent_t ready = nullptr, done = nullptr;
+  bool started = false;     // collectives started since the host last saw `stream` drain
+  bool unfinished = false;  // collectives started since the last finish_started()
   void* staging = nullptr;
   std::size_t staging_bytes = 0;
   // Set once a call failed: peers may still be inside that collective, and ncclCommDestroy would
@@ -107,8 +114,24 @@ struct NcclComm::Impl {
         ncclCommDestroy(comm);
     }
     if (staging) cudaFree(staging);
+    if (ready) cudaEventDestroy(ready);
+    if (done) cudaEventDestroy(done);
     if (stream) cudaStreamDestroy(stream);
   }
+
+  // Makes the rank's GPU current for a call and restores the caller's device after it.
+  struct OnDevice {
+    int caller = -1, device = -1;
+    OnDevice(Impl& s, const std::string& what) : device(s.device) {
+      s.check(cudaGetDevice(&caller), "get device for " + what);
+      if (caller != device) s.check(cudaSetDevice(device), "set device for " + what);
+    }
+    ~OnDevice() {
+      if (caller != device) cudaSetDevice(caller);
+    }
+    OnDevice(const OnDevice&) = delete;
+    OnDevice& operator=(const OnDevice&) = delete;
+  };
 
   void check(cudaError_t rc, const std::string& what) {
     if (rc == cudaSuccess) return;
@@ -122,6 +145,13 @@ struct NcclComm::Impl {
     throw std::runtime_error(who(rank) + "NCCL " + what + " failed: " + nccl_text(rc, comm));
   }
 
+  // A peer's failure, as far as the communicator knows now (no wait).
+  void check_async(const std::string& what) {
+    ncclResult_t async = ncclSuccess;
+    check(ncclCommGetAsyncError(comm, &async), what);
+    if (async != ncclSuccess && async != ncclInProgress) check(async, what);
+  }
+
   // Polls rather than cudaStreamSynchronize: when a peer fails, NCCL's kernel keeps spinning and
   // the stream never drains; only the communicator's async error reports it. The error is read
   // once more after the stream drained, so a failure reported as the work ends is not missed.
@@ -129,9 +159,7 @@ struct NcclComm::Impl {
     for (;;) {
       const cudaError_t q = cudaStreamQuery(stream);
       if (q != cudaSuccess && q != cudaErrorNotReady) check(q, what + " (stream)");
-      ncclResult_t async = ncclSuccess;
-      check(ncclCommGetAsyncError(comm, &async), what);
-      if (async != ncclSuccess && async != ncclInProgress) check(async, what);
+      check_async(what);
       if (q == cudaSuccess) return;
       std::this_thread::yield();
     }
@@ -162,16 +190,13 @@ struct NcclComm::Impl {
            std::size_t recv_bytes, Launch launch) {
     // Counts agree across ranks, so every rank skips together.
     if (send_bytes == 0 && recv_bytes == 0) return;
-    int caller_device = -1;
-    check(cudaGetDevice(&caller_device), "get device for " + what);
-    if (caller_device != device) check(cudaSetDevice(device), "set device for " + what);
-    struct Restore {
-      int to, from;
-      ~Restore() {
-        if (to != from) cudaSetDevice(to);
-      }
-    } restore{caller_device, device};
-
+    const OnDevice on(*this, what);
+    // Started collectives are polled to completion first: if a peer died, their kernels spin and
+    // the device synchronize below would never return.
+    if (started) {
+      wait("the reduce-scatters started before " + what);
+      started = false;
+    }
     // The buffers come from another stream (the backend's) that this interface does not name.
     check(cudaDeviceSynchronize(), "device sync before " + what);
 
@@ -289,6 +314,7 @@ void NcclComm::abort_job(int code) noexcept {
 }
 
 void NcclComm::all_reduce(void* data, std::size_t count, DType type, ReduceOp op) {
+  const BlockedTimer timer(*this);
   Impl& s = *impl_;
   const std::size_t bytes = count * type_size(type);
   s.run("all-reduce", data, bytes, data, bytes, [&](const void* send, void* recv) {
@@ -300,6 +326,7 @@ void NcclComm::all_reduce(void* data, std::size_t count, DType type, ReduceOp op
 
 void NcclComm::reduce_scatter(const void* send, void* recv, std::size_t count, DType type,
                               ReduceOp op) {
+  const BlockedTimer timer(*this);
   Impl& s = *impl_;
   const std::size_t bytes = count * type_size(type);
   s.run("reduce-scatter", send, bytes * std::size_t(world()), recv, bytes,
@@ -311,6 +338,7 @@ void NcclComm::reduce_scatter(const void* send, void* recv, std::size_t count, D
 }
 
 void NcclComm::all_gather(const void* send, void* recv, std::size_t count, DType type) {
+  const BlockedTimer timer(*this);
   Impl& s = *impl_;
   const std::size_t bytes = count * type_size(type);
   s.run("all-gather", send, bytes, recv, bytes * std::size_t(world()),
@@ -321,6 +349,7 @@ void NcclComm::all_gather(const void* send, void* recv, std::size_t count, DType
 }
 
 void NcclComm::broadcast(void* data, std::size_t bytes, int root) {
+  const BlockedTimer timer(*this);
   Impl& s = *impl_;
   s.run("broadcast", data, bytes, data, bytes, [&](const void* send, void* recv) {
     return ncclBroadcast(send, recv, bytes, ncclUint8, root, s.comm, s.stream);
@@ -329,14 +358,62 @@ void NcclComm::broadcast(void* data, std::size_t bytes, int root) {
 }
 
 void NcclComm::barrier() {
+  const BlockedTimer timer(*this);
   impl_->wait("barrier");
+  impl_->started = false;
   mpi_.barrier();
 }
 
 void NcclComm::reduce_host(double* sums, std::size_t n_sums, double* maxes, std::size_t n_maxes) {
+  const BlockedTimer timer(*this);
   const std::uint64_t before = mpi_.bytes_moved();
   mpi_.reduce_host(sums, n_sums, maxes, n_maxes);
   bytes_moved_ += mpi_.bytes_moved() - before;
+}
+
+void NcclComm::order_with(void* stream) {
+  Impl& s = *impl_;
+  const Impl::OnDevice on(s, "order with the backend's stream");
+  if (!s.ready) s.check(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming), "event create");
+  if (!s.done) s.check(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "event create");
+  s.compute = static_cast<cudaStream_t>(stream);
+}
+
+void NcclComm::reduce_scatter_start(const void* send, void* recv, std::size_t count, DType type,
+                                    ReduceOp op) {
+  const BlockedTimer timer(*this);
+  Impl& s = *impl_;
+  if (count == 0) return;  // on every rank alike
+  const std::string what = "reduce-scatter start";
+  if (!s.ready)
+    throw std::runtime_error(who(rank()) + what +
+                             ": no backend stream to order with (order_with was not called)");
+  const Impl::OnDevice on(s, what);
+  if (s.in_host_memory(send, what) || s.in_host_memory(recv, what))
+    throw std::runtime_error(who(rank()) + what +
+                             ": a started collective takes device buffers, not host memory");
+  // The collective reads `send` after the backend's work so far (the bucket's gradients and their
+  // packing) without the host waiting for it.
+  s.check(cudaEventRecord(s.ready, s.compute), "event record for " + what);
+  s.check(cudaStreamWaitEvent(s.stream, s.ready, 0), "event wait for " + what);
+  s.check(ncclReduceScatter(send, recv, count, nccl_type(type), nccl_op(op), s.comm, s.stream),
+          what);
+  s.started = s.unfinished = true;
+  bytes_moved_ += count * type_size(type) * std::uint64_t(world() - 1);
+}
+
+void NcclComm::progress() {
+  if (impl_->started) impl_->check_async("reduce-scatter progress");
+}
+
+void NcclComm::finish_started() {
+  Impl& s = *impl_;
+  if (!s.unfinished) return;
+  const BlockedTimer timer(*this);
+  const Impl::OnDevice on(s, "reduce-scatter finish");
+  s.check(cudaEventRecord(s.done, s.stream), "event record for reduce-scatter finish");
+  s.check(cudaStreamWaitEvent(s.compute, s.done, 0), "event wait for reduce-scatter finish");
+  s.unfinished = false;
 }
 
 std::unique_ptr<Communicator> make_nccl_comm() {

@@ -44,6 +44,7 @@ Runtime make_runtime(const Config& cfg, bool quiet) {
     rt.backend = make_cuda_backend(options);
   }
   if (!rt.comm) rt.comm = make_local_comm(*rt.backend);
+  rt.comm->order_with(rt.backend->native_stream());
   return rt;
 }
 

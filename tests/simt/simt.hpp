@@ -1021,6 +1021,11 @@ class ScopedStreamSchedule {
 void enqueue_host(cudaStream_t stream, std::function<void()> fn);
 // Work items enqueued and not run yet, over all streams.
 std::size_t pending_work();
+// A planted fault: of the next calls of cudaStreamWaitEvent outside a capture, the `skip` first
+// work as usual and the n after them return cudaSuccess and order nothing, so a test can show
+// that the code under test needs that event (under the deferred schedule the waiting stream's work
+// then runs before what it should wait for). n = 0 cancels.
+void drop_event_waits(std::size_t n, std::size_t skip = 0);
 
 // The simulated machine's GPUs: 1, or the value of the environment variable MOETRAIN_SIMT_DEVICES
 // (1 to 64), read once. They share one memory and one set of streams; only cudaSetDevice /

@@ -52,7 +52,91 @@ bool last_error_says(const std::string& text) {
   return last.find(text) != std::string::npos;
 }
 
+// ZeRO-1's overlapped gradient buckets (docs/design.md §5.2) on NcclComm: `compute` (the
+// backend's stream) writes each bucket's send blocks, the bucket's reduce-scatter starts without
+// the host waiting, and after finish_started the compute stream reads the results. With
+// `blocking_call`, a blocking collective follows the starts, as the optimizer's norm gather does:
+// it drains the communicator's stream first, so without the start's event the reduce-scatters
+// would read the buckets before the compute stream wrote them. Whether every rank's result is the
+// ranks' sum of what was written (element j of block b of bucket k on rank q: q 1000 + k 100 +
+// b 10 + j).
+bool buckets_reduced(moetrain::Communicator& comm, const Stream& compute, bool blocking_call) {
+  const int r = comm.rank(), n = comm.world();
+  constexpr std::size_t kBuckets = 3, kCount = 40;
+  const std::size_t per_bucket = std::size_t(n) * kCount;
+  DeviceBuffer<float> send(std::vector<float>(kBuckets * per_bucket, 0.0f));
+  DeviceBuffer<float> recv(kBuckets * kCount), out(kBuckets * kCount), scalar(1);
+  std::vector<std::vector<float>> written(kBuckets, std::vector<float>(per_bucket));
+  for (std::size_t k = 0; k < kBuckets; ++k) {
+    for (int b = 0; b < n; ++b)
+      for (std::size_t j = 0; j < kCount; ++j)
+        written[k][std::size_t(b) * kCount + j] =
+            float(r * 1000 + int(k) * 100 + b * 10) + float(j);
+    // Read when the copy runs (the simulator's async copies), so `written` lives to the end.
+    REQUIRE(cudaMemcpyAsync(send.ptr + k * per_bucket, written[k].data(), per_bucket * 4,
+                            cudaMemcpyHostToDevice, compute.s) == cudaSuccess);
+    comm.reduce_scatter_start(send.ptr + k * per_bucket, recv.ptr + k * kCount, kCount,
+                              ReduceOp::Sum);
+    comm.progress();
+  }
+  comm.finish_started();
+  if (blocking_call) comm.all_reduce(scalar.ptr, 1, ReduceOp::Sum);
+  REQUIRE(cudaMemcpyAsync(out.ptr, recv.ptr, kBuckets * kCount * 4, cudaMemcpyDeviceToDevice,
+                          compute.s) == cudaSuccess);
+  compute.sync();
+  const std::vector<float> got = out.download();
+  comm.barrier();  // every rank's collectives done before the buffers go
+  bool all = true;
+  for (std::size_t k = 0; k < kBuckets; ++k)
+    for (std::size_t j = 0; j < kCount; ++j) {
+      const double want =
+          1000.0 * n * (n - 1) / 2 + double(n) * (double(k) * 100 + r * 10 + double(j));
+      all = all && got[k * kCount + j] == float(want);
+    }
+  return all;
+}
+
 }  // namespace
+
+TEST_CASE("NcclComm: started reduce-scatters wait for the compute stream's writes by an event",
+          "[.nccl]") {
+  world();
+  EACH_STREAM_SCHEDULE();
+  moetrain::NcclComm nccl;
+  moetrain::Communicator& comm = nccl;
+  Stream compute(cudaStreamNonBlocking);
+  CHECK_THROWS_WITH(comm.reduce_scatter_start(nullptr, nullptr, 1, DType::F32, ReduceOp::Sum),
+                    Catch::Matchers::Contains("order_with was not called"));
+  comm.order_with(compute.s);
+  CHECK(buckets_reduced(comm, compute, true));
+  CHECK(buckets_reduced(comm, compute, false));
+  std::vector<float> host(8, 1.0f);
+  CHECK_THROWS_WITH(
+      comm.reduce_scatter_start(host.data(), host.data(), 4, DType::F32, ReduceOp::Sum),
+      Catch::Matchers::Contains("takes device buffers, not host memory"));
+}
+
+// The planted faults: each event NcclComm orders the two streams with, missing, makes the check
+// above fail under the deferred schedule (the eager one runs all work at once, so it cannot tell).
+TEST_CASE("NcclComm: without the start's or the finish's event a bucket is reduced stale",
+          "[.nccl]") {
+  world();
+  simt::ScopedStreamSchedule deferred(simt::StreamSchedule::Deferred);
+  moetrain::NcclComm nccl;
+  moetrain::Communicator& comm = nccl;
+  Stream compute(cudaStreamNonBlocking);
+  comm.order_with(compute.s);
+  SECTION("the start's event: the reduce-scatter reads the bucket before it is written") {
+    simt::drop_event_waits(1);  // the first bucket's start
+    CHECK_FALSE(buckets_reduced(comm, compute, true));
+  }
+  SECTION("the finish's event: the compute stream reads the result before it is reduced") {
+    simt::drop_event_waits(1, 3);  // after the three starts' waits
+    CHECK_FALSE(buckets_reduced(comm, compute, false));
+  }
+  simt::drop_event_waits(0);
+  CHECK(buckets_reduced(comm, compute, true));
+}
 
 TEST_CASE("NcclComm: every collective on device and host buffers gives the ranks' reduction",
           "[.nccl]") {

@@ -39,6 +39,10 @@ class Backend {
     (void)key;
     work();
   }
+
+  // The stream the ops are enqueued on (a cudaStream_t), which a communicator's own stream orders
+  // with (Communicator::order_with); null where ops run on the calling thread (the CPU).
+  virtual void* native_stream() const { return nullptr; }
 };
 
 // An owning device allocation of `count` elements of U (zero-filled; none, and a null pointer,

@@ -81,6 +81,7 @@ class ProfilingBackend final : public Backend<T> {
   }
 
   const char* name() const override { return inner_.name(); }
+  void* native_stream() const override { return inner_.native_stream(); }
 
 #define MOETRAIN_PROFILE_PASS(ret, name, params, args, flops) \
   ret name params override {                                  \

@@ -9,11 +9,21 @@
 //   - host scalars: reduce_host takes HOST arrays (losses, S_max, expert loads, optimizer
 //     statistics), all reduced in one collective, so a step batches them into one call.
 //
+// Started collectives (ZeRO-1's gradient buckets, docs/design.md §5.2): reduce_scatter_start
+// returns at once; the collectives started run in start order, each after the backend work
+// enqueued before its start, and are complete for the backend work enqueued after
+// finish_started(). Neither buffer may be touched in between. On a GPU (NcclComm) they run on the
+// communicator's stream, ordered with the backend's stream (given by order_with) by events, so the
+// host never waits for them; on MPI they are non-blocking collectives that progress() advances
+// (MPI moves their data only inside its calls) and finish_started() waits for. The default runs
+// each at once.
+//
 // bytes_moved() counts what this rank sends under the ring algorithms (the bandwidth cost model
 // of NCCL and of large-message MPI): all-reduce 2(N-1)/N of the buffer, reduce-scatter and
 // all-gather (N-1)/N of the full buffer, broadcast the buffer at the root.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -64,6 +74,14 @@ class Communicator {
   virtual void all_gather(const void* send, void* recv, std::size_t count, DType type) = 0;
   virtual void broadcast(void* data, std::size_t bytes, int root) = 0;
   virtual void barrier() = 0;
+  virtual void reduce_scatter_start(const void* send, void* recv, std::size_t count, DType type,
+                                    ReduceOp op) {
+    reduce_scatter(send, recv, count, type, op);
+  }
+  virtual void progress() {}
+  virtual void finish_started() {}
+  // The backend's stream (a cudaStream_t; null on the CPU), which started collectives order with.
+  virtual void order_with(void* stream) { (void)stream; }
   // Host arrays: sums[i] becomes the sum over ranks, maxes[i] the maximum, in one collective.
   // Every rank gets the same bits (the sums are taken in rank order on each rank).
   virtual void reduce_host(double* sums, std::size_t n_sums, double* maxes,
@@ -74,6 +92,9 @@ class Communicator {
   [[noreturn]] virtual void abort_job(int code) noexcept { std::_Exit(code); }
 
   std::uint64_t bytes_moved() const { return bytes_moved_; }
+  // Seconds the calling thread spent inside this communicator's calls: on the CPU, where every
+  // call waits for its data, the communication the step exposes.
+  double blocked_seconds() const { return blocked_s_; }
 
   template <typename V>
   void all_reduce(V* data, std::size_t count, ReduceOp op) {
@@ -88,13 +109,34 @@ class Communicator {
   void all_gather(const V* send, V* recv, std::size_t count) {
     all_gather(static_cast<const void*>(send), static_cast<void*>(recv), count, dtype_of<V>());
   }
+  template <typename V>
+  void reduce_scatter_start(const V* send, V* recv, std::size_t count, ReduceOp op) {
+    reduce_scatter_start(static_cast<const void*>(send), static_cast<void*>(recv), count,
+                         dtype_of<V>(), op);
+  }
 
  protected:
   static std::size_t type_size(DType t) { return (t == DType::F64 || t == DType::I64) ? 8 : 4; }
   // reduce_host from every rank's [sums..., maxes...] gathered in rank order.
   static void reduce_gathered(const std::vector<double>& gathered, int world, double* sums,
                               std::size_t n_sums, double* maxes, std::size_t n_maxes);
+  // Adds the lifetime of the timer to blocked_seconds().
+  class BlockedTimer {
+   public:
+    explicit BlockedTimer(Communicator& c) : c_(c), t0_(std::chrono::steady_clock::now()) {}
+    ~BlockedTimer() {
+      c_.blocked_s_ +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    }
+    BlockedTimer(const BlockedTimer&) = delete;
+    BlockedTimer& operator=(const BlockedTimer&) = delete;
+
+   private:
+    Communicator& c_;
+    std::chrono::steady_clock::time_point t0_;
+  };
   std::uint64_t bytes_moved_ = 0;
+  double blocked_s_ = 0;
 };
 
 class LocalComm final : public Communicator {

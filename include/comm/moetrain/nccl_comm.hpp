@@ -2,10 +2,11 @@
 // bootstraps it (rank, world, the node-local rank that picks the GPU, the NCCL unique id), so a
 // launch is the same as for MpiComm: `mpirun -np N moetrain ...` or srun, on one node or many.
 //
-// Every collective runs on a stream NcclComm owns and has completed when the call returns, like
-// MpiComm, so the caller can read the result at once. Before enqueuing, it waits for all earlier
-// work on the device: the interface does not say which stream produced the buffers. Host pointers
-// are accepted too and go through a device staging buffer; host scalars use reduce_host (MPI).
+// Every blocking collective runs on a stream NcclComm owns and has completed when the call
+// returns, like MpiComm, so the caller can read the result at once. Before enqueuing, it waits for
+// all earlier work on the device: the interface does not say which stream produced the buffers.
+// Host pointers are accepted too and go through a device staging buffer; host scalars use
+// reduce_host (MPI).
 //
 // Errors throw std::runtime_error naming the rank; a rank without a GPU of its own fails at
 // construction, and so do its peers, rather than leaving them waiting in the bootstrap.
@@ -38,6 +39,14 @@ class NcclComm final : public Communicator {
   void all_gather(const void* send, void* recv, std::size_t count, DType type) override;
   void broadcast(void* data, std::size_t bytes, int root) override;
   void barrier() override;
+  // Started reduce-scatters run on the communicator's stream, ordered with the backend's stream by
+  // events (no host wait); progress() checks for a peer's failure, and the next blocking call polls
+  // them to completion first.
+  void order_with(void* stream) override;
+  void reduce_scatter_start(const void* send, void* recv, std::size_t count, DType type,
+                            ReduceOp op) override;
+  void progress() override;
+  void finish_started() override;
   // Host scalars travel over MPI, which launched the job anyway.
   void reduce_host(double* sums, std::size_t n_sums, double* maxes, std::size_t n_maxes) override;
 

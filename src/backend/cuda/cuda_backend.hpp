@@ -66,6 +66,7 @@ class CudaBackend final : public Backend<float>, public DeviceMarkers {
 
   const char* name() const override { return bf16_ ? "cuda-bf16" : "cuda-fp32"; }
   cudaStream_t stream() const { return stream_; }
+  void* native_stream() const override { return stream_; }
   void synchronize();
 
   MOETRAIN_BACKEND_MEMORY(MOETRAIN_OP_OVERRIDE, float)
