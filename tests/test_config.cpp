@@ -191,7 +191,8 @@ TEST_CASE("config: config_to_json -> config_from_json round trip", "[config]") {
       "train": {"steps": 7, "grad_accum": 2, "seed": 18446744073709551615, "eval_interval": 0,
                 "eval_batches": 1, "log_interval": 5, "checkpoint_interval": 0,
                 "keep_checkpoints": 1, "out_dir": "runs/x", "backend": "cpu", "precision": "fp32",
-                "bf16_weight_rounding": "stochastic", "cuda_graphs": false, "spike_std": 2.5,
+                "bf16_weight_rounding": "stochastic", "cuda_graphs": false,
+                "grad_bucket_mib": 0.5, "overlap_grad_reduce": false, "spike_std": 2.5,
                 "watchdog_seconds": 30}})");
     const Config c = config_from_json(j, "all.json");
     CHECK(c.model.moe.router == moetrain::RouterType::SigmoidBias);

@@ -219,6 +219,14 @@ TEST_CASE("train: unusable checkpoints and configs are refused with clear errors
     CHECK(r.output.find("different config") != std::string::npos);
     CHECK(r.output.find("model.d_model") != std::string::npos);
   }
+  SECTION("another gradient bucket size (the optimizer state's shard layout)") {
+    const auto r = run_command(
+        train_cmd(run.string(), "--set train.steps=4 --set train.grad_bucket_mib=1 --resume"));
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find("different config") != std::string::npos);
+    CHECK(r.output.find("train.grad_bucket_mib") != std::string::npos);
+  }
   SECTION("a truncated model file") {
     const fs::path copy = tmp.path / "copy";
     fs::copy(ck, copy, fs::copy_options::recursive);
@@ -241,6 +249,20 @@ TEST_CASE("train: unusable checkpoints and configs are refused with clear errors
     INFO(r.output);
     CHECK(r.exit_code != 0);
     CHECK(r.output.find((copy / "trainer_state.json").string()) != std::string::npos);
+  }
+  SECTION("a trainer state of version 1 (before the bucketed optimizer state)") {
+    const fs::path copy = tmp.path / "copy3";
+    fs::copy(ck, copy, fs::copy_options::recursive);
+    auto st = nlohmann::json::parse(read_file(copy / "trainer_state.json"));
+    REQUIRE(st["version"] == 2);
+    st["version"] = 1;
+    std::ofstream(copy / "trainer_state.json") << st.dump();
+    const auto r =
+        run_command(train_cmd(run.string(), "--set train.steps=4 --resume-from " + copy.string()));
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find("version is 1") != std::string::npos);
+    CHECK(r.output.find("bucketed ZeRO-1 layout") != std::string::npos);
   }
   SECTION("--resume with no checkpoint") {
     const auto r = run_command(train_cmd((tmp.path / "empty").string(), "--resume"));

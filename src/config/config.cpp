@@ -455,6 +455,14 @@ const std::vector<Field>& fields() {
                         "Capture each micro-batch's forward+backward as a CUDA graph once and "
                         "replay it (cuda): one launch per micro-batch instead of thousands; false "
                         "runs every op eagerly (for debugging and per-op profiles)"));
+    t.push_back(number(MOETRAIN_FIELD(train.grad_bucket_mib), above(0),
+                       "Size of ZeRO-1's gradient buckets in MiB: whole tensors in the order "
+                       "backward completes them, one reduce-scatter per bucket; the shard layout "
+                       "depends on it, so a resume must keep it"));
+    t.push_back(boolean(MOETRAIN_FIELD(train.overlap_grad_reduce),
+                        "With more than one rank, start each bucket's reduce-scatter as soon as "
+                        "backward has produced it (the last micro-batch's), overlapping the "
+                        "communication with the rest of backward; the same bits as false"));
     t.push_back(number(MOETRAIN_FIELD(train.spike_std), above(0),
                        "Loss-spike counter: a loss above its running mean by this many stds"));
     t.push_back(integer(MOETRAIN_FIELD(train.watchdog_seconds), at_least(0),

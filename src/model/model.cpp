@@ -409,7 +409,7 @@ ForwardStats Model<T>::slot_stats(int slot) const {
 }
 
 template <typename T>
-void Model<T>::enqueue_backward(double grad_scale) {
+void Model<T>::enqueue_backward(double grad_scale, const GradsReadyFn& grads_ready) {
   const int N = tokens(), d = cfg_.d_model;
   // The training forward's chunked head left dnorm_ = d(grad_scale * objective)/d final_norm_
   // and added the lm_head's gradient.
@@ -429,8 +429,10 @@ void Model<T>::enqueue_backward(double grad_scale) {
     be_.rmsnorm_backward(dres_, grads_ + a.w->ffn_norm, dnorm_, a.mid, params_ + a.w->ffn_norm,
                          a.rstd2, N, d);
     attention_backward(a, resid_[std::size_t(a.index)]);
+    if (grads_ready) grads_ready(cfg_.n_layers - 1 - a.index);
   }
   be_.embedding_backward(grads_ + layout_.embed(), dres_, tokens_, N, d);
+  if (grads_ready) grads_ready(cfg_.n_layers);
 }
 
 template <typename T>
@@ -445,13 +447,19 @@ const ForwardStats& Model<T>::forward(const std::int32_t* tok, const std::int32_
 
 template <typename T>
 void Model<T>::forward_backward_async(const std::int32_t* tok, const std::int32_t* tgt,
-                                      double grad_scale, int slot) {
+                                      double grad_scale, int slot,
+                                      const GradsReadyFn& grads_ready) {
   if (!tgt) throw std::invalid_argument("Model::forward_backward: targets required");
   if (grad_scale == 0) throw std::invalid_argument("Model::forward_backward: grad_scale is 0");
   const std::int64_t valid = count_valid(tgt, tokens());
   if (valid == 0) throw std::invalid_argument("Model::forward_backward: every target is padding");
   const T ce_scale = T(grad_scale / double(valid));
   stage_inputs(tok, tgt, &ce_scale, slot);
+  if (grads_ready) {
+    enqueue_forward(true, true);
+    enqueue_backward(grad_scale, grads_ready);
+    return;
+  }
   // The same ops with the same arguments for each (slot, grad_scale): one recording each.
   std::size_t scale_index = 0;
   while (scale_index < repeat_scales_.size() && repeat_scales_[scale_index] != grad_scale)
@@ -460,7 +468,7 @@ void Model<T>::forward_backward_async(const std::int32_t* tok, const std::int32_
   const std::uint64_t id = std::uint64_t(scale_index) * std::uint64_t(slots_) + std::uint64_t(slot);
   be_.run_repeated({this, id}, [&] {
     enqueue_forward(true, true);
-    enqueue_backward(grad_scale);
+    enqueue_backward(grad_scale, {});
   });
 }
 

@@ -20,6 +20,11 @@ bool is_hidden_matrix(ParamRole role) {
   }
 }
 
+int grad_ready_stage(const ParamTensor& t, int n_layers) {
+  if (t.layer >= 0) return n_layers - 1 - t.layer;
+  return t.role == ParamRole::Embedding ? n_layers : 0;
+}
+
 std::size_t ParamLayout::add(std::string name, std::vector<std::int64_t> shape, ParamRole role,
                              int layer, double init_std) {
   ParamTensor t;

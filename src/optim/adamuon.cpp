@@ -39,7 +39,7 @@ std::vector<StateTensor<T>> AdaMuon<T>::state() {
     for (std::size_t k = 0; k < groups[gi].mats.size(); ++k) {
       const OwnedMatrix& mt = plan_.matrices()[groups[gi].mats[k]];
       out.push_back({"adamuon.momentum." + mt.name,
-                     momentum_.get() + mt.slot,
+                     momentum_.get() + mt.state,
                      mt.elems(),
                      {mt.rows, mt.cols}});
       out.push_back({"adamuon.v." + mt.name,

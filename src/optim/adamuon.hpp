@@ -23,7 +23,7 @@ class AdaMuon final : public MatrixOptimizer<T> {
   Zero1Plan<T>& plan_;
   Backend<T>& be_;
   std::vector<std::size_t> v_offsets_;  // per group (update_rule.hpp)
-  DeviceBuffer<T, T> momentum_;         // [own elems], each matrix at its slot
+  DeviceBuffer<T, T> momentum_;         // [own elems], each matrix at its state offset
   DeviceBuffer<T, T> v_;                // [own elems], group by group: [matrices, A, B] each
   NewtonSchulz<T> ns_;
   int orthogonalised_ = 0;

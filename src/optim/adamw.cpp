@@ -10,18 +10,23 @@ AdamW<T>::AdamW(const OptimConfig& o, Zero1Plan<T>& plan)
 
 template <typename T>
 void AdamW<T>::step(double lr, std::int64_t t, const double* gate, double* acc) {
-  const std::size_t shard0 = plan_.shard_begin(), end = shard0 + plan_.shard();
-  for (const AdamWEntry& e : plan_.adamw()) {
-    const std::size_t lo = std::max(e.flat, shard0), hi = std::min(e.flat + e.numel, end);
-    if (lo >= hi) continue;
-    plan_.backend().adamw_update(plan_.flat_params() + lo, plan_.shard_grad() + (lo - shard0),
-                                 m_.get() + (lo - shard0), v_.get() + (lo - shard0), hi - lo,
-                                 lr * e.lr_scale, o_.beta1, o_.beta2, o_.eps, e.weight_decay, t,
-                                 gate, acc);
+  // This rank's piece of each bucket is a slice of its packed tensors; each tensor's part of it is
+  // updated with the tensor's learning rate and weight decay.
+  for (const GradBucket& b : plan_.buckets()) {
+    const std::size_t begin = plan_.own_piece(b), end = begin + b.piece;
+    for (std::size_t i : b.entries) {
+      const AdamWEntry& e = plan_.adamw()[i];
+      const std::size_t lo = std::max(e.flat, begin), hi = std::min(e.flat + e.numel, end);
+      if (lo >= hi) continue;
+      const std::size_t at = b.shard_offset + (lo - begin);
+      plan_.backend().adamw_update(plan_.flat_params() + lo, plan_.shard_grad() + at, m_.get() + at,
+                                   v_.get() + at, hi - lo, lr * e.lr_scale, o_.beta1, o_.beta2,
+                                   o_.eps, e.weight_decay, t, gate, acc);
+    }
   }
 }
 
-// The shard is a slice of the packed group, so each moment is one flat tensor.
+// The shard is this rank's pieces of the packed group, so each moment is one flat tensor.
 template <typename T>
 std::vector<StateTensor<T>> AdamW<T>::state() {
   const std::size_t n = plan_.shard();

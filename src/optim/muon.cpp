@@ -32,7 +32,7 @@ std::vector<StateTensor<T>> Muon<T>::state() {
     for (std::size_t i : g.mats) {
       const OwnedMatrix& mt = plan_.matrices()[i];
       out.push_back(
-          {"muon.momentum." + mt.name, momentum_.get() + mt.slot, mt.elems(), {mt.rows, mt.cols}});
+          {"muon.momentum." + mt.name, momentum_.get() + mt.state, mt.elems(), {mt.rows, mt.cols}});
     }
   return out;
 }

@@ -31,7 +31,7 @@ int orthogonalised_step(const OptimConfig& o, Zero1Plan<T>& plan, NewtonSchulz<T
       const int count = int(std::min<std::size_t>(kMaxNewtonSchulzBatch, g.mats.size() - first));
       for (int i = 0; i < count; ++i) {
         const OwnedMatrix& mt = plan.matrices()[g.mats[first + std::size_t(i)]];
-        be.muon_momentum(momentum + mt.slot, ns.input() + std::size_t(i) * elems,
+        be.muon_momentum(momentum + mt.state, ns.input() + std::size_t(i) * elems,
                          plan.matrix_grad(mt), elems, o.momentum, o.nesterov, gate);
       }
       if (sign_input) be.sign_inplace(ns.input(), std::size_t(count) * elems);
@@ -60,7 +60,7 @@ class Muon final : public MatrixOptimizer<T> {
   const OptimConfig& o_;
   Zero1Plan<T>& plan_;
   Backend<T>& be_;
-  DeviceBuffer<T, T> momentum_;  // [own elems], each matrix at its slot
+  DeviceBuffer<T, T> momentum_;  // [own elems], each matrix at its state offset
   NewtonSchulz<T> ns_;
   int orthogonalised_ = 0;
 };

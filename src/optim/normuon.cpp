@@ -44,7 +44,7 @@ std::vector<StateTensor<T>> NorMuon<T>::state() {
       const OwnedMatrix& mt = plan_.matrices()[groups[gi].mats[k]];
       const std::size_t rows = std::size_t(mt.rows);
       out.push_back({"normuon.momentum." + mt.name,
-                     momentum_.get() + mt.slot,
+                     momentum_.get() + mt.state,
                      mt.elems(),
                      {mt.rows, mt.cols}});
       out.push_back(

@@ -27,7 +27,7 @@ class NorMuon final : public MatrixOptimizer<T> {
   Zero1Plan<T>& plan_;
   Backend<T>& be_;
   std::vector<std::size_t> v_offsets_;  // per group (update_rule.hpp)
-  DeviceBuffer<T, T> momentum_;         // [own elems], each matrix at its slot
+  DeviceBuffer<T, T> momentum_;         // [own elems], each matrix at its state offset
   DeviceBuffer<T, T> v_;                // [sum of rows], group by group: [matrices, A] each
   NewtonSchulz<T> ns_;
   int orthogonalised_ = 0;

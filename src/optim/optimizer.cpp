@@ -102,6 +102,11 @@ int Optimizer<T>::orthogonalised_last_step() const {
 }
 
 template <typename T>
+std::size_t Optimizer<T>::grad_buckets() const {
+  return impl_->plan.buckets().size();
+}
+
+template <typename T>
 std::vector<std::string> Optimizer<T>::owned_matrix_names() const {
   return impl_->plan.owned_names();
 }
@@ -161,6 +166,11 @@ void Optimizer<T>::step_async(T* params, const T* grads, double lr, const StepIn
     s.clip->apply(params, in.smax, in.smax_slots, gate, sums + 2);
   }
   plan.gather_matrices(params);
+}
+
+template <typename T>
+void Optimizer<T>::grads_ready(int stage, const T* grads) {
+  impl_->plan.grads_ready(stage, grads);
 }
 
 template <typename T>

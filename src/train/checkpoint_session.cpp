@@ -38,15 +38,17 @@ void diff_paths(const nlohmann::json& a, const nlohmann::json& b, const std::str
   if (a != b) out.push_back(prefix);
 }
 
-// The settings a run cannot change on resume: model.*, data.*, optim.name, train.grad_accum and
-// train.seed of a config's JSON.
+// The settings a run cannot change on resume: model.*, data.*, optim.name, train.grad_accum,
+// train.seed and train.grad_bucket_mib (the ZeRO-1 shard layout of the saved optimizer state) of a
+// config's JSON.
 nlohmann::json resume_invariants(const nlohmann::json& config) {
   return {{"model", config.at("model")},
           {"data", config.at("data")},
           {"optim", {{"name", config.at("optim").at("name")}}},
           {"train",
            {{"grad_accum", config.at("train").at("grad_accum")},
-            {"seed", config.at("train").at("seed")}}}};
+            {"seed", config.at("train").at("seed")},
+            {"grad_bucket_mib", config.at("train").at("grad_bucket_mib")}}}};
 }
 
 // The resume invariants that differ between the checkpoint's config `then` and the run's `now`;
@@ -73,6 +75,9 @@ std::string config_hash(const nlohmann::json& config) {
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
   return buf;
 }
+
+// 2: the optimizer state in the bucketed ZeRO-1 layout (docs/design.md §5.2).
+constexpr int kTrainerStateVersion = 2;
 
 // An integer field of the trainer state, in [lo, hi].
 std::int64_t state_int(const nlohmann::json& st, const char* key, std::int64_t lo, std::int64_t hi,
@@ -172,7 +177,10 @@ TrainingProgress CheckpointSession::resume(const std::string& dir) {
     throw std::runtime_error(state_path + ": not a moetrain trainer state");
   TrainingProgress p;
   try {
-    state_int(st, "version", 1, 1, state_path);
+    // Version 1 predates the bucketed ZeRO-1 layout: its optimizer state is in another order.
+    state_int(st, "version", kTrainerStateVersion, kTrainerStateVersion, state_path,
+              " (a checkpoint of version 1 was written by a moetrain before the bucketed ZeRO-1 "
+              "layout of the optimizer state, which cannot be read into this one)");
     check_same_config(st.at("config"), config_to_json(cfg_), state_path);
     const int world = int(state_int(st, "world_size", 1, 1 << 20, state_path));
     if (world != comm_.world())
@@ -237,7 +245,7 @@ void CheckpointSession::save(const TrainingProgress& progress) {
                      weights_to_tensors(parts_.model),
                      {{"format", "pt"}, {"step", std::to_string(step)}, {"config_hash", hash}});
     nlohmann::json st = {{"format", "moetrain-checkpoint"},
-                         {"version", 1},
+                         {"version", kTrainerStateVersion},
                          {"step", step},
                          {"tokens_seen", progress.tokens_seen},
                          {"world_size", comm_.world()},

@@ -77,6 +77,7 @@ nlohmann::json step_record(const ModelConfig& m, const StepResult& r, const Step
           {"fwd_bwd_ms", r.compute_s * 1e3},
           {"comm_ms", r.comm_s * 1e3},
           {"comm_bytes", r.comm_bytes},
+          {"comm_blocked_ms", r.comm_blocked_s * 1e3},
           {"optimizer_ms", r.optimizer_s * 1e3}};
 }
 
@@ -106,6 +107,7 @@ nlohmann::json shard_report(const Communicator& comm, const std::string& optimiz
           {"optimizer", optimizer_name},
           {"optimizer_state_bytes", opt.state_bytes()},
           {"owned_muon_matrices", opt.owned_matrix_names()},
+          {"grad_buckets", opt.grad_buckets()},
           {"orthogonalised_last_step", opt.orthogonalised_last_step()}};
 }
 

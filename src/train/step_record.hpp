@@ -23,6 +23,9 @@ struct StepResult {
   OptimizerStats opt;
   double data_s = 0, compute_s = 0, comm_s = 0, optimizer_s = 0;
   std::uint64_t comm_bytes = 0;  // sent by this rank during the step (ring-algorithm count)
+  // Host time inside the communicator's calls during the step: on the CPU (MPI), the exposed
+  // communication, waits for slower peers included.
+  double comm_blocked_s = 0;
 };
 
 // The facts of a completed step that StepResult does not hold.

@@ -123,6 +123,10 @@ StepResult Trainer::train_step(double lr) {
 
   r.load.assign(std::size_t(L), {});
   const std::uint64_t bytes0 = comm_.bytes_moved();
+  const double blocked0 = comm_.blocked_seconds();
+  const Model<float>::GradsReadyFn grads_ready = [&](int stage) {
+    opt_->grads_ready(stage, model_->grads());
+  };
 
   // The micro-batches and the optimizer step are enqueued without reading anything back; one
   // download of the stats block then brings the whole step's statistics (docs/design.md §7.1).
@@ -133,7 +137,11 @@ StepResult Trainer::train_step(double lr) {
     train_->next(batch);
     r.data_s += since(t0);
     t0 = Clock::now();
-    model_->forward_backward_async(batch.inputs.data(), batch.targets.data(), 1.0 / ga, micro);
+    // The last micro-batch completes the gradients: each bucket's reduce-scatter starts as soon
+    // as backward has produced it (docs/design.md §5.2).
+    const bool overlap = micro == ga - 1 && cfg_.train.overlap_grad_reduce && comm_.world() > 1;
+    model_->forward_backward_async(batch.inputs.data(), batch.targets.data(), 1.0 / ga, micro,
+                                   overlap ? grads_ready : Model<float>::GradsReadyFn{});
     r.compute_s += since(t0);
   }
   auto t0 = Clock::now();
@@ -200,6 +208,7 @@ StepResult Trainer::train_step(double lr) {
   if (m.moe.router == RouterType::SigmoidBias && m.moe.bias_update_rate > 0)
     model_->update_router_biases(r.load, m.moe.bias_update_rate);
   r.comm_bytes = comm_.bytes_moved() - bytes0;
+  r.comm_blocked_s = comm_.blocked_seconds() - blocked0;
   return r;
 }
 

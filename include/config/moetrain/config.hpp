@@ -121,7 +121,12 @@ struct TrainConfig {
   std::string precision = "auto";  // auto | bf16 | fp32: GEMM operands (auto: bf16 on cuda)
   // nearest | stochastic: how the cuda backend rounds its bf16 copy of the master weights
   std::string bf16_weight_rounding = "nearest";
-  bool cuda_graphs = true;     // replay each micro-batch's forward+backward as a CUDA graph
+  bool cuda_graphs = true;  // replay each micro-batch's forward+backward as a CUDA graph
+  // ZeRO-1's gradient buckets (docs/design.md §5.2): whole tensors in the order backward completes
+  // them, about this many MiB each; with overlap, each bucket's reduce-scatter starts as soon as
+  // backward has produced it.
+  double grad_bucket_mib = 25.0;
+  bool overlap_grad_reduce = true;
   double spike_std = 3.0;      // a loss above its running mean by this many running stds
   int watchdog_seconds = 600;  // exit if a step or evaluation makes no progress this long
 };

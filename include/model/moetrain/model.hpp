@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -83,8 +84,13 @@ class Model {
   const ForwardStats& forward(const std::int32_t* tokens, const std::int32_t* targets);
   // Forward, then backward of grad_scale * objective, accumulated into grads(). Nothing is read
   // back: the statistics stay in slot `slot` of the stats block until its next download.
+  // grads_ready, when given, is called with each stage of grad_ready_stage (0 .. n_layers, in
+  // order) once backward has enqueued every gradient of that stage: the hook the gradient
+  // buckets' communication starts from. It enqueues work that is not the backend's, so that
+  // micro-batch then runs without Backend::run_repeated (no CUDA graph).
+  using GradsReadyFn = std::function<void(int stage)>;
   void forward_backward_async(const std::int32_t* tokens, const std::int32_t* targets,
-                              double grad_scale, int slot);
+                              double grad_scale, int slot, const GradsReadyFn& grads_ready = {});
   // The same in slot 0, then its statistics (one download of the stats block).
   const ForwardStats& forward_backward(const std::int32_t* tokens, const std::int32_t* targets,
                                        double grad_scale);
@@ -127,7 +133,7 @@ class Model {
   // place of the logits when also `grad`) and of a backward: ops only, no host transfer, so a
   // micro-batch's forward and backward repeat as one recording (Backend::run_repeated).
   void enqueue_forward(bool loss, bool grad);
-  void enqueue_backward(double grad_scale);
+  void enqueue_backward(double grad_scale, const GradsReadyFn& grads_ready);
   void attention_forward(Layer& l, CDevPtr x);
   void attention_backward(Layer& l, CDevPtr x);
   static std::int64_t count_valid(const std::int32_t* targets, int n);

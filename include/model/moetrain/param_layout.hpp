@@ -42,6 +42,12 @@ struct ParamTensor {
   double init_std = 0;  // 0: constant one (norm gains)
 };
 
+// The backward stage after which a tensor's gradient is final. Model's backward reports stage s
+// (0 .. n_layers) once it has produced every gradient of that stage: 0 after the last layer (with
+// the final norm and an untied lm_head, whose gradients the head wrote before), n_layers - 1 - l
+// after layer l, n_layers after the embedding (a tied lm_head's gradient ends there too).
+int grad_ready_stage(const ParamTensor& t, int n_layers);
+
 // Offsets of a SwiGLU block: w1 and w3 fused as [2 ff, d], then w2 [d, ff].
 struct SwiGluOffsets {
   std::size_t w13 = 0, w2 = 0;

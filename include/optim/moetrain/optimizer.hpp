@@ -78,6 +78,10 @@ class Optimizer {
   // non-finite gradient norm or loss makes every update op a no-op. `lr` is this step's base
   // learning rate.
   void step_async(T* params, const T* grads, double lr, const StepInputs<T>& in);
+  // Overlap (docs/design.md §5.2): backward of the step's last micro-batch has produced every
+  // gradient of `stage` (grad_ready_stage) in `grads`; starts the reduce-scatters of the buckets
+  // that completes, which step_async then finishes. Optional: step_async starts whatever was not.
+  void grads_ready(int stage, const T* grads);
   // After the stats block's download that followed step_async: the step's statistics (reduced
   // over ranks: one host collective).
   OptimizerStats finish_step();
@@ -96,6 +100,8 @@ class Optimizer {
   std::size_t state_bytes() const;
   // The matrices this rank owns (and orthogonalises each step).
   std::vector<std::string> owned_matrix_names() const;
+  // ZeRO-1's gradient buckets (one reduce-scatter per bucket and group).
+  std::size_t grad_buckets() const;
   // Matrices this rank ran Newton-Schulz on during the last step.
   int orthogonalised_last_step() const;
   // Optimizer state as host tensors (for checkpoints), and back.
