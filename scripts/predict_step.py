@@ -2,6 +2,7 @@
 """Predicts the CUDA backend's training step, phase by phase, on paper (docs/perf.md).
 
     scripts/predict_step.py configs/gpu_moe_small.json [--grad-accum G] [--ranks R]
+                            [--link-gbs BW [--latency-us A] [--bucket-mib M] [--no-overlap]]
 
 For each phase of a step (grad_accum micro-batches and one optimizer step) it counts the FLOPs and
 the DRAM bytes the kernels must do and move, takes the floor time against the H200 ceilings this
@@ -10,6 +11,17 @@ efficiency per kind of kernel (the constants below, each with its reason). The r
 prediction to be replaced by `moetrain bench --profile` on a GPU (scripts/gpu_check.sh), not a
 measurement. MFU counts model FLOPs as `moetrain bench` does (src/model/flops.cpp: 3x the forward
 matmuls, causal attention, optimizer not counted).
+
+With --link-gbs, the ZeRO-1 communication of R ranks (docs/design.md §5) is modelled too: each rank
+sends (R-1)/R of the fp32 gradients in the buckets' reduce-scatters and (R-1)/R of the fp32
+parameters in the all-gathers, at BW GB/s per rank in each direction (the ring's slowest link: 450
+for NVLink on an H200 node, 50 for one 400 Gb/s NIC per GPU across nodes) times COMM_EFF, plus a
+latency per collective. The buckets are the plan's (whole tensors in backward order, M MiB). With
+overlap, bucket b's reduce-scatter starts when backward of the last micro-batch completes its
+stage, the backward time spread evenly over the layers (2/3 of a micro-batch's compute); the
+communication stream runs one collective at a time. What stays exposed is the reduce-scatters'
+tail past the end of backward, plus the all-gathers, which follow the optimizer and are not
+overlapped.
 """
 import argparse
 import json
@@ -33,6 +45,7 @@ EFF = {
     "memory": 0.80,
 }
 BF16, F32 = 2, 4
+COMM_EFF = 0.8  # NCCL ring bus bandwidth over the link's: ~80% at multi-MB messages
 
 
 def load(path):
@@ -51,6 +64,8 @@ def load(path):
         "shared_ff": moe.get("shared_ff", 512), "B": c.get("data", {}).get("batch_size", 8),
         "ns_steps": c.get("optim", {}).get("ns_steps", 5),
         "ga": c.get("train", {}).get("grad_accum", 1),
+        "tied": m.get("tie_embeddings", False),
+        "bucket_mib": c.get("train", {}).get("grad_bucket_mib", 25.0),
     }
     return cfg
 
@@ -115,6 +130,54 @@ def optimizer(c, ranks):
     return (gram + prod) / ranks, byts / ranks, t
 
 
+def backward_order(c):
+    """(stage, elements) of every parameter tensor in the order backward completes them
+    (grad_ready_stage in src/model/param_layout.cpp; layout order within a stage)."""
+    d, q, kv, L = c["d"], c["H"] * c["hd"], c["Hkv"] * c["hd"], c["L"]
+    out = []
+    for l in reversed(range(L)):
+        s = L - 1 - l
+        out += [(s, d), (s, q * d), (s, kv * d), (s, kv * d), (s, d * q), (s, d)]
+        if l < c["dense_layers"]:
+            out += [(s, c["dense_ff"] * d)] * 3
+        else:
+            out += [(s, c["E"] * d)] + [(s, c["ff"] * d)] * (3 * c["E"])
+            out += [(s, c["shared_ff"] * d)] * (3 * c["shared"])
+        if s == 0:
+            out += [(0, d)] + ([] if c["tied"] else [(0, c["V"] * d)])  # final norm, lm_head
+    return out + [(L, c["V"] * d)]  # the embedding
+
+
+def communication(c, ranks, gbs, latency, bucket_mib, overlap, backward_s):
+    """The exposed communication of one step (seconds) and what it is made of."""
+    tensors = backward_order(c)
+    cap = bucket_mib * 2 ** 20 / F32
+    buckets, filled = [[0, 0]], 0  # [ready stage, elements]
+    for stage, n in tensors:
+        if filled >= cap:
+            buckets.append([0, 0])
+            filled = 0
+        buckets[-1][0] = max(buckets[-1][0], stage)
+        buckets[-1][1] += n
+        filled += n
+    bw = gbs * 1e9 * COMM_EFF
+    frac = (ranks - 1) / ranks
+    # Two collectives per bucket (its AdamW pieces and its matrices).
+    times = [2 * latency + frac * F32 * n / bw for _, n in buckets]
+    per_stage = backward_s / c["L"]  # stage s completes at (s + 1) per_stage; the embedding at the end
+    end = 0.0
+    for (stage, _), t in zip(buckets, times):
+        ready = min(stage + 1, c["L"]) * per_stage if overlap else backward_s
+        end = max(end, ready) + t
+    params = sum(n for _, n in tensors)
+    gather = (len(buckets) + 1) * latency + frac * F32 * params / bw
+    exposed_rs = max(0.0, end - backward_s)
+    return {"buckets": len(buckets), "bucket_ms": [t * 1e3 for t in times],
+            "bytes": 2 * frac * F32 * params, "reduce_scatter_s": sum(times),
+            "exposed_rs_s": exposed_rs, "gather_s": gather, "exposed_s": exposed_rs + gather,
+            "backward_s": backward_s}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config")
@@ -124,6 +187,12 @@ def main():
                     help="override an assumed efficiency (what-if), e.g. grouped=0.7")
     ap.add_argument("--elementwise-scale", type=float, default=1.0,
                     help="scale the elementwise bytes (what-if: fusions that remove passes)")
+    ap.add_argument("--link-gbs", type=float, default=0.0,
+                    help="model the ZeRO-1 communication at this many GB/s per rank and direction")
+    ap.add_argument("--latency-us", type=float, default=10.0, help="per collective")
+    ap.add_argument("--bucket-mib", type=float, default=0.0, help="default: the config's")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="reduce-scatters after backward (train.overlap_grad_reduce false)")
     a = ap.parse_args()
     for kv in a.eff:
         kind, value = kv.split("=")
@@ -141,10 +210,19 @@ def main():
         t = fl / (PEAK_FLOPS * EFF[kind]) if fl else by / (PEAK_BYTES * EFF[kind])
         rows.append((name, fl * ga, by * ga, floor * ga, kind, t * ga))
         total += t * ga
+    micro_s = total / ga
     ofl, oby, ot = optimizer(c, a.ranks)
     rows.append(("optimizer", ofl, oby, max(ofl / PEAK_FLOPS, oby / PEAK_BYTES), "mixed", ot))
     total += ot
-    rows.append(("communication", 0, 0, 0, "-", 0.0))
+    comm = None
+    if a.link_gbs > 0 and a.ranks > 1:
+        comm = communication(c, a.ranks, a.link_gbs, a.latency_us * 1e-6,
+                             a.bucket_mib or c["bucket_mib"], not a.no_overlap, micro_s * 2 / 3)
+        rows.append(("communication (exposed)", 0, comm["bytes"], comm["bytes"] / (a.link_gbs * 1e9),
+                     "link", comm["exposed_s"]))
+        total += comm["exposed_s"]
+    else:
+        rows.append(("communication", 0, 0, 0, "-", 0.0))
     N = c["B"] * c["T"]
     print(f"{a.config}: grad_accum {ga}, {ga * N} tokens per step on one GPU, "
           f"optimizer over {a.ranks} rank(s)\n")
@@ -159,6 +237,16 @@ def main():
     print(f"model FLOPs {model * ga / 1e12:.2f} TFLOP per step -> {model * ga / total / 1e12:.0f} "
           f"TFLOP/s, MFU {100 * mfu:.1f}% of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; Newton-Schulz "
           f"{100 * ot / total:.1f}% of the step")
+    if comm:
+        ms = comm["bucket_ms"]
+        print(f"\nZeRO-1 over {a.ranks} ranks at {a.link_gbs:g} GB/s x {COMM_EFF} per rank, "
+              f"{a.latency_us:g} us per collective: {comm['bytes'] / 1e9:.3f} GB sent per rank per "
+              f"step; {comm['buckets']} buckets of {a.bucket_mib or c['bucket_mib']:g} MiB, "
+              f"{min(ms):.3f} to {max(ms):.3f} ms each; reduce-scatters "
+              f"{comm['reduce_scatter_s'] * 1e3:.2f} ms against the last micro-batch's backward "
+              f"of {comm['backward_s'] * 1e3:.2f} ms ({'overlapped' if not a.no_overlap else 'after it'}): "
+              f"{comm['exposed_rs_s'] * 1e3:.2f} ms exposed; all-gathers "
+              f"{comm['gather_s'] * 1e3:.2f} ms, exposed")
 
 
 if __name__ == "__main__":
