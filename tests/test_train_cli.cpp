@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <thread>
 
@@ -418,6 +419,24 @@ TEST_CASE("bench_vs_torch: moetrain and the PyTorch twin time the same weights a
     CHECK(round.at("torch_tokens_per_s").get<double>() > 0);
     CHECK(round.at("torch_mfu").get<double>() > 0);
   }
+  // The twin's OpenBLAS kernels are named, and are not a generic (no-AVX) fallback on a CPU with
+  // AVX2: the script sets OPENBLAS_CORETYPE where OpenBLAS would fall back.
+  const std::string core = j.at("torch_openblas_core").get<std::string>();
+  INFO("OpenBLAS core " << core);
+  CHECK(core != "?");
+  std::string flags;
+  {
+    std::ifstream cpuinfo("/proc/cpuinfo");
+    for (std::string line; std::getline(cpuinfo, line);)
+      if (line.rfind("flags", 0) == 0) {
+        flags = line + " ";
+        break;
+      }
+  }
+  if (flags.find(" avx2 ") != std::string::npos && flags.find(" fma ") != std::string::npos &&
+      !std::getenv("OPENBLAS_CORETYPE"))
+    for (const char* generic : {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom"})
+      CHECK(core != generic);
   const CommandResult bad = run_command(script + " --rounds 0");
   CHECK(bad.exit_code == 2);
   CHECK(bad.output.find("--rounds") != std::string::npos);
