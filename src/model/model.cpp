@@ -429,10 +429,10 @@ void Model<T>::enqueue_backward(double grad_scale, const GradsReadyFn& grads_rea
     be_.rmsnorm_backward(dres_, grads_ + a.w->ffn_norm, dnorm_, a.mid, params_ + a.w->ffn_norm,
                          a.rstd2, N, d);
     attention_backward(a, resid_[std::size_t(a.index)]);
-    if (grads_ready) grads_ready(cfg_.n_layers - 1 - a.index);
+    if (grads_ready) grads_ready(backward_stage(a.index, cfg_.n_layers));
   }
   be_.embedding_backward(grads_ + layout_.embed(), dres_, tokens_, N, d);
-  if (grads_ready) grads_ready(cfg_.n_layers);
+  if (grads_ready) grads_ready(backward_stage(-1, cfg_.n_layers));
 }
 
 template <typename T>

@@ -21,8 +21,9 @@ bool is_hidden_matrix(ParamRole role) {
 }
 
 int grad_ready_stage(const ParamTensor& t, int n_layers) {
-  if (t.layer >= 0) return n_layers - 1 - t.layer;
-  return t.role == ParamRole::Embedding ? n_layers : 0;
+  if (t.layer >= 0) return backward_stage(t.layer, n_layers);
+  // The final norm and an untied lm_head are final with the last layer.
+  return backward_stage(t.role == ParamRole::Embedding ? -1 : n_layers - 1, n_layers);
 }
 
 std::size_t ParamLayout::add(std::string name, std::vector<std::int64_t> shape, ParamRole role,

@@ -47,6 +47,10 @@ struct ParamTensor {
 // the final norm and an untied lm_head, whose gradients the head wrote before), n_layers - 1 - l
 // after layer l, n_layers after the embedding (a tied lm_head's gradient ends there too).
 int grad_ready_stage(const ParamTensor& t, int n_layers);
+// The stage backward reports after layer `layer` (-1: the embedding, which backward reaches last).
+inline int backward_stage(int layer, int n_layers) {
+  return n_layers - 1 - layer;
+}
 
 // Offsets of a SwiGLU block: w1 and w3 fused as [2 ff, d], then w2 [d, ff].
 struct SwiGluOffsets {
