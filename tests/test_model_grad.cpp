@@ -143,14 +143,14 @@ TEST_CASE("the same seed gives bit-identical losses and gradients", "[model][det
 }
 
 // The head runs in chunks of the backend's head_chunk_rows tokens (lm_head, cross-entropy and the
-// head's backward per chunk). A vocabulary of 8,200 makes the CPU's chunks 31 rows: 80 tokens are
-// three chunks, the last partial; the gradients of the head, the embedding (tied and not) and a
-// layer must still be the objective's.
+// head's backward per chunk). A vocabulary of 27,000 makes the CPU's chunks 77 rows (2^21 logits):
+// 160 tokens are three chunks, the last partial; the gradients of the head, the embedding (tied and
+// not) and a layer must still be the objective's.
 TEST_CASE("whole-model gradients match finite differences with the head in several chunks",
           "[grad][model]") {
   for (const bool tied : {false, true}) {
     INFO((tied ? "tied" : "untied") << " embeddings");
-    ModelConfig cfg = tiny_model({.vocab = 8200,
+    ModelConfig cfg = tiny_model({.vocab = 27000,
                                   .d_model = 12,
                                   .layers = 2,
                                   .heads = 2,
@@ -161,9 +161,10 @@ TEST_CASE("whole-model gradients match finite differences with the head in sever
     cfg.tie_embeddings = tied;
     cfg.init_std = 0.3;
     CpuBackend<double> be;
-    const int B = 2;
+    const int B = 4;
     Model<double> model(cfg, be, B);
-    REQUIRE(be.head_chunk_rows(model.tokens(), cfg.vocab_size) < model.tokens() / 2);
+    REQUIRE(be.head_chunk_rows(model.tokens(), cfg.vocab_size) == 77);
+    REQUIRE(model.tokens() == 160);
     model.init_weights(43);
     Rng rng(8);
     std::vector<std::int32_t> tok(std::size_t(model.tokens())), tgt(tok.size());

@@ -107,18 +107,19 @@ TEST_CASE("attention backward matches finite differences (MHA and GQA)", "[grad]
   }
 }
 
-// The CPU's attention is tiled in 64-row query and key blocks: T = 150 has three blocks of each,
-// the last one partial, so the online softmax's rescaling across key blocks, the skipped blocks
-// above the diagonal and the partial tiles all enter these checks. Every 7th entry covers all
-// rows' blocks and the q, k and v columns of every head (7 and the row width 32 are coprime).
+// The CPU's attention is tiled in 64-row query blocks and 256-key spans: T = 300 has five query
+// blocks, the last one partial, and the rows past 256 see two key spans, the second partial, so
+// the online softmax's rescaling across spans, the diagonal's masked triangles and the partial
+// tiles all enter these checks. Every 13th entry covers all rows' blocks and the q, k and v
+// columns of every head (13 and the row width 32 are coprime).
 TEST_CASE("attention backward matches finite differences across query and key blocks",
           "[grad][ops]") {
-  CHECK(attention_fd_error(AttentionShape{1, 150, 4, 2, 4}, 21, 22, 7) < kTol);
+  CHECK(attention_fd_error(AttentionShape{1, 300, 4, 2, 4}, 21, 22, 13) < kTol);
 }
 
 TEST_CASE("attention forward equals a materialised causal softmax across blocks", "[ops]") {
   CpuBackend<double> be;
-  const AttentionShape s{2, 150, 4, 1, 8};
+  const AttentionShape s{2, 300, 4, 1, 8};
   const auto qkv = random_vector(std::size_t(s.rows()) * s.qkv_width(), 23, 1.5);
   std::vector<double> out(std::size_t(s.rows()) * s.out_width()),
       saved(be.attention_saved_elems(s)), smax(std::size_t(s.n_heads));

@@ -134,8 +134,12 @@ std::size_t CpuBackend<T>::attention_saved_elems(const AttentionShape& s) const 
 
 template <typename T>
 int CpuBackend<T>::head_chunk_rows(int rows, int vocab) const {
-  // 2^18 logits (1 MiB of fp32), but at least 16 rows so that the GEMMs keep their efficiency.
-  const int chunk = std::max(16, (1 << 18) / std::max(vocab, 1));
+  // 2^21 logits (8 MiB of fp32: the chunk's logits stay in a 32 MiB L3 between the lm_head GEMM,
+  // cross-entropy and the two gradient GEMMs), but at least 64 rows. Fewer rows starve the GEMMs:
+  // at vocab 4096, d 256 on a Zen 4 core pair, 64-row chunks ran the forward product at 122
+  // GFLOP/s and 512-row ones at 195 (the peak 213), and the weight gradient, accumulated once per
+  // chunk, rereads its [V, d] sum 8x less often.
+  const int chunk = std::max(64, (1 << 21) / std::max(vocab, 1));
   return std::clamp(chunk, 1, std::max(rows, 1));
 }
 

@@ -96,7 +96,10 @@ inline __attribute__((always_inline)) void tile_gemm_impl(int M, int N, int K, T
                                                           std::ptrdiff_t a_row,
                                                           std::ptrdiff_t a_col, const T* B, int ldb,
                                                           T* C, int ldc, bool accumulate) {
-  constexpr int R = 4;
+  // Six rows: 24 accumulators and 4 B vectors of AVX-512's 32 registers, 24 multiply-adds per 10
+  // loads (4 rows: 16 per 8). On a Zen 4 core a 64^3 tile ran at 88-90 GFLOP/s with four rows,
+  // 100-103 with six (seven or eight: no faster).
+  constexpr int R = 6;
   int m0 = 0;
   for (; m0 + R <= M; m0 += R)
     row_block<T, R>(N, K, alpha, A + m0 * a_row, a_row, a_col, B, ldb, C + std::ptrdiff_t(m0) * ldc,
@@ -104,6 +107,12 @@ inline __attribute__((always_inline)) void tile_gemm_impl(int M, int N, int K, T
   const T* a = A + m0 * a_row;
   T* c = C + std::ptrdiff_t(m0) * ldc;
   switch (M - m0) {
+    case 5:
+      row_block<T, 5>(N, K, alpha, a, a_row, a_col, B, ldb, c, ldc, accumulate);
+      break;
+    case 4:
+      row_block<T, 4>(N, K, alpha, a, a_row, a_col, B, ldb, c, ldc, accumulate);
+      break;
     case 3:
       row_block<T, 3>(N, K, alpha, a, a_row, a_col, B, ldb, c, ldc, accumulate);
       break;

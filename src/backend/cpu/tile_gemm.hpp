@@ -24,12 +24,20 @@ void tile_gemm(int M, int N, int K, double alpha, const double* A, std::ptrdiff_
 
 // dst[c * rows + r] = src[r * ld + c] for r < rows, c < cols: a block's transpose, so that a
 // product with B^T (attention's Q K^T) reads B's columns as rows.
+// In 16 x 16 squares, so that the reads and the writes each touch 16 cache lines at a time (a
+// whole column of writes at once, one line per element, was 7% of attention's time).
 template <typename T>
 void transpose_block(T* dst, const T* src, int rows, int cols, int ld) {
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c)
-      dst[std::size_t(c) * std::size_t(rows) + std::size_t(r)] =
-          src[std::size_t(r) * std::size_t(ld) + std::size_t(c)];
+  constexpr int kSquare = 16;
+  for (int r0 = 0; r0 < rows; r0 += kSquare)
+    for (int c0 = 0; c0 < cols; c0 += kSquare) {
+      const int r1 = r0 + kSquare < rows ? r0 + kSquare : rows;
+      const int c1 = c0 + kSquare < cols ? c0 + kSquare : cols;
+      for (int c = c0; c < c1; ++c)
+        for (int r = r0; r < r1; ++r)
+          dst[std::size_t(c) * std::size_t(rows) + std::size_t(r)] =
+              src[std::size_t(r) * std::size_t(ld) + std::size_t(c)];
+    }
 }
 
 }  // namespace moetrain::cpu
