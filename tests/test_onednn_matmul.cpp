@@ -252,6 +252,76 @@ TEST_CASE("bf16 products read the weights' copy, refreshed after every write thr
   be.free_bytes(W);
 }
 
+// bf16 products keep their packed operands for later products while the source is unchanged (a
+// linear layer's dy feeds its dx and its dW product). The reuse must change no bit, and every kind
+// of write to a source must make the next product pack it again.
+TEST_CASE("bf16 packed operands are reused only while their source is unchanged", "[ops][onednn]") {
+  CpuBackend<float> be(CpuBackendOptions{true});
+  const int M = 24, N = 20, K = 33;
+  auto alloc = [&](std::size_t n, unsigned seed) {
+    auto* p = static_cast<float*>(be.alloc_bytes(n * sizeof(float)));
+    const auto host = random_floats(n, seed);
+    be.upload(p, host.data(), n * sizeof(float));
+    return p;
+  };
+  float* dy = alloc(std::size_t(M) * K, 20);  // [M, K]: A of both products
+  float* W = alloc(std::size_t(K) * N, 21);   // [K, N]
+  float* x = alloc(std::size_t(M) * N, 22);   // [M, N]
+  auto host = [](const float* p, std::size_t n) { return std::vector<float>(p, p + n); };
+  // C1 = dy W (dy as A), C2 = dy^T x (dy as the transposed A: the same stored bytes).
+  auto first = [&] {
+    std::vector<float> C(std::size_t(M) * N);
+    be.gemm(false, false, M, N, K, 1.0f, dy, K, W, N, 0.0f, C.data(), N);
+    return C;
+  };
+  auto second = [&] {
+    std::vector<float> C(std::size_t(K) * N);
+    be.gemm(true, false, K, N, M, 1.0f, dy, K, x, N, 0.0f, C.data(), N);
+    return C;
+  };
+  auto expect_fresh = [&](const char* what) {  // both products against the data now in memory
+    INFO(what);
+    const auto d = host(dy, std::size_t(M) * K), w = host(W, std::size_t(K) * N),
+               xx = host(x, std::size_t(M) * N);
+    const std::vector<float> z1(std::size_t(M) * N, 0.0f), z2(std::size_t(K) * N, 0.0f);
+    CHECK(max_rel_error(first(),
+                        reference(false, false, M, N, K, 1.0, d, K, w, N, 0.0, z1, N, true), M, N,
+                        N) < 1e-5);
+    CHECK(max_rel_error(second(),
+                        reference(true, false, K, N, M, 1.0, d, K, xx, N, 0.0, z2, N, true), K, N,
+                        N) < 1e-5);
+  };
+  expect_fresh("first use");
+
+  // The second product after the first (dy's copy reused) gives the bits of the second alone after
+  // a write elsewhere (nothing reused: the op drops every copy).
+  first();
+  const auto reused = second();
+  be.scale(x + std::size_t(M) * N - 1, 1, 1.0);  // an op: drops the copies, changes no value
+  const auto fresh = second();
+  CHECK(std::memcmp(reused.data(), fresh.data(), reused.size() * sizeof(float)) == 0);
+
+  be.scale(dy, std::size_t(M) * K, 2.0);
+  expect_fresh("after an op wrote dy");
+  const auto row = random_floats(std::size_t(K), 23);
+  be.upload(dy + std::size_t(7) * K, row.data(), row.size() * sizeof(float));
+  expect_fresh("after an upload into row 7 of dy");
+  be.copy(dy + std::size_t(3) * K, x, std::size_t(K) * sizeof(float));
+  expect_fresh("after a copy into row 3 of dy");
+  {  // products whose C lies in dy: its first 3 columns, then (an empty sum) rows 5-6
+    const auto y = random_floats(std::size_t(M) * 3, 24);
+    first();
+    be.gemm(false, false, M, 3, M, 1.0f, x, N, y.data(), 3, 0.0f, dy, K);
+    expect_fresh("after a product wrote into dy");
+    first();
+    be.gemm(false, false, 2, K, 0, 1.0f, x, N, y.data(), K, 0.0f, dy + std::size_t(5) * K, K);
+    expect_fresh("after an empty-sum product zeroed rows 5-6 of dy");
+  }
+  be.zero(dy, std::size_t(2) * K * sizeof(float));
+  expect_fresh("after rows 0-1 of dy were zeroed");
+  for (float* p : {dy, W, x}) be.free_bytes(p);
+}
+
 TEST_CASE("batched gemm on oneDNN matches per-matrix double sums, with gaps between matrices",
           "[ops][onednn]") {
   for (const bool bf16 : {false, true}) {

@@ -33,6 +33,7 @@ void* CpuBackend<T>::alloc_bytes(std::size_t bytes) {
   const std::size_t rounded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded ? rounded : 64);
   if (!p) throw std::bad_alloc();
+  wrote(p, rounded ? rounded : 64);  // it may reuse the addresses of a freed operand's packed copy
   std::memset(p, 0, rounded ? rounded : 64);
   return p;
 }
@@ -60,10 +61,13 @@ void CpuBackend<T>::zero(void* dst, std::size_t bytes) {
   if (bytes) std::memset(dst, 0, bytes);
 }
 
-// bf16: the weights' bf16 copy lives in the matmul, which must hear of every write that may touch
-// the weights. A memory op names its bytes; an op's mutable pointer arguments (T*, DevPtr) are
-// checked where they start, which is exact because the parameter buffer is an allocation of its
-// own: a pointer into another allocation never reaches it.
+// bf16: the weights' bf16 copy and the packed copies of other operands live in the matmul, which
+// must hear of every write that may touch their sources. A memory op names its bytes; any other
+// op drops every packed copy (its outputs' ends are unknown) and has its mutable pointer arguments
+// (T*, DevPtr) checked against the weights where they start, which is exact because the parameter
+// buffer is an allocation of its own: a pointer into another allocation never reaches it. A
+// GEMM's C is checked by the matmul itself, so that a linear layer's two backward products share
+// the packed dy.
 template <typename T>
 void CpuBackend<T>::set_weights(const T* weights, std::size_t count) {
   if constexpr (std::is_same_v<T, float>)
@@ -77,12 +81,13 @@ template <typename T>
 template <typename... Args>
 void CpuBackend<T>::note_writes(const Args&... args) {
   if (!bf16_) return;
+  matmul_->op_wrote(nullptr);  // drops the packed copies even for an op with no float output
   auto one = [this](const auto& a) {
     using A = std::decay_t<decltype(a)>;
     if constexpr (std::is_same_v<A, T*>)
-      wrote(a, sizeof(T));
+      matmul_->op_wrote(a);
     else if constexpr (std::is_same_v<A, DevPtr>)
-      wrote(a.get(), 1);
+      matmul_->op_wrote(a.get());
   };
   (one(args), ...);
 }
@@ -109,10 +114,10 @@ MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_MOE_PERMUTE)
 #undef MOETRAIN_CPU_FORWARD_FAMILY
 
 // The GEMM family: oneDNN's for float (the matmul holds the bf16 state), OpenBLAS's for double.
+// (No note_writes: the matmul tracks C's exact extent.)
 #define MOETRAIN_CPU_FORWARD_GEMM(ret, name, params, args, flops) \
   template <typename T>                                           \
   ret CpuBackend<T>::name params {                                \
-    note_writes args;                                             \
     if constexpr (std::is_same_v<T, float>)                       \
       return matmul_->name args;                                  \
     else                                                          \

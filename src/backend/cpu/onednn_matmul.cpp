@@ -5,7 +5,9 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "backend/cpu/gram.hpp"
@@ -90,13 +92,40 @@ memory::desc packed_desc(int batch, memory::dim rows, memory::dim cols, bool tra
   return desc3(dt::bf16, batch, rows, cols, size,
                trans ? memory::dims{1, rows} : memory::dims{cols, 1});
 }
+
+// bf16: an fp32 operand rounded and packed (pack_bf16's layout), with what it was packed from:
+// the source in its stored orientation, `batch` matrices `stride` apart, and the source's bytes
+// [lo, hi) for the overlap test of a write.
+struct Packed {
+  const float* src = nullptr;
+  int rows = 0, cols = 0, ld = 0, batch = 0;
+  std::size_t stride = 0;
+  const char *lo = nullptr, *hi = nullptr;
+  bool valid = false;
+  std::uint64_t used = 0;  // the product that last read it, for least-recently-used reuse
+  std::vector<std::uint16_t> data;
+  bool holds(const float* x, int r, int c, int l, int b, std::size_t st) const {
+    return valid && src == x && rows == r && cols == c && ld == l && batch == b && stride == st;
+  }
+};
+// Enough for the experts' backward: a layer's groups' dy (then dh) slices all stay packed between
+// the dx products and the weight-gradient products that follow them.
+constexpr std::size_t kPackedSlots = 40;
+
+// Bytes [lo, hi) of `batch` matrices of `rows` x `cols` floats at leading dimension ld.
+std::pair<const char*, const char*> extent(const float* x, int rows, int cols, int ld, int batch,
+                                           std::size_t stride) {
+  const std::size_t last = std::size_t(batch - 1) * stride + std::size_t(rows - 1) * ld + cols;
+  return {reinterpret_cast<const char*>(x), reinterpret_cast<const char*>(x + last)};
+}
 }  // namespace
 
 struct OnednnMatmul::Impl {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{engine};
   std::unordered_map<Key, dnnl::matmul, KeyHash> cache;
-  std::vector<std::uint16_t> a_bf16, b_bf16;  // operands rounded and packed (bf16 mode)
+  std::vector<std::unique_ptr<Packed>> packed;  // at most kPackedSlots, addresses stable
+  std::uint64_t products = 0;                   // products run, the clock of Packed::used
   // bf16: the weights' copy, rewritten whole before a product reads it after a write.
   const float* weights = nullptr;
   std::size_t weight_count = 0;
@@ -120,6 +149,60 @@ struct OnednnMatmul::Impl {
 
   bool in_weights(const float* x) const {
     return weights && x >= weights && x < weights + weight_count;
+  }
+  void invalidate(const char* lo, const char* hi) {
+    for (auto& p : packed)
+      if (p->valid && p->lo < hi && lo < p->hi) p->valid = false;
+    const auto* w = reinterpret_cast<const char*>(weights);
+    if (weights && lo < w + weight_count * sizeof(float) && w < hi) weight_copy_stale = true;
+  }
+  // op(X)[rows, cols] (stored [rows, cols], or [cols, rows] when trans), `batch` matrices `stride`
+  // apart, packed: an existing copy of the same source, or a slot rewritten from it. `keep` (the
+  // product's other operand) is never the slot chosen.
+  const std::uint16_t* pack(const float* x, bool trans, int rows, int cols, int ld,
+                            std::size_t stride, int batch, const Packed*& slot_out,
+                            const Packed* keep) {
+    const int srows = trans ? cols : rows, scols = trans ? rows : cols;
+    for (auto& p : packed)
+      if (p->holds(x, srows, scols, ld, batch, stride)) {
+        p->used = products;
+        slot_out = p.get();
+        return p->data.data();
+      }
+    const std::size_t size = std::size_t(rows) * cols;
+    const std::size_t need = size * std::size_t(batch);
+    // A dropped copy whose buffer fits best (the smallest that holds `need`, else the largest), so
+    // the slots' memory stays near the largest set of copies valid at once; else a new slot; else
+    // the least recently used copy.
+    Packed* slot = nullptr;
+    for (auto& p : packed) {
+      if (p->valid || p.get() == keep) continue;
+      const std::size_t have = p->data.capacity(), best = slot ? slot->data.capacity() : 0;
+      if (!slot || (have >= need ? best < need || have < best : best < need && have > best))
+        slot = p.get();
+    }
+    if (!slot && packed.size() < kPackedSlots) {
+      packed.push_back(std::make_unique<Packed>());
+      slot = packed.back().get();
+    }
+    if (!slot)
+      for (auto& p : packed)
+        if (p.get() != keep && (!slot || p->used < slot->used)) slot = p.get();
+    slot->data.resize(need);
+    for (int i = 0; i < batch; ++i)
+      pack_bf16(slot->data.data() + size * std::size_t(i), x + stride * std::size_t(i), trans, rows,
+                cols, ld);
+    std::tie(slot->lo, slot->hi) = extent(x, srows, scols, ld, batch, stride);
+    slot->src = x;
+    slot->rows = srows;
+    slot->cols = scols;
+    slot->ld = ld;
+    slot->batch = batch;
+    slot->stride = stride;
+    slot->valid = true;
+    slot->used = products;
+    slot_out = slot;
+    return slot->data.data();
   }
   const std::uint16_t* copy_of(const float* x) {
     if (weight_copy_stale) {
@@ -160,12 +243,19 @@ void OnednnMatmul::set_weights(const float* weights, std::size_t count) {
 }
 
 void OnednnMatmul::wrote(const void* dst, std::size_t bytes) {
+  if (!bytes) return;
   std::lock_guard lock(impl_->mutex);
-  const Impl& im = *impl_;
-  if (!im.weights || !bytes) return;
   const auto* lo = static_cast<const char*>(dst);
-  const auto* w = reinterpret_cast<const char*>(im.weights);
-  if (lo < w + im.weight_count * sizeof(float) && w < lo + bytes) impl_->weight_copy_stale = true;
+  impl_->invalidate(lo, lo + bytes);
+}
+
+// The parameter buffer is an allocation of its own, so an output that starts outside it never
+// reaches it; an output's end is unknown, so every packed copy is dropped.
+void OnednnMatmul::op_wrote(const void* dst) {
+  std::lock_guard lock(impl_->mutex);
+  Impl& im = *impl_;
+  for (auto& p : im.packed) p->valid = false;
+  if (im.in_weights(static_cast<const float*>(dst))) im.weight_copy_stale = true;
 }
 
 void OnednnMatmul::gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
@@ -178,6 +268,11 @@ void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alp
                                 float beta, float* C, int ldc, std::size_t sc, int batch) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
   if (K <= 0) {  // an empty sum: C = beta * C
+    if (bf16_) {
+      std::lock_guard lock(impl_->mutex);
+      const auto [lo, hi] = extent(C, M, N, ldc, batch, batch > 1 ? sc : 0);
+      impl_->invalidate(lo, hi);
+    }
     for (int b = 0; b < batch; ++b)
       for (int i = 0; i < M; ++i) {
         float* c = C + sc * std::size_t(b) + std::size_t(i) * ldc;
@@ -196,18 +291,11 @@ void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alp
     const void* a = A;
     const void* b = B;
     if (bf16_) {
-      // Packed matrix after matrix (pack_bf16's layout, packed_desc's strides).
-      auto pack = [batch](std::vector<std::uint16_t>& buf, const float* x, bool trans, int rows,
-                          int cols, int ld, std::size_t stride) {
-        const std::size_t size = std::size_t(rows) * cols;
-        buf.resize(size * std::size_t(batch));
-        for (int i = 0; i < batch; ++i)
-          pack_bf16(buf.data() + size * std::size_t(i), x + stride * std::size_t(i), trans, rows,
-                    cols, ld);
-        return buf.data();
-      };
-      a = a_copy ? im.copy_of(A) : pack(im.a_bf16, A, ta, M, K, lda, sa);
-      b = b_copy ? im.copy_of(B) : pack(im.b_bf16, B, tb, K, N, ldb, sb);
+      ++im.products;
+      const Packed* a_slot = nullptr;
+      const Packed* b_slot = nullptr;
+      a = a_copy ? im.copy_of(A) : im.pack(A, ta, M, K, lda, sa, batch, a_slot, nullptr);
+      b = b_copy ? im.copy_of(B) : im.pack(B, tb, K, N, ldb, sb, batch, b_slot, a_slot);
     }
     auto& eng = impl_->engine;
     const memory am(Impl::a_desc(key, M, K, bf16_), eng, const_cast<void*>(a));
@@ -215,6 +303,10 @@ void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alp
     const memory cm(Impl::c_desc(key, M), eng, C);
     mm.execute(impl_->stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
     impl_->stream.wait();
+    if (bf16_) {  // C is a write like any other: packed copies of it, or the weights, are stale
+      const auto [lo, hi] = extent(C, M, N, ldc, batch, sc);
+      im.invalidate(lo, hi);
+    }
   } catch (const dnnl::error& err) {
     throw std::runtime_error("oneDNN matmul " + std::to_string(batch) + " x " + std::to_string(M) +
                              "x" + std::to_string(N) + "x" + std::to_string(K) +

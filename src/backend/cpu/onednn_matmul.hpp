@@ -22,10 +22,17 @@ class OnednnMatmul {
   OnednnMatmul& operator=(const OnednnMatmul&) = delete;
 
   // bf16: the model's parameter buffer (backend_ops.hpp's set_weights). Products read a weight
-  // operand from a bf16 copy of it, rewritten whole on first use after `wrote` saw a write that
-  // overlaps it, instead of rounding the weights again on every call.
+  // operand from a bf16 copy of it, rewritten whole on first use after a write that overlaps it,
+  // instead of rounding the weights again on every call.
   void set_weights(const float* weights, std::size_t count);
+  // bf16: other operands are rounded into packed copies that later products reuse while their
+  // source is unchanged: a linear layer's dy feeds its dx and its dW product, an expert's slice of
+  // dy (of dh) its dact (dxg) and its weight gradient, a Gram product's X both operands. Every
+  // write that may touch a source must be reported before the next product: `wrote` for known
+  // bytes (memory ops), `op_wrote` for an op's output of unknown extent (it also drops every
+  // packed copy). A product's own C is handled inside (its extent is known).
   void wrote(const void* dst, std::size_t bytes);
+  void op_wrote(const void* dst);
 
   // Row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C (backend_ops.hpp's gemm).
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
