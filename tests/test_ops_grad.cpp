@@ -154,6 +154,47 @@ TEST_CASE("attention forward equals a materialised causal softmax across blocks"
   CHECK(worst < 1e-12);
 }
 
+// The float backend's bf16 mode runs attention's tile products on bf16 operands (Q, K, V, dO and
+// each tile's P and dS rounded, fp32 accumulation): the outputs, S_max and the gradients must be
+// the double backend's to bf16 accuracy, across key spans (T = 300) and with odd T and head_dim
+// (the pair layouts' padding). Errors are relative to the largest reference value of each output.
+TEST_CASE("attention with bf16 tile products matches the double backend to bf16 accuracy",
+          "[ops][bf16]") {
+  for (const AttentionShape s : {AttentionShape{2, 300, 4, 2, 8}, AttentionShape{1, 37, 2, 1, 7}}) {
+    INFO("T " << s.seq << " hd " << s.head_dim);
+    CpuBackend<double> ref_be;
+    CpuBackend<float> be(CpuBackendOptions{true});
+    const auto qkv = random_vector(std::size_t(s.rows()) * s.qkv_width(), 31, 1.5);
+    const auto dout = random_vector(std::size_t(s.rows()) * s.out_width(), 32);
+    std::vector<double> out(dout.size()), saved(ref_be.attention_saved_elems(s)),
+        smax(std::size_t(s.n_heads)), dqkv(qkv.size());
+    ref_be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
+    ref_be.attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), saved.data(), s);
+    const std::vector<float> qkv_f(qkv.begin(), qkv.end()), dout_f(dout.begin(), dout.end());
+    std::vector<float> out_f(out.size()), saved_f(be.attention_saved_elems(s)), smax_f(smax.size()),
+        dqkv_f(qkv.size(), std::numeric_limits<float>::quiet_NaN());
+    be.attention_forward(out_f.data(), saved_f.data(), smax_f.data(), qkv_f.data(), s);
+    be.attention_backward(dqkv_f.data(), dout_f.data(), qkv_f.data(), out_f.data(), saved_f.data(),
+                          s);
+    auto rel = [](const std::vector<float>& got, const std::vector<double>& want) {
+      double err = 0, scale = 0;
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+        err = std::max(err, std::abs(double(got[i]) - want[i]));
+        scale = std::max(scale, std::abs(want[i]));
+      }
+      return err / scale;
+    };
+    const double e_out = rel(out_f, out), e_smax = rel(smax_f, smax), e_grad = rel(dqkv_f, dqkv);
+    INFO("out " << e_out << " smax " << e_smax << " dqkv " << e_grad);
+    CHECK(e_out < 1.5e-2);  // measured 5e-3 to 7e-3
+    CHECK(e_smax < 5e-3);   // 1.1e-3 to 1.2e-3
+    CHECK(e_grad < 2e-2);   // 4.6e-3 to 6.8e-3
+    // Not the fp32 path by mistake: bf16 operands leave an error fp32 tiles would not.
+    CHECK(e_out > 1e-5);
+  }
+}
+
 TEST_CASE("attention records S_max equal to a brute-force maximum", "[ops][smax]") {
   CpuBackend<float> be;
   for (const AttentionShape s : {AttentionShape{3, 7, 4, 2, 8}, AttentionShape{2, 150, 4, 2, 8}}) {

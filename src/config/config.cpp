@@ -444,7 +444,8 @@ const std::vector<Field>& fields() {
                        "GEMM operands, fp32 master weights and accumulation either way; auto: bf16 "
                        "on cuda, fp32 on cpu. cuda bf16 also stores activations in bf16 "
                        "(attention's flash kernels read bf16 in all modes); cpu bf16 rounds only "
-                       "the model GEMMs' operands (oneDNN, the CPU's BF16 units)"));
+                       "the operands of the model GEMMs (oneDNN, the CPU's BF16 units) and of "
+                       "attention's tile products (AVX-512-BF16)"));
     t.push_back(one_of(
         MOETRAIN_FIELD(train.bf16_weight_rounding), {"nearest", "stochastic"},
         "Rounding of the bf16 copy of the fp32 master weights that bf16 GEMMs read (cuda): "

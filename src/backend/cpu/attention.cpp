@@ -15,8 +15,15 @@
 // transposed once per task so that Q K^T (dO V^T) reads them as rows. Larger tiles than 64 x 64
 // keep tile_gemm's k loops long and its calls few: at B 8, T 256, 4 heads of 64 on a Zen 4 core
 // pair, 64 x 64 tiles took 5.1 ms forward and 10.8 ms backward per layer.
+//
+// The products go through a tile policy: FloatTiles (tile_gemm on the fp32 or double data in
+// place, K and V transposed) or, for the float backend under train.precision = bf16, Bf16Tiles
+// (tile_gemm_bf16: Q, K, V, dO and each tile's P and dS rounded to bf16 in the pair layouts of the
+// summed dimension, fp32 accumulation, softmax and statistics in fp32, as the GPU's bf16 flash
+// attention rounds P for P V). One algorithm, two operand precisions.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -52,14 +59,172 @@ T row_max(const T* x, int n) {
   for (; j < n; ++j) m = std::max(m, x[j]);
   return m;
 }
-}  // namespace
 
-std::size_t attention_saved_elems(const AttentionShape& s) {
-  return std::size_t(s.batch) * std::size_t(s.n_heads) * std::size_t(s.seq);  // logsumexp
-}
-
+// The tile products of one thread's task, on the data in place: Q and dO read through their row
+// strides, K and V transposed once per task so that Q K^T and dO V^T read rows. Rows are absolute
+// (i0 a query block's first row, j0 a span's first key); the tile buffers S, P, dS are [nq, nk]
+// at stride ls.
 template <typename T>
-void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s) {
+class FloatTiles {
+ public:
+  explicit FloatTiles(const AttentionShape& s)
+      : Tq_(s.seq),
+        hd_(s.head_dim),
+        ld_(s.qkv_width()),
+        ldo_(s.out_width()),
+        kt_(std::size_t(s.head_dim) * s.seq),
+        vt_(std::size_t(s.head_dim) * s.seq) {}
+  // Forward: the task's q, k, v (a head of the qkv buffer). Backward: k and v (q is per head).
+  void task(const T* q, const T* k, const T* v, bool backward) {
+    q_ = q, k_ = k, v_ = v;
+    transpose_block(kt_.data(), k, Tq_, hd_, ld_);
+    if (backward) transpose_block(vt_.data(), v, Tq_, hd_, ld_);
+  }
+  void head(const T* q, const T* dO) { q_ = q, dO_ = dO; }
+  // S = alpha Q[i0:] K^T[:, j0:]
+  void scores(T* S, int ls, int i0, int nq, int j0, int nk, T alpha) {
+    tile_gemm(nq, nk, hd_, alpha, q_ + std::size_t(i0) * ld_, ld_, 1, kt_.data() + j0, Tq_, S, ls,
+              false);
+  }
+  // dP = dO[i0:] V^T[:, j0:]
+  void dprobs(T* dP, int ls, int i0, int nq, int j0, int nk) {
+    tile_gemm(nq, nk, hd_, T(1), dO_ + std::size_t(i0) * ldo_, ldo_, 1, vt_.data() + j0, Tq_, dP,
+              ls, false);
+  }
+  // O[i0:] (+)= P V[j0:]
+  void out(T* o, const T* P, int ls, int i0, int nq, int j0, int nk, bool acc) {
+    tile_gemm(nq, hd_, nk, T(1), P, ls, 1, v_ + std::size_t(j0) * ld_, ld_,
+              o + std::size_t(i0) * ldo_, ldo_, acc);
+  }
+  // dV[j0:] += P^T dO[i0:]  (P^T as the left operand: a(m, k) = P[k][m])
+  void dv(T* dv, const T* P, int ls, int i0, int nq, int j0, int nk) {
+    tile_gemm(nk, hd_, nq, T(1), P, 1, ls, dO_ + std::size_t(i0) * ldo_, ldo_,
+              dv + std::size_t(j0) * ld_, ld_, true);
+  }
+  // dK[j0:] += alpha dS^T Q[i0:]
+  void dk(T* dk, const T* dS, int ls, int i0, int nq, int j0, int nk, T alpha) {
+    tile_gemm(nk, hd_, nq, alpha, dS, 1, ls, q_ + std::size_t(i0) * ld_, ld_,
+              dk + std::size_t(j0) * ld_, ld_, true);
+  }
+  // dQ[i0:] (+)= alpha dS K[j0:]
+  void dq(T* dq, const T* dS, int ls, int i0, int nq, int j0, int nk, T alpha, bool acc) {
+    tile_gemm(nq, hd_, nk, alpha, dS, ls, 1, k_ + std::size_t(j0) * ld_, ld_,
+              dq + std::size_t(i0) * ld_, ld_, acc);
+  }
+  // After a backward task's heads: dK and dV are already in place.
+  void finish(T*, T*) {}
+
+ private:
+  int Tq_, hd_, ld_, ldo_;
+  const T *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *dO_ = nullptr;
+  std::vector<T> kt_, vt_;  // [hd, Tq] each
+};
+
+// The same products with bf16 operands (tile_gemm_bf16): each operand packed in the pair layout of
+// its summed dimension, once per task (K, V), per head (Q, dO) or per tile (P, dS). "A" operands
+// are [rows][pairs of the summed dimension], "B" ones [pairs][columns]; an odd count is padded
+// with zeros, and i0, j0 (multiples of kQuery, kSpan) are even, so a block's pairs start at i0 / 2.
+// dV and dK are summed transposed (dV^T += dO^T P, dK^T += Q^T dS, into per-task fp32 [hd, Tq]
+// buffers written out by finish), so that every per-tile pack reads P and dS by rows.
+class Bf16Tiles {
+ public:
+  explicit Bf16Tiles(const AttentionShape& s)
+      : Tq_(s.seq),
+        hd_(s.head_dim),
+        h2_((s.head_dim + 1) / 2),
+        t2_((s.seq + 1) / 2),
+        ld_(s.qkv_width()),
+        ldo_(s.out_width()),
+        qa_(buf(s.seq, h2_)),
+        qta_(buf(hd_, t2_)),
+        doa_(buf(s.seq, h2_)),
+        dota_(buf(hd_, t2_)),
+        ktb_(buf(h2_, s.seq)),
+        vtb_(buf(h2_, s.seq)),
+        kb_(buf(t2_, hd_)),
+        vb_(buf(t2_, hd_)),
+        pa_(buf(kQuery, kSpan / 2)),
+        pb_(buf(kQuery / 2, kSpan)),
+        dkt_(std::size_t(hd_) * s.seq),
+        dvt_(dkt_.size()) {}
+  void task(const float* q, const float* k, const float* v, bool backward) {
+    pack_pairs_b(ktb_.data(), Tq_, k, 1, ld_, hd_, Tq_);  // K^T: pairs of head dims, keys
+    if (backward) {
+      pack_pairs_b(vtb_.data(), Tq_, v, 1, ld_, hd_, Tq_);  // V^T
+      pack_pairs_b(kb_.data(), hd_, k, ld_, 1, Tq_, hd_);   // K: pairs of keys, head dims
+      std::fill(dkt_.begin(), dkt_.end(), 0.0f);
+      std::fill(dvt_.begin(), dvt_.end(), 0.0f);
+    } else {
+      pack_pairs_a(qa_.data(), h2_, q, ld_, 1, Tq_, hd_);  // Q: rows, pairs of head dims
+      pack_pairs_b(vb_.data(), hd_, v, ld_, 1, Tq_, hd_);  // V: pairs of keys, head dims
+    }
+  }
+  void head(const float* q, const float* dO) {
+    pack_pairs_a(qa_.data(), h2_, q, ld_, 1, Tq_, hd_);
+    pack_pairs_a(qta_.data(), t2_, q, 1, ld_, hd_, Tq_);  // Q^T: head dims, pairs of query rows
+    pack_pairs_a(doa_.data(), h2_, dO, ldo_, 1, Tq_, hd_);
+    pack_pairs_a(dota_.data(), t2_, dO, 1, ldo_, hd_, Tq_);  // dO^T
+  }
+  void scores(float* S, int ls, int i0, int nq, int j0, int nk, float alpha) {
+    tile_gemm_bf16(nq, nk, h2_, alpha, qa_.data() + std::size_t(i0) * h2_, h2_, ktb_.data() + j0,
+                   Tq_, S, ls, false);
+  }
+  void dprobs(float* dP, int ls, int i0, int nq, int j0, int nk) {
+    tile_gemm_bf16(nq, nk, h2_, 1.0f, doa_.data() + std::size_t(i0) * h2_, h2_, vtb_.data() + j0,
+                   Tq_, dP, ls, false);
+  }
+  void out(float* o, const float* P, int ls, int i0, int nq, int j0, int nk, bool acc) {
+    const int k2 = (nk + 1) / 2;
+    pack_pairs_a(pa_.data(), k2, P, ls, 1, nq, nk);  // P: query rows, pairs of keys
+    tile_gemm_bf16(nq, hd_, k2, 1.0f, pa_.data(), k2, vb_.data() + std::size_t(j0 / 2) * hd_, hd_,
+                   o + std::size_t(i0) * ldo_, ldo_, acc);
+  }
+  // dV^T[:, j0:] += dO^T[:, i0:] P
+  void dv(float*, const float* P, int ls, int i0, int nq, int j0, int nk) {
+    const int q2 = (nq + 1) / 2;
+    pack_pairs_b(pb_.data(), nk, P, ls, 1, nq, nk);  // P: pairs of query rows, keys
+    tile_gemm_bf16(hd_, nk, q2, 1.0f, dota_.data() + i0 / 2, t2_, pb_.data(), nk, dvt_.data() + j0,
+                   Tq_, true);
+  }
+  // dK^T[:, j0:] += alpha Q^T[:, i0:] dS
+  void dk(float*, const float* dS, int ls, int i0, int nq, int j0, int nk, float alpha) {
+    const int q2 = (nq + 1) / 2;
+    pack_pairs_b(pb_.data(), nk, dS, ls, 1, nq, nk);
+    tile_gemm_bf16(hd_, nk, q2, alpha, qta_.data() + i0 / 2, t2_, pb_.data(), nk, dkt_.data() + j0,
+                   Tq_, true);
+  }
+  void dq(float* dq, const float* dS, int ls, int i0, int nq, int j0, int nk, float alpha,
+          bool acc) {
+    const int k2 = (nk + 1) / 2;
+    pack_pairs_a(pa_.data(), k2, dS, ls, 1, nq, nk);  // dS: query rows, pairs of keys
+    tile_gemm_bf16(nq, hd_, k2, alpha, pa_.data(), k2, kb_.data() + std::size_t(j0 / 2) * hd_, hd_,
+                   dq + std::size_t(i0) * ld_, ld_, acc);
+  }
+  // dK, dV [Tq, hd] at stride ld (zero) from their transposed sums.
+  void finish(float* dk, float* dv) {
+    constexpr int kSquare = 16;  // as transpose_block, in squares that stay in cache
+    for (int j0 = 0; j0 < Tq_; j0 += kSquare)
+      for (int c0 = 0; c0 < hd_; c0 += kSquare)
+        for (int j = j0; j < std::min(j0 + kSquare, Tq_); ++j)
+          for (int c = c0; c < std::min(c0 + kSquare, hd_); ++c) {
+            dk[std::size_t(j) * ld_ + c] = dkt_[std::size_t(c) * Tq_ + j];
+            dv[std::size_t(j) * ld_ + c] = dvt_[std::size_t(c) * Tq_ + j];
+          }
+  }
+
+ private:
+  static std::vector<std::uint32_t> buf(int rows, int cols) {
+    return std::vector<std::uint32_t>(std::size_t(rows) * std::size_t(cols));
+  }
+  int Tq_, hd_, h2_, t2_, ld_, ldo_;
+  std::vector<std::uint32_t> qa_, qta_, doa_, dota_;  // per head
+  std::vector<std::uint32_t> ktb_, vtb_, kb_, vb_;    // per task
+  std::vector<std::uint32_t> pa_, pb_;                // per tile: P or dS as A, as B
+  std::vector<float> dkt_, dvt_;                      // [hd, Tq]: dK^T and dV^T of the task
+};
+
+template <typename T, typename Tiles>
+void forward_with(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s) {
   const int Tq = s.seq, hd = s.head_dim, ld = s.qkv_width(), ldo = s.out_width();
   const int group = s.n_heads / s.n_kv_heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
@@ -69,19 +234,17 @@ void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionSha
 
 #pragma omp parallel
   {
+    Tiles tiles(s);
     std::vector<T> S(std::size_t(kQuery) * kSpan);  // [kQuery q rows, kSpan keys]
     std::vector<T> m(kQuery), l(kQuery);            // running row max and sum of the block
-    std::vector<T> kt(std::size_t(hd) * Tq);        // [hd, Tq]: the task's K transposed
 #pragma omp for schedule(static)
     for (int task = 0; task < tasks; ++task) {
       const int b = task / s.n_heads, h = task % s.n_heads, g = h / group;
       const T* base = qkv + std::size_t(b) * Tq * ld;
-      const T* q = base + std::size_t(h) * hd;
-      const T* k = base + std::size_t(s.n_heads + g) * hd;
-      const T* v = base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
       T* o = out + std::size_t(b) * Tq * ldo + std::size_t(h) * hd;  // [Tq, hd] at stride ldo
       T* lse_h = lse + std::size_t(task) * Tq;
-      transpose_block(kt.data(), k, Tq, hd, ld);
+      tiles.task(base + std::size_t(h) * hd, base + std::size_t(s.n_heads + g) * hd,
+                 base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd, false);
       T mx_all = neg_inf;
       for (int i0 = 0; i0 < Tq; i0 += kQuery) {
         const int nq = std::min(kQuery, Tq - i0), end = i0 + nq;  // keys j < end
@@ -89,8 +252,7 @@ void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionSha
         std::fill_n(l.begin(), nq, T(0));
         for (int j0 = 0; j0 < end; j0 += kSpan) {
           const int nk = std::min(kSpan, end - j0);
-          tile_gemm(nq, nk, hd, scale, q + std::size_t(i0) * ld, ld, 1, kt.data() + j0, Tq,
-                    S.data(), kSpan, false);
+          tiles.scores(S.data(), kSpan, i0, nq, j0, nk, scale);
           for (int r = 0; r < nq; ++r) {
             T* row = S.data() + std::size_t(r) * kSpan;
             const int valid = std::clamp(i0 + r - j0 + 1, 0, nk);  // keys j <= i
@@ -109,9 +271,7 @@ void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionSha
             l[r] += sum;
             m[r] = m_new;
           }
-          // The first span writes O, later ones add to it.
-          tile_gemm(nq, hd, nk, T(1), S.data(), kSpan, 1, v + std::size_t(j0) * ld, ld,
-                    o + std::size_t(i0) * ldo, ldo, j0 > 0);
+          tiles.out(o, S.data(), kSpan, i0, nq, j0, nk, j0 > 0);  // the first span writes O
         }
         for (int r = 0; r < nq; ++r) {
           const T inv = T(1) / l[r];
@@ -130,9 +290,9 @@ void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionSha
   }
 }
 
-template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
-                        const AttentionShape& s) {
+template <typename T, typename Tiles>
+void backward_with(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+                   const AttentionShape& s) {
   const int Tq = s.seq, hd = s.head_dim, ld = s.qkv_width(), ldo = s.out_width();
   const int group = s.n_heads / s.n_kv_heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
@@ -140,9 +300,9 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
 
 #pragma omp parallel
   {
+    Tiles tiles(s);
     // [kQuery q rows, kSpan keys] each
     std::vector<T> P(std::size_t(kQuery) * kSpan), dS(std::size_t(kQuery) * kSpan);
-    std::vector<T> kt(std::size_t(hd) * Tq), vt(std::size_t(hd) * Tq);  // [hd, Tq] each
     std::vector<T> D(static_cast<std::size_t>(Tq));  // rowsum(dO * O) = rowsum(dP * P), per row
 #pragma omp for schedule(static)
     for (int task = 0; task < tasks; ++task) {
@@ -150,22 +310,20 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
       const std::size_t row0 = std::size_t(b) * Tq;
       const T* base = qkv + row0 * ld;
       T* dbase = dqkv + row0 * ld;
-      const T* k = base + std::size_t(s.n_heads + g) * hd;
-      const T* v = base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
       T* dk = dbase + std::size_t(s.n_heads + g) * hd;
       T* dv = dbase + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
-      transpose_block(kt.data(), k, Tq, hd, ld);
-      transpose_block(vt.data(), v, Tq, hd, ld);
+      tiles.task(nullptr, base + std::size_t(s.n_heads + g) * hd,
+                 base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd, true);
       for (int i = 0; i < Tq; ++i) {
         std::fill_n(dk + std::size_t(i) * ld, hd, T(0));
         std::fill_n(dv + std::size_t(i) * ld, hd, T(0));
       }
       for (int h = g * group; h < (g + 1) * group; ++h) {
-        const T* q = base + std::size_t(h) * hd;
         T* dq = dbase + std::size_t(h) * hd;
         const T* dO = dout + row0 * ldo + std::size_t(h) * hd;
         const T* O = out + row0 * ldo + std::size_t(h) * hd;
         const T* lse_h = lse + (std::size_t(b) * s.n_heads + h) * Tq;
+        tiles.head(base + std::size_t(h) * hd, dO);
         for (int i = 0; i < Tq; ++i) {
           const T* a = dO + std::size_t(i) * ldo;
           const T* c = O + std::size_t(i) * ldo;
@@ -177,10 +335,8 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
           const int nq = std::min(kQuery, Tq - i0), end = i0 + nq;
           for (int j0 = 0; j0 < end; j0 += kSpan) {
             const int nk = std::min(kSpan, end - j0);
-            tile_gemm(nq, nk, hd, scale, q + std::size_t(i0) * ld, ld, 1, kt.data() + j0, Tq,
-                      P.data(), kSpan, false);
-            tile_gemm(nq, nk, hd, T(1), dO + std::size_t(i0) * ldo, ldo, 1, vt.data() + j0, Tq,
-                      dS.data(), kSpan, false);
+            tiles.scores(P.data(), kSpan, i0, nq, j0, nk, scale);
+            tiles.dprobs(dS.data(), kSpan, i0, nq, j0, nk);
             for (int r = 0; r < nq; ++r) {
               T* p = P.data() + std::size_t(r) * kSpan;
               T* ds = dS.data() + std::size_t(r) * kSpan;
@@ -191,19 +347,42 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
               std::fill(p + valid, p + nk, T(0));
               std::fill(ds + valid, ds + nk, T(0));
             }
-            // P^T and dS^T as the left operands: a(m, k) = P[k][m].
-            tile_gemm(nk, hd, nq, T(1), P.data(), 1, kSpan, dO + std::size_t(i0) * ldo, ldo,
-                      dv + std::size_t(j0) * ld, ld, true);
-            tile_gemm(nk, hd, nq, scale, dS.data(), 1, kSpan, q + std::size_t(i0) * ld, ld,
-                      dk + std::size_t(j0) * ld, ld, true);
+            tiles.dv(dv, P.data(), kSpan, i0, nq, j0, nk);
+            tiles.dk(dk, dS.data(), kSpan, i0, nq, j0, nk, scale);
             // The first span writes the block's dQ, later ones add to it.
-            tile_gemm(nq, hd, nk, scale, dS.data(), kSpan, 1, k + std::size_t(j0) * ld, ld,
-                      dq + std::size_t(i0) * ld, ld, j0 > 0);
+            tiles.dq(dq, dS.data(), kSpan, i0, nq, j0, nk, scale, j0 > 0);
           }
         }
       }
+      tiles.finish(dk, dv);
     }
   }
+}
+}  // namespace
+
+std::size_t attention_saved_elems(const AttentionShape& s) {
+  return std::size_t(s.batch) * std::size_t(s.n_heads) * std::size_t(s.seq);  // logsumexp
+}
+
+template <typename T>
+void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s) {
+  forward_with<T, FloatTiles<T>>(out, lse, smax, qkv, s);
+}
+
+template <typename T>
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+                        const AttentionShape& s) {
+  backward_with<T, FloatTiles<T>>(dqkv, dout, qkv, out, lse, s);
+}
+
+void attention_forward_bf16(float* out, float* lse, float* smax, const float* qkv,
+                            const AttentionShape& s) {
+  forward_with<float, Bf16Tiles>(out, lse, smax, qkv, s);
+}
+
+void attention_backward_bf16(float* dqkv, const float* dout, const float* qkv, const float* out,
+                             const float* lse, const AttentionShape& s) {
+  backward_with<float, Bf16Tiles>(dqkv, dout, qkv, out, lse, s);
 }
 
 MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_ATTENTION)

@@ -106,12 +106,29 @@ MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_LINALG)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_EMBEDDING)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_RMSNORM)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ROPE)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ATTENTION)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_SWIGLU)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_CROSS_ENTROPY)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ROUTER)
 MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_MOE_PERMUTE)
 #undef MOETRAIN_CPU_FORWARD_FAMILY
+
+// Attention: bf16 tile products in the float backend's bf16 mode.
+template <typename T>
+void CpuBackend<T>::attention_forward(DevPtr out, T* saved, T* smax, CDevPtr qkv,
+                                      const AttentionShape& s) {
+  note_writes(out, saved, smax);
+  if constexpr (std::is_same_v<T, float>)
+    if (bf16_) return cpu::attention_forward_bf16(out, saved, smax, qkv, s);
+  cpu::attention_forward<T>(out, saved, smax, qkv, s);
+}
+template <typename T>
+void CpuBackend<T>::attention_backward(DevPtr dqkv, CDevPtr dout, CDevPtr qkv, CDevPtr out,
+                                       const T* saved, const AttentionShape& s) {
+  note_writes(dqkv);
+  if constexpr (std::is_same_v<T, float>)
+    if (bf16_) return cpu::attention_backward_bf16(dqkv, dout, qkv, out, saved, s);
+  cpu::attention_backward<T>(dqkv, dout, qkv, out, saved, s);
+}
 
 // The GEMM family: oneDNN's for float (the matmul holds the bf16 state), OpenBLAS's for double.
 // (No note_writes: the matmul tracks C's exact extent.)

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/cpu/bf16.hpp"
 #include "backend/cpu/gram.hpp"
 #include "backend/cpu/grouped_gemm.hpp"
 
@@ -49,16 +50,6 @@ struct KeyHash {
 // Strides of the logical [rows, cols] view of op(X) stored row-major with leading dimension ld.
 memory::dims strides_of(bool trans, int ld) {
   return trans ? memory::dims{1, ld} : memory::dims{ld, 1};
-}
-
-// Round to nearest even (NaN stays NaN), as the GPU's bf16 conversion does. Branch-free, so the
-// loops over it vectorise.
-std::uint16_t to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const std::uint32_t quiet_nan = (u >> 16) | 0x40u;
-  return std::uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 // op(X)[rows, cols], stored [rows, cols] (or [cols, rows] when trans) with leading dimension ld,

@@ -17,6 +17,12 @@ MOETRAIN_BACKEND_OPS_AS(MOETRAIN_CPU_DECLARE, T, T*, const T*)
 #undef MOETRAIN_CPU_DECLARE
 
 std::size_t attention_saved_elems(const AttentionShape& s);
+// attention_forward / attention_backward with bf16 tile products (fp32 accumulation, softmax and
+// statistics in fp32): the float backend's under train.precision = bf16.
+void attention_forward_bf16(float* out, float* lse, float* smax, const float* qkv,
+                            const AttentionShape& s);
+void attention_backward_bf16(float* dqkv, const float* dout, const float* qkv, const float* out,
+                             const float* lse, const AttentionShape& s);
 // MemAvailable of /proc/meminfo, lowered to memory.max - memory.current of the cgroup v2 this
 // process is in when that sets a limit; SIZE_MAX when neither is readable.
 std::size_t available_host_memory();

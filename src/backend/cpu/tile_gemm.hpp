@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace moetrain::cpu {
 
@@ -21,6 +22,29 @@ void tile_gemm(int M, int N, int K, float alpha, const float* A, std::ptrdiff_t 
                std::ptrdiff_t a_col, const float* B, int ldb, float* C, int ldc, bool accumulate);
 void tile_gemm(int M, int N, int K, double alpha, const double* A, std::ptrdiff_t a_row,
                std::ptrdiff_t a_col, const double* B, int ldb, double* C, int ldc, bool accumulate);
+
+// The same product on bf16 operands with fp32 accumulation (attention's tiles under
+// train.precision = bf16), the summed dimension in pairs: A[m * lda + p] and B[p * ldb + n] each
+// hold the bf16 pair (k = 2p, 2p + 1) as bf16_pair makes it, for p < K2 (an odd K is padded with a
+// zero). Every element adds, per p in order, a(2p+1) b(2p+1) and then a(2p) b(2p) to its fp32
+// sum: AVX-512-BF16's vdpbf16ps where the CPU has it (`hardware`), otherwise the same two fp32 adds
+// of the same exact products, so the two forms differ only where vdpbf16ps flushes denormals.
+void tile_gemm_bf16(int M, int N, int K2, float alpha, const std::uint32_t* A, int lda,
+                    const std::uint32_t* B, int ldb, float* C, int ldc, bool accumulate);
+void tile_gemm_bf16(int M, int N, int K2, float alpha, const std::uint32_t* A, int lda,
+                    const std::uint32_t* B, int ldb, float* C, int ldc, bool accumulate,
+                    bool hardware);
+// Whether this CPU (and OS) runs AVX-512-BF16; found once.
+bool cpu_has_avx512_bf16();
+
+// The pair layouts of tile_gemm_bf16's operands from fp32 data x(i, j) = x[i * is + j * js]:
+//   pack_pairs_a: dst[r * ldd + p] = (x(r, 2p), x(r, 2p + 1)) for r < rows, p < ceil(k / 2);
+//   pack_pairs_b: dst[p * ldd + n] = (x(2p, n), x(2p + 1, n)) for p < ceil(k / 2), n < cols;
+// an element past k is 0.
+void pack_pairs_a(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is, std::ptrdiff_t js,
+                  int rows, int k);
+void pack_pairs_b(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is, std::ptrdiff_t js,
+                  int k, int cols);
 
 // dst[c * rows + r] = src[r * ld + c] for r < rows, c < cols: a block's transpose, so that a
 // product with B^T (attention's Q K^T) reads B's columns as rows.
