@@ -202,14 +202,8 @@ class Bf16Tiles {
   }
   // dK, dV [Tq, hd] at stride ld (zero) from their transposed sums.
   void finish(float* dk, float* dv) {
-    constexpr int kSquare = 16;  // as transpose_block, in squares that stay in cache
-    for (int j0 = 0; j0 < Tq_; j0 += kSquare)
-      for (int c0 = 0; c0 < hd_; c0 += kSquare)
-        for (int j = j0; j < std::min(j0 + kSquare, Tq_); ++j)
-          for (int c = c0; c < std::min(c0 + kSquare, hd_); ++c) {
-            dk[std::size_t(j) * ld_ + c] = dkt_[std::size_t(c) * Tq_ + j];
-            dv[std::size_t(j) * ld_ + c] = dvt_[std::size_t(c) * Tq_ + j];
-          }
+    transpose_block(dk, ld_, dkt_.data(), hd_, Tq_, Tq_);
+    transpose_block(dv, ld_, dvt_.data(), hd_, Tq_, Tq_);
   }
 
  private:

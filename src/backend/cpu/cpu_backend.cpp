@@ -63,11 +63,11 @@ void CpuBackend<T>::zero(void* dst, std::size_t bytes) {
 
 // bf16: the weights' bf16 copy and the packed copies of other operands live in the matmul, which
 // must hear of every write that may touch their sources. A memory op names its bytes; any other
-// op drops every packed copy (its outputs' ends are unknown) and has its mutable pointer arguments
-// (T*, DevPtr) checked against the weights where they start, which is exact because the parameter
-// buffer is an allocation of its own: a pointer into another allocation never reaches it. A
-// GEMM's C is checked by the matmul itself, so that a linear layer's two backward products share
-// the packed dy.
+// op with a float output drops every packed copy (its outputs' ends are unknown) and has its
+// mutable pointer arguments (T*, DevPtr) checked against the weights where they start, which is
+// exact because the parameter buffer is an allocation of its own: a pointer into another allocation
+// never reaches it. A GEMM's C is checked by the matmul itself, so that a linear layer's two
+// backward products share the packed dy.
 template <typename T>
 void CpuBackend<T>::set_weights(const T* weights, std::size_t count) {
   if constexpr (std::is_same_v<T, float>)
@@ -81,7 +81,6 @@ template <typename T>
 template <typename... Args>
 void CpuBackend<T>::note_writes(const Args&... args) {
   if (!bf16_) return;
-  matmul_->op_wrote(nullptr);  // drops the packed copies even for an op with no float output
   auto one = [this](const auto& a) {
     using A = std::decay_t<decltype(a)>;
     if constexpr (std::is_same_v<A, T*>)

@@ -147,18 +147,25 @@ struct OnednnMatmul::Impl {
     const auto* w = reinterpret_cast<const char*>(weights);
     if (weights && lo < w + weight_count * sizeof(float) && w < hi) weight_copy_stale = true;
   }
+  // A product's C is a write like any other: packed copies of it, or the weights, are stale.
+  void invalidate_c(const float* C, int M, int N, int ldc, int batch, std::size_t sc) {
+    const auto [lo, hi] = extent(C, M, N, ldc, batch, sc);
+    invalidate(lo, hi);
+  }
+  void wrote_c(const float* C, int M, int N, int ldc, int batch, std::size_t sc) {
+    std::lock_guard lock(mutex);
+    invalidate_c(C, M, N, ldc, batch, sc);
+  }
   // op(X)[rows, cols] (stored [rows, cols], or [cols, rows] when trans), `batch` matrices `stride`
   // apart, packed: an existing copy of the same source, or a slot rewritten from it. `keep` (the
   // product's other operand) is never the slot chosen.
-  const std::uint16_t* pack(const float* x, bool trans, int rows, int cols, int ld,
-                            std::size_t stride, int batch, const Packed*& slot_out,
-                            const Packed* keep) {
+  const Packed* pack(const float* x, bool trans, int rows, int cols, int ld, std::size_t stride,
+                     int batch, const Packed* keep) {
     const int srows = trans ? cols : rows, scols = trans ? rows : cols;
     for (auto& p : packed)
       if (p->holds(x, srows, scols, ld, batch, stride)) {
         p->used = products;
-        slot_out = p.get();
-        return p->data.data();
+        return p.get();
       }
     const std::size_t size = std::size_t(rows) * cols;
     const std::size_t need = size * std::size_t(batch);
@@ -192,8 +199,7 @@ struct OnednnMatmul::Impl {
     slot->stride = stride;
     slot->valid = true;
     slot->used = products;
-    slot_out = slot;
-    return slot->data.data();
+    return slot;
   }
   const std::uint16_t* copy_of(const float* x) {
     if (weight_copy_stale) {
@@ -258,12 +264,9 @@ void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alp
                                 int lda, std::size_t sa, const float* B, int ldb, std::size_t sb,
                                 float beta, float* C, int ldc, std::size_t sc, int batch) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
-  if (K <= 0) {  // an empty sum: C = beta * C
-    if (bf16_) {
-      std::lock_guard lock(impl_->mutex);
-      const auto [lo, hi] = extent(C, M, N, ldc, batch, batch > 1 ? sc : 0);
-      impl_->invalidate(lo, hi);
-    }
+  if (batch == 1) sa = sb = sc = 0;  // one matrix: its stride means nothing, and keys alike
+  if (K <= 0) {                      // an empty sum: C = beta * C
+    if (bf16_) impl_->wrote_c(C, M, N, ldc, batch, sc);
     for (int b = 0; b < batch; ++b)
       for (int i = 0; i < M; ++i) {
         float* c = C + sc * std::size_t(b) + std::size_t(i) * ldc;
@@ -271,7 +274,6 @@ void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alp
       }
     return;
   }
-  if (batch == 1) sa = sb = sc = 0;  // one matrix: its stride means nothing, and keys alike
   std::lock_guard lock(impl_->mutex);
   Impl& im = *impl_;
   const bool a_copy = bf16_ && im.in_weights(A), b_copy = bf16_ && im.in_weights(B);
@@ -283,10 +285,9 @@ void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alp
     const void* b = B;
     if (bf16_) {
       ++im.products;
-      const Packed* a_slot = nullptr;
-      const Packed* b_slot = nullptr;
-      a = a_copy ? im.copy_of(A) : im.pack(A, ta, M, K, lda, sa, batch, a_slot, nullptr);
-      b = b_copy ? im.copy_of(B) : im.pack(B, tb, K, N, ldb, sb, batch, b_slot, a_slot);
+      const Packed* a_slot = a_copy ? nullptr : im.pack(A, ta, M, K, lda, sa, batch, nullptr);
+      a = a_copy ? im.copy_of(A) : a_slot->data.data();
+      b = b_copy ? im.copy_of(B) : im.pack(B, tb, K, N, ldb, sb, batch, a_slot)->data.data();
     }
     auto& eng = impl_->engine;
     const memory am(Impl::a_desc(key, M, K, bf16_), eng, const_cast<void*>(a));
@@ -294,10 +295,7 @@ void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alp
     const memory cm(Impl::c_desc(key, M), eng, C);
     mm.execute(impl_->stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
     impl_->stream.wait();
-    if (bf16_) {  // C is a write like any other: packed copies of it, or the weights, are stale
-      const auto [lo, hi] = extent(C, M, N, ldc, batch, sc);
-      im.invalidate(lo, hi);
-    }
+    if (bf16_) im.invalidate_c(C, M, N, ldc, batch, sc);
   } catch (const dnnl::error& err) {
     throw std::runtime_error("oneDNN matmul " + std::to_string(batch) + " x " + std::to_string(M) +
                              "x" + std::to_string(N) + "x" + std::to_string(K) +

@@ -97,6 +97,18 @@ inline __attribute__((always_inline)) void row_block(int N, int K, T alpha, cons
   if (n0 < N) tail(R, N - n0, K, alpha, A, a_row, a_col, B + n0, ldb, C + n0, ldc, accumulate);
 }
 
+// The last rows of a product, fewer than a full block: R of them, or fewer.
+template <typename T, int R>
+inline __attribute__((always_inline)) void rest_rows(int rows, int N, int K, T alpha, const T* A,
+                                                     std::ptrdiff_t a_row, std::ptrdiff_t a_col,
+                                                     const T* B, int ldb, T* C, int ldc,
+                                                     bool accumulate) {
+  if (rows == R)
+    row_block<T, R>(N, K, alpha, A, a_row, a_col, B, ldb, C, ldc, accumulate);
+  else if constexpr (R > 1)
+    rest_rows<T, R - 1>(rows, N, K, alpha, A, a_row, a_col, B, ldb, C, ldc, accumulate);
+}
+
 template <typename T>
 inline __attribute__((always_inline)) void tile_gemm_impl(int M, int N, int K, T alpha, const T* A,
                                                           std::ptrdiff_t a_row,
@@ -110,27 +122,9 @@ inline __attribute__((always_inline)) void tile_gemm_impl(int M, int N, int K, T
   for (; m0 + R <= M; m0 += R)
     row_block<T, R>(N, K, alpha, A + m0 * a_row, a_row, a_col, B, ldb, C + std::ptrdiff_t(m0) * ldc,
                     ldc, accumulate);
-  const T* a = A + m0 * a_row;
-  T* c = C + std::ptrdiff_t(m0) * ldc;
-  switch (M - m0) {
-    case 5:
-      row_block<T, 5>(N, K, alpha, a, a_row, a_col, B, ldb, c, ldc, accumulate);
-      break;
-    case 4:
-      row_block<T, 4>(N, K, alpha, a, a_row, a_col, B, ldb, c, ldc, accumulate);
-      break;
-    case 3:
-      row_block<T, 3>(N, K, alpha, a, a_row, a_col, B, ldb, c, ldc, accumulate);
-      break;
-    case 2:
-      row_block<T, 2>(N, K, alpha, a, a_row, a_col, B, ldb, c, ldc, accumulate);
-      break;
-    case 1:
-      row_block<T, 1>(N, K, alpha, a, a_row, a_col, B, ldb, c, ldc, accumulate);
-      break;
-    default:
-      break;
-  }
+  if (M > m0)
+    rest_rows<T, R - 1>(M - m0, N, K, alpha, A + m0 * a_row, a_row, a_col, B, ldb,
+                        C + std::ptrdiff_t(m0) * ldc, ldc, accumulate);
 }
 
 }  // namespace

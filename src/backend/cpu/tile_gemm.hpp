@@ -46,12 +46,12 @@ void pack_pairs_a(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is
 void pack_pairs_b(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is, std::ptrdiff_t js,
                   int k, int cols);
 
-// dst[c * rows + r] = src[r * ld + c] for r < rows, c < cols: a block's transpose, so that a
-// product with B^T (attention's Q K^T) reads B's columns as rows.
-// In 16 x 16 squares, so that the reads and the writes each touch 16 cache lines at a time (a
-// whole column of writes at once, one line per element, was 7% of attention's time).
+// dst[c * ldd + r] = src[r * ld + c] for r < rows, c < cols: a block's transpose, so that a
+// product with B^T (attention's Q K^T) reads B's columns as rows. In 16 x 16 squares, so that the
+// reads and the writes each touch 16 cache lines at a time (a whole column of writes at once, one
+// line per element, was 7% of attention's time).
 template <typename T>
-void transpose_block(T* dst, const T* src, int rows, int cols, int ld) {
+void transpose_block(T* dst, int ldd, const T* src, int rows, int cols, int ld) {
   constexpr int kSquare = 16;
   for (int r0 = 0; r0 < rows; r0 += kSquare)
     for (int c0 = 0; c0 < cols; c0 += kSquare) {
@@ -59,9 +59,14 @@ void transpose_block(T* dst, const T* src, int rows, int cols, int ld) {
       const int c1 = c0 + kSquare < cols ? c0 + kSquare : cols;
       for (int c = c0; c < c1; ++c)
         for (int r = r0; r < r1; ++r)
-          dst[std::size_t(c) * std::size_t(rows) + std::size_t(r)] =
+          dst[std::size_t(c) * std::size_t(ldd) + std::size_t(r)] =
               src[std::size_t(r) * std::size_t(ld) + std::size_t(c)];
     }
+}
+// The transpose stored densely: dst [cols, rows].
+template <typename T>
+void transpose_block(T* dst, const T* src, int rows, int cols, int ld) {
+  transpose_block(dst, rows, src, rows, cols, ld);
 }
 
 }  // namespace moetrain::cpu
