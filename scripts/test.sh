@@ -20,6 +20,10 @@ status=0
 # Two tests at a time: most are single-threaded for stretches (process start-up, the simulator), so
 # the cores stay busy; the timed fault tests' bounds leave room for it.
 jobs=${MOETRAIN_TEST_JOBS:-2}
+# Each test runs two OpenMP threads (CMakeLists.txt sets OMP_NUM_THREADS per test) beside another
+# test: idle threads must sleep, not spin, or one test's barrier burns the core the other needs
+# (under GOMP's default spin a test took 5x its time alone).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 (cd "$build_dir" && OMP_NUM_THREADS=$threads ctest -j "$jobs" --output-on-failure) || status=1
 (cd "$simt_dir" && OMP_NUM_THREADS=$threads ctest -L simt -j "$jobs" --output-on-failure) || status=1
 exit $status
