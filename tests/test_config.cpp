@@ -193,7 +193,7 @@ TEST_CASE("config: config_to_json -> config_from_json round trip", "[config]") {
                 "keep_checkpoints": 1, "out_dir": "runs/x", "backend": "cpu", "precision": "fp32",
                 "bf16_weight_rounding": "stochastic", "cuda_graphs": false,
                 "grad_bucket_mib": 0.5, "overlap_grad_reduce": false, "spike_std": 2.5,
-                "watchdog_seconds": 30}})");
+                "peak_gflops": 989.5, "watchdog_seconds": 30}})");
     const Config c = config_from_json(j, "all.json");
     CHECK(c.model.moe.router == moetrain::RouterType::SigmoidBias);
     CHECK(c.model.head_dim == 32);
@@ -337,9 +337,10 @@ TEST_CASE("config: per-field ranges", "[config]") {
     }
   }
   SECTION("coefficients and rates are >= 0") {
-    for (const char* path : {"optim.muon_group.weight_decay", "optim.adamw_group.weight_decay",
-                             "model.moe.aux_loss_coef", "model.moe.z_loss_coef",
-                             "model.moe.bias_update_rate", "optim.grad_clip"}) {
+    for (const char* path :
+         {"optim.muon_group.weight_decay", "optim.adamw_group.weight_decay",
+          "model.moe.aux_loss_coef", "model.moe.z_loss_coef", "model.moe.bias_update_rate",
+          "optim.grad_clip", "train.peak_gflops"}) {
       INFO(path);
       CHECK(error_from(with(path, -0.1)) == rejection(path, -0.1, "a number >= 0"));
       require_accepted(with(path, 0));

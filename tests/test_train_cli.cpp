@@ -114,6 +114,40 @@ TEST_CASE("train: metrics, evaluations and checkpoints of a short run", "[train]
   CHECK(read_file(run / "metrics.jsonl") == before);
 }
 
+// MFU = training FLOPs per token x tokens/s / peak: against the GEMM the run measures at start-up
+// (train.peak_gflops 0), or the peak the config gives. mfu x peak / tokens_per_s is then the
+// model's GFLOP per token in every step of both runs.
+TEST_CASE("train: MFU is against the measured GEMM peak unless train.peak_gflops gives one",
+          "[train][cli]") {
+  TempDir tmp("train_peak");
+  const auto measured = run_command(
+      train_cmd((tmp.path / "m").string(), "--set train.steps=2 --set train.peak_gflops=0"));
+  INFO(measured.output);
+  REQUIRE(measured.exit_code == 0);
+  const auto at = measured.output.find("gemm peak ");
+  REQUIRE(at != std::string::npos);
+  const double peak = std::stod(measured.output.substr(at + 10));
+  CHECK(peak > 0);
+  CHECK(measured.output.find("GFLOP/s (measured)", at) != std::string::npos);
+
+  const auto given = run_command(
+      train_cmd((tmp.path / "g").string(), "--set train.steps=2 --set train.peak_gflops=37.5"));
+  INFO(given.output);
+  REQUIRE(given.exit_code == 0);
+  CHECK(given.output.find("gemm peak 37.5 GFLOP/s (train.peak_gflops)") != std::string::npos);
+
+  std::vector<double> gflop_per_token;
+  for (const auto& [run, p] : {std::pair{"m", peak}, std::pair{"g", 37.5}})
+    for (const auto& st : step_lines(tmp.path / run))
+      gflop_per_token.push_back(st["mfu"].get<double>() * p / st["tokens_per_s"].get<double>());
+  REQUIRE(gflop_per_token.size() == 4);
+  for (double g : gflop_per_token) {
+    INFO("GFLOP per token " << g << " against " << gflop_per_token[2]);
+    // The measured peak is logged to 0.1 GFLOP/s.
+    CHECK(g == Approx(gflop_per_token[2]).epsilon(0.1 / peak + 1e-9));
+  }
+}
+
 TEST_CASE("train: --resume continues bit-for-bit", "[train][cli][resume]") {
   TempDir tmp("train_resume");
   const std::string common =

@@ -464,6 +464,10 @@ const std::vector<Field>& fields() {
                         "With more than one rank, start each bucket's reduce-scatter as soon as "
                         "backward has produced it (the last micro-batch's), overlapping the "
                         "communication with the rest of backward; the same bits as false"));
+    t.push_back(number(MOETRAIN_FIELD(train.peak_gflops), at_least(0),
+                       "MFU's denominator: GFLOP/s per rank (e.g. the accelerator's datasheet "
+                       "peak); 0 measures the backend's 2048^3 GEMM at start-up, in the run's GEMM "
+                       "precision"));
     t.push_back(number(MOETRAIN_FIELD(train.spike_std), above(0),
                        "Loss-spike counter: a loss above its running mean by this many stds"));
     t.push_back(integer(MOETRAIN_FIELD(train.watchdog_seconds), at_least(0),

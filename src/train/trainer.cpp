@@ -95,14 +95,15 @@ Trainer::Trainer(const Config& cfg, Runtime& rt, const TrainOptions& opts)
                                             fresh ? -1 : step_);
   }
   flops_ = flops_per_token(m);
-  peak_gflops_ = measure_gemm_peak_gflops(be_);
+  const bool given_peak = cfg_.train.peak_gflops > 0;
+  peak_gflops_ = given_peak ? cfg_.train.peak_gflops : measure_gemm_peak_gflops(be_);
   if (leader())
     spdlog::info(
         "model: {:.2f}M parameters, {:.1f} MFLOP/token (training); {} ranks x {} "
-        "micro-batches x {} x {} = {} tokens per step; gemm peak {:.1f} GFLOP/s",
+        "micro-batches x {} x {} = {} tokens per step; gemm peak {:.1f} GFLOP/s ({})",
         double(model_->layout().total()) / 1e6, flops_.training() / 1e6, comm_.world(),
         cfg_.train.grad_accum, cfg_.data.batch_size, m.seq_len, global_tokens_per_step(),
-        peak_gflops_);
+        peak_gflops_, given_peak ? "train.peak_gflops" : "measured");
 }
 
 Trainer::~Trainer() = default;

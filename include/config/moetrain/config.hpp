@@ -127,7 +127,9 @@ struct TrainConfig {
   // backward has produced it.
   double grad_bucket_mib = 25.0;
   bool overlap_grad_reduce = true;
-  double spike_std = 3.0;      // a loss above its running mean by this many running stds
+  double spike_std = 3.0;  // a loss above its running mean by this many running stds
+  // MFU's denominator per rank in GFLOP/s; 0: measured at start-up (the backend's 2048^3 GEMM)
+  double peak_gflops = 0.0;
   int watchdog_seconds = 600;  // exit if a step or evaluation makes no progress this long
 };
 
