@@ -309,9 +309,9 @@ TEST_CASE("bf16 packed operands are reused only while their source is unchanged"
   be.copy(dy + std::size_t(3) * K, x, std::size_t(K) * sizeof(float));
   expect_fresh("after a copy into row 3 of dy");
   {  // products whose C lies in dy: its first 3 columns, then (an empty sum) rows 5-6
-    const auto y = random_floats(std::size_t(M) * 3, 24);
+    const auto y = random_floats(std::size_t(N) * 3, 24);
     first();
-    be.gemm(false, false, M, 3, M, 1.0f, x, N, y.data(), 3, 0.0f, dy, K);
+    be.gemm(false, false, M, 3, N, 1.0f, x, N, y.data(), 3, 0.0f, dy, K);  // x [M, N] y [N, 3]
     expect_fresh("after a product wrote into dy");
     first();
     be.gemm(false, false, 2, K, 0, 1.0f, x, N, y.data(), K, 0.0f, dy + std::size_t(5) * K, K);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "backend/cpu/bf16.hpp"
 #include "gradcheck.hpp"
 #include "moetrain/cpu_backend.hpp"
 
@@ -154,28 +155,39 @@ TEST_CASE("attention forward equals a materialised causal softmax across blocks"
   CHECK(worst < 1e-12);
 }
 
-// The float backend's bf16 mode runs attention's tile products on bf16 operands (Q, K, V, dO and
-// each tile's P and dS rounded, fp32 accumulation): the outputs, S_max and the gradients must be
-// the double backend's to bf16 accuracy, across key spans (T = 300) and with odd T and head_dim
-// (the pair layouts' padding). Errors are relative to the largest reference value of each output.
+// The float backend's bf16 mode runs attention on bf16 activations with bf16 tile products (each
+// tile's P and dS rounded, fp32 accumulation, O and dQKV rounded once): the outputs, S_max and the
+// gradients must be the double backend's, on the same bf16-valued inputs, to bf16 accuracy, across
+// key spans (T = 300) and with odd T and head_dim (the pair layouts' padding). Errors are relative
+// to the largest reference value of each output.
 TEST_CASE("attention with bf16 tile products matches the double backend to bf16 accuracy",
           "[ops][bf16]") {
+  using moetrain::cpu::bf16;
+  const auto to_bf16 = [](const std::vector<double>& x) {
+    return std::vector<bf16>(x.begin(), x.end());  // each value rounded to nearest even
+  };
+  const auto widen = [](const std::vector<bf16>& x) {
+    return std::vector<double>(x.begin(), x.end());
+  };
+  const auto act = [](auto& v) { return moetrain::DevPtr(v.data(), moetrain::Storage::BF16); };
   for (const AttentionShape s : {AttentionShape{2, 300, 4, 2, 8}, AttentionShape{1, 37, 2, 1, 7}}) {
     INFO("T " << s.seq << " hd " << s.head_dim);
     CpuBackend<double> ref_be;
     CpuBackend<float> be(CpuBackendOptions{true});
-    const auto qkv = random_vector(std::size_t(s.rows()) * s.qkv_width(), 31, 1.5);
-    const auto dout = random_vector(std::size_t(s.rows()) * s.out_width(), 32);
+    auto qkv_b = to_bf16(random_vector(std::size_t(s.rows()) * s.qkv_width(), 31, 1.5));
+    auto dout_b = to_bf16(random_vector(std::size_t(s.rows()) * s.out_width(), 32));
+    const auto qkv = widen(qkv_b), dout = widen(dout_b);
     std::vector<double> out(dout.size()), saved(ref_be.attention_saved_elems(s)),
         smax(std::size_t(s.n_heads)), dqkv(qkv.size());
     ref_be.attention_forward(out.data(), saved.data(), smax.data(), qkv.data(), s);
     ref_be.attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), saved.data(), s);
-    const std::vector<float> qkv_f(qkv.begin(), qkv.end()), dout_f(dout.begin(), dout.end());
-    std::vector<float> out_f(out.size()), saved_f(be.attention_saved_elems(s)), smax_f(smax.size()),
-        dqkv_f(qkv.size(), std::numeric_limits<float>::quiet_NaN());
-    be.attention_forward(out_f.data(), saved_f.data(), smax_f.data(), qkv_f.data(), s);
-    be.attention_backward(dqkv_f.data(), dout_f.data(), qkv_f.data(), out_f.data(), saved_f.data(),
-                          s);
+    REQUIRE(be.activation_storage() == moetrain::Storage::BF16);
+    std::vector<bf16> out_b(out.size()), dqkv_b(qkv.size(), bf16(std::nanf("")));
+    std::vector<float> saved_f(be.attention_saved_elems(s)), smax_f(smax.size());
+    be.attention_forward(act(out_b), saved_f.data(), smax_f.data(), act(qkv_b), s);
+    be.attention_backward(act(dqkv_b), act(dout_b), act(qkv_b), act(out_b), saved_f.data(), s);
+    const std::vector<float> out_f(out_b.begin(), out_b.end()),
+        dqkv_f(dqkv_b.begin(), dqkv_b.end());
     auto rel = [](const std::vector<float>& got, const std::vector<double>& want) {
       double err = 0, scale = 0;
       for (std::size_t i = 0; i < want.size(); ++i) {

@@ -91,9 +91,10 @@ struct Variant {
   bool expert_bias;
   bool custom_groups;  // non-default per-group lr scales and weight decays
   NsCoefficients ns = NsCoefficients::Muon;
-  // The float backend's model GEMMs with bf16 operands (train.precision = bf16 on the CPU): the
-  // forward statistics and gradients are checked at bf16 tolerance; the optimizer steps, whose
-  // arithmetic does not depend on the GEMMs' precision, are the fp32 variants' to check.
+  // The float backend's bf16 mode (train.precision = bf16 on the CPU: bf16 activations and GEMM
+  // operands, fp32 sums and master weights): the forward statistics and gradients are checked at
+  // bf16 tolerance; the optimizer steps, whose arithmetic does not depend on the activations'
+  // precision, are the fp32 variants' to check.
   bool bf16 = false;
 };
 
@@ -164,7 +165,12 @@ MaxErrors run_variant(const Variant& v) {
 
   CpuBackend<float> be(CpuBackendOptions{v.bf16});
   Model<float> model(mc, be, B);
-  model.init_weights(2024);
+  // bf16 rounds every stored activation (relative 2^-9), so a token whose top-k scores tie within
+  // that error may route differently from the fp32 twin, and one flipped token moves a whole
+  // layer's gradients by several percent: with the weights of seed 2024 one token of layer 1 does.
+  // The bf16 variant's weights are those of a seed whose routing has no such tie (the load check
+  // below says so), so what is compared is the arithmetic.
+  model.init_weights(v.bf16 ? 2025 : 2024);
   const ParamLayout& layout = model.layout();
   const std::size_t P = layout.total();
 
@@ -249,8 +255,9 @@ MaxErrors run_variant(const Variant& v) {
     CHECK(err <= tol);
   };
 
-  // Forward statistics. bf16 operands: relative errors of about 2^-9 per factor, averaged over a
-  // sum; the tolerances allow some ten times that.
+  // Forward statistics. bf16: relative errors of about 2^-9 per rounding, through some thirty
+  // rounded activations of the forward and backward passes: measured (seed 2025) stats up to
+  // 1.2e-2 (S_max), gradients 1.5e-2 to 2.5e-2 (the router's).
   const double stat_tol = v.bf16 ? 1e-2 : 1e-5, smax_tol = v.bf16 ? 2e-2 : 1e-4,
                grad_tol = v.bf16 ? 3e-2 : 1e-4;
   stat_check("objective", stats.objective, tensor(out, "objective")[0], stat_tol);

@@ -16,8 +16,10 @@ class OnednnMatmul;
 }
 
 struct CpuBackendOptions {
-  // train.precision = bf16: the model GEMMs round their fp32 operands to bf16 (nearest even) and
-  // accumulate in fp32; activations, weights and everything else stay fp32. float only.
+  // train.precision = bf16: activations are stored in bf16 (activation_storage BF16; each op
+  // computes in fp32 and rounds its outputs once, to nearest even), GEMMs read bf16 operands
+  // (fp32 ones, such as the weights, rounded) and accumulate in fp32; master weights, gradients,
+  // optimizer state and statistics stay fp32, as on the GPU. float only.
   bool bf16 = false;
 };
 

@@ -17,14 +17,18 @@
 // pair, 64 x 64 tiles took 5.1 ms forward and 10.8 ms backward per layer.
 //
 // The products go through a tile policy: FloatTiles (tile_gemm on the fp32 or double data in
-// place, K and V transposed) or, for the float backend under train.precision = bf16, Bf16Tiles
-// (tile_gemm_bf16: Q, K, V, dO and each tile's P and dS rounded to bf16 in the pair layouts of the
-// summed dimension, fp32 accumulation, softmax and statistics in fp32, as the GPU's bf16 flash
-// attention rounds P for P V). One algorithm, two operand precisions.
+// place, K and V transposed) or, for the float backend's bf16 activations (train.precision =
+// bf16), Bf16Tiles (tile_gemm_bf16: Q, K, V and dO packed from their bf16 storage, each tile's P
+// and dS rounded to bf16, in the pair layouts of the summed dimension; fp32 accumulation, softmax
+// and statistics in fp32, as the GPU's bf16 flash attention rounds P for P V). With bf16 storage O
+// and dQ are summed per query block in fp32 and rounded once into the output, dK and dV once per
+// task. One algorithm, two operand precisions.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "backend/cpu/ops.hpp"
@@ -91,10 +95,9 @@ class FloatTiles {
     tile_gemm(nq, nk, hd_, T(1), dO_ + std::size_t(i0) * ldo_, ldo_, 1, vt_.data() + j0, Tq_, dP,
               ls, false);
   }
-  // O[i0:] (+)= P V[j0:]
-  void out(T* o, const T* P, int ls, int i0, int nq, int j0, int nk, bool acc) {
-    tile_gemm(nq, hd_, nk, T(1), P, ls, 1, v_ + std::size_t(j0) * ld_, ld_,
-              o + std::size_t(i0) * ldo_, ldo_, acc);
+  // O[i0:] (+)= P V[j0:]; o is the block's first row, at stride ldo
+  void out(T* o, int ldo, const T* P, int ls, int nq, int j0, int nk, bool acc) {
+    tile_gemm(nq, hd_, nk, T(1), P, ls, 1, v_ + std::size_t(j0) * ld_, ld_, o, ldo, acc);
   }
   // dV[j0:] += P^T dO[i0:]  (P^T as the left operand: a(m, k) = P[k][m])
   void dv(T* dv, const T* P, int ls, int i0, int nq, int j0, int nk) {
@@ -106,10 +109,9 @@ class FloatTiles {
     tile_gemm(nk, hd_, nq, alpha, dS, 1, ls, q_ + std::size_t(i0) * ld_, ld_,
               dk + std::size_t(j0) * ld_, ld_, true);
   }
-  // dQ[i0:] (+)= alpha dS K[j0:]
-  void dq(T* dq, const T* dS, int ls, int i0, int nq, int j0, int nk, T alpha, bool acc) {
-    tile_gemm(nq, hd_, nk, alpha, dS, ls, 1, k_ + std::size_t(j0) * ld_, ld_,
-              dq + std::size_t(i0) * ld_, ld_, acc);
+  // dQ[i0:] (+)= alpha dS K[j0:]; dq is the block's first row, at stride ldq
+  void dq(T* dq, int ldq, const T* dS, int ls, int nq, int j0, int nk, T alpha, bool acc) {
+    tile_gemm(nq, hd_, nk, alpha, dS, ls, 1, k_ + std::size_t(j0) * ld_, ld_, dq, ldq, acc);
   }
   // After a backward task's heads: dK and dV are already in place.
   void finish(T*, T*) {}
@@ -147,7 +149,7 @@ class Bf16Tiles {
         pb_(buf(kQuery / 2, kSpan)),
         dkt_(std::size_t(hd_) * s.seq),
         dvt_(dkt_.size()) {}
-  void task(const float* q, const float* k, const float* v, bool backward) {
+  void task(const bf16* q, const bf16* k, const bf16* v, bool backward) {
     pack_pairs_b(ktb_.data(), Tq_, k, 1, ld_, hd_, Tq_);  // K^T: pairs of head dims, keys
     if (backward) {
       pack_pairs_b(vtb_.data(), Tq_, v, 1, ld_, hd_, Tq_);  // V^T
@@ -159,7 +161,7 @@ class Bf16Tiles {
       pack_pairs_b(vb_.data(), hd_, v, ld_, 1, Tq_, hd_);  // V: pairs of keys, head dims
     }
   }
-  void head(const float* q, const float* dO) {
+  void head(const bf16* q, const bf16* dO) {
     pack_pairs_a(qa_.data(), h2_, q, ld_, 1, Tq_, hd_);
     pack_pairs_a(qta_.data(), t2_, q, 1, ld_, hd_, Tq_);  // Q^T: head dims, pairs of query rows
     pack_pairs_a(doa_.data(), h2_, dO, ldo_, 1, Tq_, hd_);
@@ -173,35 +175,35 @@ class Bf16Tiles {
     tile_gemm_bf16(nq, nk, h2_, 1.0f, doa_.data() + std::size_t(i0) * h2_, h2_, vtb_.data() + j0,
                    Tq_, dP, ls, false);
   }
-  void out(float* o, const float* P, int ls, int i0, int nq, int j0, int nk, bool acc) {
+  void out(float* o, int ldo, const float* P, int ls, int nq, int j0, int nk, bool acc) {
     const int k2 = (nk + 1) / 2;
     pack_pairs_a(pa_.data(), k2, P, ls, 1, nq, nk);  // P: query rows, pairs of keys
     tile_gemm_bf16(nq, hd_, k2, 1.0f, pa_.data(), k2, vb_.data() + std::size_t(j0 / 2) * hd_, hd_,
-                   o + std::size_t(i0) * ldo_, ldo_, acc);
+                   o, ldo, acc);
   }
   // dV^T[:, j0:] += dO^T[:, i0:] P
-  void dv(float*, const float* P, int ls, int i0, int nq, int j0, int nk) {
+  void dv(bf16*, const float* P, int ls, int i0, int nq, int j0, int nk) {
     const int q2 = (nq + 1) / 2;
     pack_pairs_b(pb_.data(), nk, P, ls, 1, nq, nk);  // P: pairs of query rows, keys
     tile_gemm_bf16(hd_, nk, q2, 1.0f, dota_.data() + i0 / 2, t2_, pb_.data(), nk, dvt_.data() + j0,
                    Tq_, true);
   }
   // dK^T[:, j0:] += alpha Q^T[:, i0:] dS
-  void dk(float*, const float* dS, int ls, int i0, int nq, int j0, int nk, float alpha) {
+  void dk(bf16*, const float* dS, int ls, int i0, int nq, int j0, int nk, float alpha) {
     const int q2 = (nq + 1) / 2;
     pack_pairs_b(pb_.data(), nk, dS, ls, 1, nq, nk);
     tile_gemm_bf16(hd_, nk, q2, alpha, qta_.data() + i0 / 2, t2_, pb_.data(), nk, dkt_.data() + j0,
                    Tq_, true);
   }
-  void dq(float* dq, const float* dS, int ls, int i0, int nq, int j0, int nk, float alpha,
+  void dq(float* dq, int ldq, const float* dS, int ls, int nq, int j0, int nk, float alpha,
           bool acc) {
     const int k2 = (nk + 1) / 2;
     pack_pairs_a(pa_.data(), k2, dS, ls, 1, nq, nk);  // dS: query rows, pairs of keys
     tile_gemm_bf16(nq, hd_, k2, alpha, pa_.data(), k2, kb_.data() + std::size_t(j0 / 2) * hd_, hd_,
-                   dq + std::size_t(i0) * ld_, ld_, acc);
+                   dq, ldq, acc);
   }
-  // dK, dV [Tq, hd] at stride ld (zero) from their transposed sums.
-  void finish(float* dk, float* dv) {
+  // dK, dV [Tq, hd] at stride ld from their transposed sums, rounded once.
+  void finish(bf16* dk, bf16* dv) {
     transpose_block(dk, ld_, dkt_.data(), hd_, Tq_, Tq_);
     transpose_block(dv, ld_, dvt_.data(), hd_, Tq_, Tq_);
   }
@@ -217,8 +219,32 @@ class Bf16Tiles {
   std::vector<float> dkt_, dvt_;                      // [hd, Tq]: dK^T and dV^T of the task
 };
 
-template <typename T, typename Tiles>
-void forward_with(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s) {
+// The tile policy of activations A with math type T.
+template <typename T, typename A>
+using TilesFor = std::conditional_t<std::is_same_v<A, bf16>, Bf16Tiles, FloatTiles<T>>;
+
+// Rows [0, nq) of an fp32 block (stride hd) into the output's rows (stride ld), rounded once.
+template <typename A>
+void store_block(A* dst, int ld, const float* src, int nq, int hd) {
+  for (int r = 0; r < nq; ++r)
+    for (int c = 0; c < hd; ++c) dst[std::size_t(r) * ld + c] = A(src[std::size_t(r) * hd + c]);
+}
+
+// Where a query block's sums of O (dQ) go, and their stride: the output's rows in place when A is
+// the math type T; otherwise the thread's fp32 block of kQuery rows, which store_block then
+// rounds into the output (`direct` false).
+template <typename T, typename A>
+std::pair<T*, int> block_sums(A* rows, int ld, std::vector<T>& block, int hd) {
+  if constexpr (std::is_same_v<A, T>)
+    return {rows, ld};
+  else
+    return {block.data(), hd};
+}
+
+template <typename T, typename A>
+void forward_with(A* out, T* lse, T* smax, const A* qkv, const AttentionShape& s) {
+  using Tiles = TilesFor<T, A>;
+  constexpr bool direct = std::is_same_v<A, T>;
   const int Tq = s.seq, hd = s.head_dim, ld = s.qkv_width(), ldo = s.out_width();
   const int group = s.n_heads / s.n_kv_heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
@@ -231,11 +257,12 @@ void forward_with(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s
     Tiles tiles(s);
     std::vector<T> S(std::size_t(kQuery) * kSpan);  // [kQuery q rows, kSpan keys]
     std::vector<T> m(kQuery), l(kQuery);            // running row max and sum of the block
+    std::vector<T> oblock(direct ? 0 : std::size_t(kQuery) * hd);  // [kQuery, hd]
 #pragma omp for schedule(static)
     for (int task = 0; task < tasks; ++task) {
       const int b = task / s.n_heads, h = task % s.n_heads, g = h / group;
-      const T* base = qkv + std::size_t(b) * Tq * ld;
-      T* o = out + std::size_t(b) * Tq * ldo + std::size_t(h) * hd;  // [Tq, hd] at stride ldo
+      const A* base = qkv + std::size_t(b) * Tq * ld;
+      A* o = out + std::size_t(b) * Tq * ldo + std::size_t(h) * hd;  // [Tq, hd] at stride ldo
       T* lse_h = lse + std::size_t(task) * Tq;
       tiles.task(base + std::size_t(h) * hd, base + std::size_t(s.n_heads + g) * hd,
                  base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd, false);
@@ -244,6 +271,7 @@ void forward_with(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s
         const int nq = std::min(kQuery, Tq - i0), end = i0 + nq;  // keys j < end
         std::fill_n(m.begin(), nq, neg_inf);
         std::fill_n(l.begin(), nq, T(0));
+        const auto [ob, ldb] = block_sums(o + std::size_t(i0) * ldo, ldo, oblock, hd);  // O
         for (int j0 = 0; j0 < end; j0 += kSpan) {
           const int nk = std::min(kSpan, end - j0);
           tiles.scores(S.data(), kSpan, i0, nq, j0, nk, scale);
@@ -258,21 +286,22 @@ void forward_with(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s
             const T sum = exp_shifted_sum(row, valid, m_new);
             if (j0 > 0 && m[r] != m_new) {  // rescale what earlier spans added
               const T alpha = std::exp(m[r] - m_new);
-              T* orow = o + std::size_t(i0 + r) * ldo;
+              T* orow = ob + std::size_t(r) * ldb;
               for (int c = 0; c < hd; ++c) orow[c] *= alpha;
               l[r] *= alpha;
             }
             l[r] += sum;
             m[r] = m_new;
           }
-          tiles.out(o, S.data(), kSpan, i0, nq, j0, nk, j0 > 0);  // the first span writes O
+          tiles.out(ob, ldb, S.data(), kSpan, nq, j0, nk, j0 > 0);  // the first span writes O
         }
         for (int r = 0; r < nq; ++r) {
           const T inv = T(1) / l[r];
-          T* orow = o + std::size_t(i0 + r) * ldo;
+          T* orow = ob + std::size_t(r) * ldb;
           for (int c = 0; c < hd; ++c) orow[c] *= inv;
           lse_h[i0 + r] = m[r] + std::log(l[r]);
         }
+        if constexpr (!direct) store_block(o + std::size_t(i0) * ldo, ldo, ob, nq, hd);
       }
       head_max[std::size_t(task)] = mx_all;
     }
@@ -284,9 +313,11 @@ void forward_with(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s
   }
 }
 
-template <typename T, typename Tiles>
-void backward_with(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+template <typename T, typename A>
+void backward_with(A* dqkv, const A* dout, const A* qkv, const A* out, const T* lse,
                    const AttentionShape& s) {
+  using Tiles = TilesFor<T, A>;
+  constexpr bool direct = std::is_same_v<A, T>;
   const int Tq = s.seq, hd = s.head_dim, ld = s.qkv_width(), ldo = s.out_width();
   const int group = s.n_heads / s.n_kv_heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
@@ -298,35 +329,37 @@ void backward_with(T* dqkv, const T* dout, const T* qkv, const T* out, const T* 
     // [kQuery q rows, kSpan keys] each
     std::vector<T> P(std::size_t(kQuery) * kSpan), dS(std::size_t(kQuery) * kSpan);
     std::vector<T> D(static_cast<std::size_t>(Tq));  // rowsum(dO * O) = rowsum(dP * P), per row
+    std::vector<T> qblock(direct ? 0 : std::size_t(kQuery) * hd);  // [kQuery, hd]: dQ's block
 #pragma omp for schedule(static)
     for (int task = 0; task < tasks; ++task) {
       const int b = task / s.n_kv_heads, g = task % s.n_kv_heads;
       const std::size_t row0 = std::size_t(b) * Tq;
-      const T* base = qkv + row0 * ld;
-      T* dbase = dqkv + row0 * ld;
-      T* dk = dbase + std::size_t(s.n_heads + g) * hd;
-      T* dv = dbase + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
+      const A* base = qkv + row0 * ld;
+      A* dbase = dqkv + row0 * ld;
+      A* dk = dbase + std::size_t(s.n_heads + g) * hd;
+      A* dv = dbase + std::size_t(s.n_heads + s.n_kv_heads + g) * hd;
       tiles.task(nullptr, base + std::size_t(s.n_heads + g) * hd,
                  base + std::size_t(s.n_heads + s.n_kv_heads + g) * hd, true);
       for (int i = 0; i < Tq; ++i) {
-        std::fill_n(dk + std::size_t(i) * ld, hd, T(0));
-        std::fill_n(dv + std::size_t(i) * ld, hd, T(0));
+        std::fill_n(dk + std::size_t(i) * ld, hd, A(T(0)));
+        std::fill_n(dv + std::size_t(i) * ld, hd, A(T(0)));
       }
       for (int h = g * group; h < (g + 1) * group; ++h) {
-        T* dq = dbase + std::size_t(h) * hd;
-        const T* dO = dout + row0 * ldo + std::size_t(h) * hd;
-        const T* O = out + row0 * ldo + std::size_t(h) * hd;
+        A* dq = dbase + std::size_t(h) * hd;
+        const A* dO = dout + row0 * ldo + std::size_t(h) * hd;
+        const A* O = out + row0 * ldo + std::size_t(h) * hd;
         const T* lse_h = lse + (std::size_t(b) * s.n_heads + h) * Tq;
         tiles.head(base + std::size_t(h) * hd, dO);
         for (int i = 0; i < Tq; ++i) {
-          const T* a = dO + std::size_t(i) * ldo;
-          const T* c = O + std::size_t(i) * ldo;
+          const A* a = dO + std::size_t(i) * ldo;
+          const A* c = O + std::size_t(i) * ldo;
           T dot = 0;
-          for (int e = 0; e < hd; ++e) dot += a[e] * c[e];
+          for (int e = 0; e < hd; ++e) dot += T(a[e]) * T(c[e]);
           D[std::size_t(i)] = dot;
         }
         for (int i0 = 0; i0 < Tq; i0 += kQuery) {
           const int nq = std::min(kQuery, Tq - i0), end = i0 + nq;
+          const auto [qb, ldb] = block_sums(dq + std::size_t(i0) * ld, ld, qblock, hd);  // dQ
           for (int j0 = 0; j0 < end; j0 += kSpan) {
             const int nk = std::min(kSpan, end - j0);
             tiles.scores(P.data(), kSpan, i0, nq, j0, nk, scale);
@@ -344,8 +377,9 @@ void backward_with(T* dqkv, const T* dout, const T* qkv, const T* out, const T* 
             tiles.dv(dv, P.data(), kSpan, i0, nq, j0, nk);
             tiles.dk(dk, dS.data(), kSpan, i0, nq, j0, nk, scale);
             // The first span writes the block's dQ, later ones add to it.
-            tiles.dq(dq, dS.data(), kSpan, i0, nq, j0, nk, scale, j0 > 0);
+            tiles.dq(qb, ldb, dS.data(), kSpan, nq, j0, nk, scale, j0 > 0);
           }
+          if constexpr (!direct) store_block(dq + std::size_t(i0) * ld, ld, qb, nq, hd);
         }
       }
       tiles.finish(dk, dv);
@@ -358,27 +392,17 @@ std::size_t attention_saved_elems(const AttentionShape& s) {
   return std::size_t(s.batch) * std::size_t(s.n_heads) * std::size_t(s.seq);  // logsumexp
 }
 
-template <typename T>
-void attention_forward(T* out, T* lse, T* smax, const T* qkv, const AttentionShape& s) {
-  forward_with<T, FloatTiles<T>>(out, lse, smax, qkv, s);
+template <typename T, typename A>
+void attention_forward(A* out, T* lse, T* smax, const A* qkv, const AttentionShape& s) {
+  forward_with<T, A>(out, lse, smax, qkv, s);
 }
 
-template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+template <typename T, typename A>
+void attention_backward(A* dqkv, const A* dout, const A* qkv, const A* out, const T* lse,
                         const AttentionShape& s) {
-  backward_with<T, FloatTiles<T>>(dqkv, dout, qkv, out, lse, s);
+  backward_with<T, A>(dqkv, dout, qkv, out, lse, s);
 }
 
-void attention_forward_bf16(float* out, float* lse, float* smax, const float* qkv,
-                            const AttentionShape& s) {
-  forward_with<float, Bf16Tiles>(out, lse, smax, qkv, s);
-}
-
-void attention_backward_bf16(float* dqkv, const float* dout, const float* qkv, const float* out,
-                             const float* lse, const AttentionShape& s) {
-  backward_with<float, Bf16Tiles>(dqkv, dout, qkv, out, lse, s);
-}
-
-MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_ATTENTION)
+MOETRAIN_CPU_INSTANTIATE_ACT(MOETRAIN_OPS_ATTENTION)
 
 }  // namespace moetrain::cpu

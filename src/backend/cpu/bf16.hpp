@@ -1,5 +1,6 @@
-// bf16 rounding on the CPU: the one rule every bf16 operand of the CPU backend is made by (oneDNN's
-// packed GEMM operands, attention's tiles), the same as the GPU's conversion.
+// bf16 on the CPU: the one rounding rule every bf16 value of the CPU backend is made by (its bf16
+// activations, oneDNN's packed GEMM operands, attention's tiles), the same as the GPU's conversion,
+// and the element type of its bf16 activation storage.
 #pragma once
 
 #include <cstdint>
@@ -23,10 +24,32 @@ inline float from_bf16(std::uint16_t h) {
   return f;
 }
 
+// An element of the float backend's activations under train.precision = bf16 (activation_storage
+// BF16). It widens to float exactly and is written from float by to_bf16, so an op's template reads
+// and writes it as it would a float and does its arithmetic in fp32: one rounding per stored value.
+struct bf16 {
+  std::uint16_t bits;
+  bf16() = default;
+  bf16(float f) : bits(to_bf16(f)) {}                 // NOLINT: implicit, as a float store
+  operator float() const { return from_bf16(bits); }  // NOLINT: implicit, as a float load
+  bf16& operator+=(float f) { return *this = float(*this) + f; }
+  bf16& operator*=(float f) { return *this = float(*this) * f; }
+};
+static_assert(sizeof(bf16) == 2);
+
+// The bf16 bits of a value of either storage (a bf16 one as it is).
+inline std::uint16_t bf16_bits(float f) {
+  return to_bf16(f);
+}
+inline std::uint16_t bf16_bits(bf16 h) {
+  return h.bits;
+}
+
 // Two bf16 values in one 32-bit word, the first in the low half: the operand element of a bf16
 // dot-product instruction (AVX-512-BF16's vdpbf16ps) along the summed dimension.
-inline std::uint32_t bf16_pair(float first, float second) {
-  return std::uint32_t(to_bf16(first)) | std::uint32_t(to_bf16(second)) << 16;
+template <typename A, typename B>
+std::uint32_t bf16_pair(A first, B second) {
+  return std::uint32_t(bf16_bits(first)) | std::uint32_t(bf16_bits(second)) << 16;
 }
 
 }  // namespace moetrain::cpu

@@ -5,7 +5,9 @@
 #include <cstring>
 #include <new>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 #include "backend/cpu/onednn_matmul.hpp"
 #include "backend/cpu/ops.hpp"
@@ -91,43 +93,60 @@ void CpuBackend<T>::note_writes(const Args&... args) {
   (one(args), ...);
 }
 
+// An activation argument as the op's element type A (the backend's activation storage; any other
+// storage throws, as DevPtr's own conversion does); every other argument as it is.
+template <typename A>
+A* activation_ptr(const void* p, Storage storage) {
+  if constexpr (std::is_same_v<A, cpu::bf16>) {
+    if (p && storage != Storage::BF16)
+      throw std::logic_error(std::string("a ") + to_string(storage) +
+                             " buffer used as bf16 activations");
+    return static_cast<A*>(const_cast<void*>(p));
+  } else {
+    return DevPtr(const_cast<void*>(p), storage).as<A>();
+  }
+}
+template <typename A, typename X>
+decltype(auto) as_activation(X&& x) {
+  using D = std::decay_t<X>;
+  if constexpr (std::is_same_v<D, DevPtr>)
+    return activation_ptr<A>(x.get(), x.storage());
+  else if constexpr (std::is_same_v<D, CDevPtr>)
+    return static_cast<const A*>(activation_ptr<A>(x.get(), x.storage()));
+  else
+    return std::forward<X>(x);
+}
+// f with each activation argument as A*.
+template <typename A, typename F>
+auto activations_as(F f) {
+  return [f](auto&&... x) { return f(as_activation<A>(std::forward<decltype(x)>(x))...); };
+}
+
+// Ops on master data only.
 #define MOETRAIN_CPU_FORWARD(ret, name, params, args, flops) \
   template <typename T>                                      \
   ret CpuBackend<T>::name params {                           \
     note_writes args;                                        \
     return cpu::name<T> args;                                \
   }
-// Every family but the GEMMs' (below).
-#define MOETRAIN_CPU_FORWARD_FAMILY(family) family(MOETRAIN_CPU_FORWARD, T, DevPtr, CDevPtr)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ELEMENTWISE)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_OPTIMIZER)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_LINALG)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_EMBEDDING)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_RMSNORM)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ROPE)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_SWIGLU)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_CROSS_ENTROPY)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_ROUTER)
-MOETRAIN_CPU_FORWARD_FAMILY(MOETRAIN_OPS_MOE_PERMUTE)
-#undef MOETRAIN_CPU_FORWARD_FAMILY
+MOETRAIN_OPS_OPTIMIZER(MOETRAIN_CPU_FORWARD, T, DevPtr, CDevPtr)
+MOETRAIN_OPS_LINALG(MOETRAIN_CPU_FORWARD, T, DevPtr, CDevPtr)
+MOETRAIN_OPS_ROUTER(MOETRAIN_CPU_FORWARD, T, DevPtr, CDevPtr)
+#undef MOETRAIN_CPU_FORWARD
 
-// Attention: bf16 tile products in the float backend's bf16 mode.
-template <typename T>
-void CpuBackend<T>::attention_forward(DevPtr out, T* saved, T* smax, CDevPtr qkv,
-                                      const AttentionShape& s) {
-  note_writes(out, saved, smax);
-  if constexpr (std::is_same_v<T, float>)
-    if (bf16_) return cpu::attention_forward_bf16(out, saved, smax, qkv, s);
-  cpu::attention_forward<T>(out, saved, smax, qkv, s);
-}
-template <typename T>
-void CpuBackend<T>::attention_backward(DevPtr dqkv, CDevPtr dout, CDevPtr qkv, CDevPtr out,
-                                       const T* saved, const AttentionShape& s) {
-  note_writes(dqkv);
-  if constexpr (std::is_same_v<T, float>)
-    if (bf16_) return cpu::attention_backward_bf16(dqkv, dout, qkv, out, saved, s);
-  cpu::attention_backward<T>(dqkv, dout, qkv, out, saved, s);
-}
+// Ops on activations: of the master type, or bf16 in the float backend's bf16 mode.
+#define MOETRAIN_CPU_FORWARD_ACT(ret, name, params, args, flops)                      \
+  template <typename T>                                                               \
+  ret CpuBackend<T>::name params {                                                    \
+    note_writes args;                                                                 \
+    if constexpr (std::is_same_v<T, float>)                                           \
+      if (bf16_)                                                                      \
+        return activations_as<cpu::bf16>(                                             \
+            [](auto&&... a) { return cpu::name<T, cpu::bf16>(a...); }) args;          \
+    return activations_as<T>([](auto&&... a) { return cpu::name<T, T>(a...); }) args; \
+  }
+MOETRAIN_CPU_ACTIVATION_FAMILIES(MOETRAIN_CPU_FORWARD_ACT, T, DevPtr, CDevPtr)
+#undef MOETRAIN_CPU_FORWARD_ACT
 
 // The GEMM family: oneDNN's for float (the matmul holds the bf16 state), OpenBLAS's for double.
 // (No note_writes: the matmul tracks C's exact extent.)
@@ -141,11 +160,10 @@ void CpuBackend<T>::attention_backward(DevPtr dqkv, CDevPtr dout, CDevPtr qkv, C
   }
 MOETRAIN_OPS_GEMM(MOETRAIN_CPU_FORWARD_GEMM, T, DevPtr, CDevPtr)
 #undef MOETRAIN_CPU_FORWARD_GEMM
-#undef MOETRAIN_CPU_FORWARD
 
 template <typename T>
 Storage CpuBackend<T>::activation_storage() const {
-  return storage_of<T>();
+  return bf16_ ? Storage::BF16 : storage_of<T>();
 }
 
 template <typename T>

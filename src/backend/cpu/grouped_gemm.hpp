@@ -18,9 +18,11 @@ inline void check_group_offsets(const char* op, const std::int32_t* offsets, int
                                 ", expected rows = " + std::to_string(rows));
 }
 
-template <typename T, typename Gemm>
-void grouped_gemm_with(Gemm&& gemm, bool trans_b, int rows, int N, int K, T alpha, const T* A,
-                       int lda, const T* B, int ldb, std::size_t stride_b, T beta, T* C, int ldc,
+// CPtr, Ptr: the operands' pointer types (const T* and T*, or the DevPtrs of mixed storage), with
+// pointer arithmetic in elements.
+template <typename T, typename CPtr, typename Ptr, typename Gemm>
+void grouped_gemm_with(Gemm&& gemm, bool trans_b, int rows, int N, int K, T alpha, CPtr A, int lda,
+                       CPtr B, int ldb, std::size_t stride_b, T beta, Ptr C, int ldc,
                        const std::int32_t* offsets, int groups) {
   check_group_offsets("grouped_gemm", offsets, groups, rows);
   for (int g = 0; g < groups; ++g) {
@@ -30,9 +32,9 @@ void grouped_gemm_with(Gemm&& gemm, bool trans_b, int rows, int N, int K, T alph
   }
 }
 
-template <typename T, typename Gemm>
-void grouped_gemm_wgrad_with(Gemm&& gemm, int rows, int M, int N, T alpha, const T* A, int lda,
-                             const T* B, int ldb, T* C, int ldc, std::size_t stride_c,
+template <typename T, typename CPtr, typename Ptr, typename Gemm>
+void grouped_gemm_wgrad_with(Gemm&& gemm, int rows, int M, int N, T alpha, CPtr A, int lda, CPtr B,
+                             int ldb, Ptr C, int ldc, std::size_t stride_c,
                              const std::int32_t* offsets, int groups) {
   check_group_offsets("grouped_gemm_wgrad", offsets, groups, rows);
   for (int g = 0; g < groups; ++g) {

@@ -8,8 +8,8 @@
 
 namespace moetrain::cpu {
 
-template <typename T>
-void moe_permute(T* xg, int32_t* pos, int32_t* offsets, const T* x, const int32_t* topk,
+template <typename T, typename A>
+void moe_permute(A* xg, int32_t* pos, int32_t* offsets, const A* x, const int32_t* topk,
                  const int32_t* counts, int tokens, int d, int n_experts, int k) {
   offsets[0] = 0;
   for (int e = 0; e < n_experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
@@ -20,52 +20,65 @@ void moe_permute(T* xg, int32_t* pos, int32_t* offsets, const T* x, const int32_
     std::copy_n(x + std::size_t(a / k) * d, d, xg + std::size_t(pos[a]) * d);
 }
 
-template <typename T>
-void moe_permute_backward(T* dx, const T* dxg, const int32_t* pos, int tokens, int d, int k) {
-#pragma omp parallel for schedule(static)
-  for (int t = 0; t < tokens; ++t) {
-    T* o = dx + std::size_t(t) * d;
-    for (int j = 0; j < k; ++j) {
-      const T* g = dxg + std::size_t(pos[t * k + j]) * d;
-      for (int c = 0; c < d; ++c) o[c] += g[c];
+// The sums over a token's k slots run in T on a per-thread row, so bf16 activations are rounded
+// once per element, not once per slot.
+template <typename T, typename A>
+void moe_permute_backward(A* dx, const A* dxg, const int32_t* pos, int tokens, int d, int k) {
+#pragma omp parallel
+  {
+    std::vector<T> acc(static_cast<std::size_t>(d));
+#pragma omp for schedule(static)
+    for (int t = 0; t < tokens; ++t) {
+      A* o = dx + std::size_t(t) * d;
+      std::copy_n(o, d, acc.data());
+      for (int j = 0; j < k; ++j) {
+        const A* g = dxg + std::size_t(pos[t * k + j]) * d;
+        for (int c = 0; c < d; ++c) acc[c] += T(g[c]);
+      }
+      std::copy_n(acc.data(), d, o);
     }
   }
 }
 
-template <typename T>
-void moe_unpermute(T* y, const T* yg, const T* gates, const int32_t* pos, int tokens, int d,
+template <typename T, typename A>
+void moe_unpermute(A* y, const A* yg, const T* gates, const int32_t* pos, int tokens, int d,
                    int k) {
-#pragma omp parallel for schedule(static)
-  for (int t = 0; t < tokens; ++t) {
-    T* o = y + std::size_t(t) * d;
-    std::fill_n(o, d, T(0));
-    for (int j = 0; j < k; ++j) {
-      const T w = gates[t * k + j];
-      const T* e = yg + std::size_t(pos[t * k + j]) * d;
-      for (int c = 0; c < d; ++c) o[c] += w * e[c];
+#pragma omp parallel
+  {
+    std::vector<T> acc(static_cast<std::size_t>(d));
+#pragma omp for schedule(static)
+    for (int t = 0; t < tokens; ++t) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int j = 0; j < k; ++j) {
+        const T w = gates[t * k + j];
+        const A* e = yg + std::size_t(pos[t * k + j]) * d;
+        for (int c = 0; c < d; ++c) acc[c] += w * T(e[c]);
+      }
+      std::copy_n(acc.data(), d, y + std::size_t(t) * d);
     }
   }
 }
 
-template <typename T>
-void moe_unpermute_backward(T* dyg, T* dgates, const T* dy, const T* yg, const T* gates,
+template <typename T, typename A>
+void moe_unpermute_backward(A* dyg, T* dgates, const A* dy, const A* yg, const T* gates,
                             const int32_t* pos, int tokens, int d, int k) {
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < tokens; ++t) {
-    const T* g = dy + std::size_t(t) * d;
+    const A* g = dy + std::size_t(t) * d;
     for (int j = 0; j < k; ++j) {
       const std::size_t row = std::size_t(pos[t * k + j]) * d;
       const T w = gates[t * k + j];
       T dot = 0;
       for (int c = 0; c < d; ++c) {
-        dyg[row + c] = w * g[c];
-        dot += g[c] * yg[row + c];
+        const T gc = g[c];
+        dyg[row + c] = A(w * gc);
+        dot += gc * T(yg[row + c]);
       }
       dgates[t * k + j] = dot;
     }
   }
 }
 
-MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_MOE_PERMUTE)
+MOETRAIN_CPU_INSTANTIATE_ACT(MOETRAIN_OPS_MOE_PERMUTE)
 
 }  // namespace moetrain::cpu

@@ -20,16 +20,21 @@ namespace {
 using dnnl::memory;
 using dt = memory::data_type;
 
-// A product's layout and scalars, all but M and K: they are run-time dimensions of the primitive
-// (the experts' products change M every step, their weight gradients K), so each distinct (N,
-// layout, alpha, beta) gets its primitive once and keeps it. In bf16 an operand is either read in
-// place from the weights' bf16 copy (the caller's layout) or packed densely from fp32 data in its
-// stored orientation: `a_packed`, `b_packed`.
+// How a product reads an operand: fp32 in the caller's layout (fp32 mode); bf16 in the caller's
+// layout (bf16 activations, or the weights' bf16 copy); or bf16 packed densely from fp32 data in
+// its stored orientation (other fp32 operands in bf16 mode).
+enum class Read : std::uint8_t { F32, BF16, Packed };
+
+// A product's layout, storage and scalars, all but M and K: they are run-time dimensions of the
+// primitive (the experts' products change M every step, their weight gradients K), so each
+// distinct (N, layout, storage, alpha, beta) gets its primitive once and keeps it.
 // Batched products (batch > 1) also key on the batch and the caller's matrix strides.
 struct Key {
   int N, lda, ldb, ldc, batch;
   std::size_t sa, sb, sc;
-  bool ta, tb, a_packed, b_packed;
+  bool ta, tb;
+  Read a, b;
+  bool c_bf16;
   float alpha, beta;
   bool operator==(const Key&) const = default;
 };
@@ -39,8 +44,8 @@ struct KeyHash {
     auto mix = [&h](std::size_t v) { h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2); };
     for (int v : {k.N, k.lda, k.ldb, k.ldc, k.batch}) mix(std::hash<int>()(v));
     for (std::size_t v : {k.sa, k.sb, k.sc}) mix(v);
-    mix(std::size_t(k.ta) | std::size_t(k.tb) << 1 | std::size_t(k.a_packed) << 2 |
-        std::size_t(k.b_packed) << 3);
+    mix(std::size_t(k.ta) | std::size_t(k.tb) << 1 | std::size_t(k.a) << 2 | std::size_t(k.b) << 4 |
+        std::size_t(k.c_bf16) << 6);
     mix(std::hash<float>()(k.alpha));
     mix(std::hash<float>()(k.beta));
     return h;
@@ -72,7 +77,7 @@ memory::desc desc3(dt type, int batch, memory::dim rows, memory::dim cols, memor
                    const memory::dims& inner) {
   return memory::desc({batch, rows, cols}, type, {batch > 1 ? outer : 1, inner[0], inner[1]});
 }
-// The caller's fp32 layout of op(X)[rows, cols]: leading dimension ld, matrices `stride` apart.
+// The caller's layout of op(X)[rows, cols]: leading dimension ld, matrices `stride` apart.
 memory::desc caller_desc(dt type, int batch, memory::dim rows, memory::dim cols, bool trans, int ld,
                          std::size_t stride) {
   return desc3(type, batch, rows, cols, memory::dim(stride), strides_of(trans, ld));
@@ -103,11 +108,21 @@ struct Packed {
 // the dx products and the weight-gradient products that follow them.
 constexpr std::size_t kPackedSlots = 40;
 
-// Bytes [lo, hi) of `batch` matrices of `rows` x `cols` floats at leading dimension ld.
-std::pair<const char*, const char*> extent(const float* x, int rows, int cols, int ld, int batch,
+// Bytes [lo, hi) of `batch` matrices of `rows` x `cols` elements at leading dimension ld.
+std::pair<const char*, const char*> extent(CDevPtr x, int rows, int cols, int ld, int batch,
                                            std::size_t stride) {
   const std::size_t last = std::size_t(batch - 1) * stride + std::size_t(rows - 1) * ld + cols;
-  return {reinterpret_cast<const char*>(x), reinterpret_cast<const char*>(x + last)};
+  return {static_cast<const char*>(x.get()), static_cast<const char*>((x + last).get())};
+}
+
+// C = beta * C over M x N (an empty sum), in C's storage.
+template <typename E>
+void scale_c(E* C, int M, int N, int ldc, std::size_t sc, int batch, float beta) {
+  for (int b = 0; b < batch; ++b)
+    for (int i = 0; i < M; ++i) {
+      E* c = C + sc * std::size_t(b) + std::size_t(i) * ldc;
+      for (int j = 0; j < N; ++j) c[j] = E(beta == 0.0f ? 0.0f : beta * float(c[j]));
+    }
 }
 }  // namespace
 
@@ -124,18 +139,17 @@ struct OnednnMatmul::Impl {
   bool weight_copy_stale = true;
   std::mutex mutex;
 
-  // The operands' descriptors for M rows and K columns (kRuntime in the primitive): fp32 in the
-  // caller's layout; bf16 in the caller's layout (the weights' copy) or packed.
-  static memory::desc a_desc(const Key& k, memory::dim M, memory::dim K, bool bf16) {
-    if (bf16 && k.a_packed) return packed_desc(k.batch, M, K, k.ta);
-    return caller_desc(bf16 ? dt::bf16 : dt::f32, k.batch, M, K, k.ta, k.lda, k.sa);
+  // The operands' descriptors for M rows and K columns (kRuntime in the primitive), as Read says.
+  static memory::desc a_desc(const Key& k, memory::dim M, memory::dim K) {
+    if (k.a == Read::Packed) return packed_desc(k.batch, M, K, k.ta);
+    return caller_desc(k.a == Read::BF16 ? dt::bf16 : dt::f32, k.batch, M, K, k.ta, k.lda, k.sa);
   }
-  static memory::desc b_desc(const Key& k, memory::dim K, bool bf16) {
-    if (bf16 && k.b_packed) return packed_desc(k.batch, K, k.N, k.tb);
-    return caller_desc(bf16 ? dt::bf16 : dt::f32, k.batch, K, k.N, k.tb, k.ldb, k.sb);
+  static memory::desc b_desc(const Key& k, memory::dim K) {
+    if (k.b == Read::Packed) return packed_desc(k.batch, K, k.N, k.tb);
+    return caller_desc(k.b == Read::BF16 ? dt::bf16 : dt::f32, k.batch, K, k.N, k.tb, k.ldb, k.sb);
   }
   static memory::desc c_desc(const Key& k, memory::dim M) {
-    return caller_desc(dt::f32, k.batch, M, k.N, false, k.ldc, k.sc);
+    return caller_desc(k.c_bf16 ? dt::bf16 : dt::f32, k.batch, M, k.N, false, k.ldc, k.sc);
   }
 
   bool in_weights(const float* x) const {
@@ -148,11 +162,11 @@ struct OnednnMatmul::Impl {
     if (weights && lo < w + weight_count * sizeof(float) && w < hi) weight_copy_stale = true;
   }
   // A product's C is a write like any other: packed copies of it, or the weights, are stale.
-  void invalidate_c(const float* C, int M, int N, int ldc, int batch, std::size_t sc) {
+  void invalidate_c(CDevPtr C, int M, int N, int ldc, int batch, std::size_t sc) {
     const auto [lo, hi] = extent(C, M, N, ldc, batch, sc);
     invalidate(lo, hi);
   }
-  void wrote_c(const float* C, int M, int N, int ldc, int batch, std::size_t sc) {
+  void wrote_c(CDevPtr C, int M, int N, int ldc, int batch, std::size_t sc) {
     std::lock_guard lock(mutex);
     invalidate_c(C, M, N, ldc, batch, sc);
   }
@@ -212,7 +226,7 @@ struct OnednnMatmul::Impl {
     return weight_copy.data() + (x - weights);
   }
 
-  dnnl::matmul& matmul(const Key& k, bool bf16) {
+  dnnl::matmul& matmul(const Key& k) {
     auto it = cache.find(k);
     if (it != cache.end()) return it->second;
     dnnl::primitive_attr attr;
@@ -222,7 +236,7 @@ struct OnednnMatmul::Impl {
       ops.append_sum(k.beta);
       attr.set_post_ops(ops);
     }
-    const dnnl::matmul::desc d(a_desc(k, kRuntime, kRuntime, bf16), b_desc(k, kRuntime, bf16),
+    const dnnl::matmul::desc d(a_desc(k, kRuntime, kRuntime), b_desc(k, kRuntime),
                                c_desc(k, kRuntime));
     return cache.emplace(k, dnnl::matmul(dnnl::matmul::primitive_desc(d, attr, engine)))
         .first->second;
@@ -255,44 +269,60 @@ void OnednnMatmul::op_wrote(const void* dst) {
   if (im.in_weights(static_cast<const float*>(dst))) im.weight_copy_stale = true;
 }
 
-void OnednnMatmul::gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
-                        const float* B, int ldb, float beta, float* C, int ldc) {
+void OnednnMatmul::gemm(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A, int lda,
+                        CDevPtr B, int ldb, float beta, DevPtr C, int ldc) {
   gemm_batched(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
 }
 
-void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A,
-                                int lda, std::size_t sa, const float* B, int ldb, std::size_t sb,
-                                float beta, float* C, int ldc, std::size_t sc, int batch) {
+void OnednnMatmul::gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, CDevPtr A,
+                                int lda, std::size_t sa, CDevPtr B, int ldb, std::size_t sb,
+                                float beta, DevPtr C, int ldc, std::size_t sc, int batch) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
+  for (const CDevPtr x : {A, B, CDevPtr(C)})
+    if (x.storage() != Storage::F32 && (!bf16_ || x.storage() != Storage::BF16))
+      throw std::logic_error(std::string("oneDNN matmul (") + (bf16_ ? "bf16" : "fp32") +
+                             "): an operand of storage " + to_string(x.storage()));
   if (batch == 1) sa = sb = sc = 0;  // one matrix: its stride means nothing, and keys alike
-  if (K <= 0) {                      // an empty sum: C = beta * C
+  const bool c_bf16 = C.storage() == Storage::BF16;
+  if (K <= 0) {  // an empty sum: C = beta * C
     if (bf16_) impl_->wrote_c(C, M, N, ldc, batch, sc);
-    for (int b = 0; b < batch; ++b)
-      for (int i = 0; i < M; ++i) {
-        float* c = C + sc * std::size_t(b) + std::size_t(i) * ldc;
-        for (int j = 0; j < N; ++j) c[j] = beta == 0.0f ? 0.0f : beta * c[j];
-      }
+    if (c_bf16)
+      scale_c(static_cast<bf16*>(C.get()), M, N, ldc, sc, batch, beta);
+    else
+      scale_c(C.as<float>(), M, N, ldc, sc, batch, beta);
     return;
   }
   std::lock_guard lock(impl_->mutex);
   Impl& im = *impl_;
-  const bool a_copy = bf16_ && im.in_weights(A), b_copy = bf16_ && im.in_weights(B);
-  const Key key{N,     lda, ldb, ldc, batch, sa, sb, sc, ta, tb, bf16_ && !a_copy, bf16_ && !b_copy,
-                alpha, beta};
+  // bf16: a bf16 operand is read in place, an fp32 one from the weights' copy or packed.
+  const auto read_of = [&](CDevPtr x) {
+    if (!bf16_) return Read::F32;
+    if (x.storage() == Storage::BF16 || im.in_weights(x.as<const float>())) return Read::BF16;
+    return Read::Packed;
+  };
+  const Key key{N,  lda, ldb,        ldc,        batch,  sa,    sb,  sc,
+                ta, tb,  read_of(A), read_of(B), c_bf16, alpha, beta};
   try {
-    auto& mm = im.matmul(key, bf16_);
-    const void* a = A;
-    const void* b = B;
+    auto& mm = im.matmul(key);
+    const void* a = A.get();
+    const void* b = B.get();
     if (bf16_) {
       ++im.products;
-      const Packed* a_slot = a_copy ? nullptr : im.pack(A, ta, M, K, lda, sa, batch, nullptr);
-      a = a_copy ? im.copy_of(A) : a_slot->data.data();
-      b = b_copy ? im.copy_of(B) : im.pack(B, tb, K, N, ldb, sb, batch, a_slot)->data.data();
+      const Packed* a_slot = nullptr;
+      if (key.a == Read::Packed)
+        a_slot = im.pack(A.as<const float>(), ta, M, K, lda, sa, batch, nullptr),
+        a = a_slot->data.data();
+      else if (A.storage() == Storage::F32)
+        a = im.copy_of(A.as<const float>());
+      if (key.b == Read::Packed)
+        b = im.pack(B.as<const float>(), tb, K, N, ldb, sb, batch, a_slot)->data.data();
+      else if (B.storage() == Storage::F32)
+        b = im.copy_of(B.as<const float>());
     }
     auto& eng = impl_->engine;
-    const memory am(Impl::a_desc(key, M, K, bf16_), eng, const_cast<void*>(a));
-    const memory bm(Impl::b_desc(key, K, bf16_), eng, const_cast<void*>(b));
-    const memory cm(Impl::c_desc(key, M), eng, C);
+    const memory am(Impl::a_desc(key, M, K), eng, const_cast<void*>(a));
+    const memory bm(Impl::b_desc(key, K), eng, const_cast<void*>(b));
+    const memory cm(Impl::c_desc(key, M), eng, C.get());
     mm.execute(impl_->stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
     impl_->stream.wait();
     if (bf16_) im.invalidate_c(C, M, N, ldc, batch, sc);
@@ -327,17 +357,16 @@ void OnednnMatmul::symmetric_gemm_batched(bool trans, int n, int k, float alpha,
     shift_and_mirror_upper(D + stride_d * std::size_t(b), ldd, n, shift);
 }
 
-void OnednnMatmul::grouped_gemm(bool trans_b, int rows, int N, int K, float alpha, const float* A,
-                                int lda, const float* B, int ldb, std::size_t stride_b, float beta,
-                                float* C, int ldc, const std::int32_t* offsets, int groups) {
+void OnednnMatmul::grouped_gemm(bool trans_b, int rows, int N, int K, float alpha, CDevPtr A,
+                                int lda, CDevPtr B, int ldb, std::size_t stride_b, float beta,
+                                DevPtr C, int ldc, const std::int32_t* offsets, int groups) {
   grouped_gemm_with<float>([this](auto... args) { gemm(args...); }, trans_b, rows, N, K, alpha, A,
                            lda, B, ldb, stride_b, beta, C, ldc, offsets, groups);
 }
 
-void OnednnMatmul::grouped_gemm_wgrad(int rows, int M, int N, float alpha, const float* A, int lda,
-                                      const float* B, int ldb, float* C, int ldc,
-                                      std::size_t stride_c, const std::int32_t* offsets,
-                                      int groups) {
+void OnednnMatmul::grouped_gemm_wgrad(int rows, int M, int N, float alpha, CDevPtr A, int lda,
+                                      CDevPtr B, int ldb, DevPtr C, int ldc, std::size_t stride_c,
+                                      const std::int32_t* offsets, int groups) {
   grouped_gemm_wgrad_with<float>([this](auto... args) { gemm(args...); }, rows, M, N, alpha, A, lda,
                                  B, ldb, C, ldc, stride_c, offsets, groups);
 }

@@ -1,16 +1,19 @@
 // The CPU backend's float GEMMs on oneDNN's matmul: fp32 operands, or (train.precision = bf16)
-// bf16 operands rounded to nearest even (weights from a bf16 copy of the parameter buffer, other
-// data packed per call), with fp32 accumulation and an fp32 C either way. oneDNN picks its kernel
-// from the CPU at run time (AMX, AVX-512-BF16, AVX-512, AVX2); on the model's skinny products (K =
-// d_model) its fp32 kernels are faster than OpenBLAS's sgemm, and bf16 about twice as fast again
-// where the CPU has BF16 units; one batched primitive beats a matrix per thread on OpenBLAS for
-// Newton-Schulz's products. Double (the finite-difference checks) and the GEMMs inside attention's
-// tiles stay on OpenBLAS (gemm.cpp).
+// bf16 operands: bf16 activations read in place, fp32 data rounded to nearest even (weights from a
+// bf16 copy of the parameter buffer, other fp32 operands packed per call); fp32 accumulation, and
+// C in its own storage (fp32, or bf16 activations rounded once from the fp32 sum). oneDNN picks its
+// kernel from the CPU at run time (AMX, AVX-512-BF16, AVX-512, AVX2); on the model's skinny
+// products (K = d_model) its fp32 kernels are faster than OpenBLAS's sgemm, and bf16 about twice as
+// fast again where the CPU has BF16 units; one batched primitive beats a matrix per thread on
+// OpenBLAS for Newton-Schulz's products. Double (the finite-difference checks) and the GEMMs inside
+// attention's tiles stay on OpenBLAS (gemm.cpp).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+
+#include "moetrain/dev_ptr.hpp"
 
 namespace moetrain::cpu {
 
@@ -35,23 +38,24 @@ class OnednnMatmul {
   void op_wrote(const void* dst);
 
   // Row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C (backend_ops.hpp's gemm).
-  void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
-            const float* B, int ldb, float beta, float* C, int ldc);
+  // A, B, C: fp32, or bf16 (bf16 mode only).
+  void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, CDevPtr A, int lda,
+            CDevPtr B, int ldb, float beta, DevPtr C, int ldc);
   // backend_ops.hpp's gemm_batched: one batched primitive for all matrices.
-  void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
-                    int lda, std::size_t stride_a, const float* B, int ldb, std::size_t stride_b,
-                    float beta, float* C, int ldc, std::size_t stride_c, int batch);
+  void gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, CDevPtr A,
+                    int lda, std::size_t stride_a, CDevPtr B, int ldb, std::size_t stride_b,
+                    float beta, DevPtr C, int ldc, std::size_t stride_c, int batch);
   // backend_ops.hpp's symmetric_gemm_batched.
   void symmetric_gemm_batched(bool trans, int n, int k, float alpha, const float* X, int ldx,
                               std::size_t stride_x, float beta, const float* C, int ldc,
                               std::size_t stride_c, float shift, float* D, int ldd,
                               std::size_t stride_d, int batch);
   // backend_ops.hpp's grouped_gemm and grouped_gemm_wgrad, one product per non-empty group.
-  void grouped_gemm(bool trans_b, int rows, int N, int K, float alpha, const float* A, int lda,
-                    const float* B, int ldb, std::size_t stride_b, float beta, float* C, int ldc,
+  void grouped_gemm(bool trans_b, int rows, int N, int K, float alpha, CDevPtr A, int lda,
+                    CDevPtr B, int ldb, std::size_t stride_b, float beta, DevPtr C, int ldc,
                     const std::int32_t* offsets, int groups);
-  void grouped_gemm_wgrad(int rows, int M, int N, float alpha, const float* A, int lda,
-                          const float* B, int ldb, float* C, int ldc, std::size_t stride_c,
+  void grouped_gemm_wgrad(int rows, int M, int N, float alpha, CDevPtr A, int lda, CDevPtr B,
+                          int ldb, DevPtr C, int ldc, std::size_t stride_c,
                           const std::int32_t* offsets, int groups);
 
  private:

@@ -8,16 +8,16 @@
 
 namespace moetrain::cpu {
 
-template <typename T>
-void rmsnorm_forward(T* out, T* rstd, const T* x, const T* gain, int n, int d, double eps) {
+template <typename T, typename A>
+void rmsnorm_forward(A* out, T* rstd, const A* x, const T* gain, int n, int d, double eps) {
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < n; ++i) {
-    const T* xi = x + std::size_t(i) * d;
+    const A* xi = x + std::size_t(i) * d;
     double ss = 0;
     for (int c = 0; c < d; ++c) ss += double(xi[c]) * xi[c];
     const T r = T(1.0 / std::sqrt(ss / d + eps));
     rstd[i] = r;
-    T* yi = out + std::size_t(i) * d;
+    A* yi = out + std::size_t(i) * d;
     for (int c = 0; c < d; ++c) yi[c] = xi[c] * r * gain[c];
   }
 }
@@ -25,8 +25,8 @@ void rmsnorm_forward(T* out, T* rstd, const T* x, const T* gain, int n, int d, d
 // With xhat = x * rstd and gh = dy * g: dx = rstd * (gh - xhat * mean(gh * xhat)),
 // dg = sum over rows of dy * xhat. The dg partial sums are per thread and added in thread order,
 // so the result is deterministic for a fixed thread count.
-template <typename T>
-void rmsnorm_backward(T* dx, T* dgain, const T* dout, const T* x, const T* gain, const T* rstd,
+template <typename T, typename A>
+void rmsnorm_backward(A* dx, T* dgain, const A* dout, const A* x, const T* gain, const T* rstd,
                       int n, int d) {
   const int nt = omp_get_max_threads();
   std::vector<T> partial(std::size_t(nt) * d, T(0));
@@ -35,16 +35,16 @@ void rmsnorm_backward(T* dx, T* dgain, const T* dout, const T* x, const T* gain,
     T* dg = partial.data() + std::size_t(omp_get_thread_num()) * d;
 #pragma omp for schedule(static)
     for (int i = 0; i < n; ++i) {
-      const T* xi = x + std::size_t(i) * d;
-      const T* dyi = dout + std::size_t(i) * d;
+      const A* xi = x + std::size_t(i) * d;
+      const A* dyi = dout + std::size_t(i) * d;
       const T r = rstd[i];
       double dot = 0;
       for (int c = 0; c < d; ++c) dot += double(dyi[c]) * gain[c] * xi[c] * r;
       const T m = T(dot / d);
-      T* dxi = dx + std::size_t(i) * d;
+      A* dxi = dx + std::size_t(i) * d;
       for (int c = 0; c < d; ++c) {
         const T xhat = xi[c] * r;
-        dxi[c] += r * (dyi[c] * gain[c] - xhat * m);
+        dxi[c] = A(T(dxi[c]) + r * (dyi[c] * gain[c] - xhat * m));
         dg[c] += dyi[c] * xhat;
       }
     }
@@ -53,6 +53,6 @@ void rmsnorm_backward(T* dx, T* dgain, const T* dout, const T* x, const T* gain,
     for (int c = 0; c < d; ++c) dgain[c] += partial[std::size_t(t) * d + c];
 }
 
-MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_RMSNORM)
+MOETRAIN_CPU_INSTANTIATE_ACT(MOETRAIN_OPS_RMSNORM)
 
 }  // namespace moetrain::cpu

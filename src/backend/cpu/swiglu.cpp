@@ -10,16 +10,16 @@ namespace moetrain::cpu {
 
 namespace {
 // Calls fn(r, a, b, e) for every row r of h [rows, 2*ff] in parallel, with a = h1 and b = h3 of the
-// row and e[i] = exp(-a[i]) in a buffer each thread owns.
-template <typename T, typename Fn>
-void for_rows_with_exp(const T* h, int rows, int ff, Fn fn) {
+// row and e[i] = exp(-a[i]) in a buffer (of the math type T) each thread owns.
+template <typename T, typename A, typename Fn>
+void for_rows_with_exp(const A* h, int rows, int ff, Fn fn) {
 #pragma omp parallel
   {
     std::vector<T> e(static_cast<std::size_t>(ff));
 #pragma omp for schedule(static)
     for (int r = 0; r < rows; ++r) {
-      const T* a = h + std::size_t(r) * 2 * ff;
-      for (int i = 0; i < ff; ++i) e[i] = -a[i];
+      const A* a = h + std::size_t(r) * 2 * ff;
+      for (int i = 0; i < ff; ++i) e[i] = -T(a[i]);
       exp_shifted_sum(e.data(), ff, T(0));
       fn(r, a, a + ff, e.data());
     }
@@ -27,29 +27,29 @@ void for_rows_with_exp(const T* h, int rows, int ff, Fn fn) {
 }
 }  // namespace
 
-template <typename T>
-void swiglu_forward(T* out, const T* h, int rows, int ff) {
-  for_rows_with_exp(h, rows, ff, [&](int r, const T* a, const T* b, const T* e) {
-    T* o = out + std::size_t(r) * ff;
-    for (int i = 0; i < ff; ++i) o[i] = a[i] / (T(1) + e[i]) * b[i];
+template <typename T, typename A>
+void swiglu_forward(A* out, const A* h, int rows, int ff) {
+  for_rows_with_exp<T>(h, rows, ff, [&](int r, const A* a, const A* b, const T* e) {
+    A* o = out + std::size_t(r) * ff;
+    for (int i = 0; i < ff; ++i) o[i] = A(T(a[i]) / (T(1) + e[i]) * T(b[i]));
   });
 }
 
 // silu'(a) = sig(a) * (1 + a * (1 - sig(a)))
-template <typename T>
-void swiglu_backward(T* dh, const T* dout, const T* h, int rows, int ff) {
-  for_rows_with_exp(h, rows, ff, [&](int r, const T* a, const T* b, const T* e) {
-    const T* g = dout + std::size_t(r) * ff;
-    T* da = dh + std::size_t(r) * 2 * ff;
-    T* db = da + ff;
+template <typename T, typename A>
+void swiglu_backward(A* dh, const A* dout, const A* h, int rows, int ff) {
+  for_rows_with_exp<T>(h, rows, ff, [&](int r, const A* a, const A* b, const T* e) {
+    const A* g = dout + std::size_t(r) * ff;
+    A* da = dh + std::size_t(r) * 2 * ff;
+    A* db = da + ff;
     for (int i = 0; i < ff; ++i) {
-      const T sig = T(1) / (T(1) + e[i]);
-      db[i] = g[i] * a[i] * sig;
-      da[i] = g[i] * b[i] * sig * (T(1) + a[i] * (T(1) - sig));
+      const T sig = T(1) / (T(1) + e[i]), ai = a[i], gi = g[i];
+      db[i] = A(gi * ai * sig);
+      da[i] = A(gi * T(b[i]) * sig * (T(1) + ai * (T(1) - sig)));
     }
   });
 }
 
-MOETRAIN_CPU_INSTANTIATE(MOETRAIN_OPS_SWIGLU)
+MOETRAIN_CPU_INSTANTIATE_ACT(MOETRAIN_OPS_SWIGLU)
 
 }  // namespace moetrain::cpu

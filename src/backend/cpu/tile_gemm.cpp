@@ -278,26 +278,27 @@ void tile_gemm_bf16(int M, int N, int K2, float alpha, const std::uint32_t* A, i
   tile_gemm_bf16(M, N, K2, alpha, A, lda, B, ldb, C, ldc, accumulate, cpu_has_avx512_bf16());
 }
 
-void pack_pairs_a(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is, std::ptrdiff_t js,
+template <typename X>
+void pack_pairs_a(std::uint32_t* dst, int ldd, const X* x, std::ptrdiff_t is, std::ptrdiff_t js,
                   int rows, int k) {
   const int pairs = (k + 1) / 2;
   if (is == 1 && js != 1) {  // x read transposed: walk its rows (pairs) and write columns of dst
     for (int p = 0; p < pairs; ++p) {
-      const float* x0 = x + 2 * p * js;
-      const float* x1 = x0 + js;
+      const X* x0 = x + 2 * p * js;
+      const X* x1 = x0 + js;
       const bool pad = 2 * p + 1 >= k;
       for (int r = 0; r < rows; ++r)
-        dst[std::ptrdiff_t(r) * ldd + p] = bf16_pair(x0[r], pad ? 0.0f : x1[r]);
+        dst[std::ptrdiff_t(r) * ldd + p] = bf16_pair(x0[r], pad ? X(0.0f) : x1[r]);
     }
     return;
   }
   for (int r = 0; r < rows; ++r) {
-    const float* row = x + r * is;
+    const X* row = x + r * is;
     std::uint32_t* d = dst + std::ptrdiff_t(r) * ldd;
     if (js == 1) {  // a contiguous row: its bf16 values in order are the pairs (low half first)
       typedef std::uint16_t half __attribute__((may_alias));
       half* h = reinterpret_cast<half*>(d);
-      for (int c = 0; c < k / 2 * 2; ++c) h[c] = to_bf16(row[c]);
+      for (int c = 0; c < k / 2 * 2; ++c) h[c] = bf16_bits(row[c]);
     } else {
       for (int p = 0; p < k / 2; ++p) d[p] = bf16_pair(row[2 * p * js], row[(2 * p + 1) * js]);
     }
@@ -305,11 +306,12 @@ void pack_pairs_a(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is
   }
 }
 
-void pack_pairs_b(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is, std::ptrdiff_t js,
+template <typename X>
+void pack_pairs_b(std::uint32_t* dst, int ldd, const X* x, std::ptrdiff_t is, std::ptrdiff_t js,
                   int k, int cols) {
   for (int p = 0; p < k / 2; ++p) {
-    const float* r0 = x + 2 * p * is;
-    const float* r1 = r0 + is;
+    const X* r0 = x + 2 * p * is;
+    const X* r1 = r0 + is;
     std::uint32_t* d = dst + std::ptrdiff_t(p) * ldd;
     if (js == 1)  // two contiguous rows interleaved
       for (int n = 0; n < cols; ++n) d[n] = bf16_pair(r0[n], r1[n]);
@@ -317,10 +319,19 @@ void pack_pairs_b(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is
       for (int n = 0; n < cols; ++n) d[n] = bf16_pair(r0[n * js], r1[n * js]);
   }
   if (k % 2) {
-    const float* r0 = x + (k - 1) * is;
+    const X* r0 = x + (k - 1) * is;
     std::uint32_t* d = dst + std::ptrdiff_t(k / 2) * ldd;
     for (int n = 0; n < cols; ++n) d[n] = bf16_pair(r0[n * js], 0.0f);
   }
 }
+
+template void pack_pairs_a(std::uint32_t*, int, const float*, std::ptrdiff_t, std::ptrdiff_t, int,
+                           int);
+template void pack_pairs_a(std::uint32_t*, int, const bf16*, std::ptrdiff_t, std::ptrdiff_t, int,
+                           int);
+template void pack_pairs_b(std::uint32_t*, int, const float*, std::ptrdiff_t, std::ptrdiff_t, int,
+                           int);
+template void pack_pairs_b(std::uint32_t*, int, const bf16*, std::ptrdiff_t, std::ptrdiff_t, int,
+                           int);
 
 }  // namespace moetrain::cpu

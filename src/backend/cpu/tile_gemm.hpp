@@ -16,6 +16,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "backend/cpu/bf16.hpp"
+
 namespace moetrain::cpu {
 
 void tile_gemm(int M, int N, int K, float alpha, const float* A, std::ptrdiff_t a_row,
@@ -37,21 +39,25 @@ void tile_gemm_bf16(int M, int N, int K2, float alpha, const std::uint32_t* A, i
 // Whether this CPU (and OS) runs AVX-512-BF16; found once.
 bool cpu_has_avx512_bf16();
 
-// The pair layouts of tile_gemm_bf16's operands from fp32 data x(i, j) = x[i * is + j * js]:
+// The pair layouts of tile_gemm_bf16's operands from fp32 or bf16 data x(i, j) = x[i * is + j * js]
+// (X: float or bf16, instantiated for both):
 //   pack_pairs_a: dst[r * ldd + p] = (x(r, 2p), x(r, 2p + 1)) for r < rows, p < ceil(k / 2);
 //   pack_pairs_b: dst[p * ldd + n] = (x(2p, n), x(2p + 1, n)) for p < ceil(k / 2), n < cols;
 // an element past k is 0.
-void pack_pairs_a(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is, std::ptrdiff_t js,
+template <typename X>
+void pack_pairs_a(std::uint32_t* dst, int ldd, const X* x, std::ptrdiff_t is, std::ptrdiff_t js,
                   int rows, int k);
-void pack_pairs_b(std::uint32_t* dst, int ldd, const float* x, std::ptrdiff_t is, std::ptrdiff_t js,
+template <typename X>
+void pack_pairs_b(std::uint32_t* dst, int ldd, const X* x, std::ptrdiff_t is, std::ptrdiff_t js,
                   int k, int cols);
 
 // dst[c * ldd + r] = src[r * ld + c] for r < rows, c < cols: a block's transpose, so that a
 // product with B^T (attention's Q K^T) reads B's columns as rows. In 16 x 16 squares, so that the
 // reads and the writes each touch 16 cache lines at a time (a whole column of writes at once, one
-// line per element, was 7% of attention's time).
-template <typename T>
-void transpose_block(T* dst, int ldd, const T* src, int rows, int cols, int ld) {
+// line per element, was 7% of attention's time). D may be another type than S (fp32 sums into
+// bf16).
+template <typename D, typename S>
+void transpose_block(D* dst, int ldd, const S* src, int rows, int cols, int ld) {
   constexpr int kSquare = 16;
   for (int r0 = 0; r0 < rows; r0 += kSquare)
     for (int c0 = 0; c0 < cols; c0 += kSquare) {
@@ -60,7 +66,7 @@ void transpose_block(T* dst, int ldd, const T* src, int rows, int cols, int ld) 
       for (int c = c0; c < c1; ++c)
         for (int r = r0; r < r1; ++r)
           dst[std::size_t(c) * std::size_t(ldd) + std::size_t(r)] =
-              src[std::size_t(r) * std::size_t(ld) + std::size_t(c)];
+              D(src[std::size_t(r) * std::size_t(ld) + std::size_t(c)]);
     }
 }
 // The transpose stored densely: dst [cols, rows].
