@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/cpu/lane_reduce.hpp"
 #include "backend/cpu/ops.hpp"
 #include "backend/cpu/tile_gemm.hpp"
 #include "backend/cpu/vector_exp.hpp"
@@ -42,27 +43,6 @@ namespace {
 // K^T and V and the block's Q and O stay in L2 while they are reused.
 constexpr int kQuery = 64;
 constexpr int kSpan = 256;
-
-// The largest of x[0..n), n >= 1, in 16 independent lanes (the vectoriser's form of a max
-// reduction; the result is the same in any order).
-template <typename T>
-T row_max(const T* x, int n) {
-  constexpr int kLanes = 16;
-  if (n < kLanes) {
-    T m = x[0];
-    for (int j = 1; j < n; ++j) m = std::max(m, x[j]);
-    return m;
-  }
-  T lane[kLanes];
-  for (int c = 0; c < kLanes; ++c) lane[c] = x[c];
-  int j = kLanes;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int c = 0; c < kLanes; ++c) lane[c] = lane[c] > x[j + c] ? lane[c] : x[j + c];
-  T m = lane[0];
-  for (int c = 1; c < kLanes; ++c) m = std::max(m, lane[c]);
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  return m;
-}
 
 // The tile products of one thread's task, on the data in place: Q and dO read through their row
 // strides, K and V transposed once per task so that Q K^T and dO V^T read rows. Rows are absolute
@@ -280,7 +260,7 @@ void forward_with(A* out, T* lse, T* smax, const A* qkv, const AttentionShape& s
             const int valid = std::clamp(i0 + r - j0 + 1, 0, nk);  // keys j <= i
             std::fill(row + valid, row + nk, T(0));
             if (valid == 0) continue;
-            const T mx = row_max(row, valid);
+            const T mx = row_max<T>(row, valid);
             mx_all = std::max(mx_all, mx);
             const T m_new = std::max(m[r], mx);
             const T sum = exp_shifted_sum(row, valid, m_new);
@@ -353,9 +333,7 @@ void backward_with(A* dqkv, const A* dout, const A* qkv, const A* out, const T* 
         for (int i = 0; i < Tq; ++i) {
           const A* a = dO + std::size_t(i) * ldo;
           const A* c = O + std::size_t(i) * ldo;
-          T dot = 0;
-          for (int e = 0; e < hd; ++e) dot += T(a[e]) * T(c[e]);
-          D[std::size_t(i)] = dot;
+          D[std::size_t(i)] = lane_sum<T>(0, hd, [&](int e) { return T(a[e]) * T(c[e]); });
         }
         for (int i0 = 0; i0 < Tq; i0 += kQuery) {
           const int nq = std::min(kQuery, Tq - i0), end = i0 + nq;

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "backend/cpu/lane_reduce.hpp"
 #include "backend/cpu/ops.hpp"
 #include "backend/cpu/vector_exp.hpp"
 
@@ -36,7 +37,7 @@ void cross_entropy(T* losses, double* loss_sum, A* logits, const int32_t* target
         e = grad ? row : std::copy_n(row, vocab, copy.data()) - vocab;
       else
         e = std::copy_n(row, vocab, copy.data()) - vocab;
-      const T mx = *std::max_element(e, e + vocab);
+      const T mx = row_max<T>(e, vocab);
       const T target_logit = e[y];
       const T sum = exp_shifted_sum(e, vocab, mx);
       losses[i] = T(double(mx) + std::log(double(sum)) - double(target_logit));

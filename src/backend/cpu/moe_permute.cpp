@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "backend/cpu/lane_reduce.hpp"
 #include "backend/cpu/ops.hpp"
 
 namespace moetrain::cpu {
@@ -68,13 +69,8 @@ void moe_unpermute_backward(A* dyg, T* dgates, const A* dy, const A* yg, const T
     for (int j = 0; j < k; ++j) {
       const std::size_t row = std::size_t(pos[t * k + j]) * d;
       const T w = gates[t * k + j];
-      T dot = 0;
-      for (int c = 0; c < d; ++c) {
-        const T gc = g[c];
-        dyg[row + c] = A(w * gc);
-        dot += gc * T(yg[row + c]);
-      }
-      dgates[t * k + j] = dot;
+      for (int c = 0; c < d; ++c) dyg[row + c] = A(w * T(g[c]));
+      dgates[t * k + j] = lane_sum<T>(0, d, [&](int c) { return T(g[c]) * T(yg[row + c]); });
     }
   }
 }

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "backend/cpu/lane_reduce.hpp"
 #include "backend/cpu/ops.hpp"
 
 namespace moetrain::cpu {
@@ -16,21 +17,9 @@ namespace {
 // and far more when another process shares the cores.
 constexpr std::size_t kParallelMin = std::size_t(1) << 18;
 
-// Sum over b <= i < e of f(i) in 8 interleaved partial sums (lane j takes i = b + j mod 8),
-// added in lane order: a serial sum's single chain of dependent adds would keep the compiler from
-// vectorising f (it may not reorder float additions); eight independent ones it can.
 template <typename F>
 double range_sum(std::size_t b, std::size_t e, F f) {
-  constexpr std::size_t kLanes = 8;
-  double lane[kLanes] = {};
-  std::size_t i = b;
-  for (; i + kLanes <= e; i += kLanes)
-    for (std::size_t j = 0; j < kLanes; ++j) lane[j] += f(i + j);
-  double tail = 0;
-  for (; i < e; ++i) tail += f(i);
-  double s = 0;
-  for (double l : lane) s += l;
-  return s + tail;
+  return lane_sum<double>(b, e, f);
 }
 
 // Sum over i < n of f(i), parallel over fixed ranges, deterministic for a given n.

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "backend/cpu/lane_reduce.hpp"
 #include "backend/cpu/ops.hpp"
 
 namespace moetrain::cpu {
@@ -13,8 +14,7 @@ void rmsnorm_forward(A* out, T* rstd, const A* x, const T* gain, int n, int d, d
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < n; ++i) {
     const A* xi = x + std::size_t(i) * d;
-    double ss = 0;
-    for (int c = 0; c < d; ++c) ss += double(xi[c]) * xi[c];
+    const double ss = lane_sum<double>(0, d, [xi](int c) { return double(xi[c]) * double(xi[c]); });
     const T r = T(1.0 / std::sqrt(ss / d + eps));
     rstd[i] = r;
     A* yi = out + std::size_t(i) * d;
@@ -38,9 +38,9 @@ void rmsnorm_backward(A* dx, T* dgain, const A* dout, const A* x, const T* gain,
       const A* xi = x + std::size_t(i) * d;
       const A* dyi = dout + std::size_t(i) * d;
       const T r = rstd[i];
-      double dot = 0;
-      for (int c = 0; c < d; ++c) dot += double(dyi[c]) * gain[c] * xi[c] * r;
-      const T m = T(dot / d);
+      const double dot = lane_sum<double>(
+          0, d, [dyi, gain, xi](int c) { return double(T(dyi[c]) * gain[c]) * double(xi[c]); });
+      const T m = T(dot * double(r) / d);
       A* dxi = dx + std::size_t(i) * d;
       for (int c = 0; c < d; ++c) {
         const T xhat = xi[c] * r;
