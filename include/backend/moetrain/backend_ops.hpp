@@ -263,7 +263,7 @@
 #define MOETRAIN_BACKEND_OPS(X, T) MOETRAIN_BACKEND_OPS_AS(X, T, DevPtr, CDevPtr)
 
 // Queries (const, untimed): activation_storage is the storage of the activations this backend's
-// ops take (the CPU: T; CUDA: bf16 in bf16 mode, else fp32); attention_saved_elems is the
+// ops take (bf16 in bf16 mode, else T: fp32, or the CPU's double); attention_saved_elems is the
 // size of attention's `saved` buffer; head_chunk_rows the rows (1 ... rows) the model's lm_head
 // and cross-entropy run at a time, so only [head_chunk_rows, vocab] logits ever exist (the CPU: a
 // chunk of about 1 MiB of fp32 logits, which stays in its core's L2 from the lm_head GEMM through

@@ -2,8 +2,8 @@
 // interface names what each buffer holds instead of assuming one element type for everything
 // (docs/design.md §2.1). Parameters, gradients, optimizer state and statistics are the backend's
 // master type T (plain T* in the op list); activations and GEMM operands are DevPtr / CDevPtr,
-// whose storage the backend chooses (Backend::activation_storage: T on the CPU; on the GPU fp32,
-// and bf16 where the backend stores activations in bf16).
+// whose storage the backend chooses (Backend::activation_storage: bf16 in either backend's bf16
+// mode, else T).
 //
 // A DevPtr converts implicitly from a float* or double* (its storage is the pointer's type), and
 // back only to a pointer of its own storage: as<U>() (and the implicit conversion the CPU backend's
