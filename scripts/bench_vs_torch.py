@@ -10,16 +10,22 @@ moetrain bench measured in that round (the backend's gemm in the run's precision
 is then quoted too), and the ratio; then the median. The twin always runs in float32; its loss
 must agree with moetrain's to 1e-3 relative (1e-2 with bf16 GEMM operands).
 
-The twin's matmuls run on Debian's OpenBLAS, which picks its kernels from the CPU's model: on one it
-does not recognise (a virtual machine's "Intel(R) Xeon(R) Processor", say) it falls back to its
-Prescott kernels (SSE3, no AVX), measured 2.6x slower on the twin here, which would inflate the
-ratio. So the script asks OpenBLAS which core it chose; when that is a generic one on a CPU with
-AVX-512 (or AVX2) it sets OPENBLAS_CORETYPE=SkylakeX (or Haswell) for both programs, says so, and
-quotes the core in the result. An OPENBLAS_CORETYPE already set is kept.
+The twin's matmuls run on Debian's OpenBLAS, which picks its kernels from the CPU's model. On one
+it does not recognise it picks kernels below what the CPU can run: on a virtual machine's "Intel(R)
+Xeon(R) Processor" its Prescott kernels (SSE3, no AVX, measured 2.6x slower on the twin), on an AMD
+Zen 5 (family 26, AVX-512) its Haswell kernels (AVX2: 201 GFLOP/s at 2048^3 against SkylakeX's 365
+on 2 cores), either of which would inflate the ratio. So the script asks OpenBLAS which core it
+chose; when that core uses a narrower instruction set than the CPU has (no AVX, AVX2 or AVX-512) it
+sets OPENBLAS_CORETYPE to the OpenBLAS core of the CPU's widest one (Haswell for AVX2 with FMA,
+SkylakeX for AVX-512) for both programs, says so, and quotes the core in the result. An
+OPENBLAS_CORETYPE already set is kept where it is as wide as the CPU; a narrower one (this
+machine's image pinned Haswell on the Zen 5) is unset, so OpenBLAS chooses (Cooperlake there), or
+replaced where OpenBLAS's own choice is narrower too. A core this script does not know is kept.
 
 Usage (normally through scripts/bench_vs_torch.sh, which builds moetrain first):
   bench_vs_torch.py CONFIG [--rounds R] [--steps S] [--warmup W] [--threads T] [--binary PATH]
       [--set path=value ...] [--json OUT.json]
+  bench_vs_torch.py --self-test      # checks the OpenBLAS core choice on known CPUs
 """
 
 import argparse
@@ -49,9 +55,39 @@ def last_json(text, what):
         raise BenchError("%s: unreadable JSON (%s):\n%s" % (what, e, text[-2000:])) from None
 
 
-# OpenBLAS cores that use no AVX: what it falls back to on a CPU it does not know.
-GENERIC_CORES = {"prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "katmai",
-                 "coppermine", "northwood", "banias"}
+# OpenBLAS's x86 cores by the widest instruction set their sgemm kernels use: 0 = no AVX (what it
+# falls back to on a CPU it does not know), 1 = AVX2 with FMA, 2 = AVX-512. AVX-only and FMA4
+# cores (Sandy Bridge, Bulldozer..Steamroller) count as 0: their kernels are as far below an AVX2
+# CPU's as the generic ones.
+CORE_TIER = {**{c: 0 for c in ("prescott", "core2", "penryn", "dunnington", "nehalem", "atom",
+                               "katmai", "coppermine", "northwood", "banias", "sandybridge",
+                               "bulldozer", "piledriver", "steamroller")},
+             **{c: 1 for c in ("haswell", "zen", "excavator")},
+             **{c: 2 for c in ("skylakex", "cooperlake", "sapphirerapids")}}
+# The core each tier's CPU is given when OpenBLAS picked a lower one.
+TIER_CORE = {1: "Haswell", 2: "SkylakeX"}
+TIER_ISA = {0: "no AVX2", 1: "AVX2", 2: "AVX-512"}
+
+
+def cpu_tier(flags):
+    """The widest instruction set OpenBLAS has kernels for that a CPU with these flags runs."""
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return 2
+    if {"avx2", "fma"} <= flags:
+        return 1
+    return 0
+
+
+def pick_core(core, flags):
+    """The OPENBLAS_CORETYPE to set for a CPU with these /proc/cpuinfo flags on which OpenBLAS chose
+    `core`, or None to keep OpenBLAS's choice (it is already the widest, or unknown here)."""
+    tier = CORE_TIER.get(core.lower())
+    want = cpu_tier(flags)
+    if tier is None or tier >= want:
+        return None
+    return TIER_CORE[want]
+
+
 CORE_PROBE = ("import ctypes, torch\n"
               "lib = ctypes.CDLL('libopenblas.so.0')\n"
               "lib.openblas_get_corename.restype = ctypes.c_char_p\n"
@@ -65,32 +101,75 @@ def openblas_core(env):
     return p.stdout.strip() if p.returncode == 0 and p.stdout.strip() else "?"
 
 
-def blas_env():
-    """os.environ, with OPENBLAS_CORETYPE set where OpenBLAS would fall back to generic kernels on
-    a CPU with AVX-512 or AVX2; and the core the twin then runs on."""
-    env = dict(os.environ)
-    core = openblas_core(env)
-    if "OPENBLAS_CORETYPE" in env or core.lower() not in GENERIC_CORES:
-        return env, core
-    flags = set()
+def cpu_flags():
+    """The flags of /proc/cpuinfo's first CPU, or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return env, core
-    pick = ("SkylakeX" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
-            else "Haswell" if {"avx2", "fma"} <= flags else None)
+        pass
+    return None
+
+
+def blas_env():
+    """os.environ, with OPENBLAS_CORETYPE set (or unset) where OpenBLAS would run narrower kernels
+    than the CPU has (pick_core); and the core the twin then runs on."""
+    env = dict(os.environ)
+    core = openblas_core(env)
+    flags = cpu_flags()
+    pick = pick_core(core, flags) if flags is not None else None
     if pick is None:
         return env, core
+    preset = env.get("OPENBLAS_CORETYPE")
+    why = ("OPENBLAS_CORETYPE=%s in the environment gives the twin" % preset if preset is not None
+           else "OpenBLAS chose")
+    # A preset narrower than the CPU (a machine image may pin one) goes; OpenBLAS's own choice is
+    # then kept where it is already the CPU's widest.
+    env.pop("OPENBLAS_CORETYPE", None)
+    own = openblas_core(env) if preset is not None else core
+    if preset is not None and pick_core(own, flags) is None and own.lower() in CORE_TIER:
+        print("%s: %s its %s kernels (%s) on this CPU, which has %s: unset for both programs "
+              "(OpenBLAS then chooses %s)"
+              % (PROG, why, core, TIER_ISA[CORE_TIER[core.lower()]], TIER_ISA[cpu_tier(flags)],
+                 own), flush=True)
+        return env, own
     env["OPENBLAS_CORETYPE"] = pick
     chosen = openblas_core(env)
-    print("%s: OpenBLAS chose its generic %s kernels on this CPU, which has %s: "
-          "OPENBLAS_CORETYPE=%s for both programs (now %s)"
-          % (PROG, core, "AVX-512" if pick == "SkylakeX" else "AVX2", pick, chosen), flush=True)
+    print("%s: %s its %s kernels (%s) on this CPU, which has %s: OPENBLAS_CORETYPE=%s for both "
+          "programs (now %s)"
+          % (PROG, why, core, TIER_ISA[CORE_TIER[core.lower()]], TIER_ISA[cpu_tier(flags)], pick,
+             chosen), flush=True)
     return env, chosen
+
+
+def self_test():
+    """pick_core on the CPUs this script has met, and on the cases around them."""
+    avx2 = {"avx", "avx2", "fma", "sse4_2"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+    cases = [  # (what, OpenBLAS's core, flags, expected OPENBLAS_CORETYPE)
+        ("Xeon VM OpenBLAS does not know, AVX-512", "Prescott", avx512, "SkylakeX"),
+        ("unknown Intel CPU with AVX2 only", "Prescott", avx2, "Haswell"),
+        ("Zen 5 (family 26), AVX-512, given Haswell", "Haswell", avx512, "SkylakeX"),
+        ("Zen 3, AVX2 only, given Zen", "Zen", avx2, None),
+        ("Zen 4 given Zen although it has AVX-512", "Zen", avx512, "SkylakeX"),
+        ("Sapphire Rapids recognised", "SapphireRapids", avx512, None),
+        ("Cooper Lake recognised", "Cooperlake", avx512, None),
+        ("Skylake-X recognised", "SkylakeX", avx512, None),
+        ("Sandy Bridge kernels on an AVX2 CPU", "Sandybridge", avx2, "Haswell"),
+        ("a CPU without AVX2 keeps the generic core", "Prescott", {"sse4_2", "avx"}, None),
+        ("AVX-512F without BW/VL is not SkylakeX's ISA", "Haswell", avx2 | {"avx512f"}, None),
+        ("a core this script does not know is kept", "NeoverseN2", avx512, None),
+    ]
+    failures = 0
+    for what, core, flags, want in cases:
+        got = pick_core(core, flags)
+        ok = got == want
+        failures += not ok
+        print("%s  %s: %s -> %s (expected %s)" % ("ok  " if ok else "FAIL", what, core, got, want))
+    print("self-test: " + ("passed" if not failures else "%d check(s) FAILED" % failures))
+    return 1 if failures else 0
 
 
 def run(cmd, threads, what, base_env):
@@ -104,7 +183,7 @@ def run(cmd, threads, what, base_env):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("config")
+    ap.add_argument("config", nargs="?")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -113,7 +192,13 @@ def main(argv=None):
                                                      "moetrain"))
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
     ap.add_argument("--json", dest="json_out", metavar="OUT.json")
+    ap.add_argument("--self-test", action="store_true",
+                    help="check the OpenBLAS core choice on known CPUs and exit")
     a = ap.parse_args(argv)
+    if a.self_test:
+        return self_test()
+    if a.config is None:
+        ap.error("the following arguments are required: config")
     try:
         for flag, v, low in (("--rounds", a.rounds, 1), ("--steps", a.steps, 1),
                              ("--warmup", a.warmup, 0), ("--threads", a.threads, 1)):
