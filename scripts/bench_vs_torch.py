@@ -122,25 +122,21 @@ def blas_env():
     pick = pick_core(core, flags) if flags is not None else None
     if pick is None:
         return env, core
-    preset = env.get("OPENBLAS_CORETYPE")
+    # A preset narrower than the CPU (a machine image may pin one) goes; OpenBLAS's own choice is
+    # then kept where it is already the CPU's widest, else the widest core is set.
+    preset = env.pop("OPENBLAS_CORETYPE", None)
+    own = openblas_core(env) if preset is not None else core
+    if preset is not None and own.lower() in CORE_TIER and pick_core(own, flags) is None:
+        chosen, action = own, "unset for both programs (OpenBLAS then chooses %s)" % own
+    else:
+        env["OPENBLAS_CORETYPE"] = pick
+        chosen = openblas_core(env)
+        action = "OPENBLAS_CORETYPE=%s for both programs (now %s)" % (pick, chosen)
     why = ("OPENBLAS_CORETYPE=%s in the environment gives the twin" % preset if preset is not None
            else "OpenBLAS chose")
-    # A preset narrower than the CPU (a machine image may pin one) goes; OpenBLAS's own choice is
-    # then kept where it is already the CPU's widest.
-    env.pop("OPENBLAS_CORETYPE", None)
-    own = openblas_core(env) if preset is not None else core
-    if preset is not None and pick_core(own, flags) is None and own.lower() in CORE_TIER:
-        print("%s: %s its %s kernels (%s) on this CPU, which has %s: unset for both programs "
-              "(OpenBLAS then chooses %s)"
-              % (PROG, why, core, TIER_ISA[CORE_TIER[core.lower()]], TIER_ISA[cpu_tier(flags)],
-                 own), flush=True)
-        return env, own
-    env["OPENBLAS_CORETYPE"] = pick
-    chosen = openblas_core(env)
-    print("%s: %s its %s kernels (%s) on this CPU, which has %s: OPENBLAS_CORETYPE=%s for both "
-          "programs (now %s)"
-          % (PROG, why, core, TIER_ISA[CORE_TIER[core.lower()]], TIER_ISA[cpu_tier(flags)], pick,
-             chosen), flush=True)
+    print("%s: %s its %s kernels (%s) on this CPU, which has %s: %s"
+          % (PROG, why, core, TIER_ISA[CORE_TIER[core.lower()]], TIER_ISA[cpu_tier(flags)],
+             action), flush=True)
     return env, chosen
 
 
